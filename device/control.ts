@@ -1,0 +1,124 @@
+/**
+ * The device's control plane: the `hello` handshake, feature negotiation and
+ * the TUNSCAP request that keeps the tap's offloads in step with the driver.
+ * It holds no authority: everything outside the worker is a request to the
+ * parent, which may refuse it.
+ *
+ * @module
+ */
+
+import { Endpoint, type MessagePortLike, RefusedError, type WithoutId } from "../ipc/endpoint.ts";
+import {
+  type DeviceConfig,
+  type DeviceMessage,
+  type LogLevel,
+  type ParentMessage,
+  PROTOCOL_VERSION,
+  REPLY_KIND,
+  type TunscapReply,
+} from "../ipc/protocol.ts";
+import { parseParentMessage } from "../ipc/validate.ts";
+import { featureNames } from "../ipc/features.ts";
+import { checkDriverFeatures, DEVICE_FEATURES, wantedTapOffloads } from "./negotiation.ts";
+
+const LEVELS: Record<LogLevel, number> = { error: 0, warn: 1, info: 2, debug: 3 };
+
+/** Device state as negotiated with the driver and the parent. */
+export interface ControlState {
+  config: DeviceConfig | null;
+  /** Features the driver acknowledged (0 until SET_FEATURES). */
+  acked: bigint;
+  /** GUEST_* offloads the tap delivers, as the parent last answered TUNSCAP. */
+  tapOffloads: bigint;
+}
+
+/** Runs the device's side of the control channel on `port` (the worker's global scope). */
+export class DeviceControl {
+  readonly state: ControlState = { config: null, acked: 0n, tapOffloads: 0n };
+  readonly #ep: Endpoint<ParentMessage, DeviceMessage>;
+
+  constructor(port: MessagePortLike) {
+    this.#ep = new Endpoint<ParentMessage, DeviceMessage>(port, {
+      parse: parseParentMessage,
+      requestKinds: new Set(["get-features", "set-features", "reset", "get-stats"]),
+      replyKinds: new Set(["tunscap-result"]),
+      onRequest: (req) => this.serve(req),
+      onNotice: (msg) => this.notice(msg),
+      onProblem: (text) => this.log("warn", text),
+      timeoutMs: 10_000,
+    });
+  }
+
+  log(level: LogLevel, message: string): void {
+    const threshold = LEVELS[this.state.config?.logLevel ?? "info"];
+    if (LEVELS[level] <= threshold) this.#ep.send({ kind: "log", level, message });
+  }
+
+  private notice(msg: ParentMessage): void {
+    if (msg.kind !== "hello") {
+      this.log("warn", `ignored ${msg.kind}: not expected here`);
+      return;
+    }
+    if (msg.version !== PROTOCOL_VERSION) {
+      this.#ep.send({
+        kind: "error",
+        id: null,
+        code: "version",
+        field: "version",
+        message: `device speaks protocol version ${PROTOCOL_VERSION}, parent sent ${msg.version}`,
+      });
+      return;
+    }
+    if (this.state.config !== null) {
+      this.log("warn", "ignored a second hello");
+      return;
+    }
+    this.state.config = msg.config;
+    this.#ep.send({ kind: "ready", version: PROTOCOL_VERSION, features: DEVICE_FEATURES });
+  }
+
+  private async serve(req: ParentMessage): Promise<{ reply: WithoutId<DeviceMessage> }> {
+    if (this.state.config === null) throw new RefusedError(`${req.kind} before hello`, "kind");
+    switch (req.kind) {
+      case "get-features":
+        return { reply: { kind: REPLY_KIND["get-features"], features: DEVICE_FEATURES } };
+      case "set-features": {
+        const problem = checkDriverFeatures(req.features);
+        if (problem) throw new RefusedError(problem, "features");
+        this.state.acked = req.features;
+        await this.tunscap(wantedTapOffloads(req.features, this.state.config.offloadMode));
+        this.log("info", `negotiated ${featureNames(req.features).join(" ")}`);
+        return { reply: { kind: "done" } };
+      }
+      case "reset":
+        this.state.acked = 0n;
+        await this.tunscap(0n);
+        return { reply: { kind: "done" } };
+      case "get-stats":
+        return { reply: { kind: "stats", queues: {} } };
+      default:
+        throw new RefusedError(`${req.kind} is not a request`, "kind");
+    }
+  }
+
+  /**
+   * Asks the parent for exactly these tap offloads and records what it put in
+   * force. On refusal the tap is unchanged, and so is our record of it.
+   */
+  async tunscap(offloads: bigint): Promise<bigint> {
+    const reply = await this.#ep.request<TunscapReply>(
+      { kind: "tunscap", offloads },
+      REPLY_KIND.tunscap,
+    );
+    if ((reply.inForce & ~offloads) !== 0n) {
+      // The parent may grant less than asked, never more.
+      throw new RefusedError(
+        `parent put offloads in force that were not asked for: ${
+          featureNames(reply.inForce & ~offloads)
+        }`,
+      );
+    }
+    this.state.tapOffloads = reply.inForce;
+    return reply.inForce;
+  }
+}

@@ -1,0 +1,25 @@
+/**
+ * Entry point of the device worker. It runs with `permissions: "none"`: it can
+ * open no file or socket, call no FFI, read no environment. The parent grants
+ * it guest memory and rings and answers its typed requests; nothing else.
+ *
+ * The handler is installed before any `await`, so no message is missed.
+ *
+ * @module
+ */
+
+import type { MessagePortLike } from "../ipc/endpoint.ts";
+import { DeviceControl } from "./control.ts";
+
+const control = new DeviceControl(self as unknown as MessagePortLike);
+
+// A bug on our side must not vanish silently: report it, then let the worker die.
+self.addEventListener("error", (e) => {
+  control.log("error", `device worker crashed: ${(e as ErrorEvent).message}`);
+});
+self.addEventListener("unhandledrejection", (e) => {
+  control.log(
+    "error",
+    `device worker: unhandled rejection: ${(e as PromiseRejectionEvent).reason}`,
+  );
+});

@@ -1,0 +1,191 @@
+/**
+ * The control protocol between the privileged parent and the zero-permission
+ * device worker. One file: every message kind either side may send.
+ *
+ * Theory of operation:
+ * - Messages travel over the Worker's `postMessage` (structured clone), so
+ *   64-bit feature words are `bigint` and guest memory travels as transferred
+ *   `ArrayBuffer`s.
+ * - The parent opens with `hello` (protocol version and configuration); the
+ *   device answers `ready` or an `error` with code `version` and stops.
+ * - Either side may send a *request* carrying a numeric `id`; the other side
+ *   answers with exactly one reply of the matching kind or an `error` carrying
+ *   the same `id`. Ids are per sender, so each side keeps its own counter.
+ * - Each side treats the other's messages as untrusted: `ipc/validate.ts`
+ *   checks every field, and a malformed or unknown message is answered with an
+ *   `error` naming the field, after which the receiver keeps running.
+ *
+ * The data path does not use these messages: frames and doorbells go through
+ * the shared-memory rings of `ipc/spsc_ring.ts`.
+ *
+ * @module
+ */
+
+/** Bumped on any incompatible change of a message below. */
+export const PROTOCOL_VERSION = 1;
+
+/** How the tap's offloads are used; see the `--offload` option. */
+export type OffloadMode = "auto" | "off";
+
+/** Severity of a `log` notice from the device. */
+export type LogLevel = "error" | "warn" | "info" | "debug";
+
+/** Everything the device is told at start. */
+export interface DeviceConfig {
+  /** The MAC address the guest sees, as six octets. */
+  mac: number[];
+  /** The MTU offered with VIRTIO_NET_F_MTU. */
+  mtu: number;
+  /** `off`: TUNSCAP asks for nothing and the device does all offload work itself. */
+  offloadMode: OffloadMode;
+  /** Messages at or above this level are sent as `log` notices. */
+  logLevel: LogLevel;
+}
+
+/** Why a message was refused or failed. */
+export type ErrorCode =
+  /** A field is missing, of the wrong type, or out of range. */
+  | "malformed"
+  /** The `kind` is not one this receiver knows. */
+  | "unknown-kind"
+  /** The peer speaks another protocol version. */
+  | "version"
+  /** Well formed, but not allowed (outside a policy mask, wrong state). */
+  | "refused"
+  /** Valid and allowed, but carrying it out failed (a syscall error). */
+  | "failed";
+
+/** The answer to any request that failed, or to a message that was bad. */
+export interface ErrorMessage {
+  kind: "error";
+  /** The request answered, or null when the bad message had no usable id. */
+  id: number | null;
+  code: ErrorCode;
+  /** The offending field as a path (`offloads`, `config.mac[3]`), if any. */
+  field?: string;
+  message: string;
+}
+
+// ---------------------------------------------------------------------------
+// Parent → device
+
+/** First message; starts the device. */
+export interface HelloMessage {
+  kind: "hello";
+  version: number;
+  config: DeviceConfig;
+}
+
+/** Request: the virtio feature bits the device offers. Reply: `features`. */
+export interface GetFeaturesRequest {
+  kind: "get-features";
+  id: number;
+}
+
+/**
+ * Request: the driver acknowledged these features. The device checks them
+ * against its offer and the spec's dependency rules, then asks TUNSCAP.
+ * Reply: `done`, once the tap's offloads match.
+ */
+export interface SetFeaturesRequest {
+  kind: "set-features";
+  id: number;
+  features: bigint;
+}
+
+/** Request: back to the state after `hello` (vhost-user RESET_OWNER/RESET_DEVICE). Reply: `done`. */
+export interface ResetRequest {
+  kind: "reset";
+  id: number;
+}
+
+/** Request: the device's counters. Reply: `stats`. */
+export interface GetStatsRequest {
+  kind: "get-stats";
+  id: number;
+}
+
+/** Reply to a device's `tunscap`: the guest offload bits now in force on the tap. */
+export interface TunscapReply {
+  kind: "tunscap-result";
+  id: number;
+  /** Subset of the requested GUEST_* bits that the tap now delivers. */
+  inForce: bigint;
+}
+
+export type ParentRequest =
+  | GetFeaturesRequest
+  | SetFeaturesRequest
+  | ResetRequest
+  | GetStatsRequest;
+
+export type ParentMessage = HelloMessage | ParentRequest | TunscapReply | ErrorMessage;
+
+// ---------------------------------------------------------------------------
+// Device → parent
+
+/** The device accepted `hello`. */
+export interface ReadyMessage {
+  kind: "ready";
+  version: number;
+  /** The feature bits the device offers, as `get-features` would answer. */
+  features: bigint;
+}
+
+/** A line for the parent's log. */
+export interface LogMessage {
+  kind: "log";
+  level: LogLevel;
+  message: string;
+}
+
+/**
+ * Request (the TUNSCAP of OpenBSD's tun(4)): make the tap deliver frames with
+ * exactly these guest receive offloads (a subset of GUEST_OFFLOAD_FEATURES).
+ * Reply: `tunscap-result`, or `error` with code `refused` and nothing changed.
+ */
+export interface TunscapRequest {
+  kind: "tunscap";
+  id: number;
+  offloads: bigint;
+}
+
+/** Reply to `get-features`. */
+export interface FeaturesReply {
+  kind: "features";
+  id: number;
+  features: bigint;
+}
+
+/** Reply to a request that has no value. */
+export interface DoneReply {
+  kind: "done";
+  id: number;
+}
+
+/** Reply to `get-stats`: counter name to value, per queue. */
+export interface StatsReply {
+  kind: "stats";
+  id: number;
+  queues: Record<string, Record<string, number>>;
+}
+
+export type DeviceRequest = TunscapRequest;
+
+export type DeviceMessage =
+  | ReadyMessage
+  | LogMessage
+  | DeviceRequest
+  | FeaturesReply
+  | DoneReply
+  | StatsReply
+  | ErrorMessage;
+
+/** The reply kind each request expects, so a requester can check what came back. */
+export const REPLY_KIND = {
+  "get-features": "features",
+  "set-features": "done",
+  "reset": "done",
+  "get-stats": "stats",
+  "tunscap": "tunscap-result",
+} as const satisfies Record<ParentRequest["kind"] | DeviceRequest["kind"], string>;

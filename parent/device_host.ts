@@ -1,0 +1,200 @@
+/**
+ * Starts the device worker with no permissions at all and speaks the parent's
+ * side of the control protocol with it. The device's requests (TUNSCAP first)
+ * are served by handlers the daemon supplies; each may refuse.
+ *
+ * @module
+ */
+
+import { Endpoint, IpcError, RefusedError } from "../ipc/endpoint.ts";
+import {
+  type DeviceConfig,
+  type DeviceMessage,
+  type DoneReply,
+  type FeaturesReply,
+  type ParentMessage,
+  PROTOCOL_VERSION,
+  type ReadyMessage,
+  REPLY_KIND,
+  type StatsReply,
+} from "../ipc/protocol.ts";
+import { parseDeviceMessage } from "../ipc/validate.ts";
+import type { Logger } from "./log.ts";
+
+/** The module the device worker runs. */
+export const DEVICE_WORKER_URL = new URL("../device/worker.ts", import.meta.url);
+
+/**
+ * The device worker's Worker options: the only place they are written, so the
+ * permission audit prints exactly what the code uses.
+ */
+export const DEVICE_WORKER_OPTIONS = {
+  type: "module",
+  name: "vionet-device",
+  deno: { permissions: "none" },
+} as const satisfies WorkerOptions;
+
+/** What the parent does for the device when it asks. */
+export interface DeviceRequestHandlers {
+  /** Applies TUNSCAP; returns the offloads in force, or throws RefusedError. */
+  tunscap(offloads: bigint): bigint;
+}
+
+export interface DeviceHostOptions {
+  config: DeviceConfig;
+  handlers: DeviceRequestHandlers;
+  logger: Logger;
+  /** Called once if the worker dies (an uncaught error in it). */
+  onDeath?: (reason: string) => void;
+  /** Milliseconds the device has to answer a request (default 5000). */
+  timeoutMs?: number;
+  /** Another module to run as the device: for tests only. */
+  workerUrl?: URL;
+}
+
+/** The running device worker, seen from the parent. */
+export class DeviceHost {
+  /** Feature bits the device offered in `ready`. */
+  offered = 0n;
+  readonly #worker: Worker;
+  readonly #ep: Endpoint<DeviceMessage, ParentMessage>;
+  #dead = false;
+
+  private constructor(private readonly opts: DeviceHostOptions) {
+    this.#worker = new Worker(opts.workerUrl ?? DEVICE_WORKER_URL, DEVICE_WORKER_OPTIONS);
+    this.#ep = new Endpoint<DeviceMessage, ParentMessage>(this.#worker, {
+      parse: parseDeviceMessage,
+      requestKinds: new Set(["tunscap"]),
+      replyKinds: new Set(["features", "done", "stats"]),
+      onRequest: (req) => Promise.resolve(this.serve(req)),
+      onNotice: (msg) => this.notice(msg),
+      onProblem: (text) => opts.logger.log("warn", "parent", `device channel: ${text}`),
+      timeoutMs: opts.timeoutMs ?? 5000,
+    });
+    this.#worker.onerror = (e) => {
+      e.preventDefault();
+      this.die(`device worker failed: ${e.message}`);
+    };
+  }
+
+  /** Starts the worker and completes the version handshake. */
+  static async start(opts: DeviceHostOptions): Promise<DeviceHost> {
+    const host = new DeviceHost(opts);
+    try {
+      const ready = await host.handshake(opts.config, opts.timeoutMs ?? 5000);
+      host.offered = ready.features;
+      return host;
+    } catch (e) {
+      host.terminate();
+      throw e;
+    }
+  }
+
+  private readyWaiter?: { resolve: (m: ReadyMessage) => void; reject: (e: Error) => void };
+
+  private handshake(config: DeviceConfig, timeoutMs: number): Promise<ReadyMessage> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(
+        () =>
+          reject(
+            new IpcError("failed", undefined, `device did not answer hello in ${timeoutMs} ms`),
+          ),
+        timeoutMs,
+      );
+      this.readyWaiter = {
+        resolve: (m) => {
+          clearTimeout(timer);
+          resolve(m);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      };
+      this.#ep.send({ kind: "hello", version: PROTOCOL_VERSION, config });
+    });
+  }
+
+  private notice(msg: DeviceMessage): void {
+    switch (msg.kind) {
+      case "ready":
+        if (msg.version !== PROTOCOL_VERSION) {
+          this.readyWaiter?.reject(
+            new IpcError(
+              "version",
+              "version",
+              `device speaks version ${msg.version}, parent ${PROTOCOL_VERSION}`,
+            ),
+          );
+        } else {
+          this.readyWaiter?.resolve(msg);
+        }
+        this.readyWaiter = undefined;
+        return;
+      case "log":
+        this.opts.logger.log(msg.level, "device", msg.message);
+        return;
+      default:
+        this.opts.logger.log("warn", "parent", `device sent ${msg.kind} unasked; ignored`);
+    }
+  }
+
+  /** Serves one device request. Anything thrown becomes a typed error reply. */
+  private serve(req: DeviceMessage) {
+    switch (req.kind) {
+      case "tunscap":
+        return {
+          reply: { kind: REPLY_KIND.tunscap, inForce: this.opts.handlers.tunscap(req.offloads) },
+        };
+      default:
+        throw new RefusedError(`${req.kind} is not a request the parent serves`, "kind");
+    }
+  }
+
+  /** The device's offered features. */
+  async getFeatures(): Promise<bigint> {
+    return (await this.#ep.request<FeaturesReply>({ kind: "get-features" }, "features")).features;
+  }
+
+  /** Tells the device what the driver acknowledged; resolves once TUNSCAP is applied. */
+  async setFeatures(features: bigint): Promise<void> {
+    await this.#ep.request<DoneReply>(
+      { kind: "set-features", features },
+      REPLY_KIND["set-features"],
+    );
+  }
+
+  /** Resets the device to its state after hello. */
+  async reset(): Promise<void> {
+    await this.#ep.request<DoneReply>({ kind: "reset" }, REPLY_KIND.reset);
+  }
+
+  /** The device's counters per queue. */
+  async getStats(): Promise<StatsReply["queues"]> {
+    return (await this.#ep.request<StatsReply>({ kind: "get-stats" }, "stats")).queues;
+  }
+
+  /** Sends a raw message, bypassing the types: tests use it to feed the device bad input. */
+  sendRaw(msg: unknown): void {
+    this.#worker.postMessage(msg);
+  }
+
+  get alive(): boolean {
+    return !this.#dead;
+  }
+
+  private die(reason: string): void {
+    if (this.#dead) return;
+    this.opts.logger.log("error", "parent", reason);
+    this.terminate();
+    this.readyWaiter?.reject(new IpcError("failed", undefined, reason));
+    this.opts.onDeath?.(reason);
+  }
+
+  /** Stops the worker; pending requests fail. */
+  terminate(): void {
+    this.#dead = true;
+    this.#ep.close("device worker terminated");
+    this.#worker.terminate();
+  }
+}
