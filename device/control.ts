@@ -13,6 +13,8 @@ import {
   type DeviceMessage,
   type LogLevel,
   type ParentMessage,
+  PERMISSION_NAMES,
+  type PermissionsReply,
   PROTOCOL_VERSION,
   REPLY_KIND,
   type TunscapReply,
@@ -40,7 +42,13 @@ export class DeviceControl {
   constructor(port: MessagePortLike) {
     this.#ep = new Endpoint<ParentMessage, DeviceMessage>(port, {
       parse: parseParentMessage,
-      requestKinds: new Set(["get-features", "set-features", "reset", "get-stats"]),
+      requestKinds: new Set([
+        "get-features",
+        "set-features",
+        "reset",
+        "get-stats",
+        "get-permissions",
+      ]),
       replyKinds: new Set(["tunscap-result"]),
       onRequest: (req) => this.serve(req),
       onNotice: (msg) => this.notice(msg),
@@ -96,6 +104,13 @@ export class DeviceControl {
         return { reply: { kind: "done" } };
       case "get-stats":
         return { reply: { kind: "stats", queues: {} } };
+      case "get-permissions": {
+        const states = {} as PermissionsReply["states"];
+        for (const name of PERMISSION_NAMES) {
+          states[name] = (await Deno.permissions.query({ name })).state;
+        }
+        return { reply: { kind: "permissions", states } };
+      }
       default:
         throw new RefusedError(`${req.kind} is not a request`, "kind");
     }

@@ -105,6 +105,12 @@ export interface GetStatsRequest {
   id: number;
 }
 
+/** Request: the Deno permission state of each kind, as queried inside the device. Reply: `permissions`. */
+export interface GetPermissionsRequest {
+  kind: "get-permissions";
+  id: number;
+}
+
 /** Reply to a device's `tunscap`: the guest offload bits now in force on the tap. */
 export interface TunscapReply {
   kind: "tunscap-result";
@@ -117,7 +123,8 @@ export type ParentRequest =
   | GetFeaturesRequest
   | SetFeaturesRequest
   | ResetRequest
-  | GetStatsRequest;
+  | GetStatsRequest
+  | GetPermissionsRequest;
 
 export type ParentMessage = HelloMessage | ParentRequest | TunscapReply | ErrorMessage;
 
@@ -170,6 +177,26 @@ export interface StatsReply {
   queues: Record<string, Record<string, number>>;
 }
 
+/** The Deno permission names the audit covers. */
+export const PERMISSION_NAMES = [
+  "read",
+  "write",
+  "net",
+  "env",
+  "run",
+  "ffi",
+  "sys",
+  "import",
+] as const;
+export type PermissionName = typeof PERMISSION_NAMES[number];
+
+/** Reply to `get-permissions`: `granted`, `prompt` or `denied` per permission. */
+export interface PermissionsReply {
+  kind: "permissions";
+  id: number;
+  states: Record<PermissionName, "granted" | "prompt" | "denied">;
+}
+
 export type DeviceRequest = TunscapRequest;
 
 export type DeviceMessage =
@@ -179,6 +206,7 @@ export type DeviceMessage =
   | FeaturesReply
   | DoneReply
   | StatsReply
+  | PermissionsReply
   | ErrorMessage;
 
 /** The reply kind each request expects, so a requester can check what came back. */
@@ -187,5 +215,6 @@ export const REPLY_KIND = {
   "set-features": "done",
   "reset": "done",
   "get-stats": "stats",
+  "get-permissions": "permissions",
   "tunscap": "tunscap-result",
 } as const satisfies Record<ParentRequest["kind"] | DeviceRequest["kind"], string>;

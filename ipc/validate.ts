@@ -13,7 +13,9 @@ import type {
   ErrorMessage,
   LogLevel,
   ParentMessage,
+  PermissionsReply,
 } from "./protocol.ts";
+import { PERMISSION_NAMES } from "./protocol.ts";
 
 /** A message did not have the shape its kind requires. */
 export class ValidationError extends Error {
@@ -38,6 +40,7 @@ const ERROR_CODES: readonly ErrorCode[] = [
   "refused",
   "failed",
 ];
+const PERMISSION_STATES = ["granted", "prompt", "denied"] as const;
 const U64_MAX = (1n << 64n) - 1n;
 /** Longest text accepted in `message` fields, so a peer cannot flood the log. */
 const MAX_TEXT = 4096;
@@ -210,6 +213,7 @@ export function parseParentMessage(raw: unknown): ParentMessage {
     case "get-features":
     case "reset":
     case "get-stats":
+    case "get-permissions":
       return { kind, id: r.uint("id", MAX_ID) };
     case "set-features":
       return { kind, id: r.uint("id", MAX_ID), features: r.u64("features") };
@@ -238,6 +242,16 @@ export function parseDeviceMessage(raw: unknown): DeviceMessage {
       return { kind, id: r.uint("id", MAX_ID) };
     case "stats":
       return { kind, id: r.uint("id", MAX_ID), queues: r.counters("queues") };
+    case "permissions": {
+      const states = r.object("states");
+      return {
+        kind,
+        id: r.uint("id", MAX_ID),
+        states: Object.fromEntries(
+          PERMISSION_NAMES.map((n) => [n, states.oneOf(n, PERMISSION_STATES)]),
+        ) as PermissionsReply["states"],
+      };
+    }
     case "error":
       return errorMessage(r);
     default:

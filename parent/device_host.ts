@@ -13,6 +13,7 @@ import {
   type DoneReply,
   type FeaturesReply,
   type ParentMessage,
+  type PermissionsReply,
   PROTOCOL_VERSION,
   type ReadyMessage,
   REPLY_KIND,
@@ -65,7 +66,7 @@ export class DeviceHost {
     this.#ep = new Endpoint<DeviceMessage, ParentMessage>(this.#worker, {
       parse: parseDeviceMessage,
       requestKinds: new Set(["tunscap"]),
-      replyKinds: new Set(["features", "done", "stats"]),
+      replyKinds: new Set(["features", "done", "stats", "permissions"]),
       onRequest: (req) => Promise.resolve(this.serve(req)),
       onNotice: (msg) => this.notice(msg),
       onProblem: (text) => opts.logger.log("warn", "parent", `device channel: ${text}`),
@@ -172,6 +173,12 @@ export class DeviceHost {
   /** The device's counters per queue. */
   async getStats(): Promise<StatsReply["queues"]> {
     return (await this.#ep.request<StatsReply>({ kind: "get-stats" }, "stats")).queues;
+  }
+
+  /** The device's own view of its Deno permissions, queried inside the worker. */
+  async getPermissions(): Promise<PermissionsReply["states"]> {
+    return (await this.#ep.request<PermissionsReply>({ kind: "get-permissions" }, "permissions"))
+      .states;
   }
 
   /** Sends a raw message, bypassing the types: tests use it to feed the device bad input. */
