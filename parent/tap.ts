@@ -250,6 +250,32 @@ function inOurNetns(fd: number): boolean {
   }
 }
 
+/** Reads a small sysfs file through libc (no --allow-read needed); undefined if absent. */
+function readSysfs(path: string): string | undefined {
+  let fd: number;
+  try {
+    fd = libc.open(path, libc.O_RDONLY | libc.O_CLOEXEC);
+  } catch {
+    return undefined;
+  }
+  try {
+    const buf = new Uint8Array(64);
+    return new TextDecoder().decode(buf.subarray(0, libc.read(fd, buf))).trim();
+  } finally {
+    libc.close(fd);
+  }
+}
+
+/**
+ * The tap's real IFF_* flags from /sys/class/net/<name>/tun_flags, if this
+ * process's /sys shows the same device (checked by ifindex); else undefined.
+ */
+function sysfsTunFlags(name: string, ifindex: number): number | undefined {
+  if (readSysfs(`/sys/class/net/${name}/ifindex`) !== String(ifindex)) return undefined;
+  const text = readSysfs(`/sys/class/net/${name}/tun_flags`);
+  return text === undefined || !/^0x[0-9a-f]+$/.test(text) ? undefined : parseInt(text, 16);
+}
+
 interface TapInit {
   fd: number;
   name: string;
@@ -282,7 +308,10 @@ export class Tap {
   readonly created: boolean;
   /** IFF_* flags the tun driver supports (TUNGETFEATURES). */
   readonly iffFeatures: number;
-  /** IFF_* flags of this tap (TUNGETIFF): IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, ... */
+  /**
+   * IFF_* flags of this tap: IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, ... From sysfs
+   * when visible, else from TUNGETIFF, where 0x1000 may mean IFF_NOFILTER instead.
+   */
   readonly iffFlags: number;
   /** TUN_F_* offloads this kernel accepts, probed with TUNSETOFFLOAD. */
   readonly kernelOffloads: number;
@@ -447,14 +476,16 @@ export function createTap(name: string, options: CreateTapOptions = {}): Tap {
     if (options.up ?? true) setLinkUp(actual);
     const iffReq = ifreq("");
     libc.ioctl(fd, TUNGETIFF, iffReq, "TUNGETIFF");
+    const ifindex = libc.ifNametoindex(actual);
     return new Tap({
       fd,
       name: actual,
-      ifindex: libc.ifNametoindex(actual),
+      ifindex,
       mac: readMac(fd, actual),
       created,
       iffFeatures: features,
-      iffFlags: new DataView(iffReq.buffer).getUint16(IFR_FLAGS, true),
+      iffFlags: sysfsTunFlags(actual, ifindex) ??
+        new DataView(iffReq.buffer).getUint16(IFR_FLAGS, true),
       kernelOffloads,
     });
   } catch (e) {
@@ -466,7 +497,8 @@ export function createTap(name: string, options: CreateTapOptions = {}): Tap {
 
 /**
  * Takes over a tap descriptor opened by someone else (a supervisor passing
- * `--tap-fd`). It must be a tap with IFF_VNET_HDR and IFF_NO_PI; the vnet header
+ * `--tap-fd`). It must be a tap with IFF_VNET_HDR and IFF_NO_PI (IFF_NO_PI can
+ * only be verified when the tap lives in this network namespace); the vnet header
  * size is set to 12 and the offloads to none. The link state is left alone.
  * On failure the descriptor stays open and belongs to the caller.
  */
@@ -497,7 +529,11 @@ export function adoptTap(fd: number, options: AdoptTapOptions = {}): Tap {
       `tap ${name} was opened without IFF_VNET_HDR; vionet needs the virtio-net header`,
     );
   }
-  if (!(iffFlags & IFF_NO_PI)) {
+  // TUNGETIFF reports 0x1000 both for IFF_NO_PI and for IFF_NOFILTER (no socket
+  // filter attached), so IFF_NO_PI is checked in sysfs where the tap is visible.
+  const ifindex = inOurNetns(fd) ? libc.ifNametoindex(name) : 0;
+  const sysfsFlags = ifindex ? sysfsTunFlags(name, ifindex) : undefined;
+  if (sysfsFlags !== undefined && !(sysfsFlags & IFF_NO_PI)) {
     throw new TapError(
       `tap ${name} was opened without IFF_NO_PI; vionet needs frames without the packet-info prefix`,
     );
@@ -508,11 +544,11 @@ export function adoptTap(fd: number, options: AdoptTapOptions = {}): Tap {
   return new Tap({
     fd,
     name,
-    ifindex: inOurNetns(fd) ? libc.ifNametoindex(name) : 0,
+    ifindex,
     mac: readMac(fd, name),
     created: false,
     iffFeatures: readInt(fd, TUNGETFEATURES, "TUNGETFEATURES") >>> 0,
-    iffFlags,
+    iffFlags: sysfsFlags ?? iffFlags,
     kernelOffloads: probeOffloads(fd, name),
   });
 }
