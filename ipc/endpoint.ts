@@ -202,7 +202,14 @@ export class Endpoint<In extends Msg, Out extends Msg> {
 
   private serve(req: In): void {
     const id = req.id!;
-    this.opts.onRequest(req).then(
+    // A handler that throws before returning its promise is answered like one that rejects.
+    let pending: ReturnType<EndpointOptions<In, Out>["onRequest"]>;
+    try {
+      pending = this.opts.onRequest(req);
+    } catch (e) {
+      pending = Promise.reject(e);
+    }
+    pending.then(
       ({ reply, transfer }) => this.send({ ...reply, id } as unknown as Out, transfer),
       (e: unknown) => {
         const refused = e instanceof RefusedError ? e : undefined;
