@@ -73,13 +73,33 @@ Deno.test("guestAssets() names the missing file and the build script", async () 
 });
 
 Deno.test({
+  name: "waitForBoot() rejects with QEMU's own error when QEMU exits at startup",
+  ignore: guestAssetsMissing() !== undefined || !onPath("qemu-system-x86_64"),
+  async fn() {
+    const guest = await bootGuest({
+      ...guestAssets(),
+      netdevArgs: ["-device", "vionet-no-such-device"],
+    });
+    try {
+      await assert.rejects(() => guest.waitForBoot(30_000), (e: Error) => {
+        assert.match(e.message, /QEMU exited \(code 1\)/);
+        assert.match(e.message, /vionet-no-such-device/);
+        return true;
+      });
+      await assert.rejects(() => guest.run("true", 5_000), /QEMU exited/);
+    } finally {
+      guest.kill();
+      await guest.closed;
+    }
+  },
+});
+
+Deno.test({
   name: "QEMU tap backend: guest gets a link, pings, runs ethtool and moves data intact",
   ignore: skip !== undefined,
-  sanitizeOps: false, // background pumps end with QEMU; checked through guest.closed
-  sanitizeResources: false,
   async fn(t) {
     const ns = `vionet-test-${crypto.randomUUID().slice(0, 8)}`;
-    let guest: Guest | undefined;
+    const guests: Guest[] = [];
     const servers: Server[] = [];
     await sh(["ip", "netns", "add", ns]);
     try {
@@ -89,20 +109,24 @@ Deno.test({
       await sh(["ip", "-n", ns, "link", "set", TAP, "up"]);
 
       const assets = guestAssets();
-      guest = await bootGuest({
-        kernel: assets.kernel,
-        initrd: assets.initrd,
-        netns: ns,
-        memoryMiB: 512,
-        netdevArgs: [
-          "-netdev",
-          `tap,id=n0,ifname=${TAP},script=no,downscript=no,vhost=off`,
-          "-device",
-          "virtio-net-pci,netdev=n0,vectors=0,romfile=,mac=52:54:00:12:34:56",
-        ],
-        kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24`, gw: HOST_IP }),
-      });
-      const g = guest;
+      const bootOnTap = async (ethtool?: string) => {
+        const guest = await bootGuest({
+          kernel: assets.kernel,
+          initrd: assets.initrd,
+          netns: ns,
+          memoryMiB: 512,
+          netdevArgs: [
+            "-netdev",
+            `tap,id=n0,ifname=${TAP},script=no,downscript=no,vhost=off`,
+            "-device",
+            "virtio-net-pci,netdev=n0,vectors=0,romfile=,mac=52:54:00:12:34:56",
+          ],
+          kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24`, gw: HOST_IP, ethtool }),
+        });
+        guests.push(guest);
+        return guest;
+      };
+      const g = await bootOnTap();
       const boot = await g.waitForBoot(90_000);
       console.log(`guest booted in ${boot.bootMs} ms (${kvmUsable() ? "KVM" : "TCG"})`);
 
@@ -190,8 +214,18 @@ Deno.test({
         assert.equal(status.code, 0, g.console());
         assert.equal(status.signal, null);
       });
+
+      await t.step("vionet.ethtool on the kernel command line is applied at boot", async () => {
+        const g2 = await bootOnTap("-K eth0 tso off");
+        const boot2 = await g2.waitForBoot(90_000);
+        assert.equal(boot2.netStatus, "ok", g2.console());
+        const r = await g2.run("ethtool -k eth0", 10_000);
+        assert.equal(r.status, 0, r.output);
+        assert.match(r.output, /tcp-segmentation-offload: off/);
+        assert.equal((await g2.shutdown(20_000)).code, 0);
+      });
     } finally {
-      if (guest) {
+      for (const guest of guests) {
         guest.kill();
         await guest.closed;
       }
