@@ -1,0 +1,98 @@
+/**
+ * Maps and unmaps the guest memory regions a vhost-user front-end hands over
+ * as file descriptors (VHOST_USER_SET_MEM_TABLE, VHOST_USER_ADD_MEM_REG).
+ *
+ * Trust: the region description comes from the front-end and has passed the
+ * codec's syntax checks (non-zero size, no 2^64 wrap). The descriptor may
+ * still name a file that is too small: mapping past the end of a file works,
+ * but the first touch of such a page raises SIGBUS and kills the daemon, so
+ * the file's size is checked with fstat(2) before anything is mapped.
+ *
+ * Lifetime: a {@link MappedRegion} owns its mapping and its descriptor until
+ * {@link unmapRegion}. Anything that made an ArrayBuffer over the mapping (the
+ * device worker) must have given it back before then; the backend
+ * (`vhost_user_backend.ts`) waits for that.
+ *
+ * @module
+ */
+
+import * as libc from "./libc.ts";
+import {
+  checkRegionWithinFile,
+  describeRegion,
+  type MemoryRegionDesc,
+  ProtocolError,
+} from "./vhost_user_messages.ts";
+
+/** mmap offsets must be page aligned; the host page size on x86-64. */
+const PAGE_SIZE = 4096n;
+
+/** A guest memory region mapped into the parent's address space. */
+export interface MappedRegion extends MemoryRegionDesc {
+  /** The region's first byte (the mapping base plus the offset's sub-page part). */
+  pointer: Deno.PointerObject;
+  /** The descriptor the region came with; owned by this region. */
+  fd: number;
+  /** Start of the whole mapping (page aligned), for munmap. */
+  mapBase: Deno.PointerObject;
+  /** Length of the whole mapping in bytes. */
+  mapLength: number;
+}
+
+/**
+ * Maps `desc.size` bytes of `fd` from `desc.mmapOffset`, shared and writable.
+ * Takes ownership of `fd`: on success the region holds it, on failure it is closed.
+ * @throws ProtocolError when the file is not a regular file or is too small,
+ *   SyscallError when fstat or mmap fail.
+ */
+export function mapRegion(desc: MemoryRegionDesc, fd: number): MappedRegion {
+  try {
+    const st = libc.fstat(fd);
+    if ((st.mode & libc.S_IFMT) !== libc.S_IFREG) {
+      throw new ProtocolError(
+        `Memory region ${describeRegion(desc)}: fd ${fd} is not a regular file (mode 0o${
+          st.mode.toString(8)
+        })`,
+      );
+    }
+    checkRegionWithinFile(desc, BigInt(st.size), `Memory region fd ${fd}`);
+    const alignedOffset = desc.mmapOffset - (desc.mmapOffset % PAGE_SIZE);
+    const delta = desc.mmapOffset - alignedOffset;
+    // Within the file's size, so below 2^53.
+    const mapLength = Number(desc.size + delta);
+    const mapBase = libc.mmap(
+      mapLength,
+      libc.PROT_READ | libc.PROT_WRITE,
+      libc.MAP_SHARED | libc.MAP_NORESERVE,
+      fd,
+      alignedOffset,
+    );
+    const pointer = Deno.UnsafePointer.offset(mapBase, Number(delta));
+    if (pointer === null) throw new Error("mmap returned a mapping at address 0");
+    return { ...desc, pointer, fd, mapBase, mapLength };
+  } catch (e) {
+    closeQuietly(fd);
+    throw e;
+  }
+}
+
+/** Unmaps the region and closes its descriptor. Errors are returned, not thrown. */
+export function unmapRegion(region: MappedRegion): Error | null {
+  let error: Error | null = null;
+  try {
+    libc.munmap(region.mapBase, region.mapLength);
+  } catch (e) {
+    error = e as Error;
+  }
+  const closeError = closeQuietly(region.fd);
+  return error ?? closeError;
+}
+
+function closeQuietly(fd: number): Error | null {
+  try {
+    libc.close(fd);
+    return null;
+  } catch (e) {
+    return e as Error;
+  }
+}
