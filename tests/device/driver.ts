@@ -117,7 +117,7 @@ export class TestGuest {
    * memory is exhausted.
    */
   alloc(len: number, align = 16, within?: [number, number]): number {
-    const need = Math.max(len, 1);
+    const need = roundAlloc(len);
     for (let i = 0; i < this.#free.length; i++) {
       const [s, e] = this.#free[i];
       const lo = within ? Math.max(s, within[0]) : s;
@@ -134,18 +134,31 @@ export class TestGuest {
     throw new RangeError(`test guest: out of memory allocating ${len} bytes`);
   }
 
-  /** Returns [gpa, gpa + len) to the allocator. */
+  /** Returns [gpa, gpa + len) to the allocator (merging with free neighbours). */
   free(gpa: number, len: number): void {
-    const need = Math.max(len, 1);
-    this.#free.push([gpa, gpa + need]);
-    this.#free.sort((a, b) => a[0] - b[0]);
-    const merged: [number, number][] = [];
-    for (const r of this.#free) {
-      const last = merged[merged.length - 1];
-      if (last && last[1] === r[0]) last[1] = r[1];
-      else merged.push([r[0], r[1]]);
+    const start = gpa;
+    const end = gpa + roundAlloc(len);
+    const f = this.#free;
+    let lo = 0;
+    let hi = f.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (f[mid][0] < start) lo = mid + 1;
+      else hi = mid;
     }
-    this.#free = merged;
+    const prev = f[lo - 1];
+    const next = f[lo];
+    if (prev && prev[1] === start) {
+      prev[1] = end;
+      if (next && next[0] === end) {
+        prev[1] = next[1];
+        f.splice(lo, 1);
+      }
+    } else if (next && next[0] === end) {
+      next[0] = start;
+    } else {
+      f.splice(lo, 0, [start, end]);
+    }
   }
 
   /** Writes bytes at a GPA (may cross adjacent regions). */
@@ -195,6 +208,11 @@ export class TestGuest {
   snapshot(): Uint8Array[] {
     return this.regions.map((r) => r.bytes.slice());
   }
+}
+
+/** Allocation sizes are multiples of 16, so 16-byte-aligned allocations leave no slivers. */
+function roundAlloc(len: number): number {
+  return Math.max(16, Math.ceil(len / 16) * 16);
 }
 
 /** One buffer of a chain to post. */
