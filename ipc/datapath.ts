@@ -1,0 +1,186 @@
+/**
+ * The data path between the zero-permission device worker and the parent's
+ * two privileged I/O workers: shared-memory layouts, record formats and
+ * event bits. No code here makes a system call.
+ *
+ * Theory of operation
+ *
+ * Three threads share four SPSC rings (`ipc/spsc_ring.ts`) and one control
+ * block, all in SharedArrayBuffers:
+ *
+ *   device (no permissions)  walks the virtqueues in guest memory, validates
+ *                            every chain and header, and turns them into
+ *                            records: "write this frame", "read into these
+ *                            buffers". It never makes a system call.
+ *   writer (FFI)             waits on the control block; `writev`s each TX
+ *                            record to the tap straight from guest memory,
+ *                            writes call eventfds when the device asks, and
+ *                            wakes the poller.
+ *   poller (FFI)             blocks in `poll()` on the tap, the kick eventfds
+ *                            and its own wake eventfd; `readv`s frames from
+ *                            the tap straight into the guest buffers the
+ *                            device posted; turns kicks into device events.
+ *
+ *   TX:  guest kick ─▶ poller ─EV_KICK_TX─▶ device ─tx ring─▶ writer ─writev─▶ tap
+ *        writer releases records after writev ─EV_TX_DONE─▶ device: used ring, interrupt
+ *   RX:  device posts chains ─rx-post ring─▶ poller ─readv from tap─▶ guest buffers
+ *        poller ─rx-done ring, EV_RX_DONE─▶ device: num_buffers, csum, used ring, interrupt
+ *   IRQ: device sets WEV_CALL_* ─▶ writer writes the call eventfd
+ *
+ * Completion of a TX record is the ring's own tail: the writer releases a
+ * record only after its `writev` returned, so the device completes exactly
+ * the chains whose frames the kernel has taken, in order.
+ *
+ * Trust: each I/O worker treats records as hostile (the device parses guest
+ * memory and could be subverted). It copies a record out of shared memory
+ * before looking at it, checks every iovec against the regions it was told
+ * are guest memory or the bounce arena, and only then makes the system call
+ * from its private copy. The device, in turn, treats rx-done records as
+ * untrusted counts and checks them against what it posted.
+ *
+ * Wake-ups are batched: a side sets event bits with `Atomics.or`, then bumps
+ * the peer's doorbell and notifies it only if the peer announced that it
+ * sleeps (the same Dekker pattern as the rings). The poller cannot see
+ * Atomics while blocked in `poll()`; whoever needs it awake asks the writer
+ * (WEV_WAKE_POLLER) or, from the parent, writes its wake eventfd.
+ *
+ * @module
+ */
+
+/** Queue indices of a single-pair virtio-net device (virtio 1.2 §5.1.2). */
+export const RX_QUEUE = 0;
+export const TX_QUEUE = 1;
+
+/** Longest frame the tap may hand us or take: a 64 KiB GSO frame plus Ethernet and VLAN. */
+export const MAX_FRAME_BYTES = 65_550;
+/** The virtio 1.0 net header, which the tap reads and writes (TUNSETVNETHDRSZ 12). */
+export const NET_HDR_BYTES = 12;
+
+// ---------------------------------------------------------------------------
+// The control block: an Int32Array over a SharedArrayBuffer.
+
+/** Word indices of the control block. Each pair that two threads touch sits on its own line. */
+export const CTL = {
+  /** Bumped by the I/O side when `DEVICE_EVENTS` gained bits; the device waits on it. */
+  DEVICE_DOORBELL: 0,
+  /** EV_* bits for the device; set with Atomics.or, taken with Atomics.exchange(0). */
+  DEVICE_EVENTS: 1,
+  /** 1 while the device is about to wait or waiting on its doorbell. */
+  DEVICE_SLEEPING: 2,
+  /** Bumped by the device when `WRITER_EVENTS` gained bits; the writer waits on it. */
+  WRITER_DOORBELL: 32,
+  /** WEV_* bits for the writer. */
+  WRITER_EVENTS: 33,
+  /** 1 while the writer is about to wait or waiting. */
+  WRITER_SLEEPING: 34,
+  /** 1 while the poller has no posted RX buffers and so does not poll the tap. */
+  POLLER_STARVED: 64,
+  /** Frames the poller dropped because the guest had posted no buffer (tap queue overflow aside). */
+  POLLER_NO_BUFFER: 65,
+  /** Frames the poller dropped because they were larger than the posted buffers. */
+  POLLER_TOO_BIG: 66,
+  /** Records an I/O worker refused because an iovec was outside the granted regions. */
+  IO_BAD_RECORD: 67,
+  /** writev errors (the kernel refused a frame: bad header, no carrier, ...). */
+  WRITER_ERRORS: 68,
+  /** readv errors other than EAGAIN. */
+  POLLER_ERRORS: 69,
+} as const;
+export const CTL_WORDS = 96;
+export const CTL_BYTES = CTL_WORDS * 4;
+
+/** Device events (bits of CTL.DEVICE_EVENTS). */
+export const EV_KICK_RX = 1 << 0;
+export const EV_KICK_TX = 1 << 1;
+/** The writer released TX records (tail moved). */
+export const EV_TX_DONE = 1 << 2;
+/** The poller published rx-done records. */
+export const EV_RX_DONE = 1 << 3;
+/** An I/O worker refused a record (see CTL.IO_BAD_RECORD); the device should reset the queue. */
+export const EV_IO_FAULT = 1 << 4;
+
+/** Writer events (bits of CTL.WRITER_EVENTS). */
+export const WEV_TX = 1 << 0;
+/** Signal the RX queue's call eventfd. */
+export const WEV_CALL_RX = 1 << 1;
+/** Signal the TX queue's call eventfd. */
+export const WEV_CALL_TX = 1 << 2;
+/** Write the poller's wake eventfd (new RX buffers after starvation). */
+export const WEV_WAKE_POLLER = 1 << 3;
+
+// ---------------------------------------------------------------------------
+// Records. An iovec is four u32 words, exactly Linux x86-64 `struct iovec`:
+// [base low, base high, length, 0]. `base` is a host virtual address inside a
+// guest-memory mapping or the bounce arena.
+
+export const IOVEC_WORDS = 4;
+
+/**
+ * TX ring record (device → writer): one frame.
+ *   word 0  iovCount   number of iovecs that follow the header (1..TX_MAX_IOV)
+ *   word 1  frameLen   sum of the iovec lengths (without the net header)
+ *   word 2  token      the device's own sequence number, echoed nowhere; for debugging
+ *   word 3  flags      0
+ *   words 4..6         the 12-byte virtio_net_hdr the kernel is to see (validated by the device)
+ *   word 7             0
+ *   words 8..          iovCount iovecs
+ */
+export const TX_REC = { IOV_COUNT: 0, FRAME_LEN: 1, TOKEN: 2, FLAGS: 3, HDR: 4, IOV: 8 } as const;
+export const TX_MAX_IOV = 64;
+export const TX_RECORD_WORDS = TX_REC.IOV + TX_MAX_IOV * IOVEC_WORDS;
+
+/**
+ * RX-post ring record (device → poller): one descriptor chain the guest made
+ * available for receiving, all of it device-writable.
+ *   word 0  iovCount   1..RX_MAX_IOV
+ *   word 1  capacity   sum of the iovec lengths (>= 1)
+ *   word 2  token      the chain's head index, for the device's own checks
+ *   word 3  flags      RXF_MERGEABLE if this chain may be one of several for a frame
+ *   words 4..          iovCount iovecs
+ */
+export const RX_POST = { IOV_COUNT: 0, CAPACITY: 1, TOKEN: 2, FLAGS: 3, IOV: 4 } as const;
+export const RX_MAX_IOV = 32;
+export const RX_POST_RECORD_WORDS = RX_POST.IOV + RX_MAX_IOV * IOVEC_WORDS;
+/** The device negotiated MRG_RXBUF: a frame may fill several consecutive chains. */
+export const RXF_MERGEABLE = 1 << 0;
+
+/**
+ * RX-done ring record (poller → device): one frame received, or one dropped.
+ *   word 0  chains   how many posted chains (from the front, in order) it consumed; 0 for a drop
+ *   word 1  bytes    bytes written into them, net header included
+ *   word 2  status   RX_OK, or the reason for a drop
+ *   word 3  0
+ */
+export const RX_DONE = { CHAINS: 0, BYTES: 1, STATUS: 2 } as const;
+export const RX_DONE_RECORD_WORDS = 4;
+export const RX_OK = 0;
+
+/** Ring capacities (records). Powers of two. */
+export const TX_RING_RECORDS = 256;
+export const RX_POST_RING_RECORDS = 1024;
+export const RX_DONE_RING_RECORDS = 1024;
+
+/** The bounce arena: frames the device had to build itself (software csum and segmentation). */
+export const BOUNCE_BYTES = 8 << 20;
+
+/** Everything the three threads share, as transferable-by-sharing buffers. */
+export interface DatapathBuffers {
+  control: SharedArrayBuffer;
+  tx: SharedArrayBuffer;
+  rxPost: SharedArrayBuffer;
+  rxDone: SharedArrayBuffer;
+  bounce: SharedArrayBuffer;
+}
+
+/** Sets `bits` in `word` and wakes the thread waiting on `doorbell` if it announced sleep. */
+export function signal(
+  ctl: Int32Array,
+  eventsWord: number,
+  bits: number,
+  doorbellWord: number,
+  sleepingWord: number,
+): void {
+  Atomics.or(ctl, eventsWord, bits);
+  Atomics.add(ctl, doorbellWord, 1);
+  if (Atomics.load(ctl, sleepingWord) !== 0) Atomics.notify(ctl, doorbellWord);
+}
