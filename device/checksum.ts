@@ -4,8 +4,8 @@
  *
  * Sums are carried unfolded as JS numbers (exact up to 2^53) and folded to 16
  * bits only at the end, so partial sums of separate ranges can be added.
- * Callers pass ranges they have bounds-checked; indices outside the array read
- * as `undefined` and would give a wrong sum, never an out-of-bounds access.
+ * Ranges are clamped to the view, so the word loop (which reads the view's
+ * underlying buffer) never sees a byte outside it.
  *
  * Speed: on a little-endian host the middle of a long range is summed as
  * aligned 32-bit words through an Int32Array over the same buffer (measured
@@ -82,6 +82,9 @@ export function foldSum(sum: number): number {
  * `sum`; returns a value that still has to be folded ({@link foldSum}).
  */
 export function sumBytes(b: Uint8Array, start: number, end: number, sum = 0): number {
+  if (end > b.length) end = b.length;
+  if (start < 0) start = 0;
+  if (end <= start) return sum;
   if (end - start < WORD_LOOP_MIN || !LITTLE_ENDIAN) return sumBytesSimple(b, start, end, sum);
   // Little-endian words, paired by absolute buffer address (see module doc).
   const base = b.byteOffset;

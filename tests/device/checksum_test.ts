@@ -130,3 +130,10 @@ Deno.test("completeChecksum() with an end before L2 padding ignores the padding"
   completeChecksum(b.frame, b.l4Offset, 16, b.l3End);
   assert.ok(l4ChecksumOk(b.frame, b.l3Offset, b.l4Offset, b.l3End, 6));
 });
+
+Deno.test("sumBytes() never reads bytes of the buffer outside the view", () => {
+  const buf = new Uint8Array(4096).fill(0xab);
+  const view = buf.subarray(100, 300).fill(0);
+  assert.equal(foldSum(sumBytes(view, 0, 2000)), 0);
+  assert.equal(foldSum(sumBytes(view, -50, 200)), 0);
+});
