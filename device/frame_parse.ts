@@ -72,6 +72,11 @@ export const FrameParse = {
   /** TCP data offset < 5 or the options run past the packet. */
   TCP_BAD_DATA_OFFSET: 15,
   UDP_TRUNCATED: 16,
+  /**
+   * The headers run past the bytes at hand: `frame` is a copied prefix shorter
+   * than `length`. Not a verdict on the frame; parse a longer copy.
+   */
+  PREFIX_SHORT: 17,
 } as const;
 /** One value of {@link FrameParse}. */
 export type FrameParseCode = typeof FrameParse[keyof typeof FrameParse];
@@ -139,14 +144,19 @@ export function parseEthernet(frame: Uint8Array, length: number, out: ParsedFram
 /**
  * Parses Ethernet (one VLAN tag allowed), IPv4 or IPv6 (walking hop-by-hop,
  * routing and destination-options headers), then the TCP or UDP header.
- * Reads only `frame[0 .. length)`; `length` defaults to `frame.length`.
+ * `length` is the frame's length and defaults to `frame.length`. `frame` may
+ * be a copied prefix, shorter than `length`, so that a 64 KiB frame need not
+ * be copied whole to check its headers: reads stay inside
+ * `frame[0 .. min(length, frame.length))`, and headers that run past the
+ * prefix give PREFIX_SHORT.
  */
 export function parseFrame(
   frame: Uint8Array,
   out: ParsedFrame,
   length: number = frame.length,
 ): FrameParseCode {
-  if (length > frame.length) length = frame.length;
+  const avail = Math.min(length, frame.length);
+  if (avail < ETH_HLEN + VLAN_HLEN && avail < length) return FrameParse.PREFIX_SHORT;
   const eth = parseEthernet(frame, length, out);
   if (eth !== FrameParse.OK) return eth;
   const l3 = out.l3Offset;
@@ -156,6 +166,7 @@ export function parseFrame(
   if (out.ethertype === ETH_P_IP) {
     // RFC 791 §3.1: version, IHL, total length, flags/fragment offset.
     if (length - l3 < IPV4_MIN_HLEN) return FrameParse.IPV4_TRUNCATED;
+    if (l3 + IPV4_MIN_HLEN > avail) return FrameParse.PREFIX_SHORT;
     const vihl = frame[l3];
     const ihl = (vihl & 0x0f) * 4;
     if (vihl >> 4 !== 4 || ihl < IPV4_MIN_HLEN) return FrameParse.IPV4_BAD_HEADER;
@@ -168,6 +179,7 @@ export function parseFrame(
   } else if (out.ethertype === ETH_P_IPV6) {
     // RFC 8200 §3: version, payload length, next header.
     if (length - l3 < IPV6_HLEN) return FrameParse.IPV6_TRUNCATED;
+    if (l3 + IPV6_HLEN > avail) return FrameParse.PREFIX_SHORT;
     if (frame[l3] >> 4 !== 6) return FrameParse.IPV6_BAD_VERSION;
     const payload = be16(frame, l3 + 4);
     if (payload === 0 || payload > length - l3 - IPV6_HLEN) {
@@ -185,6 +197,7 @@ export function parseFrame(
       }
       if (n === IPV6_MAX_EXT_HEADERS) return FrameParse.IPV6_EXT_TOO_MANY;
       if (end - l4 < 8) return FrameParse.IPV6_EXT_TRUNCATED;
+      if (l4 + 2 > avail) return FrameParse.PREFIX_SHORT;
       const extLen = (frame[l4 + 1] + 1) * 8;
       if (end - l4 < extLen) return FrameParse.IPV6_EXT_TRUNCATED;
       proto = frame[l4];
@@ -199,6 +212,7 @@ export function parseFrame(
   if (proto === IPPROTO_TCP) {
     // RFC 9293 §3.1: data offset in 32-bit words, at byte 12 of the header.
     if (end - l4 < TCP_MIN_HLEN) return FrameParse.TCP_TRUNCATED;
+    if (l4 + TCP_MIN_HLEN > avail) return FrameParse.PREFIX_SHORT;
     const thlen = (frame[l4 + 12] >> 4) * 4;
     if (thlen < TCP_MIN_HLEN || thlen > end - l4) return FrameParse.TCP_BAD_DATA_OFFSET;
     out.l4HeaderLength = thlen;

@@ -253,7 +253,8 @@ export const NET_DROP_NAMES: readonly string[] = (() => {
  * §5.1.6.2, mirroring Linux `virtio_net_hdr_to_skb`). For GSO frames it
  * parses the frame into `parsed` (see {@link validateGsoFrame}) and sets
  * `hdr.hdrLen` to the real header length. Returns NetDrop.OK (0) or the reason
- * to drop.
+ * to drop. `frame` may be a copied prefix of a `length`-byte frame (see
+ * parseFrame): NetDrop.PREFIX_SHORT then asks for a longer copy.
  */
 export function validateTxHeader(
   hdr: VirtioNetHdr,
@@ -262,7 +263,6 @@ export function validateTxHeader(
   length: number,
   parsed: ParsedFrame,
 ): NetDropCode {
-  if (length > frame.length) length = frame.length;
   // §5.1.6.2.1: the driver MUST NOT set DATA_VALID or RSC_INFO on TX.
   if ((hdr.flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0) return NetDrop.HDR_FLAGS_INVALID;
   if (hdr.flags === VIRTIO_NET_HDR_F_NEEDS_CSUM) {
@@ -329,7 +329,6 @@ export function validateGsoFrame(
   length: number,
   parsed: ParsedFrame,
 ): NetDropCode {
-  if (length > frame.length) length = frame.length;
   const gso = hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN;
   let ethertype = 0;
   let l4Proto: number;

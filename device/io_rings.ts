@@ -1,0 +1,153 @@
+/**
+ * The device's end of the data path (`ipc/datapath.ts`): the TX and RX-post
+ * rings it produces, the RX-done ring it consumes, the control block's
+ * events and doorbells, and a FIFO allocator over the bounce arena.
+ *
+ * Trust: the buffers come from the parent. Ring headers are checked by
+ * `SpscRing.attach`; everything read back from the I/O side (rx-done
+ * records, ring indices) is checked by the paths that use it.
+ *
+ * @module
+ */
+
+import {
+  BOUNCE_BYTES,
+  CTL,
+  CTL_BYTES,
+  type DatapathBuffers,
+  RX_DONE_RECORD_WORDS,
+  RX_POST_RECORD_WORDS,
+  signal,
+  TX_RECORD_WORDS,
+} from "../ipc/datapath.ts";
+import { SpscRing } from "../ipc/spsc_ring.ts";
+
+/** The data-path buffers did not have the shape the device needs. */
+export class DatapathSetupError extends Error {
+  override name = "DatapathSetupError";
+}
+
+/** The device's handles on the shared data-path memory. */
+export class DeviceIoRings {
+  readonly ctl: Int32Array;
+  readonly tx: SpscRing;
+  readonly rxPost: SpscRing;
+  readonly rxDone: SpscRing;
+  /** The bounce arena, for frames the device builds itself. */
+  readonly bounce: Uint8Array;
+  /** Host address of `bounce[0]`, as the parent reported it (for iovecs). */
+  readonly bounceHost: number;
+
+  /** Bounce bytes ever allocated / freed (monotonic; positions are `% bounce.length`). */
+  #bounceHead = 0;
+  #bounceTail = 0;
+
+  constructor(buffers: DatapathBuffers, bounceHost: number) {
+    if (
+      !(buffers.control instanceof SharedArrayBuffer) || buffers.control.byteLength !== CTL_BYTES
+    ) {
+      throw new DatapathSetupError(`control block must be a ${CTL_BYTES}-byte SharedArrayBuffer`);
+    }
+    if (
+      !(buffers.bounce instanceof SharedArrayBuffer) || buffers.bounce.byteLength !== BOUNCE_BYTES
+    ) {
+      throw new DatapathSetupError(`bounce arena must be a ${BOUNCE_BYTES}-byte SharedArrayBuffer`);
+    }
+    if (!Number.isSafeInteger(bounceHost) || bounceHost <= 0) {
+      throw new DatapathSetupError(`bounce arena host address ${bounceHost} is not an address`);
+    }
+    this.ctl = new Int32Array(buffers.control);
+    this.tx = attach(buffers.tx, TX_RECORD_WORDS, "tx");
+    this.rxPost = attach(buffers.rxPost, RX_POST_RECORD_WORDS, "rx-post");
+    this.rxDone = attach(buffers.rxDone, RX_DONE_RECORD_WORDS, "rx-done");
+    this.bounce = new Uint8Array(buffers.bounce);
+    this.bounceHost = bounceHost;
+  }
+
+  /** Takes the pending device events (EV_* bits), clearing them. */
+  takeEvents(): number {
+    return Atomics.exchange(this.ctl, CTL.DEVICE_EVENTS, 0);
+  }
+
+  /**
+   * Sleeps until the I/O side rings the device's doorbell or `timeoutMs`
+   * passes, without blocking the worker's event loop (control messages keep
+   * arriving). Announces the sleep and re-checks first, so a ring that raced
+   * with it is not missed.
+   */
+  async sleep(timeoutMs: number): Promise<void> {
+    const ctl = this.ctl;
+    const seen = Atomics.load(ctl, CTL.DEVICE_DOORBELL);
+    Atomics.store(ctl, CTL.DEVICE_SLEEPING, 1);
+    if (Atomics.load(ctl, CTL.DEVICE_EVENTS) === 0) {
+      const w = Atomics.waitAsync(ctl, CTL.DEVICE_DOORBELL, seen, timeoutMs);
+      if (w.async) await w.value;
+    }
+    Atomics.store(ctl, CTL.DEVICE_SLEEPING, 0);
+  }
+
+  /** Sets writer events (WEV_* bits) and wakes the writer if it sleeps. */
+  signalWriter(bits: number): void {
+    signal(this.ctl, CTL.WRITER_EVENTS, bits, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING);
+  }
+
+  /** Wakes the device's own loop (used by control requests that need the loop's attention). */
+  wakeSelf(bits: number): void {
+    signal(this.ctl, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
+  }
+
+  /**
+   * Reserves `n` contiguous bounce bytes; returns the offset, or -1 when the
+   * arena is full. Allocation is FIFO: free with `freeBounceTo()` in order.
+   */
+  allocBounce(n: number): number {
+    const size = this.bounce.length;
+    if (n <= 0 || n > size / 2) return -1;
+    let at = this.#bounceHead;
+    const inLap = at % size;
+    if (inLap + n > size) at += size - inLap; // never wrap inside one frame
+    if (at + n - this.#bounceTail > size) return -1;
+    this.#bounceHead = at + n;
+    return at % size;
+  }
+
+  /** The allocation mark to pass to `freeBounceTo()` once the last allocation so far is done. */
+  get bounceMark(): number {
+    return this.#bounceHead;
+  }
+
+  /** Frees every bounce allocation made before `mark` was read. */
+  freeBounceTo(mark: number): void {
+    if (mark > this.#bounceTail) this.#bounceTail = mark;
+  }
+
+  /** Counters the I/O side keeps in the control block. */
+  ioCounters(): Record<string, number> {
+    const c = this.ctl;
+    return {
+      pollerNoBuffer: Atomics.load(c, CTL.POLLER_NO_BUFFER),
+      pollerTooBig: Atomics.load(c, CTL.POLLER_TOO_BIG),
+      ioBadRecord: Atomics.load(c, CTL.IO_BAD_RECORD),
+      writerErrors: Atomics.load(c, CTL.WRITER_ERRORS),
+      pollerErrors: Atomics.load(c, CTL.POLLER_ERRORS),
+    };
+  }
+}
+
+function attach(buffer: unknown, recordWords: number, name: string): SpscRing {
+  const ring = SpscRing.attach(buffer);
+  if (ring.recordWords !== recordWords) {
+    throw new DatapathSetupError(
+      `${name} ring has ${ring.recordWords}-word records, the device needs ${recordWords}`,
+    );
+  }
+  return ring;
+}
+
+/** Writes a host address and length as an iovec at `words[at..at+4)`. */
+export function putIovec(words: Uint32Array, at: number, addr: number, len: number): void {
+  words[at] = addr >>> 0;
+  words[at + 1] = Math.floor(addr / 0x1_0000_0000);
+  words[at + 2] = len;
+  words[at + 3] = 0;
+}
