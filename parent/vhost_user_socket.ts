@@ -356,6 +356,7 @@ export async function serveConnection(
   backend: VhostUserBackend,
   stopping: () => boolean,
   logger?: BackendLogger,
+  onEnding?: () => void,
 ): Promise<DisconnectInfo> {
   let messages = 0;
   let info: DisconnectInfo;
@@ -368,17 +369,20 @@ export async function serveConnection(
       }
       messages++;
       const result = await backend.handleMessage(msg.header, msg.payload, msg.fds);
-      if (result.reply !== null) await conn.write(result.reply);
       if (!result.ok) {
+        // Best effort: the failure REPLY_ACK, then the end of the connection.
+        if (result.reply !== null) await conn.write(result.reply).catch(() => {});
         info = { reason: "protocol", error: result.error, messages };
         break;
       }
+      if (result.reply !== null) await conn.write(result.reply);
     }
   } catch (e) {
     const error = e instanceof Error ? e : new Error(String(e));
     info = { reason: e instanceof ProtocolError ? "protocol" : "io", error, messages };
   }
   conn.close();
+  onEnding?.();
   await backend.close();
   const level = info.reason === "protocol" || info.reason === "io" ? "warn" : "info";
   logger?.log(
@@ -412,6 +416,9 @@ abstract class Service {
   protected readonly options: VhostUserServeOptions;
   protected stopping = false;
   #active: Promise<DisconnectInfo> | null = null;
+  /** The active connection's socket is closed; its backend is releasing resources. */
+  #ending = false;
+  #activeFd = -1;
   /** Resolves when the service has stopped (stop(), or a served --fd connection ended). */
   abstract readonly done: Promise<void>;
 
@@ -432,14 +439,37 @@ abstract class Service {
     );
     const conn = new VhostUserConnection(fd, this.options, () => this.stopping);
     this.options.logger?.log("info", "vhost-user", `connection on fd ${fd}`);
-    const active = serveConnection(conn, backend, () => this.stopping, this.options.logger)
+    this.#ending = false;
+    this.#activeFd = fd;
+    const active = serveConnection(
+      conn,
+      backend,
+      () => this.stopping,
+      this.options.logger,
+      () => this.#ending = true,
+    )
       .then((info) => {
         this.#active = null;
+        this.#ending = false;
         this.options.onDisconnect?.(info);
         return info;
       });
     this.#active = active;
     return active;
+  }
+
+  /**
+   * True when the active connection's front-end is gone (it hung up, or the
+   * connection is releasing its resources) but the backend has not finished.
+   */
+  protected get activePeerGone(): boolean {
+    if (this.#active === null) return false;
+    if (this.#ending) return true;
+    try {
+      return (libc.pollOne(this.#activeFd, libc.POLLIN, 0) & libc.POLLHUP) !== 0;
+    } catch {
+      return true; // the socket is being closed right now
+    }
   }
 
   protected async waitActive(): Promise<void> {
@@ -534,6 +564,10 @@ export class VhostUserServer extends Service {
           logger?.log("warn", "vhost-user", `accept failed: ${(e as Error).message}`);
           continue;
         }
+        // A front-end that reconnects at once may find its old connection not
+        // yet finished (unread EOF, memory still being released): it waits
+        // for that instead of being refused.
+        if (this.activePeerGone) await this.waitActive();
         if (this.connected) {
           logger?.log(
             "warn",
@@ -579,7 +613,11 @@ function getIntOption(fd: number, option: number): number {
   return new DataView(value.buffer).getInt32(0, true);
 }
 
-/** Removes a socket file nobody listens on; refuses to touch anything else. */
+/**
+ * Removes a socket file nobody listens on; refuses to touch anything else.
+ * Liveness is probed with a connect: a live server sees the probe as a
+ * connection that ends at once.
+ */
 function removeStaleSocket(path: string, addr: Uint8Array): void {
   let info: Deno.FileInfo;
   try {

@@ -329,7 +329,7 @@ Deno.test("a second connection while one is active is closed; the first keeps wo
 
 Deno.test("listen replaces a stale socket, refuses a live one or a non-socket, and cleans up", async () => {
   const { dir, path } = tempSocketPath();
-  const { options } = serveOptions(new RecordingDevice());
+  const { options, nextDisconnect } = serveOptions(new RecordingDevice());
   try {
     Deno.writeTextFileSync(path, "not a socket");
     assert.throws(() => VhostUserServer.listen(path, options), /it exists and is not a socket/);
@@ -342,6 +342,8 @@ Deno.test("listen replaces a stale socket, refuses a live one or a non-socket, a
     assert.ok(Deno.lstatSync(path).isSocket);
     const server = VhostUserServer.listen(path, options);
     assert.throws(() => VhostUserServer.listen(path, options), /another process is listening/);
+    // The live server saw the probe as a connection that ended at once.
+    assert.equal((await nextDisconnect()).messages, 0);
     const fe = TestFrontend.connect(path);
     assert.notEqual(await fe.requestU64(VHOST_USER_GET_FEATURES), 0n);
     fe.close();
@@ -445,6 +447,114 @@ Deno.test("stop() ends the active connection and releases its memory", async () 
     await fe.expectClosed();
   } finally {
     fe.close();
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("call fds that would stall or kill a naive back-end are handled", async (t) => {
+  const { dir, path } = tempSocketPath();
+  const { options, nextDisconnect } = serveOptions(new RecordingDevice());
+  const server = VhostUserServer.listen(path, options);
+  try {
+    await t.step("a pipe with no reader ends the connection, not the daemon", async () => {
+      const fe = TestFrontend.connect(path);
+      const [r, w] = libc.pipe2(libc.O_CLOEXEC);
+      libc.close(r);
+      await fe.send(VHOST_USER_SET_VRING_CALL, encodeVringFd(0, false), { fds: [w] });
+      libc.close(w);
+      await fe.expectClosed();
+      fe.close();
+      const info = await nextDisconnect();
+      assert.equal(info.reason, "protocol");
+      assert.match(info.error!.message, /call fd cannot be signalled: .*EPIPE/);
+    });
+    await t.step("a full pipe does not block the control path", async () => {
+      const fe = TestFrontend.connect(path);
+      const [r, w] = libc.pipe2(libc.O_CLOEXEC | libc.O_NONBLOCK);
+      const chunk = new Uint8Array(4096);
+      try {
+        for (;;) libc.write(w, chunk);
+      } catch (e) {
+        assert.equal((e as libc.SyscallError).code, "EAGAIN");
+      }
+      libc.setNonBlocking(w, false); // the back-end must set O_NONBLOCK itself
+      await fe.send(VHOST_USER_SET_VRING_CALL, encodeVringFd(0, false), { fds: [w] });
+      assert.notEqual(await fe.requestU64(VHOST_USER_GET_FEATURES), 0n);
+      libc.close(w);
+      libc.close(r);
+      fe.close();
+      assert.equal((await nextDisconnect()).reason, "eof");
+    });
+    await t.step("a regular file is refused as a call fd", async () => {
+      const fe = TestFrontend.connect(path);
+      const file = Deno.makeTempFileSync({ dir });
+      const fd = libc.open(file, libc.O_RDWR | libc.O_CLOEXEC);
+      await fe.send(VHOST_USER_SET_VRING_CALL, encodeVringFd(0, false), { fds: [fd] });
+      libc.close(fd);
+      await fe.expectClosed();
+      fe.close();
+      const info = await nextDisconnect();
+      assert.match(info.error!.message, /neither an eventfd nor a pipe/);
+      assert.equal(Deno.statSync(file).size, 0);
+    });
+  } finally {
+    await server.stop();
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("more than 8 descriptors on one message: all closed, connection ended", async () => {
+  const { dir, path } = tempSocketPath();
+  const { options, nextDisconnect } = serveOptions(new RecordingDevice());
+  const server = VhostUserServer.listen(path, options);
+  try {
+    const fe = TestFrontend.connect(path);
+    const memfds = Array.from({ length: 9 }, () => makeMemfd(4096));
+    const regions = memfds.slice(0, 8).map((_, i) => ({
+      guestPhysAddr: BigInt(i) * 0x1000n,
+      size: 0x1000n,
+      userAddr: 0n,
+      mmapOffset: 0n,
+    }));
+    await fe.send(VHOST_USER_SET_MEM_TABLE, encodeMemTable(regions), { fds: memfds });
+    for (const fd of memfds) libc.close(fd);
+    await fe.expectClosed();
+    fe.close();
+    const info = await nextDisconnect();
+    assert.equal(info.reason, "protocol");
+    assert.match(info.error!.message, /more than 8 file descriptors/);
+    assert.equal(openFdsMatching("vhost-test").length, 0);
+  } finally {
+    await server.stop();
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("a front-end that reconnects while the old connection is still releasing is served, not refused", async () => {
+  const { dir, path } = tempSocketPath();
+  class SlowResetDevice extends RecordingDevice {
+    override async reset(): Promise<void> {
+      await new Promise((r) => setTimeout(r, 200));
+      await super.reset();
+    }
+  }
+  const device = new SlowResetDevice();
+  const s = serveOptions(device);
+  const server = VhostUserServer.listen(path, s.options);
+  try {
+    const first = TestFrontend.connect(path);
+    await first.requestU64(VHOST_USER_GET_FEATURES);
+    first.close();
+    const second = TestFrontend.connect(path);
+    assert.notEqual(await second.requestU64(VHOST_USER_GET_FEATURES), 0n);
+    // The old connection finished releasing before the new one was served.
+    assert.equal(device.resets, 1);
+    assert.equal(s.refused(), 0);
+    second.close();
+    await s.nextDisconnect();
+    await s.nextDisconnect();
+  } finally {
+    await server.stop();
     Deno.removeSync(dir, { recursive: true });
   }
 });
