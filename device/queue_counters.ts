@@ -9,7 +9,8 @@ import { CHAIN_ERROR_NAMES } from "./chain.ts";
 
 /**
  * Queue-level reasons that are not about one chain (see virtqueue.ts):
- * - AVAIL_IDX_CORRUPT: avail->idx moved more than queue size past last_avail_idx (§2.7.6.1).
+ * - AVAIL_IDX_CORRUPT: avail->idx moved so far that more than queue-size chains
+ *   would be outstanding (§2.7.6.1), e.g. it went backwards.
  * - AVAIL_HEAD_IN_USE: the avail ring offers a head the device still holds.
  * - RING_UNMAPPED: the memory holding a ring was revoked and could not be re-translated.
  */

@@ -473,11 +473,15 @@ export class Virtqueue {
     if (this.#lastAvail === this.#shadowAvail) {
       const idx = Atomics.load(this.#availU16, VIRTQ_AVAIL_OFF_IDX >> 1);
       const ahead = (idx - this.#lastAvail) & 0xffff;
-      // §2.7.6.1: idx only grows, and at most queue-size buffers can be outstanding.
-      if (ahead > this.#size) {
+      // §2.7.6.1: idx only grows. Each outstanding chain holds at least one of
+      // the queue-size descriptors, so chains offered, in flight and completed
+      // but unpublished together never exceed the queue size; more would also
+      // make used entries overwrite each other.
+      if (ahead + this.#inFlightCount + this.#pending > this.#size) {
         this.#fail(
           "AVAIL_IDX_CORRUPT",
-          `avail->idx ${idx} is ${ahead} ahead of last_avail_idx ${this.#lastAvail} (queue size ${this.#size})`,
+          `avail->idx ${idx} is ${ahead} ahead of last_avail_idx ${this.#lastAvail} with ` +
+            `${this.#inFlightCount} chains in flight and ${this.#pending} unpublished (queue size ${this.#size})`,
         );
         return POP_NEEDS_RESET;
       }

@@ -672,6 +672,22 @@ Deno.test("popAvail() marks the queue needs-reset when avail->idx goes backwards
   assertRingFatal(s, "AVAIL_IDX_CORRUPT");
 });
 
+Deno.test("popAvail() marks the queue needs-reset when more chains are outstanding than the queue size", () => {
+  const s = setup({ size: 2 });
+  const a = s.drv.post([{ len: 8 }]);
+  const b = s.drv.post([{ len: 8 }]);
+  assert.equal(s.q.popAvail(), POP_CHAIN);
+  assert.equal(s.q.popAvail(), POP_CHAIN);
+  s.q.pushUsed(a, 0);
+  s.q.pushUsed(b, 0);
+  // Both used entries are still unpublished; offering a head again would let
+  // a third used entry overwrite one of them.
+  s.drv.pushAvail(a);
+  s.drv.publish();
+  assertRingFatal(s, "AVAIL_IDX_CORRUPT");
+  assert.match(s.q.resetReason!, /0 chains in flight and 2 unpublished/);
+});
+
 Deno.test("popAvail() marks the queue needs-reset when a head still in flight is offered again", () => {
   const s = setup({ size: 16 });
   const head = s.drv.post([{ len: 8 }]);
