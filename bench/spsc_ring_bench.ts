@@ -19,10 +19,12 @@ interface ProduceJob {
   buffer: SharedArrayBuffer;
   count: number;
   batch: number;
+  /** Free slots the producer sleeps for when the ring is full. */
+  wake: number;
 }
 
 /** Producer loop: batches of `batch` records, one publish per batch. */
-function produce({ buffer, count, batch }: ProduceJob): void {
+function produce({ buffer, count, batch, wake }: ProduceJob): void {
   const ring = SpscRing.attach(buffer);
   const words = ring.words;
   let seq = 0;
@@ -39,12 +41,15 @@ function produce({ buffer, count, batch }: ProduceJob): void {
       n++;
     }
     if (n !== 0) ring.publish();
-    else if (ring.waitForSpace(WAIT_MS) === 0) throw new Error(`producer stalled at ${seq}`);
+    else if (ring.waitForSpace(WAIT_MS, wake) === 0) throw new Error(`producer stalled at ${seq}`);
   }
 }
 
-/** Consumer loop on this thread; returns records/s. */
-async function run(capacity: number, batch: number, count: number): Promise<number> {
+/**
+ * Consumer loop on this thread; returns records/s. Both sides sleep for
+ * `wake` records or slots at a time (batched wake-ups).
+ */
+async function run(capacity: number, batch: number, wake: number, count: number): Promise<number> {
   const ring = SpscRing.create({ capacity, recordWords: RECORD_WORDS });
   const worker = new Worker(import.meta.url, {
     type: "module",
@@ -56,15 +61,16 @@ async function run(capacity: number, batch: number, count: number): Promise<numb
     e.preventDefault();
     reject(new Error(e.message));
   };
-  worker.postMessage({ buffer: ring.buffer, count, batch } satisfies ProduceJob);
+  worker.postMessage({ buffer: ring.buffer, count, batch, wake } satisfies ProduceJob);
   try {
     const words = ring.words;
     const start = performance.now();
     let seq = 0;
     while (seq < count) {
+      const want = Math.min(wake, count - seq);
       let n = ring.available();
-      if (n === 0) n = ring.waitForData(WAIT_MS);
-      if (n === 0) throw new Error(`consumer stalled at ${seq}`);
+      if (n < want) n = ring.waitForData(WAIT_MS, want);
+      if (n < want) throw new Error(`consumer stalled at ${seq}`);
       for (let i = 0; i < n; i++, seq++) {
         if (words[ring.peek(i)] !== seq) throw new Error(`record ${seq} out of sequence`);
       }
@@ -114,11 +120,21 @@ async function main(): Promise<void> {
     `single thread: ${singleThread(count, 1).toFixed(1)} ns/record one at a time, ` +
       `${singleThread(count, 32).toFixed(1)} ns/record in batches of 32`,
   );
-  for (const [capacity, batch] of [[256, 1], [256, 16], [256, 64], [1024, 256], [16, 4]]) {
+  const configs = [
+    [256, 1, 1],
+    [256, 16, 1],
+    [256, 64, 1],
+    [256, 16, 16],
+    [256, 64, 64],
+    [1024, 256, 1],
+    [1024, 64, 128],
+    [16, 4, 1],
+  ];
+  for (const [capacity, batch, wake] of configs) {
     const rates = [];
-    for (let i = 0; i < 3; i++) rates.push(await run(capacity, batch, count));
+    for (let i = 0; i < 3; i++) rates.push(await run(capacity, batch, wake, count));
     console.log(
-      `two threads, capacity ${capacity}, publish every ${batch}: ` +
+      `two threads, capacity ${capacity}, publish every ${batch}, wake for ${wake}: ` +
         `${(median(rates) / 1e6).toFixed(2)} M records/s ` +
         `[${rates.map((r) => (r / 1e6).toFixed(2)).join(", ")}]`,
     );

@@ -5,8 +5,9 @@
  * The far end of the two-thread SPSC ring tests. It runs with no permissions,
  * like the device worker, and does one job per message:
  *
- * - `produce`: push `count` sequenced records in batches of random size,
- *   blocking in `waitForSpace` when the ring is full.
+ * - `produce`: push `count` sequenced records in batches of random size up to
+ *   `maxBatch`, blocking in `waitForSpace` for `minFree` (default 1) slots
+ *   when the ring is full.
  * - `consume`: pop `count` records, blocking in `waitForData`, and check each
  *   record's sequence number and content.
  * - `echo`: `rounds` times, wait for one record on `requests` and answer with
@@ -28,7 +29,13 @@ function recordWord(seq: number, k: number): number {
 /** Per-wait timeout: a lost wake-up shows up as a timeout, not a hang. */
 const WAIT_MS = 2000;
 
-function produce(ring: SpscRing, count: number, maxBatch: number, seed: number): void {
+function produce(
+  ring: SpscRing,
+  count: number,
+  maxBatch: number,
+  seed: number,
+  minFree: number,
+): void {
   const words = ring.words;
   const recordWords = ring.recordWords;
   let rng = seed >>> 0 || 1;
@@ -48,7 +55,7 @@ function produce(ring: SpscRing, count: number, maxBatch: number, seed: number):
       n++;
     }
     if (n !== 0) ring.publish();
-    else if (ring.waitForSpace(WAIT_MS) === 0) {
+    else if (ring.waitForSpace(WAIT_MS, minFree) === 0) {
       throw new Error(`producer: no space for ${WAIT_MS} ms at record ${seq}`);
     }
   }
@@ -99,7 +106,7 @@ self.onmessage = (event: MessageEvent) => {
     if (job.kind === "produce") {
       const ring = SpscRing.attach(job.buffer);
       self.postMessage({ ready: true });
-      produce(ring, job.count, job.maxBatch, job.seed);
+      produce(ring, job.count, job.maxBatch, job.seed, job.minFree ?? 1);
       self.postMessage({ ok: true, stats: ring.stats() });
     } else if (job.kind === "consume") {
       const ring = SpscRing.attach(job.buffer);
