@@ -338,7 +338,8 @@ function addSegment(
  * Copies device-readable bytes of `chain`, starting `from` bytes into its
  * readable part, into `dst`. Returns the number of bytes copied (short when
  * the readable part ends first), or -1 when the chain is stale (guest memory
- * was revoked or replaced after the walk). Never touches writable segments.
+ * was revoked or replaced after the walk) or `from` is not a non-negative
+ * integer. Never touches writable segments.
  */
 export function chainRead(
   memory: GuestMemory,
@@ -347,6 +348,7 @@ export function chainRead(
   dst: Uint8Array,
 ): number {
   if (chain.epoch !== memory.epoch) return -1;
+  if (!(Number.isSafeInteger(from) && from >= 0)) return -1;
   let skip = from;
   let done = 0;
   for (let i = 0; i < chain.readableCount && done < dst.length; i++) {
@@ -368,7 +370,8 @@ export function chainRead(
 /**
  * Copies `src` into the device-writable part of `chain`, starting `to` bytes
  * into it. Returns the number of bytes written (short when the writable part
- * ends first), or -1 when the chain is stale. The only way the device writes
+ * ends first), or -1 when the chain is stale or `to` is not a non-negative
+ * integer. The only way the device writes
  * packet data into guest memory: it never writes outside writable segments.
  */
 export function chainWrite(
@@ -378,6 +381,7 @@ export function chainWrite(
   src: Uint8Array,
 ): number {
   if (chain.epoch !== memory.epoch) return -1;
+  if (!(Number.isSafeInteger(to) && to >= 0)) return -1;
   let skip = to;
   let done = 0;
   for (let i = chain.readableCount; i < chain.count && done < src.length; i++) {

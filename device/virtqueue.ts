@@ -212,6 +212,10 @@ export class Virtqueue {
   #inFlight: Uint8Array = new Uint8Array(0);
   #inFlightCount = 0;
   #lastDrop: QueueErrorReason | null = null;
+  /** Head popped at each avail position (by position & mask), -1 once completed or dropped. */
+  #popped: Int32Array = new Int32Array(0);
+  /** Avail position each in-flight head was popped at. */
+  #positionOf: Uint16Array = new Uint16Array(0);
 
   constructor(memory: GuestMemory, options: VirtqueueOptions) {
     const d = options.direction;
@@ -372,8 +376,14 @@ export class Virtqueue {
       this.#size = 0;
       throw new RangeError(`Cannot configure ${this.name}: ${err}`);
     }
-    if (this.#inFlight.length !== size) this.#inFlight = new Uint8Array(size);
-    else this.#inFlight.fill(0);
+    if (this.#inFlight.length !== size) {
+      this.#inFlight = new Uint8Array(size);
+      this.#popped = new Int32Array(size);
+      this.#positionOf = new Uint16Array(size);
+    } else {
+      this.#inFlight.fill(0);
+    }
+    this.#popped.fill(-1);
     this.#inFlightCount = 0;
     this.#pending = 0;
     this.#shadowAvail = this.#lastAvail;
@@ -462,13 +472,15 @@ export class Virtqueue {
   }
 
   /**
-   * Takes the next available chain. On POP_CHAIN, `this.chain` holds its
-   * validated segments and the head is in flight until `pushUsed()`. A bad
-   * chain is returned to the guest at once with used length 0 (POP_DROPPED;
-   * reason in `lastDropReason` and the counters). A corrupt ring gives
-   * POP_NEEDS_RESET. Never throws on guest input.
+   * Takes the next available chain. On POP_CHAIN, `out` (default
+   * `this.chain`) holds its validated segments and the head is in flight
+   * until `pushUsed()`. A bad chain is returned to the guest at once with
+   * used length 0 (POP_DROPPED; reason in `lastDropReason` and the
+   * counters). A corrupt ring gives POP_NEEDS_RESET. Never throws on guest
+   * input. Pass your own `DescriptorChain` to hold several chains at once
+   * (e.g. MRG_RXBUF gathering RX buffers for one frame).
    */
-  popAvail(): PopResult {
+  popAvail(out: DescriptorChain = this.chain): PopResult {
     if (!this.#usable()) return this.#state === "needs-reset" ? POP_NEEDS_RESET : POP_DISABLED;
     if (this.#lastAvail === this.#shadowAvail) {
       const idx = Atomics.load(this.#availU16, VIRTQ_AVAIL_OFF_IDX >> 1);
@@ -500,11 +512,13 @@ export class Virtqueue {
       );
       return POP_NEEDS_RESET;
     }
-    const chain = this.chain;
+    const chain = out;
     const code = walkChain(this.#walk!, head, chain);
     if (code === CHAIN_OK) {
       this.#inFlight[head] = 1;
       this.#inFlightCount++;
+      this.#popped[position & this.#mask] = head;
+      this.#positionOf[head] = position;
       this.counters.chains++;
       this.counters.chainBytes += chain.readableBytes + chain.writableBytes;
       return POP_CHAIN;
@@ -520,8 +534,43 @@ export class Virtqueue {
     this.counters.errors[reason]++;
     this.counters.dropped++;
     this.#lastDrop = reason;
+    this.#popped[position & this.#mask] = -1;
     this.#writeUsed(head, 0);
     return POP_DROPPED;
+  }
+
+  /**
+   * Gives back the last `count` chains taken, as if never popped:
+   * last_avail_idx moves back by `count` and their heads leave flight, so
+   * the next `popAvail()` returns them again. For a device that needs
+   * several buffers for one frame (MRG_RXBUF) and found too few. Each of the
+   * last `count` avail entries must have been popped with POP_CHAIN and not
+   * completed since; otherwise this throws RangeError (a device bug).
+   */
+  unpopAvail(count = 1): void {
+    if (this.#state !== "ready") return;
+    if (!(Number.isInteger(count) && count >= 0 && count <= this.#size)) {
+      throw new RangeError(`unpopAvail(${count}) on ${this.name}: count out of range`);
+    }
+    for (let i = 1; i <= count; i++) {
+      const h = this.#popped[(this.#lastAvail - i) & this.#mask];
+      if (h < 0 || this.#inFlight[h] !== 1) {
+        throw new RangeError(
+          `unpopAvail(${count}) on ${this.name}: avail entry ${
+            (this.#lastAvail - i) & 0xffff
+          } is not a chain still in flight`,
+        );
+      }
+    }
+    for (let i = 1; i <= count; i++) {
+      const slot = (this.#lastAvail - i) & this.#mask;
+      const h = this.#popped[slot];
+      this.#popped[slot] = -1;
+      this.#inFlight[h] = 0;
+      this.#inFlightCount--;
+      this.counters.chains--;
+    }
+    this.#lastAvail = (this.#lastAvail - count) & 0xffff;
   }
 
   /**
@@ -547,6 +596,7 @@ export class Virtqueue {
     }
     this.#inFlight[head] = 0;
     this.#inFlightCount--;
+    this.#popped[this.#positionOf[head] & this.#mask] = -1;
     if (!this.#usable()) return false;
     this.counters.bytes += len;
     this.#writeUsed(head, len);
@@ -691,6 +741,8 @@ export class Virtqueue {
     this.#signalledValid = false;
     this.#notify = true;
     this.#inFlight = new Uint8Array(0);
+    this.#popped = new Int32Array(0);
+    this.#positionOf = new Uint16Array(0);
     this.#inFlightCount = 0;
     this.#lastDrop = null;
   }

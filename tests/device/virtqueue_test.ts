@@ -12,6 +12,7 @@ import {
   type ChainDirection,
   chainRead,
   chainWrite,
+  DescriptorChain,
   MAX_CHAIN_BYTES,
   VIRTQ_DESC_F_INDIRECT,
   VIRTQ_DESC_F_NEXT,
@@ -730,6 +731,47 @@ Deno.test("pushUsed() throws for a head that is not in flight (a device bug)", (
   assert.throws(() => s.q.pushUsed(head, 2 ** 32), /not a u32/);
   assert.ok(s.q.pushUsed(head, 0));
   assert.throws(() => s.q.pushUsed(head, 0), /not in flight/);
+});
+
+Deno.test("unpopAvail() gives back the last chains so the next pops return them again", () => {
+  const s = setup({ size: 8, direction: CHAIN_DEVICE_WRITABLE });
+  const heads = [0, 1, 2].map(() => s.drv.post([{ len: 100, writable: true }]));
+  const own = [new DescriptorChain(4), new DescriptorChain(4)];
+  assert.equal(s.q.popAvail(own[0]), POP_CHAIN);
+  assert.equal(s.q.popAvail(own[1]), POP_CHAIN);
+  assert.deepEqual([own[0].head, own[1].head], heads.slice(0, 2));
+  assert.equal(own[0].writableBytes, 100, "each caller-owned chain keeps its own segments");
+  s.q.unpopAvail(2);
+  assert.equal(s.q.inFlight, 0);
+  assert.equal(s.q.lastAvailIdx, 0);
+  const again: number[] = [];
+  while (s.q.popAvail() === POP_CHAIN) again.push(s.q.chain.head);
+  assert.deepEqual(again, heads);
+  // A completed chain cannot be given back.
+  s.q.pushUsed(heads[2], 0);
+  assert.throws(() => s.q.unpopAvail(1), /not a chain still in flight/);
+  assert.equal(s.q.inFlight, 2, "a refused unpop changes nothing");
+  s.q.unpopAvail(0);
+  // A dropped chain cannot be given back either.
+  s.q.pushUsed(heads[0], 0);
+  s.q.pushUsed(heads[1], 0);
+  s.q.flushUsed();
+  s.drv.readUsed();
+  s.drv.post([{ len: 8 }]); // readable on an RX queue: dropped
+  assert.equal(s.q.popAvail(), POP_DROPPED);
+  assert.throws(() => s.q.unpopAvail(1), /not a chain still in flight/);
+});
+
+Deno.test("chainRead()/chainWrite() refuse negative or fractional offsets", () => {
+  const s = setup();
+  s.drv.post([{ data: bytes(16) }, { len: 16, writable: true }]);
+  assert.equal(s.q.popAvail(), POP_CHAIN);
+  const before = s.guest.snapshot();
+  for (const off of [-1, -16, 0.5, NaN, Infinity]) {
+    assert.equal(chainRead(s.guest.memory, s.q.chain, off, new Uint8Array(8)), -1);
+    assert.equal(chainWrite(s.guest.memory, s.q.chain, off, bytes(8)), -1);
+  }
+  assert.deepEqual(s.guest.snapshot(), before);
 });
 
 // ---------------------------------------------------------------- used ring
