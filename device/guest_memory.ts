@@ -13,6 +13,8 @@
  * transfer to the parent and bump `epoch`. Anything translated under an older
  * epoch (descriptor segments, ring views) is stale and must be re-translated:
  * `Virtqueue` and the chain copy helpers check the epoch before touching memory.
+ * Never transfer a buffer that is still in the table: hand it back through
+ * `removeRegion()`/`removeAll()` first, or the next access throws TypeError.
  *
  * @module
  */

@@ -15,9 +15,11 @@
  *   used length 0 (the buffer is consumed, nothing was written), counts the
  *   reason, and carries on: `popAvail()` returns POP_DROPPED.
  * - A corrupt ring is different: the device can no longer tell which
- *   descriptors the driver owns. That covers avail->idx more than the queue
- *   size ahead (§2.7.6.1: the driver MUST NOT decrement idx, and cannot offer
- *   more than queue-size buffers), a head or a next index >= queue size
+ *   descriptors the driver owns. That covers avail->idx moving so far that
+ *   more than queue-size chains would be outstanding (offered + in flight +
+ *   completed but unpublished; §2.7.6.1: the driver MUST NOT decrement idx,
+ *   and each chain holds one of the queue-size descriptors), a head or a
+ *   next index >= queue size
  *   (§2.7.5), a chain longer than the queue size, i.e. a loop (§2.7.5.2:
  *   loops are forbidden; §2.7.5.3.1: no chain longer than the queue size), an
  *   avail entry naming a head the device still holds, and ring memory that
