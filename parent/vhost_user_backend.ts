@@ -259,6 +259,9 @@ export class VhostUserBackend {
   #offeredFeatures: bigint | null = null;
   #ackedFeatures = 0n;
   #ackedProtocol = 0n;
+  /** SET_FEATURES / SET_PROTOCOL_FEATURES were received (since the last reset). */
+  #featuresSet = false;
+  #protocolSet = false;
   #owned = false;
   #closed = false;
   #rings: RingState[];
@@ -454,6 +457,7 @@ export class VhostUserBackend {
     }
     await this.#device.setFeatures(value & ~VHOST_USER_F_PROTOCOL_FEATURES);
     this.#ackedFeatures = value;
+    this.#featuresSet = true;
     // vhost-user.rst "Ring states": "upon receiving a VHOST_USER_SET_FEATURES
     // message from the front-end without VHOST_USER_F_PROTOCOL_FEATURES set,
     // the back-end must enable all rings immediately."
@@ -477,6 +481,7 @@ export class VhostUserBackend {
       );
     }
     this.#ackedProtocol = value;
+    this.#protocolSet = true;
     return Promise.resolve(null);
   }
 
@@ -523,6 +528,7 @@ export class VhostUserBackend {
     for (const ring of this.#rings) this.#closeErrFd(ring);
     this.#rings = this.#rings.map(initialRing);
     this.#ackedFeatures = 0n;
+    this.#featuresSet = false;
     return null;
   }
 
@@ -723,8 +729,13 @@ export class VhostUserBackend {
   async #setVringEnable(index: number, enable: boolean): Promise<null> {
     const ring = this.#ringAt(index, "SET_VRING_ENABLE");
     // vhost-user.rst SET_VRING_ENABLE: "should be sent only when
-    // VHOST_USER_F_PROTOCOL_FEATURES has been negotiated."
-    if ((this.#ackedFeatures & VHOST_USER_F_PROTOCOL_FEATURES) === 0n) {
+    // VHOST_USER_F_PROTOCOL_FEATURES has been negotiated." QEMU sends it at
+    // init, after SET_PROTOCOL_FEATURES but before SET_FEATURES, so a
+    // front-end that negotiated protocol features counts; one that acked
+    // features without bit 30 (or never spoke of protocol features) does not.
+    const acked = (this.#ackedFeatures & VHOST_USER_F_PROTOCOL_FEATURES) !== 0n;
+    const legacy = this.#featuresSet && !acked;
+    if (legacy || (!acked && !this.#protocolSet)) {
       throw new ProtocolError(
         "SET_VRING_ENABLE before VHOST_USER_F_PROTOCOL_FEATURES was negotiated",
       );

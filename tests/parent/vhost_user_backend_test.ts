@@ -355,6 +355,27 @@ Deno.test("ring enable semantics", async (t) => {
     if (!r.ok) assert.match(r.error.message, /before VHOST_USER_F_PROTOCOL_FEATURES/);
   });
   await t.step(
+    "SET_VRING_ENABLE after SET_PROTOCOL_FEATURES but before SET_FEATURES is accepted (QEMU's init)",
+    async () => {
+      const { ok, backend } = setup();
+      await ok(
+        encodeRequest(VHOST_USER_SET_PROTOCOL_FEATURES, encodeU64(VIONET_PROTOCOL_FEATURES)),
+      );
+      await ok(encodeRequest(VHOST_USER_SET_VRING_ENABLE, encodeVringState(1, 0)));
+      assert.equal(backend.ring(1).enabled, false);
+      await negotiate(ok, true);
+      assert.equal(backend.ring(1).enabled, false, "SET_FEATURES with bit 30 leaves it disabled");
+    },
+  );
+  await t.step(
+    "SET_VRING_ENABLE from a front-end that never negotiated protocol features is refused",
+    async () => {
+      const { send } = setup();
+      const r = await send(encodeRequest(VHOST_USER_SET_VRING_ENABLE, encodeVringState(0, 0)));
+      assert.equal(r.ok, false);
+    },
+  );
+  await t.step(
     "with PROTOCOL_FEATURES, a kicked ring stays disabled until SET_VRING_ENABLE",
     async () => {
       const { ok, device, backend, system } = setup();

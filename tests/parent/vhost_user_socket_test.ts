@@ -27,6 +27,7 @@ import {
   VHOST_USER_SET_VRING_NUM,
 } from "../../parent/vhost_user_messages.ts";
 import { VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC } from "../../ipc/features.ts";
+import { accelArgs, guestAssets, guestAssetsMissing } from "../e2e/guest.ts";
 import {
   makeMemfd,
   openFdsMatching,
@@ -557,4 +558,118 @@ Deno.test("a front-end that reconnects while the old connection is still releasi
     await server.stop();
     Deno.removeSync(dir, { recursive: true });
   }
+});
+
+/** Why the real-QEMU test cannot run here, or undefined. */
+function qemuMissing(): string | undefined {
+  const assets = guestAssetsMissing();
+  if (assets !== undefined) return assets;
+  try {
+    new Deno.Command("qemu-system-x86_64", { args: ["--version"], stdout: "null" }).outputSync();
+  } catch {
+    return "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)";
+  }
+  return undefined;
+}
+
+const QEMU_MISSING = qemuMissing();
+if (QEMU_MISSING !== undefined) {
+  console.warn(`skipping the real-QEMU handshake test: ${QEMU_MISSING}`);
+}
+
+Deno.test({
+  name: "QEMU's own vhost-user front-end completes the handshake and a clean disconnect",
+  ignore: QEMU_MISSING !== undefined,
+  async fn() {
+    const { dir, path } = tempSocketPath();
+    const calls: string[] = [];
+    class LoggingDevice extends RecordingDevice {
+      override setFeatures(f: bigint) {
+        calls.push(`setFeatures 0x${f.toString(16)}`);
+        return super.setFeatures(f);
+      }
+      override setVringKick(i: number, fd: number | null) {
+        calls.push(`kick ${i}`);
+        return super.setVringKick(i, fd);
+      }
+      override getVringBase(i: number) {
+        calls.push(`getVringBase ${i}`);
+        return super.getVringBase(i);
+      }
+      override setVringAddr(i: number, a: VringAddrFields) {
+        calls.push(`addr ${i} 0x${a.descUser.toString(16)}`);
+        return super.setVringAddr(i, a);
+      }
+    }
+    const device = new LoggingDevice();
+    const { options, nextDisconnect } = serveOptions(device);
+    const memfdsBefore = openFdsMatching("memfd:").length;
+    const server = VhostUserServer.listen(path, options);
+    const { kernel, initrd } = guestAssets();
+    const qemu = new Deno.Command("qemu-system-x86_64", {
+      args: [
+        ...accelArgs(),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-m",
+        "256M",
+        "-object",
+        "memory-backend-memfd,id=mem,size=256M,share=on",
+        "-numa",
+        "node,memdev=mem",
+        "-kernel",
+        kernel,
+        "-initrd",
+        initrd,
+        "-append",
+        "console=ttyS0 panic=-1",
+        "-chardev",
+        `socket,id=vu,path=${path}`,
+        "-netdev",
+        "vhost-user,id=n0,chardev=vu",
+        "-device",
+        "virtio-net-pci,netdev=n0,vectors=0",
+      ],
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    let killed = false;
+    try {
+      // The guest's virtio-net driver starts the device: both rings kicked.
+      const deadline = Date.now() + 60_000;
+      while (!(calls.includes("kick 0") && calls.includes("kick 1"))) {
+        if (Date.now() > deadline) throw new Error(`device never started: ${calls.join("; ")}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      const acked = BigInt(calls.find((c) => c.startsWith("setFeatures "))!.split(" ")[1]);
+      assert.notEqual(acked & VIRTIO_F_VERSION_1, 0n, "the guest acked VERSION_1");
+      assert.equal(acked & ~DEVICE_FEATURES, 0n, "and nothing the device did not offer");
+      // QEMU used ADD_MEM_REG (CONFIGURE_MEM_SLOTS); the rings lie inside mapped memory.
+      assert.ok(device.regions.length >= 1);
+      for (const i of [0, 1]) {
+        const desc = BigInt(calls.find((c) => c.startsWith(`addr ${i} `))!.split(" ")[2]);
+        assert.ok(
+          device.regions.some((r) => r.userAddr <= desc && desc < r.userAddr + r.size),
+          `ring ${i} descriptor table 0x${desc.toString(16)} is in a mapped region`,
+        );
+      }
+      assert.ok(openFdsMatching("memfd:").length > memfdsBefore, "guest memory fds held");
+      qemu.kill("SIGTERM");
+      killed = true;
+      const info = await nextDisconnect();
+      assert.equal(info.reason, "eof", info.error?.message);
+      // QEMU stopped the rings with GET_VRING_BASE before it went.
+      assert.ok(calls.includes("getVringBase 0") && calls.includes("getVringBase 1"));
+      assert.equal(openFdsMatching("memfd:").length, memfdsBefore, "guest memory released");
+      assert.deepEqual(device.regions, []);
+    } finally {
+      if (!killed) qemu.kill("SIGKILL");
+      await qemu.output();
+      await server.stop();
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
 });
