@@ -518,7 +518,7 @@ export class VhostUserServer extends Service {
     );
     try {
       libc.bind(fd, addr);
-      libc.listen(fd, 1);
+      libc.listen(fd, 4);
       return new VhostUserServer(options, fd, null, path);
     } catch (e) {
       closeQuietly(fd);
