@@ -22,6 +22,7 @@ import {
 import { parseParentMessage } from "../ipc/validate.ts";
 import { featureNames } from "../ipc/features.ts";
 import { checkDriverFeatures, DEVICE_FEATURES, wantedTapOffloads } from "./negotiation.ts";
+import { NetDevice } from "./net_device.ts";
 
 const LEVELS: Record<LogLevel, number> = { error: 0, warn: 1, info: 2, debug: 3 };
 
@@ -37,6 +38,13 @@ export interface ControlState {
 /** Runs the device's side of the control channel on `port` (the worker's global scope). */
 export class DeviceControl {
   readonly state: ControlState = { config: null, acked: 0n, tapOffloads: 0n };
+  readonly device: NetDevice = new NetDevice((queue, reason) => {
+    this.log(
+      "error",
+      `queue ${queue < 0 ? "(I/O)" : queue === 0 ? "rx0" : "tx0"} needs reset: ${reason}`,
+    );
+    this.#ep.send({ kind: "queue-fault", queue, reason: reason.slice(0, 1000) });
+  });
   readonly #ep: Endpoint<ParentMessage, DeviceMessage>;
 
   constructor(port: MessagePortLike) {
@@ -48,6 +56,10 @@ export class DeviceControl {
         "reset",
         "get-stats",
         "get-permissions",
+        "grant-memory",
+        "revoke-memory",
+        "start-queues",
+        "stop-queues",
       ]),
       replyKinds: new Set(["tunscap-result"]),
       onRequest: (req) => this.serve(req),
@@ -85,7 +97,9 @@ export class DeviceControl {
     this.#ep.send({ kind: "ready", version: PROTOCOL_VERSION, features: DEVICE_FEATURES });
   }
 
-  private async serve(req: ParentMessage): Promise<{ reply: WithoutId<DeviceMessage> }> {
+  private async serve(
+    req: ParentMessage,
+  ): Promise<{ reply: WithoutId<DeviceMessage>; transfer?: Transferable[] }> {
     if (this.state.config === null) throw new RefusedError(`${req.kind} before hello`, "kind");
     switch (req.kind) {
       case "get-features":
@@ -94,16 +108,38 @@ export class DeviceControl {
         const problem = checkDriverFeatures(req.features);
         if (problem) throw new RefusedError(problem, "features");
         this.state.acked = req.features;
+        this.device.setFeatures(req.features, this.state.config.offloadMode);
         await this.tunscap(wantedTapOffloads(req.features, this.state.config.offloadMode));
         this.log("info", `negotiated ${featureNames(req.features).join(" ")}`);
         return { reply: { kind: "done" } };
       }
       case "reset":
+        await this.device.reset();
         this.state.acked = 0n;
         await this.tunscap(0n);
         return { reply: { kind: "done" } };
       case "get-stats":
-        return { reply: { kind: "stats", queues: {} } };
+        return { reply: { kind: "stats", queues: this.device.counters() } };
+      case "grant-memory":
+        this.#guard(() => this.device.grant(req.regions), "regions");
+        return { reply: { kind: "done" } };
+      case "revoke-memory": {
+        const buffers = this.#guard(
+          () => this.device.revoke(req.all ? undefined : req),
+          "guestPhysAddr",
+        );
+        return { reply: { kind: "memory-returned", buffers }, transfer: buffers };
+      }
+      case "start-queues":
+        this.#guard(
+          () => this.device.start(req.rx, req.tx, req.datapath, req.datapath.bounceHost),
+          "rx",
+        );
+        return { reply: { kind: "done" } };
+      case "stop-queues": {
+        const bases = await this.device.stop();
+        return { reply: { kind: "queue-bases", rx: bases.rx, tx: bases.tx } };
+      }
       case "get-permissions": {
         const states = {} as PermissionsReply["states"];
         for (const name of PERMISSION_NAMES) {
@@ -113,6 +149,21 @@ export class DeviceControl {
       }
       default:
         throw new RefusedError(`${req.kind} is not a request`, "kind");
+    }
+  }
+
+  /** Runs `fn`; a RangeError/TypeError (bad input from the parent) becomes a refusal. */
+  #guard<T>(fn: () => T, field: string): T {
+    try {
+      return fn();
+    } catch (e) {
+      if (
+        e instanceof RangeError || e instanceof TypeError ||
+        (e as Error).name === "CorruptRingError" || (e as Error).name === "DatapathSetupError"
+      ) {
+        throw new RefusedError((e as Error).message, field);
+      }
+      throw e;
     }
   }
 

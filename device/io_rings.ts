@@ -81,7 +81,12 @@ export class DeviceIoRings {
     Atomics.store(ctl, CTL.DEVICE_SLEEPING, 1);
     if (Atomics.load(ctl, CTL.DEVICE_EVENTS) === 0) {
       const w = Atomics.waitAsync(ctl, CTL.DEVICE_DOORBELL, seen, timeoutMs);
-      if (w.async) await w.value;
+      if (w.async) {
+        // A pending waitAsync does not keep Deno's event loop turning; a timer does.
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([w.value, new Promise((r) => timer = setTimeout(r, timeoutMs))]);
+        clearTimeout(timer);
+      }
     }
     Atomics.store(ctl, CTL.DEVICE_SLEEPING, 0);
   }
@@ -109,6 +114,11 @@ export class DeviceIoRings {
     if (at + n - this.#bounceTail > size) return -1;
     this.#bounceHead = at + n;
     return at % size;
+  }
+
+  /** Bounce bytes not allocated. */
+  get bounceFree(): number {
+    return this.bounce.length - (this.#bounceHead - this.#bounceTail);
   }
 
   /** The allocation mark to pass to `freeBounceTo()` once the last allocation so far is done. */

@@ -111,6 +111,80 @@ export interface GetPermissionsRequest {
   id: number;
 }
 
+/** One region of guest memory granted to the device. */
+export interface RegionGrant {
+  /** Guest physical address of its first byte. */
+  guestPhysAddr: number;
+  size: number;
+  /** The VMM's virtual address of its first byte (vhost-user ring addresses use these). */
+  userAddr: number;
+  /** Where the parent mapped it: the I/O workers check every iovec against these mappings. */
+  hostAddr: number;
+  /** The mapping itself, transferred: the parent keeps no view of it while the device holds it. */
+  buffer: ArrayBuffer;
+}
+
+/**
+ * Request: grant these regions (transferred). Reply: `done`. The device must
+ * give them back (`revoke-memory`) before the parent unmaps them.
+ */
+export interface GrantMemoryRequest {
+  kind: "grant-memory";
+  id: number;
+  regions: RegionGrant[];
+}
+
+/**
+ * Request: hand back every region (`all`), or the one at this address. The
+ * queues must be stopped. Reply: `memory-returned` with the buffers transferred.
+ */
+export interface RevokeMemoryRequest {
+  kind: "revoke-memory";
+  id: number;
+  all: boolean;
+  guestPhysAddr: number;
+  size: number;
+  userAddr: number;
+}
+
+/** Where one virtqueue's rings are, and where to resume (vhost-user SET_VRING_*). */
+export interface QueuePlacement {
+  size: number;
+  desc: number;
+  avail: number;
+  used: number;
+  base: number;
+}
+
+/** The shared memory of the data path (`ipc/datapath.ts`). */
+export interface DatapathGrant {
+  control: SharedArrayBuffer;
+  tx: SharedArrayBuffer;
+  rxPost: SharedArrayBuffer;
+  rxDone: SharedArrayBuffer;
+  bounce: SharedArrayBuffer;
+  /** Host address of the bounce arena's first byte, for iovecs. */
+  bounceHost: number;
+}
+
+/** Request: place both queues on fresh data-path rings and run. Reply: `done`. */
+export interface StartQueuesRequest {
+  kind: "start-queues";
+  id: number;
+  rx: QueuePlacement;
+  tx: QueuePlacement;
+  datapath: DatapathGrant;
+}
+
+/**
+ * Request: stop both queues (the parent has quiesced its I/O workers).
+ * Reply: `queue-bases` with each queue's last_avail_idx (GET_VRING_BASE).
+ */
+export interface StopQueuesRequest {
+  kind: "stop-queues";
+  id: number;
+}
+
 /** Reply to a device's `tunscap`: the guest offload bits now in force on the tap. */
 export interface TunscapReply {
   kind: "tunscap-result";
@@ -124,7 +198,11 @@ export type ParentRequest =
   | SetFeaturesRequest
   | ResetRequest
   | GetStatsRequest
-  | GetPermissionsRequest;
+  | GetPermissionsRequest
+  | GrantMemoryRequest
+  | RevokeMemoryRequest
+  | StartQueuesRequest
+  | StopQueuesRequest;
 
 export type ParentMessage = HelloMessage | ParentRequest | TunscapReply | ErrorMessage;
 
@@ -197,6 +275,32 @@ export interface PermissionsReply {
   states: Record<PermissionName, "granted" | "prompt" | "denied">;
 }
 
+/** Reply to `revoke-memory`: the buffers, transferred back. */
+export interface MemoryReturnedReply {
+  kind: "memory-returned";
+  id: number;
+  buffers: ArrayBuffer[];
+}
+
+/** Reply to `stop-queues`. */
+export interface QueueBasesReply {
+  kind: "queue-bases";
+  id: number;
+  rx: number;
+  tx: number;
+}
+
+/**
+ * Notice: a queue needs a reset (a corrupt ring, or the I/O side misbehaved;
+ * queue -1: not tied to one queue). The parent signals the VMM (the vring's
+ * error eventfd) and logs it.
+ */
+export interface QueueFaultMessage {
+  kind: "queue-fault";
+  queue: number;
+  reason: string;
+}
+
 export type DeviceRequest = TunscapRequest;
 
 export type DeviceMessage =
@@ -207,6 +311,9 @@ export type DeviceMessage =
   | DoneReply
   | StatsReply
   | PermissionsReply
+  | MemoryReturnedReply
+  | QueueBasesReply
+  | QueueFaultMessage
   | ErrorMessage;
 
 /** The reply kind each request expects, so a requester can check what came back. */
@@ -216,5 +323,9 @@ export const REPLY_KIND = {
   "reset": "done",
   "get-stats": "stats",
   "get-permissions": "permissions",
+  "grant-memory": "done",
+  "revoke-memory": "memory-returned",
+  "start-queues": "done",
+  "stop-queues": "queue-bases",
   "tunscap": "tunscap-result",
 } as const satisfies Record<ParentRequest["kind"] | DeviceRequest["kind"], string>;

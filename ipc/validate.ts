@@ -7,6 +7,7 @@
  */
 
 import type {
+  DatapathGrant,
   DeviceConfig,
   DeviceMessage,
   ErrorCode,
@@ -14,6 +15,7 @@ import type {
   LogLevel,
   ParentMessage,
   PermissionsReply,
+  QueuePlacement,
 } from "./protocol.ts";
 import { PERMISSION_NAMES } from "./protocol.ts";
 
@@ -121,6 +123,70 @@ class Reader {
     });
   }
 
+  /** A non-negative integer that is exactly representable (an address or a size). */
+  address(key: string): number {
+    const v = this.get(key);
+    if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 0) {
+      this.fail(key, `must be an integer in 0..2^53-1, got ${describe(v)}`);
+    }
+    return v;
+  }
+
+  int(key: string, min: number, max: number): number {
+    const v = this.get(key);
+    if (typeof v !== "number" || !Number.isInteger(v) || v < min || v > max) {
+      this.fail(key, `must be an integer in ${min}..${max}, got ${describe(v)}`);
+    }
+    return v;
+  }
+
+  buffers(key: string, max: number): ArrayBuffer[] {
+    const v = this.get(key);
+    if (!Array.isArray(v) || v.length > max) {
+      this.fail(key, `must be an array of at most ${max} ArrayBuffers, got ${describe(v)}`);
+    }
+    return v.map((b, i) => {
+      if (!(b instanceof ArrayBuffer) || b.detached) {
+        this.fail(`${key}[${i}]`, `must be an ArrayBuffer, got ${describe(b)}`);
+      }
+      return b;
+    });
+  }
+
+  boolean(key: string): boolean {
+    const v = this.get(key);
+    if (typeof v !== "boolean") this.fail(key, `must be true or false, got ${describe(v)}`);
+    return v;
+  }
+
+  arrayBuffer(key: string): ArrayBuffer {
+    const v = this.get(key);
+    if (!(v instanceof ArrayBuffer) || v.detached) {
+      this.fail(key, `must be an ArrayBuffer, got ${describe(v)}`);
+    }
+    return v;
+  }
+
+  sharedBuffer(key: string): SharedArrayBuffer {
+    const v = this.get(key);
+    if (!(v instanceof SharedArrayBuffer)) {
+      this.fail(key, `must be a SharedArrayBuffer, got ${describe(v)}`);
+    }
+    return v;
+  }
+
+  /** An array of at most `max` items, each read by `item` with its own path. */
+  list<T>(key: string, max: number, item: (r: Reader) => T): T[] {
+    const v = this.get(key);
+    if (!Array.isArray(v) || v.length > max) {
+      this.fail(key, `must be an array of at most ${max} items, got ${describe(v)}`);
+    }
+    return v.map((x, i) => {
+      if (!isRecord(x)) this.fail(`${key}[${i}]`, `must be an object, got ${describe(x)}`);
+      return item(new Reader(x, `${this.path}${key}[${i}].`, this.id));
+    });
+  }
+
   counters(key: string): Record<string, Record<string, number>> {
     const v = this.get(key);
     if (!isRecord(v)) this.fail(key, `must be an object, got ${describe(v)}`);
@@ -195,6 +261,30 @@ function errorMessage(r: Reader): ErrorMessage {
   };
 }
 
+/** Most regions a grant may carry (vhost-user: 8, or more with CONFIGURE_MEM_SLOTS). */
+const MAX_GRANT_REGIONS = 512;
+
+function placement(r: Reader): QueuePlacement {
+  return {
+    size: r.uint("size", 32768),
+    desc: r.address("desc"),
+    avail: r.address("avail"),
+    used: r.address("used"),
+    base: r.uint("base", 0xffff),
+  };
+}
+
+function datapathGrant(r: Reader): DatapathGrant {
+  return {
+    control: r.sharedBuffer("control"),
+    tx: r.sharedBuffer("tx"),
+    rxPost: r.sharedBuffer("rxPost"),
+    rxDone: r.sharedBuffer("rxDone"),
+    bounce: r.sharedBuffer("bounce"),
+    bounceHost: r.address("bounceHost"),
+  };
+}
+
 function deviceConfig(r: Reader): DeviceConfig {
   return {
     mac: r.bytes("mac", 6),
@@ -219,6 +309,37 @@ export function parseParentMessage(raw: unknown): ParentMessage {
       return { kind, id: r.uint("id", MAX_ID), features: r.u64("features") };
     case "tunscap-result":
       return { kind, id: r.uint("id", MAX_ID), inForce: r.u64("inForce") };
+    case "grant-memory":
+      return {
+        kind,
+        id: r.uint("id", MAX_ID),
+        regions: r.list("regions", MAX_GRANT_REGIONS, (g) => ({
+          guestPhysAddr: g.address("guestPhysAddr"),
+          size: g.address("size"),
+          userAddr: g.address("userAddr"),
+          hostAddr: g.address("hostAddr"),
+          buffer: g.arrayBuffer("buffer"),
+        })),
+      };
+    case "revoke-memory":
+      return {
+        kind,
+        id: r.uint("id", MAX_ID),
+        all: r.boolean("all"),
+        guestPhysAddr: r.address("guestPhysAddr"),
+        size: r.address("size"),
+        userAddr: r.address("userAddr"),
+      };
+    case "start-queues":
+      return {
+        kind,
+        id: r.uint("id", MAX_ID),
+        rx: placement(r.object("rx")),
+        tx: placement(r.object("tx")),
+        datapath: datapathGrant(r.object("datapath")),
+      };
+    case "stop-queues":
+      return { kind, id: r.uint("id", MAX_ID) };
     case "error":
       return errorMessage(r);
     default:
@@ -242,6 +363,16 @@ export function parseDeviceMessage(raw: unknown): DeviceMessage {
       return { kind, id: r.uint("id", MAX_ID) };
     case "stats":
       return { kind, id: r.uint("id", MAX_ID), queues: r.counters("queues") };
+    case "memory-returned":
+      return {
+        kind,
+        id: r.uint("id", MAX_ID),
+        buffers: r.buffers("buffers", MAX_GRANT_REGIONS),
+      };
+    case "queue-bases":
+      return { kind, id: r.uint("id", MAX_ID), rx: r.uint("rx", 0xffff), tx: r.uint("tx", 0xffff) };
+    case "queue-fault":
+      return { kind, queue: r.int("queue", -1, 1), reason: r.text("reason") };
     case "permissions": {
       const states = r.object("states");
       return {

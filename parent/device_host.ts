@@ -8,14 +8,19 @@
 
 import { Endpoint, IpcError, RefusedError } from "../ipc/endpoint.ts";
 import {
+  type DatapathGrant,
   type DeviceConfig,
   type DeviceMessage,
   type DoneReply,
   type FeaturesReply,
+  type MemoryReturnedReply,
   type ParentMessage,
   type PermissionsReply,
   PROTOCOL_VERSION,
+  type QueueBasesReply,
+  type QueuePlacement,
   type ReadyMessage,
+  type RegionGrant,
   REPLY_KIND,
   type StatsReply,
 } from "../ipc/protocol.ts";
@@ -45,6 +50,8 @@ export interface DeviceHostOptions {
   config: DeviceConfig;
   handlers: DeviceRequestHandlers;
   logger: Logger;
+  /** A queue needs a reset (queue -1: the data path as a whole). */
+  onQueueFault?: (queue: number, reason: string) => void;
   /** Called once if the worker dies (an uncaught error in it). */
   onDeath?: (reason: string) => void;
   /** Milliseconds the device has to answer a request (default 5000). */
@@ -66,7 +73,14 @@ export class DeviceHost {
     this.#ep = new Endpoint<DeviceMessage, ParentMessage>(this.#worker, {
       parse: parseDeviceMessage,
       requestKinds: new Set(["tunscap"]),
-      replyKinds: new Set(["features", "done", "stats", "permissions"]),
+      replyKinds: new Set([
+        "features",
+        "done",
+        "stats",
+        "permissions",
+        "memory-returned",
+        "queue-bases",
+      ]),
       onRequest: (req) => Promise.resolve(this.serve(req)),
       onNotice: (msg) => this.notice(msg),
       onProblem: (text) => opts.logger.log("warn", "parent", `device channel: ${text}`),
@@ -135,6 +149,9 @@ export class DeviceHost {
       case "log":
         this.opts.logger.log(msg.level, "device", msg.message);
         return;
+      case "queue-fault":
+        this.opts.onQueueFault?.(msg.queue, msg.reason);
+        return;
       default:
         this.opts.logger.log("warn", "parent", `device sent ${msg.kind} unasked; ignored`);
     }
@@ -179,6 +196,50 @@ export class DeviceHost {
   async getPermissions(): Promise<PermissionsReply["states"]> {
     return (await this.#ep.request<PermissionsReply>({ kind: "get-permissions" }, "permissions"))
       .states;
+  }
+
+  /**
+   * Grants guest memory. The buffers are transferred: the parent keeps no
+   * view of them until `revokeMemory` gives them back.
+   */
+  async grantMemory(regions: RegionGrant[]): Promise<void> {
+    await this.#ep.request<DoneReply>(
+      { kind: "grant-memory", regions },
+      "done",
+      regions.map((r) => r.buffer),
+    );
+  }
+
+  /** Takes back every region (or the one named); resolves with the returned buffers. */
+  async revokeMemory(
+    which?: { guestPhysAddr: number; size: number; userAddr: number },
+  ): Promise<ArrayBuffer[]> {
+    const reply = await this.#ep.request<MemoryReturnedReply>(
+      {
+        kind: "revoke-memory",
+        all: which === undefined,
+        guestPhysAddr: which?.guestPhysAddr ?? 0,
+        size: which?.size ?? 0,
+        userAddr: which?.userAddr ?? 0,
+      },
+      "memory-returned",
+    );
+    return reply.buffers;
+  }
+
+  /** Places both queues on fresh data-path rings and starts them. */
+  async startQueues(
+    rx: QueuePlacement,
+    tx: QueuePlacement,
+    datapath: DatapathGrant,
+  ): Promise<void> {
+    await this.#ep.request<DoneReply>({ kind: "start-queues", rx, tx, datapath }, "done");
+  }
+
+  /** Stops both queues; resolves with each queue's last_avail_idx. */
+  async stopQueues(): Promise<{ rx: number; tx: number }> {
+    const r = await this.#ep.request<QueueBasesReply>({ kind: "stop-queues" }, "queue-bases");
+    return { rx: r.rx, tx: r.tx };
   }
 
   /** Sends a raw message, bypassing the types: tests use it to feed the device bad input. */

@@ -1,0 +1,289 @@
+/**
+ * vionet: the virtio-net device. Owns the guest memory grants, the RX and TX
+ * virtqueues and their data paths, and runs the loop that moves frames
+ * between the virtqueues and the I/O workers' rings.
+ *
+ * Lifecycle, as the parent drives it (from vhost-user):
+ *   grant memory → set features → start (rings attached, queues placed) →
+ *   ... → stop (returns each queue's last_avail_idx) → revoke memory
+ * The parent quiesces its I/O workers before `stop()` and before revoking
+ * memory, so no system call can touch a buffer the device gives back.
+ *
+ * Failure policy: bad chains and frames are dropped and counted (in the
+ * paths); a corrupt ring or an I/O fault puts that queue in needs-reset and
+ * the device reports it; the loop itself never throws on guest input.
+ *
+ * @module
+ */
+
+import {
+  EV_IO_FAULT,
+  EV_KICK_RX,
+  EV_KICK_TX,
+  EV_RX_DONE,
+  EV_TX_DONE,
+  RX_QUEUE,
+  TX_QUEUE,
+  WEV_CALL_RX,
+  WEV_CALL_TX,
+} from "../ipc/datapath.ts";
+import type { DatapathBuffers } from "../ipc/datapath.ts";
+import { VIRTIO_NET_F_MRG_RXBUF } from "../ipc/features.ts";
+import { CHAIN_DEVICE_READABLE, CHAIN_DEVICE_WRITABLE } from "./chain.ts";
+import { GuestMemory, MAX_REGIONS } from "./guest_memory.ts";
+import { DeviceIoRings } from "./io_rings.ts";
+import { guestOffloads, hostOffloads, NET_OFFLOAD_ALL } from "./net_header.ts";
+import { RxPath } from "./rx_path.ts";
+import { TxPath } from "./tx_path.ts";
+import { Virtqueue } from "./virtqueue.ts";
+
+/** One granted region, as the parent describes it. */
+export interface RegionGrant {
+  guestPhysAddr: number;
+  size: number;
+  userAddr: number;
+  /** Host virtual address of the parent's mapping (goes into iovecs; the I/O side checks it). */
+  hostAddr: number;
+  buffer: ArrayBuffer;
+}
+
+/** Where a queue's rings are (vhost-user SET_VRING_NUM/ADDR/BASE). */
+export interface QueuePlacement {
+  size: number;
+  /** VMM user addresses of the descriptor table, avail ring and used ring. */
+  desc: number;
+  avail: number;
+  used: number;
+  /** last_avail_idx to resume from (SET_VRING_BASE). */
+  base: number;
+}
+
+/** What the device reports about a queue that went wrong. */
+export type FaultHandler = (queue: number, reason: string) => void;
+
+/** How long the loop sleeps with nothing to do before it looks again anyway (ms). */
+const IDLE_WAIT_MS = 1000;
+
+export class NetDevice {
+  readonly memory = new GuestMemory();
+  /** Host address of each region slot's mapping. */
+  readonly hostBase = new Float64Array(MAX_REGIONS);
+  readonly rxq: Virtqueue;
+  readonly txq: Virtqueue;
+  features = 0n;
+  offloadMode: "auto" | "off" = "auto";
+
+  #rings: DeviceIoRings | null = null;
+  #rx: RxPath | null = null;
+  #tx: TxPath | null = null;
+  #running = false;
+  #loop: Promise<void> | null = null;
+  #faulted = [false, false];
+
+  constructor(private readonly onFault: FaultHandler) {
+    this.rxq = new Virtqueue(this.memory, { name: "rx0", direction: CHAIN_DEVICE_WRITABLE });
+    this.txq = new Virtqueue(this.memory, { name: "tx0", direction: CHAIN_DEVICE_READABLE });
+  }
+
+  get running(): boolean {
+    return this.#running;
+  }
+
+  /** Adds granted regions. Throws RangeError/TypeError naming a bad one (nothing added then). */
+  grant(regions: RegionGrant[]): void {
+    const added: number[] = [];
+    try {
+      for (const r of regions) {
+        if (!Number.isSafeInteger(r.hostAddr) || r.hostAddr <= 0) {
+          throw new RangeError(
+            `region at GPA ${r.guestPhysAddr}: host address ${r.hostAddr} is not an address`,
+          );
+        }
+        const slot = this.memory.addRegion(r);
+        this.hostBase[slot] = r.hostAddr;
+        added.push(slot);
+      }
+    } catch (e) {
+      for (const s of added) this.memory.removeRegion(s);
+      throw e;
+    }
+  }
+
+  /**
+   * Gives back regions: all of them, or the one matching `which`. The queues
+   * must be stopped first (their rings may live there). Returns the buffers
+   * to transfer back to the parent.
+   */
+  revoke(which?: { guestPhysAddr: number; size: number; userAddr: number }): ArrayBuffer[] {
+    if (this.#running) throw new RangeError("cannot revoke guest memory while the queues run");
+    if (!which) return this.memory.removeAll();
+    const slot = this.memory.findRegion(which.guestPhysAddr, which.size, which.userAddr);
+    if (slot < 0) {
+      throw new RangeError(
+        `no granted region at GPA 0x${which.guestPhysAddr.toString(16)} of ${which.size} bytes`,
+      );
+    }
+    return [this.memory.removeRegion(slot)];
+  }
+
+  /** The driver's acknowledged features (already checked by negotiation.ts). */
+  setFeatures(features: bigint, offloadMode: "auto" | "off"): void {
+    this.features = features;
+    this.offloadMode = offloadMode;
+    this.#applyFeatures();
+  }
+
+  #applyFeatures(): void {
+    if (this.#tx) {
+      this.#tx.hostOffloads = hostOffloads(this.features);
+      this.#tx.sinkOffloads = this.offloadMode === "auto" ? NET_OFFLOAD_ALL : 0;
+    }
+    if (this.#rx) {
+      this.#rx.mergeable = (this.features & VIRTIO_NET_F_MRG_RXBUF) !== 0n;
+      this.#rx.guestOffloads = guestOffloads(this.features);
+    }
+  }
+
+  /**
+   * Places both queues, attaches fresh data-path rings and starts the loop.
+   * Throws RangeError naming what was wrong (queues left stopped).
+   */
+  start(
+    rx: QueuePlacement,
+    tx: QueuePlacement,
+    buffers: DatapathBuffers,
+    bounceHost: number,
+  ): void {
+    if (this.#running) throw new RangeError("queues are already running");
+    const rings = new DeviceIoRings(buffers, bounceHost);
+    for (const [q, p] of [[this.rxq, rx], [this.txq, tx]] as const) {
+      q.reset();
+      q.configure({
+        size: p.size,
+        desc: p.desc,
+        avail: p.avail,
+        used: p.used,
+        addressSpace: "user",
+        features: this.features,
+      });
+      q.lastAvailIdx = p.base;
+      // vhost-user: the ring state is taken from the base the front-end gives
+      // (after a reconnect, its used index); used->idx follows it.
+      q.usedIdx = p.base;
+    }
+    this.#rings = rings;
+    this.#rx = new RxPath(this.memory, this.rxq, rings, this.hostBase);
+    this.#tx = new TxPath(this.memory, this.txq, rings, this.hostBase);
+    this.#applyFeatures();
+    this.#faulted = [false, false];
+    this.#running = true;
+    this.#loop = this.#run();
+  }
+
+  /**
+   * Stops both queues (the parent has quiesced the I/O workers): completes
+   * what the workers finished, returns every other chain, and reports each
+   * queue's last_avail_idx for GET_VRING_BASE.
+   */
+  async stop(): Promise<{ rx: number; tx: number }> {
+    if (!this.#running) return { rx: this.rxq.lastAvailIdx, tx: this.txq.lastAvailIdx };
+    this.#running = false;
+    this.#rings?.wakeSelf(0);
+    await this.#loop;
+    // Take what the workers completed before they stopped.
+    this.#rx?.complete();
+    this.#tx?.reap();
+    this.#tx?.discardPending();
+    this.#rx?.forgetPosted();
+    const rx = this.rxq.stop();
+    const tx = this.txq.stop();
+    this.#rings = null;
+    this.#rx = null;
+    this.#tx = null;
+    return { rx, tx };
+  }
+
+  /** Device reset: stop, forget features and queue state (memory stays granted). */
+  async reset(): Promise<void> {
+    await this.stop();
+    this.rxq.reset();
+    this.txq.reset();
+    this.features = 0n;
+  }
+
+  /** Counters per queue, for `get-stats`. */
+  counters(): Record<string, Record<string, number>> {
+    const q = (vq: Virtqueue) => {
+      const c = vq.counters;
+      const out: Record<string, number> = {
+        chains: c.chains,
+        used: c.used,
+        dropped: c.dropped,
+        interrupts: c.interrupts,
+      };
+      for (const [k, v] of Object.entries(c.errors)) if (v) out[`error_${k}`] = v;
+      return out;
+    };
+    return {
+      rx0: { ...q(this.rxq), ...(this.#rx?.counters() ?? {}) },
+      tx0: { ...q(this.txq), ...(this.#tx?.counters() ?? {}) },
+      io: this.#rings?.ioCounters() ?? {},
+    };
+  }
+
+  async #run(): Promise<void> {
+    const rings = this.#rings!;
+    let more = true;
+    while (this.#running) {
+      const ev = rings.takeEvents();
+      if (ev === 0 && !more) {
+        await rings.sleep(IDLE_WAIT_MS);
+        continue;
+      }
+      more = this.#work(ev);
+      // Let control messages in between batches.
+      if (more) await null;
+    }
+  }
+
+  /** One pass over both queues; returns true when there is more to do at once. */
+  #work(ev: number): boolean {
+    const rx = this.#rx!;
+    const tx = this.#tx!;
+    let more = false;
+    if (ev & EV_IO_FAULT) this.onFault(-1, "an I/O worker refused a record (see io counters)");
+
+    if (!this.#faulted[RX_QUEUE]) {
+      if ((ev & EV_RX_DONE) && rx.complete() < 0) this.#fault(RX_QUEUE, rx.ioFault ?? "I/O fault");
+      if (ev & (EV_KICK_RX | EV_RX_DONE) || rx.posted === 0) {
+        rx.post();
+        // Ask for a kick when the guest adds buffers; if it already did, go on.
+        if (this.rxq.enableNotifications() && rx.posted < this.rings.rxPost.capacity) more = true;
+      }
+    }
+    if (!this.#faulted[TX_QUEUE]) {
+      if (ev & EV_TX_DONE) tx.reap();
+      if (ev & (EV_KICK_TX | EV_TX_DONE) || tx.pending > 0) {
+        const blocked = tx.pump();
+        if (!blocked && this.txq.enableNotifications()) more = true;
+      }
+    }
+    let call = 0;
+    if (this.rxq.flushUsed() > 0 && this.rxq.needsInterrupt()) call |= WEV_CALL_RX;
+    if (this.txq.flushUsed() > 0 && this.txq.needsInterrupt()) call |= WEV_CALL_TX;
+    if (call) this.#rings!.signalWriter(call);
+    for (const [i, q] of [[RX_QUEUE, this.rxq], [TX_QUEUE, this.txq]] as const) {
+      if (q.needsReset && !this.#faulted[i]) this.#fault(i, q.resetReason ?? "needs reset");
+    }
+    return more;
+  }
+
+  private get rings(): DeviceIoRings {
+    return this.#rings!;
+  }
+
+  #fault(queue: number, reason: string): void {
+    this.#faulted[queue] = true;
+    this.onFault(queue, reason);
+  }
+}

@@ -1,0 +1,387 @@
+/**
+ * Guest transmit: chains from the TX virtqueue become records on the TX ring
+ * (`ipc/datapath.ts`), which the writer `writev`s to the tap; chains are
+ * completed once the writer has released their records.
+ *
+ * Per chain, by what the tap takes (`--offload auto`: everything a Linux tap
+ * with IFF_VNET_HDR accepts on write; `off`: nothing):
+ * - pass-through (zero copy): the header is copied out of guest memory once,
+ *   validated against a copied prefix of the frame, and that validated copy
+ *   is what the kernel sees; the frame itself goes from guest memory;
+ * - software: the frame is copied, its checksum completed or its TCP stream
+ *   segmented (device/offload.ts), and the results placed in the bounce arena.
+ *
+ * Failure policy: a bad frame is completed with used length 0 and counted by
+ * reason (`drops`); a corrupt ring leaves the queue in needs-reset (see
+ * virtqueue.ts). Nothing here throws on guest input.
+ *
+ * @module
+ */
+
+import { chainRead } from "./chain.ts";
+import type { GuestMemory } from "./guest_memory.ts";
+import { type DeviceIoRings, putIovec } from "./io_rings.ts";
+import {
+  createNetHdr,
+  NET_DROP_COUNT,
+  NET_DROP_NAMES,
+  NetDrop,
+  type NetDropCode,
+  readNetHdr,
+  validateTxHeader,
+  type VirtioNetHdr,
+  writeNetHdr,
+} from "./net_header.ts";
+import { createNetOffloadContext, decideTx, processTx, TxAction } from "./offload.ts";
+import { POP_CHAIN, POP_DROPPED, type Virtqueue } from "./virtqueue.ts";
+import {
+  IOVEC_WORDS,
+  MAX_FRAME_BYTES,
+  NET_HDR_BYTES,
+  TX_MAX_IOV,
+  TX_REC,
+  WEV_TX,
+} from "../ipc/datapath.ts";
+import { ETH_HLEN } from "./frame_parse.ts";
+
+/** Bytes of a frame copied to validate its headers without copying the frame. */
+const HEADER_PREFIX = 256;
+/** Software work waits while less than this is free in the bounce arena. */
+const BOUNCE_LOW_WATER = 256 * 1024;
+/** Records handed to the writer at once while a long batch is still being walked. */
+const PUBLISH_BATCH = 32;
+
+/** Extra drop reasons of the TX path, counted beside NetDrop's. */
+export const TX_DROP_RUNT = "RUNT";
+export const TX_DROP_TOO_BIG = "TOO_BIG";
+export const TX_DROP_STALE = "STALE_MEMORY";
+export const TX_DROP_BOUNCE_FULL = "BOUNCE_FULL";
+
+/** One transmit queue's data path. Single-threaded: the device loop calls it. */
+export class TxPath {
+  /** Frames handed to the writer, and their bytes (without the net header). */
+  frames = 0;
+  bytes = 0;
+  /** Drops by reason name. */
+  readonly drops: Record<string, number> = {};
+
+  /** NET_OFFLOAD_* the driver may use (from HOST_* features). */
+  hostOffloads = 0;
+  /** NET_OFFLOAD_* the tap takes on write: all (auto) or none (off). */
+  sinkOffloads = 0;
+
+  readonly #hdr: VirtioNetHdr = createNetHdr();
+  readonly #hdrBytes = new Uint8Array(NET_HDR_BYTES);
+  readonly #prefix = new Uint8Array(HEADER_PREFIX);
+  readonly #frame = new Uint8Array(MAX_FRAME_BYTES);
+  readonly #ctx = createNetOffloadContext();
+  /** Byte view of the TX ring's record words, for writing headers into records. */
+  readonly #recBytes: Uint8Array;
+
+  // Records published and not yet released by the writer, oldest first:
+  // the chain head to complete (-1 for all but a frame's last segment) and
+  // the bounce mark to free up to.
+  readonly #inHead: Int32Array;
+  readonly #inMark: Float64Array;
+  #inStart = 0;
+  #inCount = 0;
+
+  // Software-built frames waiting for ring space: bounce offset, length, head.
+  readonly #pendAt: Float64Array;
+  readonly #pendLen: Uint32Array;
+  readonly #pendHead: Int32Array;
+  readonly #pendMark: Float64Array;
+  #pendStart = 0;
+  #pendCount = 0;
+  #head = -1;
+  #token = 0;
+  #unpublished = 0;
+
+  constructor(
+    private readonly memory: GuestMemory,
+    private readonly queue: Virtqueue,
+    private readonly rings: DeviceIoRings,
+    /** Host virtual address of each guest-memory slot's first byte. */
+    private readonly hostBase: Float64Array,
+  ) {
+    const cap = rings.tx.capacity;
+    this.#inHead = new Int32Array(cap);
+    this.#inMark = new Float64Array(cap);
+    const pend = 4096;
+    this.#pendAt = new Float64Array(pend);
+    this.#pendLen = new Uint32Array(pend);
+    this.#pendHead = new Int32Array(pend);
+    this.#pendMark = new Float64Array(pend);
+    const w = rings.tx.words;
+    this.#recBytes = new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
+  }
+
+  /** Records the writer has not released yet. */
+  get outstanding(): number {
+    return this.#inCount;
+  }
+
+  /** Software-built frames still waiting for ring space. */
+  get pending(): number {
+    return this.#pendCount;
+  }
+
+  /**
+   * Moves available chains to the writer until the queue is empty or the ring
+   * or bounce arena is full; wakes the writer once. Returns true if it
+   * stopped for lack of space (call again after `reap()`).
+   */
+  pump(): boolean {
+    const ring = this.rings.tx;
+    let blocked = false;
+    let published = 0;
+    for (;;) {
+      if (this.#pendCount > 0 && !this.#flushPending()) {
+        blocked = true;
+        break;
+      }
+      if (ring.freeSpace() < 1 || this.#inCount >= this.#inHead.length) {
+        blocked = true;
+        break;
+      }
+      if (this.sinkOffloads === 0 && this.#bounceFree() < BOUNCE_LOW_WATER) {
+        blocked = true;
+        break;
+      }
+      const r = this.queue.popAvail();
+      if (r === POP_DROPPED) continue;
+      if (r !== POP_CHAIN) break;
+      this.#transmit();
+      // Publish in batches: the writer starts on the first frames while we walk more.
+      if (this.#unpublished >= PUBLISH_BATCH) {
+        published += ring.publish();
+        this.#unpublished = 0;
+        this.rings.signalWriter(WEV_TX);
+      }
+    }
+    published += ring.publish();
+    this.#unpublished = 0;
+    if (published > 0) this.rings.signalWriter(WEV_TX);
+    return blocked;
+  }
+
+  /**
+   * Completes the chains whose records the writer released (in order) and
+   * frees their bounce space. Returns how many records were done.
+   */
+  reap(): number {
+    const ring = this.rings.tx;
+    const outstanding = ring.capacity - ring.freeSpace();
+    let done = this.#inCount - outstanding;
+    if (done <= 0) return 0;
+    const n = done;
+    const cap = this.#inHead.length;
+    while (done-- > 0) {
+      const i = this.#inStart;
+      const head = this.#inHead[i];
+      if (head >= 0) this.queue.pushUsed(head, 0);
+      this.rings.freeBounceTo(this.#inMark[i]);
+      this.#inStart = (i + 1) % cap;
+      this.#inCount--;
+    }
+    return n;
+  }
+
+  /** Drops every software frame not yet handed to the writer (queue stop). */
+  discardPending(): void {
+    while (this.#pendCount > 0) {
+      const head = this.#pendHead[this.#pendStart];
+      if (head >= 0) this.queue.pushUsed(head, 0);
+      this.#pendStart = (this.#pendStart + 1) % this.#pendHead.length;
+      this.#pendCount--;
+    }
+  }
+
+  /** Counters for `get-stats`. */
+  counters(): Record<string, number> {
+    const out: Record<string, number> = { frames: this.frames, bytes: this.bytes };
+    for (const [k, v] of Object.entries(this.drops)) out[`drop_${k}`] = v;
+    const s = this.#ctx.stats;
+    out.passThrough = s.passThrough;
+    out.csumCompleted = s.csumCompleted;
+    out.segmented = s.segmented;
+    out.segments = s.segments;
+    return out;
+  }
+
+  #drop(reason: string): void {
+    this.drops[reason] = (this.drops[reason] ?? 0) + 1;
+    this.queue.pushUsed(this.queue.chain.head, 0);
+  }
+
+  #dropCode(code: NetDropCode): void {
+    this.#drop(code < NET_DROP_COUNT ? NET_DROP_NAMES[code] || `code${code}` : `code${code}`);
+  }
+
+  /** Handles the chain `popAvail()` just produced. */
+  #transmit(): void {
+    const chain = this.queue.chain;
+    const frameLen = chain.readableBytes - NET_HDR_BYTES;
+    if (frameLen < ETH_HLEN) return this.#drop(TX_DROP_RUNT);
+    if (frameLen > MAX_FRAME_BYTES) return this.#drop(TX_DROP_TOO_BIG);
+    // The header is read from guest memory exactly once; everything after
+    // works on this copy (no double fetch the guest could race).
+    if (chainRead(this.memory, chain, 0, this.#hdrBytes) !== NET_HDR_BYTES) {
+      return this.#drop(TX_DROP_STALE);
+    }
+    readNetHdr(this.#hdrBytes, 0, this.#hdr);
+
+    if (this.sinkOffloads !== 0) {
+      const prefixLen = Math.min(frameLen, HEADER_PREFIX);
+      const prefix = this.#prefix.subarray(0, prefixLen);
+      if (chainRead(this.memory, chain, NET_HDR_BYTES, prefix) !== prefixLen) {
+        return this.#drop(TX_DROP_STALE);
+      }
+      let v = validateTxHeader(this.#hdr, this.hostOffloads, prefix, frameLen, this.#ctx.parsed);
+      if (v === NetDrop.PREFIX_SHORT) {
+        // Unusual headers (long IPv6 extension chains): validate on a whole copy.
+        const whole = this.#frame.subarray(0, frameLen);
+        if (chainRead(this.memory, chain, NET_HDR_BYTES, whole) !== frameLen) {
+          return this.#drop(TX_DROP_STALE);
+        }
+        v = validateTxHeader(this.#hdr, this.hostOffloads, whole, frameLen, this.#ctx.parsed);
+      }
+      if (v !== NetDrop.OK) return this.#dropCode(v);
+      const action = decideTx(this.#hdr, this.sinkOffloads);
+      if (action === TxAction.PASS_THROUGH && chain.readableCount <= TX_MAX_IOV) {
+        this.#passThrough(frameLen);
+        return;
+      }
+      if (action === TxAction.DROP) return this.#dropCode(NetDrop.OFFLOAD_UNSUPPORTED);
+    }
+    this.#software(frameLen);
+  }
+
+  /** One record whose iovecs point straight into guest memory. */
+  #passThrough(frameLen: number): void {
+    const chain = this.queue.chain;
+    const ring = this.rings.tx;
+    const w = ring.words;
+    const at = ring.reserve(); // pump() checked there is room
+    let n = 0;
+    let skip = NET_HDR_BYTES;
+    for (let i = 0; i < chain.readableCount; i++) {
+      let len = chain.length[i];
+      let off = chain.offset[i];
+      if (skip >= len) {
+        skip -= len;
+        continue;
+      }
+      off += skip;
+      len -= skip;
+      skip = 0;
+      putIovec(w, at + TX_REC.IOV + n * IOVEC_WORDS, this.hostBase[chain.region[i]] + off, len);
+      n++;
+    }
+    w[at + TX_REC.IOV_COUNT] = n;
+    w[at + TX_REC.FRAME_LEN] = frameLen;
+    w[at + TX_REC.TOKEN] = this.#token++ >>> 0;
+    w[at + TX_REC.FLAGS] = 0;
+    w[at + TX_REC.HDR + 3] = 0;
+    writeNetHdr(this.#hdr, this.#recBytes, (at + TX_REC.HDR) * 4);
+    this.#track(chain.head, this.rings.bounceMark);
+    this.frames++;
+    this.bytes += frameLen;
+  }
+
+  /** Checksum completion or segmentation on a private copy, output to the bounce arena. */
+  #software(frameLen: number): void {
+    const chain = this.queue.chain;
+    const frame = this.#frame.subarray(0, frameLen);
+    if (chainRead(this.memory, chain, NET_HDR_BYTES, frame) !== frameLen) {
+      return this.#drop(TX_DROP_STALE);
+    }
+    const before = this.#pendCount;
+    this.#head = -1;
+    const code = processTx(
+      this.#ctx,
+      this.#hdr,
+      frame,
+      frameLen,
+      this.hostOffloads,
+      this.sinkOffloads,
+      this.#sink,
+    );
+    if (code !== NetDrop.OK || this.#head === -2 || this.#pendCount === before) {
+      // Nothing (complete) was queued: undo the partial output and return the chain.
+      this.#pendCount = before;
+      return code !== NetDrop.OK
+        ? this.#drop(NET_DROP_NAMES[code] || `code${code}`)
+        : this.#drop(TX_DROP_BOUNCE_FULL);
+    }
+    // The frame's last piece completes the chain.
+    const last = (this.#pendStart + this.#pendCount - 1) % this.#pendHead.length;
+    this.#pendHead[last] = chain.head;
+  }
+
+  /** Receives each frame processTx produces; copies it into the bounce arena. */
+  readonly #sink = (hdr: VirtioNetHdr, bytes: Uint8Array, length: number): void => {
+    if (this.#head === -2) return; // an earlier piece did not fit
+    const total = NET_HDR_BYTES + length;
+    const at = this.rings.allocBounce(total);
+    if (at < 0 || this.#pendCount === this.#pendHead.length) {
+      this.#head = -2;
+      return;
+    }
+    const b = this.rings.bounce;
+    writeNetHdr(hdr, b, at);
+    b.set(length === bytes.length ? bytes : bytes.subarray(0, length), at + NET_HDR_BYTES);
+    const i = (this.#pendStart + this.#pendCount) % this.#pendHead.length;
+    this.#pendAt[i] = at;
+    this.#pendLen[i] = total;
+    this.#pendHead[i] = -1;
+    this.#pendMark[i] = this.rings.bounceMark;
+    this.#pendCount++;
+  };
+
+  /** Hands queued software frames to the writer while the ring has room. */
+  #flushPending(): boolean {
+    const ring = this.rings.tx;
+    const w = ring.words;
+    const cap = this.#pendHead.length;
+    while (this.#pendCount > 0) {
+      if (this.#inCount >= this.#inHead.length) return false;
+      const at = ring.reserve();
+      if (at < 0) return false;
+      const i = this.#pendStart;
+      const total = this.#pendLen[i];
+      const frameLen = total - NET_HDR_BYTES;
+      const host = this.rings.bounceHost + this.#pendAt[i];
+      // The software frame's header (all zero, or as built) rides in the record;
+      // the iovec covers the frame after it.
+      w[at + TX_REC.IOV_COUNT] = 1;
+      w[at + TX_REC.FRAME_LEN] = frameLen;
+      w[at + TX_REC.TOKEN] = this.#token++ >>> 0;
+      w[at + TX_REC.FLAGS] = 0;
+      w[at + TX_REC.HDR + 3] = 0;
+      this.#recBytes.set(
+        this.rings.bounce.subarray(this.#pendAt[i], this.#pendAt[i] + NET_HDR_BYTES),
+        (at + TX_REC.HDR) * 4,
+      );
+      putIovec(w, at + TX_REC.IOV, host + NET_HDR_BYTES, frameLen);
+      this.#track(this.#pendHead[i], this.#pendMark[i]);
+      this.frames++;
+      this.bytes += frameLen;
+      this.#pendStart = (i + 1) % cap;
+      this.#pendCount--;
+    }
+    return true;
+  }
+
+  #track(head: number, mark: number): void {
+    this.#unpublished++;
+    const i = (this.#inStart + this.#inCount) % this.#inHead.length;
+    this.#inHead[i] = head;
+    this.#inMark[i] = mark;
+    this.#inCount++;
+  }
+
+  #bounceFree(): number {
+    return this.rings.bounceFree;
+  }
+}

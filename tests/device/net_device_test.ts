@@ -1,0 +1,313 @@
+/**
+ * The device's data paths end to end in one thread: a test driver plays the
+ * guest (device/virtqueue rings in a buffer standing in for guest memory), a
+ * fake plays the parent's I/O workers (tests/device/fake_io.ts), and the
+ * NetDevice in between runs its real loop.
+ */
+import assert from "node:assert/strict";
+import { NetDevice } from "../../device/net_device.ts";
+import {
+  VIRTIO_F_VERSION_1,
+  VIRTIO_NET_F_CSUM,
+  VIRTIO_NET_F_GUEST_CSUM,
+  VIRTIO_NET_F_GUEST_TSO4,
+  VIRTIO_NET_F_HOST_TSO4,
+  VIRTIO_NET_F_HOST_TSO6,
+  VIRTIO_NET_F_MRG_RXBUF,
+  VIRTIO_RING_F_EVENT_IDX,
+  VIRTIO_RING_F_INDIRECT_DESC,
+} from "../../ipc/features.ts";
+import {
+  VIRTIO_NET_HDR_F_NEEDS_CSUM,
+  VIRTIO_NET_HDR_GSO_TCPV4,
+  VIRTIO_NET_HDR_GSO_TCPV6,
+} from "../../device/net_header.ts";
+import { TestDriver, TestGuest } from "./driver.ts";
+import { FakeIo } from "./fake_io.ts";
+import { buildFrame, get32, l4ChecksumOk, prng, randomBytes } from "./frames.ts";
+
+const BASE = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
+const TX_OFFLOADS = VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6;
+
+interface Rig {
+  guest: TestGuest;
+  io: FakeIo;
+  dev: NetDevice;
+  rx: TestDriver;
+  tx: TestDriver;
+  faults: string[];
+}
+
+async function withRig(
+  features: bigint,
+  offloadMode: "auto" | "off",
+  fn: (r: Rig) => Promise<void>,
+): Promise<void> {
+  const guest = new TestGuest([{ gpa: 0x100000, size: 16 << 20 }]);
+  const io = new FakeIo(guest);
+  const faults: string[] = [];
+  const dev = new NetDevice((q, reason) => faults.push(`${q}: ${reason}`));
+  dev.grant(io.regionGrants());
+  dev.setFeatures(features, offloadMode);
+  const rx = new TestDriver(guest, { size: 256, features });
+  const tx = new TestDriver(guest, { size: 256, features });
+  const place = (d: TestDriver) => {
+    const c = d.config("user");
+    return { size: c.size, desc: c.desc, avail: c.avail, used: c.used, base: 0 };
+  };
+  dev.start(place(rx), place(tx), io.buffers, 0x6000_0000_0000);
+  try {
+    await fn({ guest, io, dev, rx, tx, faults });
+  } finally {
+    await dev.stop();
+  }
+}
+
+/** Runs the fake writer and waits until `cond` holds (the device loop runs meanwhile). */
+async function until(io: FakeIo, cond: () => boolean, what: string): Promise<void> {
+  const end = Date.now() + 3000;
+  for (;;) {
+    io.writerStep();
+    if (cond()) return;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
+
+function netHdr(
+  f: {
+    flags?: number;
+    gsoType?: number;
+    hdrLen?: number;
+    gsoSize?: number;
+    csumStart?: number;
+    csumOffset?: number;
+  },
+): Uint8Array {
+  const h = new Uint8Array(12);
+  const v = new DataView(h.buffer);
+  h[0] = f.flags ?? 0;
+  h[1] = f.gsoType ?? 0;
+  v.setUint16(2, f.hdrLen ?? 0, true);
+  v.setUint16(4, f.gsoSize ?? 0, true);
+  v.setUint16(6, f.csumStart ?? 0, true);
+  v.setUint16(8, f.csumOffset ?? 0, true);
+  return h;
+}
+
+function concat(...parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((s, p) => s + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
+Deno.test("TX pass-through: header and frame reach the writer as the guest wrote them, chain used with len 0", async () => {
+  await withRig(BASE | TX_OFFLOADS, "auto", async ({ io, tx }) => {
+    const { frame } = buildFrame({ payload: new Uint8Array(100).fill(7) });
+    const head = tx.post([{ data: netHdr({}) }, { data: frame.subarray(0, 30) }, {
+      data: frame.subarray(30),
+    }]);
+    io.kick("tx");
+    await until(io, () => io.sent.length === 1 && tx.usedIdx() === 1, "one frame sent and used");
+    assert.deepEqual(io.sent[0].frame, frame);
+    assert.deepEqual(io.sent[0].hdr, netHdr({}));
+    assert.deepEqual(tx.readUsed().map((u) => [u.id, u.len]), [[head, 0]]);
+    assert.ok(io.calls.tx >= 1, "the guest was interrupted");
+  });
+});
+
+Deno.test("TX pass-through of a GSO frame keeps the validated header, header and data sharing a descriptor, or indirect", async () => {
+  await withRig(BASE | TX_OFFLOADS, "auto", async ({ io, tx }) => {
+    const rand = prng(3);
+    for (const [v6, indirect] of [[false, false], [true, true]] as const) {
+      const b = buildFrame({
+        ipVersion: v6 ? 6 : 4,
+        payload: randomBytes(rand, 30000),
+        checksum: "partial",
+      });
+      const hdr = netHdr({
+        flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        gsoType: v6 ? VIRTIO_NET_HDR_GSO_TCPV6 : VIRTIO_NET_HDR_GSO_TCPV4,
+        hdrLen: b.payloadOffset,
+        gsoSize: 1448,
+        csumStart: b.l4Offset,
+        csumOffset: 16,
+      });
+      const all = concat(hdr, b.frame);
+      tx.post([{ data: all.subarray(0, 1000) }, { data: all.subarray(1000) }], { indirect });
+    }
+    io.kick("tx");
+    await until(io, () => io.sent.length === 2, "two GSO frames");
+    assert.equal(io.sent[0].hdr[1], VIRTIO_NET_HDR_GSO_TCPV4);
+    assert.equal(io.sent[1].hdr[1], VIRTIO_NET_HDR_GSO_TCPV6);
+    assert.equal(new DataView(io.sent[0].hdr.buffer).getUint16(4, true), 1448);
+  });
+});
+
+Deno.test("TX drops a GSO frame with gso_size 0, counts it, and completes the chain", async () => {
+  await withRig(BASE | TX_OFFLOADS, "auto", async ({ io, tx, dev }) => {
+    const b = buildFrame({ payload: new Uint8Array(3000), checksum: "partial" });
+    const hdr = netHdr({
+      flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+      gsoType: VIRTIO_NET_HDR_GSO_TCPV4,
+      gsoSize: 0,
+      csumStart: b.l4Offset,
+      csumOffset: 16,
+    });
+    const head = tx.post([{ data: concat(hdr, b.frame) }]);
+    io.kick("tx");
+    await until(io, () => tx.usedIdx() === 1, "the chain back");
+    assert.equal(io.sent.length, 0);
+    assert.deepEqual(tx.readUsed().map((u) => u.id), [head]);
+    assert.equal(dev.counters().tx0.drop_GSO_SIZE_ZERO, 1);
+  });
+});
+
+Deno.test("TX the seed's bug: a NEEDS_CSUM UDP frame is not mistaken for TSO (flags is not gso_type)", async () => {
+  await withRig(BASE | TX_OFFLOADS, "auto", async ({ io, tx }) => {
+    const b = buildFrame({ l4: "udp", payload: new Uint8Array(200), checksum: "partial" });
+    const hdr = netHdr({
+      flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+      csumStart: b.l4Offset,
+      csumOffset: 6,
+    });
+    tx.post([{ data: concat(hdr, b.frame) }]);
+    io.kick("tx");
+    await until(io, () => io.sent.length === 1, "the UDP frame");
+    assert.equal(io.sent[0].hdr[1], 0, "gso_type stays NONE");
+    assert.equal(io.sent[0].hdr[0], VIRTIO_NET_HDR_F_NEEDS_CSUM);
+  });
+});
+
+Deno.test("--offload off: the device completes checksums and segments TSO frames itself", async () => {
+  await withRig(BASE | TX_OFFLOADS, "off", async ({ io, tx }) => {
+    const rand = prng(9);
+    const csum = buildFrame({ payload: randomBytes(rand, 500), checksum: "partial" });
+    tx.post([{
+      data: concat(netHdr({ flags: 1, csumStart: csum.l4Offset, csumOffset: 16 }), csum.frame),
+    }]);
+    const payload = randomBytes(rand, 10_000);
+    const gso = buildFrame({ payload, checksum: "partial", seq: 5000 });
+    tx.post([{
+      data: concat(
+        netHdr({
+          flags: 1,
+          gsoType: VIRTIO_NET_HDR_GSO_TCPV4,
+          gsoSize: 1448,
+          csumStart: gso.l4Offset,
+          csumOffset: 16,
+        }),
+        gso.frame,
+      ),
+    }]);
+    io.kick("tx");
+    const segments = Math.ceil(10_000 / 1448);
+    await until(
+      io,
+      () => io.sent.length === 1 + segments && tx.usedIdx() === 2,
+      "csum frame and segments",
+    );
+    for (const s of io.sent) {
+      assert.deepEqual(s.hdr, new Uint8Array(12), "software frames go out with a zero header");
+      assert.ok(l4ChecksumOk(s.frame, 14, 34, s.frame.length, 6), "checksum completed");
+    }
+    const got = concat(...io.sent.slice(1).map((s) => s.frame.subarray(54)));
+    assert.deepEqual(got, payload);
+    assert.equal(get32(io.sent[2].frame, 34 + 4), 5000 + 1448, "sequence advanced");
+  });
+});
+
+Deno.test("RX without MRG_RXBUF: frame lands in one chain, num_buffers is exactly 1", async () => {
+  await withRig(BASE | VIRTIO_NET_F_GUEST_CSUM, "auto", async ({ io, rx }) => {
+    for (let i = 0; i < 4; i++) {
+      rx.post([{ len: 12, writable: true }, { len: 1514, writable: true }]);
+    }
+    io.kick("rx");
+    await until(io, () => io.postedChains === 4, "four chains posted");
+    const { frame } = buildFrame({ payload: new Uint8Array(600).fill(0xab) });
+    const hdr = netHdr({});
+    hdr[10] = 0x55; // the tap leaves num_buffers alone; the device must set it
+    assert.equal(io.receive(concat(hdr, frame)), 1);
+    await until(io, () => rx.usedIdx() === 1, "one used entry");
+    const [u] = rx.readUsed();
+    assert.equal(u.len, 12 + frame.length);
+    const data = rx.readWritten(u.chain!, u.len);
+    assert.equal(get16le(data, 10), 1, "num_buffers");
+    assert.deepEqual(data.subarray(12), frame);
+    assert.ok(io.calls.rx >= 1);
+  });
+});
+
+Deno.test("RX with MRG_RXBUF: a large frame spans several chains, num_buffers counts them", async () => {
+  const f = BASE | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_MRG_RXBUF;
+  await withRig(f, "auto", async ({ io, rx }) => {
+    for (let i = 0; i < 8; i++) rx.post([{ len: 1536, writable: true }]);
+    io.kick("rx");
+    await until(io, () => io.postedChains === 8, "eight chains posted");
+    const payload = randomBytes(prng(4), 4000);
+    const { frame } = buildFrame({ payload });
+    assert.equal(io.receive(concat(netHdr({}), frame)), 3);
+    await until(io, () => rx.usedIdx() === 3, "three used entries");
+    const used = rx.readUsed();
+    const total = 12 + frame.length;
+    assert.deepEqual(used.map((u) => u.len), [1536, 1536, total - 3072]);
+    const bytes = concat(...used.map((u) => rx.readWritten(u.chain!, u.len)));
+    assert.equal(get16le(bytes, 10), 3);
+    assert.deepEqual(bytes.subarray(12), frame);
+  });
+});
+
+Deno.test("RX without GUEST_CSUM: a partial checksum from the tap is completed and flags cleared", async () => {
+  await withRig(BASE, "auto", async ({ io, rx }) => {
+    rx.post([{ len: 2048, writable: true }]);
+    io.kick("rx");
+    await until(io, () => io.postedChains === 1, "a chain posted");
+    const b = buildFrame({ payload: randomBytes(prng(5), 700), checksum: "partial" });
+    io.receive(concat(netHdr({ flags: 1, csumStart: b.l4Offset, csumOffset: 16 }), b.frame));
+    await until(io, () => rx.usedIdx() === 1, "delivery");
+    const [u] = rx.readUsed();
+    const data = rx.readWritten(u.chain!, u.len);
+    assert.equal(data[0], 0, "flags cleared");
+    assert.ok(l4ChecksumOk(data.subarray(12), 14, 34, b.frame.length, 6));
+  });
+});
+
+Deno.test("RX: a poller that claims more chains than were posted faults the queue, not the device", async () => {
+  await withRig(BASE, "auto", async ({ io, rx, faults, dev }) => {
+    rx.post([{ len: 2048, writable: true }]);
+    io.kick("rx");
+    await until(io, () => io.postedChains === 1, "a chain posted");
+    io.pushDoneRaw(5, 100, 0);
+    await until(io, () => faults.length > 0, "a queue fault");
+    assert.match(faults[0], /^0: rx-done names 5 chains, 1 were posted/);
+    assert.equal(rx.usedIdx(), 0, "nothing was written to the guest");
+    assert.ok(dev.running);
+  });
+});
+
+Deno.test("stop() reports last_avail_idx for GET_VRING_BASE and hands posted RX chains back", async () => {
+  const guest = new TestGuest([{ gpa: 0x100000, size: 4 << 20 }]);
+  const io = new FakeIo(guest);
+  const dev = new NetDevice(() => {});
+  dev.grant(io.regionGrants());
+  dev.setFeatures(BASE, "auto");
+  const rx = new TestDriver(guest, { size: 64, features: BASE });
+  const tx = new TestDriver(guest, { size: 64, features: BASE });
+  const p = (d: TestDriver) => ({ ...d.config("user"), base: 0 });
+  dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000);
+  for (let i = 0; i < 3; i++) rx.post([{ len: 2048, writable: true }]);
+  io.kick("rx");
+  await until(io, () => io.postedChains === 3, "posted");
+  const bases = await dev.stop();
+  assert.deepEqual(bases, { rx: 3, tx: 0 });
+  assert.throws(() => dev.revoke({ guestPhysAddr: 1, size: 1, userAddr: 1 }), /no granted region/);
+  assert.equal(dev.revoke().length, 1);
+});
+
+function get16le(b: Uint8Array, at: number): number {
+  return b[at] | (b[at + 1] << 8);
+}
