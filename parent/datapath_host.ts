@@ -1,0 +1,472 @@
+/**
+ * The parent's side of the data path: allocates the shared buffers of
+ * `ipc/datapath.ts`, starts the two privileged I/O workers (writer and
+ * poller) and configures them over the control protocol of `io_protocol.ts`.
+ *
+ * Revocation: every change that takes something away (a region, a
+ * descriptor) resolves only after both workers that could use it
+ * acknowledged it; only then may the caller unmap the region or close the
+ * old descriptor. The poller, blocked in `poll()`, cannot see a message:
+ * after posting one the host writes the poller's wake eventfd, and writes it
+ * again every {@link WAKE_RETRY_MS} until the ack arrives.
+ *
+ * @module
+ */
+
+import * as libc from "./libc.ts";
+import { SpscRing } from "../ipc/spsc_ring.ts";
+import {
+  BOUNCE_BYTES,
+  CTL,
+  CTL_BYTES,
+  type DatapathBuffers,
+  RX_DONE_RECORD_WORDS,
+  RX_DONE_RING_RECORDS,
+  RX_POST_RECORD_WORDS,
+  RX_POST_RING_RECORDS,
+  RX_QUEUE,
+  signal,
+  TX_QUEUE,
+  TX_RECORD_WORDS,
+  TX_RING_RECORDS,
+  WEV_CALL_RX,
+  WEV_CALL_TX,
+} from "../ipc/datapath.ts";
+import { type HostRange, IoRegions } from "./io_regions.ts";
+import {
+  type FdSlot,
+  IO_PROTOCOL_VERSION,
+  type IoReply,
+  type IoRequest,
+  type IoRole,
+  parseIoReply,
+} from "./io_protocol.ts";
+import type { Logger } from "./log.ts";
+
+/** The modules the I/O workers run. */
+export const IO_WRITER_URL = new URL("./io_writer_worker.ts", import.meta.url);
+export const IO_POLLER_URL = new URL("./io_poller_worker.ts", import.meta.url);
+
+/**
+ * Permissions of both I/O workers: FFI and nothing else, written once here so
+ * the permission audit prints what the code uses.
+ *
+ * FFI cannot be narrowed further in Deno 2.9.6 (measured): a path list
+ * (`ffi: ["/lib/x86_64-linux-gnu/libc.so.6"]`) lets `Deno.dlopen` of that
+ * absolute path through, but `Deno.UnsafePointer.*` and
+ * `Deno.UnsafePointerView` (errno in `libc.ts`, the private buffers'
+ * addresses) then fail with NotCapable "Requires ffi access": they demand
+ * unscoped FFI. `ffi: ["libc.so.6"]` is resolved against the working
+ * directory and matches nothing. And FFI to libc is all of the process's
+ * authority anyway; what the workers do is bounded by their code, which is
+ * why it is small and checks every record.
+ */
+export const IO_WORKER_PERMISSIONS = {
+  ffi: true,
+  env: false,
+  import: false,
+  net: false,
+  read: false,
+  run: false,
+  sys: false,
+  write: false,
+} as const;
+
+/** Worker options of the writer. */
+export const IO_WRITER_OPTIONS = {
+  type: "module",
+  name: "vionet-io-writer",
+  deno: { permissions: IO_WORKER_PERMISSIONS },
+} as const satisfies WorkerOptions;
+
+/** Worker options of the poller. */
+export const IO_POLLER_OPTIONS = {
+  type: "module",
+  name: "vionet-io-poller",
+  deno: { permissions: IO_WORKER_PERMISSIONS },
+} as const satisfies WorkerOptions;
+
+/** How long a worker has to acknowledge a request (default). */
+const DEFAULT_TIMEOUT_MS = 5000;
+/** The poller's wake eventfd is written again at this interval until the ack. */
+const WAKE_RETRY_MS = 2;
+
+/**
+ * Allocates the data path's SharedArrayBuffers and initialises the three
+ * rings with the sizes and record words of `ipc/datapath.ts`.
+ */
+export function createDatapathBuffers(): DatapathBuffers {
+  return {
+    control: new SharedArrayBuffer(CTL_BYTES),
+    tx: SpscRing.create({ capacity: TX_RING_RECORDS, recordWords: TX_RECORD_WORDS }).buffer,
+    rxPost: SpscRing.create({ capacity: RX_POST_RING_RECORDS, recordWords: RX_POST_RECORD_WORDS })
+      .buffer,
+    rxDone: SpscRing.create({ capacity: RX_DONE_RING_RECORDS, recordWords: RX_DONE_RECORD_WORDS })
+      .buffer,
+    bounce: new SharedArrayBuffer(BOUNCE_BYTES),
+  };
+}
+
+/** The data path's counters (from the control block). */
+export interface DatapathCounters {
+  /** The poller has no posted RX buffers (and so does not poll the tap). */
+  pollerStarved: boolean;
+  pollerNoBuffer: number;
+  /** Frames larger than the posted chains, dropped. */
+  pollerTooBig: number;
+  /** Records refused by either worker (bad iovec, count, length, header). */
+  ioBadRecord: number;
+  /** writev (and call/wake eventfd write) failures. */
+  writerErrors: number;
+  /** readv/poll failures other than EAGAIN/EINTR, and invalid polled descriptors. */
+  pollerErrors: number;
+}
+
+export interface DatapathHostOptions {
+  /** The tap's descriptor (IFF_VNET_HDR, 12-byte header). Set to O_NONBLOCK here. */
+  tapFd: number;
+  /** From {@link createDatapathBuffers}; the device gets the same buffers. */
+  buffers: DatapathBuffers;
+  logger: Logger;
+  /** Initial guest ranges (the bounce arena is always added). Default none. */
+  ranges?: HostRange[];
+  /** Milliseconds a worker has to acknowledge a request (default 5000). */
+  timeoutMs?: number;
+  /** Called when a worker reports a corrupt ring or dies. */
+  onFault?: (role: IoRole, message: string) => void;
+  /** Other worker modules, for tests only. */
+  writerUrl?: URL;
+  pollerUrl?: URL;
+}
+
+interface Pending {
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+/** One worker and its request/ack bookkeeping. */
+class IoWorker {
+  readonly worker: Worker;
+  readonly #pending = new Map<number, Pending>();
+  #nextId = 1;
+  #dead: string | undefined;
+
+  constructor(
+    readonly role: IoRole,
+    url: URL,
+    options: WorkerOptions,
+    private readonly logger: Logger,
+    private readonly timeoutMs: number,
+    /** Called after each post: the poller's host writes the wake eventfd here. */
+    private readonly nudge: () => void,
+    private readonly onFault: (message: string) => void,
+  ) {
+    this.worker = new Worker(url, options);
+    this.worker.onmessage = (e) => this.#reply(e.data);
+    this.worker.onmessageerror = () => this.logger.log("warn", "datapath", `${role}: bad message`);
+    this.worker.onerror = (e) => {
+      e.preventDefault();
+      this.#die(`${role} worker failed: ${e.message}`);
+    };
+  }
+
+  get dead(): string | undefined {
+    return this.#dead;
+  }
+
+  /** Posts a request and resolves on its ack; rejects on error, timeout or death. */
+  request(msg: DistributiveOmit<IoRequest, "id">, transfer: Transferable[] = []): Promise<void> {
+    if (this.#dead !== undefined) {
+      return Promise.reject(new Error(`${this.role} is not running: ${this.#dead}`));
+    }
+    const id = this.#nextId++;
+    return new Promise<void>((resolve, reject) => {
+      let retry: ReturnType<typeof setInterval> | undefined;
+      const settle = () => {
+        clearTimeout(timer);
+        if (retry !== undefined) clearInterval(retry);
+        this.#pending.delete(id);
+      };
+      const timer = setTimeout(() => {
+        settle();
+        reject(
+          new Error(`${this.role} did not acknowledge ${msg.kind} in ${this.timeoutMs} ms`),
+        );
+      }, this.timeoutMs);
+      this.#pending.set(id, {
+        resolve: () => {
+          settle();
+          resolve();
+        },
+        reject: (e) => {
+          settle();
+          reject(e);
+        },
+      });
+      this.worker.postMessage({ ...msg, id }, transfer);
+      this.nudge();
+      if (this.role === "poller") retry = setInterval(this.nudge, WAKE_RETRY_MS);
+    });
+  }
+
+  #reply(data: unknown): void {
+    let reply: IoReply;
+    try {
+      reply = parseIoReply(data);
+    } catch (e) {
+      this.logger.log("warn", "datapath", `${this.role} sent a bad reply: ${(e as Error).message}`);
+      return;
+    }
+    switch (reply.kind) {
+      case "ack":
+        this.#pending.get(reply.id)?.resolve();
+        return;
+      case "error": {
+        const error = new Error(`${this.role} refused: ${reply.message}`);
+        if (reply.id !== null && this.#pending.has(reply.id)) {
+          this.#pending.get(reply.id)!.reject(error);
+        } else {
+          this.logger.log("warn", "datapath", error.message);
+        }
+        return;
+      }
+      case "fault":
+        this.logger.log("error", "datapath", `${this.role}: ${reply.message}`);
+        this.onFault(reply.message);
+        return;
+      default: {
+        const never: never = reply;
+        throw new Error(`unhandled ${(never as IoReply).kind}`);
+      }
+    }
+  }
+
+  #die(reason: string, fault = true): void {
+    if (this.#dead !== undefined) return;
+    this.#dead = reason;
+    for (const p of [...this.#pending.values()]) p.reject(new Error(reason));
+    if (fault) {
+      this.logger.log("error", "datapath", reason);
+      this.onFault(reason);
+    }
+  }
+
+  terminate(): void {
+    this.#die("terminated", false);
+    this.worker.terminate();
+  }
+}
+
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
+
+/** Whether `fd` is an eventfd (its /proc link names the anon inode). */
+function isEventfd(fd: number): boolean {
+  try {
+    return Deno.readLinkSync(`/proc/self/fd/${fd}`) === "anon_inode:[eventfd]";
+  } catch {
+    return false;
+  }
+}
+
+/** The running data path, seen from the parent's main thread. */
+export class DatapathHost {
+  readonly buffers: DatapathBuffers;
+  /** The bounce arena as a host range (always granted). */
+  readonly bounceRange: HostRange;
+  readonly #ctl: Int32Array;
+  readonly #wakeFd: number;
+  readonly #wakeValue = new Uint8Array(new BigUint64Array([1n]).buffer);
+  readonly #writer: IoWorker;
+  readonly #poller: IoWorker;
+  readonly #logger: Logger;
+  #stopped = false;
+
+  private constructor(opts: DatapathHostOptions, wakeFd: number) {
+    this.buffers = opts.buffers;
+    this.#ctl = new Int32Array(opts.buffers.control);
+    this.#wakeFd = wakeFd;
+    this.#logger = opts.logger;
+    const bounce = new Uint8Array(opts.buffers.bounce);
+    this.bounceRange = {
+      base: Deno.UnsafePointer.value(Deno.UnsafePointer.of(bounce)),
+      size: bounce.byteLength,
+    };
+    const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    const onFault = opts.onFault ?? (() => {});
+    this.#writer = new IoWorker(
+      "writer",
+      opts.writerUrl ?? IO_WRITER_URL,
+      IO_WRITER_OPTIONS,
+      opts.logger,
+      timeoutMs,
+      () => {},
+      (m) => onFault("writer", m),
+    );
+    this.#poller = new IoWorker(
+      "poller",
+      opts.pollerUrl ?? IO_POLLER_URL,
+      IO_POLLER_OPTIONS,
+      opts.logger,
+      timeoutMs,
+      () => this.#wakePoller(),
+      (m) => onFault("poller", m),
+    );
+  }
+
+  /**
+   * Starts both workers and waits until each acknowledged its configuration.
+   * @throws {TypeError} if a buffer does not have the datapath.ts layout.
+   * @throws {RangeError} if a range is invalid.
+   * @throws SyscallError when the tap's flags cannot be set.
+   * @throws Error if a worker refuses or does not answer in time.
+   */
+  static async start(opts: DatapathHostOptions): Promise<DatapathHost> {
+    const { buffers } = opts;
+    for (const ring of [buffers.tx, buffers.rxPost, buffers.rxDone]) SpscRing.attach(ring);
+    if (!(buffers.control instanceof SharedArrayBuffer) || buffers.control.byteLength < CTL_BYTES) {
+      throw new TypeError(`control must be a SharedArrayBuffer of ${CTL_BYTES} bytes`);
+    }
+    if (!(buffers.bounce instanceof SharedArrayBuffer)) {
+      throw new TypeError("bounce must be a SharedArrayBuffer");
+    }
+    libc.setNonBlocking(opts.tapFd, true);
+    const wakeFd = libc.eventfd(0, libc.EFD_NONBLOCK | libc.EFD_CLOEXEC);
+    const host = new DatapathHost(opts, wakeFd);
+    try {
+      const ranges = host.#grant(opts.ranges ?? []);
+      const init = (role: IoRole) => ({
+        kind: "init" as const,
+        version: IO_PROTOCOL_VERSION,
+        role,
+        control: buffers.control,
+        tx: buffers.tx,
+        rxPost: buffers.rxPost,
+        rxDone: buffers.rxDone,
+        tapFd: opts.tapFd,
+        wakeFd,
+        ranges,
+      });
+      await Promise.all([
+        host.#writer.request(init("writer")),
+        host.#poller.request(init("poller")),
+      ]);
+      return host;
+    } catch (e) {
+      host.#writer.terminate();
+      host.#poller.terminate();
+      libc.close(wakeFd);
+      throw e;
+    }
+  }
+
+  /** The ranges the workers get: the caller's plus the bounce arena; validated here. */
+  #grant(ranges: readonly HostRange[]): HostRange[] {
+    const all = [...ranges, this.bounceRange];
+    IoRegions.from(all); // throws a RangeError naming the bad range
+    return all;
+  }
+
+  #wakePoller(): void {
+    // A failed write (counter at its maximum) still leaves the poller readable.
+    libc.sys.write(this.#wakeFd, this.#wakeValue, 8n);
+  }
+
+  #both(msg: DistributiveOmit<IoRequest, "id">): Promise<void> {
+    return Promise.all([this.#writer.request(msg), this.#poller.request(msg)]).then(() => {});
+  }
+
+  /**
+   * Replaces the guest ranges iovecs may point into (the bounce arena stays).
+   * Resolves when both workers acknowledged: from then on neither touches a
+   * range that is not in `ranges`, and the caller may unmap it.
+   */
+  setRegions(ranges: readonly HostRange[]): Promise<void> {
+    return this.#both({ kind: "setRegions", ranges: this.#grant(ranges) });
+  }
+
+  /**
+   * Sets (or with null, clears) the kick eventfd of `queue` (RX_QUEUE or
+   * TX_QUEUE), made O_NONBLOCK. Resolves when the poller no longer uses the
+   * old one (the caller may close it then).
+   * @throws {TypeError} if `fd` is not an eventfd.
+   */
+  setKickFd(queue: number, fd: number | null): Promise<void> {
+    return this.#poller.request({ kind: "setFd", slot: kickSlot(queue), fd: this.#eventfd(fd) });
+  }
+
+  /**
+   * Sets (or clears) the call eventfd of `queue`. Resolves when the writer no
+   * longer uses the old one.
+   * @throws {TypeError} if `fd` is not an eventfd.
+   */
+  setCallFd(queue: number, fd: number | null): Promise<void> {
+    return this.#writer.request({ kind: "setFd", slot: callSlot(queue), fd: this.#eventfd(fd) });
+  }
+
+  /** Replaces the tap descriptor in both workers (made O_NONBLOCK). */
+  setTap(fd: number): Promise<void> {
+    libc.setNonBlocking(fd, true);
+    return this.#both({ kind: "setFd", slot: "tap", fd });
+  }
+
+  /** Asks the writer to signal `queue`'s call eventfd (as the device does with WEV_CALL_*). */
+  signalCall(queue: number): void {
+    const bit = queue === RX_QUEUE ? WEV_CALL_RX : queue === TX_QUEUE ? WEV_CALL_TX : 0;
+    if (bit === 0) throw new RangeError(`Queue ${queue} is neither RX_QUEUE nor TX_QUEUE`);
+    signal(this.#ctl, CTL.WRITER_EVENTS, bit, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING);
+  }
+
+  /** The control block's counters, read now. */
+  counters(): DatapathCounters {
+    const c = this.#ctl;
+    return {
+      pollerStarved: Atomics.load(c, CTL.POLLER_STARVED) !== 0,
+      pollerNoBuffer: Atomics.load(c, CTL.POLLER_NO_BUFFER),
+      pollerTooBig: Atomics.load(c, CTL.POLLER_TOO_BIG),
+      ioBadRecord: Atomics.load(c, CTL.IO_BAD_RECORD),
+      writerErrors: Atomics.load(c, CTL.WRITER_ERRORS),
+      pollerErrors: Atomics.load(c, CTL.POLLER_ERRORS),
+    };
+  }
+
+  /**
+   * Ends both loops (each acknowledges as its last act), terminates the
+   * workers and closes the wake eventfd. A worker that does not answer in
+   * time is terminated anyway; the error is logged. Idempotent.
+   */
+  async stop(): Promise<void> {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    const results = await Promise.allSettled([
+      this.#writer.request({ kind: "stop" }),
+      this.#poller.request({ kind: "stop" }),
+    ]);
+    for (const r of results) {
+      if (r.status === "rejected") {
+        this.#logger.log("warn", "datapath", `stop: ${(r.reason as Error).message}`);
+      }
+    }
+    this.#writer.terminate();
+    this.#poller.terminate();
+    libc.close(this.#wakeFd);
+  }
+
+  #eventfd(fd: number | null): number | null {
+    if (fd === null) return null;
+    if (!isEventfd(fd)) throw new TypeError(`Descriptor ${fd} is not an eventfd`);
+    libc.setNonBlocking(fd, true);
+    return fd;
+  }
+}
+
+function kickSlot(queue: number): FdSlot {
+  if (queue === RX_QUEUE) return "kickRx";
+  if (queue === TX_QUEUE) return "kickTx";
+  throw new RangeError(`Queue ${queue} is neither RX_QUEUE nor TX_QUEUE`);
+}
+
+function callSlot(queue: number): FdSlot {
+  if (queue === RX_QUEUE) return "callRx";
+  if (queue === TX_QUEUE) return "callTx";
+  throw new RangeError(`Queue ${queue} is neither RX_QUEUE nor TX_QUEUE`);
+}

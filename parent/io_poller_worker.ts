@@ -1,0 +1,466 @@
+/// <reference lib="deno.worker" />
+/**
+ * The poller: the privileged I/O worker that blocks in `poll()` on the tap,
+ * the queues' kick eventfds and its own wake eventfd; `readv`s frames from the
+ * tap straight into the guest buffers the device posted, and turns kicks into
+ * device events (`ipc/datapath.ts`).
+ *
+ * Runs with FFI only (`IO_WORKER_OPTIONS` in `datapath_host.ts`).
+ *
+ * A thread blocked in `poll()` sees neither Atomics nor postMessage. So:
+ * - the tap is polled only while RX chains are posted; otherwise the poller
+ *   sets CTL.POLLER_STARVED and re-checks the rx-post ring (Dekker with the
+ *   device, which publishes and then reads POLLER_STARVED and asks the writer
+ *   for WEV_WAKE_POLLER);
+ * - the parent posts a control message and then writes the wake eventfd; on
+ *   waking the poller drains it and awaits one macrotask, in which the
+ *   messages are served. Control messages are served only there, between
+ *   batches, so an ack means the old regions/descriptors are out of use.
+ *
+ * Trust: rx-post records are hostile. Each chain is copied into private
+ * memory and checked (iovec count 1..RX_MAX_IOV, every iovec inside one
+ * granted region, capacity equal to the sum) before its iovecs reach `readv`.
+ * A refused chain is consumed with an rx-done {chains: 1, bytes: 0,
+ * RX_STATUS_BAD_POST}, counted in CTL.IO_BAD_RECORD, and raises EV_IO_FAULT.
+ *
+ * Receiving: one chain per frame, or (RXF_MERGEABLE) consecutive chains until
+ * they can hold MAX_FRAME_BYTES + NET_HDR_BYTES, then a private overflow
+ * iovec: a frame that does not fit shows as `n > capacity` instead of being
+ * truncated; it is dropped (CTL.POLLER_TOO_BIG, rx-done {0, n,
+ * RX_STATUS_TOO_BIG}) and no chain is consumed. Otherwise the chains the n
+ * bytes touched are consumed: rx-done {chains, n, RX_OK}. Per batch (up to
+ * {@link RX_BATCH} frames) rx-post is released and rx-done published once,
+ * and EV_RX_DONE raised once.
+ *
+ * @module
+ */
+
+import * as libc from "./libc.ts";
+import { CorruptRingError, SpscRing } from "../ipc/spsc_ring.ts";
+import {
+  CTL,
+  EV_IO_FAULT,
+  EV_KICK_RX,
+  EV_KICK_TX,
+  EV_RX_DONE,
+  IOVEC_WORDS,
+  MAX_FRAME_BYTES,
+  NET_HDR_BYTES,
+  RX_DONE,
+  RX_MAX_IOV,
+  RX_OK,
+  RX_POST,
+  RX_QUEUE,
+  RXF_MERGEABLE,
+  signal,
+  TX_QUEUE,
+} from "../ipc/datapath.ts";
+import { IoRegions } from "./io_regions.ts";
+import {
+  errorReply,
+  type IoReply,
+  type IoRequest,
+  parseIoRequest,
+  ROLE_SLOTS,
+  RX_STATUS_BAD_POST,
+  RX_STATUS_TOO_BIG,
+} from "./io_protocol.ts";
+
+/** Frames read per batch before rx-done is published. */
+const RX_BATCH = 64;
+/** UIO_MAXIOV: readv takes at most this many iovecs. */
+const UIO_MAXIOV = 1024;
+/** Chain iovecs staged for one readv (the overflow iovec takes the last slot). */
+const STAGE_MAX_IOV = UIO_MAXIOV - 1;
+/** A frame needs at most this much room (net header included). */
+const FRAME_ROOM = MAX_FRAME_BYTES + NET_HDR_BYTES;
+/** Poll timeout while rx-done is full: the device's release cannot wake us. */
+const RX_DONE_FULL_RETRY_MS = 1;
+
+const sys = libc.sys;
+const { EAGAIN, EINTR } = libc.Errno;
+
+// ---- state --------------------------------------------------------------------
+
+let ctl: Int32Array | null = null;
+let rxPost: SpscRing | null = null;
+let rxDone: SpscRing | null = null;
+let rxDead = false;
+let regions = IoRegions.EMPTY;
+let tapFd = -1;
+/** Set when poll() reported the tap invalid; cleared by a new setFd tap. */
+let tapBroken = false;
+const kickFd = [-1, -1]; // indexed by RX_QUEUE / TX_QUEUE
+let wakeFd = -1;
+let stopId: number | null = null;
+
+// ---- private buffers ------------------------------------------------------------
+
+/** pollfd[4]: i32 fd, i16 events, i16 revents; as i32 words [fd, events | revents << 16]. */
+const pfd = new Int32Array(8);
+const pfdBytes = new Uint8Array(pfd.buffer);
+const NFDS = [0n, 1n, 2n, 3n, 4n];
+
+/** u64 counter of an eventfd read. */
+const counter = new Uint8Array(8);
+
+/** Staged (validated, private) chains: their iovecs back to back, plus one spare slot. */
+const stIov = new Uint32Array((STAGE_MAX_IOV + 1) * IOVEC_WORDS);
+const stIovBytes = new Uint8Array(stIov.buffer);
+const stCount = new Uint32Array(UIO_MAXIOV); // iovecs per staged chain
+const stCap = new Float64Array(UIO_MAXIOV); // capacity per staged chain
+const stFlags = new Uint32Array(UIO_MAXIOV);
+let stChains = 0;
+let stIovs = 0;
+let stTotal = 0;
+
+/** The overflow buffer: a frame's bytes beyond the chains land here and are discarded. */
+const overflow = new Uint8Array(FRAME_ROOM);
+/** Its address, taken once; `overflow` lives as long as this module. */
+const OVERFLOW_ADDR = Deno.UnsafePointer.value(Deno.UnsafePointer.of(overflow));
+const OVERFLOW_LO = Number(OVERFLOW_ADDR & 0xffff_ffffn);
+const OVERFLOW_HI = Number(OVERFLOW_ADDR >> 32n);
+
+function post(reply: IoReply): void {
+  self.postMessage(reply);
+}
+
+/** One macrotask turn (about 12 µs), so queued control messages are served. */
+const yieldChannel = new MessageChannel();
+let yieldResolve: (() => void) | null = null;
+yieldChannel.port1.onmessage = () => yieldResolve?.();
+function macrotask(): Promise<void> {
+  return new Promise((resolve) => {
+    yieldResolve = resolve;
+    yieldChannel.port2.postMessage(0);
+  });
+}
+
+/** Reads an eventfd's counter without blocking; true if it was non-zero. */
+function readEventfd(fd: number): boolean {
+  return Number(sys.read(fd, counter, 8n)) === 8;
+}
+
+// ---- staging --------------------------------------------------------------------
+
+/**
+ * Copies the rx-post record at word `off` into the staging area and checks it.
+ * Returns 1 when staged, 0 when it is bad, -1 when it would not fit.
+ */
+function stage(words: Uint32Array, off: number): number {
+  const count = words[off + RX_POST.IOV_COUNT];
+  const capacity = words[off + RX_POST.CAPACITY];
+  const flags = words[off + RX_POST.FLAGS];
+  // datapath.ts rx-post record: 1..RX_MAX_IOV iovecs, capacity >= 1.
+  if (count < 1 || count > RX_MAX_IOV || capacity < 1) return 0;
+  if (stIovs + count > STAGE_MAX_IOV) return -1;
+  const dst = stIovs * IOVEC_WORDS;
+  const src = off + RX_POST.IOV;
+  const n = count * IOVEC_WORDS;
+  for (let i = 0; i < n; i++) stIov[dst + i] = words[src + i];
+  let sum = 0;
+  for (let w = dst; w < dst + n; w += IOVEC_WORDS) {
+    const len = stIov[w + 2];
+    if (stIov[w + 3] !== 0) return 0; // high word of the u64 length
+    if (!regions.contains(stIov[w + 1] * 0x1_0000_0000 + stIov[w], len)) return 0;
+    sum += len;
+  }
+  if (sum !== capacity) return 0;
+  stCount[stChains] = count;
+  stCap[stChains] = capacity;
+  stFlags[stChains] = flags;
+  stChains++;
+  stIovs += count;
+  stTotal += capacity;
+  return 1;
+}
+
+/** Drops the first `c` staged chains (consumed), moving the rest to the front. */
+function unstage(c: number): void {
+  let iovs = 0;
+  let cap = 0;
+  for (let i = 0; i < c; i++) {
+    iovs += stCount[i];
+    cap += stCap[i];
+  }
+  stIov.copyWithin(0, iovs * IOVEC_WORDS, stIovs * IOVEC_WORDS);
+  stCount.copyWithin(0, c, stChains);
+  stCap.copyWithin(0, c, stChains);
+  stFlags.copyWithin(0, c, stChains);
+  stChains -= c;
+  stIovs -= iovs;
+  stTotal -= cap;
+}
+
+function clearStage(): void {
+  stChains = stIovs = stTotal = 0;
+}
+
+function pushDone(ring: SpscRing, chains: number, bytes: number, status: number): void {
+  const off = ring.reserve(); // the caller checked for space
+  const w = ring.words;
+  w[off + RX_DONE.CHAINS] = chains;
+  w[off + RX_DONE.BYTES] = bytes;
+  w[off + RX_DONE.STATUS] = status;
+  w[off + 3] = 0;
+}
+
+// ---- receiving --------------------------------------------------------------------
+
+/** Reads up to RX_BATCH frames into posted chains; returns the device event bits. */
+function receiveBatch(c: Int32Array, postRing: SpscRing, done: SpscRing): number {
+  let bits = 0;
+  let used = 0; // rx-post records consumed in this batch
+  let pushed = 0;
+  let bad = 0;
+  let avail = postRing.available();
+  let free = done.freeSpace();
+  const words = postRing.words;
+  clearStage();
+  for (let frames = 0; frames < RX_BATCH && free !== 0;) {
+    // The first chain (starved when there is none: the kernel queues, then drops).
+    if (stChains === 0) {
+      if (used === avail && (avail = postRing.available()) === used) break;
+      if (stage(words, postRing.peek(used)) !== 1) {
+        pushDone(done, 1, 0, RX_STATUS_BAD_POST);
+        used++;
+        pushed++;
+        free--;
+        bad++;
+        continue;
+      }
+    }
+    let chains = 1;
+    if (stFlags[0] & RXF_MERGEABLE) {
+      // Stage more mergeable chains until they hold a largest frame, or none are left.
+      while (stTotal < FRAME_ROOM && used + stChains < avail) {
+        const next = postRing.peek(used + stChains);
+        if ((words[next + RX_POST.FLAGS] & RXF_MERGEABLE) === 0) break;
+        if (stage(words, next) !== 1) break; // a bad one is refused when it comes first
+      }
+      // Only the leading mergeable run; stage() keeps flags, so count it.
+      while (chains < stChains && (stFlags[chains] & RXF_MERGEABLE) !== 0) chains++;
+    }
+    let iovs = 0;
+    let capacity = 0;
+    for (let i = 0; i < chains; i++) {
+      iovs += stCount[i];
+      capacity += stCap[i];
+    }
+    // The overflow iovec goes after the used chains; save the slot it covers.
+    const o = iovs * IOVEC_WORDS;
+    const s0 = stIov[o], s1 = stIov[o + 1], s2 = stIov[o + 2], s3 = stIov[o + 3];
+    stIov[o] = OVERFLOW_LO;
+    stIov[o + 1] = OVERFLOW_HI;
+    stIov[o + 2] = FRAME_ROOM;
+    stIov[o + 3] = 0;
+    const r = Number(sys.readv(tapFd, stIovBytes, iovs + 1));
+    const err = r < 0 ? libc.errno() : 0;
+    stIov[o] = s0;
+    stIov[o + 1] = s1;
+    stIov[o + 2] = s2;
+    stIov[o + 3] = s3;
+    if (r <= 0) {
+      if (r < 0 && err !== EAGAIN && err !== EINTR) Atomics.add(c, CTL.POLLER_ERRORS, 1);
+      break;
+    }
+    frames++;
+    if (r > capacity) {
+      // Too big for the chains: drop it, keep the chains for the next frame.
+      Atomics.add(c, CTL.POLLER_TOO_BIG, 1);
+      pushDone(done, 0, r, RX_STATUS_TOO_BIG);
+      pushed++;
+      free--;
+      continue;
+    }
+    let consumed = 0;
+    for (let seen = 0; seen < r; consumed++) seen += stCap[consumed];
+    pushDone(done, consumed, r, RX_OK);
+    pushed++;
+    free--;
+    used += consumed;
+    unstage(consumed);
+  }
+  clearStage();
+  if (used !== 0) postRing.release(used);
+  if (pushed !== 0) {
+    done.publish();
+    bits |= EV_RX_DONE;
+  }
+  if (bad !== 0) {
+    Atomics.add(c, CTL.IO_BAD_RECORD, bad);
+    bits |= EV_IO_FAULT;
+  }
+  return bits;
+}
+
+// ---- the loop ---------------------------------------------------------------------
+
+function addFd(n: number, fd: number): number {
+  pfd[n * 2] = fd;
+  pfd[n * 2 + 1] = libc.POLLIN; // also clears revents
+  return n + 1;
+}
+
+function revents(i: number): number {
+  return (pfd[i * 2 + 1] >>> 16) & 0xffff;
+}
+
+const BAD_FD = libc.POLLNVAL | libc.POLLERR | libc.POLLHUP;
+
+async function loop(c: Int32Array): Promise<void> {
+  while (stopId === null) {
+    let n = addFd(0, wakeFd);
+    const iKickRx = kickFd[RX_QUEUE] >= 0 ? n : -1;
+    if (iKickRx >= 0) n = addFd(n, kickFd[RX_QUEUE]);
+    const iKickTx = kickFd[TX_QUEUE] >= 0 ? n : -1;
+    if (iKickTx >= 0) n = addFd(n, kickFd[TX_QUEUE]);
+    let iTap = -1;
+    let timeout = -1;
+    let bits = 0;
+    const postRing = rxPost!;
+    const done = rxDone!;
+    if (tapFd >= 0 && !tapBroken && !rxDead) {
+      try {
+        if (done.freeSpace() === 0) {
+          timeout = RX_DONE_FULL_RETRY_MS;
+        } else if (postRing.available() !== 0) {
+          Atomics.store(c, CTL.POLLER_STARVED, 0);
+          iTap = n;
+        } else {
+          // Starved: announce, then re-check (the device publishes, then reads the flag).
+          Atomics.store(c, CTL.POLLER_STARVED, 1);
+          if (postRing.available() !== 0) {
+            Atomics.store(c, CTL.POLLER_STARVED, 0);
+            iTap = n;
+          }
+        }
+      } catch (e) {
+        bits |= ringFault(e);
+      }
+      if (iTap >= 0) n = addFd(n, tapFd);
+    }
+    if (bits === 0) {
+      const r = sys.poll(pfdBytes, NFDS[n], timeout);
+      if (r < 0) {
+        if (libc.errno() !== EINTR) {
+          Atomics.add(c, CTL.POLLER_ERRORS, 1);
+          await macrotask(); // do not spin on a persistent error
+        }
+        continue;
+      }
+    }
+    if (revents(0) !== 0) {
+      // Woken for control messages (or by the writer for new RX buffers): drain,
+      // let the event loop serve messages, and rebuild the poll set.
+      if (revents(0) & libc.POLLNVAL) Atomics.add(c, CTL.POLLER_ERRORS, 1);
+      readEventfd(wakeFd);
+      if (bits !== 0) signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
+      await macrotask();
+      continue;
+    }
+    if (iKickRx >= 0) bits |= kick(c, iKickRx, RX_QUEUE, EV_KICK_RX);
+    if (iKickTx >= 0) bits |= kick(c, iKickTx, TX_QUEUE, EV_KICK_TX);
+    if (iTap >= 0) {
+      const ev = revents(iTap);
+      if (ev & libc.POLLIN) {
+        try {
+          bits |= receiveBatch(c, postRing, done);
+        } catch (e) {
+          bits |= ringFault(e);
+        }
+      } else if (ev & BAD_FD) {
+        tapBroken = true;
+        Atomics.add(c, CTL.POLLER_ERRORS, 1);
+      }
+    }
+    if (bits !== 0) signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
+  }
+  post({ kind: "ack", id: stopId });
+  self.close();
+}
+
+function kick(c: Int32Array, i: number, queue: number, bit: number): number {
+  const ev = revents(i);
+  if (ev & libc.POLLIN) return readEventfd(kickFd[queue]) ? bit : 0;
+  if (ev & BAD_FD) {
+    // Not an fd we can poll: stop polling it until the parent sets another.
+    kickFd[queue] = -1;
+    Atomics.add(c, CTL.POLLER_ERRORS, 1);
+  }
+  return 0;
+}
+
+function ringFault(e: unknown): number {
+  if (!(e instanceof CorruptRingError)) throw e;
+  rxDead = true;
+  post({ kind: "fault", message: `rx rings: ${e.message}` });
+  return EV_IO_FAULT;
+}
+
+// ---- control messages ----------------------------------------------------------------
+
+/** Serves one control message; runs only while the loop awaits (see the module comment). */
+function serve(msg: IoRequest): void {
+  switch (msg.kind) {
+    case "init": {
+      if (ctl !== null) throw new Error("init: already initialised");
+      if (msg.role !== "poller") throw new Error(`init: this is the poller, not the ${msg.role}`);
+      const c = new Int32Array(msg.control);
+      const p = SpscRing.attach(msg.rxPost);
+      const d = SpscRing.attach(msg.rxDone);
+      regions = IoRegions.from(msg.ranges);
+      rxPost = p;
+      rxDone = d;
+      tapFd = msg.tapFd;
+      wakeFd = msg.wakeFd;
+      ctl = c;
+      post({ kind: "ack", id: msg.id });
+      loop(c).catch((e) => {
+        post({ kind: "fault", message: `poller loop died: ${String(e)}` });
+        throw e;
+      });
+      return;
+    }
+    case "setRegions":
+      regions = IoRegions.from(msg.ranges);
+      post({ kind: "ack", id: msg.id });
+      return;
+    case "setFd":
+      if (!ROLE_SLOTS.poller.includes(msg.slot)) {
+        throw new Error(`setFd: the poller has no ${msg.slot} slot`);
+      }
+      if (msg.slot === "tap") {
+        tapFd = msg.fd ?? -1;
+        tapBroken = false;
+      } else {
+        kickFd[msg.slot === "kickRx" ? RX_QUEUE : TX_QUEUE] = msg.fd ?? -1;
+      }
+      post({ kind: "ack", id: msg.id });
+      return;
+    case "stop":
+      if (ctl === null) {
+        post({ kind: "ack", id: msg.id });
+        self.close();
+        return;
+      }
+      stopId = msg.id;
+      return;
+    default: {
+      const never: never = msg;
+      throw new Error(`unhandled ${(never as { kind: string }).kind}`);
+    }
+  }
+}
+
+self.onmessage = (e: MessageEvent) => {
+  let id: number | null = null;
+  try {
+    const msg = parseIoRequest(e.data);
+    id = msg.id;
+    if (stopId !== null) throw new Error("stopping");
+    serve(msg);
+  } catch (err) {
+    post(errorReply(err, id ?? (err as { id?: number | null }).id ?? null));
+  }
+};

@@ -1,0 +1,242 @@
+/**
+ * The control protocol between the parent's main thread and its two
+ * privileged I/O workers (`io_writer_worker.ts`, `io_poller_worker.ts`):
+ * message types and their runtime validators.
+ *
+ * Every request from the parent carries an `id`; the worker answers each with
+ * `ack` (done, and for revocations: "I no longer touch the old thing") or
+ * `error` (refused, nothing changed). A message that fails validation gets an
+ * `error` with the id if one could be read, and the worker keeps running.
+ * Workers also post `fault` on their own when a data-path ring turned out to
+ * be corrupt (they stop using that ring).
+ *
+ * The data path itself (records, event bits) is `ipc/datapath.ts`; this file
+ * is only the slow control channel beside it.
+ *
+ * @module
+ */
+
+import type { HostRange } from "./io_regions.ts";
+
+/** Bumped on any incompatible change of these messages. */
+export const IO_PROTOCOL_VERSION = 1;
+
+/**
+ * rx-done statuses besides `RX_OK` (`ipc/datapath.ts` defines only that one).
+ * A drop never consumes chains (`chains` = 0) except {@link RX_STATUS_BAD_POST},
+ * which consumes exactly the one refused chain, with 0 bytes.
+ */
+export const RX_STATUS_TOO_BIG = 1;
+/** The poller refused a posted chain (bad iovec count, capacity or region); chains = 1, bytes = 0. */
+export const RX_STATUS_BAD_POST = 2;
+
+/** Which I/O worker a message is for. */
+export type IoRole = "writer" | "poller";
+
+/** Descriptor slots the parent may set; each worker accepts only its own. */
+export type FdSlot = "tap" | "kickRx" | "kickTx" | "callRx" | "callTx";
+export const FD_SLOTS: readonly FdSlot[] = ["tap", "kickRx", "kickTx", "callRx", "callTx"];
+/** Slots each role accepts in `setFd`. */
+export const ROLE_SLOTS: Readonly<Record<IoRole, readonly FdSlot[]>> = {
+  writer: ["tap", "callRx", "callTx"],
+  poller: ["tap", "kickRx", "kickTx"],
+};
+
+/** First message: everything the worker needs to run. */
+export interface InitRequest {
+  kind: "init";
+  id: number;
+  version: number;
+  role: IoRole;
+  control: SharedArrayBuffer;
+  tx: SharedArrayBuffer;
+  rxPost: SharedArrayBuffer;
+  rxDone: SharedArrayBuffer;
+  /** The tap, O_NONBLOCK, shared by both workers. */
+  tapFd: number;
+  /** The poller's wake eventfd: the poller polls it, the writer writes it. */
+  wakeFd: number;
+  /** Initial region table (guest memory and the bounce arena). */
+  ranges: HostRange[];
+}
+
+/** Replace the region table. The ack means: no iovec into a dropped range will be used again. */
+export interface SetRegionsRequest {
+  kind: "setRegions";
+  id: number;
+  ranges: HostRange[];
+}
+
+/** Set or clear a descriptor. The ack means: the old descriptor is no longer used. */
+export interface SetFdRequest {
+  kind: "setFd";
+  id: number;
+  slot: FdSlot;
+  fd: number | null;
+}
+
+/** End the loop; the ack is the last message. */
+export interface StopRequest {
+  kind: "stop";
+  id: number;
+}
+
+export type IoRequest = InitRequest | SetRegionsRequest | SetFdRequest | StopRequest;
+
+export interface AckReply {
+  kind: "ack";
+  id: number;
+}
+
+export interface ErrorReply {
+  kind: "error";
+  /** The request's id, or null when the message had none that could be read. */
+  id: number | null;
+  message: string;
+}
+
+/** Unsolicited: a ring is corrupt (CorruptRingError); the worker stopped using it. */
+export interface FaultNotice {
+  kind: "fault";
+  message: string;
+}
+
+export type IoReply = AckReply | ErrorReply | FaultNotice;
+
+/** A control message did not have the required shape. */
+export class IoProtocolError extends Error {
+  override name = "IoProtocolError";
+  constructor(message: string, readonly id: number | null) {
+    super(message);
+  }
+}
+
+const MAX_RANGES = 1024;
+const MAX_TEXT = 4096;
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+function readId(msg: Record<string, unknown>): number | null {
+  const id = msg.id;
+  return typeof id === "number" && Number.isSafeInteger(id) && id > 0 ? id : null;
+}
+
+function fail(what: string, id: number | null): never {
+  throw new IoProtocolError(what, id);
+}
+
+function fd(v: unknown, field: string, id: number | null): number {
+  if (typeof v !== "number" || !Number.isInteger(v) || v < 0 || v > 0x7fff_ffff) {
+    fail(`${field} must be a descriptor (integer in [0, 2^31)), got ${String(v)}`, id);
+  }
+  return v;
+}
+
+function sab(v: unknown, field: string, id: number | null): SharedArrayBuffer {
+  if (!(v instanceof SharedArrayBuffer)) fail(`${field} must be a SharedArrayBuffer`, id);
+  return v;
+}
+
+function ranges(v: unknown, id: number | null): HostRange[] {
+  if (!Array.isArray(v) || v.length > MAX_RANGES) {
+    fail(`ranges must be an array of at most ${MAX_RANGES} ranges`, id);
+  }
+  return v.map((r, i): HostRange => {
+    if (!isObject(r)) fail(`ranges[${i}] must be an object`, id);
+    if (typeof r.base !== "bigint") fail(`ranges[${i}].base must be a bigint`, id);
+    const size = r.size;
+    if (typeof size !== "bigint" && !(typeof size === "number" && Number.isSafeInteger(size))) {
+      fail(`ranges[${i}].size must be a bigint or a safe integer`, id);
+    }
+    return { base: r.base, size };
+  });
+}
+
+/**
+ * Validates a request from the parent (worker side).
+ * @throws {IoProtocolError} naming the first wrong field.
+ */
+export function parseIoRequest(data: unknown): IoRequest {
+  if (!isObject(data)) fail("message must be an object", null);
+  const id = readId(data);
+  if (id === null) fail("id must be a positive safe integer", null);
+  switch (data.kind) {
+    case "init": {
+      if (data.version !== IO_PROTOCOL_VERSION) {
+        fail(`version ${String(data.version)} is not ${IO_PROTOCOL_VERSION}`, id);
+      }
+      if (data.role !== "writer" && data.role !== "poller") {
+        fail(`role must be "writer" or "poller"`, id);
+      }
+      return {
+        kind: "init",
+        id,
+        version: IO_PROTOCOL_VERSION,
+        role: data.role,
+        control: sab(data.control, "control", id),
+        tx: sab(data.tx, "tx", id),
+        rxPost: sab(data.rxPost, "rxPost", id),
+        rxDone: sab(data.rxDone, "rxDone", id),
+        tapFd: fd(data.tapFd, "tapFd", id),
+        wakeFd: fd(data.wakeFd, "wakeFd", id),
+        ranges: ranges(data.ranges, id),
+      };
+    }
+    case "setRegions":
+      return { kind: "setRegions", id, ranges: ranges(data.ranges, id) };
+    case "setFd": {
+      const slot = data.slot;
+      if (typeof slot !== "string" || !(FD_SLOTS as readonly string[]).includes(slot)) {
+        fail(`slot must be one of ${FD_SLOTS.join(", ")}`, id);
+      }
+      return {
+        kind: "setFd",
+        id,
+        slot: slot as FdSlot,
+        fd: data.fd === null ? null : fd(data.fd, "fd", id),
+      };
+    }
+    case "stop":
+      return { kind: "stop", id };
+    default:
+      fail(`unknown kind ${JSON.stringify(String(data.kind)).slice(0, 64)}`, id);
+  }
+}
+
+/**
+ * Validates a reply from a worker (parent side).
+ * @throws {IoProtocolError} naming the first wrong field.
+ */
+export function parseIoReply(data: unknown): IoReply {
+  if (!isObject(data)) fail("reply must be an object", null);
+  const text = (v: unknown, field: string): string => {
+    if (typeof v !== "string" || v.length > MAX_TEXT) {
+      fail(`${field} must be a string of at most ${MAX_TEXT} characters`, readId(data));
+    }
+    return v;
+  };
+  switch (data.kind) {
+    case "ack": {
+      const id = readId(data);
+      if (id === null) fail("ack.id must be a positive safe integer", null);
+      return { kind: "ack", id };
+    }
+    case "error":
+      if (data.id !== null && readId(data) === null) {
+        fail("error.id must be null or a positive safe integer", null);
+      }
+      return { kind: "error", id: readId(data), message: text(data.message, "error.message") };
+    case "fault":
+      return { kind: "fault", message: text(data.message, "fault.message") };
+    default:
+      fail(`unknown reply kind ${JSON.stringify(String(data.kind)).slice(0, 64)}`, null);
+  }
+}
+
+/** The error reply for a request that could not be parsed or served. */
+export function errorReply(e: unknown, id: number | null): ErrorReply {
+  const message = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+  return { kind: "error", id, message: message.slice(0, MAX_TEXT) };
+}

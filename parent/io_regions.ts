@@ -1,0 +1,120 @@
+/**
+ * The host address ranges an I/O worker's iovec may point into: the guest
+ * memory mappings and the bounce arena. Nothing else.
+ *
+ * Trust: the ranges come from the parent's main thread (trusted); the
+ * addresses checked against them come from data-path records, which the
+ * device wrote and which are hostile (`ipc/datapath.ts`). {@link IoRegions.contains}
+ * is the one check between a record and a `writev`/`readv`: an iovec passes
+ * only if `len > 0` and `[base, base + len)` lies inside one granted range.
+ *
+ * Addresses are Numbers: x86-64 user space ends below 2^47, so every address
+ * and every `base + len` (len < 2^32) is exact in a double. Ranges are kept
+ * sorted and disjoint in two Float64Arrays; lookup is a binary search, so a
+ * table of a few regions (the usual case) costs a handful of compares.
+ *
+ * @module
+ */
+
+/** A host address range: the parent's description of a mapping. */
+export interface HostRange {
+  /** Host virtual address of the first byte. */
+  base: bigint;
+  /** Bytes. */
+  size: number | bigint;
+}
+
+/** x86-64 user addresses are below 2^47 (4-level paging) or 2^56 (5-level); both fit 2^53. */
+export const MAX_HOST_ADDRESS = 2 ** 53;
+
+/** An immutable, validated table of ranges. */
+export class IoRegions {
+  /** Range starts, ascending. */
+  readonly #starts: Float64Array;
+  /** Range ends (exclusive), parallel to #starts. */
+  readonly #ends: Float64Array;
+
+  private constructor(starts: Float64Array, ends: Float64Array) {
+    this.#starts = starts;
+    this.#ends = ends;
+  }
+
+  /** The table that grants nothing. */
+  static readonly EMPTY: IoRegions = new IoRegions(new Float64Array(0), new Float64Array(0));
+
+  /**
+   * Builds a table from the parent's ranges.
+   * @throws {RangeError} naming the range if one is empty, starts at 0, ends
+   *   beyond {@link MAX_HOST_ADDRESS}, or overlaps another.
+   * @throws {TypeError} if a field has the wrong type.
+   */
+  static from(ranges: readonly HostRange[]): IoRegions {
+    const list: Array<[number, number]> = [];
+    ranges.forEach((r, i) => {
+      if (typeof r.base !== "bigint") {
+        throw new TypeError(`Range ${i}: base must be a bigint, got ${typeof r.base}`);
+      }
+      if (typeof r.size !== "bigint" && typeof r.size !== "number") {
+        throw new TypeError(`Range ${i}: size must be a number or bigint, got ${typeof r.size}`);
+      }
+      const size = BigInt(r.size);
+      if (r.base <= 0n || size <= 0n || r.base + size > BigInt(MAX_HOST_ADDRESS)) {
+        throw new RangeError(
+          `Range ${i} [0x${r.base.toString(16)}, +${size}) is empty, at address 0, ` +
+            `or ends beyond 2^53`,
+        );
+      }
+      list.push([Number(r.base), Number(r.base + size)]);
+    });
+    list.sort((a, b) => a[0] - b[0]);
+    for (let i = 1; i < list.length; i++) {
+      if (list[i][0] < list[i - 1][1]) {
+        throw new RangeError(
+          `Ranges overlap: 0x${list[i][0].toString(16)} starts before 0x${
+            list[i - 1][1].toString(16)
+          } ends`,
+        );
+      }
+    }
+    return new IoRegions(
+      Float64Array.from(list, (r) => r[0]),
+      Float64Array.from(list, (r) => r[1]),
+    );
+  }
+
+  /** Number of ranges. */
+  get size(): number {
+    return this.#starts.length;
+  }
+
+  /**
+   * Whether `[base, base + len)` lies inside one granted range, with len > 0.
+   * Both arguments are untrusted numbers (from a record's u32 words).
+   */
+  contains(base: number, len: number): boolean {
+    if (!(len > 0)) return false;
+    const starts = this.#starts;
+    // Last range whose start <= base.
+    let lo = 0;
+    let hi = starts.length - 1;
+    let found = -1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      if (starts[mid] <= base) {
+        found = mid;
+        lo = mid + 1;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return found >= 0 && base + len <= this.#ends[found];
+  }
+
+  /** The ranges, for logs and tests. */
+  toJSON(): Array<{ base: string; end: string }> {
+    return Array.from(this.#starts, (s, i) => ({
+      base: "0x" + s.toString(16),
+      end: "0x" + this.#ends[i].toString(16),
+    }));
+  }
+}

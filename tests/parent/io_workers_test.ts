@@ -1,0 +1,311 @@
+/**
+ * The privileged I/O workers (parent/io_writer_worker.ts, io_poller_worker.ts)
+ * through parent/datapath_host.ts, against a real tap in a throw-away network
+ * namespace, with tests/parent/fake_device_side.ts playing the device and a
+ * mapped memfd standing in for guest memory. Needs root and /dev/net/tun.
+ *
+ * Network: the tap is created down here, moved into the namespace, given
+ * 198.18.0.1/24 with IPv6 off (so the kernel sends nothing on its own), and a
+ * permanent neighbour 198.18.0.2 = {@link GUEST_MAC}; frames "from the
+ * host" are UDP datagrams a child process in the namespace sends to it.
+ */
+
+import assert from "node:assert/strict";
+import * as libc from "../../parent/libc.ts";
+import { createTap, type Tap } from "../../parent/tap.ts";
+import {
+  createDatapathBuffers,
+  DatapathHost,
+  IO_WRITER_OPTIONS,
+  IO_WRITER_URL,
+} from "../../parent/datapath_host.ts";
+import {
+  IO_PROTOCOL_VERSION,
+  RX_STATUS_BAD_POST,
+  RX_STATUS_TOO_BIG,
+} from "../../parent/io_protocol.ts";
+import {
+  CTL,
+  EV_IO_FAULT,
+  EV_KICK_RX,
+  EV_KICK_TX,
+  EV_RX_DONE,
+  EV_TX_DONE,
+  MAX_FRAME_BYTES,
+  NET_HDR_BYTES,
+  RX_OK,
+  RX_QUEUE,
+  RXF_MERGEABLE,
+  TX_MAX_IOV,
+  TX_QUEUE,
+} from "../../ipc/datapath.ts";
+import type { Logger } from "../../parent/log.ts";
+import { exec, type Netns, withNetns } from "../net_ns.ts";
+import { FakeDeviceSide, GuestMemory, type Iov } from "./fake_device_side.ts";
+
+const LIBC_MODULE = new URL("../../parent/libc.ts", import.meta.url).href;
+
+function skipReason(): string | undefined {
+  if (Deno.uid() !== 0) return "needs root to create taps and namespaces";
+  try {
+    Deno.statSync("/dev/net/tun");
+  } catch {
+    return "needs /dev/net/tun";
+  }
+  return undefined;
+}
+const skip = skipReason();
+if (skip) console.warn(`tests/parent/io_workers_test.ts skipped: ${skip}`);
+
+const TAP_IP = "198.18.0.1";
+const GUEST_IP = "198.18.0.2";
+const GUEST_MAC = [0x02, 0, 0, 0, 0, 0x02];
+const OTHER_MAC = [0x02, 0, 0, 0, 0, 0x99];
+const GUEST_BYTES = 4 << 20;
+
+const quietLogger: Logger = {
+  level: "warn",
+  log(level, source, message) {
+    if (level === "error") console.error(`[${source}] ${message}`);
+  },
+};
+
+function tapName(): string {
+  const hex = Array.from(crypto.getRandomValues(new Uint8Array(4)), (b) => b.toString(16));
+  return `vt${hex.join("").slice(0, 8)}`;
+}
+
+interface Rig {
+  ns: Netns;
+  tap: Tap;
+  tapMac: number[];
+  guest: GuestMemory;
+  host: DatapathHost;
+  dev: FakeDeviceSide;
+}
+
+/** A tap in a namespace, guest memory, the data path started on both, torn down after. */
+async function withRig(fn: (rig: Rig) => Promise<void>): Promise<void> {
+  await withNetns(async (ns) => {
+    const tap = createTap(tapName(), { up: false });
+    const guest = new GuestMemory(GUEST_BYTES);
+    let host: DatapathHost | undefined;
+    try {
+      await exec(["ip", "link", "set", "dev", tap.name, "netns", ns.name]);
+      await ns.exec(["sysctl", "-qw", `net.ipv6.conf.${tap.name}.disable_ipv6=1`]);
+      await ns.exec(["ip", "addr", "add", `${TAP_IP}/24`, "dev", tap.name]);
+      await ns.exec(["ip", "link", "set", "dev", tap.name, "up"]);
+      await ns.exec([
+        "ip",
+        "neigh",
+        "add",
+        GUEST_IP,
+        "lladdr",
+        GUEST_MAC.map((b) => b.toString(16).padStart(2, "0")).join(":"),
+        "dev",
+        tap.name,
+        "nud",
+        "permanent",
+      ]);
+      const buffers = createDatapathBuffers();
+      host = await DatapathHost.start({
+        tapFd: tap.fd,
+        buffers,
+        logger: quietLogger,
+        ranges: [guest.range()],
+      });
+      const dev = new FakeDeviceSide(buffers);
+      await fn({ ns, tap, tapMac: Array.from(tap.macBytes), guest, host, dev });
+    } finally {
+      await host?.stop();
+      guest.unmap();
+      tap.close();
+    }
+  });
+}
+
+async function tapCounter(ns: Netns, tap: Tap, which: string): Promise<number> {
+  return Number(await ns.exec(["cat", `/sys/class/net/${tap.name}/statistics/${which}`]));
+}
+
+async function tcpInSegs(ns: Netns): Promise<number> {
+  const lines = (await ns.exec(["cat", "/proc/net/snmp"])).split("\n").filter((l) =>
+    l.startsWith("Tcp:")
+  );
+  const names = lines[0].split(/\s+/);
+  const values = lines[1].split(/\s+/);
+  return Number(values[names.indexOf("InSegs")]);
+}
+
+/** Polls `probe` until it returns true or `ms` pass. */
+async function eventually(probe: () => Promise<boolean> | boolean, ms = 3000): Promise<boolean> {
+  const deadline = performance.now() + ms;
+  while (performance.now() < deadline) {
+    if (await probe()) return true;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  return probe();
+}
+
+// ---- frames ---------------------------------------------------------------------
+
+function ipChecksum(b: Uint8Array, start: number, len: number): number {
+  let sum = 0;
+  for (let i = 0; i < len; i += 2) sum += (b[start + i] << 8) | b[start + i + 1];
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  return ~sum & 0xffff;
+}
+
+function ipv4(a: string): number[] {
+  return a.split(".").map(Number);
+}
+
+/** Ethernet + IPv4 + UDP with `payload` bytes of pattern, from the guest to the tap's IP. */
+function udpFrame(dstMac: number[], payload: number, seed = 1): Uint8Array {
+  const f = new Uint8Array(14 + 20 + 8 + payload);
+  f.set(dstMac, 0);
+  f.set(GUEST_MAC, 6);
+  f[12] = 0x08;
+  f[13] = 0x00;
+  const ipLen = 20 + 8 + payload;
+  f.set([0x45, 0, ipLen >> 8, ipLen & 0xff, 0, 1, 0x40, 0, 64, 17, 0, 0], 14);
+  f.set(ipv4(GUEST_IP), 26);
+  f.set(ipv4(TAP_IP), 30);
+  const c = ipChecksum(f, 14, 20);
+  f[24] = c >> 8;
+  f[25] = c & 0xff;
+  f.set([0x30, 0x39, 0, 9, (8 + payload) >> 8, (8 + payload) & 0xff, 0, 0], 34);
+  for (let i = 0; i < payload; i++) f[42 + i] = (i * 7 + seed) & 0xff;
+  return f;
+}
+
+/** A broadcast ARP request from the guest for the tap's IP. */
+function arpFrame(): Uint8Array {
+  const f = new Uint8Array(42);
+  f.fill(0xff, 0, 6);
+  f.set(GUEST_MAC, 6);
+  f.set([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1], 12);
+  f.set(GUEST_MAC, 22);
+  f.set(ipv4(GUEST_IP), 28);
+  f.set(ipv4(TAP_IP), 38);
+  return f;
+}
+
+/**
+ * A 64 KiB TCP segment (ACK, to a closed port of the tap's IP) for
+ * VIRTIO_NET_HDR_F_NEEDS_CSUM | GSO_TCPV4: the TCP checksum field holds the
+ * pseudo-header sum, as a driver leaves it for the device to complete.
+ */
+function gsoTcpFrame(dstMac: number[], payload: number): { frame: Uint8Array; hdr: Uint8Array } {
+  const f = new Uint8Array(14 + 20 + 20 + payload);
+  f.set(dstMac, 0);
+  f.set(GUEST_MAC, 6);
+  f[12] = 0x08;
+  const ipLen = 40 + payload;
+  f.set([0x45, 0, ipLen >> 8, ipLen & 0xff, 0, 2, 0x40, 0, 64, 6, 0, 0], 14);
+  f.set(ipv4(GUEST_IP), 26);
+  f.set(ipv4(TAP_IP), 30);
+  const c = ipChecksum(f, 14, 20);
+  f[24] = c >> 8;
+  f[25] = c & 0xff;
+  // sport 40000, dport 9, seq 1, ack 1, data offset 5, ACK, window 0xffff
+  f.set([0x9c, 0x40, 0, 9, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0], 34);
+  // Pseudo-header sum (not complemented) into the checksum field.
+  let sum = 0;
+  for (const i of [26, 28, 30, 32]) sum += (f[i] << 8) | f[i + 1];
+  sum += 6 + 20 + payload;
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  f[50] = sum >> 8;
+  f[51] = sum & 0xff;
+  for (let i = 0; i < payload; i++) f[54 + i] = i & 0xff;
+  const hdr = new Uint8Array(NET_HDR_BYTES);
+  const v = new DataView(hdr.buffer);
+  hdr[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+  hdr[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4
+  v.setUint16(2, 54, true); // hdr_len
+  v.setUint16(4, 1448, true); // gso_size
+  v.setUint16(6, 34, true); // csum_start
+  v.setUint16(8, 16, true); // csum_offset
+  return { frame: f, hdr };
+}
+
+/** Copies `frame` into guest memory at `offset`, split into `pieces` iovecs. */
+function place(guest: GuestMemory, offset: number, frame: Uint8Array, pieces = 1): Iov[] {
+  guest.bytes.set(frame, offset);
+  const iovs: Iov[] = [];
+  const step = Math.ceil(frame.length / pieces);
+  for (let at = 0; at < frame.length; at += step) {
+    iovs.push({ addr: guest.addr(offset + at), len: Math.min(step, frame.length - at) });
+  }
+  return iovs;
+}
+
+// ---- a UDP sender inside the namespace ------------------------------------------------
+
+/**
+ * Sends `count` UDP datagrams of `payload` bytes to the guest's address from a
+ * child Deno in the namespace (a connected socket, libc write), or for
+ * `seconds` when count is 0. Resolves with the number sent.
+ */
+async function sendUdp(ns: Netns, payload: number, count: number, seconds = 0): Promise<number> {
+  const [a, b, c, d] = ipv4(GUEST_IP);
+  const code = `import * as libc from ${JSON.stringify(LIBC_MODULE)};
+const fd = libc.socket(libc.AF_INET, libc.SOCK_DGRAM);
+const sa = new Uint8Array(16); sa[0] = libc.AF_INET; sa[2] = 0x30; sa[3] = 0x39;
+sa.set([${a}, ${b}, ${c}, ${d}], 4);
+libc.connect(fd, sa);
+const buf = new Uint8Array(${payload});
+const len = BigInt(buf.length);
+let n = 0;
+const end = performance.now() + ${seconds * 1000};
+for (;;) {
+  if (${count} > 0 ? n >= ${count} : (n & 255) === 0 && performance.now() > end) break;
+  buf[0] = n & 0xff;
+  if (Number(libc.sys.write(fd, buf, len)) > 0) n++;
+}
+console.log(n);`;
+  return Number(await ns.exec([Deno.execPath(), "eval", "--quiet", code]));
+}
+
+// ---- tests ------------------------------------------------------------------------------
+
+const opts = { ignore: skip !== undefined, sanitizeOps: false, sanitizeResources: false };
+
+Deno.test({
+  ...opts,
+  name: "writer: TX records of plain and GSO frames reach the tap; tail advances; EV_TX_DONE",
+  fn: () =>
+    withRig(async ({ ns, tap, tapMac, guest, dev }) => {
+      const before = await tapCounter(ns, tap, "rx_packets");
+      const bytesBefore = await tapCounter(ns, tap, "rx_bytes");
+      const segsBefore = await tcpInSegs(ns);
+      const frames = [arpFrame(), udpFrame(tapMac, 18), udpFrame(tapMac, 1472), arpFrame()];
+      let offset = 0;
+      let bytes = 0;
+      for (const [i, f] of frames.entries()) {
+        assert.ok(dev.writeTx({ iovs: place(guest, offset, f, 1 + (i % 3)) }));
+        offset += 2048;
+        bytes += f.length;
+      }
+      const gso = gsoTcpFrame(tapMac, 65536 - 54);
+      assert.ok(dev.writeTx({ iovs: place(guest, 1 << 20, gso.frame, 5), hdr: gso.hdr }));
+      bytes += gso.frame.length;
+      const tail0 = dev.txTail();
+      dev.kickWriter();
+      const ev = await dev.waitFor(EV_TX_DONE);
+      assert.ok(ev & EV_TX_DONE, "EV_TX_DONE arrived");
+      assert.equal(ev & EV_IO_FAULT, 0);
+      assert.equal((dev.txTail() - tail0) >>> 0, frames.length + 1);
+      assert.ok(
+        await eventually(async () =>
+          (await tapCounter(ns, tap, "rx_packets")) - before === frames.length + 1
+        ),
+        "tap rx_packets rose by the number of frames",
+      );
+      assert.equal((await tapCounter(ns, tap, "rx_bytes")) - bytesBefore, bytes);
+      // TCP saw the GSO frame as one 64 KiB segment (and answered it with a RST).
+      assert.ok(await eventually(async () => (await tcpInSegs(ns)) - segsBefore >= 1));
+      assert.equal(dev.counter(CTL.IO_BAD_RECORD), 0);
+      assert.equal(dev.counter(CTL.WRITER_ERRORS), 0);
+    }),
+});
