@@ -15,6 +15,8 @@ import { DeviceHost } from "./device_host.ts";
 import type { Logger } from "./log.ts";
 import { adoptTap, createTap, type Tap, tunFlagNames } from "./tap.ts";
 import { applyTunscap } from "./tunscap.ts";
+import { VionetDevicePort } from "./device_port.ts";
+import { VhostUserClient, VhostUserServer } from "./vhost_user_socket.ts";
 
 /** The guest offloads the parent lets TUNSCAP put on the tap, by `--offload` mode. */
 export function allowedTapOffloads(mode: Options["offload"]): bigint {
@@ -40,10 +42,12 @@ export function tunscapHandler(tap: Tap, allowed: bigint, logger: Logger) {
 }
 
 /** The QEMU options that attach a VM to this backend. */
-export function qemuOptions(socketPath: string, mac: readonly number[]): string {
+export function qemuOptions(socketPath: string, mac: readonly number[], server = false): string {
   return [
     "-object memory-backend-memfd,id=mem0,size=1G,share=on -numa node,memdev=mem0",
-    `-chardev socket,id=vionet0,path=${socketPath}`,
+    `-chardev socket,id=vionet0,path=${socketPath}${
+      server ? ",server=on,wait=off" : ",reconnect=1"
+    }`,
     "-netdev vhost-user,id=net0,chardev=vionet0",
     `-device virtio-net-pci,netdev=net0,mac=${formatMac(mac)}`,
   ].join(" \\\n  ");
@@ -54,7 +58,12 @@ export interface Daemon {
   tap: Tap;
   device: DeviceHost;
   config: DeviceConfig;
-  stop(): void;
+  port: VionetDevicePort;
+  /** The vhost-user service (null until `serve()`). */
+  service: VhostUserServer | VhostUserClient | null;
+  /** Starts serving vhost-user as the options say. */
+  serve(): void;
+  stop(): Promise<void>;
 }
 
 /** Sets everything up; on failure, whatever was already set up is undone before it throws. */
@@ -73,16 +82,69 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     tap.close();
     throw e;
   }
+  const port = new VionetDevicePort({ device, tapFd: tap.fd, logger });
+  let stopping = false;
   const daemon: Daemon = {
     tap,
     device,
     config,
-    stop() {
+    port,
+    service: null,
+    serve() {
+      const serveOpts = {
+        device: port,
+        logger,
+        onDisconnect: (info: { reason: string; error?: Error; messages: number }) =>
+          logger.log(
+            info.reason === "eof" || info.reason === "stopped" ? "info" : "warn",
+            "vhost-user",
+            `front-end disconnected (${info.reason}${
+              info.error ? `: ${info.error.message}` : ""
+            }); ` +
+              `waiting for the next one`,
+          ),
+        onRefused: () =>
+          logger.log("warn", "vhost-user", "refused a second front-end: one is connected"),
+      };
+      if (opts.listenFd !== null) {
+        daemon.service = VhostUserServer.fromFd(opts.listenFd, serveOpts);
+      } else if (opts.client) {
+        daemon.service = VhostUserClient.connect(opts.socketPath!, serveOpts);
+      } else {
+        Deno.mkdirSync(dirname(opts.socketPath!), { recursive: true, mode: 0o700 });
+        daemon.service = VhostUserServer.listen(opts.socketPath!, serveOpts);
+      }
+    },
+    async stop() {
+      stopping = true;
+      await daemon.service?.stop();
+      const path = daemon.service instanceof VhostUserServer ? daemon.service.path : null;
+      if (path !== null) {
+        try {
+          Deno.removeSync(path);
+        } catch { /* already gone */ }
+      }
       daemon.device.terminate();
       tap.close();
     },
   };
+  // A device worker that dies (a bug: it never throws on guest input) ends the
+  // connection, since every request to it now fails; a new one serves the next.
+  device.onDeath = (reason) => {
+    if (stopping) return;
+    logger.log("error", "parent", `${reason}; starting a new device worker`);
+    startDevice(tap, config, opts, logger).then((d) => {
+      daemon.device = d;
+      d.onDeath = device.onDeath;
+      port.replaceDevice(d);
+    }, (e) => logger.log("error", "parent", `cannot restart the device: ${(e as Error).message}`));
+  };
   return daemon;
+}
+
+function dirname(path: string): string {
+  const i = path.lastIndexOf("/");
+  return i <= 0 ? "/" : path.slice(0, i);
 }
 
 function startDevice(tap: Tap, config: DeviceConfig, opts: Options, logger: Logger) {
@@ -90,6 +152,8 @@ function startDevice(tap: Tap, config: DeviceConfig, opts: Options, logger: Logg
     config,
     handlers: { tunscap: tunscapHandler(tap, allowedTapOffloads(opts.offload), logger) },
     logger,
+    onQueueFault: (queue, reason) =>
+      logger.log("error", "device", `queue ${queue} needs a reset: ${reason}`),
   });
 }
 
@@ -97,6 +161,12 @@ function startDevice(tap: Tap, config: DeviceConfig, opts: Options, logger: Logg
 export async function runDaemon(opts: Options, logger: Logger): Promise<number> {
   const daemon = await startDaemon(opts, logger);
   const { tap } = daemon;
+  try {
+    daemon.serve();
+  } catch (e) {
+    await daemon.stop();
+    throw e;
+  }
   logger.log(
     "info",
     "parent",
@@ -105,6 +175,21 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
     }; --offload ${opts.offload}`,
   );
   logger.log("info", "parent", "device worker started with no permissions");
+  if (opts.listenFd !== null) {
+    logger.log("info", "parent", `serving vhost-user on inherited fd ${opts.listenFd}`);
+  } else {
+    logger.log(
+      "info",
+      "parent",
+      `${opts.client ? "connecting to" : "listening on"} ${opts.socketPath}`,
+    );
+    console.log(
+      `vionet: tap ${tap.name}, vhost-user socket ${opts.socketPath}\n` +
+        `Attach a VM with these QEMU options:\n  ${
+          qemuOptions(opts.socketPath!, opts.mac, opts.client)
+        }`,
+    );
+  }
 
   const stopped = new Promise<string>((resolve) => {
     for (const sig of ["SIGINT", "SIGTERM"] as const) {
@@ -113,7 +198,7 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
   });
   const signal = await stopped;
   logger.log("info", "parent", `${signal}: shutting down`);
-  daemon.stop();
+  await daemon.stop();
   if (tap.created) logger.log("info", "parent", `tap ${tap.name} removed`);
   return 0;
 }

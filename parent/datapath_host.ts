@@ -262,7 +262,8 @@ type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K>
 /** Whether `fd` is an eventfd (its /proc link names the anon inode). */
 function isEventfd(fd: number): boolean {
   try {
-    return Deno.readLinkSync(`/proc/self/fd/${fd}`) === "anon_inode:[eventfd]";
+    // libc, not Deno.readLinkSync: the daemon's --allow-read does not reach /proc/self.
+    return libc.readlink(`/proc/self/fd/${fd}`) === "anon_inode:[eventfd]";
   } catch {
     return false;
   }

@@ -52,7 +52,7 @@ export interface DeviceHostOptions {
   logger: Logger;
   /** A queue needs a reset (queue -1: the data path as a whole). */
   onQueueFault?: (queue: number, reason: string) => void;
-  /** Called once if the worker dies (an uncaught error in it). */
+  /** Called once if the worker dies (an uncaught error in it). May be set later through `onDeath`. */
   onDeath?: (reason: string) => void;
   /** Milliseconds the device has to answer a request (default 5000). */
   timeoutMs?: number;
@@ -64,6 +64,8 @@ export interface DeviceHostOptions {
 export class DeviceHost {
   /** Feature bits the device offered in `ready`. */
   offered = 0n;
+  /** Called once if the worker dies; overrides the option of the same name. */
+  onDeath?: (reason: string) => void;
   readonly #worker: Worker;
   readonly #ep: Endpoint<DeviceMessage, ParentMessage>;
   #dead = false;
@@ -256,7 +258,7 @@ export class DeviceHost {
     this.opts.logger.log("error", "parent", reason);
     this.terminate();
     this.readyWaiter?.reject(new IpcError("failed", undefined, reason));
-    this.opts.onDeath?.(reason);
+    (this.onDeath ?? this.opts.onDeath)?.(reason);
   }
 
   /** Stops the worker; pending requests fail. */

@@ -90,6 +90,7 @@ const lib = Deno.dlopen(
     capget: { parameters: ["buffer", "buffer"], result: "i32" },
     capset: { parameters: ["buffer", "buffer"], result: "i32" },
     unlink: { parameters: ["buffer"], result: "i32" },
+    readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
     /** Returns 0 (not -1) on failure, with errno set. */
     if_nametoindex: { parameters: ["buffer"], result: "u32" },
     __errno_location: { parameters: [], result: "pointer" },
@@ -581,6 +582,17 @@ export function capset(header: Uint8Array, data: Uint8Array): void {
 /** unlink(2). */
 export function unlink(path: string): void {
   check(sys.unlink(cstr(path)), "unlink", path);
+}
+
+/**
+ * readlink(2): what a symbolic link points to (for /proc/self/fd/N, what a
+ * descriptor is). Through FFI because Deno's own readLink on /proc needs
+ * more than --allow-read.
+ */
+export function readlink(path: string): string {
+  const buf = new Uint8Array(4096);
+  const n = checkSize(sys.readlink(cstr(path), buf, BigInt(buf.length)), "readlink", path);
+  return new TextDecoder().decode(buf.subarray(0, n));
 }
 
 /** if_nametoindex(3) in the calling thread's network namespace. */
