@@ -310,7 +310,7 @@ Deno.test({
     }),
 });
 
-/** Posts `n` chains of `size` bytes (each split into `pieces` iovecs) from `offset` on. */
+/** `n` chains of `size` bytes (each split into `pieces` iovecs), `stride` apart from `offset`. */
 function chains(
   guest: GuestMemory,
   offset: number,
@@ -318,9 +318,10 @@ function chains(
   size: number,
   flags = 0,
   pieces = 1,
+  stride = 0x4000,
 ) {
   return Array.from({ length: n }, (_, i) => {
-    const at = offset + i * 0x4000;
+    const at = offset + i * stride;
     const step = Math.ceil(size / pieces);
     const iovs: Iov[] = [];
     for (let o = 0; o < size; o += step) {
@@ -486,5 +487,290 @@ Deno.test({
         await host.setCallFd(TX_QUEUE, null);
         for (const fd of [kickRx, kickTx, callRx, callTx]) libc.close(fd);
       }
+    }),
+});
+
+Deno.test({
+  ...opts,
+  name: "writer: hostile TX records are refused, counted, never written; the writer keeps going",
+  fn: (t) =>
+    withRig(async ({ ns, tap, guest, dev }) => {
+      const frame = udpFrame(OTHER_MAC, 100);
+      const good = place(guest, 0x1000, frame, 2);
+      const end = guest.addr(GUEST_BYTES);
+      const gso = (type: number, size: number) => {
+        const h = new Uint8Array(NET_HDR_BYTES);
+        h[1] = type;
+        h[4] = size & 0xff;
+        h[5] = size >> 8;
+        return h;
+      };
+      const big = place(guest, 0x100000, new Uint8Array(MAX_FRAME_BYTES + 1));
+      const cases = [
+        {
+          name: "iovec crossing the end of guest memory",
+          spec: { iovs: [{ addr: end - 40, len: 142 }] },
+        },
+        { name: "iovec outside every region", spec: { iovs: [{ addr: 0x1000, len: 142 }] } },
+        { name: "iovec below the region", spec: { iovs: [{ addr: guest.addr(0) - 1, len: 142 }] } },
+        { name: "iovCount 0", spec: { iovs: good, iovCount: 0, frameLen: frame.length } },
+        { name: `iovCount ${TX_MAX_IOV + 1}`, spec: { iovs: good, iovCount: TX_MAX_IOV + 1 } },
+        { name: "iovCount 2^32-1", spec: { iovs: good, iovCount: 0xffff_ffff } },
+        {
+          name: "lengths not summing to frameLen",
+          spec: { iovs: good, frameLen: frame.length + 1 },
+        },
+        {
+          name: "an iovec of length 0",
+          spec: { iovs: [...good, { addr: guest.addr(0), len: 0 }], frameLen: frame.length },
+        },
+        {
+          name: "high word of an iovec length set",
+          spec: { iovs: [{ ...good[0], lenHigh: 1 }, good[1]], frameLen: frame.length },
+        },
+        { name: "frame longer than MAX_FRAME_BYTES", spec: { iovs: big } },
+        {
+          name: "frame shorter than an Ethernet header",
+          spec: { iovs: [{ ...good[0], len: 13 }] },
+        },
+        { name: "gso_type 2 (unknown)", spec: { iovs: good, hdr: gso(2, 1448) } },
+        { name: "GSO_TCPV4 with gso_size 0", spec: { iovs: good, hdr: gso(1, 0) } },
+        { name: "flags DATA_VALID on transmit", spec: { iovs: good, hdr: Uint8Array.of(2) } },
+        {
+          name: "NEEDS_CSUM with the checksum beyond the frame",
+          spec: { iovs: good, hdr: Uint8Array.of(1, 0, 0, 0, 0, 0, 141, 0, 0, 0, 0, 0) },
+        },
+      ];
+      const packets0 = await tapCounter(ns, tap, "rx_packets");
+      for (const [i, c] of cases.entries()) {
+        const ok = await t.step(c.name, async () => {
+          const tail = dev.txTail();
+          assert.ok(dev.writeTx(c.spec));
+          dev.kickWriter();
+          const ev = await dev.waitFor(EV_TX_DONE | EV_IO_FAULT);
+          assert.ok(ev & EV_IO_FAULT, "EV_IO_FAULT raised");
+          assert.equal((dev.txTail() - tail) >>> 0, 1, "the record was released");
+          assert.equal(dev.counter(CTL.IO_BAD_RECORD), i + 1);
+        });
+        assert.ok(ok, c.name);
+      }
+      assert.equal(await tapCounter(ns, tap, "rx_packets"), packets0, "nothing reached the tap");
+      assert.equal(dev.counter(CTL.WRITER_ERRORS), 0, "no writev was even tried");
+      // Still working: a good record after the bad ones goes out.
+      dev.writeTx({ iovs: good });
+      dev.kickWriter();
+      assert.equal((await dev.waitFor(EV_TX_DONE)) & EV_IO_FAULT, 0);
+      assert.ok(
+        await eventually(async () => (await tapCounter(ns, tap, "rx_packets")) === packets0 + 1),
+      );
+    }),
+});
+
+Deno.test({
+  ...opts,
+  name:
+    "poller: a hostile rx-post chain is consumed as BAD_POST with 0 bytes; good chains still fill",
+  fn: () =>
+    withRig(async ({ ns, guest, dev }) => {
+      const [good] = chains(guest, 0x10000, 1, 2048);
+      const end = guest.addr(GUEST_BYTES);
+      dev.postRx([
+        { iovs: [{ addr: end - 100, len: 2048 }] },
+        { iovs: good.iovs, iovCount: 0, capacity: 2048 },
+        { iovs: good.iovs, capacity: 4096 },
+        good,
+      ]);
+      await sendUdp(ns, 100, 1);
+      const done = await rxDone(dev, 4);
+      assert.deepEqual(done, [
+        { chains: 1, bytes: 0, status: RX_STATUS_BAD_POST },
+        { chains: 1, bytes: 0, status: RX_STATUS_BAD_POST },
+        { chains: 1, bytes: 0, status: RX_STATUS_BAD_POST },
+        { chains: 1, bytes: udpRxBytes(100), status: RX_OK },
+      ]);
+      assert.equal(dev.counter(CTL.IO_BAD_RECORD), 3);
+      assert.ok(dev.takeEvents() & EV_IO_FAULT);
+    }),
+});
+
+Deno.test({
+  ...opts,
+  name:
+    "setRegions([]) resolves, then records into the old region are refused and it may be unmapped",
+  fn: () =>
+    withRig(async ({ ns, tap, guest, host, dev }) => {
+      const frame = udpFrame(OTHER_MAC, 100);
+      const iovs = place(guest, 0x1000, frame);
+      const [chain] = chains(guest, 0x10000, 1, 2048);
+      await host.setRegions([]);
+      guest.unmap(); // safe now: neither worker will touch it
+      const packets0 = await tapCounter(ns, tap, "rx_packets");
+      dev.writeTx({ iovs });
+      dev.kickWriter();
+      assert.ok((await dev.waitFor(EV_TX_DONE | EV_IO_FAULT)) & EV_IO_FAULT);
+      dev.postRx([chain]);
+      await sendUdp(ns, 100, 1);
+      assert.deepEqual(await rxDone(dev, 1), [{ chains: 1, bytes: 0, status: RX_STATUS_BAD_POST }]);
+      assert.equal(dev.counter(CTL.IO_BAD_RECORD), 2);
+      assert.equal(dev.counter(CTL.WRITER_ERRORS) + dev.counter(CTL.POLLER_ERRORS), 0);
+      assert.equal(await tapCounter(ns, tap, "rx_packets"), packets0);
+
+      // A new region works again, in both directions.
+      dev.takeEvents();
+      const fresh = new GuestMemory(1 << 20);
+      try {
+        await host.setRegions([fresh.range()]);
+        dev.writeTx({ iovs: place(fresh, 0, frame) });
+        dev.kickWriter();
+        assert.equal((await dev.waitFor(EV_TX_DONE)) & EV_IO_FAULT, 0);
+        dev.postRx(chains(fresh, 0x10000, 1, 2048));
+        await sendUdp(ns, 100, 1);
+        assert.deepEqual(await rxDone(dev, 1), [{
+          chains: 1,
+          bytes: udpRxBytes(100),
+          status: RX_OK,
+        }]);
+        await host.setRegions([]);
+      } finally {
+        fresh.unmap();
+      }
+    }),
+});
+
+Deno.test({
+  ...opts,
+  name: "an I/O worker answers malformed control messages with errors and keeps running",
+  fn: async () => {
+    const worker = new Worker(IO_WRITER_URL, IO_WRITER_OPTIONS);
+    const replies: unknown[] = [];
+    let wake: (() => void) | undefined;
+    worker.onmessage = (e) => {
+      replies.push(e.data);
+      wake?.();
+    };
+    const next = async () => {
+      while (replies.length === 0) await new Promise<void>((r) => (wake = r));
+      return replies.shift() as { kind: string; id: number | null; message?: string };
+    };
+    try {
+      const cases: Array<[unknown, number | null, RegExp]> = [
+        ["hello", null, /must be an object/],
+        [{ kind: "stop" }, null, /id/],
+        [{ kind: "bogus", id: 3 }, 3, /unknown kind/],
+        [{ kind: "setFd", id: 4, slot: "kickRx", fd: 5 }, 4, /no kickRx slot/],
+        [{ kind: "setFd", id: 5, slot: "tap", fd: -1 }, 5, /descriptor/],
+        [{ kind: "setRegions", id: 6, ranges: [{ base: 0n, size: 10 }] }, 6, /Range 0/],
+        [{ kind: "setRegions", id: 7, ranges: [{ base: 1, size: 10 }] }, 7, /bigint/],
+        [{ kind: "init", id: 8, version: 99 }, 8, /version/],
+        [{ kind: "init", id: 9, version: IO_PROTOCOL_VERSION, role: "poller" }, 9, /SharedArray/],
+      ];
+      for (const [msg, id, pattern] of cases) {
+        worker.postMessage(msg);
+        const reply = await next();
+        assert.equal(reply.kind, "error", JSON.stringify(reply));
+        assert.equal(reply.id, id);
+        assert.match(reply.message ?? "", pattern);
+      }
+      worker.postMessage({ kind: "setFd", id: 10, slot: "callRx", fd: null });
+      assert.deepEqual(await next(), { kind: "ack", id: 10 });
+      worker.postMessage({ kind: "stop", id: 11 });
+      assert.deepEqual(await next(), { kind: "ack", id: 11 });
+    } finally {
+      worker.terminate();
+    }
+  },
+});
+
+// ---- throughput -----------------------------------------------------------------------
+
+/**
+ * Pushes copies of one TX record for `ms` milliseconds, as fast as the writer
+ * releases them; returns frames/s. Every frame must reach the tap.
+ */
+async function measureTx(rig: Rig, spec: Parameters<FakeDeviceSide["writeTx"]>[0], ms: number) {
+  const { ns, tap, dev } = rig;
+  const packets0 = await tapCounter(ns, tap, "rx_packets");
+  const tail0 = dev.txTail();
+  let written = 0;
+  const t0 = performance.now();
+  while (performance.now() - t0 < ms) {
+    let k = 0;
+    while (dev.writeTx(spec)) k++;
+    if (k !== 0) dev.kickWriter();
+    written += k;
+    await dev.waitFor(EV_TX_DONE, 1000);
+  }
+  while (((dev.txTail() - tail0) >>> 0) !== written) await dev.waitFor(EV_TX_DONE, 1000);
+  const seconds = (performance.now() - t0) / 1000;
+  assert.equal(dev.counter(CTL.IO_BAD_RECORD) + dev.counter(CTL.WRITER_ERRORS), 0);
+  assert.ok(
+    await eventually(async () => (await tapCounter(ns, tap, "rx_packets")) - packets0 === written),
+    "every frame reached the tap",
+  );
+  return written / seconds;
+}
+
+Deno.test({
+  ...opts,
+  name: "throughput: TX of 60 B, 1514 B and 64 KiB GSO frames, RX of 60 B frames (printed)",
+  fn: () =>
+    withRig(async (rig) => {
+      const { ns, tap, guest, dev } = rig;
+      const ms = 1500;
+      const small = udpFrame(OTHER_MAC, 18); // 60 B: dropped in ip_rcv (not our MAC)
+      const full = udpFrame(OTHER_MAC, 1472); // 1514 B
+      const gso = gsoTcpFrame(OTHER_MAC, 65536 - 54);
+      const tx60 = await measureTx(rig, { iovs: place(guest, 0, small) }, ms);
+      const tx1514 = await measureTx(rig, { iovs: place(guest, 0x1000, full) }, ms);
+      const txGso = await measureTx(
+        rig,
+        { iovs: place(guest, 0x100000, gso.frame, 2), hdr: gso.hdr },
+        ms,
+      );
+
+      // RX: 512 chains of 2 KiB, re-posted as they come back; a sender in the namespace.
+      const ring = chains(guest, 0x200000, 512, 2048, 0, 1, 2048);
+      let next = 0;
+      const repost = (n: number) => {
+        const batch = [];
+        for (let i = 0; i < n; i++) batch.push(ring[(next++) % ring.length]);
+        dev.postRx(batch);
+      };
+      repost(ring.length);
+      let received = 0;
+      let first = 0;
+      let last = 0;
+      let running = true;
+      const sender = sendUdp(ns, 18, 0, 2).finally(() => (running = false));
+      const dropped0 = await tapCounter(ns, tap, "tx_dropped");
+      while (running || dev.rxDone.available() !== 0) {
+        await dev.waitFor(EV_RX_DONE, 200);
+        const done = dev.takeRxDone();
+        if (done.length === 0) continue;
+        const now = performance.now();
+        if (received === 0) first = now;
+        last = now;
+        for (const d of done) {
+          assert.equal(d.status, RX_OK);
+          assert.equal(d.bytes, udpRxBytes(18));
+        }
+        received += done.length;
+        repost(done.length);
+      }
+      const sent = await sender;
+      const rx60 = received / ((last - first) / 1000);
+      const dropped = (await tapCounter(ns, tap, "tx_dropped")) - dropped0;
+      const k = (x: number) => `${(x / 1000).toFixed(0)}k`;
+      console.log(
+        `  TX 60 B: ${k(tx60)} frames/s; TX 1514 B: ${k(tx1514)} frames/s (${
+          (tx1514 * 1514 * 8 / 1e9).toFixed(1)
+        } Gbit/s); TX 64 KiB GSO: ${k(txGso)} frames/s (${
+          (txGso * 65536 * 8 / 1e9).toFixed(1)
+        } Gbit/s)\n  RX 60 B: ${
+          k(rx60)
+        } frames/s (${received} of ${sent} sent; tap dropped ${dropped})`,
+      );
+      assert.ok(received > 0 && received <= sent);
+      assert.equal(dev.counter(CTL.POLLER_ERRORS), 0);
     }),
 });
