@@ -32,71 +32,82 @@ if (Deno.build.os !== "linux" || Deno.build.arch !== "x86_64") {
   );
 }
 
-const lib = Deno.dlopen(
-  "libc.so.6",
-  {
-    open: { parameters: ["buffer", "i32", "u32"], result: "i32" },
-    close: { parameters: ["i32"], result: "i32" },
-    read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
-    /** read straight into mapped memory: pass a cached pointer, length as BigInt. */
-    read_p: { name: "read", parameters: ["i32", "pointer", "usize"], result: "isize" },
-    write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
-    write_p: { name: "write", parameters: ["i32", "pointer", "usize"], result: "isize" },
-    /** iov: `struct iovec[]` = u64 base, u64 len per entry (16 bytes each). */
-    readv: { parameters: ["i32", "buffer", "i32"], result: "isize" },
-    writev: { parameters: ["i32", "buffer", "i32"], result: "isize" },
-    /** ioctl is variadic; fixed arguments work on x86-64. Pointer argument form. */
-    ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
-    /** ioctl with its argument passed by value (TUNSETOFFLOAD, TUNSETPERSIST). */
-    ioctl_value: { name: "ioctl", parameters: ["i32", "u64", "u64"], result: "i32" },
-    socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
-    bind: { parameters: ["i32", "buffer", "u32"], result: "i32" },
-    listen: { parameters: ["i32", "i32"], result: "i32" },
-    accept4: { parameters: ["i32", "buffer", "buffer", "i32"], result: "i32" },
-    connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
-    socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
-    shutdown: { parameters: ["i32", "i32"], result: "i32" },
-    getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
-    setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
-    /** msghdr (56 bytes) holds raw addresses of the iovecs and the cmsg buffer. */
-    recvmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
-    sendmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
-    mmap: {
-      parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"],
-      result: "pointer",
-    },
-    munmap: { parameters: ["pointer", "usize"], result: "i32" },
-    memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
-    ftruncate: { parameters: ["i32", "i64"], result: "i32" },
-    /** struct stat is 144 bytes on x86-64 (glibc >= 2.33 exports fstat itself). */
-    fstat: { parameters: ["i32", "buffer"], result: "i32" },
-    lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
-    /** fcntl is variadic; the third argument as a long covers F_GETFL/F_SETFL/F_DUPFD. */
-    fcntl: { parameters: ["i32", "i32", "i64"], result: "i32" },
-    dup: { parameters: ["i32"], result: "i32" },
-    eventfd: { parameters: ["u32", "i32"], result: "i32" },
-    /** pollfd[] = i32 fd, i16 events, i16 revents (8 bytes each); nfds as BigInt. */
-    poll: { parameters: ["buffer", "u64", "i32"], result: "i32" },
-    /** The same on a worker thread, for rare waits that must not block the isolate. */
-    poll_async: {
-      name: "poll",
-      parameters: ["buffer", "u64", "i32"],
-      result: "i32",
-      nonblocking: true,
-    },
-    pipe2: { parameters: ["buffer", "i32"], result: "i32" },
-    getpid: { parameters: [], result: "i32" },
-    prctl: { parameters: ["i32", "u64", "u64", "u64", "u64"], result: "i32" },
-    capget: { parameters: ["buffer", "buffer"], result: "i32" },
-    capset: { parameters: ["buffer", "buffer"], result: "i32" },
-    unlink: { parameters: ["buffer"], result: "i32" },
-    readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
-    /** Returns 0 (not -1) on failure, with errno set. */
-    if_nametoindex: { parameters: ["buffer"], result: "u32" },
-    __errno_location: { parameters: [], result: "pointer" },
-    strerror: { parameters: ["i32"], result: "pointer" },
-  } as const,
-);
+/** The one library vionet opens. */
+export const LIBC_NAME = "libc.so.6";
+
+/**
+ * The symbol table handed to `Deno.dlopen`, exported so that the permission
+ * audit (`audit.ts`) lists exactly these symbols.
+ */
+export const LIBC_SYMBOLS = {
+  open: { parameters: ["buffer", "i32", "u32"], result: "i32" },
+  close: { parameters: ["i32"], result: "i32" },
+  read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  /** read straight into mapped memory: pass a cached pointer, length as BigInt. */
+  read_p: { name: "read", parameters: ["i32", "pointer", "usize"], result: "isize" },
+  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  write_p: { name: "write", parameters: ["i32", "pointer", "usize"], result: "isize" },
+  /** iov: `struct iovec[]` = u64 base, u64 len per entry (16 bytes each). */
+  readv: { parameters: ["i32", "buffer", "i32"], result: "isize" },
+  writev: { parameters: ["i32", "buffer", "i32"], result: "isize" },
+  /** ioctl is variadic; fixed arguments work on x86-64. Pointer argument form. */
+  ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
+  /** ioctl with its argument passed by value (TUNSETOFFLOAD, TUNSETPERSIST). */
+  ioctl_value: { name: "ioctl", parameters: ["i32", "u64", "u64"], result: "i32" },
+  socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  bind: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  listen: { parameters: ["i32", "i32"], result: "i32" },
+  accept4: { parameters: ["i32", "buffer", "buffer", "i32"], result: "i32" },
+  connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
+  shutdown: { parameters: ["i32", "i32"], result: "i32" },
+  getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
+  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
+  /** msghdr (56 bytes) holds raw addresses of the iovecs and the cmsg buffer. */
+  recvmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
+  sendmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
+  mmap: {
+    parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"],
+    result: "pointer",
+  },
+  munmap: { parameters: ["pointer", "usize"], result: "i32" },
+  memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
+  ftruncate: { parameters: ["i32", "i64"], result: "i32" },
+  /** struct stat is 144 bytes on x86-64 (glibc >= 2.33 exports fstat itself). */
+  fstat: { parameters: ["i32", "buffer"], result: "i32" },
+  lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
+  /** fcntl is variadic; the third argument as a long covers F_GETFL/F_SETFL/F_DUPFD. */
+  fcntl: { parameters: ["i32", "i32", "i64"], result: "i32" },
+  dup: { parameters: ["i32"], result: "i32" },
+  eventfd: { parameters: ["u32", "i32"], result: "i32" },
+  /** pollfd[] = i32 fd, i16 events, i16 revents (8 bytes each); nfds as BigInt. */
+  poll: { parameters: ["buffer", "u64", "i32"], result: "i32" },
+  /** The same on a worker thread, for rare waits that must not block the isolate. */
+  poll_async: {
+    name: "poll",
+    parameters: ["buffer", "u64", "i32"],
+    result: "i32",
+    nonblocking: true,
+  },
+  pipe2: { parameters: ["buffer", "i32"], result: "i32" },
+  getpid: { parameters: [], result: "i32" },
+  prctl: { parameters: ["i32", "u64", "u64", "u64", "u64"], result: "i32" },
+  capget: { parameters: ["buffer", "buffer"], result: "i32" },
+  capset: { parameters: ["buffer", "buffer"], result: "i32" },
+  unlink: { parameters: ["buffer"], result: "i32" },
+  readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
+  /** Returns 0 (not -1) on failure, with errno set. */
+  if_nametoindex: { parameters: ["buffer"], result: "u32" },
+  __errno_location: { parameters: [], result: "pointer" },
+  strerror: { parameters: ["i32"], result: "pointer" },
+  /** glibc struct sigaction (152 bytes); privileges.ts installs its one-shot handler. */
+  sigaction: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  tgkill: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  /** Lists a directory (/proc/self/task) without Deno's --allow-all for /proc. */
+  getdents64: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+} as const;
+
+const lib = Deno.dlopen(LIBC_NAME, LIBC_SYMBOLS);
 
 /** Raw libc symbols. Check results yourself; read {@link errno} right after a -1. */
 export const sys = lib.symbols;
