@@ -85,17 +85,33 @@ export function tunFlagNames(flags: number): string[] {
 /** virtio 1.2 §5.1.6: struct virtio_net_hdr with num_buffers (VERSION_1): 12 bytes. */
 export const VNET_HDR_LEN = 12;
 
-// ioctl numbers (_IOW/_IOR('T', n, unsigned int) and sockios.h).
-const TUNSETIFF = 0x400454can;
-const TUNGETFEATURES = 0x800454cfn;
-const TUNSETOFFLOAD = 0x400454d0n;
-const TUNGETIFF = 0x800454d2n;
-const TUNGETVNETHDRSZ = 0x800454d7n;
-const TUNSETVNETHDRSZ = 0x400454d8n;
-const TUNGETDEVNETNS = 0x54e3n;
-const SIOCGIFFLAGS = 0x8913n;
-const SIOCSIFFLAGS = 0x8914n;
-const SIOCGIFHWADDR = 0x8927n;
+/**
+ * Every ioctl this file issues (_IOW/_IOR('T', n, unsigned int) and sockios.h):
+ * its number, the descriptor it goes to and why. The permission audit prints
+ * this table, so a new ioctl belongs here.
+ */
+export const TAP_IOCTLS = {
+  TUNSETIFF: { number: 0x400454can, on: "tun", purpose: "create or attach the tap" },
+  TUNGETFEATURES: { number: 0x800454cfn, on: "tun", purpose: "check IFF_TAP and IFF_VNET_HDR" },
+  TUNSETOFFLOAD: { number: 0x400454d0n, on: "tun", purpose: "probe offloads; apply TUNSCAP" },
+  TUNGETIFF: { number: 0x800454d2n, on: "tun", purpose: "read an adopted tap's name and flags" },
+  TUNGETVNETHDRSZ: { number: 0x800454d7n, on: "tun", purpose: "check the vnet header size" },
+  TUNSETVNETHDRSZ: { number: 0x400454d8n, on: "tun", purpose: "set the 12-byte vnet header" },
+  TUNGETDEVNETNS: { number: 0x54e3n, on: "tun", purpose: "is an adopted tap in our netns" },
+  SIOCGIFFLAGS: { number: 0x8913n, on: "AF_INET socket", purpose: "read the link flags" },
+  SIOCSIFFLAGS: { number: 0x8914n, on: "AF_INET socket", purpose: "bring the link up" },
+  SIOCGIFHWADDR: { number: 0x8927n, on: "tun", purpose: "read the tap's MAC" },
+} as const;
+const TUNSETIFF = TAP_IOCTLS.TUNSETIFF.number;
+const TUNGETFEATURES = TAP_IOCTLS.TUNGETFEATURES.number;
+const TUNSETOFFLOAD = TAP_IOCTLS.TUNSETOFFLOAD.number;
+const TUNGETIFF = TAP_IOCTLS.TUNGETIFF.number;
+const TUNGETVNETHDRSZ = TAP_IOCTLS.TUNGETVNETHDRSZ.number;
+const TUNSETVNETHDRSZ = TAP_IOCTLS.TUNSETVNETHDRSZ.number;
+const TUNGETDEVNETNS = TAP_IOCTLS.TUNGETDEVNETNS.number;
+const SIOCGIFFLAGS = TAP_IOCTLS.SIOCGIFFLAGS.number;
+const SIOCSIFFLAGS = TAP_IOCTLS.SIOCSIFFLAGS.number;
+const SIOCGIFHWADDR = TAP_IOCTLS.SIOCGIFHWADDR.number;
 /** net/if.h IFF_UP: a *link* flag (ifr_flags of SIOC[GS]IFFLAGS), not a TUNSETIFF flag. */
 const LINK_IFF_UP = 0x1;
 
