@@ -88,6 +88,8 @@ export const IO_POLLER_OPTIONS = {
 
 /** How long a worker has to acknowledge a request (default). */
 const DEFAULT_TIMEOUT_MS = 5000;
+/** How long a worker has to load and acknowledge init (default). */
+const DEFAULT_START_TIMEOUT_MS = 30_000;
 /** The poller's wake eventfd is written again at this interval until the ack. */
 const WAKE_RETRY_MS = 2;
 
@@ -132,6 +134,11 @@ export interface DatapathHostOptions {
   ranges?: HostRange[];
   /** Milliseconds a worker has to acknowledge a request (default 5000). */
   timeoutMs?: number;
+  /**
+   * Milliseconds each worker has to load and acknowledge `init` (default
+   * 30000: under `deno test` a worker module is type-checked when it loads).
+   */
+  startTimeoutMs?: number;
   /** Called when a worker reports a corrupt ring or dies. */
   onFault?: (role: IoRole, message: string) => void;
   /** Other worker modules, for tests only. */
@@ -175,7 +182,7 @@ class IoWorker {
   }
 
   /** Posts a request and resolves on its ack; rejects on error, timeout or death. */
-  request(msg: DistributiveOmit<IoRequest, "id">, transfer: Transferable[] = []): Promise<void> {
+  request(msg: DistributiveOmit<IoRequest, "id">, timeoutMs = this.timeoutMs): Promise<void> {
     if (this.#dead !== undefined) {
       return Promise.reject(new Error(`${this.role} is not running: ${this.#dead}`));
     }
@@ -189,10 +196,8 @@ class IoWorker {
       };
       const timer = setTimeout(() => {
         settle();
-        reject(
-          new Error(`${this.role} did not acknowledge ${msg.kind} in ${this.timeoutMs} ms`),
-        );
-      }, this.timeoutMs);
+        reject(new Error(`${this.role} did not acknowledge ${msg.kind} in ${timeoutMs} ms`));
+      }, timeoutMs);
       this.#pending.set(id, {
         resolve: () => {
           settle();
@@ -203,7 +208,7 @@ class IoWorker {
           reject(e);
         },
       });
-      this.worker.postMessage({ ...msg, id }, transfer);
+      this.worker.postMessage({ ...msg, id });
       this.nudge();
       if (this.role === "poller") retry = setInterval(this.nudge, WAKE_RETRY_MS);
     });

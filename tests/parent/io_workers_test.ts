@@ -310,6 +310,43 @@ Deno.test({
     }),
 });
 
+Deno.test({
+  ...opts,
+  name: "writer: frames in the bounce arena (a SharedArrayBuffer, always granted) reach the tap",
+  fn: () =>
+    withRig(async ({ ns, tap, tapMac, host, dev }) => {
+      const bounce = new Uint8Array(host.buffers.bounce);
+      // The SAB's backing store does not move: a second view has the same address.
+      assert.equal(
+        Deno.UnsafePointer.value(Deno.UnsafePointer.of(new Uint8Array(host.buffers.bounce))),
+        host.bounceRange.base,
+      );
+      const base = Number(host.bounceRange.base);
+      const before = await tapCounter(ns, tap, "rx_bytes");
+      const frames = [udpFrame(tapMac, 200), udpFrame(tapMac, 1000)];
+      let at = 0x7000;
+      for (const f of frames) {
+        bounce.set(f, at);
+        dev.writeTx({
+          iovs: [{ addr: base + at, len: 20 }, { addr: base + at + 20, len: f.length - 20 }],
+        });
+        at += 0x1000;
+      }
+      // The last byte of the arena is granted; one past it is not.
+      bounce.set(arpFrame(), bounce.length - 42);
+      dev.writeTx({ iovs: [{ addr: base + bounce.length - 42, len: 42 }] });
+      dev.writeTx({ iovs: [{ addr: base + bounce.length - 41, len: 42 }] });
+      dev.kickWriter();
+      const ev = await dev.waitFor(EV_TX_DONE | EV_IO_FAULT);
+      assert.ok(ev & EV_TX_DONE);
+      assert.equal(dev.counter(CTL.IO_BAD_RECORD), 1);
+      const expected = frames[0].length + frames[1].length + 42;
+      assert.ok(
+        await eventually(async () => (await tapCounter(ns, tap, "rx_bytes")) - before === expected),
+      );
+    }),
+});
+
 /** `n` chains of `size` bytes (each split into `pieces` iovecs), `stride` apart from `offset`. */
 function chains(
   guest: GuestMemory,
