@@ -1,0 +1,567 @@
+/**
+ * Giving up Linux privileges after set-up: `PR_SET_NO_NEW_PRIVS`, the ambient
+ * set cleared, the bounding set and the effective/permitted/inheritable sets
+ * cut down to what must stay ({@link CAPABILITIES_KEPT_AFTER_SETUP}, which is
+ * nothing), in **every thread of the process**.
+ *
+ * ## Theory of operation
+ *
+ * Linux keeps credentials per thread: capset(2), prctl(PR_CAPBSET_DROP) and
+ * prctl(PR_SET_NO_NEW_PRIVS) change only the calling thread. A Deno process
+ * has threads before the first line of JavaScript runs (measured on Deno
+ * 2.9.6: the main thread, two "V8 DefaultWorker" threads and three
+ * "tokio-runtime-w" threads, the blocking pool that runs `nonblocking` FFI
+ * calls). Dropping on the main thread alone leaves them all privileged, and
+ * code holding FFI reaches them trivially: a `nonblocking` call runs its
+ * syscall on a pool thread. Threads created later inherit their creator's
+ * credentials, so the question is only the threads that exist at the drop.
+ *
+ * glibc broadcasts set*id(2) to all threads (SIGSETXID) but not capset or
+ * prctl; libpsx does the same for any syscall, but knows only the threads
+ * created through its pthread_create wrapper, which Deno's are not. So this
+ * module does what libpsx does, by hand:
+ *
+ * 1. A 100-byte signal handler, assembled below, makes the four calls with
+ *    raw `syscall` instructions (async-signal-safe: no libc, no stack, no
+ *    errno; every register is restored by rt_sigreturn) and then increments
+ *    an acknowledgement counter. Its code lives in a memfd mapped read+exec
+ *    (never writable and executable at once), its arguments in a private page.
+ * 2. It is installed on a real-time signal nobody else handles, and sent with
+ *    tgkill(2) to every thread in `/proc/self/task`, the caller included.
+ * 3. The result is not trusted but read back: each thread's
+ *    `/proc/self/task/<tid>/status` must show the expected sets. Threads that
+ *    do not (not yet run, or created meanwhile by a thread that had not yet
+ *    dropped) are signalled again, until a pass finds every thread dropped
+ *    and the thread list unchanged. From then on every new thread is created
+ *    by a dropped one and inherits the dropped sets.
+ * 4. The signal is set to SIG_IGN (discarding any duplicate still queued).
+ *    The two pages stay mapped for the life of the process: a thread may
+ *    still be between its acknowledgement and its `ret`.
+ *
+ * Why nothing is kept: TUNSETOFFLOAD on the tap descriptor we hold is served
+ * by tun.c without a capability check (tested: it succeeds with every set
+ * empty), and so is everything else the daemon does after set-up (read and
+ * write the tap, accept on the listening socket, mmap memfds, eventfds,
+ * removing its own socket from a root-owned directory as uid 0). CAP_NET_ADMIN
+ * would only be needed to create or reconfigure interfaces, which is exactly
+ * what a compromised parent must not be able to do.
+ *
+ * @module
+ */
+
+import * as libc from "./libc.ts";
+
+/** Linux capability names by number (include/uapi/linux/capability.h, up to Linux 6.x). */
+export const CAP_NAMES = [
+  "CAP_CHOWN",
+  "CAP_DAC_OVERRIDE",
+  "CAP_DAC_READ_SEARCH",
+  "CAP_FOWNER",
+  "CAP_FSETID",
+  "CAP_KILL",
+  "CAP_SETGID",
+  "CAP_SETUID",
+  "CAP_SETPCAP",
+  "CAP_LINUX_IMMUTABLE",
+  "CAP_NET_BIND_SERVICE",
+  "CAP_NET_BROADCAST",
+  "CAP_NET_ADMIN",
+  "CAP_NET_RAW",
+  "CAP_IPC_LOCK",
+  "CAP_IPC_OWNER",
+  "CAP_SYS_MODULE",
+  "CAP_SYS_RAWIO",
+  "CAP_SYS_CHROOT",
+  "CAP_SYS_PTRACE",
+  "CAP_SYS_PACCT",
+  "CAP_SYS_ADMIN",
+  "CAP_SYS_BOOT",
+  "CAP_SYS_NICE",
+  "CAP_SYS_RESOURCE",
+  "CAP_SYS_TIME",
+  "CAP_SYS_TTY_CONFIG",
+  "CAP_MKNOD",
+  "CAP_LEASE",
+  "CAP_AUDIT_WRITE",
+  "CAP_AUDIT_CONTROL",
+  "CAP_SETFCAP",
+  "CAP_MAC_OVERRIDE",
+  "CAP_MAC_ADMIN",
+  "CAP_SYSLOG",
+  "CAP_WAKE_ALARM",
+  "CAP_BLOCK_SUSPEND",
+  "CAP_AUDIT_READ",
+  "CAP_PERFMON",
+  "CAP_BPF",
+  "CAP_CHECKPOINT_RESTORE",
+] as const;
+
+/** A capability's name; bits newer than {@link CAP_NAMES} read as `CAP_<n>`. */
+export type CapName = typeof CAP_NAMES[number] | `CAP_${number}`;
+
+/** A capability the process keeps after set-up, and why it must. */
+export interface KeptCapability {
+  name: CapName;
+  why: string;
+}
+
+/**
+ * What the process keeps once the tap is open and up and the vhost-user
+ * socket exists: nothing. The audit prints this list; the drop uses it.
+ */
+export const CAPABILITIES_KEPT_AFTER_SETUP: readonly KeptCapability[] = [];
+
+/**
+ * Capabilities one might expect the daemon to keep, and why it does not:
+ * printed by the audit next to the (empty) kept list.
+ */
+export const CAPABILITIES_NOT_NEEDED_AFTER_SETUP: Readonly<Partial<Record<CapName, string>>> = {
+  CAP_NET_ADMIN: "needed to create the tap (TUNSETIFF) and bring it up (SIOCSIFFLAGS) only; " +
+    "TUNSETOFFLOAD (TUNSCAP), TUNSETVNETHDRSZ, reads and writes on the open tap fd " +
+    "need no capability (tested after the drop)",
+  CAP_DAC_OVERRIDE: "the socket and its directory are the daemon's own (uid 0); " +
+    "memfds and eventfds arrive as descriptors",
+  CAP_SETPCAP: "needed once, to shrink the bounding set during the drop itself",
+};
+
+/** One set of capabilities as read from `/proc/.../status`. */
+export interface CapabilityState {
+  effective: CapName[];
+  permitted: CapName[];
+  inheritable: CapName[];
+  bounding: CapName[];
+  ambient: CapName[];
+  /** The `NoNewPrivs` flag: execve(2) can grant no privilege. */
+  noNewPrivs: boolean;
+}
+
+/** The state of one thread. */
+export interface ThreadCapabilityState extends CapabilityState {
+  tid: number;
+  /** The thread's name (`comm`), e.g. "tokio-runtime-w" or "vionet-device". */
+  name: string;
+}
+
+/** What {@link dropPrivileges} did. */
+export interface DropResult {
+  /** Capabilities still effective and permitted in every thread. */
+  kept: CapName[];
+  /** Capabilities that were permitted before and are gone now. */
+  dropped: CapName[];
+  /** Whether the bounding set was cut to `kept` (needs CAP_SETPCAP at the time). */
+  boundingDropped: boolean;
+  /** Threads checked in the final pass. */
+  threads: number;
+  /** Signal rounds it took. */
+  rounds: number;
+}
+
+/** The drop did not reach every thread. */
+export class PrivilegeDropError extends Error {
+  override name = "PrivilegeDropError";
+}
+
+// ---------------------------------------------------------------------------
+// Masks and names
+
+/** The bit of a capability. */
+export function capBit(name: CapName): bigint {
+  const known = (CAP_NAMES as readonly string[]).indexOf(name);
+  const n = known >= 0 ? known : Number(/^CAP_(\d+)$/.exec(name)?.[1] ?? NaN);
+  if (!Number.isInteger(n) || n < 0 || n > 63) throw new RangeError(`Unknown capability ${name}`);
+  return 1n << BigInt(n);
+}
+
+/** The names of the bits set in `mask`, lowest first. */
+export function capNames(mask: bigint): CapName[] {
+  const out: CapName[] = [];
+  for (let n = 0; n < 64; n++) {
+    if ((mask >> BigInt(n)) & 1n) out.push(CAP_NAMES[n] ?? `CAP_${n}`);
+  }
+  return out;
+}
+
+function maskOf(names: readonly CapName[]): bigint {
+  return names.reduce((m, n) => m | capBit(n), 0n);
+}
+
+// ---------------------------------------------------------------------------
+// /proc through libc: Deno's own file API wants --allow-all for /proc.
+
+/** Reads a small /proc file; null if it does not exist (a thread that has exited). */
+function readProc(path: string): string | null {
+  let fd: number;
+  try {
+    fd = libc.open(path, libc.O_RDONLY | libc.O_CLOEXEC);
+  } catch (e) {
+    if (e instanceof libc.SyscallError && e.errno === libc.Errno.ENOENT) return null;
+    throw e;
+  }
+  try {
+    const chunks: Uint8Array[] = [];
+    const buf = new Uint8Array(4096);
+    for (let n; (n = libc.read(fd, buf)) > 0;) chunks.push(buf.slice(0, n));
+    return new TextDecoder().decode(concat(chunks));
+  } catch (e) {
+    // A thread that exits between open and read: its status reads as ESRCH.
+    if (e instanceof libc.SyscallError && e.errno === libc.Errno.ESRCH) return null;
+    throw e;
+  } finally {
+    libc.close(fd);
+  }
+}
+
+function concat(chunks: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.length;
+  }
+  return out;
+}
+
+interface Masks {
+  eff: bigint;
+  prm: bigint;
+  inh: bigint;
+  bnd: bigint;
+  amb: bigint;
+  nnp: boolean;
+}
+
+function parseStatus(text: string, path: string): Masks {
+  const field = (key: string): string => {
+    const m = new RegExp(`^${key}:\\s*(\\S+)`, "m").exec(text);
+    if (!m) throw new Error(`${path} has no ${key} line`);
+    return m[1];
+  };
+  const hex = (key: string) => BigInt(`0x${field(key)}`);
+  return {
+    eff: hex("CapEff"),
+    prm: hex("CapPrm"),
+    inh: hex("CapInh"),
+    bnd: hex("CapBnd"),
+    amb: hex("CapAmb"),
+    nnp: field("NoNewPrivs") === "1",
+  };
+}
+
+function toState(m: Masks): CapabilityState {
+  return {
+    effective: capNames(m.eff),
+    permitted: capNames(m.prm),
+    inheritable: capNames(m.inh),
+    bounding: capNames(m.bnd),
+    ambient: capNames(m.amb),
+    noNewPrivs: m.nnp,
+  };
+}
+
+function readMasks(path: string): Masks | null {
+  const text = readProc(path);
+  return text === null ? null : parseStatus(text, path);
+}
+
+/** The thread ids in /proc/self/task, listed with getdents64(2). */
+export function listThreadIds(): number[] {
+  const fd = libc.open("/proc/self/task", libc.O_RDONLY | libc.O_CLOEXEC | O_DIRECTORY);
+  try {
+    const tids: number[] = [];
+    const buf = new Uint8Array(8192);
+    const view = new DataView(buf.buffer);
+    for (;;) {
+      const n = libc.checkSize(
+        libc.sys.getdents64(fd, buf, BigInt(buf.byteLength)),
+        "getdents64",
+        "/proc/self/task",
+      );
+      if (n === 0) return tids;
+      // struct linux_dirent64: u64 d_ino, i64 d_off, u16 d_reclen @16, u8 d_type, name @19.
+      for (let at = 0; at < n;) {
+        const reclen = view.getUint16(at + 16, true);
+        const end = buf.indexOf(0, at + 19);
+        const name = new TextDecoder().decode(buf.subarray(at + 19, end));
+        if (/^\d+$/.test(name)) tids.push(Number(name));
+        at += reclen;
+      }
+    }
+  } finally {
+    libc.close(fd);
+  }
+}
+
+const O_DIRECTORY = 0o200000;
+
+/** The main thread's capabilities (`/proc/self/status`). */
+export function currentCapabilities(): CapabilityState {
+  const m = readMasks("/proc/self/status");
+  if (m === null) throw new Error("/proc/self/status is missing (is /proc mounted?)");
+  return toState(m);
+}
+
+/** Every thread's capabilities, from `/proc/self/task/<tid>/status`. */
+export function threadCapabilities(): ThreadCapabilityState[] {
+  const out: ThreadCapabilityState[] = [];
+  for (const tid of listThreadIds()) {
+    const m = readMasks(`/proc/self/task/${tid}/status`);
+    const comm = readProc(`/proc/self/task/${tid}/comm`);
+    if (m === null || comm === null) continue; // exited meanwhile
+    out.push({ tid, name: comm.trim(), ...toState(m) });
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// The all-thread drop
+
+const SYS_CAPSET = 126;
+const SYS_PRCTL = 157;
+const PR_CAP_AMBIENT = 47;
+const PR_CAP_AMBIENT_CLEAR_ALL = 4;
+/** capability.h: _LINUX_CAPABILITY_VERSION_3 (two 32-bit words per set). */
+const LINUX_CAPABILITY_VERSION_3 = 0x20080522;
+const SA_RESTART = 0x10000000;
+const SIG_IGN = 1n;
+/** glibc struct sigaction: handler @0, sa_mask @8 (128 bytes), sa_flags @136, restorer @144. */
+const SIGACTION_SIZE = 152;
+const MFD_EXEC = 0x10;
+const PAGE = 4096;
+
+// The argument page: ack counter @0 (i32), bounding-set bits to drop @8 (u64),
+// capset header @16 (version, pid 0 = the calling thread), capset data @24
+// (effective, permitted, inheritable) x 2 words.
+const ARG_ACK = 0;
+const ARG_BOUNDING = 8;
+const ARG_HEADER = 16;
+const ARG_DATA = 24;
+
+function le32(n: number): number[] {
+  return [n & 0xff, (n >>> 8) & 0xff, (n >>> 16) & 0xff, (n >>> 24) & 0xff];
+}
+
+function le64(n: bigint): number[] {
+  return [...le32(Number(n & 0xffffffffn)), ...le32(Number(n >> 32n))];
+}
+
+/** `prctl(option, arg2, 0, 0, 0)` as a raw syscall; arg2 from a register or an immediate. */
+function rawPrctl(option: number, arg2: number | "r13"): number[] {
+  return [
+    0xb8,
+    ...le32(SYS_PRCTL), // mov eax, SYS_prctl
+    0xbf,
+    ...le32(option), // mov edi, option
+    ...(arg2 === "r13" ? [0x4c, 0x89, 0xee] : [0xbe, ...le32(arg2)]), // mov rsi, r13 | mov esi, imm
+    0x31,
+    0xd2, // xor edx, edx
+    0x4d,
+    0x31,
+    0xd2, // xor r10, r10
+    0x4d,
+    0x31,
+    0xc0, // xor r8, r8
+    0x0f,
+    0x05, // syscall
+  ];
+}
+
+/**
+ * The handler `void handler(int sig)`, x86-64. rbx holds the argument page;
+ * r12 the bounding bits to drop, r13 the capability number in the loop.
+ */
+function assembleHandler(args: bigint): Uint8Array {
+  const dropOne = rawPrctl(libc.PR_CAPBSET_DROP, "r13");
+  const loop = [
+    0x4d,
+    0x0f,
+    0xa3,
+    0xec, // bt r12, r13
+    0x73,
+    dropOne.length, // jnc skip
+    ...dropOne, // prctl(PR_CAPBSET_DROP, r13)
+    // skip:
+    0x49,
+    0xff,
+    0xc5, // inc r13
+    0x49,
+    0x83,
+    0xfd,
+    0x40, // cmp r13, 64
+  ];
+  const code = [
+    0x48,
+    0xbb,
+    ...le64(args), // mov rbx, args
+    ...rawPrctl(libc.PR_SET_NO_NEW_PRIVS, 1),
+    ...rawPrctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL),
+    0x4c,
+    0x8b,
+    0x63,
+    ARG_BOUNDING, // mov r12, [rbx + ARG_BOUNDING]
+    0x4d,
+    0x31,
+    0xed, // xor r13, r13
+    ...loop,
+    0x72,
+    (256 - (loop.length + 2)) & 0xff, // jb loop
+    0xb8,
+    ...le32(SYS_CAPSET), // mov eax, SYS_capset
+    0x48,
+    0x8d,
+    0x7b,
+    ARG_HEADER, // lea rdi, [rbx + ARG_HEADER]
+    0x48,
+    0x8d,
+    0x73,
+    ARG_DATA, // lea rsi, [rbx + ARG_DATA]
+    0x0f,
+    0x05, // syscall
+    0xf0,
+    0xff,
+    0x03, // lock inc dword [rbx + ARG_ACK]
+    0xc3, // ret
+  ];
+  return new Uint8Array(code);
+}
+
+/** Maps `code` read+exec from a memfd: at no time writable and executable. */
+function mapCode(code: Uint8Array): Deno.PointerObject {
+  let fd: number;
+  try {
+    fd = libc.memfdCreate("vionet-capdrop", libc.MFD_CLOEXEC | MFD_EXEC);
+  } catch (e) {
+    // MFD_EXEC is Linux 6.3+; older kernels refuse the flag and allow exec anyway.
+    if (!(e instanceof libc.SyscallError && e.errno === libc.Errno.EINVAL)) throw e;
+    fd = libc.memfdCreate("vionet-capdrop", libc.MFD_CLOEXEC);
+  }
+  try {
+    libc.ftruncate(fd, PAGE);
+    if (libc.write(fd, code) !== code.length) throw new Error("short write of the drop handler");
+    return libc.mmap(PAGE, libc.PROT_READ | PROT_EXEC, libc.MAP_PRIVATE, fd);
+  } finally {
+    libc.close(fd);
+  }
+}
+
+const PROT_EXEC = 4;
+
+function sigaction(sig: number, handler: bigint | null): bigint {
+  const act = new Uint8Array(SIGACTION_SIZE);
+  const old = new Uint8Array(SIGACTION_SIZE);
+  if (handler !== null) {
+    const v = new DataView(act.buffer);
+    v.setBigUint64(0, handler, true);
+    act.fill(0xff, 8, 136); // block every signal while the handler runs
+    v.setInt32(136, SA_RESTART, true);
+  }
+  libc.check(libc.sys.sigaction(sig, handler === null ? null : act, old), "sigaction", `${sig}`);
+  return new DataView(old.buffer).getBigUint64(0, true);
+}
+
+/** The highest real-time signal whose disposition is still SIG_DFL. */
+function freeRealtimeSignal(): number {
+  // glibc keeps 32 and 33 for itself; SIGRTMIN() is 34 and SIGRTMAX 64.
+  for (let sig = 64; sig >= 35; sig--) {
+    if (sigaction(sig, null) === 0n) return sig;
+  }
+  throw new PrivilegeDropError("no free real-time signal to reach every thread with");
+}
+
+const NO_FDS = new Uint8Array(8);
+
+/** Sleeps on the calling thread (poll with no descriptors). */
+function sleepMs(ms: number): void {
+  libc.sys.poll(NO_FDS, 0n, ms);
+}
+
+/**
+ * Gives up every privilege the process does not need any more, in every
+ * thread (see the module comment for how): sets NO_NEW_PRIVS, clears the
+ * ambient and inheritable sets, cuts the bounding set (when CAP_SETPCAP is
+ * held) and the effective and permitted sets down to `keep`. Capabilities in
+ * `keep` that are not permitted now are not kept. Then checks every thread's
+ * `/proc` status and returns only when all of them show exactly that.
+ *
+ * @throws {PrivilegeDropError} if some thread still shows more after
+ *   `timeoutMs` (default 2000): the process must not go on serving then.
+ */
+export function dropPrivileges(
+  keep: readonly CapName[] = CAPABILITIES_KEPT_AFTER_SETUP.map((c) => c.name),
+  options: { timeoutMs?: number } = {},
+): DropResult {
+  const before = readMasks("/proc/thread-self/status")!;
+  const keepMask = maskOf(keep) & before.prm;
+  const lastCap = Number(readProc("/proc/sys/kernel/cap_last_cap")?.trim() ?? "40");
+  const allCaps = (1n << BigInt(lastCap + 1)) - 1n;
+  const boundingDropped = (before.eff & capBit("CAP_SETPCAP")) !== 0n;
+  const boundingDrop = boundingDropped ? allCaps & ~keepMask : 0n;
+  const done = (m: Masks) =>
+    m.eff === keepMask && m.prm === keepMask && m.inh === 0n && m.amb === 0n && m.nnp &&
+    (m.bnd & boundingDrop) === 0n;
+
+  // The handler's argument page (read-write, private) and code page (read-exec).
+  const argsPtr = libc.mmap(
+    PAGE,
+    libc.PROT_READ | libc.PROT_WRITE,
+    libc.MAP_PRIVATE | libc.MAP_ANONYMOUS,
+    -1,
+  );
+  const argsBuf = Deno.UnsafePointerView.getArrayBuffer(argsPtr, PAGE);
+  const args = new DataView(argsBuf);
+  const ack = new Int32Array(argsBuf, ARG_ACK, 1);
+  args.setBigUint64(ARG_BOUNDING, boundingDrop, true);
+  args.setUint32(ARG_HEADER, LINUX_CAPABILITY_VERSION_3, true);
+  args.setInt32(ARG_HEADER + 4, 0, true);
+  const lo = Number(keepMask & 0xffffffffn);
+  const hi = Number(keepMask >> 32n);
+  [lo, lo, 0, hi, hi, 0].forEach((word, i) => args.setUint32(ARG_DATA + 4 * i, word, true));
+  const code = mapCode(assembleHandler(BigInt(Deno.UnsafePointer.value(argsPtr))));
+
+  const sig = freeRealtimeSignal();
+  sigaction(sig, BigInt(Deno.UnsafePointer.value(code)));
+  const pid = libc.getpid();
+  const deadline = Date.now() + (options.timeoutMs ?? 2000);
+  let rounds = 0;
+  try {
+    for (;;) {
+      const tids = listThreadIds();
+      const behind = tids.filter((tid) => {
+        const m = readMasks(`/proc/self/task/${tid}/status`);
+        return m !== null && !done(m);
+      });
+      // Every thread read as dropped and none appeared meanwhile: a thread
+      // created from now on is created by a dropped one.
+      if (behind.length === 0 && sameIds(tids, listThreadIds())) {
+        return {
+          kept: capNames(keepMask),
+          dropped: capNames(before.prm & ~keepMask),
+          boundingDropped,
+          threads: tids.length,
+          rounds,
+        };
+      }
+      if (Date.now() > deadline) {
+        throw new PrivilegeDropError(
+          `threads ${behind.join(", ")} still hold privileges after ${rounds} rounds`,
+        );
+      }
+      rounds++;
+      const target = Atomics.load(ack, 0) + behind.length;
+      let sent = 0;
+      for (const tid of behind) {
+        if (libc.sys.tgkill(pid, tid, sig) === 0) sent++;
+        else if (libc.errno() !== libc.Errno.ESRCH) libc.check(-1, "tgkill", `thread ${tid}`);
+      }
+      const wanted = target - (behind.length - sent);
+      while (Atomics.load(ack, 0) < wanted && Date.now() <= deadline) sleepMs(1);
+    }
+  } finally {
+    sigaction(sig, SIG_IGN);
+  }
+}
+
+function sameIds(a: number[], b: number[]): boolean {
+  const sa = [...a].sort((x, y) => x - y);
+  const sb = [...b].sort((x, y) => x - y);
+  return sa.length === sb.length && sa.every((v, i) => v === sb[i]);
+}
