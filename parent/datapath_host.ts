@@ -7,8 +7,9 @@
  * descriptor) resolves only after both workers that could use it
  * acknowledged it; only then may the caller unmap the region or close the
  * old descriptor. The poller, blocked in `poll()`, cannot see a message:
- * after posting one the host writes the poller's wake eventfd, and writes it
- * again every {@link WAKE_RETRY_MS} until the ack arrives.
+ * the host bumps the worker's mailbox count, posts, then writes the poller's
+ * wake eventfd, and writes it again every {@link WAKE_RETRY_MS} until the ack
+ * arrives (a safety net; the mailbox makes the first wake-up enough).
  *
  * @module
  */
@@ -39,6 +40,8 @@ import {
   type IoReply,
   type IoRequest,
   type IoRole,
+  MAILBOX,
+  MAILBOX_BYTES,
   parseIoReply,
 } from "./io_protocol.ts";
 import type { Logger } from "./log.ts";
@@ -91,7 +94,7 @@ const DEFAULT_TIMEOUT_MS = 5000;
 /** How long a worker has to load and acknowledge init (default). */
 const DEFAULT_START_TIMEOUT_MS = 30_000;
 /** The poller's wake eventfd is written again at this interval until the ack. */
-const WAKE_RETRY_MS = 2;
+const WAKE_RETRY_MS = 20;
 
 /**
  * Allocates the data path's SharedArrayBuffers and initialises the three
@@ -154,6 +157,9 @@ interface Pending {
 /** One worker and its request/ack bookkeeping. */
 class IoWorker {
   readonly worker: Worker;
+  /** Word MAILBOX.POSTED: messages posted to this worker (io_protocol.ts). */
+  readonly mailbox = new SharedArrayBuffer(MAILBOX_BYTES);
+  readonly #posted = new Int32Array(this.mailbox);
   readonly #pending = new Map<number, Pending>();
   #nextId = 1;
   #dead: string | undefined;
@@ -208,6 +214,7 @@ class IoWorker {
           reject(e);
         },
       });
+      Atomics.add(this.#posted, MAILBOX.POSTED, 1);
       this.worker.postMessage({ ...msg, id });
       this.nudge();
       if (this.role === "poller") retry = setInterval(this.nudge, WAKE_RETRY_MS);
@@ -340,7 +347,7 @@ export class DatapathHost {
     const host = new DatapathHost(opts, wakeFd);
     try {
       const ranges = host.#grant(opts.ranges ?? []);
-      const init = (role: IoRole) => ({
+      const init = (role: IoRole, mailbox: SharedArrayBuffer) => ({
         kind: "init" as const,
         version: IO_PROTOCOL_VERSION,
         role,
@@ -348,13 +355,15 @@ export class DatapathHost {
         tx: buffers.tx,
         rxPost: buffers.rxPost,
         rxDone: buffers.rxDone,
+        mailbox,
         tapFd: opts.tapFd,
         wakeFd,
         ranges,
       });
+      const startMs = opts.startTimeoutMs ?? DEFAULT_START_TIMEOUT_MS;
       await Promise.all([
-        host.#writer.request(init("writer")),
-        host.#poller.request(init("poller")),
+        host.#writer.request(init("writer", host.#writer.mailbox), startMs),
+        host.#poller.request(init("poller", host.#poller.mailbox), startMs),
       ]);
       return host;
     } catch (e) {

@@ -13,9 +13,10 @@
  *   device, which publishes and then reads POLLER_STARVED and asks the writer
  *   for WEV_WAKE_POLLER);
  * - the parent posts a control message and then writes the wake eventfd; on
- *   waking the poller drains it and awaits one macrotask, in which the
- *   messages are served. Control messages are served only there, between
- *   batches, so an ack means the old regions/descriptors are out of use.
+ *   waking the poller drains it and, while its mailbox (`io_protocol.ts`)
+ *   says messages are waiting, yields to the event loop, which serves them.
+ *   Control messages are served only there, between batches, so an ack
+ *   means the old regions/descriptors are out of use.
  *
  * Trust: rx-post records are hostile. Each chain is copied into private
  * memory and checked (iovec count 1..RX_MAX_IOV, every iovec inside one
@@ -60,6 +61,7 @@ import {
   errorReply,
   type IoReply,
   type IoRequest,
+  MAILBOX,
   parseIoRequest,
   ROLE_SLOTS,
   RX_STATUS_BAD_POST,
@@ -93,6 +95,11 @@ let tapBroken = false;
 const kickFd = [-1, -1]; // indexed by RX_QUEUE / TX_QUEUE
 let wakeFd = -1;
 let stopId: number | null = null;
+/** Messages the parent posted (its word) and this worker served. */
+let mailbox: Int32Array | null = null;
+let served = 0;
+/** Longest the poller yields for a message the mailbox announced (the parent retries anyway). */
+const MAIL_WAIT_MS = 100;
 
 // ---- private buffers ------------------------------------------------------------
 
@@ -356,7 +363,13 @@ async function loop(c: Int32Array): Promise<void> {
       if (revents(0) & libc.POLLNVAL) Atomics.add(c, CTL.POLLER_ERRORS, 1);
       readEventfd(wakeFd);
       if (bits !== 0) signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
-      await macrotask();
+      const deadline = performance.now() + MAIL_WAIT_MS;
+      while (
+        served !== Atomics.load(mailbox!, MAILBOX.POSTED) && stopId === null &&
+        performance.now() < deadline
+      ) {
+        await macrotask();
+      }
       continue;
     }
     if (iKickRx >= 0) bits |= kick(c, iKickRx, RX_QUEUE, EV_KICK_RX);
@@ -414,6 +427,7 @@ function serve(msg: IoRequest): void {
       rxDone = d;
       tapFd = msg.tapFd;
       wakeFd = msg.wakeFd;
+      mailbox = new Int32Array(msg.mailbox);
       ctl = c;
       post({ kind: "ack", id: msg.id });
       loop(c).catch((e) => {
@@ -454,6 +468,7 @@ function serve(msg: IoRequest): void {
 }
 
 self.onmessage = (e: MessageEvent) => {
+  served++;
   let id: number | null = null;
   try {
     const msg = parseIoRequest(e.data);

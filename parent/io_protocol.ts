@@ -10,6 +10,15 @@
  * Workers also post `fault` on their own when a data-path ring turned out to
  * be corrupt (they stop using that ring).
  *
+ * The mailbox: a tiny SharedArrayBuffer per worker whose word
+ * {@link MAILBOX.POSTED} counts the messages the parent has posted to it,
+ * bumped *before* each postMessage. A worker counts the messages it has
+ * served; while it is behind, it yields to its event loop before touching
+ * memory or blocking in FFI again. (A worker that resumes after a macrotask
+ * cannot tell whether a message arrived in the same event-loop turn and is
+ * still waiting for its own microtask: measured, the poller otherwise went
+ * back into `poll()` and answered only after ~280 ms of retries.)
+ *
  * The data path itself (records, event bits) is `ipc/datapath.ts`; this file
  * is only the slow control channel beside it.
  *
@@ -29,6 +38,10 @@ export const IO_PROTOCOL_VERSION = 1;
 export const RX_STATUS_TOO_BIG = 1;
 /** The poller refused a posted chain (bad iovec count, capacity or region); chains = 1, bytes = 0. */
 export const RX_STATUS_BAD_POST = 2;
+
+/** Word indices of the mailbox (an Int32Array over {@link MAILBOX_BYTES}). */
+export const MAILBOX = { POSTED: 0 } as const;
+export const MAILBOX_BYTES = 64;
 
 /** Which I/O worker a message is for. */
 export type IoRole = "writer" | "poller";
@@ -52,6 +65,8 @@ export interface InitRequest {
   tx: SharedArrayBuffer;
   rxPost: SharedArrayBuffer;
   rxDone: SharedArrayBuffer;
+  /** This worker's mailbox (see the module comment). */
+  mailbox: SharedArrayBuffer;
   /** The tap, O_NONBLOCK, shared by both workers. */
   tapFd: number;
   /** The poller's wake eventfd: the poller polls it, the writer writes it. */
@@ -136,6 +151,9 @@ function fd(v: unknown, field: string, id: number | null): number {
 
 function sab(v: unknown, field: string, id: number | null): SharedArrayBuffer {
   if (!(v instanceof SharedArrayBuffer)) fail(`${field} must be a SharedArrayBuffer`, id);
+  if (field === "mailbox" && v.byteLength !== MAILBOX_BYTES) {
+    fail(`mailbox must be ${MAILBOX_BYTES} bytes`, id);
+  }
   return v;
 }
 
@@ -179,6 +197,7 @@ export function parseIoRequest(data: unknown): IoRequest {
         tx: sab(data.tx, "tx", id),
         rxPost: sab(data.rxPost, "rxPost", id),
         rxDone: sab(data.rxDone, "rxDone", id),
+        mailbox: sab(data.mailbox, "mailbox", id),
         tapFd: fd(data.tapFd, "tapFd", id),
         wakeFd: fd(data.wakeFd, "wakeFd", id),
         ranges: ranges(data.ranges, id),

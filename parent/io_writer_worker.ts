@@ -9,8 +9,8 @@
  * Loop: announce WRITER_SLEEPING, load the doorbell, re-check events and the
  * TX ring, and only then `Atomics.waitAsync` on CTL.WRITER_DOORBELL: the
  * event loop stays free, so the parent's control messages are handled while
- * the writer sleeps, and between batches (a macrotask yield every
- * {@link BUSY_YIELD_MS} of continuous work).
+ * the writer sleeps; while busy it yields one macrotask after a batch
+ * whenever its mailbox says a message is waiting (`io_protocol.ts`).
  *
  * Trust: TX records are hostile (the device parses guest memory and could be
  * subverted). Each record is copied out of shared memory into private
@@ -54,14 +54,13 @@ import {
   errorReply,
   type IoReply,
   type IoRequest,
+  MAILBOX,
   parseIoRequest,
   ROLE_SLOTS,
 } from "./io_protocol.ts";
 
 /** Records written before they are released and the device is signalled. */
 const TX_BATCH = 64;
-/** Continuous work after which the loop yields one macrotask for control messages. */
-const BUSY_YIELD_MS = 1;
 /** ETH_HLEN: tun_get_user() refuses shorter frames. */
 const ETH_HLEN = 14;
 
@@ -77,6 +76,9 @@ let tapFd = -1;
 const callFd = [-1, -1]; // indexed by RX_QUEUE / TX_QUEUE
 let wakeFd = -1;
 let stopId: number | null = null;
+/** Messages the parent posted (its word) and this worker served. */
+let mailbox: Int32Array | null = null;
+let served = 0;
 
 // ---- private buffers (never shared, so the device cannot change them) ---------
 
@@ -225,8 +227,12 @@ function txPending(): boolean {
   }
 }
 
+/** Whether the parent posted a message this worker has not served yet. */
+function mailPending(): boolean {
+  return mailbox !== null && served !== Atomics.load(mailbox, MAILBOX.POSTED);
+}
+
 async function loop(c: Int32Array): Promise<void> {
-  let busySince = performance.now();
   while (stopId === null) {
     const ev = Atomics.exchange(c, CTL.WRITER_EVENTS, 0);
     if (ev & WEV_CALL_RX) writeEventfd(c, callFd[RX_QUEUE]);
@@ -236,10 +242,8 @@ async function loop(c: Int32Array): Promise<void> {
     const bits = drainTx(c);
     if (bits !== 0) signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
     if (ev !== 0 || bits !== 0) {
-      if (performance.now() - busySince > BUSY_YIELD_MS) {
-        await macrotask();
-        busySince = performance.now();
-      }
+      // Busy: serve waiting control messages between batches (a revocation must not wait).
+      while (mailPending() && stopId === null) await macrotask();
       continue;
     }
     // Sleep (Dekker with signal()): announce, load the doorbell, re-check, wait.
@@ -250,7 +254,6 @@ async function loop(c: Int32Array): Promise<void> {
       if (r.async) await r.value;
     }
     Atomics.store(c, CTL.WRITER_SLEEPING, 0);
-    busySince = performance.now();
   }
   const id = stopId;
   post({ kind: "ack", id });
@@ -279,6 +282,7 @@ function serve(msg: IoRequest): void {
       tx = ring;
       tapFd = msg.tapFd;
       wakeFd = msg.wakeFd;
+      mailbox = new Int32Array(msg.mailbox);
       ctl = c;
       post({ kind: "ack", id: msg.id });
       loop(c).catch((e) => {
@@ -316,6 +320,7 @@ function serve(msg: IoRequest): void {
 }
 
 self.onmessage = (e: MessageEvent) => {
+  served++;
   let id: number | null = null;
   try {
     const msg = parseIoRequest(e.data);
