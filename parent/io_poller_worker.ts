@@ -5,7 +5,7 @@
  * tap straight into the guest buffers the device posted, and turns kicks into
  * device events (`ipc/datapath.ts`).
  *
- * Runs with FFI only (`IO_WORKER_OPTIONS` in `datapath_host.ts`).
+ * Runs with FFI only (`IO_POLLER_OPTIONS` in `datapath_host.ts`).
  *
  * A thread blocked in `poll()` sees neither Atomics nor postMessage. So:
  * - the tap is polled only while RX chains are posted; otherwise the poller

@@ -4,7 +4,7 @@
  * records to the tap straight from guest memory, writes the queues' call
  * eventfds when the device asks, and wakes the poller (`ipc/datapath.ts`).
  *
- * Runs with FFI only (`IO_WORKER_OPTIONS` in `datapath_host.ts`).
+ * Runs with FFI only (`IO_WRITER_OPTIONS` in `datapath_host.ts`).
  *
  * Loop: announce WRITER_SLEEPING, load the doorbell, re-check events and the
  * TX ring, and only then `Atomics.waitAsync` on CTL.WRITER_DOORBELL: the

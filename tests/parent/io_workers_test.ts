@@ -16,6 +16,7 @@ import { createTap, type Tap } from "../../parent/tap.ts";
 import {
   createDatapathBuffers,
   DatapathHost,
+  IO_POLLER_OPTIONS,
   IO_WRITER_OPTIONS,
   IO_WRITER_URL,
 } from "../../parent/datapath_host.ts";
@@ -271,6 +272,37 @@ console.log(n);`;
 // ---- tests ------------------------------------------------------------------------------
 
 const opts = { ignore: skip !== undefined, sanitizeOps: false, sanitizeResources: false };
+
+Deno.test("the I/O workers' options grant FFI and nothing else", async () => {
+  const probe = `const names = ["read", "write", "net", "env", "run", "sys", "ffi", "import"];
+    const out = {};
+    for (const name of names) out[name] = (await Deno.permissions.query({ name })).state;
+    self.postMessage(out);`;
+  for (const options of [IO_WRITER_OPTIONS, IO_POLLER_OPTIONS]) {
+    const worker = new Worker(`data:application/javascript,${encodeURIComponent(probe)}`, options);
+    try {
+      const states = await new Promise((resolve, reject) => {
+        worker.onmessage = (e) => resolve(e.data);
+        worker.onerror = (e) => {
+          e.preventDefault();
+          reject(new Error(e.message));
+        };
+      });
+      assert.deepEqual(states, {
+        read: "prompt",
+        write: "prompt",
+        net: "prompt",
+        env: "prompt",
+        run: "prompt",
+        sys: "prompt",
+        ffi: "granted",
+        import: "prompt",
+      }, options.name);
+    } finally {
+      worker.terminate();
+    }
+  }
+});
 
 Deno.test("IoRegions.contains() grants only whole iovecs inside one range", async (t) => {
   const r = IoRegions.from([
