@@ -233,8 +233,13 @@ async function drop(socketPath: string) {
 
 // Dispatch last: everything above is initialised by now.
 if (new URL(import.meta.url).search === "?worker") {
-  self.onmessage = (e: MessageEvent<{ op: string; name: string }>) => {
-    self.postMessage({ createTap: outcome(() => createTap(e.data.name).close()) });
+  // This module is also a main module, so its globals are typed as Window's.
+  const scope = self as unknown as {
+    onmessage: (e: MessageEvent<{ op: string; name: string }>) => void;
+    postMessage(message: unknown): void;
+  };
+  scope.onmessage = (e) => {
+    scope.postMessage({ createTap: outcome(() => createTap(e.data.name).close()) });
   };
 } else {
   const mode = Deno.args[0];
