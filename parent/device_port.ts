@@ -115,7 +115,12 @@ export class VionetDevicePort implements DevicePort {
     await this.#maybeStart();
   }
 
+  #debug(text: string): void {
+    this.#logger.log("debug", "vhost-user", text);
+  }
+
   async setMemTable(regions: MappedRegion[]): Promise<void> {
+    this.#debug(`SET_MEM_TABLE ${regions.map(describe).join(", ") || "(empty)"}`);
     const wasRunning = await this.#stopQueues();
     await this.#device.revokeMemory();
     this.#regions = [];
@@ -127,6 +132,7 @@ export class VionetDevicePort implements DevicePort {
   }
 
   async addMemRegion(region: MappedRegion): Promise<void> {
+    this.#debug(`ADD_MEM_REG ${describe(region)}`);
     // The I/O workers learn the new range before the device can point into it.
     const all = [...this.#regions, region];
     await this.#datapath?.setRegions(all.map(hostRange));
@@ -140,6 +146,7 @@ export class VionetDevicePort implements DevicePort {
   }
 
   async removeMemRegion(gpa: bigint, size: bigint): Promise<void> {
+    this.#debug(`REM_MEM_REG gpa 0x${gpa.toString(16)} size 0x${size.toString(16)}`);
     const i = this.#regions.findIndex((r) => r.guestPhysAddr === gpa && r.size === size);
     if (i < 0) throw new RangeError(`no region at GPA 0x${gpa.toString(16)} of ${size} bytes`);
     const r = this.#regions[i];
@@ -290,6 +297,12 @@ export class VionetDevicePort implements DevicePort {
     this.#logger.log("info", "parent", `queues stopped at rx ${bases.rx}, tx ${bases.tx}`);
     return true;
   }
+}
+
+function describe(r: MappedRegion): string {
+  return `gpa 0x${r.guestPhysAddr.toString(16)}+0x${r.size.toString(16)} user 0x${
+    r.userAddr.toString(16)
+  } host 0x${Deno.UnsafePointer.value(r.pointer).toString(16)}`;
 }
 
 function hostRange(r: MappedRegion) {

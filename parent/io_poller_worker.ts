@@ -104,12 +104,12 @@ const MAIL_WAIT_MS = 100;
 // ---- private buffers ------------------------------------------------------------
 
 /** pollfd[4]: i32 fd, i16 events, i16 revents; as i32 words [fd, events | revents << 16]. */
-const pfd = new Int32Array(8);
+const pfd = new Int32Array(new ArrayBuffer(32));
 const pfdBytes = new Uint8Array(pfd.buffer);
 const NFDS = [0n, 1n, 2n, 3n, 4n];
 
 /** u64 counter of an eventfd read. */
-const counter = new Uint8Array(8);
+const counter = new Uint8Array(new ArrayBuffer(8));
 
 /** Staged (validated, private) chains: their iovecs back to back, plus one spare slot. */
 const stIov = new Uint32Array((STAGE_MAX_IOV + 1) * IOVEC_WORDS);
@@ -247,6 +247,9 @@ function receiveBatch(c: Int32Array, postRing: SpscRing, done: SpscRing): number
       }
       // Only the leading mergeable run; stage() keeps flags, so count it.
       while (chains < stChains && (stFlags[chains] & RXF_MERGEABLE) !== 0) chains++;
+      // Not room for a largest frame yet: wait for the guest's next buffers
+      // rather than read a frame that may not fit (it would be dropped).
+      if (stTotal < FRAME_ROOM && frames > 0) break;
     }
     let iovs = 0;
     let capacity = 0;
@@ -303,6 +306,32 @@ function receiveBatch(c: Int32Array, postRing: SpscRing, done: SpscRing): number
 
 // ---- the loop ---------------------------------------------------------------------
 
+/** How long to wait for enough mergeable buffers before reading with fewer (ms). */
+const ROOM_WAIT_MS = 5;
+/** When the poller last had room for a largest frame (or started waiting for it). */
+let roomWaitSince = 0;
+
+/**
+ * Whether the posted chains can take a largest frame: any one chain unless
+ * mergeable, else consecutive mergeable chains adding up to FRAME_ROOM.
+ */
+function hasRoom(ring: SpscRing): boolean {
+  const avail = ring.available();
+  if (avail === 0) return false;
+  const words = ring.words;
+  let total = 0;
+  for (let i = 0; i < avail; i++) {
+    const off = ring.peek(i);
+    if ((words[off + RX_POST.FLAGS] & RXF_MERGEABLE) === 0) return true;
+    total += words[off + RX_POST.CAPACITY];
+    if (total >= FRAME_ROOM) {
+      roomWaitSince = performance.now();
+      return true;
+    }
+  }
+  return false;
+}
+
 function addFd(n: number, fd: number): number {
   pfd[n * 2] = fd;
   pfd[n * 2 + 1] = libc.POLLIN; // also clears revents
@@ -331,15 +360,24 @@ async function loop(c: Int32Array): Promise<void> {
       try {
         if (done.freeSpace() === 0) {
           timeout = RX_DONE_FULL_RETRY_MS;
-        } else if (postRing.available() !== 0) {
+        } else if (hasRoom(postRing)) {
           Atomics.store(c, CTL.POLLER_STARVED, 0);
           iTap = n;
         } else {
           // Starved: announce, then re-check (the device publishes, then reads the flag).
           Atomics.store(c, CTL.POLLER_STARVED, 1);
-          if (postRing.available() !== 0) {
+          if (hasRoom(postRing)) {
             Atomics.store(c, CTL.POLLER_STARVED, 0);
             iTap = n;
+          } else if (postRing.available() !== 0) {
+            // Some mergeable buffers, not enough for a largest frame: a guest
+            // with a small ring may never post more, so look again shortly
+            // and then read with what there is.
+            timeout = ROOM_WAIT_MS;
+            if (performance.now() - roomWaitSince > ROOM_WAIT_MS) {
+              Atomics.store(c, CTL.POLLER_STARVED, 0);
+              iTap = n;
+            }
           }
         }
       } catch (e) {

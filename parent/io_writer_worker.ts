@@ -85,7 +85,7 @@ let served = 0;
 /** iov[0] is the private header copy; iov[1..] the record's iovecs. */
 const iov = new Uint32Array((TX_MAX_IOV + 1) * IOVEC_WORDS);
 const iovBytes = new Uint8Array(iov.buffer);
-const hdr = new Uint8Array(NET_HDR_BYTES);
+const hdr = new Uint8Array(new ArrayBuffer(16), 0, NET_HDR_BYTES);
 const hdrWords = new Uint32Array(hdr.buffer);
 {
   // The address is taken once; `hdr` lives as long as this module.
