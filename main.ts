@@ -7,6 +7,7 @@
 
 import { capabilities, type Options, parseOptions, usage, UsageError } from "./parent/cli.ts";
 import { runDaemon } from "./parent/daemon.ts";
+import { buildAudit, formatAudit } from "./parent/audit.ts";
 import { stderrLogger } from "./parent/log.ts";
 
 async function main(argv: string[]): Promise<number> {
@@ -24,6 +25,11 @@ async function main(argv: string[]): Promise<number> {
   }
   if (opts.printCapabilities) {
     console.log(capabilities());
+    return 0;
+  }
+  if (opts.printPermissions) {
+    const audit = buildAudit(opts, { observe: true });
+    console.log(Deno.stdout.isTerminal() ? formatAudit(audit) : JSON.stringify(audit, null, 2));
     return 0;
   }
   const logger = stderrLogger(opts.logLevel);

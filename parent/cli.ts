@@ -22,6 +22,7 @@ export class UsageError extends Error {
 export interface Options {
   help: boolean;
   printCapabilities: boolean;
+  printPermissions: boolean;
   /** Where to listen (or, with `client`, connect); null when `listenFd` is used. */
   socketPath: string | null;
   /** A listening socket inherited from the supervisor (`--fd`). */
@@ -93,6 +94,10 @@ export const OPTIONS: Record<string, OptionSpec> = {
     type: "boolean",
     help: "print the backend's capabilities as JSON and exit",
   },
+  "print-permissions": {
+    type: "boolean",
+    help: "print what each part of vionet may do (JSON, or a table on a terminal) and exit",
+  },
   "help": { type: "boolean", help: "show this help and exit" },
 };
 
@@ -103,7 +108,7 @@ export function usage(): string {
     "",
     "usage: deno task start [--socket-path PATH | --fd N] [--client] [--tap IFNAME | --tap-fd N]",
     "                       [--mac MAC] [--mtu N] [--offload auto|off] [--log-level LEVEL]",
-    "                       [--print-capabilities] [--help]",
+    "                       [--print-capabilities] [--print-permissions] [--help]",
     "",
     "options:",
   ];
@@ -224,6 +229,7 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
   return {
     help: flag("help"),
     printCapabilities: flag("print-capabilities"),
+    printPermissions: flag("print-permissions"),
     socketPath,
     listenFd,
     client: flag("client"),

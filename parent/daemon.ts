@@ -15,6 +15,7 @@ import { DeviceHost } from "./device_host.ts";
 import type { Logger } from "./log.ts";
 import { adoptTap, createTap, type Tap, tunFlagNames } from "./tap.ts";
 import { applyTunscap } from "./tunscap.ts";
+import { dropPrivileges } from "./privileges.ts";
 import { VionetDevicePort } from "./device_port.ts";
 import { VhostUserClient, VhostUserServer } from "./vhost_user_socket.ts";
 
@@ -163,6 +164,17 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
   const { tap } = daemon;
   try {
     daemon.serve();
+    // Set-up is done: the tap is open and up, the socket exists. Nothing after
+    // this needs a capability (TUNSETOFFLOAD works on the open tap without
+    // CAP_NET_ADMIN), so every thread gives them all up, for good.
+    const drop = dropPrivileges();
+    logger.log(
+      "info",
+      "parent",
+      `dropped ${drop.dropped.length} capabilities on ${drop.threads} threads` +
+        (drop.kept.length ? `; kept ${drop.kept.join(" ")}` : "; kept none") +
+        "; no_new_privs set",
+    );
   } catch (e) {
     await daemon.stop();
     throw e;
