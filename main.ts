@@ -2,15 +2,43 @@
  * vionet: a virtio-net device backend for virtual machines, served over
  * vhost-user and connected to a Linux tap. See README.md.
  *
+ * Only modules without FFI are imported statically: the Deno permissions the
+ * daemon needs are checked first, so that a missing one is a one-line error
+ * naming it rather than a failure deep in an import.
+ *
  * @module
  */
 
 import { capabilities, type Options, parseOptions, usage, UsageError } from "./parent/cli.ts";
-import { runDaemon } from "./parent/daemon.ts";
-import { buildAudit, formatAudit } from "./parent/audit.ts";
 import { stderrLogger } from "./parent/log.ts";
 
+/** The Deno permissions the parent needs, and what for (the `start` task grants exactly these). */
+const NEEDED: ReadonlyArray<[Deno.PermissionDescriptor, string, string]> = [
+  [{ name: "ffi" }, "--allow-ffi", "libc: the tap, vhost-user, guest memory"],
+  [
+    { name: "read", path: new URL(".", import.meta.url).pathname },
+    "--allow-read=.",
+    "loading the workers' modules",
+  ],
+  [{ name: "env", variable: "XDG_RUNTIME_DIR" }, "--allow-env=XDG_RUNTIME_DIR", "the socket path"],
+];
+
+/** The first needed permission not granted, as an error line, or null. */
+function missingPermission(): string | null {
+  for (const [desc, flag, why] of NEEDED) {
+    if (Deno.permissions.querySync(desc).state !== "granted") {
+      return `vionet: missing Deno permission ${flag} (${why}); start it with \`deno task start\``;
+    }
+  }
+  return null;
+}
+
 async function main(argv: string[]): Promise<number> {
+  const missing = missingPermission();
+  if (missing) {
+    console.error(missing);
+    return 1;
+  }
   let opts: Options;
   try {
     opts = parseOptions(argv, { XDG_RUNTIME_DIR: Deno.env.get("XDG_RUNTIME_DIR") });
@@ -28,12 +56,14 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   }
   if (opts.printPermissions) {
+    const { buildAudit, formatAudit } = await import("./parent/audit.ts");
     const audit = buildAudit(opts, { observe: true });
     console.log(Deno.stdout.isTerminal() ? formatAudit(audit) : JSON.stringify(audit, null, 2));
     return 0;
   }
   const logger = stderrLogger(opts.logLevel);
   try {
+    const { runDaemon } = await import("./parent/daemon.ts");
     return await runDaemon(opts, logger);
   } catch (e) {
     logger.log("error", "parent", (e as Error).message);

@@ -16,6 +16,7 @@ import type { Logger } from "./log.ts";
 import { adoptTap, createTap, type Tap, tunFlagNames } from "./tap.ts";
 import { applyTunscap } from "./tunscap.ts";
 import { dropPrivileges } from "./privileges.ts";
+import * as libc from "./libc.ts";
 import { VionetDevicePort } from "./device_port.ts";
 import { VhostUserClient, VhostUserServer } from "./vhost_user_socket.ts";
 
@@ -112,19 +113,14 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
       } else if (opts.client) {
         daemon.service = VhostUserClient.connect(opts.socketPath!, serveOpts);
       } else {
-        Deno.mkdirSync(dirname(opts.socketPath!), { recursive: true, mode: 0o700 });
+        libc.mkdirs(dirname(opts.socketPath!), 0o700);
         daemon.service = VhostUserServer.listen(opts.socketPath!, serveOpts);
       }
     },
     async stop() {
       stopping = true;
+      // The server removes its own socket file as it stops.
       await daemon.service?.stop();
-      const path = daemon.service instanceof VhostUserServer ? daemon.service.path : null;
-      if (path !== null) {
-        try {
-          Deno.removeSync(path);
-        } catch { /* already gone */ }
-      }
       daemon.device.terminate();
       tap.close();
     },

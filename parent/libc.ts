@@ -95,6 +95,9 @@ export const LIBC_SYMBOLS = {
   capget: { parameters: ["buffer", "buffer"], result: "i32" },
   capset: { parameters: ["buffer", "buffer"], result: "i32" },
   unlink: { parameters: ["buffer"], result: "i32" },
+  /** struct stat as for fstat; the path is not followed if it is a symbolic link. */
+  lstat: { parameters: ["buffer", "buffer"], result: "i32" },
+  mkdir: { parameters: ["buffer", "u32"], result: "i32" },
   readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
   /** Returns 0 (not -1) on failure, with errno set. */
   if_nametoindex: { parameters: ["buffer"], result: "u32" },
@@ -493,6 +496,37 @@ export interface FileStat {
 export function fstat(fd: number): FileStat {
   const buf = new Uint8Array(STAT_SIZE);
   check(sys.fstat(fd, buf), "fstat", `fd ${fd}`);
+  return statFields(buf);
+}
+
+/**
+ * lstat(2), or null when nothing is at `path` (ENOENT). Through libc, so the
+ * daemon needs no Deno read permission for the socket's directory.
+ */
+export function lstat(path: string): FileStat | null {
+  const buf = new Uint8Array(STAT_SIZE);
+  if (sys.lstat(cstr(path), buf) !== 0) {
+    const err = errno();
+    if (err === Errno.ENOENT) return null;
+    throw new SyscallError("lstat", err, path);
+  }
+  return statFields(buf);
+}
+
+/** mkdir -p: creates `path` and its missing parents with `mode`; existing ones are fine. */
+export function mkdirs(path: string, mode: number): void {
+  let at = 0;
+  while (at >= 0) {
+    at = path.indexOf("/", at + 1);
+    const part = at < 0 ? path : path.slice(0, at);
+    if (part === "" || part === "/") continue;
+    if (sys.mkdir(cstr(part), mode) !== 0 && errno() !== Errno.EEXIST) {
+      throw new SyscallError("mkdir", errno(), part);
+    }
+  }
+}
+
+function statFields(buf: Uint8Array): FileStat {
   const v = new DataView(buf.buffer);
   return {
     dev: v.getBigUint64(0, true),

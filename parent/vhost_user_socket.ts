@@ -489,7 +489,7 @@ export class VhostUserServer extends Service {
   readonly path: string | null;
   readonly done: Promise<void>;
   readonly #listenFd: number | null;
-  #pathIno: number | null = null;
+  #pathIno: bigint | null = null;
 
   private constructor(
     options: VhostUserServeOptions,
@@ -500,7 +500,7 @@ export class VhostUserServer extends Service {
     super(options);
     this.path = path;
     this.#listenFd = listenFd;
-    if (path !== null) this.#pathIno = Deno.lstatSync(path).ino;
+    if (path !== null) this.#pathIno = libc.lstat(path)?.ino ?? null;
     this.done = listenFd !== null ? this.#acceptLoop(listenFd) : this.#serveOnce(connectedFd!);
   }
 
@@ -595,7 +595,7 @@ export class VhostUserServer extends Service {
     if (this.path === null) return;
     try {
       // Only our own socket: someone may have replaced it since.
-      if (Deno.lstatSync(this.path).ino === this.#pathIno) Deno.removeSync(this.path);
+      if (libc.lstat(this.path)?.ino === this.#pathIno) libc.unlink(this.path);
     } catch {
       // Gone already.
     }
@@ -619,14 +619,9 @@ function getIntOption(fd: number, option: number): number {
  * connection that ends at once.
  */
 function removeStaleSocket(path: string, addr: Uint8Array): void {
-  let info: Deno.FileInfo;
-  try {
-    info = Deno.lstatSync(path);
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) return;
-    throw e;
-  }
-  if (!info.isSocket) {
+  const info = libc.lstat(path);
+  if (info === null) return;
+  if ((info.mode & libc.S_IFMT) !== libc.S_IFSOCK) {
     throw new Error(`Refusing to replace ${path}: it exists and is not a socket`);
   }
   const probe = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC);

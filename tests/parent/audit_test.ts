@@ -240,16 +240,18 @@ Deno.test({
     await withNetns(async (ns) => {
       for (
         const [flag, pattern] of [
-          ["--allow-ffi", /Requires ffi access to "libc\.so\.6".*--allow-ffi/],
-          ["--allow-env", /Requires env access to "XDG_RUNTIME_DIR".*--allow-env/],
+          ["--allow-ffi", /^vionet: missing Deno permission --allow-ffi \(libc/],
+          ["--allow-env", /^vionet: missing Deno permission --allow-env=XDG_RUNTIME_DIR/],
+          ["--allow-read", /^vionet: missing Deno permission --allow-read=\. /],
         ] as const
       ) {
         await t.step(`without ${flag}`, async () => {
-          const flags = startTaskFlags().filter((f) => f !== flag);
+          const flags = startTaskFlags().filter((f) => f.split("=")[0] !== flag);
           assert.notDeepEqual(flags, startTaskFlags(), `${flag} is not in the start task`);
           const r = await ns.run([Deno.execPath(), "run", ...flags, `${ROOT}main.ts`]);
-          assert.notEqual(r.code, 0);
+          assert.equal(r.code, 1, r.stderr);
           assert.match(r.stderr, pattern);
+          assert.equal(r.stderr.trimEnd().split("\n").length, 1, r.stderr);
         });
       }
     });
