@@ -71,6 +71,7 @@ export class TxPath {
   sinkOffloads = 0;
 
   readonly #hdr: VirtioNetHdr = createNetHdr();
+  readonly #zeroHdr: VirtioNetHdr = createNetHdr();
   readonly #hdrBytes = new Uint8Array(NET_HDR_BYTES);
   readonly #prefix = new Uint8Array(HEADER_PREFIX);
   readonly #frame = new Uint8Array(MAX_FRAME_BYTES);
@@ -329,7 +330,10 @@ export class TxPath {
       return;
     }
     const b = this.rings.bounce;
-    writeNetHdr(hdr, b, at);
+    // A sink that takes no offloads (--offload off) gets an all-zero header:
+    // the guest's other fields (hdr_len, csum_* without NEEDS_CSUM,
+    // num_buffers) would reach the kernel unchecked otherwise.
+    writeNetHdr(this.sinkOffloads === 0 ? this.#zeroHdr : hdr, b, at);
     b.set(length === bytes.length ? bytes : bytes.subarray(0, length), at + NET_HDR_BYTES);
     const i = (this.#pendStart + this.#pendCount) % this.#pendHead.length;
     this.#pendAt[i] = at;

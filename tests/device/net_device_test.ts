@@ -311,3 +311,17 @@ Deno.test("stop() reports last_avail_idx for GET_VRING_BASE and hands posted RX 
 function get16le(b: Uint8Array, at: number): number {
   return b[at] | (b[at + 1] << 8);
 }
+
+Deno.test("--offload off: a frame without offloads reaches the tap with an all-zero header, not the guest's leftover fields", async () => {
+  // Found by net_device_fuzz_test.ts: csum_start/csum_offset/hdr_len/num_buffers went to the kernel.
+  await withRig(BASE | TX_OFFLOADS, "off", async ({ io, tx }) => {
+    const { frame } = buildFrame({ payload: new Uint8Array(64) });
+    const hdr = netHdr({ hdrLen: 20, gsoSize: 999, csumStart: 14, csumOffset: 0xffff });
+    hdr[10] = 0x34;
+    tx.post([{ data: concat(hdr, frame) }]);
+    io.kick("tx");
+    await until(io, () => io.sent.length === 1 && tx.usedIdx() === 1, "the frame");
+    assert.deepEqual(io.sent[0].hdr, new Uint8Array(12));
+    assert.deepEqual(io.sent[0].frame, frame);
+  });
+});
