@@ -23,6 +23,9 @@ import {
   NET_OFFLOAD_CSUM,
   NetDrop,
   readNetHdr,
+  VIRTIO_NET_HDR_F_DATA_VALID,
+  VIRTIO_NET_HDR_F_NEEDS_CSUM,
+  VIRTIO_NET_HDR_GSO_ECN,
   type VirtioNetHdr,
   writeNetHdr,
 } from "./net_header.ts";
@@ -44,6 +47,18 @@ import {
 /** Drop reasons of the RX path beside NetDrop's. */
 export const RX_DROP_CHAIN_TOO_SHORT = "CHAIN_SHORTER_THAN_HEADER";
 export const RX_DROP_CHAIN_FRAGMENTED = "CHAIN_TOO_FRAGMENTED";
+
+/**
+ * A tap header that no driver may see, whatever it negotiated, and that
+ * cannot be fixed up: flags beyond NEEDS_CSUM/DATA_VALID (virtio 1.2
+ * §5.1.6.4: RSC_INFO only with GUEST_RSC*, never offered; checked here
+ * because GSO headers the driver takes are otherwise passed through), or the
+ * ECN bit without a GSO type (Linux virtio_net_hdr_to_skb: -EINVAL).
+ */
+function rxHeaderUnfixable(hdr: VirtioNetHdr): boolean {
+  return (hdr.flags & ~(VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID)) !== 0 ||
+    hdr.gsoType === VIRTIO_NET_HDR_GSO_ECN;
+}
 
 /** One receive queue's data path. Single-threaded: the device loop calls it. */
 export class RxPath {
@@ -212,7 +227,12 @@ export class RxPath {
     readNetHdr(this.#hdrBytes, 0, hdr);
     const frameLen = bytes - NET_HDR_BYTES;
     let ok = true;
-    if (this.#needsSoftware(hdr)) ok = this.#software(chains, frameLen);
+    if (rxHeaderUnfixable(hdr)) {
+      this.#count1(NET_DROP_NAMES[NetDrop.RX_HDR_INVALID]);
+      ok = false;
+    } else if (this.#needsSoftware(hdr)) {
+      ok = this.#software(chains, frameLen);
+    }
     if (!ok) {
       // The frame cannot be delivered as it is: offer the same buffers again.
       this.#recycle(chains);

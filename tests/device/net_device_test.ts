@@ -325,3 +325,33 @@ Deno.test("--offload off: a frame without offloads reaches the tap with an all-z
     assert.deepEqual(io.sent[0].frame, frame);
   });
 });
+
+Deno.test("RX drops tap headers no driver may take: flags beyond NEEDS_CSUM/DATA_VALID on a GSO frame, the ECN bit without a GSO type", async () => {
+  // Found by net_device_fuzz_test.ts: both reached the guest (Linux answers -EINVAL to the second).
+  const f = BASE | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4;
+  await withRig(f, "auto", async ({ io, rx, dev }) => {
+    for (let i = 0; i < 3; i++) rx.post([{ len: 4096, writable: true }]);
+    io.kick("rx");
+    await until(io, () => io.postedChains === 3, "three chains posted");
+    const gso = buildFrame({ payload: new Uint8Array(2000), checksum: "partial" });
+    const gsoHdr = {
+      gsoType: VIRTIO_NET_HDR_GSO_TCPV4,
+      hdrLen: gso.payloadOffset,
+      gsoSize: 1448,
+      csumStart: gso.l4Offset,
+      csumOffset: 16,
+    };
+    io.receive(concat(netHdr({ ...gsoHdr, flags: VIRTIO_NET_HDR_F_NEEDS_CSUM | 4 }), gso.frame));
+    const plain = buildFrame({ payload: new Uint8Array(100) });
+    io.receive(concat(netHdr({ gsoType: 0x80 }), plain.frame));
+    io.receive(concat(netHdr({ ...gsoHdr, flags: VIRTIO_NET_HDR_F_NEEDS_CSUM }), gso.frame));
+    await until(io, () => rx.usedIdx() === 1, "the valid GSO frame");
+    const used = rx.readUsed();
+    assert.equal(used.length, 1);
+    assert.equal(used[0].len, 12 + gso.frame.length);
+    const h = rx.readWritten(used[0].chain!, 12);
+    assert.equal(h[0], VIRTIO_NET_HDR_F_NEEDS_CSUM);
+    assert.equal(h[1], VIRTIO_NET_HDR_GSO_TCPV4);
+    assert.equal(dev.counters().rx0.drop_RX_HDR_INVALID, 2);
+  });
+});
