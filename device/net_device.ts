@@ -190,8 +190,9 @@ export class NetDevice {
     this.#running = false;
     this.#rings?.wakeSelf(0);
     await this.#loop;
-    // Take what the workers completed before they stopped.
-    this.#rx?.complete();
+    // Take what the workers completed before they stopped; not from a poller
+    // that already broke the protocol (RX faulted): its records are not believed.
+    if (!this.#faulted[RX_QUEUE]) this.#rx?.complete();
     this.#tx?.reap();
     this.#tx?.discardPending();
     this.#rx?.forgetPosted();

@@ -355,3 +355,28 @@ Deno.test("RX drops tap headers no driver may take: flags beyond NEEDS_CSUM/DATA
     assert.equal(dev.counters().rx0.drop_RX_HDR_INVALID, 2);
   });
 });
+
+Deno.test("stop() after an RX I/O fault hands the chains back unused instead of believing the poller's later records", async () => {
+  // Found by net_device_fuzz_test.ts: stop() delivered a frame into the wrong chain with the wrong length.
+  const guest = new TestGuest([{ gpa: 0x100000, size: 4 << 20 }]);
+  const io = new FakeIo(guest);
+  const faults: string[] = [];
+  const dev = new NetDevice((q, reason) => faults.push(`${q}: ${reason}`));
+  dev.grant(io.regionGrants());
+  dev.setFeatures(BASE, "auto");
+  const rx = new TestDriver(guest, { size: 64, features: BASE });
+  const tx = new TestDriver(guest, { size: 64, features: BASE });
+  const p = (d: TestDriver) => ({ ...d.config("user"), base: 0 });
+  dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000);
+  for (let i = 0; i < 2; i++) rx.post([{ len: 2048, writable: true }]);
+  io.kick("rx");
+  await until(io, () => io.postedChains === 2, "posted");
+  io.pushDoneRaw(1, 100, 7); // a status that is not RX_OK with a chain: the poller broke the protocol
+  await until(io, () => faults.length > 0, "an RX fault");
+  const { frame } = buildFrame({ payload: new Uint8Array(300) });
+  assert.equal(io.receive(concat(netHdr({}), frame)), 1);
+  await dev.stop();
+  const used = rx.readUsed();
+  assert.equal(used.length, 2, "both chains came back");
+  assert.deepEqual(used.map((u) => u.len), [0, 0]);
+});
