@@ -44,6 +44,11 @@ export interface TestRegionSpec {
   size: number;
   /** VMM user address (defaults to gpa + 0x7f00_0000_0000). */
   user?: number;
+  /**
+   * Memory to use instead of a fresh ArrayBuffer (e.g. a view of an mmap'd
+   * memfd shared with a real device); its byteLength must equal `size`.
+   */
+  buffer?: ArrayBuffer;
 }
 
 /** A region as the test guest holds it. */
@@ -75,7 +80,14 @@ export class TestGuest {
 
   constructor(specs: TestRegionSpec[] = DEFAULT_REGIONS) {
     for (const s of specs) {
-      const buffer = new ArrayBuffer(s.size);
+      if (s.buffer !== undefined && s.buffer.byteLength !== s.size) {
+        throw new RangeError(
+          `test guest: region at ${
+            s.gpa.toString(16)
+          } has a ${s.buffer.byteLength}-byte buffer, not ${s.size}`,
+        );
+      }
+      const buffer = s.buffer ?? new ArrayBuffer(s.size);
       const user = s.user ?? s.gpa + USER_BASE;
       const slot = this.memory.addRegion({
         guestPhysAddr: s.gpa,
