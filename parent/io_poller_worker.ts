@@ -121,12 +121,13 @@ let stChains = 0;
 let stIovs = 0;
 let stTotal = 0;
 
-/** The overflow buffer: a frame's bytes beyond the chains land here and are discarded. */
-const overflow = new Uint8Array(FRAME_ROOM);
-/** Its address, taken once; `overflow` lives as long as this module. */
-const OVERFLOW_ADDR = Deno.UnsafePointer.value(Deno.UnsafePointer.of(overflow));
-const OVERFLOW_LO = Number(OVERFLOW_ADDR & 0xffff_ffffn);
-const OVERFLOW_HI = Number(OVERFLOW_ADDR >> 32n);
+/**
+ * The overflow buffer: a frame's bytes beyond the chains land here and are
+ * discarded. receiveBatch reads its address from this holder at each readv,
+ * which is what keeps the buffer alive (libc.addressed: a cached address
+ * alone let V8 free it, and readv then wrote over a free malloc chunk).
+ */
+const overflow = libc.addressed(new Uint8Array(FRAME_ROOM));
 
 function post(reply: IoReply): void {
   self.postMessage(reply);
@@ -260,9 +261,9 @@ function receiveBatch(c: Int32Array, postRing: SpscRing, done: SpscRing): number
     // The overflow iovec goes after the used chains; save the slot it covers.
     const o = iovs * IOVEC_WORDS;
     const s0 = stIov[o], s1 = stIov[o + 1], s2 = stIov[o + 2], s3 = stIov[o + 3];
-    stIov[o] = OVERFLOW_LO;
-    stIov[o + 1] = OVERFLOW_HI;
-    stIov[o + 2] = FRAME_ROOM;
+    stIov[o] = overflow.lo;
+    stIov[o + 1] = overflow.hi;
+    stIov[o + 2] = overflow.view.byteLength;
     stIov[o + 3] = 0;
     const r = Number(sys.readv(tapFd, stIovBytes, iovs + 1));
     const err = r < 0 ? libc.errno() : 0;

@@ -17,8 +17,10 @@
  * from `Deno.UnsafePointer.of()`, and every buffer they name must stay reachable
  * (and not be transferred or detached) until the call returns. V8 never moves
  * an ArrayBuffer's backing store, so such an address stays valid while the
- * buffer lives. A `nonblocking` call runs on another thread: its buffers must
- * stay alive until its promise settles.
+ * buffer lives, and not a moment longer: a cached address is not a reference.
+ * An address kept for later calls is taken with {@link addressed}, which ties
+ * the buffer's life to the address's. A `nonblocking` call runs on another
+ * thread: its buffers must stay alive until its promise settles.
  *
  * Layout assumptions: x86-64 Linux with glibc (struct stat, ioctl numbers);
  * checked once when this module loads.
@@ -248,6 +250,50 @@ export function checkSize(result: number | bigint, syscall: string, detail?: str
 }
 
 const encoder = new TextEncoder();
+
+/**
+ * A private buffer together with its host address, for raw structures that
+ * name it in later calls (an iovec set up once and passed to many `readv`s).
+ *
+ * A cached address does not keep its buffer alive. V8 frees an ArrayBuffer's
+ * backing store (back to malloc) once nothing references the buffer, and a
+ * module-level `const buf = new Uint8Array(n)` that no function reads is
+ * such a buffer as soon as the module has run: a top-level binding no
+ * closure uses is not kept. Measured on Deno 2.9.6: the poller's overflow
+ * buffer was collected within seconds while its iovec still named it; the
+ * kernel then wrote frame bytes over a free malloc chunk (glibc: "unsorted
+ * double linked list corrupted", a fault in unlink_chunk, the daemon dead).
+ *
+ * So code that keeps an address reads it from this object and never copies
+ * it elsewhere for good: wherever the address is still reachable, so is the
+ * buffer. The object is frozen; the buffer must not be transferred.
+ */
+export interface AddressedBuffer<T extends ArrayBufferView<ArrayBuffer>> {
+  /** The buffer; reading it through this object is what keeps it alive. */
+  readonly view: T;
+  /** Host address of `view`'s first byte (its byteOffset included). */
+  readonly address: bigint;
+  /** Low 32 bits of `address`, for iovec words. */
+  readonly lo: number;
+  /** High 32 bits of `address`. */
+  readonly hi: number;
+}
+
+/**
+ * Takes `view`'s address once and keeps it with the buffer (see {@link AddressedBuffer}).
+ * @throws {RangeError} for an empty buffer (it has no address).
+ */
+export function addressed<T extends ArrayBufferView<ArrayBuffer>>(view: T): AddressedBuffer<T> {
+  if (view.byteLength === 0) throw new RangeError("An empty buffer has no address to keep");
+  const address = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(view)));
+  if (address === 0n) throw new RangeError("Deno.UnsafePointer.of() returned NULL");
+  return Object.freeze({
+    view,
+    address,
+    lo: Number(address & 0xffff_ffffn),
+    hi: Number(address >> 32n),
+  });
+}
 
 /** A NUL-terminated copy of `s`. It lives as long as the caller keeps it. */
 export function cstr(s: string): Uint8Array<ArrayBuffer> {
