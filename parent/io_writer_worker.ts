@@ -85,16 +85,17 @@ let served = 0;
 /** iov[0] is the private header copy; iov[1..] the record's iovecs. */
 const iov = new Uint32Array((TX_MAX_IOV + 1) * IOVEC_WORDS);
 const iovBytes = new Uint8Array(iov.buffer);
-const hdr = new Uint8Array(new ArrayBuffer(16), 0, NET_HDR_BYTES);
-const hdrWords = new Uint32Array(hdr.buffer);
-{
-  // The address is taken once; `hdr` lives as long as this module.
-  const addr = Deno.UnsafePointer.value(Deno.UnsafePointer.of(hdr));
-  iov[0] = Number(addr & 0xffff_ffffn);
-  iov[1] = Number(addr >> 32n);
-  iov[2] = NET_HDR_BYTES;
-  iov[3] = 0;
-}
+/**
+ * The private header copy, named by iov[0]. Its address is taken once, with
+ * libc.addressed: the records' code reads the buffer through the same holder,
+ * so the buffer cannot be collected while iov[0] names it.
+ */
+const hdr = libc.addressed(new Uint8Array(new ArrayBuffer(16), 0, NET_HDR_BYTES));
+const hdrWords = new Uint32Array(hdr.view.buffer);
+iov[0] = hdr.lo;
+iov[1] = hdr.hi;
+iov[2] = NET_HDR_BYTES;
+iov[3] = 0;
 /** The u64 1 an eventfd write adds. */
 const eventfdOne = new Uint8Array(new BigUint64Array([1n]).buffer);
 
@@ -179,7 +180,7 @@ function writeRecord(words: Uint32Array, off: number): boolean {
     sum += len;
   }
   if (sum !== frameLen) return false;
-  if (!checkTxHeader(hdr, frameLen)) return false;
+  if (!checkTxHeader(hdr.view, frameLen)) return false;
   const r = sys.writev(tapFd, iovBytes, count + 1);
   if (Number(r) !== NET_HDR_BYTES + frameLen) Atomics.add(ctl!, CTL.WRITER_ERRORS, 1);
   return true;
