@@ -28,7 +28,7 @@
  */
 
 import { bootGuest, type BootInfo, type Guest, guestAssets, netKernelArgs } from "./guest.ts";
-import { startTaskFlags } from "../helpers.ts";
+import { ROOT, startTaskFlags } from "../helpers.ts";
 
 /** The tap's address in the rig's namespace. */
 export const HOST_IP = "198.18.0.1";
@@ -67,11 +67,15 @@ export class NetnsProcess {
   #done = false;
   #wake: () => void = () => {};
 
-  /** Starts `argv` with `ip netns exec <netns>` (which execs it: the PID is argv[0]'s). */
-  constructor(netns: string, argv: string[]) {
+  /**
+   * Starts `argv` with `ip netns exec <netns>` (which execs it: the PID is
+   * argv[0]'s), in directory `cwd` (default: this process's).
+   */
+  constructor(netns: string, argv: string[], cwd?: string) {
     this.argv = argv;
     this.#child = new Deno.Command("ip", {
       args: ["netns", "exec", netns, ...argv],
+      cwd,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
@@ -214,7 +218,7 @@ export class VionetDaemon extends NetnsProcess {
       opts.logLevel ?? "info",
       ...(opts.offload ? ["--offload", opts.offload] : []),
       ...(opts.extraArgs ?? []),
-    ]);
+    ], ROOT); // the start task runs from the repository's root (its --allow-read=. means that)
     this.socketPath = opts.socketPath;
     this.tap = opts.tap;
   }
