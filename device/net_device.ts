@@ -234,9 +234,13 @@ export class NetDevice {
 
   async #run(): Promise<void> {
     const rings = this.#rings!;
+    // Look at both rings once at start, as if kicked: a queue resumed at a
+    // non-zero base may already hold buffers whose kick the driver suppressed.
     let more = true;
+    let first = EV_KICK_RX | EV_KICK_TX;
     while (this.#running) {
-      const ev = rings.takeEvents();
+      const ev = rings.takeEvents() | first;
+      first = 0;
       if (ev === 0 && !more) {
         await rings.sleep(IDLE_WAIT_MS);
         continue;

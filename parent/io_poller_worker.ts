@@ -307,10 +307,17 @@ function receiveBatch(c: Int32Array, postRing: SpscRing, done: SpscRing): number
 
 // ---- the loop ---------------------------------------------------------------------
 
-/** How long to wait for enough mergeable buffers before reading with fewer (ms). */
-const ROOM_WAIT_MS = 5;
-/** When the poller last had room for a largest frame (or started waiting for it). */
+/**
+ * How long to wait for enough mergeable buffers before reading with fewer
+ * (ms). The clock restarts whenever the guest posts more, so a guest that is
+ * refilling its ring is waited for; only one whose whole ring holds less than
+ * a largest frame pays this delay (and may see such frames dropped).
+ */
+const ROOM_WAIT_MS = 20;
+/** When the poller last had room for a largest frame, or saw the guest post more. */
 let roomWaitSince = 0;
+/** Posted chains seen while waiting for room. */
+let roomWaitPosted = 0;
 
 /**
  * Whether the posted chains can take a largest frame: any one chain unless
@@ -319,6 +326,10 @@ let roomWaitSince = 0;
 function hasRoom(ring: SpscRing): boolean {
   const avail = ring.available();
   if (avail === 0) return false;
+  if (avail !== roomWaitPosted) {
+    roomWaitPosted = avail;
+    roomWaitSince = performance.now();
+  }
   const words = ring.words;
   let total = 0;
   for (let i = 0; i < avail; i++) {
