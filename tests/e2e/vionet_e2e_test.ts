@@ -36,6 +36,9 @@ const GUEST_MIB = 768;
 const BIG_MIB = 200;
 const SMALL_MIB = 50;
 
+/** The largest frame without offloads: MTU 1500 plus the Ethernet header. */
+const MAX_FRAME = 1514;
+
 /** The TUNSCAP-controlled features of a tap, as `ethtool -k` names them. */
 const TAP_OFFLOADS = ["tx-checksum-ip-generic", "tx-tcp-segmentation", "tx-tcp6-segmentation"];
 
@@ -53,6 +56,22 @@ function assertIntact(r: TransferResult, what: string): void {
   console.log(
     `  ${what}: ${r.bytes / 2 ** 20} MiB intact in ${r.ms} ms (${mbit.toFixed(0)} Mbit/s)`,
   );
+}
+
+/** Runs `fn` and returns the tap's average frame size each way while it ran. */
+async function framesDuring<T>(
+  rig: Rig,
+  fn: () => Promise<T>,
+): Promise<{ result: T; rxAvg: number; txAvg: number }> {
+  const a = await rig.tapCounters();
+  const result = await fn();
+  const b = await rig.tapCounters();
+  const avg = (bytes: number, packets: number) => packets > 0 ? Math.round(bytes / packets) : 0;
+  return {
+    result,
+    rxAvg: avg(b.rxBytes - a.rxBytes, b.rxPackets - a.rxPackets),
+    txAvg: avg(b.txBytes - a.txBytes, b.txPackets - a.txPackets),
+  };
 }
 
 async function ping(guest: Guest, count = 3): Promise<void> {
@@ -78,6 +97,7 @@ Deno.test({
   ignore: skip !== undefined,
   async fn(t) {
     const rig = await Rig.create();
+    let daemonStatus: Deno.CommandStatus;
     try {
       const first = await rig.bootGuest({ memoryMiB: GUEST_MIB });
       const g = first.guest;
@@ -126,12 +146,21 @@ Deno.test({
 
       await t.step(`${BIG_MIB} MB guest -> host arrive intact`, () =>
         withLog(rig, async () => {
-          assertIntact(await rig.sendFromGuest(g, BIG_MIB), "guest -> host");
+          const { result, rxAvg } = await framesDuring(rig, () => rig.sendFromGuest(g, BIG_MIB));
+          assertIntact(result, "guest -> host");
+          console.log(`  the tap took ${rxAvg}-byte frames on average from the daemon`);
+          assert.ok(
+            rxAvg > 2 * MAX_FRAME,
+            `no TSO frames passed to the tap (${rxAvg} bytes/frame)`,
+          );
         }));
 
       await t.step(`${BIG_MIB} MB host -> guest arrive intact`, () =>
         withLog(rig, async () => {
-          assertIntact(await rig.sendToGuest(g, BIG_MIB), "host -> guest");
+          const { result, txAvg } = await framesDuring(rig, () => rig.sendToGuest(g, BIG_MIB));
+          assertIntact(result, "host -> guest");
+          console.log(`  the tap gave the daemon ${txAvg}-byte frames on average`);
+          assert.ok(txAvg > 2 * MAX_FRAME, `the tap gave no GSO frames (${txAvg} bytes/frame)`);
         }));
 
       await t.step("iperf3 moves data both ways", () =>
@@ -234,9 +263,9 @@ Deno.test({
           }),
       );
     } finally {
-      const status = await rig.close();
-      assert.equal(status.code, 0, `the daemon did not stop cleanly:\n${rig.daemon.log()}`);
+      daemonStatus = await rig.close();
     }
+    assert.equal(daemonStatus.code, 0, `the daemon did not stop cleanly:\n${rig.daemon.log()}`);
   },
 });
 
@@ -246,6 +275,7 @@ Deno.test({
   ignore: skip !== undefined,
   async fn(t) {
     const rig = await Rig.create();
+    let daemonStatus: Deno.CommandStatus;
     try {
       const { guest: g, boot, logFrom } = await rig.bootGuest({ nicProps: NIC_OFFLOADS_OFF });
       console.log(`  guest booted in ${boot.bootMs} ms`);
@@ -277,16 +307,26 @@ Deno.test({
           for (const name of TAP_OFFLOADS) assert.equal(f.get(name), "off", name);
         }));
 
-      await t.step(`${SMALL_MIB} MB move intact both ways`, () =>
-        withLog(rig, async () => {
-          await ping(g, 1);
-          assertIntact(await rig.sendFromGuest(g, SMALL_MIB), "guest -> host");
-          assertIntact(await rig.sendToGuest(g, SMALL_MIB), "host -> guest");
-        }));
+      await t.step(
+        `${SMALL_MIB} MB move intact both ways in MTU-sized frames`,
+        () =>
+          withLog(rig, async () => {
+            await ping(g, 1);
+            const up = await framesDuring(rig, () => rig.sendFromGuest(g, SMALL_MIB));
+            assertIntact(up.result, "guest -> host");
+            assert.ok(up.rxAvg <= MAX_FRAME, `the tap took ${up.rxAvg}-byte frames on average`);
+            const down = await framesDuring(rig, () => rig.sendToGuest(g, SMALL_MIB));
+            assertIntact(down.result, "host -> guest");
+            assert.ok(down.txAvg <= MAX_FRAME, `the tap gave ${down.txAvg}-byte frames on average`);
+            console.log(
+              `  frames on the tap: ${up.rxAvg} bytes (in), ${down.txAvg} bytes (out) on average`,
+            );
+          }),
+      );
     } finally {
-      const status = await rig.close();
-      assert.equal(status.code, 0, `the daemon did not stop cleanly:\n${rig.daemon.log()}`);
+      daemonStatus = await rig.close();
     }
+    assert.equal(daemonStatus.code, 0, `the daemon did not stop cleanly:\n${rig.daemon.log()}`);
   },
 });
 
@@ -296,6 +336,7 @@ Deno.test({
   ignore: skip !== undefined,
   async fn(t) {
     const rig = await Rig.create({ offload: "off" });
+    let daemonStatus: Deno.CommandStatus;
     try {
       const { guest: g, boot, logFrom } = await rig.bootGuest();
       console.log(`  guest booted in ${boot.bootMs} ms`);
@@ -316,16 +357,26 @@ Deno.test({
           }),
       );
 
-      await t.step(`${SMALL_MIB} MB move intact both ways`, () =>
-        withLog(rig, async () => {
-          await ping(g, 1);
-          assertIntact(await rig.sendFromGuest(g, SMALL_MIB), "guest -> host");
-          assertIntact(await rig.sendToGuest(g, SMALL_MIB), "host -> guest");
-        }));
+      await t.step(
+        `${SMALL_MIB} MB move intact both ways; the device segments the TSO frames to MTU size`,
+        () =>
+          withLog(rig, async () => {
+            await ping(g, 1);
+            const up = await framesDuring(rig, () => rig.sendFromGuest(g, SMALL_MIB));
+            assertIntact(up.result, "guest -> host");
+            assert.ok(up.rxAvg <= MAX_FRAME, `the tap took ${up.rxAvg}-byte frames on average`);
+            const down = await framesDuring(rig, () => rig.sendToGuest(g, SMALL_MIB));
+            assertIntact(down.result, "host -> guest");
+            assert.ok(down.txAvg <= MAX_FRAME, `the tap gave ${down.txAvg}-byte frames on average`);
+            console.log(
+              `  frames on the tap: ${up.rxAvg} bytes (in), ${down.txAvg} bytes (out) on average`,
+            );
+          }),
+      );
     } finally {
-      const status = await rig.close();
-      assert.equal(status.code, 0, `the daemon did not stop cleanly:\n${rig.daemon.log()}`);
+      daemonStatus = await rig.close();
     }
+    assert.equal(daemonStatus.code, 0, `the daemon did not stop cleanly:\n${rig.daemon.log()}`);
   },
 });
 

@@ -348,6 +348,14 @@ export interface TransferResult {
   ms: number;
 }
 
+/** A tap's byte and packet counters, as `ip -s link` shows them. */
+export interface TapCounters {
+  rxBytes: number;
+  rxPackets: number;
+  txBytes: number;
+  txPackets: number;
+}
+
 /** Results of one iperf3 run. */
 export interface IperfResult {
   /** Receiver's goodput in bit/s. */
@@ -456,14 +464,23 @@ export class Rig {
     return parseEthtoolFeatures(await this.exec(["ethtool", "-k", this.tap]));
   }
 
-  /** The tap's byte counters (rx: frames the daemon wrote, i.e. guest -> host). */
-  async tapCounters(): Promise<{ rxBytes: number; txBytes: number }> {
+  /**
+   * The tap's counters. rx: frames the daemon wrote (guest -> host); tx: frames
+   * the kernel gave it (host -> guest). A GSO frame counts as one packet, so
+   * bytes per packet above the MTU show offloaded frames.
+   */
+  async tapCounters(): Promise<TapCounters> {
     const json = JSON.parse(
       await sh(["ip", "-n", this.netns, "-j", "-s", "link", "show", "dev", this.tap]),
     );
     const stats = json[0]?.stats64 ?? json[0]?.stats;
     if (!stats) throw new Error(`ip -s link show ${this.tap} printed no statistics`);
-    return { rxBytes: stats.rx.bytes, txBytes: stats.tx.bytes };
+    return {
+      rxBytes: stats.rx.bytes,
+      rxPackets: stats.rx.packets,
+      txBytes: stats.tx.bytes,
+      txPackets: stats.tx.packets,
+    };
   }
 
   /** A fresh TCP port for a helper server. */
