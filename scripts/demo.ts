@@ -117,9 +117,14 @@ async function demo(opts: DemoOptions): Promise<number> {
   const rig = await Rig.create({ offload: opts.offload });
   let closing: Promise<Deno.CommandStatus> | undefined;
   const close = () => closing ??= rig.close();
+  // Ctrl-C: kill everything at once; whatever the demo waits for then fails,
+  // and the finally block reports the cleanup. A second Ctrl-C exits at once.
+  let interrupted = false;
   const onSignal = () => {
+    if (interrupted) Deno.exit(130);
+    interrupted = true;
     console.log("\ninterrupted: cleaning up");
-    close().finally(() => Deno.exit(130));
+    close();
   };
   Deno.addSignalListener("SIGINT", onSignal);
   Deno.addSignalListener("SIGTERM", onSignal);
@@ -156,6 +161,7 @@ async function demo(opts: DemoOptions): Promise<number> {
     console.log(`  host -> guest  ${gbit(down)}`);
     return 0;
   } catch (e) {
+    if (interrupted) return 130;
     console.error(`demo failed: ${(e as Error).message}`);
     console.error(`--- daemon log (tail) ---\n${rig.daemon.lines().slice(-30).join("\n")}`);
     return 1;
