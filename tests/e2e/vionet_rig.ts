@@ -9,7 +9,7 @@
  * ```ts
  * const rig = await Rig.create({ offload: "auto" });
  * try {
- *   const guest = await rig.bootGuest();
+ *   const { guest } = await rig.bootGuest();
  *   console.log(await rig.iperf3(guest, { reverse: false, seconds: 3 }));
  * } finally {
  *   await rig.close();
