@@ -566,6 +566,8 @@ import { createHash } from "node:crypto";
 import dgram from "node:dgram";
 const cfg = JSON.parse(Deno.args[0]);
 const out = (o) => console.log(JSON.stringify(o));
+// Exit when the test process goes away (stdin closes), even if it crashed.
+(async () => { for await (const _ of Deno.stdin.readable); Deno.exit(0); })();
 function sink(hostname, family) {
   const l = Deno.listen({ hostname, port: cfg.sinkPort });
   (async () => {
@@ -656,6 +658,7 @@ class Peer {
 
   constructor(ns: Netns, script: string, config: unknown) {
     this.#child = ns.spawn([Deno.execPath(), "eval", script, JSON.stringify(config)], {
+      stdin: "piped", // held open; its end tells the peer the test is gone
       stdout: "piped",
       stderr: "piped",
     });
@@ -699,6 +702,7 @@ class Peer {
   }
 
   async stop(): Promise<void> {
+    await this.#child.stdin.close().catch(() => {});
     try {
       this.#child.kill("SIGKILL");
     } catch {
