@@ -61,6 +61,17 @@ export interface QueuePlacement {
 /** What the device reports about a queue that went wrong. */
 export type FaultHandler = (queue: number, reason: string) => void;
 
+/** One macrotask turn: queued control messages run before the loop goes on. */
+const yieldChannel = new MessageChannel();
+const yieldWaiters: Array<() => void> = [];
+yieldChannel.port1.onmessage = () => yieldWaiters.shift()?.();
+function macrotask(): Promise<void> {
+  return new Promise((resolve) => {
+    yieldWaiters.push(resolve);
+    yieldChannel.port2.postMessage(0);
+  });
+}
+
 /** How long the loop sleeps with nothing to do before it looks again anyway (ms). */
 const IDLE_WAIT_MS = 1000;
 
@@ -246,8 +257,8 @@ export class NetDevice {
         continue;
       }
       more = this.#work(ev);
-      // Let control messages in between batches.
-      if (more) await null;
+      // Let control messages (macrotasks) in between batches, even under load.
+      if (more) await macrotask();
     }
   }
 
