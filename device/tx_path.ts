@@ -286,6 +286,7 @@ export class TxPath {
     w[at + TX_REC.HDR + 3] = 0;
     writeNetHdr(this.#hdr, this.#recBytes, (at + TX_REC.HDR) * 4);
     this.#track(chain.head, this.rings.bounceMark);
+    this.#ctx.stats.passThrough++;
     this.frames++;
     this.bytes += frameLen;
   }
