@@ -1,0 +1,326 @@
+/**
+ * Backend-bound benchmark, no VM: DPDK's virtio-user driver (`dpdk-testpmd`)
+ * plays the guest at full speed against a backend's vhost-user socket, and the
+ * backend moves frames to or from a tap in a private namespace.
+ *
+ * Backends, each measured on the same set-up:
+ * - `vionet` (`--offload auto`) and, for TSO, `vionet --offload off` (the
+ *   device segments in software);
+ * - `dpdk`: DPDK's own vhost backend, testpmd with `net_vhost0` and
+ *   `net_tap0`, io forwarding;
+ * - `raw`: the ceiling, one thread `write()`ing the same frames (vnet header
+ *   first) to a tap, or `read()`ing what is injected (bench/raw_tap.ts).
+ *
+ * Tests: `tx64`, `tx1514` (txonly, counted on the tap's rx counters), `tso`
+ * (csum engine with `tso set 1448 0`, fed by net_pcap replaying one 64 KiB TCP
+ * frame), `rx64` (64 B frames injected into the tap from the namespace by a
+ * testpmd on `net_af_packet`, counted by the rxonly driver).
+ *
+ * CPUs: the backend gets CPU `backendCpu`, the driver (and the injector)
+ * `frontendCpu`; every process is pinned with taskset and testpmd's lcores
+ * share its one CPU (`--lcores 0@N,1@N`).
+ *
+ * @module
+ */
+
+import { ROOT, startTaskFlags } from "../tests/helpers.ts";
+import { pcapFile, tsoFrame } from "./frames.ts";
+import {
+  type Child,
+  cpuSeconds,
+  type LinkStats,
+  linkStats,
+  Netns,
+  sleep,
+  waitForLink,
+  waitForPath,
+} from "./proc.ts";
+import { Testpmd } from "./testpmd.ts";
+
+/** The backend-bound tests. */
+export const BACKEND_TESTS = ["tx64", "tx1514", "tso", "rx64"] as const;
+export type BackendTest = typeof BACKEND_TESTS[number];
+/** The backends compared. */
+export type BackendName = "vionet" | "vionet-offload-off" | "dpdk" | "raw";
+
+/** One measurement window. */
+export interface BackendSample {
+  test: BackendTest;
+  backend: BackendName;
+  rep: number;
+  /** Frames per second delivered (for TSO: 64 KiB frames, from bytes). */
+  pps: number;
+  /** Frame bits per second delivered, in Gbit/s (Ethernet frame bytes, no vnet header). */
+  gbps: number;
+  /** CPU the backend process used over the window, in cores (utime+stime / wall). */
+  backendCores: number;
+  /** Frames the tap dropped over the window. */
+  tapDropped: number;
+  seconds: number;
+  error?: string;
+}
+
+/** Settings of a backend-bound run. */
+export interface BackendOptions {
+  seconds: number;
+  warmSeconds: number;
+  backendCpu: number;
+  frontendCpu: number;
+  log: (line: string) => void;
+}
+
+const TAP = "vb0";
+const TSO_FRAME_BYTES = tsoFrame().byteLength;
+
+/** Which backends a test compares. */
+export function backendsFor(test: BackendTest): BackendName[] {
+  return test === "tso"
+    ? ["vionet", "vionet-offload-off", "dpdk", "raw"]
+    : ["vionet", "dpdk", "raw"];
+}
+
+/** The command lines a test runs, for the report (placeholders for paths). */
+export function describeBackendTest(test: BackendTest): string {
+  const fe =
+    "dpdk-testpmd --no-huge --no-shconf --file-prefix P -m 512 --no-pci --lcores 0@1,1@1 " +
+    "--vdev net_virtio_user0,path=SOCK,queues=1,queue_size=256";
+  switch (test) {
+    case "tx64":
+    case "tx1514":
+      return `${fe} -- -i: set fwd txonly retry; set txpkts ${test.slice(2)}; start`;
+    case "tso":
+      return `${fe} --vdev net_pcap0,rx_pcap=tso.pcap,infinite_rx=1 -- -i --mbuf-size=65535: ` +
+        "(--disable-device-start) csum set ip sw 0; csum set tcp hw 0; tso set 1448 0; port start all; set fwd csum; start";
+    case "rx64":
+      return `${fe} -- -i: set fwd rxonly; start; injector: dpdk-testpmd ... --vdev ` +
+        "net_af_packet0,iface=TAP: set fwd txonly; set txpkts 64; start";
+  }
+}
+
+interface Running {
+  ns: Netns;
+  dir: string;
+  backendPid: number;
+  frontend?: Testpmd;
+  parts: Array<{ quit(): Promise<unknown> }>;
+  testpmds: Testpmd[];
+  daemon?: Child;
+}
+
+/** Measures `test` on `backend` once, in a fresh namespace. */
+export async function measureBackend(
+  test: BackendTest,
+  backend: BackendName,
+  rep: number,
+  o: BackendOptions,
+): Promise<BackendSample> {
+  const ns = await Netns.create();
+  const dir = await Deno.makeTempDir({ prefix: "vionet-bench-" });
+  const r: Running = { ns, dir, backendPid: 0, parts: [], testpmds: [] };
+  const base = { test, backend, rep, seconds: o.seconds };
+  try {
+    await startBackend(test, backend, r, o);
+    await startFrontend(test, backend, r, o);
+    await sleep(o.warmSeconds * 1000);
+    const a = await snapshot(r, test);
+    const t0 = performance.now();
+    await sleep(o.seconds * 1000);
+    const b = await snapshot(r, test);
+    const dt = (performance.now() - t0) / 1000;
+    if (Deno.env.get("VIONET_BENCH_DEBUG")) {
+      for (const t of r.testpmds) {
+        await t.cmd("show port stats all");
+        o.log(t.child.tail(2500));
+      }
+      o.log(r.daemon?.tail(3000) ?? "");
+    }
+    if (r.daemon?.done) throw new Error(`the daemon exited:\n${r.daemon.tail(2000)}`);
+    return { ...base, ...rates(test, backend, a, b, dt), seconds: dt };
+  } catch (e) {
+    const why = (e as Error).message;
+    o.log(`  ${test} ${backend} rep ${rep}: FAILED: ${why.slice(0, 2000)}`);
+    return { ...base, pps: 0, gbps: 0, backendCores: 0, tapDropped: 0, error: why.slice(0, 500) };
+  } finally {
+    for (const p of r.parts.reverse()) await p.quit().catch(() => {});
+    await ns.close();
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+interface Snapshot {
+  tap: LinkStats;
+  driverRx: number;
+  driverRxBytes: number;
+  cpu: number;
+}
+
+async function snapshot(r: Running, test: BackendTest): Promise<Snapshot> {
+  const tap = await linkStats(r.ns.name, TAP);
+  let driverRx = 0, driverRxBytes = 0;
+  if (test === "rx64" && r.frontend) {
+    const s = await r.frontend.stats(0);
+    driverRx = s.rxPackets;
+    driverRxBytes = s.rxBytes;
+  }
+  return { tap, driverRx, driverRxBytes, cpu: cpuSeconds(r.backendPid) };
+}
+
+function rates(test: BackendTest, backend: BackendName, a: Snapshot, b: Snapshot, dt: number) {
+  const backendCores = (b.cpu - a.cpu) / dt;
+  if (test === "rx64") {
+    const raw = backend === "raw";
+    const frames = raw ? b.tap.txPackets - a.tap.txPackets : b.driverRx - a.driverRx;
+    const bytes = raw ? b.tap.txBytes - a.tap.txBytes : b.driverRxBytes - a.driverRxBytes;
+    return {
+      pps: frames / dt,
+      gbps: bytes * 8 / dt / 1e9,
+      backendCores,
+      tapDropped: b.tap.txDropped - a.tap.txDropped,
+    };
+  }
+  const bytes = b.tap.rxBytes - a.tap.rxBytes;
+  const frames = test === "tso" ? bytes / TSO_FRAME_BYTES : b.tap.rxPackets - a.tap.rxPackets;
+  return {
+    pps: frames / dt,
+    gbps: bytes * 8 / dt / 1e9,
+    backendCores,
+    tapDropped: b.tap.rxDropped - a.tap.rxDropped,
+  };
+}
+
+async function startBackend(
+  test: BackendTest,
+  backend: BackendName,
+  r: Running,
+  o: BackendOptions,
+): Promise<void> {
+  const sock = `${r.dir}/vhost.sock`;
+  const prefix = `vb${r.ns.name.slice(-8)}`;
+  if (backend === "vionet" || backend === "vionet-offload-off") {
+    const main = `${ROOT}main.ts`;
+    const daemon = r.ns.spawn([
+      Deno.execPath(),
+      "run",
+      ...startTaskFlags(),
+      main,
+      "--socket-path",
+      sock,
+      "--tap",
+      TAP,
+      "--offload",
+      backend === "vionet" ? "auto" : "off",
+      "--log-level",
+      "warn",
+    ], { cpu: o.backendCpu, cwd: ROOT });
+    r.daemon = daemon;
+    r.backendPid = daemon.pid;
+    r.parts.push({ quit: () => daemon.stop("SIGTERM", 5000) });
+    await waitForPath(sock, 30_000, `(vionet did not start:\n${daemon.tail()})`);
+  } else if (backend === "dpdk") {
+    const tso = test === "tso";
+    const vhost = await Testpmd.start(r.ns, {
+      cpu: o.backendCpu,
+      prefix: `${prefix}v`,
+      vdevs: [`net_vhost0,iface=${sock},queues=1${tso ? ",tso=1" : ""}`, `net_tap0,iface=${TAP}`],
+      mbufSize: tso ? 65535 : undefined,
+      mbufs: tso ? 2048 : undefined,
+      appArgs: tso ? ["--disable-device-start"] : [],
+    });
+    r.parts.push(vhost);
+    r.testpmds.push(vhost);
+    r.backendPid = vhost.child.pid;
+    if (tso) {
+      await vhost.cmds([
+        // net_tap refuses a TSO mbuf whose gso_size + headers exceeds its MTU (1448 + 54 > 1500).
+        "port config mtu 1 1600",
+        "port config 1 tx_offload tcp_tso on",
+        "port config 1 tx_offload multi_segs on",
+        "port config 1 tx_offload tcp_cksum on",
+        "port start all",
+      ]);
+    }
+    await vhost.cmds(["set fwd io", "start"]);
+    await waitForPath(sock, 10_000, "(net_vhost0 did not create it)");
+  } else {
+    const mode = test === "rx64" ? "read" : "write";
+    const frame = test === "tso" ? "tso" : test === "rx64" ? "64" : test.slice(2);
+    const raw = r.ns.spawn([
+      Deno.execPath(),
+      "run",
+      "-A",
+      `${ROOT}bench/raw_tap.ts`,
+      "--tap",
+      TAP,
+      "--mode",
+      mode,
+      "--frame",
+      frame,
+    ], { cpu: o.backendCpu, cwd: ROOT });
+    r.backendPid = raw.pid;
+    r.parts.push({ quit: () => raw.stop("SIGKILL", 2000) });
+    await raw.waitFor(/ready/, 0, 30_000, "raw_tap.ts to open its tap");
+  }
+  await waitForLink(r.ns.name, TAP, 10_000);
+}
+
+async function startFrontend(
+  test: BackendTest,
+  backend: BackendName,
+  r: Running,
+  o: BackendOptions,
+): Promise<void> {
+  const sock = `${r.dir}/vhost.sock`;
+  const prefix = `vb${r.ns.name.slice(-8)}`;
+  if (backend !== "raw") {
+    const virtio = `net_virtio_user0,path=${sock},queues=1,queue_size=256`;
+    if (test === "tso") {
+      const pcap = `${r.dir}/tso.pcap`;
+      await Deno.writeFile(pcap, pcapFile([tsoFrame()]));
+      const fe = await Testpmd.start(r.ns, {
+        cpu: o.frontendCpu,
+        prefix: `${prefix}f`,
+        vdevs: [virtio, `net_pcap0,rx_pcap=${pcap},infinite_rx=1`],
+        mbufSize: 65535,
+        mbufs: 2048,
+        // Offloads are set before the first start: a stop/start cycle reconnects.
+        appArgs: ["--disable-device-start"],
+      });
+      r.parts.push(fe);
+      r.testpmds.push(fe);
+      r.frontend = fe;
+      await fe.cmds([
+        "csum set ip sw 0",
+        "csum set tcp hw 0",
+        "tso set 1448 0",
+        "port start all",
+        "set fwd csum",
+        "start",
+      ]);
+    } else {
+      const fe = await Testpmd.start(r.ns, {
+        cpu: o.frontendCpu,
+        prefix: `${prefix}f`,
+        vdevs: [virtio],
+      });
+      r.parts.push(fe);
+      r.testpmds.push(fe);
+      r.frontend = fe;
+      if (test === "rx64") {
+        await fe.cmds(["set fwd rxonly", "start"]);
+      } else {
+        await fe.cmds(["set fwd txonly retry", `set txpkts ${test.slice(2)}`, "start"]);
+      }
+    }
+  }
+  if (test === "rx64") {
+    await r.ns.exec(["ip", "link", "set", TAP, "up"]);
+    const inj = await Testpmd.start(r.ns, {
+      cpu: o.frontendCpu,
+      prefix: `${prefix}i`,
+      vdevs: [`net_af_packet0,iface=${TAP},qpairs=1`],
+    });
+    r.parts.push(inj);
+    r.testpmds.push(inj);
+    await inj.cmds(["set fwd txonly", "set txpkts 64", "start"]);
+  }
+}

@@ -1,0 +1,236 @@
+/**
+ * Guest-bound benchmark: the same Linux guest (scripts/build_guest.sh, booted
+ * by tests/e2e/guest.ts) against vionet (`-netdev vhost-user`) and against
+ * QEMU's built-in backend (`-netdev tap,vhost=off`) on the same kind of tap,
+ * `vectors=0` on virtio-net-pci for both. iperf3, one TCP stream each way,
+ * with the device's offloads on and off (the same virtio-net-pci properties
+ * for both backends), and the host CPU each backend used over the transfer:
+ *
+ * - vionet: the daemon process, all threads (/proc/PID/stat utime+stime);
+ * - QEMU built-in: QEMU's threads except its vCPU threads (`CPU n/TCG` or
+ *   `CPU n/KVM`), where the tap I/O runs.
+ *
+ * Also the daemon's CPU with the guest booted and idle.
+ *
+ * @module
+ */
+
+import {
+  bootGuest,
+  type Guest,
+  guestAssets,
+  kvmUsable,
+  netKernelArgs,
+} from "../tests/e2e/guest.ts";
+import { ROOT, startTaskFlags } from "../tests/helpers.ts";
+import { type Child, cpuSeconds, Netns, sleep, waitForLink, waitForPath } from "./proc.ts";
+
+/** The backends of the guest-bound bench. */
+export type GuestBackend = "vionet" | "qemu";
+/** iperf3 directions. */
+export type Direction = "guest->host" | "host->guest";
+
+/** One iperf3 run. */
+export interface GuestSample {
+  backend: GuestBackend;
+  offloads: "on" | "off";
+  direction: Direction;
+  rep: number;
+  gbps: number;
+  /** Host CPU of the backend over the run, in cores. */
+  backendCores: number;
+  /** The whole QEMU process over the run, in cores (guest emulation included). */
+  qemuCores: number;
+  error?: string;
+}
+
+/** The daemon's CPU with an idle guest. */
+export interface IdleSample {
+  rep: number;
+  cores: number;
+  seconds: number;
+}
+
+/** Settings of the guest-bound bench. */
+export interface GuestOptions {
+  seconds: number;
+  reps: number;
+  idleSeconds: number;
+  log: (line: string) => void;
+}
+
+const TAP = "vg0";
+const HOST_IP = "198.18.0.1";
+const GUEST_IP = "198.18.0.2";
+const MAC = "52:54:00:12:34:56";
+/** virtio-net-pci properties that switch every offload off (Linux then offers none). */
+const OFFLOADS_OFF = [
+  "csum=off",
+  "guest_csum=off",
+  "gso=off",
+  "host_tso4=off",
+  "host_tso6=off",
+  "host_ecn=off",
+  "host_ufo=off",
+  "guest_tso4=off",
+  "guest_tso6=off",
+  "guest_ecn=off",
+  "guest_ufo=off",
+];
+
+/** Whether the guest-bound bench can run, or why not. */
+export function guestUnavailable(): string | undefined {
+  try {
+    guestAssets();
+  } catch (e) {
+    return (e as Error).message;
+  }
+  return undefined;
+}
+
+function isVcpu(comm: string): boolean {
+  return /^CPU \d+\/(TCG|KVM)/.test(comm);
+}
+
+/** Runs one backend × offload configuration: boots once, then `reps` iperf3 runs each way. */
+export async function measureGuest(
+  backend: GuestBackend,
+  offloads: "on" | "off",
+  o: GuestOptions,
+  idle?: IdleSample[],
+): Promise<GuestSample[]> {
+  const ns = await Netns.create();
+  const dir = await Deno.makeTempDir({ prefix: "vionet-bench-guest-" });
+  const out: GuestSample[] = [];
+  let guest: Guest | undefined;
+  let daemon: Child | undefined;
+  try {
+    const nic = `virtio-net-pci,netdev=n0,vectors=0,romfile=,mac=${MAC}` +
+      (offloads === "off" ? "," + OFFLOADS_OFF.join(",") : "");
+    let netdev: string[];
+    if (backend === "vionet") {
+      const sock = `${dir}/vhost.sock`;
+      daemon = ns.spawn([
+        Deno.execPath(),
+        "run",
+        ...startTaskFlags(),
+        `${ROOT}main.ts`,
+        "--socket-path",
+        sock,
+        "--tap",
+        TAP,
+        "--log-level",
+        "warn",
+      ], { cwd: ROOT });
+      await waitForPath(sock, 30_000, `(vionet did not start:\n${daemon.tail()})`);
+      netdev = [
+        "-chardev",
+        `socket,id=c0,path=${sock}`,
+        "-netdev",
+        "vhost-user,id=n0,chardev=c0",
+        "-device",
+        nic,
+      ];
+    } else {
+      netdev = [
+        "-netdev",
+        `tap,id=n0,ifname=${TAP},script=no,downscript=no,vhost=off`,
+        "-device",
+        nic,
+      ];
+    }
+    const a = guestAssets();
+    guest = await bootGuest({
+      kernel: a.kernel,
+      initrd: a.initrd,
+      netns: ns.name,
+      kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24` }),
+      netdevArgs: netdev,
+    });
+    const boot = await guest.waitForBoot(180_000);
+    o.log(`  ${backend} offloads ${offloads}: guest up (${JSON.stringify(boot).slice(0, 200)})`);
+    await waitForLink(ns.name, TAP, 10_000);
+    await ns.exec(["ip", "addr", "add", `${HOST_IP}/24`, "dev", TAP]);
+    await ns.exec(["ip", "link", "set", TAP, "up"]);
+    const server = ns.spawn(["iperf3", "-s", "-B", HOST_IP]);
+    await server.waitFor(/Server listening/, 0, 10_000, "iperf3 -s");
+    const ping = await guest.run(`ping -c 3 -W 2 ${HOST_IP}`, 20_000);
+    if (ping.status !== 0) throw new Error(`the guest cannot reach the host:\n${ping.output}`);
+
+    if (idle && daemon) {
+      await sleep(2000);
+      for (let rep = 0; rep < o.reps; rep++) {
+        const c0 = cpuSeconds(daemon.pid);
+        const t0 = performance.now();
+        await sleep(o.idleSeconds * 1000);
+        const dt = (performance.now() - t0) / 1000;
+        idle.push({ rep, cores: (cpuSeconds(daemon.pid) - c0) / dt, seconds: dt });
+      }
+    }
+
+    const backendPid = daemon?.pid ?? guest.pid;
+    const backendCpu = () =>
+      backend === "vionet" ? cpuSeconds(backendPid) : cpuSeconds(backendPid, (c) => !isVcpu(c));
+    for (let rep = 0; rep < o.reps; rep++) {
+      for (const direction of ["guest->host", "host->guest"] as Direction[]) {
+        const base = { backend, offloads, direction, rep };
+        try {
+          const b0 = backendCpu();
+          const q0 = cpuSeconds(guest.pid);
+          const t0 = performance.now();
+          const r = await guest.run(
+            `iperf3 -c ${HOST_IP} -t ${o.seconds} -J ${direction === "host->guest" ? "-R" : ""}`,
+            (o.seconds + 30) * 1000,
+          );
+          const dt = (performance.now() - t0) / 1000;
+          const b1 = backendCpu();
+          const q1 = cpuSeconds(guest.pid);
+          if (daemon?.done) throw new Error(`the daemon exited:\n${daemon.tail(2000)}`);
+          const j = JSON.parse(r.output.slice(r.output.indexOf("{")));
+          if (j.error) throw new Error(`iperf3: ${j.error}`);
+          const gbps = j.end.sum_received.bits_per_second / 1e9;
+          out.push({ ...base, gbps, backendCores: (b1 - b0) / dt, qemuCores: (q1 - q0) / dt });
+          o.log(
+            `  ${backend} offloads ${offloads} ${direction} rep ${rep}: ${gbps.toFixed(3)} Gbit/s`,
+          );
+        } catch (e) {
+          const why = (e as Error).message;
+          o.log(
+            `  ${backend} offloads ${offloads} ${direction} rep ${rep}: FAILED: ${
+              why.slice(0, 1500)
+            }`,
+          );
+          out.push({ ...base, gbps: 0, backendCores: 0, qemuCores: 0, error: why.slice(0, 500) });
+          if (daemon?.done || guest.closed === undefined) break;
+        }
+      }
+      if (daemon?.done) break;
+    }
+  } catch (e) {
+    const why = (e as Error).message;
+    o.log(`  ${backend} offloads ${offloads}: FAILED: ${why.slice(0, 2000)}`);
+    out.push({
+      backend,
+      offloads,
+      direction: "guest->host",
+      rep: -1,
+      gbps: 0,
+      backendCores: 0,
+      qemuCores: 0,
+      error: why.slice(0, 500),
+    });
+  } finally {
+    if (guest) {
+      await guest.shutdown(5000).catch(() => guest?.kill());
+    }
+    await daemon?.stop("SIGTERM", 5000);
+    await ns.close();
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+  return out;
+}
+
+/** The accelerator QEMU uses here. */
+export function accelerator(): string {
+  return kvmUsable() ? "KVM" : "TCG";
+}

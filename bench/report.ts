@@ -1,0 +1,377 @@
+/**
+ * Turns the bench's samples into medians with spreads, ratios against the
+ * peers, and the targets of issue 5; writes them as JSON, a markdown table
+ * and an SVG chart (bench/results/).
+ *
+ * @module
+ */
+
+import type { BackendName, BackendSample, BackendTest } from "./dpdk.ts";
+import type { Direction, GuestSample, IdleSample } from "./guest.ts";
+
+/** Where and how the bench ran. */
+export interface Machine {
+  cpus: number;
+  cpuModel: string;
+  kernel: string;
+  accelerator: string;
+  deno: string;
+  dpdk: string;
+  qemu: string;
+  date: string;
+  loadBefore: string;
+}
+
+/** Everything one `deno task bench` run produced. */
+export interface Results {
+  machine: Machine;
+  command: string;
+  options: Record<string, unknown>;
+  backend: BackendSample[];
+  guest: GuestSample[];
+  idle: IdleSample[];
+  notes: string[];
+}
+
+/** Median, min, max and count of the successful values. */
+export interface Spread {
+  median: number;
+  min: number;
+  max: number;
+  n: number;
+  failed: number;
+}
+
+/** The spread of `values` (NaN medians when there are none). */
+export function spread(values: number[], failed = 0): Spread {
+  const v = [...values].sort((a, b) => a - b);
+  if (v.length === 0) return { median: NaN, min: NaN, max: NaN, n: 0, failed };
+  const mid = v.length >> 1;
+  const median = v.length & 1 ? v[mid] : (v[mid - 1] + v[mid]) / 2;
+  return { median, min: v[0], max: v[v.length - 1], n: v.length, failed };
+}
+
+/** One target of issue 5 and where this run stands. */
+export interface TargetRow {
+  name: string;
+  /** vionet's figure over the peer's (medians). */
+  ratio: number;
+  target: number;
+  /** For "at most" targets (CPU per Gbit/s, idle CPU). */
+  atMost?: boolean;
+  met: boolean;
+  detail: string;
+}
+
+const BACKEND_LABEL: Record<BackendName, string> = {
+  "vionet": "vionet",
+  "vionet-offload-off": "vionet --offload off",
+  "dpdk": "DPDK vhost + tap",
+  "raw": "raw tap (1 thread)",
+};
+
+function pick(
+  samples: BackendSample[],
+  test: BackendTest,
+  backend: BackendName,
+  key: "pps" | "gbps",
+) {
+  const s = samples.filter((x) => x.test === test && x.backend === backend);
+  return spread(s.filter((x) => !x.error).map((x) => x[key]), s.filter((x) => x.error).length);
+}
+
+function guestPick(g: GuestSample[], backend: string, offloads: string, dir: Direction) {
+  const s = g.filter((x) =>
+    x.backend === backend && x.offloads === offloads && x.direction === dir && !x.error
+  );
+  return {
+    gbps: spread(s.map((x) => x.gbps)),
+    cores: spread(s.map((x) => x.backendCores)),
+    cpuPerGbit: spread(s.map((x) => x.backendCores / x.gbps)),
+    qemuCores: spread(s.map((x) => x.qemuCores)),
+    failed: g.filter((x) => x.backend === backend && x.offloads === offloads && x.error).length,
+  };
+}
+
+function fmt(x: number, digits = 3): string {
+  if (!Number.isFinite(x)) return "–";
+  return x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toPrecision(digits);
+}
+
+function fmtSpread(s: Spread, scale = 1, digits = 3): string {
+  if (s.n === 0) return s.failed ? `failed (${s.failed}×)` : "–";
+  const body = `${fmt(s.median * scale, digits)} [${fmt(s.min * scale, 2)}–${
+    fmt(s.max * scale, 2)
+  }]`;
+  return s.failed ? `${body}, ${s.failed} failed` : body;
+}
+
+function row(name: string, num: Spread, den: Spread, target: number, detail: string): TargetRow {
+  const ratio = num.median / den.median;
+  return { name, ratio, target, met: ratio >= target, detail };
+}
+
+/** Every target of issue 5 that this run measured. */
+export function targets(r: Results): TargetRow[] {
+  const b = r.backend;
+  const rows: TargetRow[] = [];
+  if (b.length) {
+    rows.push(
+      row(
+        "TX 64 B vs DPDK",
+        pick(b, "tx64", "vionet", "pps"),
+        pick(b, "tx64", "dpdk", "pps"),
+        1,
+        "Mpps",
+      ),
+    );
+    rows.push(
+      row(
+        "TX 1514 B vs DPDK",
+        pick(b, "tx1514", "vionet", "pps"),
+        pick(b, "tx1514", "dpdk", "pps"),
+        1,
+        "Mpps",
+      ),
+    );
+    rows.push(
+      row(
+        "RX 64 B vs DPDK",
+        pick(b, "rx64", "vionet", "pps"),
+        pick(b, "rx64", "dpdk", "pps"),
+        2,
+        "Mpps",
+      ),
+    );
+    rows.push(
+      row(
+        "TSO vs raw GSO write",
+        pick(b, "tso", "vionet", "gbps"),
+        pick(b, "tso", "raw", "gbps"),
+        0.5,
+        "Gbit/s",
+      ),
+    );
+    rows.push(
+      row(
+        "TSO --offload off vs DPDK",
+        pick(b, "tso", "vionet-offload-off", "gbps"),
+        pick(b, "tso", "dpdk", "gbps"),
+        1,
+        "Gbit/s",
+      ),
+    );
+  }
+  for (const offloads of ["on", "off"]) {
+    for (const dir of ["guest->host", "host->guest"] as Direction[]) {
+      const v = guestPick(r.guest, "vionet", offloads, dir);
+      const q = guestPick(r.guest, "qemu", offloads, dir);
+      if (v.gbps.n + q.gbps.n + v.failed + q.failed === 0) continue;
+      rows.push(row(`guest ${dir}, offloads ${offloads}, vs QEMU`, v.gbps, q.gbps, 1, "Gbit/s"));
+      const cpu = v.cpuPerGbit.median / q.cpuPerGbit.median;
+      rows.push({
+        name: `  CPU per Gbit/s ${dir}, offloads ${offloads}, vs QEMU`,
+        ratio: cpu,
+        target: 1,
+        atMost: true,
+        met: cpu <= 1,
+        detail: "cores per Gbit/s",
+      });
+    }
+  }
+  if (r.idle.length) {
+    const idle = spread(r.idle.map((x) => x.cores));
+    rows.push({
+      name: "idle guest: daemon CPU (share of a core)",
+      ratio: idle.median,
+      target: 0.02,
+      atMost: true,
+      met: idle.median < 0.02,
+      detail: "cores",
+    });
+  }
+  return rows;
+}
+
+/** The markdown tables: backend-bound, guest-bound, targets. */
+export function markdown(r: Results): string {
+  const m = r.machine;
+  const lines: string[] = [];
+  lines.push(
+    `Machine: ${m.cpus} × ${m.cpuModel}, Linux ${m.kernel}, guests under ${m.accelerator}; ` +
+      `${m.deno}, DPDK ${m.dpdk}, QEMU ${m.qemu}; ${m.date}; load average before the run: ${m.loadBefore}.`,
+  );
+  lines.push("");
+  lines.push(
+    `Command: \`${r.command}\`. Medians [min–max] over the repetitions; ratios are of medians.`,
+  );
+  lines.push("");
+  if (r.backend.length) {
+    lines.push("**Backend-bound** (DPDK virtio-user as the guest, no VM; one CPU per process):");
+    lines.push("");
+    lines.push(
+      "| test | unit | vionet | vionet --offload off | DPDK vhost + tap | raw tap (1 thread) | vionet / DPDK | vionet / raw |",
+    );
+    lines.push("|---|---|---|---|---|---|---|---|");
+    for (const test of ["tx64", "tx1514", "tso", "rx64"] as BackendTest[]) {
+      const key = test === "tso" ? "gbps" : "pps";
+      const scale = test === "tso" ? 1 : 1e-6;
+      const unit = test === "tso" ? "Gbit/s" : "Mpps";
+      const s = (bk: BackendName) => pick(r.backend, test, bk, key);
+      const name =
+        { tx64: "TX 64 B", tx1514: "TX 1514 B", tso: "TX 64 KiB TSO", rx64: "RX 64 B" }[test];
+      const off = test === "tso" ? fmtSpread(s("vionet-offload-off"), scale) : "";
+      lines.push(
+        `| ${name} | ${unit} | ${fmtSpread(s("vionet"), scale)} | ${off} | ${
+          fmtSpread(s("dpdk"), scale)
+        } | ` +
+          `${fmtSpread(s("raw"), scale)} | ${fmt(s("vionet").median / s("dpdk").median, 2)} | ` +
+          `${fmt(s("vionet").median / s("raw").median, 2)} |`,
+      );
+      if (test === "tx1514") {
+        const g = (bk: BackendName) => pick(r.backend, test, bk, "gbps");
+        lines.push(
+          `| TX 1514 B | Gbit/s | ${fmtSpread(g("vionet"))} |  | ${fmtSpread(g("dpdk"))} | ${
+            fmtSpread(g("raw"))
+          } | | |`,
+        );
+      }
+    }
+    const cores = (bk: BackendName) =>
+      spread(r.backend.filter((x) => x.backend === bk && !x.error).map((x) => x.backendCores));
+    lines.push("");
+    lines.push(
+      `Backend CPU over the windows (cores, median): vionet ${fmt(cores("vionet").median, 2)}, ` +
+        `DPDK ${fmt(cores("dpdk").median, 2)} (polls), raw ${fmt(cores("raw").median, 2)}.`,
+    );
+    lines.push("");
+  }
+  if (r.guest.length) {
+    lines.push(`**Guest-bound** (one Linux guest under ${m.accelerator}, iperf3, one TCP stream):`);
+    lines.push("");
+    lines.push(
+      "| direction | offloads | vionet Gbit/s | QEMU built-in Gbit/s | ratio | vionet CPU (cores) | QEMU backend CPU (cores) | CPU per Gbit/s ratio |",
+    );
+    lines.push("|---|---|---|---|---|---|---|---|");
+    for (const offloads of ["on", "off"]) {
+      for (const dir of ["guest->host", "host->guest"] as Direction[]) {
+        const v = guestPick(r.guest, "vionet", offloads, dir);
+        const q = guestPick(r.guest, "qemu", offloads, dir);
+        const vf = v.failed ? ` (${v.failed} failed)` : "";
+        const qf = q.failed ? ` (${q.failed} failed)` : "";
+        lines.push(
+          `| ${dir} | ${offloads} | ${fmtSpread(v.gbps)}${vf} | ${fmtSpread(q.gbps)}${qf} | ` +
+            `${fmt(v.gbps.median / q.gbps.median, 2)} | ${fmtSpread(v.cores, 1, 2)} | ${
+              fmtSpread(q.cores, 1, 2)
+            } | ` +
+            `${fmt(v.cpuPerGbit.median / q.cpuPerGbit.median, 2)} |`,
+        );
+      }
+    }
+    lines.push("");
+  }
+  if (r.idle.length) {
+    lines.push(
+      `**Idle guest**: the daemon used ${
+        fmtSpread(spread(r.idle.map((x) => x.cores * 100)), 1, 2)
+      } % of a core.`,
+    );
+    lines.push("");
+  }
+  lines.push("**Targets** (issue 5):");
+  lines.push("");
+  lines.push("| target | measured | wanted | met |");
+  lines.push("|---|---|---|---|");
+  for (const t of targets(r)) {
+    const want = `${t.atMost ? "≤" : "≥"} ${t.target}${t.name.startsWith("idle") ? "" : "×"}`;
+    lines.push(
+      `| ${t.name.trim()} | ${fmt(t.ratio, 2)}${t.name.startsWith("idle") ? "" : "×"} | ${want} | ${
+        t.met ? "yes" : "**no**"
+      } |`,
+    );
+  }
+  if (r.notes.length) {
+    lines.push("");
+    for (const n of r.notes) lines.push(`- ${n}`);
+  }
+  return lines.join("\n") + "\n";
+}
+
+function esc(s: string): string {
+  return s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+}
+
+/** An SVG bar chart of every target's ratio, with the target marked. */
+export function svg(r: Results): string {
+  const rows = targets(r).filter((t) => !t.name.startsWith("idle"));
+  const idle = targets(r).find((t) => t.name.startsWith("idle"));
+  const W = 760, left = 300, right = 60, rowH = 26, top = 40;
+  const H = top + rows.length * rowH + 50;
+  const finite = rows.map((t) => t.ratio).filter(Number.isFinite);
+  const max = Math.max(2.5, ...finite.map((x) => Math.min(x, 10)));
+  const x = (v: number) => left + (Math.min(v, max) / max) * (W - left - right);
+  const out: string[] = [];
+  out.push(
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="12">`,
+  );
+  out.push(`<rect width="${W}" height="${H}" fill="white"/>`);
+  out.push(
+    `<text x="10" y="20" font-size="14" font-weight="bold">vionet / peer (medians, same run) — ${
+      esc(r.machine.date)
+    }, ${r.machine.cpus} CPUs, ${esc(r.machine.accelerator)}</text>`,
+  );
+  for (let v = 0; v <= max + 1e-9; v += 0.5) {
+    out.push(
+      `<line x1="${x(v)}" y1="${top - 5}" x2="${x(v)}" y2="${
+        top + rows.length * rowH
+      }" stroke="#ddd"/>`,
+    );
+    out.push(
+      `<text x="${x(v)}" y="${
+        top + rows.length * rowH + 15
+      }" text-anchor="middle" fill="#555">${v}×</text>`,
+    );
+  }
+  rows.forEach((t, i) => {
+    const y = top + i * rowH;
+    const ok = Number.isFinite(t.ratio);
+    const color = !ok ? "#999" : t.met ? "#2a9d4b" : "#d1495b";
+    out.push(`<text x="${left - 8}" y="${y + 16}" text-anchor="end">${esc(t.name.trim())}</text>`);
+    if (ok) {
+      out.push(
+        `<rect x="${left}" y="${y + 4}" width="${x(t.ratio) - left}" height="${
+          rowH - 8
+        }" fill="${color}"/>`,
+      );
+      out.push(`<text x="${x(t.ratio) + 4}" y="${y + 16}" fill="#222">${fmt(t.ratio, 2)}×</text>`);
+    } else {
+      out.push(`<text x="${left + 4}" y="${y + 16}" fill="#999">not measured (failed)</text>`);
+    }
+    out.push(
+      `<line x1="${x(t.target)}" y1="${y + 1}" x2="${x(t.target)}" y2="${
+        y + rowH - 1
+      }" stroke="black" stroke-width="2" stroke-dasharray="3,2"/>`,
+    );
+  });
+  const foot = idle
+    ? `Dashed: target (CPU rows: at most). Idle guest: daemon at ${
+      fmt(idle.ratio * 100, 2)
+    } % of a core (target < 2 %).`
+    : "Dashed: target (CPU rows: at most).";
+  out.push(`<text x="10" y="${H - 10}" fill="#555">${esc(foot)}</text>`);
+  out.push("</svg>");
+  return out.join("\n") + "\n";
+}
+
+/** Writes results.json, results.md and chart.svg into `dir`. */
+export async function writeReport(r: Results, dir: string): Promise<void> {
+  await Deno.mkdir(dir, { recursive: true });
+  await Deno.writeTextFile(
+    `${dir}/results.json`,
+    JSON.stringify({ ...r, targets: targets(r) }, null, 2) + "\n",
+  );
+  await Deno.writeTextFile(`${dir}/results.md`, markdown(r));
+  await Deno.writeTextFile(`${dir}/chart.svg`, svg(r));
+}
+
+export { BACKEND_LABEL };

@@ -1,0 +1,193 @@
+/**
+ * `deno task bench`: vionet side by side with DPDK's and QEMU's backends, in
+ * one run (issue 5). Needs root (namespaces, taps); installs what it needs
+ * from Debian's packages first (DPDK's testpmd and PMDs, QEMU, iperf3) and
+ * builds the test guest if it is missing.
+ *
+ * ```
+ * deno task bench [--reps 3] [--seconds 4] [--guest-seconds 8] [--only backend|guest]
+ *                 [--backend-cpu 0] [--frontend-cpu 1] [--out bench/results]
+ * ```
+ *
+ * 1. Backend-bound (bench/dpdk.ts): TX 64 B, TX 1514 B, TSO, RX 64 B through
+ *    vionet, DPDK's vhost + tap, and a raw tap loop, with testpmd's
+ *    virtio-user as the guest; repetitions interleaved so drift hits all alike.
+ * 2. Guest-bound (bench/guest.ts): iperf3 both ways, offloads on and off,
+ *    vionet vs QEMU's built-in backend; the daemon's CPU with an idle guest.
+ * 3. bench/results/{results.json, results.md, chart.svg} (bench/report.ts).
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { ROOT } from "../tests/helpers.ts";
+import {
+  BACKEND_TESTS,
+  type BackendSample,
+  backendsFor,
+  describeBackendTest,
+  measureBackend,
+} from "./dpdk.ts";
+import {
+  accelerator,
+  type GuestSample,
+  guestUnavailable,
+  type IdleSample,
+  measureGuest,
+} from "./guest.ts";
+import { sh } from "./proc.ts";
+import { markdown, type Results, writeReport } from "./report.ts";
+
+const APT_PACKAGES: Record<string, string> = {
+  "dpdk-dev": "/usr/bin/dpdk-testpmd",
+  "librte-net-virtio23": "",
+  "librte-net-vhost23": "",
+  "librte-net-tap23": "",
+  "librte-net-pcap23": "",
+  "librte-net-af-packet23": "",
+  "librte-mempool-ring23": "",
+  "qemu-system-x86": "/usr/bin/qemu-system-x86_64",
+  "iperf3": "/usr/bin/iperf3",
+};
+
+async function installed(pkg: string): Promise<boolean> {
+  const out = await sh(["dpkg-query", "-W", "-f=${Status}", pkg]).catch(() => "");
+  return out.includes("ok installed");
+}
+
+/** Installs the Debian packages the bench needs and builds the guest if missing. */
+async function setup(log: (s: string) => void, needGuest: boolean): Promise<void> {
+  const missing: string[] = [];
+  for (const pkg of Object.keys(APT_PACKAGES)) if (!(await installed(pkg))) missing.push(pkg);
+  if (missing.length) {
+    log(`setup: apt-get install ${missing.join(" ")}`);
+    await sh(["apt-get", "update", "-qq"]);
+    await sh([
+      "env",
+      "DEBIAN_FRONTEND=noninteractive",
+      "apt-get",
+      "install",
+      "-y",
+      "-qq",
+      "--no-install-recommends",
+      ...missing,
+    ]);
+  }
+  if (needGuest && guestUnavailable()) {
+    log("setup: building the test guest (scripts/build_guest.sh)");
+    await sh([`${ROOT}scripts/build_guest.sh`]);
+  }
+}
+
+async function version(cmd: string[], re: RegExp): Promise<string> {
+  const out = await sh(cmd).catch(() => "");
+  return re.exec(out)?.[1] ?? "?";
+}
+
+async function machine() {
+  const cpuinfo = await Deno.readTextFile("/proc/cpuinfo");
+  return {
+    cpus: navigator.hardwareConcurrency,
+    cpuModel: /model name\s*:\s*(.*)/.exec(cpuinfo)?.[1] ?? "?",
+    kernel: Deno.osRelease(),
+    accelerator: accelerator(),
+    deno: `Deno ${Deno.version.deno}`,
+    dpdk: await version(["dpkg-query", "-W", "-f=${Version}", "dpdk-dev"], /(.+)/),
+    qemu: await version(["qemu-system-x86_64", "--version"], /version (\S+)/),
+    date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
+    loadBefore: (await Deno.readTextFile("/proc/loadavg")).split(" ").slice(0, 3).join(" "),
+  };
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      reps: { type: "string", default: "3" },
+      seconds: { type: "string", default: "4" },
+      "guest-seconds": { type: "string", default: "8" },
+      "idle-seconds": { type: "string", default: "10" },
+      only: { type: "string" },
+      tests: { type: "string" },
+      "backend-cpu": { type: "string", default: "0" },
+      "frontend-cpu": { type: "string", default: "1" },
+      out: { type: "string", default: `${ROOT}bench/results` },
+    },
+  });
+  if (Deno.uid() !== 0) {
+    console.error("bench: needs root (network namespaces, taps, apt-get)");
+    Deno.exit(2);
+  }
+  const reps = Number(values.reps);
+  const only = values.only;
+  if (only !== undefined && only !== "backend" && only !== "guest") {
+    console.error(`bench: --only must be backend or guest, not ${only}`);
+    Deno.exit(2);
+  }
+  const log = (s: string) => console.log(s);
+  await setup(log, only !== "backend");
+  const results: Results = {
+    machine: await machine(),
+    command: ["deno task bench", ...Deno.args].join(" "),
+    options: { ...values },
+    backend: [] as BackendSample[],
+    guest: [] as GuestSample[],
+    idle: [] as IdleSample[],
+    notes: [],
+  };
+  log(`bench: ${JSON.stringify(results.machine)}`);
+
+  if (only !== "guest") {
+    const tests = values.tests ? values.tests.split(",") : [...BACKEND_TESTS];
+    const o = {
+      seconds: Number(values.seconds),
+      warmSeconds: 1.5,
+      backendCpu: Number(values["backend-cpu"]),
+      frontendCpu: Number(values["frontend-cpu"]),
+      log,
+    };
+    for (let rep = 0; rep < reps; rep++) {
+      for (const test of BACKEND_TESTS.filter((t) => tests.includes(t))) {
+        for (const backend of backendsFor(test)) {
+          const s = await measureBackend(test, backend, rep, o);
+          results.backend.push(s);
+          log(
+            `backend ${test} ${backend} rep ${rep}: ${(s.pps / 1e6).toFixed(3)} Mpps, ${
+              s.gbps.toFixed(2)
+            } Gbit/s, ` +
+              `backend ${s.backendCores.toFixed(2)} cores${s.error ? " (failed)" : ""}`,
+          );
+        }
+      }
+      await writeReport(results, values.out);
+    }
+    for (const test of BACKEND_TESTS) results.notes.push(`${test}: ${describeBackendTest(test)}`);
+  }
+
+  if (only !== "backend") {
+    const why = guestUnavailable();
+    if (why) {
+      results.notes.push(`guest-bound bench skipped: ${why}`);
+    } else {
+      const o = {
+        seconds: Number(values["guest-seconds"]),
+        reps,
+        idleSeconds: Number(values["idle-seconds"]),
+        log,
+      };
+      for (const offloads of ["on", "off"] as const) {
+        for (const backend of ["vionet", "qemu"] as const) {
+          log(`guest: ${backend}, offloads ${offloads}`);
+          const idle = backend === "vionet" && offloads === "on" ? results.idle : undefined;
+          results.guest.push(...await measureGuest(backend, offloads, o, idle));
+          await writeReport(results, values.out);
+        }
+      }
+    }
+  }
+  await writeReport(results, values.out);
+  console.log("\n" + markdown(results));
+  console.log(`bench: wrote ${values.out}/results.json, results.md, chart.svg`);
+}
+
+if (import.meta.main) await main();
