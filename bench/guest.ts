@@ -146,13 +146,15 @@ export async function measureGuest(
       netns: ns.name,
       kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24` }),
       netdevArgs: netdev,
+      // Named threads, so the vCPU threads can be told apart from the I/O ones.
+      extraArgs: ["-name", "vionet-bench,debug-threads=on"],
     });
     const boot = await guest.waitForBoot(180_000);
     o.log(`  ${backend} offloads ${offloads}: guest up (${JSON.stringify(boot).slice(0, 200)})`);
     await waitForLink(ns.name, TAP, 10_000);
     await ns.exec(["ip", "addr", "add", `${HOST_IP}/24`, "dev", TAP]);
     await ns.exec(["ip", "link", "set", TAP, "up"]);
-    const server = ns.spawn(["iperf3", "-s", "-B", HOST_IP]);
+    const server = ns.spawn(["iperf3", "-s", "-B", HOST_IP, "--forceflush"]);
     await server.waitFor(/Server listening/, 0, 10_000, "iperf3 -s");
     const ping = await guest.run(`ping -c 3 -W 2 ${HOST_IP}`, 20_000);
     if (ping.status !== 0) throw new Error(`the guest cannot reach the host:\n${ping.output}`);
