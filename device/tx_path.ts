@@ -29,6 +29,7 @@ import {
   type NetDropCode,
   readNetHdr,
   validateTxHeader,
+  VIRTIO_NET_HDR_GSO_ECN,
   type VirtioNetHdr,
   writeNetHdr,
 } from "./net_header.ts";
@@ -233,9 +234,15 @@ export class TxPath {
     readNetHdr(this.#hdrBytes, 0, this.#hdr);
 
     if (this.sinkOffloads !== 0) {
-      const prefixLen = Math.min(frameLen, HEADER_PREFIX);
+      // Only GSO headers are checked against the frame's own headers; for the
+      // rest the frame's length is all validateTxHeader reads.
+      const prefixLen = (this.#hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0
+        ? Math.min(frameLen, HEADER_PREFIX)
+        : 0;
       const prefix = this.#prefix.subarray(0, prefixLen);
-      if (chainRead(this.memory, chain, NET_HDR_BYTES, prefix) !== prefixLen) {
+      if (
+        prefixLen > 0 && chainRead(this.memory, chain, NET_HDR_BYTES, prefix) !== prefixLen
+      ) {
         return this.#drop(TX_DROP_STALE);
       }
       let v = validateTxHeader(this.#hdr, this.hostOffloads, prefix, frameLen, this.#ctx.parsed);
