@@ -67,6 +67,8 @@ export interface BackendOptions {
   backendCpu: number;
   frontendCpu: number;
   log: (line: string) => void;
+  /** More Deno flags for the vionet daemon (e.g. `--cpu-prof`). */
+  daemonFlags?: string[];
 }
 
 const TAP = "vb0";
@@ -135,7 +137,16 @@ export async function measureBackend(
       o.log(r.daemon?.tail(3000) ?? "");
     }
     if (r.daemon?.done) throw new Error(`the daemon exited:\n${r.daemon.tail(2000)}`);
-    return { ...base, ...rates(test, backend, a, b, dt), seconds: dt };
+    const rate = rates(test, backend, a, b, dt);
+    if (rate.pps === 0) {
+      const why = r.testpmds.length
+        ? `no frames delivered; testpmd said:\n${
+          r.testpmds.map((t) => t.child.tail(800)).join("\n")
+        }`
+        : "no frames delivered";
+      throw new Error(why);
+    }
+    return { ...base, ...rate, seconds: dt };
   } catch (e) {
     const why = (e as Error).message;
     o.log(`  ${test} ${backend} rep ${rep}: FAILED: ${why.slice(0, 2000)}`);
@@ -202,6 +213,7 @@ async function startBackend(
       Deno.execPath(),
       "run",
       ...startTaskFlags(),
+      ...(o.daemonFlags ?? []),
       main,
       "--socket-path",
       sock,
@@ -224,15 +236,15 @@ async function startBackend(
       vdevs: [`net_vhost0,iface=${sock},queues=1${tso ? ",tso=1" : ""}`, `net_tap0,iface=${TAP}`],
       mbufSize: tso ? 65535 : undefined,
       mbufs: tso ? 2048 : undefined,
-      appArgs: tso ? ["--disable-device-start"] : [],
+      // net_tap refuses a TSO mbuf whose gso_size + headers exceed its MTU (1448 + 54 > 1500):
+      // net_tap allows at most 1522 B frames, so an MTU of 1504 from the first configure on.
+      appArgs: tso ? ["--disable-device-start", "--max-pkt-len=1522", "--tx-offloads=0x8008"] : [],
     });
     r.parts.push(vhost);
     r.testpmds.push(vhost);
     r.backendPid = vhost.child.pid;
     if (tso) {
       await vhost.cmds([
-        // net_tap refuses a TSO mbuf whose gso_size + headers exceeds its MTU (1448 + 54 > 1500).
-        "port config mtu 1 1600",
         "port config 1 tx_offload tcp_tso on",
         "port config 1 tx_offload multi_segs on",
         "port config 1 tx_offload tcp_cksum on",

@@ -283,12 +283,14 @@ export function markdown(r: Results): string {
   lines.push("| target | measured | wanted | met |");
   lines.push("|---|---|---|---|");
   for (const t of targets(r)) {
-    const want = `${t.atMost ? "≤" : "≥"} ${t.target}${t.name.startsWith("idle") ? "" : "×"}`;
-    lines.push(
-      `| ${t.name.trim()} | ${fmt(t.ratio, 2)}${t.name.startsWith("idle") ? "" : "×"} | ${want} | ${
-        t.met ? "yes" : "**no**"
-      } |`,
-    );
+    const idle = t.name.startsWith("idle");
+    const want = idle ? `< ${t.target * 100} %` : `${t.atMost ? "≤" : "≥"} ${t.target}×`;
+    const got = !Number.isFinite(t.ratio) || t.ratio === 0
+      ? "not measured"
+      : idle
+      ? `${(t.ratio * 100).toFixed(2)} %`
+      : `${t.ratio.toFixed(2)}×`;
+    lines.push(`| ${t.name.trim()} | ${got} | ${want} | ${t.met ? "yes" : "**no**"} |`);
   }
   if (r.notes.length) {
     lines.push("");
@@ -334,7 +336,7 @@ export function svg(r: Results): string {
   }
   rows.forEach((t, i) => {
     const y = top + i * rowH;
-    const ok = Number.isFinite(t.ratio);
+    const ok = Number.isFinite(t.ratio) && t.ratio > 0;
     const color = !ok ? "#999" : t.met ? "#2a9d4b" : "#d1495b";
     out.push(`<text x="${left - 8}" y="${y + 16}" text-anchor="end">${esc(t.name.trim())}</text>`);
     if (ok) {
@@ -343,7 +345,9 @@ export function svg(r: Results): string {
           rowH - 8
         }" fill="${color}"/>`,
       );
-      out.push(`<text x="${x(t.ratio) + 4}" y="${y + 16}" fill="#222">${fmt(t.ratio, 2)}×</text>`);
+      out.push(
+        `<text x="${x(t.ratio) + 4}" y="${y + 16}" fill="#222">${t.ratio.toFixed(2)}×</text>`,
+      );
     } else {
       out.push(`<text x="${left + 4}" y="${y + 16}" fill="#999">not measured (failed)</text>`);
     }

@@ -6,7 +6,7 @@
  *
  * ```
  * deno task bench [--reps 3] [--seconds 4] [--guest-seconds 8] [--only backend|guest]
- *                 [--backend-cpu 0] [--frontend-cpu 1] [--out bench/results]
+ *                 [--backend-cpu 0] [--frontend-cpu 1] [--out bench/results] [--report-only]
  * ```
  *
  * 1. Backend-bound (bench/dpdk.ts): TX 64 B, TX 1514 B, TSO, RX 64 B through
@@ -112,8 +112,16 @@ async function main(): Promise<void> {
       "backend-cpu": { type: "string", default: "0" },
       "frontend-cpu": { type: "string", default: "1" },
       out: { type: "string", default: `${ROOT}bench/results` },
+      "report-only": { type: "boolean", default: false },
     },
   });
+  if (values["report-only"]) {
+    // Rewrites results.md and chart.svg from results.json (after a change to the report).
+    const r = JSON.parse(await Deno.readTextFile(`${values.out}/results.json`)) as Results;
+    await writeReport(r, values.out);
+    console.log(markdown(r));
+    return;
+  }
   if (Deno.uid() !== 0) {
     console.error("bench: needs root (network namespaces, taps, apt-get)");
     Deno.exit(2);
@@ -136,8 +144,24 @@ async function main(): Promise<void> {
     notes: [],
   };
   log(`bench: ${JSON.stringify(results.machine)}`);
+  if (only) {
+    // Re-running one half keeps the other half of the previous run (marked in the notes).
+    try {
+      const prev = JSON.parse(await Deno.readTextFile(`${values.out}/results.json`)) as Results;
+      if (only === "backend" && prev.guest?.length) {
+        results.guest = prev.guest;
+        results.idle = prev.idle ?? [];
+        results.notes.push(`guest-bound figures kept from the run of ${prev.machine.date}`);
+      }
+      if (only === "guest" && prev.backend?.length) {
+        results.backend = prev.backend;
+        results.notes.push(`backend-bound figures kept from the run of ${prev.machine.date}`);
+      }
+    } catch { /* no previous run */ }
+  }
 
   if (only !== "guest") {
+    results.backend = [];
     const tests = values.tests ? values.tests.split(",") : [...BACKEND_TESTS];
     const o = {
       seconds: Number(values.seconds),
@@ -162,9 +186,15 @@ async function main(): Promise<void> {
       await writeReport(results, values.out);
     }
     for (const test of BACKEND_TESTS) results.notes.push(`${test}: ${describeBackendTest(test)}`);
+    results.notes.push(
+      `CPUs: each backend process pinned to CPU ${o.backendCpu} (vionet: all its threads), the driver ` +
+        `and the RX injector to CPU ${o.frontendCpu}; the raw reader polls a non-blocking tap.`,
+    );
   }
 
   if (only !== "backend") {
+    results.guest = [];
+    results.idle = [];
     const why = guestUnavailable();
     if (why) {
       results.notes.push(`guest-bound bench skipped: ${why}`);
