@@ -340,11 +340,10 @@ const SPECS: { [R in SupportedRequest]: RequestSpec<R> } = {
     decode(v) {
       const s = readVringState(v);
       // vhost-user.rst GET_VRING_BASE: "The request payload's num field is
-      // currently reserved and must be set to 0."
-      if (s.num !== 0) {
-        throw new ProtocolError(`reserved num field is ${s.num}, must be 0`);
-      }
-      return s;
+      // currently reserved and must be set to 0." That binds the sender; the
+      // field is ignored here, as reserved fields are: DPDK 22.11's
+      // virtio-user sends it uninitialised when it resets the device.
+      return { index: s.index, num: 0 };
     },
   },
   [VHOST_USER_SET_VRING_KICK]: {
