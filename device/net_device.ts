@@ -28,6 +28,7 @@ import {
   WEV_CALL_TX,
 } from "../ipc/datapath.ts";
 import type { DatapathBuffers } from "../ipc/datapath.ts";
+import { macrotask } from "../ipc/macrotask.ts";
 import { VIRTIO_NET_F_MRG_RXBUF } from "../ipc/features.ts";
 import { CHAIN_DEVICE_READABLE, CHAIN_DEVICE_WRITABLE } from "./chain.ts";
 import { GuestMemory, MAX_REGIONS } from "./guest_memory.ts";
@@ -60,17 +61,6 @@ export interface QueuePlacement {
 
 /** What the device reports about a queue that went wrong. */
 export type FaultHandler = (queue: number, reason: string) => void;
-
-/** One macrotask turn: queued control messages run before the loop goes on. */
-const yieldChannel = new MessageChannel();
-const yieldWaiters: Array<() => void> = [];
-yieldChannel.port1.onmessage = () => yieldWaiters.shift()?.();
-function macrotask(): Promise<void> {
-  return new Promise((resolve) => {
-    yieldWaiters.push(resolve);
-    yieldChannel.port2.postMessage(0);
-  });
-}
 
 /** How long the loop sleeps with nothing to do before it looks again anyway (ms). */
 const IDLE_WAIT_MS = 1000;

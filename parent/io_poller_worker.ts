@@ -37,6 +37,7 @@
  */
 
 import * as libc from "./libc.ts";
+import { macrotask } from "../ipc/macrotask.ts";
 import { CorruptRingError, SpscRing } from "../ipc/spsc_ring.ts";
 import {
   CTL,
@@ -131,17 +132,6 @@ const overflow = libc.addressed(new Uint8Array(FRAME_ROOM));
 
 function post(reply: IoReply): void {
   self.postMessage(reply);
-}
-
-/** One macrotask turn (about 12 µs), so queued control messages are served. */
-const yieldChannel = new MessageChannel();
-let yieldResolve: (() => void) | null = null;
-yieldChannel.port1.onmessage = () => yieldResolve?.();
-function macrotask(): Promise<void> {
-  return new Promise((resolve) => {
-    yieldResolve = resolve;
-    yieldChannel.port2.postMessage(0);
-  });
 }
 
 /** Reads an eventfd's counter without blocking; true if it was non-zero. */

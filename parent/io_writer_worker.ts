@@ -32,6 +32,7 @@
  */
 
 import * as libc from "./libc.ts";
+import { macrotask } from "../ipc/macrotask.ts";
 import { CorruptRingError, SpscRing } from "../ipc/spsc_ring.ts";
 import {
   CTL,
@@ -138,17 +139,6 @@ function checkTxHeader(h: Uint8Array, frameLen: number): boolean {
     if (csumStart + csumOffset + 2 > frameLen) return false;
   }
   return true;
-}
-
-/** One macrotask turn (about 12 µs), so queued control messages are served. */
-const yieldChannel = new MessageChannel();
-let yieldResolve: (() => void) | null = null;
-yieldChannel.port1.onmessage = () => yieldResolve?.();
-function macrotask(): Promise<void> {
-  return new Promise((resolve) => {
-    yieldResolve = resolve;
-    yieldChannel.port2.postMessage(0);
-  });
 }
 
 function post(reply: IoReply): void {

@@ -27,18 +27,7 @@ export function quietLogger(): Logger & { lines: string[] } {
 }
 
 /** The Deno flags of the `start` task in deno.json: tests run the daemon's code under them. */
-export function startTaskFlags(): string[] {
-  const config = JSON.parse(
-    Deno.readTextFileSync(new URL("../deno.json", import.meta.url)),
-  ) as { tasks: { start: string } };
-  const words = config.tasks.start.split(/\s+/);
-  const run = words.indexOf("run");
-  const main = words.indexOf("main.ts");
-  if (run < 0 || main < 0) {
-    throw new Error(`cannot read flags from start task "${config.tasks.start}"`);
-  }
-  return words.slice(run + 1, main);
-}
+export { startTaskFlags } from "../parent/audit.ts";
 
 /** Absolute path of the repository's root. */
 export const ROOT = new URL("..", import.meta.url).pathname;
