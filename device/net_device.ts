@@ -271,13 +271,7 @@ export class NetDevice {
       if (ev & EV_TX_DONE) tx.reap();
       if (ev & (EV_KICK_TX | EV_TX_DONE) || tx.pending > 0) {
         const blocked = tx.pump();
-        if (tx.outstanding > 0) {
-          // The writer's completion wakes us and we look at the ring then:
-          // the guest need not kick meanwhile (one thread hop saved per burst).
-          this.txq.disableNotifications();
-        } else if (!blocked && this.txq.enableNotifications()) {
-          more = true;
-        }
+        if (!blocked && this.txq.enableNotifications()) more = true;
       }
     }
     let call = 0;
