@@ -75,6 +75,8 @@ export class TxPath {
   readonly #zeroHdr: VirtioNetHdr = createNetHdr();
   readonly #hdrBytes = new Uint8Array(NET_HDR_BYTES);
   readonly #prefix = new Uint8Array(HEADER_PREFIX);
+  /** The empty prefix non-GSO frames are validated with: no view made per frame. */
+  readonly #noPrefix = new Uint8Array(0);
   readonly #frame = new Uint8Array(MAX_FRAME_BYTES);
   readonly #ctx = createNetOffloadContext();
   /** Byte view of the TX ring's record words, for writing headers into records. */
@@ -239,7 +241,7 @@ export class TxPath {
       const prefixLen = (this.#hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0
         ? Math.min(frameLen, HEADER_PREFIX)
         : 0;
-      const prefix = this.#prefix.subarray(0, prefixLen);
+      const prefix = prefixLen === 0 ? this.#noPrefix : this.#prefix.subarray(0, prefixLen);
       if (
         prefixLen > 0 && chainRead(this.memory, chain, NET_HDR_BYTES, prefix) !== prefixLen
       ) {
