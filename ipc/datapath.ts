@@ -85,7 +85,11 @@ export const CTL = {
   WRITER_ERRORS: 68,
   /** readv errors other than EAGAIN. */
   POLLER_ERRORS: 69,
+  /** The writer's engine once it runs: {@link WRITER_ENGINE_IO_URING} or {@link WRITER_ENGINE_WRITEV}. */
+  WRITER_ENGINE: 70,
 } as const;
+export const WRITER_ENGINE_IO_URING = 1;
+export const WRITER_ENGINE_WRITEV = 2;
 export const CTL_WORDS = 96;
 export const CTL_BYTES = CTL_WORDS * 4;
 

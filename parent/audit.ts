@@ -421,6 +421,15 @@ function files(opts: AuditOptions): FileAudit[] {
       source: "parent/datapath_host.ts",
     },
     {
+      what: "io_uring instance (writer)",
+      path:
+        "io_uring_setup(64): an anonymous descriptor, per queue start (not with --io-uring off)",
+      access: "mmap of its submission ring, completion ring and entries (MAP_SHARED read-write); " +
+        "io_uring_enter to submit IORING_OP_WRITEV to the tap, nothing else",
+      when: "serving",
+      source: "parent/io_uring.ts",
+    },
+    {
       what: "capability state",
       path: "/proc/self/status, /proc/self/task/*/{status,comm}, /proc/sys/kernel/cap_last_cap",
       access: "read-only",

@@ -12,6 +12,7 @@
 import { parseArgs } from "node:util";
 import type { LogLevel, OffloadMode } from "../ipc/protocol.ts";
 import { LOG_LEVELS } from "./log.ts";
+import type { IoUringMode } from "./io_protocol.ts";
 
 /** A command line that cannot be run; main prints the message and exits 2. */
 export class UsageError extends Error {
@@ -37,6 +38,8 @@ export interface Options {
   mac: number[];
   mtu: number;
   offload: OffloadMode;
+  /** Whether the writer may batch tap writes through io_uring. */
+  ioUring: IoUringMode;
   logLevel: LogLevel;
 }
 
@@ -89,6 +92,12 @@ export const OPTIONS: Record<string, OptionSpec> = {
     help: "auto: use the tap's offloads; off: never, checksum and segment in software",
     shown: "auto",
   },
+  "io-uring": {
+    type: "string",
+    arg: "auto|off",
+    help: "auto: batch tap writes through io_uring when the kernel allows; off: one writev each",
+    shown: "auto",
+  },
   "log-level": { type: "string", arg: "LEVEL", help: LOG_LEVELS.join("|"), shown: "info" },
   "print-capabilities": {
     type: "boolean",
@@ -107,7 +116,8 @@ export function usage(): string {
     "vionet: a virtio-net device backend (vhost-user) on a Linux tap",
     "",
     "usage: deno task start [--socket-path PATH | --fd N] [--client] [--tap IFNAME | --tap-fd N]",
-    "                       [--mac MAC] [--mtu N] [--offload auto|off] [--log-level LEVEL]",
+    "                       [--mac MAC] [--mtu N] [--offload auto|off] [--io-uring auto|off]",
+    "                       [--log-level LEVEL]",
     "                       [--print-capabilities] [--print-permissions] [--help]",
     "",
     "options:",
@@ -221,6 +231,10 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
   if (offload !== "auto" && offload !== "off") {
     throw new UsageError(`--offload "${offload}" must be auto or off`);
   }
+  const ioUring = str("io-uring") ?? "auto";
+  if (ioUring !== "auto" && ioUring !== "off") {
+    throw new UsageError(`--io-uring "${ioUring}" must be auto or off`);
+  }
   const logLevel = str("log-level") ?? "info";
   if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) {
     throw new UsageError(`--log-level "${logLevel}" must be one of ${LOG_LEVELS.join(", ")}`);
@@ -238,6 +252,7 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     mac,
     mtu,
     offload,
+    ioUring,
     logLevel: logLevel as LogLevel,
   };
 }

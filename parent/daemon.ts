@@ -84,7 +84,12 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     tap.close();
     throw e;
   }
-  const port = new VionetDevicePort({ device, tapFd: tap.fd, logger });
+  const port = new VionetDevicePort({
+    device,
+    tapFd: tap.fd,
+    logger,
+    ioUring: opts.ioUring,
+  });
   let stopping = false;
   const daemon: Daemon = {
     tap,

@@ -32,6 +32,8 @@ import {
   TX_RING_RECORDS,
   WEV_CALL_RX,
   WEV_CALL_TX,
+  WRITER_ENGINE_IO_URING,
+  WRITER_ENGINE_WRITEV,
 } from "../ipc/datapath.ts";
 import { type HostRange, IoRegions } from "./io_regions.ts";
 import {
@@ -40,6 +42,7 @@ import {
   type IoReply,
   type IoRequest,
   type IoRole,
+  type IoUringMode,
   MAILBOX,
   MAILBOX_BYTES,
   parseIoReply,
@@ -123,6 +126,8 @@ export interface DatapathCounters {
   ioBadRecord: number;
   /** writev (and call/wake eventfd write) failures. */
   writerErrors: number;
+  /** How the writer puts frames on the tap: batched io_uring writes or one writev each. */
+  writerEngine: "io_uring" | "writev" | "starting";
   /** readv/poll failures other than EAGAIN/EINTR, and invalid polled descriptors. */
   pollerErrors: number;
 }
@@ -144,6 +149,8 @@ export interface DatapathHostOptions {
   startTimeoutMs?: number;
   /** Called when a worker reports a corrupt ring or dies. */
   onFault?: (role: IoRole, message: string) => void;
+  /** Whether the writer may batch through io_uring (`--io-uring`; default "auto"). */
+  ioUring?: IoUringMode;
   /** Other worker modules, for tests only. */
   writerUrl?: URL;
   pollerUrl?: URL;
@@ -245,6 +252,9 @@ class IoWorker {
       case "fault":
         this.logger.log("error", "datapath", `${this.role}: ${reply.message}`);
         this.onFault(reply.message);
+        return;
+      case "notice":
+        this.logger.log("info", "datapath", `${this.role}: ${reply.message}`);
         return;
       default: {
         const never: never = reply;
@@ -359,6 +369,7 @@ export class DatapathHost {
         tapFd: opts.tapFd,
         wakeFd,
         ranges,
+        ioUring: opts.ioUring ?? "auto",
       });
       const startMs = opts.startTimeoutMs ?? DEFAULT_START_TIMEOUT_MS;
       await Promise.all([
@@ -440,6 +451,11 @@ export class DatapathHost {
       pollerTooBig: Atomics.load(c, CTL.POLLER_TOO_BIG),
       ioBadRecord: Atomics.load(c, CTL.IO_BAD_RECORD),
       writerErrors: Atomics.load(c, CTL.WRITER_ERRORS),
+      writerEngine: Atomics.load(c, CTL.WRITER_ENGINE) === WRITER_ENGINE_IO_URING
+        ? "io_uring"
+        : Atomics.load(c, CTL.WRITER_ENGINE) === WRITER_ENGINE_WRITEV
+        ? "writev"
+        : "starting",
       pollerErrors: Atomics.load(c, CTL.POLLER_ERRORS),
     };
   }

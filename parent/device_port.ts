@@ -28,6 +28,7 @@ import type { DeviceHost } from "./device_host.ts";
 import type { MappedRegion } from "./guest_memory_map.ts";
 import * as libc from "./libc.ts";
 import type { Logger } from "./log.ts";
+import type { IoUringMode } from "./io_protocol.ts";
 import type { DevicePort, VringAddrFields } from "./vhost_user_backend.ts";
 
 interface RingConfig {
@@ -65,11 +66,14 @@ export interface DevicePortOptions {
   device: DeviceHost;
   tapFd: number;
   logger: Logger;
+  /** `--io-uring`: whether the writer may batch through io_uring (default "auto"). */
+  ioUring?: IoUringMode;
 }
 
 /** DevicePort over the device worker and the I/O workers. */
 export class VionetDevicePort implements DevicePort {
   #device: DeviceHost;
+  #ioUring: IoUringMode;
   readonly #tapFd: number;
   readonly #logger: Logger;
   readonly #rings: [RingConfig, RingConfig] = [freshRing(), freshRing()];
@@ -81,6 +85,7 @@ export class VionetDevicePort implements DevicePort {
     this.#device = opts.device;
     this.#tapFd = opts.tapFd;
     this.#logger = opts.logger;
+    this.#ioUring = opts.ioUring ?? "auto";
   }
 
   /** True while the queues run. */
@@ -265,6 +270,7 @@ export class VionetDevicePort implements DevicePort {
       buffers,
       logger: this.#logger,
       ranges: this.#regions.map(hostRange),
+      ioUring: this.#ioUring,
       onFault: (role, message) => this.#logger.log("error", "datapath", `${role}: ${message}`),
     });
     try {

@@ -73,7 +73,16 @@ export interface InitRequest {
   wakeFd: number;
   /** Initial region table (guest memory and the bounce arena). */
   ranges: HostRange[];
+  /**
+   * The writer's engine: "auto" batches writes through io_uring when the
+   * kernel allows it and falls back to one `writev` per frame; "off" always
+   * uses `writev` (`--io-uring off`). The poller ignores it.
+   */
+  ioUring: IoUringMode;
 }
+
+/** `--io-uring`: whether the writer may batch tap writes through io_uring. */
+export type IoUringMode = "auto" | "off";
 
 /** Replace the region table. The ack means: no iovec into a dropped range will be used again. */
 export interface SetRegionsRequest {
@@ -116,7 +125,13 @@ export interface FaultNotice {
   message: string;
 }
 
-export type IoReply = AckReply | ErrorReply | FaultNotice;
+/** Unsolicited: something the operator should know that needs no action (logged at info). */
+export interface InfoNotice {
+  kind: "notice";
+  message: string;
+}
+
+export type IoReply = AckReply | ErrorReply | FaultNotice | InfoNotice;
 
 /** A control message did not have the required shape. */
 export class IoProtocolError extends Error {
@@ -172,6 +187,11 @@ function ranges(v: unknown, id: number | null): HostRange[] {
   });
 }
 
+function ioUringMode(v: unknown, id: number | null): IoUringMode {
+  if (v !== "auto" && v !== "off") fail(`ioUring must be "auto" or "off"`, id);
+  return v;
+}
+
 /**
  * Validates a request from the parent (worker side).
  * @throws {IoProtocolError} naming the first wrong field.
@@ -201,6 +221,7 @@ export function parseIoRequest(data: unknown): IoRequest {
         tapFd: fd(data.tapFd, "tapFd", id),
         wakeFd: fd(data.wakeFd, "wakeFd", id),
         ranges: ranges(data.ranges, id),
+        ioUring: data.ioUring === undefined ? "auto" : ioUringMode(data.ioUring, id),
       };
     }
     case "setRegions":
@@ -249,6 +270,8 @@ export function parseIoReply(data: unknown): IoReply {
       return { kind: "error", id: readId(data), message: text(data.message, "error.message") };
     case "fault":
       return { kind: "fault", message: text(data.message, "fault.message") };
+    case "notice":
+      return { kind: "notice", message: text(data.message, "notice.message") };
     default:
       fail(`unknown reply kind ${JSON.stringify(String(data.kind)).slice(0, 64)}`, null);
   }

@@ -110,6 +110,18 @@ export const LIBC_SYMBOLS = {
   tgkill: { parameters: ["i32", "i32", "i32"], result: "i32" },
   /** Lists a directory (/proc/self/task) without Deno's --allow-all for /proc. */
   getdents64: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  /**
+   * io_uring_setup(2) and io_uring_enter(2) through syscall(2) (glibc has no
+   * wrappers): the number, then the arguments, each passed in a full register.
+   * struct io_uring_params is 120 bytes; the result is a descriptor or -1.
+   */
+  io_uring_setup: { name: "syscall", parameters: ["i64", "u32", "buffer"], result: "i32" },
+  /** to_submit, min_complete, flags; no signal mask (NULL, 0). Returns how many were submitted. */
+  io_uring_enter: {
+    name: "syscall",
+    parameters: ["i64", "i32", "u32", "u32", "u32", "pointer", "usize"],
+    result: "i32",
+  },
 } as const;
 
 const lib = Deno.dlopen(LIBC_NAME, LIBC_SYMBOLS);
@@ -342,6 +354,7 @@ export const PROT_NONE = 0;
 export const PROT_READ = 1;
 export const PROT_WRITE = 2;
 export const MAP_SHARED = 0x01;
+export const MAP_POPULATE = 0x8000;
 export const MAP_PRIVATE = 0x02;
 export const MAP_FIXED = 0x10;
 export const MAP_ANONYMOUS = 0x20;

@@ -22,6 +22,7 @@ import {
 } from "../../parent/datapath_host.ts";
 import {
   IO_PROTOCOL_VERSION,
+  type IoUringMode,
   RX_STATUS_BAD_POST,
   RX_STATUS_TOO_BIG,
 } from "../../parent/io_protocol.ts";
@@ -87,7 +88,10 @@ interface Rig {
 }
 
 /** A tap in a namespace, guest memory, the data path started on both, torn down after. */
-async function withRig(fn: (rig: Rig) => Promise<void>): Promise<void> {
+async function withRig(
+  fn: (rig: Rig) => Promise<void>,
+  ioUring: IoUringMode = "auto",
+): Promise<void> {
   await withNetns(async (ns) => {
     const tap = createTap(tapName(), { up: false });
     const guest = new GuestMemory(GUEST_BYTES);
@@ -115,6 +119,7 @@ async function withRig(fn: (rig: Rig) => Promise<void>): Promise<void> {
         buffers,
         logger: quietLogger,
         ranges: [guest.range()],
+        ioUring,
       });
       const dev = new FakeDeviceSide(buffers);
       await fn({ ns, tap, tapMac: Array.from(tap.macBytes), guest, host, dev });
@@ -337,44 +342,47 @@ Deno.test("IoRegions.contains() grants only whole iovecs inside one range", asyn
   );
 });
 
-Deno.test({
-  ...opts,
-  name: "writer: TX records of plain and GSO frames reach the tap; tail advances; EV_TX_DONE",
-  fn: () =>
-    withRig(async ({ ns, tap, tapMac, guest, dev }) => {
-      const before = await tapCounter(ns, tap, "rx_packets");
-      const bytesBefore = await tapCounter(ns, tap, "rx_bytes");
-      const segsBefore = await tcpInSegs(ns);
-      const frames = [arpFrame(), udpFrame(tapMac, 18), udpFrame(tapMac, 1472), arpFrame()];
-      let offset = 0;
-      let bytes = 0;
-      for (const [i, f] of frames.entries()) {
-        assert.ok(dev.writeTx({ iovs: place(guest, offset, f, 1 + (i % 3)) }));
-        offset += 2048;
-        bytes += f.length;
-      }
-      const gso = gsoTcpFrame(tapMac, 65536 - 54);
-      assert.ok(dev.writeTx({ iovs: place(guest, 1 << 20, gso.frame, 5), hdr: gso.hdr }));
-      bytes += gso.frame.length;
-      const tail0 = dev.txTail();
-      dev.kickWriter();
-      const ev = await dev.waitFor(EV_TX_DONE);
-      assert.ok(ev & EV_TX_DONE, "EV_TX_DONE arrived");
-      assert.equal(ev & EV_IO_FAULT, 0);
-      assert.equal((dev.txTail() - tail0) >>> 0, frames.length + 1);
-      assert.ok(
-        await eventually(async () =>
-          (await tapCounter(ns, tap, "rx_packets")) - before === frames.length + 1
-        ),
-        "tap rx_packets rose by the number of frames",
-      );
-      assert.equal((await tapCounter(ns, tap, "rx_bytes")) - bytesBefore, bytes);
-      // TCP saw the GSO frame as one 64 KiB segment (and answered it with a RST).
-      assert.ok(await eventually(async () => (await tcpInSegs(ns)) - segsBefore >= 1));
-      assert.equal(dev.counter(CTL.IO_BAD_RECORD), 0);
-      assert.equal(dev.counter(CTL.WRITER_ERRORS), 0);
-    }),
-});
+for (const [ioUring, engine] of [["auto", "io_uring"], ["off", "writev"]] as const) {
+  Deno.test({
+    ...opts,
+    name: `writer (${engine}): plain and GSO frames reach the tap; tail advances; EV_TX_DONE`,
+    fn: () =>
+      withRig(async ({ ns, tap, tapMac, guest, host, dev }) => {
+        assert.equal(host.counters().writerEngine, engine);
+        const before = await tapCounter(ns, tap, "rx_packets");
+        const bytesBefore = await tapCounter(ns, tap, "rx_bytes");
+        const segsBefore = await tcpInSegs(ns);
+        const frames = [arpFrame(), udpFrame(tapMac, 18), udpFrame(tapMac, 1472), arpFrame()];
+        let offset = 0;
+        let bytes = 0;
+        for (const [i, f] of frames.entries()) {
+          assert.ok(dev.writeTx({ iovs: place(guest, offset, f, 1 + (i % 3)) }));
+          offset += 2048;
+          bytes += f.length;
+        }
+        const gso = gsoTcpFrame(tapMac, 65536 - 54);
+        assert.ok(dev.writeTx({ iovs: place(guest, 1 << 20, gso.frame, 5), hdr: gso.hdr }));
+        bytes += gso.frame.length;
+        const tail0 = dev.txTail();
+        dev.kickWriter();
+        const ev = await dev.waitFor(EV_TX_DONE);
+        assert.ok(ev & EV_TX_DONE, "EV_TX_DONE arrived");
+        assert.equal(ev & EV_IO_FAULT, 0);
+        assert.equal((dev.txTail() - tail0) >>> 0, frames.length + 1);
+        assert.ok(
+          await eventually(async () =>
+            (await tapCounter(ns, tap, "rx_packets")) - before === frames.length + 1
+          ),
+          "tap rx_packets rose by the number of frames",
+        );
+        assert.equal((await tapCounter(ns, tap, "rx_bytes")) - bytesBefore, bytes);
+        // TCP saw the GSO frame as one 64 KiB segment (and answered it with a RST).
+        assert.ok(await eventually(async () => (await tcpInSegs(ns)) - segsBefore >= 1));
+        assert.equal(dev.counter(CTL.IO_BAD_RECORD), 0);
+        assert.equal(dev.counter(CTL.WRITER_ERRORS), 0);
+      }, ioUring),
+  });
+}
 
 Deno.test({
   ...opts,
@@ -593,81 +601,87 @@ Deno.test({
     }),
 });
 
-Deno.test({
-  ...opts,
-  name: "writer: hostile TX records are refused, counted, never written; the writer keeps going",
-  fn: (t) =>
-    withRig(async ({ ns, tap, guest, dev }) => {
-      const frame = udpFrame(OTHER_MAC, 100);
-      const good = place(guest, 0x1000, frame, 2);
-      const end = guest.addr(GUEST_BYTES);
-      const gso = (type: number, size: number) => {
-        const h = new Uint8Array(NET_HDR_BYTES);
-        h[1] = type;
-        h[4] = size & 0xff;
-        h[5] = size >> 8;
-        return h;
-      };
-      const big = place(guest, 0x100000, new Uint8Array(MAX_FRAME_BYTES + 1));
-      const cases = [
-        {
-          name: "iovec crossing the end of guest memory",
-          spec: { iovs: [{ addr: end - 40, len: 142 }] },
-        },
-        { name: "iovec outside every region", spec: { iovs: [{ addr: 0x1000, len: 142 }] } },
-        { name: "iovec below the region", spec: { iovs: [{ addr: guest.addr(0) - 1, len: 142 }] } },
-        { name: "iovCount 0", spec: { iovs: good, iovCount: 0, frameLen: frame.length } },
-        { name: `iovCount ${TX_MAX_IOV + 1}`, spec: { iovs: good, iovCount: TX_MAX_IOV + 1 } },
-        { name: "iovCount 2^32-1", spec: { iovs: good, iovCount: 0xffff_ffff } },
-        {
-          name: "lengths not summing to frameLen",
-          spec: { iovs: good, frameLen: frame.length + 1 },
-        },
-        {
-          name: "an iovec of length 0",
-          spec: { iovs: [...good, { addr: guest.addr(0), len: 0 }], frameLen: frame.length },
-        },
-        {
-          name: "high word of an iovec length set",
-          spec: { iovs: [{ ...good[0], lenHigh: 1 }, good[1]], frameLen: frame.length },
-        },
-        { name: "frame longer than MAX_FRAME_BYTES", spec: { iovs: big } },
-        {
-          name: "frame shorter than an Ethernet header",
-          spec: { iovs: [{ ...good[0], len: 13 }] },
-        },
-        { name: "gso_type 2 (unknown)", spec: { iovs: good, hdr: gso(2, 1448) } },
-        { name: "GSO_TCPV4 with gso_size 0", spec: { iovs: good, hdr: gso(1, 0) } },
-        { name: "flags DATA_VALID on transmit", spec: { iovs: good, hdr: Uint8Array.of(2) } },
-        {
-          name: "NEEDS_CSUM with the checksum beyond the frame",
-          spec: { iovs: good, hdr: Uint8Array.of(1, 0, 0, 0, 0, 0, 141, 0, 0, 0, 0, 0) },
-        },
-      ];
-      const packets0 = await tapCounter(ns, tap, "rx_packets");
-      for (const [i, c] of cases.entries()) {
-        const ok = await t.step(c.name, async () => {
-          const tail = dev.txTail();
-          assert.ok(dev.writeTx(c.spec));
-          dev.kickWriter();
-          const ev = await dev.waitFor(EV_TX_DONE | EV_IO_FAULT);
-          assert.ok(ev & EV_IO_FAULT, "EV_IO_FAULT raised");
-          assert.equal((dev.txTail() - tail) >>> 0, 1, "the record was released");
-          assert.equal(dev.counter(CTL.IO_BAD_RECORD), i + 1);
-        });
-        assert.ok(ok, c.name);
-      }
-      assert.equal(await tapCounter(ns, tap, "rx_packets"), packets0, "nothing reached the tap");
-      assert.equal(dev.counter(CTL.WRITER_ERRORS), 0, "no writev was even tried");
-      // Still working: a good record after the bad ones goes out.
-      dev.writeTx({ iovs: good });
-      dev.kickWriter();
-      assert.equal((await dev.waitFor(EV_TX_DONE)) & EV_IO_FAULT, 0);
-      assert.ok(
-        await eventually(async () => (await tapCounter(ns, tap, "rx_packets")) === packets0 + 1),
-      );
-    }),
-});
+for (const [ioUring, engine] of [["auto", "io_uring"], ["off", "writev"]] as const) {
+  Deno.test({
+    ...opts,
+    name: `writer (${engine}): hostile TX records are refused, counted, never written; it goes on`,
+    fn: (t) =>
+      withRig(async ({ ns, tap, guest, host, dev }) => {
+        assert.equal(host.counters().writerEngine, engine);
+        const frame = udpFrame(OTHER_MAC, 100);
+        const good = place(guest, 0x1000, frame, 2);
+        const end = guest.addr(GUEST_BYTES);
+        const gso = (type: number, size: number) => {
+          const h = new Uint8Array(NET_HDR_BYTES);
+          h[1] = type;
+          h[4] = size & 0xff;
+          h[5] = size >> 8;
+          return h;
+        };
+        const big = place(guest, 0x100000, new Uint8Array(MAX_FRAME_BYTES + 1));
+        const cases = [
+          {
+            name: "iovec crossing the end of guest memory",
+            spec: { iovs: [{ addr: end - 40, len: 142 }] },
+          },
+          { name: "iovec outside every region", spec: { iovs: [{ addr: 0x1000, len: 142 }] } },
+          {
+            name: "iovec below the region",
+            spec: { iovs: [{ addr: guest.addr(0) - 1, len: 142 }] },
+          },
+          { name: "iovCount 0", spec: { iovs: good, iovCount: 0, frameLen: frame.length } },
+          { name: `iovCount ${TX_MAX_IOV + 1}`, spec: { iovs: good, iovCount: TX_MAX_IOV + 1 } },
+          { name: "iovCount 2^32-1", spec: { iovs: good, iovCount: 0xffff_ffff } },
+          {
+            name: "lengths not summing to frameLen",
+            spec: { iovs: good, frameLen: frame.length + 1 },
+          },
+          {
+            name: "an iovec of length 0",
+            spec: { iovs: [...good, { addr: guest.addr(0), len: 0 }], frameLen: frame.length },
+          },
+          {
+            name: "high word of an iovec length set",
+            spec: { iovs: [{ ...good[0], lenHigh: 1 }, good[1]], frameLen: frame.length },
+          },
+          { name: "frame longer than MAX_FRAME_BYTES", spec: { iovs: big } },
+          {
+            name: "frame shorter than an Ethernet header",
+            spec: { iovs: [{ ...good[0], len: 13 }] },
+          },
+          { name: "gso_type 2 (unknown)", spec: { iovs: good, hdr: gso(2, 1448) } },
+          { name: "GSO_TCPV4 with gso_size 0", spec: { iovs: good, hdr: gso(1, 0) } },
+          { name: "flags DATA_VALID on transmit", spec: { iovs: good, hdr: Uint8Array.of(2) } },
+          {
+            name: "NEEDS_CSUM with the checksum beyond the frame",
+            spec: { iovs: good, hdr: Uint8Array.of(1, 0, 0, 0, 0, 0, 141, 0, 0, 0, 0, 0) },
+          },
+        ];
+        const packets0 = await tapCounter(ns, tap, "rx_packets");
+        for (const [i, c] of cases.entries()) {
+          const ok = await t.step(c.name, async () => {
+            const tail = dev.txTail();
+            assert.ok(dev.writeTx(c.spec));
+            dev.kickWriter();
+            const ev = await dev.waitFor(EV_TX_DONE | EV_IO_FAULT);
+            assert.ok(ev & EV_IO_FAULT, "EV_IO_FAULT raised");
+            assert.equal((dev.txTail() - tail) >>> 0, 1, "the record was released");
+            assert.equal(dev.counter(CTL.IO_BAD_RECORD), i + 1);
+          });
+          assert.ok(ok, c.name);
+        }
+        assert.equal(await tapCounter(ns, tap, "rx_packets"), packets0, "nothing reached the tap");
+        assert.equal(dev.counter(CTL.WRITER_ERRORS), 0, "no writev was even tried");
+        // Still working: a good record after the bad ones goes out.
+        dev.writeTx({ iovs: good });
+        dev.kickWriter();
+        assert.equal((await dev.waitFor(EV_TX_DONE)) & EV_IO_FAULT, 0);
+        assert.ok(
+          await eventually(async () => (await tapCounter(ns, tap, "rx_packets")) === packets0 + 1),
+        );
+      }, ioUring),
+  });
+}
 
 Deno.test({
   ...opts,
