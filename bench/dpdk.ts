@@ -7,7 +7,8 @@
  * - `vionet` (`--offload auto`) and, for TSO, `vionet --offload off` (the
  *   device segments in software);
  * - `dpdk`: DPDK's own vhost backend, testpmd with `net_vhost0` and
- *   `net_tap0`, io forwarding;
+ *   `net_tap0`, io forwarding (for TSO: csum forwarding, so that net_tap
+ *   segments each 64 KiB frame in software into checksummed segments);
  * - `raw`: the ceiling, one thread `write()`ing the same frames (vnet header
  *   first) to a tap, or `read()`ing what is injected (bench/raw_tap.ts).
  *
@@ -24,7 +25,7 @@
  */
 
 import { ROOT, startTaskFlags } from "../tests/helpers.ts";
-import { pcapFile, tsoFrame } from "./frames.ts";
+import { pcapFile, TSO_MSS, tsoFrame } from "./frames.ts";
 import {
   type Child,
   cpuSeconds,
@@ -92,7 +93,11 @@ export function describeBackendTest(test: BackendTest): string {
       return `${fe} -- -i: set fwd txonly retry; set txpkts ${test.slice(2)}; start`;
     case "tso":
       return `${fe} --vdev net_pcap0,rx_pcap=tso.pcap,infinite_rx=1 -- -i --mbuf-size=65535: ` +
-        "(--disable-device-start) csum set ip sw 0; csum set tcp hw 0; tso set 1448 0; port start all; set fwd csum; start";
+        "(--disable-device-start) csum set ip sw 0; csum set tcp hw 0; tso set 1448 0; port start all; set fwd csum; start" +
+        "; DPDK backend: --vdev net_vhost0,iface=SOCK,queues=1,tso=1 --vdev net_tap0,iface=TAP -- -i " +
+        "--mbuf-size=65535 --max-pkt-len=1522: (--disable-device-start) port config 0 rx_offload tcp_cksum on; " +
+        "port config 1 tx_offload multi_segs on; csum set ip hw 1; csum set tcp hw 1; tso set 1448 1; " +
+        "csum mac-swap off 0; csum mac-swap off 1; port start all; set fwd csum; start";
     case "rx64":
       return `${fe} -- -i: set fwd rxonly; start; injector: dpdk-testpmd ... --vdev ` +
         "net_af_packet0,iface=TAP: set fwd txonly; set txpkts 64; start";
@@ -236,22 +241,44 @@ async function startBackend(
       vdevs: [`net_vhost0,iface=${sock},queues=1${tso ? ",tso=1" : ""}`, `net_tap0,iface=${TAP}`],
       mbufSize: tso ? 65535 : undefined,
       mbufs: tso ? 2048 : undefined,
-      // net_tap refuses a TSO mbuf whose gso_size + headers exceed its MTU (1448 + 54 > 1500):
+      // net_tap refuses a TSO mbuf whose tso_segsz + headers exceed its MTU (1448 + 54 > 1500):
       // net_tap allows at most 1522 B frames, so an MTU of 1504 from the first configure on.
-      appArgs: tso ? ["--disable-device-start", "--max-pkt-len=1522", "--tx-offloads=0x8008"] : [],
+      appArgs: tso ? ["--disable-device-start", "--max-pkt-len=1522"] : [],
     });
     r.parts.push(vhost);
     r.testpmds.push(vhost);
     r.backendPid = vhost.child.pid;
     if (tso) {
+      // net_tap segments an mbuf in software (librte_gso) only when it carries
+      // RTE_MBUF_F_TX_TCP_SEG with l2/l3/l4_len and tso_segsz; io forwarding
+      // passes on what net_vhost0 set, and that is never TX_TCP_SEG: with its
+      // default compliant-ol-flags the guest's VIRTIO_NET_HDR_GSO_TCPV4 frame
+      // arrives as RTE_MBUF_F_RX_LRO, so net_tap sees a 64 KiB frame above its
+      // MTU and counts a TX error. legacy-ol-flags=1 does set TX_TCP_SEG, but
+      // librte_gso rewrites each segment's IPv4 total_length and id without
+      // its header checksum, and nothing asks net_tap for RTE_MBUF_F_TX_IP_CKSUM:
+      // every segment would leave with a bad IPv4 checksum. So the csum engine
+      // marks each TCP frame longer than one 1448 B segment (the guest's
+      // gso_size) for TSO with IPv4 and TCP checksums on the tap port, and
+      // net_tap writes valid <= 1502 B segments. Port 0's rx tcp_cksum keeps
+      // net_vhost from first checksumming the whole 64 KiB frame in software
+      // (the guest's partial checksum stays, net_tap fills in each segment's).
       await vhost.cmds([
-        "port config 1 tx_offload tcp_tso on",
+        "port config 0 rx_offload tcp_cksum on",
         "port config 1 tx_offload multi_segs on",
-        "port config 1 tx_offload tcp_cksum on",
+        "csum set ip hw 1",
+        "csum set tcp hw 1",
+        `tso set ${TSO_MSS} 1`,
+        // io forwarding leaves the addresses alone; so does this engine then.
+        "csum mac-swap off 0",
+        "csum mac-swap off 1",
         "port start all",
+        "set fwd csum",
+        "start",
       ]);
+    } else {
+      await vhost.cmds(["set fwd io", "start"]);
     }
-    await vhost.cmds(["set fwd io", "start"]);
     await waitForPath(sock, 10_000, "(net_vhost0 did not create it)");
   } else {
     const mode = test === "rx64" ? "read" : "write";
