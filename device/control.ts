@@ -23,6 +23,7 @@ import { parseParentMessage } from "../ipc/validate.ts";
 import { featureNames } from "../ipc/features.ts";
 import { checkDriverFeatures, DEVICE_FEATURES, wantedTapOffloads } from "./negotiation.ts";
 import { NetDevice } from "./net_device.ts";
+import type { DeviceMailbox } from "./mailbox.ts";
 
 const LEVELS: Record<LogLevel, number> = { error: 0, warn: 1, info: 2, debug: 3 };
 
@@ -38,16 +39,22 @@ export interface ControlState {
 /** Runs the device's side of the control channel on `port` (the worker's global scope). */
 export class DeviceControl {
   readonly state: ControlState = { config: null, acked: 0n, tapOffloads: 0n };
-  readonly device: NetDevice = new NetDevice((queue, reason) => {
-    this.log(
-      "error",
-      `queue ${queue < 0 ? "(I/O)" : queue === 0 ? "rx0" : "tx0"} needs reset: ${reason}`,
-    );
-    this.#ep.send({ kind: "queue-fault", queue, reason: reason.slice(0, 1000) });
-  });
+  readonly device: NetDevice;
   readonly #ep: Endpoint<ParentMessage, DeviceMessage>;
 
-  constructor(port: MessagePortLike) {
+  /**
+   * `mailbox` counts the messages `port` delivers (`mailbox.ts`); with it the
+   * device loop blocks in Atomics.wait. Without it (in-thread tests) it
+   * sleeps with Atomics.waitAsync.
+   */
+  constructor(port: MessagePortLike, mailbox?: DeviceMailbox) {
+    this.device = new NetDevice((queue, reason) => {
+      this.log(
+        "error",
+        `queue ${queue < 0 ? "(I/O)" : queue === 0 ? "rx0" : "tx0"} needs reset: ${reason}`,
+      );
+      this.#ep.send({ kind: "queue-fault", queue, reason: reason.slice(0, 1000) });
+    }, mailbox);
     this.#ep = new Endpoint<ParentMessage, DeviceMessage>(port, {
       parse: parseParentMessage,
       requestKinds: new Set([

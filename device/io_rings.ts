@@ -91,6 +91,22 @@ export class DeviceIoRings {
     Atomics.store(ctl, CTL.DEVICE_SLEEPING, 0);
   }
 
+  /**
+   * Blocks the thread until the I/O side rings the device's doorbell, the
+   * parent posts a message (`mail`), or `timeoutMs` passes. Announces the
+   * sleep and re-checks first, like {@link sleep}. The worker's event loop
+   * does not run meanwhile: that is what the mailbox is for.
+   */
+  sleepBlocking(timeoutMs: number, mailPending: () => boolean): void {
+    const ctl = this.ctl;
+    const seen = Atomics.load(ctl, CTL.DEVICE_DOORBELL);
+    Atomics.store(ctl, CTL.DEVICE_SLEEPING, 1);
+    if (Atomics.load(ctl, CTL.DEVICE_EVENTS) === 0 && !mailPending()) {
+      Atomics.wait(ctl, CTL.DEVICE_DOORBELL, seen, timeoutMs);
+    }
+    Atomics.store(ctl, CTL.DEVICE_SLEEPING, 0);
+  }
+
   /** Sets writer events (WEV_* bits) and wakes the writer if it sleeps. */
   signalWriter(bits: number): void {
     signal(this.ctl, CTL.WRITER_EVENTS, bits, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING);

@@ -33,6 +33,7 @@ import { VIRTIO_NET_F_MRG_RXBUF } from "../ipc/features.ts";
 import { CHAIN_DEVICE_READABLE, CHAIN_DEVICE_WRITABLE } from "./chain.ts";
 import { GuestMemory, MAX_REGIONS } from "./guest_memory.ts";
 import { DeviceIoRings } from "./io_rings.ts";
+import type { DeviceMailbox } from "./mailbox.ts";
 import { guestOffloads, hostOffloads, NET_OFFLOAD_ALL } from "./net_header.ts";
 import { RxPath } from "./rx_path.ts";
 import { TxPath } from "./tx_path.ts";
@@ -64,6 +65,11 @@ export type FaultHandler = (queue: number, reason: string) => void;
 
 /** How long the loop sleeps with nothing to do before it looks again anyway (ms). */
 const IDLE_WAIT_MS = 1000;
+/**
+ * With a mailbox the loop blocks the worker's thread; it lets the event loop
+ * turn at least this often (ms), for timers, even when no message came.
+ */
+const BLOCKING_SLICE_MS = 50;
 
 export class NetDevice {
   readonly memory = new GuestMemory();
@@ -81,7 +87,16 @@ export class NetDevice {
   #loop: Promise<void> | null = null;
   #faulted = [false, false];
 
-  constructor(private readonly onFault: FaultHandler) {
+  /**
+   * `mailbox`: the worker's message count (`mailbox.ts`). With it the loop
+   * sleeps in Atomics.wait (fast, reliable wake-ups) and yields to the event
+   * loop only when the parent has posted a message; without it (the device
+   * in a test's own thread) it sleeps with Atomics.waitAsync.
+   */
+  constructor(
+    private readonly onFault: FaultHandler,
+    private readonly mailbox?: DeviceMailbox,
+  ) {
     this.rxq = new Virtqueue(this.memory, { name: "rx0", direction: CHAIN_DEVICE_WRITABLE });
     this.txq = new Virtqueue(this.memory, { name: "tx0", direction: CHAIN_DEVICE_READABLE });
   }
@@ -235,20 +250,32 @@ export class NetDevice {
 
   async #run(): Promise<void> {
     const rings = this.#rings!;
+    const mail = this.mailbox;
+    const mailPending = mail ? () => mail.pending(rings.ctl) : () => false;
     // Look at both rings once at start, as if kicked: a queue resumed at a
     // non-zero base may already hold buffers whose kick the driver suppressed.
     let more = true;
     let first = EV_KICK_RX | EV_KICK_TX;
+    let turned = performance.now();
     while (this.#running) {
+      if (mail) {
+        // Let the event loop deliver what the parent posted, and run timers now and then.
+        if (mailPending() || performance.now() - turned > BLOCKING_SLICE_MS) {
+          await macrotask();
+          turned = performance.now();
+          continue;
+        }
+      }
       const ev = rings.takeEvents() | first;
       first = 0;
       if (ev === 0 && !more) {
-        await rings.sleep(IDLE_WAIT_MS);
+        if (mail) rings.sleepBlocking(BLOCKING_SLICE_MS, mailPending);
+        else await rings.sleep(IDLE_WAIT_MS);
         continue;
       }
       more = this.#work(ev);
       // Let control messages (macrotasks) in between batches, even under load.
-      if (more) await macrotask();
+      if (more && !mail) await macrotask();
     }
   }
 

@@ -10,8 +10,10 @@
 
 import type { MessagePortLike } from "../ipc/endpoint.ts";
 import { DeviceControl } from "./control.ts";
+import { DeviceMailbox } from "./mailbox.ts";
 
-const control = new DeviceControl(self as unknown as MessagePortLike);
+const mailbox = new DeviceMailbox();
+const control = new DeviceControl(mailbox.wrap(self as unknown as MessagePortLike), mailbox);
 
 // A bug on our side must not vanish silently: report it, then let the worker die.
 self.addEventListener("error", (e) => {

@@ -67,6 +67,8 @@ export const CTL = {
   DEVICE_EVENTS: 1,
   /** 1 while the device is about to wait or waiting on its doorbell. */
   DEVICE_SLEEPING: 2,
+  /** Messages the parent posted to the device worker since start-queues (`device/mailbox.ts`). */
+  DEVICE_MAIL: 3,
   /** Bumped by the device when `WRITER_EVENTS` gained bits; the writer waits on it. */
   WRITER_DOORBELL: 32,
   /** WEV_* bits for the writer. */

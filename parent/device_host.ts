@@ -6,7 +6,8 @@
  * @module
  */
 
-import { Endpoint, IpcError, RefusedError } from "../ipc/endpoint.ts";
+import { Endpoint, IpcError, type MessagePortLike, RefusedError } from "../ipc/endpoint.ts";
+import { CTL, CTL_BYTES, signal } from "../ipc/datapath.ts";
 import {
   type DatapathGrant,
   type DeviceConfig,
@@ -69,10 +70,27 @@ export class DeviceHost {
   readonly #worker: Worker;
   readonly #ep: Endpoint<DeviceMessage, ParentMessage>;
   #dead = false;
+  /**
+   * The running data path's control block, between start-queues and
+   * stop-queues: every message posted then is counted in CTL.DEVICE_MAIL and
+   * rings the device's doorbell, because the device loop blocks in
+   * Atomics.wait and runs its event loop only when told (`device/mailbox.ts`).
+   */
+  #mailCtl: Int32Array | null = null;
 
   private constructor(private readonly opts: DeviceHostOptions) {
     this.#worker = new Worker(opts.workerUrl ?? DEVICE_WORKER_URL, DEVICE_WORKER_OPTIONS);
-    this.#ep = new Endpoint<DeviceMessage, ParentMessage>(this.#worker, {
+    const worker = this.#worker;
+    const port: MessagePortLike = {
+      postMessage: (message: unknown, transfer?: Transferable[]) => this.#post(message, transfer),
+      get onmessage() {
+        return worker.onmessage as MessagePortLike["onmessage"];
+      },
+      set onmessage(handler: MessagePortLike["onmessage"]) {
+        worker.onmessage = handler;
+      },
+    };
+    this.#ep = new Endpoint<DeviceMessage, ParentMessage>(port, {
       parse: parseDeviceMessage,
       requestKinds: new Set(["tunscap"]),
       replyKinds: new Set([
@@ -235,18 +253,46 @@ export class DeviceHost {
     tx: QueuePlacement,
     datapath: DatapathGrant,
   ): Promise<void> {
-    await this.#ep.request<DoneReply>({ kind: "start-queues", rx, tx, datapath }, "done");
+    const started = this.#ep.request<DoneReply>(
+      { kind: "start-queues", rx, tx, datapath },
+      "done",
+    );
+    // Posted (synchronously, above): count from the next message on, as the device does.
+    this.#mailCtl = datapath.control instanceof SharedArrayBuffer &&
+        datapath.control.byteLength >= CTL_BYTES
+      ? new Int32Array(datapath.control, 0, CTL_BYTES / 4)
+      : null;
+    try {
+      await started;
+    } catch (e) {
+      this.#mailCtl = null;
+      throw e;
+    }
   }
 
   /** Stops both queues; resolves with each queue's last_avail_idx. */
   async stopQueues(): Promise<{ rx: number; tx: number }> {
-    const r = await this.#ep.request<QueueBasesReply>({ kind: "stop-queues" }, "queue-bases");
-    return { rx: r.rx, tx: r.tx };
+    try {
+      const r = await this.#ep.request<QueueBasesReply>({ kind: "stop-queues" }, "queue-bases");
+      return { rx: r.rx, tx: r.tx };
+    } finally {
+      this.#mailCtl = null;
+    }
   }
 
   /** Sends a raw message, bypassing the types: tests use it to feed the device bad input. */
   sendRaw(msg: unknown): void {
-    this.#worker.postMessage(msg);
+    this.#post(msg);
+  }
+
+  /** Every message to the worker goes here: counted and rung while the queues run. */
+  #post(message: unknown, transfer?: Transferable[]): void {
+    const ctl = this.#mailCtl;
+    if (ctl !== null) Atomics.add(ctl, CTL.DEVICE_MAIL, 1);
+    this.#worker.postMessage(message, transfer ?? []);
+    if (ctl !== null) {
+      signal(ctl, CTL.DEVICE_EVENTS, 0, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
+    }
   }
 
   get alive(): boolean {
