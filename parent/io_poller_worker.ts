@@ -58,16 +58,8 @@ import {
   TX_QUEUE,
 } from "../ipc/datapath.ts";
 import { IoRegions } from "./io_regions.ts";
-import {
-  errorReply,
-  type IoReply,
-  type IoRequest,
-  MAILBOX,
-  parseIoRequest,
-  ROLE_SLOTS,
-  RX_STATUS_BAD_POST,
-  RX_STATUS_TOO_BIG,
-} from "./io_protocol.ts";
+import { RX_STATUS_BAD_POST, RX_STATUS_TOO_BIG } from "./io_protocol.ts";
+import { WorkerControl } from "./io_worker_control.ts";
 
 /** Frames read per batch before rx-done is published. */
 const RX_BATCH = 64;
@@ -85,7 +77,6 @@ const { EAGAIN, EINTR } = libc.Errno;
 
 // ---- state --------------------------------------------------------------------
 
-let ctl: Int32Array | null = null;
 let rxPost: SpscRing | null = null;
 let rxDone: SpscRing | null = null;
 let rxDead = false;
@@ -95,10 +86,6 @@ let tapFd = -1;
 let tapBroken = false;
 const kickFd = [-1, -1]; // indexed by RX_QUEUE / TX_QUEUE
 let wakeFd = -1;
-let stopId: number | null = null;
-/** Messages the parent posted (its word) and this worker served. */
-let mailbox: Int32Array | null = null;
-let served = 0;
 /** Longest the poller yields for a message the mailbox announced (the parent retries anyway). */
 const MAIL_WAIT_MS = 100;
 
@@ -129,10 +116,6 @@ let stTotal = 0;
  * alone let V8 free it, and readv then wrote over a free malloc chunk).
  */
 const overflow = libc.addressed(new Uint8Array(FRAME_ROOM));
-
-function post(reply: IoReply): void {
-  self.postMessage(reply);
-}
 
 /** Reads an eventfd's counter without blocking; true if it was non-zero. */
 function readEventfd(fd: number): boolean {
@@ -347,7 +330,7 @@ function revents(i: number): number {
 const BAD_FD = libc.POLLNVAL | libc.POLLERR | libc.POLLHUP;
 
 async function loop(c: Int32Array): Promise<void> {
-  while (stopId === null) {
+  while (control.stopId === null) {
     let n = addFd(0, wakeFd);
     const iKickRx = kickFd[RX_QUEUE] >= 0 ? n : -1;
     if (iKickRx >= 0) n = addFd(n, kickFd[RX_QUEUE]);
@@ -404,10 +387,7 @@ async function loop(c: Int32Array): Promise<void> {
       readEventfd(wakeFd);
       if (bits !== 0) signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
       const deadline = performance.now() + MAIL_WAIT_MS;
-      while (
-        served !== Atomics.load(mailbox!, MAILBOX.POSTED) && stopId === null &&
-        performance.now() < deadline
-      ) {
+      while (control.mailPending() && control.stopId === null && performance.now() < deadline) {
         await macrotask();
       }
       continue;
@@ -429,8 +409,7 @@ async function loop(c: Int32Array): Promise<void> {
     }
     if (bits !== 0) signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
   }
-  post({ kind: "ack", id: stopId });
-  self.close();
+  control.finish();
 }
 
 function kick(c: Int32Array, i: number, queue: number, bit: number): number {
@@ -447,75 +426,34 @@ function kick(c: Int32Array, i: number, queue: number, bit: number): number {
 function ringFault(e: unknown): number {
   if (!(e instanceof CorruptRingError)) throw e;
   rxDead = true;
-  post({ kind: "fault", message: `rx rings: ${e.message}` });
+  control.post({ kind: "fault", message: `rx rings: ${e.message}` });
   return EV_IO_FAULT;
 }
 
 // ---- control messages ----------------------------------------------------------------
 
-/** Serves one control message; runs only while the loop awaits (see the module comment). */
-function serve(msg: IoRequest): void {
-  switch (msg.kind) {
-    case "init": {
-      if (ctl !== null) throw new Error("init: already initialised");
-      if (msg.role !== "poller") throw new Error(`init: this is the poller, not the ${msg.role}`);
-      const c = new Int32Array(msg.control);
-      const p = SpscRing.attach(msg.rxPost);
-      const d = SpscRing.attach(msg.rxDone);
-      regions = IoRegions.from(msg.ranges);
-      rxPost = p;
-      rxDone = d;
-      tapFd = msg.tapFd;
-      wakeFd = msg.wakeFd;
-      mailbox = new Int32Array(msg.mailbox);
-      ctl = c;
-      post({ kind: "ack", id: msg.id });
-      loop(c).catch((e) => {
-        post({ kind: "fault", message: `poller loop died: ${String(e)}` });
-        throw e;
-      });
-      return;
+const control = new WorkerControl("poller", {
+  init(msg, c) {
+    const p = SpscRing.attach(msg.rxPost);
+    const d = SpscRing.attach(msg.rxDone);
+    regions = IoRegions.from(msg.ranges);
+    rxPost = p;
+    rxDone = d;
+    tapFd = msg.tapFd;
+    wakeFd = msg.wakeFd;
+    return () => loop(c);
+  },
+  setRegions(r) {
+    regions = r;
+  },
+  setFd(slot, fd) {
+    if (slot === "tap") {
+      tapFd = fd;
+      tapBroken = false;
+    } else {
+      kickFd[slot === "kickRx" ? RX_QUEUE : TX_QUEUE] = fd;
     }
-    case "setRegions":
-      regions = IoRegions.from(msg.ranges);
-      post({ kind: "ack", id: msg.id });
-      return;
-    case "setFd":
-      if (!ROLE_SLOTS.poller.includes(msg.slot)) {
-        throw new Error(`setFd: the poller has no ${msg.slot} slot`);
-      }
-      if (msg.slot === "tap") {
-        tapFd = msg.fd ?? -1;
-        tapBroken = false;
-      } else {
-        kickFd[msg.slot === "kickRx" ? RX_QUEUE : TX_QUEUE] = msg.fd ?? -1;
-      }
-      post({ kind: "ack", id: msg.id });
-      return;
-    case "stop":
-      if (ctl === null) {
-        post({ kind: "ack", id: msg.id });
-        self.close();
-        return;
-      }
-      stopId = msg.id;
-      return;
-    default: {
-      const never: never = msg;
-      throw new Error(`unhandled ${(never as { kind: string }).kind}`);
-    }
-  }
-}
-
-self.onmessage = (e: MessageEvent) => {
-  served++;
-  let id: number | null = null;
-  try {
-    const msg = parseIoRequest(e.data);
-    id = msg.id;
-    if (stopId !== null) throw new Error("stopping");
-    serve(msg);
-  } catch (err) {
-    post(errorReply(err, id ?? (err as { id?: number | null }).id ?? null));
-  }
-};
+  },
+  // The parent writes the wake eventfd with every message; poll() returns then.
+  wake() {},
+});

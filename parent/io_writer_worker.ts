@@ -66,14 +66,7 @@ import {
   WRITER_ENGINE_WRITEV,
 } from "../ipc/datapath.ts";
 import { IoRegions } from "./io_regions.ts";
-import {
-  errorReply,
-  type IoReply,
-  type IoRequest,
-  MAILBOX,
-  parseIoRequest,
-  ROLE_SLOTS,
-} from "./io_protocol.ts";
+import { WorkerControl } from "./io_worker_control.ts";
 
 /** Records written before they are released and the device is signalled. */
 const TX_BATCH = 64;
@@ -91,10 +84,6 @@ let regions = IoRegions.EMPTY;
 let tapFd = -1;
 const callFd = [-1, -1]; // indexed by RX_QUEUE / TX_QUEUE
 let wakeFd = -1;
-let stopId: number | null = null;
-/** Messages the parent posted (its word) and this worker served. */
-let mailbox: Int32Array | null = null;
-let served = 0;
 
 // ---- private buffers (never shared, so the device cannot change them) ---------
 
@@ -176,10 +165,6 @@ function checkTxHeader(h: Uint8Array, at: number, frameLen: number): boolean {
   return true;
 }
 
-function post(reply: IoReply): void {
-  self.postMessage(reply);
-}
-
 /**
  * Copies the record at word `off` into `slot` and checks the copy. Returns
  * the iovec count for `writev` (header + frame pieces), or 0 for a bad
@@ -232,7 +217,7 @@ function flushRing(c: Int32Array, ring: IoUring, queued: number): void {
   } catch (e) {
     uring = null;
     Atomics.store(c, CTL.WRITER_ENGINE, WRITER_ENGINE_WRITEV);
-    post({
+    control.post({
       kind: "notice",
       message: `io_uring failed (${(e as Error).message}); one writev per frame from now on`,
     });
@@ -253,7 +238,7 @@ function drainTx(c: Int32Array): number {
     n = ring.available();
   } catch (e) {
     txDead = true;
-    post({ kind: "fault", message: `tx ring: ${(e as Error).message}` });
+    control.post({ kind: "fault", message: `tx ring: ${(e as Error).message}` });
     return e instanceof CorruptRingError ? EV_IO_FAULT : 0;
   }
   if (n === 0) return 0;
@@ -298,21 +283,16 @@ function txPending(): boolean {
   }
 }
 
-/** Whether the parent posted a message this worker has not served yet. */
-function mailPending(): boolean {
-  return mailbox !== null && served !== Atomics.load(mailbox, MAILBOX.POSTED);
-}
-
 /**
  * How long one blocking wait lasts at most (ms); the event loop turns after
  * it even when nothing came (the parent rings the doorbell with each message).
  */
-const WAIT_SLICE_MS = 50;
+const WAIT_SLICE_MS = 1000;
 
 async function loop(c: Int32Array): Promise<void> {
-  while (stopId === null) {
+  while (control.stopId === null) {
     // Serve waiting control messages first (a revocation must not wait).
-    if (mailPending()) {
+    if (control.mailPending()) {
       await macrotask();
       continue;
     }
@@ -330,8 +310,8 @@ async function loop(c: Int32Array): Promise<void> {
     Atomics.store(c, CTL.WRITER_SLEEPING, 1);
     const seen = Atomics.load(c, CTL.WRITER_DOORBELL);
     if (
-      Atomics.load(c, CTL.WRITER_EVENTS) === 0 && !txPending() && !mailPending() &&
-      stopId === null
+      Atomics.load(c, CTL.WRITER_EVENTS) === 0 && !txPending() && !control.mailPending() &&
+      control.stopId === null
     ) {
       if (Atomics.wait(c, CTL.WRITER_DOORBELL, seen, WAIT_SLICE_MS) === "timed-out") {
         Atomics.store(c, CTL.WRITER_SLEEPING, 0);
@@ -343,9 +323,7 @@ async function loop(c: Int32Array): Promise<void> {
   }
   uring?.close();
   uring = null;
-  const id = stopId;
-  post({ kind: "ack", id });
-  self.close();
+  control.finish();
 }
 
 /** Picks the engine: io_uring when allowed and the kernel agrees, else `writev`. */
@@ -356,7 +334,7 @@ function startEngine(c: Int32Array, mode: "auto" | "off"): void {
       Atomics.store(c, CTL.WRITER_ENGINE, WRITER_ENGINE_IO_URING);
       return;
     } catch (e) {
-      post({
+      control.post({
         kind: "notice",
         message: `io_uring unavailable (${(e as Error).message}); one writev per frame`,
       });
@@ -365,75 +343,27 @@ function startEngine(c: Int32Array, mode: "auto" | "off"): void {
   Atomics.store(c, CTL.WRITER_ENGINE, WRITER_ENGINE_WRITEV);
 }
 
-function wakeLoop(): void {
-  if (ctl === null) return;
-  Atomics.add(ctl, CTL.WRITER_DOORBELL, 1);
-  Atomics.notify(ctl, CTL.WRITER_DOORBELL);
-}
-
-/**
- * Serves one control message. It runs only while the loop is suspended at an
- * `await` (never inside a batch), so its effects are complete before the loop
- * touches memory or a descriptor again: the ack is a true revocation.
- */
-function serve(msg: IoRequest): void {
-  switch (msg.kind) {
-    case "init": {
-      if (ctl !== null) throw new Error("init: already initialised");
-      if (msg.role !== "writer") throw new Error(`init: this is the writer, not the ${msg.role}`);
-      const c = new Int32Array(msg.control);
-      const ring = SpscRing.attach(msg.tx);
-      regions = IoRegions.from(msg.ranges);
-      tx = ring;
-      tapFd = msg.tapFd;
-      wakeFd = msg.wakeFd;
-      mailbox = new Int32Array(msg.mailbox);
-      ctl = c;
-      startEngine(c, msg.ioUring);
-      post({ kind: "ack", id: msg.id });
-      loop(c).catch((e) => {
-        post({ kind: "fault", message: `writer loop died: ${String(e)}` });
-        throw e;
-      });
-      return;
-    }
-    case "setRegions":
-      regions = IoRegions.from(msg.ranges);
-      post({ kind: "ack", id: msg.id });
-      return;
-    case "setFd":
-      if (!ROLE_SLOTS.writer.includes(msg.slot)) {
-        throw new Error(`setFd: the writer has no ${msg.slot} slot`);
-      }
-      if (msg.slot === "tap") tapFd = msg.fd ?? -1;
-      else callFd[msg.slot === "callRx" ? RX_QUEUE : TX_QUEUE] = msg.fd ?? -1;
-      post({ kind: "ack", id: msg.id });
-      return;
-    case "stop":
-      if (ctl === null) {
-        post({ kind: "ack", id: msg.id });
-        self.close();
-        return;
-      }
-      stopId = msg.id;
-      wakeLoop();
-      return;
-    default: {
-      const never: never = msg;
-      throw new Error(`unhandled ${(never as { kind: string }).kind}`);
-    }
-  }
-}
-
-self.onmessage = (e: MessageEvent) => {
-  served++;
-  let id: number | null = null;
-  try {
-    const msg = parseIoRequest(e.data);
-    id = msg.id;
-    if (stopId !== null) throw new Error("stopping");
-    serve(msg);
-  } catch (err) {
-    post(errorReply(err, id ?? (err as { id?: number | null }).id ?? null));
-  }
-};
+const control = new WorkerControl("writer", {
+  init(msg, c) {
+    const ring = SpscRing.attach(msg.tx);
+    regions = IoRegions.from(msg.ranges);
+    tx = ring;
+    tapFd = msg.tapFd;
+    wakeFd = msg.wakeFd;
+    ctl = c;
+    startEngine(c, msg.ioUring);
+    return () => loop(c);
+  },
+  setRegions(r) {
+    regions = r;
+  },
+  setFd(slot, fd) {
+    if (slot === "tap") tapFd = fd;
+    else callFd[slot === "callRx" ? RX_QUEUE : TX_QUEUE] = fd;
+  },
+  wake() {
+    if (ctl === null) return;
+    Atomics.add(ctl, CTL.WRITER_DOORBELL, 1);
+    Atomics.notify(ctl, CTL.WRITER_DOORBELL);
+  },
+});
