@@ -69,7 +69,7 @@ const IDLE_WAIT_MS = 1000;
  * With a mailbox the loop blocks the worker's thread; it lets the event loop
  * turn at least this often (ms), for timers, even when no message came.
  */
-const BLOCKING_SLICE_MS = 50;
+const BLOCKING_SLICE_MS = 1000;
 
 export class NetDevice {
   readonly memory = new GuestMemory();
