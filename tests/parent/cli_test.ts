@@ -16,6 +16,7 @@ Deno.test("no arguments: tap vionet0, a socket path, offload auto, a stable MAC"
   assert.equal(o.tap, "vionet0");
   assert.equal(o.socketPath, "/run/vionet/vionet0.sock");
   assert.equal(o.offload, "auto");
+  assert.equal(o.ioUring, "auto");
   assert.equal(o.logLevel, "info");
   assert.deepEqual(o.mac, defaultMac("vionet0"));
   assert.equal(o.mac[0] & 3, 2, "locally administered unicast");
@@ -34,6 +35,7 @@ Deno.test("options take both --opt value and --opt=value", () => {
     "--offload",
     "off",
     "--mtu=9000",
+    "--io-uring=off",
     "--log-level=debug",
   ]);
   assert.equal(o.socketPath, "/tmp/s.sock");
@@ -41,6 +43,7 @@ Deno.test("options take both --opt value and --opt=value", () => {
   assert.deepEqual(o.mac, [2, 0, 0, 0, 0, 1]);
   assert.equal(o.offload, "off");
   assert.equal(o.mtu, 9000);
+  assert.equal(o.ioUring, "off");
   assert.equal(o.logLevel, "debug");
 });
 
@@ -70,6 +73,7 @@ Deno.test("each bad command line is a UsageError that names what is wrong", asyn
     [["--mac", "52:54:00:12:34"], /is not a unicast MAC/],
     [["--mac", "00:00:00:00:00:00"], /is not a unicast MAC/],
     [["--offload", "on"], /--offload "on" must be auto or off/],
+    [["--io-uring", "yes"], /--io-uring "yes" must be auto or off/],
     [["--mtu", "20"], /--mtu "20" is not in 68..65535/],
     [["--mtu", "1e3"], /--mtu "1e3"/],
     [["--log-level", "loud"], /--log-level "loud" must be one of error, warn, info, debug/],
