@@ -89,6 +89,15 @@ function guestPick(g: GuestSample[], backend: string, offloads: string, dir: Dir
     cores: spread(s.map((x) => x.backendCores)),
     cpuPerGbit: spread(s.map((x) => x.backendCores / x.gbps)),
     qemuCores: spread(s.map((x) => x.qemuCores)),
+    /**
+     * Every host core the VM's networking used, per Gbit/s: the QEMU process
+     * (vCPUs included) plus, for vionet, the daemon. Under TCG QEMU's own
+     * virtio-net moves TX frames on the vCPU thread, which the backend-only
+     * figure cannot see; this one counts both set-ups the same way.
+     */
+    hostCpuPerGbit: spread(
+      s.map((x) => (x.qemuCores + (backend === "vionet" ? x.backendCores : 0)) / x.gbps),
+    ),
     failed: g.filter((x) => x.backend === backend && x.offloads === offloads && x.error).length,
   };
 }
@@ -177,6 +186,15 @@ export function targets(r: Results): TargetRow[] {
         met: cpu <= 1,
         detail: "cores per Gbit/s",
       });
+      const host = v.hostCpuPerGbit.median / q.hostCpuPerGbit.median;
+      rows.push({
+        name: `  all host CPU (VMM + backend) per Gbit/s ${dir}, offloads ${offloads}, vs QEMU`,
+        ratio: host,
+        target: 1,
+        atMost: true,
+        met: host <= 1,
+        detail: "cores per Gbit/s",
+      });
     }
   }
   if (r.idle.length) {
@@ -250,9 +268,9 @@ export function markdown(r: Results): string {
     lines.push(`**Guest-bound** (one Linux guest under ${m.accelerator}, iperf3, one TCP stream):`);
     lines.push("");
     lines.push(
-      "| direction | offloads | vionet Gbit/s | QEMU built-in Gbit/s | ratio | vionet CPU (cores) | QEMU backend CPU (cores) | CPU per Gbit/s ratio |",
+      "| direction | offloads | vionet Gbit/s | QEMU built-in Gbit/s | ratio | vionet CPU (cores) | QEMU backend CPU (cores) | CPU per Gbit/s ratio | all host CPU per Gbit/s ratio |",
     );
-    lines.push("|---|---|---|---|---|---|---|---|");
+    lines.push("|---|---|---|---|---|---|---|---|---|");
     for (const offloads of ["on", "off"]) {
       for (const dir of ["guest->host", "host->guest"] as Direction[]) {
         const v = guestPick(r.guest, "vionet", offloads, dir);
@@ -264,10 +282,18 @@ export function markdown(r: Results): string {
             `${fmt(v.gbps.median / q.gbps.median, 2)} | ${fmtSpread(v.cores, 1, 2)} | ${
               fmtSpread(q.cores, 1, 2)
             } | ` +
-            `${fmt(v.cpuPerGbit.median / q.cpuPerGbit.median, 2)} |`,
+            `${fmt(v.cpuPerGbit.median / q.cpuPerGbit.median, 2)} | ` +
+            `${fmt(v.hostCpuPerGbit.median / q.hostCpuPerGbit.median, 2)} |`,
         );
       }
     }
+    lines.push("");
+    lines.push(
+      "QEMU backend CPU is QEMU's threads other than its vCPUs; under TCG its virtio-net does the " +
+        "TX work on the vCPU thread, so that figure leaves it out. The last column counts every " +
+        "host core the VM's networking used the same way for both: the QEMU process (vCPUs " +
+        "included) plus, for vionet, the daemon.",
+    );
     lines.push("");
   }
   if (r.idle.length) {
