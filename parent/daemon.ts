@@ -78,13 +78,16 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     logLevel: opts.logLevel,
   };
   let device: DeviceHost;
+  // The port exists only once the device does; a queue fault reaches it through this.
+  let port: VionetDevicePort | undefined;
+  const onQueueFault = (queue: number) => port?.queueFault(queue);
   try {
-    device = await startDevice(tap, config, opts, logger);
+    device = await startDevice(tap, config, opts, logger, onQueueFault);
   } catch (e) {
     tap.close();
     throw e;
   }
-  const port = new VionetDevicePort({
+  port = new VionetDevicePort({
     device,
     tapFd: tap.fd,
     logger,
@@ -135,10 +138,10 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
   device.onDeath = (reason) => {
     if (stopping) return;
     logger.log("error", "parent", `${reason}; starting a new device worker`);
-    startDevice(tap, config, opts, logger).then((d) => {
+    startDevice(tap, config, opts, logger, onQueueFault).then((d) => {
       daemon.device = d;
       d.onDeath = device.onDeath;
-      port.replaceDevice(d);
+      port!.replaceDevice(d);
     }, (e) => logger.log("error", "parent", `cannot restart the device: ${(e as Error).message}`));
   };
   return daemon;
@@ -149,13 +152,21 @@ function dirname(path: string): string {
   return i <= 0 ? "/" : path.slice(0, i);
 }
 
-function startDevice(tap: Tap, config: DeviceConfig, opts: Options, logger: Logger) {
+function startDevice(
+  tap: Tap,
+  config: DeviceConfig,
+  opts: Options,
+  logger: Logger,
+  onQueueFault: (queue: number) => void,
+) {
   return DeviceHost.start({
     config,
     handlers: { tunscap: tunscapHandler(tap, allowedTapOffloads(opts.offload), logger) },
     logger,
-    onQueueFault: (queue, reason) =>
-      logger.log("error", "device", `queue ${queue} needs a reset: ${reason}`),
+    onQueueFault: (queue, reason) => {
+      logger.log("error", "device", `queue ${queue} needs a reset: ${reason}`);
+      onQueueFault(queue);
+    },
   });
 }
 

@@ -88,6 +88,14 @@ export class VionetDevicePort implements DevicePort {
     this.#ioUring = opts.ioUring ?? "auto";
   }
 
+  /** Set by the vhost-user backend while a front-end is connected (DevicePort). */
+  vringErrorSink: ((index: number) => void) | null = null;
+
+  /** The device reported that queue `queue` needs a reset (-1: the I/O side, both). */
+  queueFault(queue: number): void {
+    this.vringErrorSink?.(queue);
+  }
+
   /** True while the queues run. */
   get running(): boolean {
     return this.#datapath !== null;

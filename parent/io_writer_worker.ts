@@ -332,13 +332,19 @@ function startEngine(c: Int32Array, mode: "auto" | "off"): void {
     try {
       uring = IoUring.setup(TX_BATCH);
       Atomics.store(c, CTL.WRITER_ENGINE, WRITER_ENGINE_IO_URING);
+      control.post({
+        kind: "notice",
+        message: `tap writes: io_uring, up to ${TX_BATCH} frames per system call`,
+      });
       return;
     } catch (e) {
       control.post({
         kind: "notice",
-        message: `io_uring unavailable (${(e as Error).message}); one writev per frame`,
+        message: `tap writes: one writev per frame (io_uring unavailable: ${(e as Error).message})`,
       });
     }
+  } else {
+    control.post({ kind: "notice", message: "tap writes: one writev per frame (--io-uring off)" });
   }
   Atomics.store(c, CTL.WRITER_ENGINE, WRITER_ENGINE_WRITEV);
 }

@@ -34,7 +34,8 @@
  *   `setVringCall` is called (whether it resolves or rejects) the port owns the
  *   fd and closes it when it is replaced, on `getVringBase` (kick), on `reset`.
  * - Error fds (SET_VRING_ERR) stay with the backend; it closes them when
- *   replaced, on RESET_DEVICE and on close.
+ *   replaced, on RESET_DEVICE and on close. It writes 1 to one when the
+ *   device reports that ring faulted (`DevicePort.vringErrorSink`).
  *
  * @module
  */
@@ -171,6 +172,13 @@ export interface DevicePort {
    * closed, features cleared. Memory grants are left alone (see setMemTable).
    */
   reset(): Promise<void>;
+  /**
+   * Where the device reports a ring that entered needs-reset (its index; -1
+   * for both, when the fault is the I/O side's). The backend sets it while a
+   * front-end is connected and signals that ring's SET_VRING_ERR eventfd, so
+   * the VMM hears of it (QEMU logs "vhost vring error"). Optional.
+   */
+  vringErrorSink?: ((index: number) => void) | null;
 }
 
 /** The system calls the backend needs; the socket layer supplies the libc ones. */
@@ -290,6 +298,7 @@ export class VhostUserBackend {
       );
     }
     this.#rings = Array.from({ length: 2 * this.#queuePairs }, initialRing);
+    if ("vringErrorSink" in device) device.vringErrorSink = this.#vringErrorSink;
     this.#handlers = {
       [VHOST_USER_GET_FEATURES]: () => this.#getFeatures(),
       [VHOST_USER_SET_FEATURES]: (m) => this.#setFeatures(m.body.value),
@@ -413,6 +422,7 @@ export class VhostUserBackend {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    if (this.#device.vringErrorSink === this.#vringErrorSink) this.#device.vringErrorSink = null;
     try {
       await this.#device.reset();
     } catch (e) {
@@ -744,6 +754,19 @@ export class VhostUserBackend {
     ring.enabled = enable;
     return null;
   }
+
+  /** Signals the err eventfd of ring `index` (-1: every ring); a ring without one is logged only. */
+  readonly #vringErrorSink = (index: number): void => {
+    const rings = index < 0 ? this.#rings : [this.#rings[index]].filter((r) => r !== undefined);
+    for (const ring of rings) {
+      if (ring.errFd === null) continue;
+      try {
+        this.#system.signalCall(ring.errFd);
+      } catch (e) {
+        this.#log("warn", `ring ${index}: err fd cannot be signalled: ${(e as Error).message}`);
+      }
+    }
+  };
 
   #closeErrFd(ring: RingState): void {
     if (ring.errFd !== null) {

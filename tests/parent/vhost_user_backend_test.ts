@@ -102,6 +102,7 @@ interface FakeRing {
 
 /** A device that keeps ring state the way the real one must, and owns kick/call fds. */
 class FakeDevice implements DevicePort {
+  vringErrorSink: ((index: number) => void) | null = null;
   features = 0n;
   rings = new Map<number, FakeRing>();
   regions: MappedRegion[] = [];
@@ -542,6 +543,23 @@ Deno.test("SET_VRING_ERR fds stay with the backend and are closed when replaced"
   assert.equal(system.open.has(a), false);
   await backend.close();
   assert.equal(system.open.size, 0);
+});
+
+Deno.test("a ring the device reports faulted has its SET_VRING_ERR eventfd signalled", async () => {
+  const { ok, device, system, backend } = setup();
+  const errTx = system.newFd();
+  await ok(encodeRequest(VHOST_USER_SET_VRING_ERR, encodeVringFd(1, false)), [errTx]);
+  assert.ok(device.vringErrorSink, "the backend registered its sink with the device");
+  device.vringErrorSink!(1);
+  assert.deepEqual(system.signalled, [errTx]);
+  // Ring 0 has no err fd: nothing to signal. -1 (the I/O side) means every ring.
+  device.vringErrorSink!(0);
+  device.vringErrorSink!(-1);
+  assert.deepEqual(system.signalled, [errTx, errTx]);
+  // An index the backend does not have is ignored, not thrown on.
+  device.vringErrorSink!(7);
+  await backend.close();
+  assert.equal(device.vringErrorSink, null, "a closed backend takes its sink back");
 });
 
 const REGIONS = [
