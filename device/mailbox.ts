@@ -16,7 +16,11 @@
  * mailbox word: `parent/io_protocol.ts`.)
  *
  * The parent starts counting with the first message after `start-queues`,
- * so the count here starts again when a `start-queues` message arrives.
+ * so the count here starts again when the device accepts one
+ * ({@link DeviceMailbox.markStart}, called by `NetDevice.start`). That runs
+ * synchronously inside the handler of that very message, so "received so
+ * far" is exactly the messages up to and including it; a malformed or
+ * refused `start-queues` does not move the base.
  *
  * @module
  */
@@ -33,7 +37,7 @@ export class DeviceMailbox {
    * anything handles it.
    */
   wrap(port: MessagePortLike): MessagePortLike {
-    const count = (data: unknown) => this.#count(data);
+    const count = () => this.#count();
     return {
       postMessage: (message: unknown, transfer?: Transferable[]) =>
         port.postMessage(message, transfer),
@@ -42,24 +46,23 @@ export class DeviceMailbox {
       },
       set onmessage(handler: ((event: MessageEvent) => void) | null) {
         port.onmessage = handler === null ? null : (event: MessageEvent) => {
-          count(event.data);
+          count();
           handler(event);
         };
       },
     };
   }
 
-  #count(data: unknown): void {
+  #count(): void {
     this.#received++;
-    if (
-      typeof data === "object" && data !== null &&
-      (data as { kind?: unknown }).kind === "start-queues"
-    ) {
-      this.#base = this.#received;
-    }
   }
 
-  /** Messages received since the last `start-queues`. */
+  /** The queues start: the parent counts its posts from the next message on. */
+  markStart(): void {
+    this.#base = this.#received;
+  }
+
+  /** Messages received since the queues last started. */
   get sinceStart(): number {
     return this.#received - this.#base;
   }
