@@ -192,14 +192,16 @@ export class NetDevice {
     this.#tx = new TxPath(this.memory, this.txq, rings, this.hostBase);
     this.#applyFeatures();
     this.#faulted = [false, false];
+    this.mailbox?.markStart();
     this.#running = true;
     this.#loop = this.#run();
   }
 
   /**
    * Stops both queues (the parent has quiesced the I/O workers): completes
-   * what the workers finished, returns every other chain, and reports each
-   * queue's last_avail_idx for GET_VRING_BASE.
+   * what the workers finished, un-pops the RX chains they did not fill,
+   * returns every other chain, and reports each queue's last_avail_idx for
+   * GET_VRING_BASE.
    */
   async stop(): Promise<{ rx: number; tx: number }> {
     if (!this.#running) return { rx: this.rxq.lastAvailIdx, tx: this.txq.lastAvailIdx };
@@ -211,7 +213,20 @@ export class NetDevice {
     if (!this.#faulted[RX_QUEUE]) this.#rx?.complete();
     this.#tx?.reap();
     this.#tx?.discardPending();
-    this.#rx?.forgetPosted();
+    // RX chains posted but not filled were the last ones popped (the poller
+    // fills in post order): un-pop them, so they stay the guest's available
+    // buffers for the next start instead of coming back as 0-byte frames
+    // (which Linux counts as length errors). If they are not the last popped
+    // (a bad chain was dropped after them), or after an RX fault, stop()
+    // below returns them with len 0 instead.
+    const unfilled = this.#rx?.forgetPosted() ?? 0;
+    if (unfilled > 0 && !this.#faulted[RX_QUEUE]) {
+      try {
+        this.rxq.unpopAvail(unfilled);
+      } catch {
+        // not the last popped: returned with len 0 below
+      }
+    }
     const rx = this.rxq.stop();
     const tx = this.txq.stop();
     this.#rings = null;

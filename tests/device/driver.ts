@@ -376,6 +376,23 @@ export class TestDriver {
     this.availIdx = (this.availIdx + 1) & 0xffff;
   }
 
+  /**
+   * The heads in the avail ring from index `from` up to the published
+   * avail->idx (what a device that stopped at last_avail_idx `from` has not
+   * taken), or null when `from` is not within one ring of avail->idx.
+   */
+  availableFrom(from: number): number[] | null {
+    const idx = this.guest.u16(this.availGpa + VIRTQ_AVAIL_OFF_IDX);
+    const n = (idx - from) & 0xffff;
+    if (n > this.size) return null;
+    const out: number[] = [];
+    for (let k = 0; k < n; k++) {
+      const slot = ((from + k) & 0xffff) % this.size;
+      out.push(this.guest.u16(this.availGpa + VIRTQ_AVAIL_OFF_RING + 2 * slot));
+    }
+    return out;
+  }
+
   /** Stores avail->idx = the driver's availIdx. Returns whether a kick is needed. */
   publish(): boolean {
     const old = this.guest.u16(this.availGpa + VIRTQ_AVAIL_OFF_IDX);

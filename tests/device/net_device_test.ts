@@ -289,7 +289,7 @@ Deno.test("RX: a poller that claims more chains than were posted faults the queu
   });
 });
 
-Deno.test("stop() reports last_avail_idx for GET_VRING_BASE and hands posted RX chains back", async () => {
+Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains stay available", async () => {
   const guest = new TestGuest([{ gpa: 0x100000, size: 4 << 20 }]);
   const io = new FakeIo(guest);
   const dev = new NetDevice(() => {});
@@ -302,8 +302,20 @@ Deno.test("stop() reports last_avail_idx for GET_VRING_BASE and hands posted RX 
   for (let i = 0; i < 3; i++) rx.post([{ len: 2048, writable: true }]);
   io.kick("rx");
   await until(io, () => io.postedChains === 3, "posted");
+  // One chain filled, two not: the filled one is used, the others are un-popped.
+  const { frame } = buildFrame({ payload: new Uint8Array(100) });
+  assert.equal(io.receive(concat(netHdr({}), frame)), 1);
+  await until(io, () => rx.readUsed().length === 1, "the first chain used");
   const bases = await dev.stop();
-  assert.deepEqual(bases, { rx: 3, tx: 0 });
+  assert.deepEqual(bases, { rx: 1, tx: 0 }, "last_avail_idx moved back past the unfilled chains");
+  assert.equal(rx.readUsed().length, 0, "no 0-byte completions for the unfilled chains");
+  // Restarted from that base, the device takes the same two chains again.
+  const io2 = new FakeIo(guest); // fresh data-path rings, as every start gets
+  dev.start({ ...rx.config("user"), base: 1 }, p(tx), io2.buffers, 0x6000_0000_0000);
+  io2.kick("rx");
+  await until(io2, () => io2.postedChains === 2, "the two chains posted again");
+  assert.deepEqual((await dev.stop()).rx, 1);
+  assert.equal(rx.readUsed().length, 0);
   assert.throws(() => dev.revoke({ guestPhysAddr: 1, size: 1, userAddr: 1 }), /no granted region/);
   assert.equal(dev.revoke().length, 1);
 });
