@@ -17,6 +17,34 @@
  * @module
  */
 
+/**
+ * Why tests that need a real tap in a namespace cannot run here, or
+ * undefined when they can: root, /dev/net/tun, and each of `tools` on the
+ * usual paths (`packages` names what to apt-get install for them).
+ */
+export function tapTestsUnavailable(
+  tools: string[] = ["ip"],
+  packages = "iproute2",
+): string | undefined {
+  if (Deno.uid() !== 0) return "needs root for taps and network namespaces";
+  try {
+    Deno.statSync("/dev/net/tun");
+  } catch {
+    return "needs /dev/net/tun";
+  }
+  for (const tool of tools) {
+    const found = ["/usr/sbin/", "/usr/bin/", "/sbin/", "/bin/"].some((dir) => {
+      try {
+        return Deno.statSync(dir + tool).isFile;
+      } catch {
+        return false;
+      }
+    });
+    if (!found) return `needs ${tool} (apt-get install -y ${packages})`;
+  }
+  return undefined;
+}
+
 /** A command run inside a namespace that exited non-zero. */
 export class CommandError extends Error {
   constructor(

@@ -79,29 +79,10 @@ import {
   type ReceivedFrame,
   type TcpFlow,
 } from "./mini_tcp.ts";
-import { exec, type Netns, withNetns } from "../net_ns.ts";
+import { exec, type Netns, tapTestsUnavailable, withNetns } from "../net_ns.ts";
 import { quietLogger, testConfig } from "../helpers.ts";
 
-function skipReason(): string | undefined {
-  if (Deno.uid() !== 0) return "needs root for taps and network namespaces";
-  try {
-    Deno.statSync("/dev/net/tun");
-  } catch {
-    return "needs /dev/net/tun";
-  }
-  for (const tool of ["ip", "nstat"]) {
-    const found = ["/usr/sbin/", "/usr/bin/", "/sbin/", "/bin/"].some((dir) => {
-      try {
-        return Deno.statSync(dir + tool).isFile;
-      } catch {
-        return false;
-      }
-    });
-    if (!found) return `needs ${tool} (apt-get install -y iproute2)`;
-  }
-  return undefined;
-}
-const skip = skipReason();
+const skip = tapTestsUnavailable(["ip", "nstat"]);
 if (skip) console.warn(`tests/device/device_tap_test.ts skipped: ${skip}`);
 
 const GUEST_MAC = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];

@@ -24,7 +24,7 @@
 
 import assert from "node:assert/strict";
 import { createTap, type Tap, VNET_HDR_LEN } from "../../parent/tap.ts";
-import { exec, type Netns, withNetns } from "../net_ns.ts";
+import { exec, type Netns, tapTestsUnavailable, withNetns } from "../net_ns.ts";
 import { createNetOffloadContext, processTx } from "../../device/offload.ts";
 import {
   createNetHdr,
@@ -60,26 +60,7 @@ import {
   tcpTimestampOption,
 } from "./frames.ts";
 
-function skipReason(): string | undefined {
-  if (Deno.uid() !== 0) return "needs root for taps and network namespaces";
-  try {
-    Deno.statSync("/dev/net/tun");
-  } catch {
-    return "needs /dev/net/tun";
-  }
-  for (const tool of ["ip", "ethtool", "tcpdump"]) {
-    const found = ["/usr/sbin/", "/usr/bin/", "/sbin/", "/bin/"].some((dir) => {
-      try {
-        return Deno.statSync(dir + tool).isFile;
-      } catch {
-        return false;
-      }
-    });
-    if (!found) return `needs ${tool} (apt-get install -y iproute2 ethtool tcpdump)`;
-  }
-  return undefined;
-}
-const skip = skipReason();
+const skip = tapTestsUnavailable(["ip", "ethtool", "tcpdump"], "iproute2 ethtool tcpdump");
 if (skip) console.warn(`tests/device/segment_oracle_test.ts skipped: ${skip}`);
 
 /** One oracle case: a frame spec (partial checksum is forced) and its GSO header. */

@@ -43,21 +43,12 @@ import {
   TX_QUEUE,
 } from "../../ipc/datapath.ts";
 import type { Logger } from "../../parent/log.ts";
-import { exec, type Netns, withNetns } from "../net_ns.ts";
+import { exec, type Netns, tapTestsUnavailable, withNetns } from "../net_ns.ts";
 import { FakeDeviceSide, GuestMemory, type Iov } from "./fake_device_side.ts";
 
 const LIBC_MODULE = new URL("../../parent/libc.ts", import.meta.url).href;
 
-function skipReason(): string | undefined {
-  if (Deno.uid() !== 0) return "needs root to create taps and namespaces";
-  try {
-    Deno.statSync("/dev/net/tun");
-  } catch {
-    return "needs /dev/net/tun";
-  }
-  return undefined;
-}
-const skip = skipReason();
+const skip = tapTestsUnavailable(["ip", "tcpdump"], "iproute2 tcpdump");
 if (skip) console.warn(`tests/parent/io_workers_test.ts skipped: ${skip}`);
 
 const TAP_IP = "198.18.0.1";

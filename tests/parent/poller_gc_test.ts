@@ -10,6 +10,7 @@
  * @module
  */
 
+import { tapTestsUnavailable } from "../net_ns.ts";
 import assert from "node:assert/strict";
 import { withNetns } from "../net_ns.ts";
 import { RX_STATUS_TOO_BIG } from "../../parent/io_protocol.ts";
@@ -18,16 +19,6 @@ const LIBC_MODULE = new URL("../../parent/libc.ts", import.meta.url).href;
 const PROBE = new URL("./poller_gc_probe.ts", import.meta.url).pathname;
 /** The first word of poller_gc_worker.ts's report line. */
 const SENTINEL_REPORT = "POLLER_GC_SENTINELS";
-
-function skipReason(): string | undefined {
-  if (Deno.uid() !== 0) return "needs root (a tap in a network namespace)";
-  try {
-    Deno.statSync("/dev/net/tun");
-  } catch {
-    return "needs /dev/net/tun";
-  }
-  return undefined;
-}
 
 /** Runs `main` (which may start `worker.ts`) in a subprocess with the collector exposed. */
 async function runWithGc(main: string, worker: string): Promise<string> {
@@ -81,7 +72,7 @@ Deno.test("libc.addressed() keeps a module-level buffer alive through GC; a bare
 
 Deno.test({
   name: "poller: frames too big for the chains spill into a live overflow buffer, not freed memory",
-  ignore: skipReason() !== undefined,
+  ignore: tapTestsUnavailable([]) !== undefined,
   sanitizeOps: false,
   sanitizeResources: false,
   fn: () =>

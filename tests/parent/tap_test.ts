@@ -23,20 +23,11 @@ import {
   TUN_F_TSO6,
   VNET_HDR_LEN,
 } from "../../parent/tap.ts";
-import { exec, type Netns, withNetns } from "../net_ns.ts";
+import { exec, type Netns, tapTestsUnavailable, withNetns } from "../net_ns.ts";
 
 const TAP_MODULE = new URL("../../parent/tap.ts", import.meta.url).href;
 
-function skipReason(): string | undefined {
-  if (Deno.uid() !== 0) return "needs root to create taps and namespaces";
-  try {
-    Deno.statSync("/dev/net/tun");
-  } catch {
-    return "needs /dev/net/tun";
-  }
-  return undefined;
-}
-const skip = skipReason();
+const skip = tapTestsUnavailable();
 if (skip) console.warn(`tests/parent/tap_test.ts skipped: ${skip}`);
 
 function tapName(): string {

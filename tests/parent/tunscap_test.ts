@@ -39,7 +39,7 @@ import {
   type TunscapApplied,
   type TunscapRefused,
 } from "../../parent/tunscap.ts";
-import { exec, type Netns, withNetns } from "../net_ns.ts";
+import { exec, type Netns, tapTestsUnavailable, withNetns } from "../net_ns.ts";
 
 const ALL_TUN = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_UFO | TUN_F_USO4 |
   TUN_F_USO6;
@@ -205,14 +205,7 @@ Deno.test("applyTunscap() applies the mapped flags and reports what the kernel l
 
 // --- real tap ----------------------------------------------------------------
 
-const skip = Deno.uid() !== 0 ? "needs root to create taps and namespaces" : (() => {
-  try {
-    Deno.statSync("/dev/net/tun");
-    return undefined;
-  } catch {
-    return "needs /dev/net/tun";
-  }
-})();
+const skip = tapTestsUnavailable();
 if (skip) console.warn(`tests/parent/tunscap_test.ts: real-tap tests skipped: ${skip}`);
 
 /** The ethtool feature each TUN_F_* flag turns on for a tap. */
