@@ -310,18 +310,16 @@ export class NetDevice {
       }
     }
     if (!this.#faulted[TX_QUEUE]) {
-      // Always: records of copied frames are released without EV_TX_DONE.
-      const reaped = tx.reap();
-      if (ev & (EV_KICK_TX | EV_TX_DONE) || tx.pending > 0 || reaped > 0) {
+      if (ev & EV_TX_DONE) tx.reap();
+      if (ev & (EV_KICK_TX | EV_TX_DONE) || tx.pending > 0) {
         const blocked = tx.pump();
         if (!blocked && this.txq.enableNotifications()) more = true;
       }
     }
-    // One wake of the writer for new TX records and the interrupts together.
-    let wake = tx.takeWriterBits();
-    if (this.rxq.flushUsed() > 0 && this.rxq.needsInterrupt()) wake |= WEV_CALL_RX;
-    if (this.txq.flushUsed() > 0 && this.txq.needsInterrupt()) wake |= WEV_CALL_TX;
-    if (wake) this.#rings!.signalWriter(wake);
+    let call = 0;
+    if (this.rxq.flushUsed() > 0 && this.rxq.needsInterrupt()) call |= WEV_CALL_RX;
+    if (this.txq.flushUsed() > 0 && this.txq.needsInterrupt()) call |= WEV_CALL_TX;
+    if (call) this.#rings!.signalWriter(call);
     for (const [i, q] of [[RX_QUEUE, this.rxq], [TX_QUEUE, this.txq]] as const) {
       if (q.needsReset && !this.#faulted[i]) this.#fault(i, q.resetReason ?? "needs reset");
     }

@@ -86,8 +86,6 @@ export interface NetOffloadContext {
   /** Frames passed through / checksummed / segmented, and segments made. */
   readonly stats: {
     passThrough: number;
-    /** Of those, frames small enough to be copied and their chain completed at once. */
-    copied: number;
     csumCompleted: number;
     segmented: number;
     segments: number;
@@ -106,7 +104,7 @@ export function createNetOffloadContext(maxFrame: number = MAX_OFFLOAD_FRAME): N
     frameCopy: new Uint8Array(maxFrame),
     scratch: new Uint8Array(maxFrame),
     drops: new Uint32Array(NET_DROP_COUNT),
-    stats: { passThrough: 0, copied: 0, csumCompleted: 0, segmented: 0, segments: 0 },
+    stats: { passThrough: 0, csumCompleted: 0, segmented: 0, segments: 0 },
     sink: () => {},
     segmentSink: (buffer, length) => {
       ctx.stats.segments++;

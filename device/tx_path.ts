@@ -1,17 +1,13 @@
 /**
  * Guest transmit: chains from the TX virtqueue become records on the TX ring
- * (`ipc/datapath.ts`), which the writer puts on the tap; a chain is completed
- * once the writer has released its record, or at once if its frame was
- * copied.
+ * (`ipc/datapath.ts`), which the writer `writev`s to the tap; chains are
+ * completed once the writer has released their records.
  *
  * Per chain, by what the tap takes (`--offload auto`: everything a Linux tap
  * with IFF_VNET_HDR accepts on write; `off`: nothing):
  * - pass-through (zero copy): the header is copied out of guest memory once,
  *   validated against a copied prefix of the frame, and that validated copy
- *   is what the kernel sees; the frame itself goes from guest memory, and
- *   its chain is completed once the writer released the record. Frames up
- *   to COPY_MAX_BYTES, the first COPY_PER_PASS of a pass, are copied to the
- *   bounce arena instead and their chain completed at once;
+ *   is what the kernel sees; the frame itself goes from guest memory;
  * - software: the frame is copied, its checksum completed or its TCP stream
  *   segmented (device/offload.ts), and the results placed in the bounce arena.
  *
@@ -45,7 +41,6 @@ import {
   NET_HDR_BYTES,
   TX_MAX_IOV,
   TX_REC,
-  TXF_SIGNAL_DONE,
   WEV_TX,
 } from "../ipc/datapath.ts";
 import { ETH_HLEN } from "./frame_parse.ts";
@@ -56,21 +51,6 @@ const HEADER_PREFIX = 256;
 const BOUNCE_LOW_WATER = 256 * 1024;
 /** Records handed to the writer at once while a long batch is still being walked. */
 const PUBLISH_BATCH = 32;
-/**
- * Frames up to this size are copied into the bounce arena and their chain
- * completed at once, instead of waiting for the writer: the guest gets its
- * buffer (and interrupt) back in the same pass, and the writer need not wake
- * the device afterwards. Two thread hand-offs saved per small frame (ACKs,
- * MTU-sized frames) cost one copy of at most this much; large GSO frames stay
- * zero-copy.
- */
-const COPY_MAX_BYTES = 4096;
-/**
- * Only the first frames of a pass are copied: the hand-offs it saves matter
- * when the guest sends a frame or two at a time (a real guest, an ACK); in a
- * long burst they are shared by the whole batch, and zero-copy is cheaper.
- */
-const COPY_PER_PASS = 8;
 
 /** Extra drop reasons of the TX path, counted beside NetDrop's. */
 export const TX_DROP_RUNT = "RUNT";
@@ -120,9 +100,6 @@ export class TxPath {
   #head = -1;
   #token = 0;
   #unpublished = 0;
-  #wakeWriter = false;
-  /** Frames taken in the current pump() pass. */
-  #passFrames = 0;
 
   constructor(
     private readonly memory: GuestMemory,
@@ -162,7 +139,6 @@ export class TxPath {
     const ring = this.rings.tx;
     let blocked = false;
     let published = 0;
-    this.#passFrames = 0;
     for (;;) {
       if (this.#pendCount > 0 && !this.#flushPending()) {
         blocked = true;
@@ -189,18 +165,8 @@ export class TxPath {
     }
     published += ring.publish();
     this.#unpublished = 0;
-    if (published > 0) this.#wakeWriter = true;
+    if (published > 0) this.rings.signalWriter(WEV_TX);
     return blocked;
-  }
-
-  /**
-   * WEV_TX if records were published since the last call (the caller wakes
-   * the writer once, with its interrupt requests in the same signal), else 0.
-   */
-  takeWriterBits(): number {
-    if (!this.#wakeWriter) return 0;
-    this.#wakeWriter = false;
-    return WEV_TX;
   }
 
   /**
@@ -241,7 +207,6 @@ export class TxPath {
     for (const [k, v] of Object.entries(this.drops)) out[`drop_${k}`] = v;
     const s = this.#ctx.stats;
     out.passThrough = s.passThrough;
-    out.copied = s.copied;
     out.csumCompleted = s.csumCompleted;
     out.segmented = s.segmented;
     out.segments = s.segments;
@@ -293,15 +258,9 @@ export class TxPath {
       }
       if (v !== NetDrop.OK) return this.#dropCode(v);
       const action = decideTx(this.#hdr, this.sinkOffloads);
-      if (action === TxAction.PASS_THROUGH) {
-        if (
-          frameLen <= COPY_MAX_BYTES && this.#passFrames++ < COPY_PER_PASS &&
-          this.#copyThrough(frameLen)
-        ) return;
-        if (chain.readableCount <= TX_MAX_IOV) {
-          this.#passThrough(frameLen);
-          return;
-        }
+      if (action === TxAction.PASS_THROUGH && chain.readableCount <= TX_MAX_IOV) {
+        this.#passThrough(frameLen);
+        return;
       }
       if (action === TxAction.DROP) return this.#dropCode(NetDrop.OFFLOAD_UNSUPPORTED);
     }
@@ -332,45 +291,13 @@ export class TxPath {
     w[at + TX_REC.IOV_COUNT] = n;
     w[at + TX_REC.FRAME_LEN] = frameLen;
     w[at + TX_REC.TOKEN] = this.#token++ >>> 0;
+    w[at + TX_REC.FLAGS] = 0;
     w[at + TX_REC.HDR + 3] = 0;
     writeNetHdr(this.#hdr, this.#recBytes, (at + TX_REC.HDR) * 4);
-    w[at + TX_REC.FLAGS] = this.#track(chain.head, this.rings.bounceMark);
+    this.#track(chain.head, this.rings.bounceMark);
     this.#ctx.stats.passThrough++;
     this.frames++;
     this.bytes += frameLen;
-  }
-
-  /**
-   * A small frame as it is (pass-through header): copied into the bounce
-   * arena, its chain completed now. Returns false, having done nothing, when
-   * the arena has no room (the caller sends it zero-copy then).
-   */
-  #copyThrough(frameLen: number): boolean {
-    const at = this.rings.allocBounce(frameLen);
-    if (at < 0) return false;
-    const chain = this.queue.chain;
-    const b = this.rings.bounce;
-    if (chainRead(this.memory, chain, NET_HDR_BYTES, b.subarray(at, at + frameLen)) !== frameLen) {
-      // The arena space stays allocated and is freed with this chain's neighbours.
-      this.#drop(TX_DROP_STALE);
-      return true;
-    }
-    const ring = this.rings.tx;
-    const w = ring.words;
-    const rec = ring.reserve(); // pump() checked there is room
-    w[rec + TX_REC.IOV_COUNT] = 1;
-    w[rec + TX_REC.FRAME_LEN] = frameLen;
-    w[rec + TX_REC.TOKEN] = this.#token++ >>> 0;
-    w[rec + TX_REC.HDR + 3] = 0;
-    writeNetHdr(this.#hdr, this.#recBytes, (rec + TX_REC.HDR) * 4);
-    putIovec(w, rec + TX_REC.IOV, this.rings.bounceHost + at, frameLen);
-    this.queue.pushUsed(chain.head, 0);
-    w[rec + TX_REC.FLAGS] = this.#track(-1, this.rings.bounceMark);
-    this.#ctx.stats.passThrough++;
-    this.#ctx.stats.copied++;
-    this.frames++;
-    this.bytes += frameLen;
-    return true;
   }
 
   /** Checksum completion or segmentation on a private copy, output to the bounce arena. */
@@ -444,13 +371,14 @@ export class TxPath {
       w[at + TX_REC.IOV_COUNT] = 1;
       w[at + TX_REC.FRAME_LEN] = frameLen;
       w[at + TX_REC.TOKEN] = this.#token++ >>> 0;
+      w[at + TX_REC.FLAGS] = 0;
       w[at + TX_REC.HDR + 3] = 0;
       this.#recBytes.set(
         this.rings.bounce.subarray(this.#pendAt[i], this.#pendAt[i] + NET_HDR_BYTES),
         (at + TX_REC.HDR) * 4,
       );
       putIovec(w, at + TX_REC.IOV, host + NET_HDR_BYTES, frameLen);
-      w[at + TX_REC.FLAGS] = this.#track(this.#pendHead[i], this.#pendMark[i]);
+      this.#track(this.#pendHead[i], this.#pendMark[i]);
       this.frames++;
       this.bytes += frameLen;
       this.#pendStart = (i + 1) % cap;
@@ -459,22 +387,12 @@ export class TxPath {
     return true;
   }
 
-  /**
-   * Remembers a record until the writer releases it; returns its flags:
-   * TXF_SIGNAL_DONE when its release matters now (a chain waits for it, or
-   * the ring or the bounce arena is half full and pump() may soon block).
-   */
-  #track(head: number, mark: number): number {
+  #track(head: number, mark: number): void {
     this.#unpublished++;
     const i = (this.#inStart + this.#inCount) % this.#inHead.length;
     this.#inHead[i] = head;
     this.#inMark[i] = mark;
     this.#inCount++;
-    const cap = this.#inHead.length;
-    return head >= 0 || this.#inCount * 2 >= cap ||
-        this.rings.bounceFree * 2 < this.rings.bounce.length
-      ? TXF_SIGNAL_DONE
-      : 0;
   }
 
   #bounceFree(): number {

@@ -126,20 +126,13 @@ export const IOVEC_WORDS = 4;
  *   word 0  iovCount   number of iovecs that follow the header (1..TX_MAX_IOV)
  *   word 1  frameLen   sum of the iovec lengths (without the net header)
  *   word 2  token      the device's own sequence number, echoed nowhere; for debugging
- *   word 3  flags      TXF_SIGNAL_DONE if the device needs EV_TX_DONE once this record is released
+ *   word 3  flags      0
  *   words 4..6         the 12-byte virtio_net_hdr the kernel is to see (validated by the device)
  *   word 7             0
  *   words 8..          iovCount iovecs
  */
 export const TX_REC = { IOV_COUNT: 0, FRAME_LEN: 1, TOKEN: 2, FLAGS: 3, HDR: 4, IOV: 8 } as const;
 export const TX_MAX_IOV = 64;
-/**
- * TX record flag: the device waits for this record's release (a guest chain
- * to complete, or ring or bounce space it is short of), so the writer raises
- * EV_TX_DONE after the batch that holds it. A batch without one raises
- * nothing: the device reaps such records the next time it runs anyway.
- */
-export const TXF_SIGNAL_DONE = 1 << 0;
 export const TX_RECORD_WORDS = TX_REC.IOV + TX_MAX_IOV * IOVEC_WORDS;
 
 /**

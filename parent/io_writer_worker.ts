@@ -59,7 +59,6 @@ import {
   TX_MAX_IOV,
   TX_QUEUE,
   TX_REC,
-  TXF_SIGNAL_DONE,
   WEV_CALL_RX,
   WEV_CALL_TX,
   WEV_WAKE_POLLER,
@@ -246,15 +245,12 @@ function drainTx(c: Int32Array): number {
   if (n > TX_BATCH) n = TX_BATCH;
   const words = ring.words;
   const batcher = uring;
-  let flags = 0;
+  let bits = EV_TX_DONE;
   let bad = 0;
   let queued = 0;
   for (let i = 0; i < n; i++) {
-    const off = ring.peek(i);
-    // Only says whether to wake the device: trusting it costs nothing but a wake-up.
-    flags |= words[off + TX_REC.FLAGS];
     const slot = batcher === null ? 0 : queued;
-    const iovcnt = prepareRecord(words, off, slot);
+    const iovcnt = prepareRecord(words, ring.peek(i), slot);
     if (iovcnt === 0) {
       bad++;
     } else if (batcher === null) {
@@ -266,8 +262,6 @@ function drainTx(c: Int32Array): number {
   }
   if (queued !== 0) flushRing(c, batcher!, queued);
   ring.release(n);
-  // The device reaps unflagged records whenever it next runs (TXF_SIGNAL_DONE).
-  let bits = flags & TXF_SIGNAL_DONE ? EV_TX_DONE : 0;
   if (bad !== 0) {
     Atomics.add(c, CTL.IO_BAD_RECORD, bad);
     bits |= EV_IO_FAULT;

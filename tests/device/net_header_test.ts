@@ -463,7 +463,6 @@ Deno.test("processTx() segments TSO for a sink without it, never writing to the 
   assert.deepEqual(b.frame, before);
   assert.deepEqual({ ...ctx.stats }, {
     passThrough: 0,
-    copied: 0,
     csumCompleted: 0,
     segmented: 1,
     segments: 3,

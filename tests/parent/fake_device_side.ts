@@ -21,7 +21,6 @@ import {
   signal,
   TX_REC,
   TX_RECORD_WORDS,
-  TXF_SIGNAL_DONE,
   WEV_CALL_RX,
   WEV_CALL_TX,
   WEV_TX,
@@ -85,8 +84,6 @@ export interface TxSpec {
   /** Default: iovs.length. */
   iovCount?: number;
   token?: number;
-  /** Default TXF_SIGNAL_DONE (the device waits for the release). */
-  flags?: number;
 }
 
 /** An rx-post record. */
@@ -132,7 +129,6 @@ export class FakeDeviceSide {
     w[off + TX_REC.IOV_COUNT] = spec.iovCount ?? spec.iovs.length;
     w[off + TX_REC.FRAME_LEN] = spec.frameLen ?? spec.iovs.reduce((s, v) => s + v.len, 0);
     w[off + TX_REC.TOKEN] = spec.token ?? 0;
-    w[off + TX_REC.FLAGS] = spec.flags ?? TXF_SIGNAL_DONE;
     if (spec.hdr) {
       const h = new Uint8Array(w.buffer, w.byteOffset + (off + TX_REC.HDR) * 4, NET_HDR_BYTES);
       h.set(spec.hdr.subarray(0, NET_HDR_BYTES));

@@ -464,33 +464,6 @@ const udpRxBytes = (payload: number) => NET_HDR_BYTES + 14 + 20 + 8 + payload;
 
 Deno.test({
   ...opts,
-  name: "writer: a batch without TXF_SIGNAL_DONE is written and released without waking the device",
-  fn: () =>
-    withRig(async ({ ns, tap, tapMac, guest, dev }) => {
-      const before = await tapCounter(ns, tap, "rx_packets");
-      const tail0 = dev.txTail();
-      for (let i = 0; i < 3; i++) {
-        assert.ok(dev.writeTx({ iovs: place(guest, i * 2048, udpFrame(tapMac, 60)), flags: 0 }));
-      }
-      dev.kickWriter();
-      assert.ok(
-        await eventually(() => Promise.resolve(((dev.txTail() - tail0) >>> 0) === 3)),
-        "the records were released",
-      );
-      assert.equal(await dev.waitFor(EV_TX_DONE, 300), 0, "no EV_TX_DONE for unflagged records");
-      assert.ok(
-        await eventually(async () => (await tapCounter(ns, tap, "rx_packets")) - before === 3),
-      );
-      // One flagged record in the next batch: EV_TX_DONE again.
-      assert.ok(dev.writeTx({ iovs: place(guest, 0x10000, udpFrame(tapMac, 60)), flags: 0 }));
-      assert.ok(dev.writeTx({ iovs: place(guest, 0x20000, udpFrame(tapMac, 60)) }));
-      dev.kickWriter();
-      assert.ok((await dev.waitFor(EV_TX_DONE)) & EV_TX_DONE);
-    }),
-});
-
-Deno.test({
-  ...opts,
   name: "writer (io_uring): frames leave in ring order across batches, bad records among them",
   fn: () =>
     withRig(async ({ ns, tap, tapMac, guest, host, dev }) => {
