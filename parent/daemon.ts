@@ -147,6 +147,16 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
   return daemon;
 }
 
+/** Logs the device's counters per queue and the data path's, one line each. */
+async function logStats(daemon: Daemon, logger: Logger): Promise<void> {
+  const queues = await daemon.device.getStats();
+  for (const [name, counters] of Object.entries(queues)) {
+    logger.log("info", "stats", `${name} ${JSON.stringify(counters)}`);
+  }
+  const io = daemon.port.datapathCounters();
+  logger.log("info", "stats", `datapath ${io ? JSON.stringify(io) : "not running"}`);
+}
+
 function dirname(path: string): string {
   const i = path.lastIndexOf("/");
   return i <= 0 ? "/" : path.slice(0, i);
@@ -215,12 +225,21 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
     );
   }
 
+  // SIGUSR1: log every counter (per queue, and the I/O side's), e.g. for a
+  // stalled guest: `kill -USR1 <pid>`.
+  const dumpStats = () => {
+    logStats(daemon, logger).catch((e) =>
+      logger.log("warn", "parent", `SIGUSR1: no stats: ${(e as Error).message}`)
+    );
+  };
+  Deno.addSignalListener("SIGUSR1", dumpStats);
   const stopped = new Promise<string>((resolve) => {
     for (const sig of ["SIGINT", "SIGTERM"] as const) {
       Deno.addSignalListener(sig, () => resolve(sig));
     }
   });
   const signal = await stopped;
+  Deno.removeSignalListener("SIGUSR1", dumpStats);
   logger.log("info", "parent", `${signal}: shutting down`);
   await daemon.stop();
   if (tap.created) logger.log("info", "parent", `tap ${tap.name} removed`);

@@ -536,13 +536,46 @@ export class Rig {
   }
 
   /**
+   * Runs a transfer; if it fails, asks the daemon for its counters (SIGUSR1)
+   * and adds them and the rest of its log to the error: a stall then says
+   * which queue stopped moving.
+   */
+  async #diagnosed<T>(what: string, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      const from = this.daemon.lines().length;
+      this.daemon.signal("SIGUSR1");
+      await new Promise((r) => setTimeout(r, 1000));
+      const tail = this.daemon.lines().slice(Math.max(0, from - 20)).join("\n");
+      throw new Error(
+        `${what}: ${(e as Error).message}\n--- daemon log, counters at the end ---\n${tail}`,
+      );
+    }
+  }
+
+  /**
    * Guest -> host: the guest fills a tmpfs file with `mib` MiB from
    * /dev/urandom, hashes it and sends it with nc to a receiver in the
    * namespace, which hashes what arrives. (Files, not pipes: busybox's small
    * pipe reads cost more than the network under TCG.) The guest needs RAM
    * for the file.
    */
-  async sendFromGuest(guest: Guest, mib: number, timeoutMs = 240_000): Promise<TransferResult> {
+  sendFromGuest(guest: Guest, mib: number, timeoutMs = 240_000): Promise<TransferResult> {
+    return this.#diagnosed(
+      `guest -> host ${mib} MiB`,
+      () => this.#sendFromGuest(guest, mib, timeoutMs),
+    );
+  }
+
+  sendToGuest(guest: Guest, mib: number, timeoutMs = 240_000): Promise<TransferResult> {
+    return this.#diagnosed(
+      `host -> guest ${mib} MiB`,
+      () => this.#sendToGuest(guest, mib, timeoutMs),
+    );
+  }
+
+  async #sendFromGuest(guest: Guest, mib: number, timeoutMs: number): Promise<TransferResult> {
     const port = this.port();
     const receiver = this.spawn([Deno.execPath(), "eval", receiverScript(HOST_IP, port)]);
     try {
@@ -581,7 +614,7 @@ export class Rig {
    * bytes and hashes them; the guest receives them into a tmpfs file with nc
    * and hashes the file.
    */
-  async sendToGuest(guest: Guest, mib: number, timeoutMs = 240_000): Promise<TransferResult> {
+  async #sendToGuest(guest: Guest, mib: number, timeoutMs: number): Promise<TransferResult> {
     const port = this.port();
     const bytes = mib * 1024 * 1024;
     const sender = this.spawn([Deno.execPath(), "eval", senderScript(HOST_IP, port, bytes)]);
