@@ -79,20 +79,21 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
   };
   let device: DeviceHost;
   // The port exists only once the device does; a queue fault reaches it through this.
-  let port: VionetDevicePort | undefined;
-  const onQueueFault = (queue: number) => port?.queueFault(queue);
+  const late: { port?: VionetDevicePort } = {};
+  const onQueueFault = (queue: number) => late.port?.queueFault(queue);
   try {
     device = await startDevice(tap, config, opts, logger, onQueueFault);
   } catch (e) {
     tap.close();
     throw e;
   }
-  port = new VionetDevicePort({
+  const port = new VionetDevicePort({
     device,
     tapFd: tap.fd,
     logger,
     ioUring: opts.ioUring,
   });
+  late.port = port;
   let stopping = false;
   const daemon: Daemon = {
     tap,
@@ -141,7 +142,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     startDevice(tap, config, opts, logger, onQueueFault).then((d) => {
       daemon.device = d;
       d.onDeath = device.onDeath;
-      port!.replaceDevice(d);
+      port.replaceDevice(d);
     }, (e) => logger.log("error", "parent", `cannot restart the device: ${(e as Error).message}`));
   };
   return daemon;
