@@ -186,6 +186,7 @@ export class IoUring {
    * must stay alive and unchanged until {@link submitAndWait} returns.
    */
   queueWritev(fd: number, iovLo: number, iovHi: number, iovcnt: number, tag: number): void {
+    if (this.#closed) throw new Error("io_uring: the ring is closed");
     if (this.#queued >= this.entries) throw new RangeError("io_uring: submission ring full");
     const tail = this.#sq[this.#sqTail] + this.#queued;
     const w = (tail & this.#sqMask) * SQE_WORDS;

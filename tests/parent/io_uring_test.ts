@@ -1,0 +1,71 @@
+/**
+ * parent/io_uring.ts on a pipe: batched writes land in order, a failing write
+ * reports its own -errno without stopping the others, a closed ring refuses.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import * as libc from "../../parent/libc.ts";
+import { IoUring } from "../../parent/io_uring.ts";
+
+function ringOrSkip(): IoUring | string {
+  try {
+    return IoUring.setup(8);
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
+
+const probe = ringOrSkip();
+const skip = typeof probe === "string" ? `io_uring unavailable here: ${probe}` : undefined;
+if (typeof probe !== "string") probe.close();
+if (skip) console.warn(`tests/parent/io_uring_test.ts skipped: ${skip}`);
+
+/** One iovec per message, each message kept alive by its holder. */
+function iovFor(text: string) {
+  const bytes = libc.addressed(new TextEncoder().encode(text));
+  const iov = libc.addressed(new BigUint64Array([bytes.address, BigInt(bytes.view.byteLength)]));
+  return { bytes, iov };
+}
+
+Deno.test({
+  name: "io_uring: a batch of writev lands in order; a bad descriptor fails alone; closed refuses",
+  ignore: skip !== undefined,
+  fn() {
+    const ring = IoUring.setup(8);
+    const fds = new Int32Array(2);
+    assert.equal(libc.sys.pipe2(new Uint8Array(fds.buffer), libc.O_CLOEXEC), 0);
+    try {
+      const parts = ["one ", "two ", "three ", "four "].map(iovFor);
+      parts.forEach((p, i) => ring.queueWritev(fds[1], p.iov.lo, p.iov.hi, 1, i));
+      const bad = iovFor("never ");
+      ring.queueWritev(-1, bad.iov.lo, bad.iov.hi, 1, 4);
+      const results = new Int32Array(8).fill(7777);
+      assert.equal(ring.submitAndWait(results), 5);
+      assert.deepEqual([...results.subarray(0, 5)], [4, 4, 6, 5, -libc.Errno.EBADF]);
+      const buf = new Uint8Array(64);
+      const n = Number(libc.sys.read(fds[0], buf, 64n));
+      assert.equal(new TextDecoder().decode(buf.subarray(0, n)), "one two three four ");
+      // More than fits in one batch is refused, not written past the ring.
+      for (let i = 0; i < ring.entries; i++) {
+        ring.queueWritev(fds[1], parts[0].iov.lo, parts[0].iov.hi, 1, 0);
+      }
+      assert.throws(() => ring.queueWritev(fds[1], parts[0].iov.lo, parts[0].iov.hi, 1, 0), /full/);
+      ring.submitAndWait(results);
+    } finally {
+      ring.close();
+      libc.close(fds[0]);
+      libc.close(fds[1]);
+    }
+    assert.throws(() => ring.queueWritev(1, 0, 0, 1, 0), /closed/);
+    assert.throws(() => ring.submitAndWait(new Int32Array(1)), /closed/);
+    ring.close(); // idempotent
+  },
+});
+
+Deno.test("io_uring: entries outside 1..4096 are refused before any system call", () => {
+  assert.throws(() => IoUring.setup(0), RangeError);
+  assert.throws(() => IoUring.setup(4097), RangeError);
+  assert.throws(() => IoUring.setup(1.5), RangeError);
+});
