@@ -9,8 +9,8 @@
  * Deno's event loop turning, which delayed wake-ups by up to the loop's
  * timer. But a worker blocked in `Atomics.wait` runs no event loop: a
  * message from the parent would wait. So the parent counts what it posts
- * while the queues run (CTL.DEVICE_MAIL, bumped before each `postMessage`)
- * and rings the device's doorbell after it; the worker counts what it
+ * while the queues run (CTL.DEVICE_MAIL, bumped right after each
+ * `postMessage`) and rings the device's doorbell; the worker counts what it
  * receives; while the two differ, the loop yields to the event loop instead
  * of working or sleeping. (The I/O workers do the same with their own
  * mailbox word: `parent/io_protocol.ts`.)

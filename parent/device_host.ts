@@ -287,10 +287,14 @@ export class DeviceHost {
 
   /** Every message to the worker goes here: counted and rung while the queues run. */
   #post(message: unknown, transfer?: Transferable[]): void {
-    const ctl = this.#mailCtl;
-    if (ctl !== null) Atomics.add(ctl, CTL.DEVICE_MAIL, 1);
+    // Counted only once posted: a postMessage that throws (a detached buffer)
+    // must not leave the device waiting for a message that never comes. The
+    // device may see the message a moment before the count; it waits for the
+    // two to agree either way.
     this.#worker.postMessage(message, transfer ?? []);
+    const ctl = this.#mailCtl;
     if (ctl !== null) {
+      Atomics.add(ctl, CTL.DEVICE_MAIL, 1);
       signal(ctl, CTL.DEVICE_EVENTS, 0, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
     }
   }
