@@ -275,10 +275,12 @@ export class NetDevice {
     while (this.#running) {
       if (mail) {
         // Let the event loop deliver what the parent posted, and run timers now and then.
+        // (Then work on regardless: were the counts ever out of step, the data
+        // path would spin here but keep moving, not stall.)
         if (mailPending() || performance.now() - turned > BLOCKING_SLICE_MS) {
           await macrotask();
           turned = performance.now();
-          continue;
+          if (!this.#running) break;
         }
       }
       const ev = rings.takeEvents() | first;

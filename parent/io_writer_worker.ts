@@ -294,7 +294,7 @@ async function loop(c: Int32Array): Promise<void> {
     // Serve waiting control messages first (a revocation must not wait).
     if (control.mailPending()) {
       await macrotask();
-      continue;
+      if (control.stopId !== null) break;
     }
     const ev = Atomics.exchange(c, CTL.WRITER_EVENTS, 0);
     if (ev & WEV_CALL_RX) writeEventfd(c, callFd[RX_QUEUE]);
