@@ -323,7 +323,7 @@ export class DatapathHost {
       opts.logger,
       timeoutMs,
       // The writer blocks in Atomics.wait on its doorbell: ring it so that it serves the message.
-      () => this.#ringWriter(),
+      () => signal(this.#ctl, CTL.WRITER_EVENTS, 0, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING),
       (m) => onFault("writer", m),
     );
     this.#poller = new IoWorker(
@@ -434,12 +434,6 @@ export class DatapathHost {
   setTap(fd: number): Promise<void> {
     libc.setNonBlocking(fd, true);
     return this.#both({ kind: "setFd", slot: "tap", fd });
-  }
-
-  #ringWriter(): void {
-    const c = this.#ctl;
-    Atomics.add(c, CTL.WRITER_DOORBELL, 1);
-    Atomics.notify(c, CTL.WRITER_DOORBELL);
   }
 
   /** Asks the writer to signal `queue`'s call eventfd (as the device does with WEV_CALL_*). */

@@ -77,7 +77,6 @@ const sys = libc.sys;
 
 // ---- state (set by control messages, read by the loop) -----------------------
 
-let ctl: Int32Array | null = null;
 let tx: SpscRing | null = null;
 let txDead = false;
 let regions = IoRegions.EMPTY;
@@ -356,7 +355,6 @@ const control = new WorkerControl("writer", {
     tx = ring;
     tapFd = msg.tapFd;
     wakeFd = msg.wakeFd;
-    ctl = c;
     startEngine(c, msg.ioUring);
     return () => loop(c);
   },
@@ -367,9 +365,7 @@ const control = new WorkerControl("writer", {
     if (slot === "tap") tapFd = fd;
     else callFd[slot === "callRx" ? RX_QUEUE : TX_QUEUE] = fd;
   },
-  wake() {
-    if (ctl === null) return;
-    Atomics.add(ctl, CTL.WRITER_DOORBELL, 1);
-    Atomics.notify(ctl, CTL.WRITER_DOORBELL);
-  },
+  // The parent rings the writer's doorbell after every message (datapath_host.ts),
+  // and the loop checks for a stop after each turn of the event loop.
+  wake() {},
 });
