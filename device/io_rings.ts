@@ -112,6 +112,16 @@ export class DeviceIoRings {
     signal(this.ctl, CTL.WRITER_EVENTS, bits, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING);
   }
 
+  /** Asks the writer to raise EV_TX_DONE after its next release of TX records (see `ipc/datapath.ts`). */
+  wantTxDone(): void {
+    Atomics.store(this.ctl, CTL.TX_WANT_DONE, 1);
+  }
+
+  /** TX used-buffer notifications the writer sent (it decides them: `ipc/datapath.ts`). */
+  get txInterrupts(): number {
+    return Atomics.load(this.ctl, CTL.TX_INTERRUPTS);
+  }
+
   /** Wakes the device's own loop (used by control requests that need the loop's attention). */
   wakeSelf(bits: number): void {
     signal(this.ctl, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);

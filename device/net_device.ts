@@ -25,7 +25,6 @@ import {
   RX_QUEUE,
   TX_QUEUE,
   WEV_CALL_RX,
-  WEV_CALL_TX,
 } from "../ipc/datapath.ts";
 import type { DatapathBuffers } from "../ipc/datapath.ts";
 import { macrotask } from "../ipc/macrotask.ts";
@@ -86,6 +85,8 @@ export class NetDevice {
   #running = false;
   #loop: Promise<void> | null = null;
   #faulted = [false, false];
+  /** Pump TX again without waiting for an event (more chains came, or space did). */
+  #txAgain = false;
 
   /**
    * `mailbox`: the worker's message count (`mailbox.ts`). With it the loop
@@ -192,6 +193,7 @@ export class NetDevice {
     this.#tx = new TxPath(this.memory, this.txq, rings, this.hostBase);
     this.#applyFeatures();
     this.#faulted = [false, false];
+    this.#txAgain = false;
     this.mailbox?.markStart();
     this.#running = true;
     this.#loop = this.#run();
@@ -213,6 +215,9 @@ export class NetDevice {
     if (!this.#faulted[RX_QUEUE]) this.#rx?.complete();
     this.#tx?.reap();
     this.#tx?.discardPending();
+    // The writer published TX completions while it ran; it has ended, so the
+    // device publishes again: every element it wrote, sent or not.
+    this.txq.storeUsedIdx();
     // RX chains posted but not filled were the last ones popped (the poller
     // fills in post order): un-pop them, so they stay the guest's available
     // buffers for the next start instead of coming back as 0-byte frames
@@ -258,7 +263,11 @@ export class NetDevice {
     };
     return {
       rx0: { ...q(this.rxq), ...(this.#rx?.counters() ?? {}) },
-      tx0: { ...q(this.txq), ...(this.#tx?.counters() ?? {}) },
+      tx0: {
+        ...q(this.txq),
+        ...(this.#rings ? { interrupts: this.#rings.txInterrupts } : {}),
+        ...(this.#tx?.counters() ?? {}),
+      },
       io: this.#rings?.ioCounters() ?? {},
     };
   }
@@ -312,16 +321,24 @@ export class NetDevice {
       }
     }
     if (!this.#faulted[TX_QUEUE]) {
-      if (ev & EV_TX_DONE) tx.reap();
-      if (ev & (EV_KICK_TX | EV_TX_DONE) || tx.pending > 0) {
-        const blocked = tx.pump();
-        if (!blocked && this.txq.enableNotifications()) more = true;
+      // Completions are the writer's to publish; the tail frees ring and bounce space.
+      tx.reap();
+      if (ev & (EV_KICK_TX | EV_TX_DONE) || tx.pending > 0 || this.#txAgain) {
+        this.#txAgain = false;
+        if (tx.pump()) {
+          // Out of ring or bounce space: go on once the writer released some.
+          this.#txAgain = tx.waitForWriter();
+        } else {
+          // The driver added chains while notifications were off: no kick will say so.
+          this.#txAgain = this.txq.enableNotifications();
+        }
+        if (this.#txAgain) more = true;
       }
     }
-    let call = 0;
-    if (this.rxq.flushUsed() > 0 && this.rxq.needsInterrupt()) call |= WEV_CALL_RX;
-    if (this.txq.flushUsed() > 0 && this.txq.needsInterrupt()) call |= WEV_CALL_TX;
-    if (call) this.#rings!.signalWriter(call);
+    // TX used->idx and its interrupts are the writer's (ipc/datapath.ts): never flushed here.
+    if (this.rxq.flushUsed() > 0 && this.rxq.needsInterrupt()) {
+      this.#rings!.signalWriter(WEV_CALL_RX);
+    }
     for (const [i, q] of [[RX_QUEUE, this.rxq], [TX_QUEUE, this.txq]] as const) {
       if (q.needsReset && !this.#faulted[i]) this.#fault(i, q.resetReason ?? "needs reset");
     }

@@ -1,7 +1,15 @@
 /**
  * Guest transmit: chains from the TX virtqueue become records on the TX ring
- * (`ipc/datapath.ts`), which the writer `writev`s to the tap; chains are
- * completed once the writer has released their records.
+ * (`ipc/datapath.ts`), which the writer `writev`s to the tap.
+ *
+ * Completion: a chain's used element is written when its (last) record is
+ * made, and the record carries the used->idx value that publishes it; the
+ * writer stores that value after the write (`TX_REC.USED_IDX`), so the
+ * device is not woken per transmitted frame. Dropped chains ride on the next
+ * record, or on a completion-only record at the end of a pump. The device
+ * keeps fewer than `size` elements unpublished, and reaps the ring's tail
+ * whenever it runs to free bounce space; it asks for EV_TX_DONE
+ * (`waitForWriter()`) only when it has to wait.
  *
  * Per chain, by what the tap takes (`--offload auto`: everything a Linux tap
  * with IFF_VNET_HDR accepts on write; `off`: nothing):
@@ -41,6 +49,7 @@ import {
   NET_HDR_BYTES,
   TX_MAX_IOV,
   TX_REC,
+  TXF_COMPLETE_ONLY,
   WEV_TX,
 } from "../ipc/datapath.ts";
 import { ETH_HLEN } from "./frame_parse.ts";
@@ -82,13 +91,14 @@ export class TxPath {
   /** Byte view of the TX ring's record words, for writing headers into records. */
   readonly #recBytes: Uint8Array;
 
-  // Records published and not yet released by the writer, oldest first:
-  // the chain head to complete (-1 for all but a frame's last segment) and
-  // the bounce mark to free up to.
-  readonly #inHead: Int32Array;
+  // Records published and not yet released by the writer, oldest first: the
+  // used->idx each publishes and the bounce mark to free up to.
+  readonly #inIdx: Uint16Array;
   readonly #inMark: Float64Array;
   #inStart = 0;
   #inCount = 0;
+  /** used->idx as of the last record the writer released: what the driver has seen. */
+  #confirmed = 0;
 
   // Software-built frames waiting for ring space: bounce offset, length, head.
   readonly #pendAt: Float64Array;
@@ -109,8 +119,9 @@ export class TxPath {
     private readonly hostBase: Float64Array,
   ) {
     const cap = rings.tx.capacity;
-    this.#inHead = new Int32Array(cap);
+    this.#inIdx = new Uint16Array(cap);
     this.#inMark = new Float64Array(cap);
+    this.#confirmed = queue.usedIdx;
     const pend = 4096;
     this.#pendAt = new Float64Array(pend);
     this.#pendLen = new Uint32Array(pend);
@@ -144,7 +155,13 @@ export class TxPath {
         blocked = true;
         break;
       }
-      if (ring.freeSpace() < 1 || this.#inCount >= this.#inHead.length) {
+      if (ring.freeSpace() < 1 || this.#inCount >= this.#inIdx.length) {
+        blocked = true;
+        break;
+      }
+      // Each chain adds one used element the driver cannot see until the
+      // writer publishes it: never more than the ring has slots.
+      if (this.#unseen() + this.#pendCount >= this.queue.size) {
         blocked = true;
         break;
       }
@@ -163,6 +180,8 @@ export class TxPath {
         this.rings.signalWriter(WEV_TX);
       }
     }
+    // Chains dropped since the last record: a record of their own carries them.
+    if (this.queue.pendingUsed > 0) this.#completeOnly();
     published += ring.publish();
     this.#unpublished = 0;
     if (published > 0) this.rings.signalWriter(WEV_TX);
@@ -170,8 +189,19 @@ export class TxPath {
   }
 
   /**
-   * Completes the chains whose records the writer released (in order) and
-   * frees their bounce space. Returns how many records were done.
+   * After `pump()` reported it is blocked: asks the writer for EV_TX_DONE
+   * with its next release, then looks once more (Dekker with the writer's
+   * release-then-check). Returns true when records were released meanwhile:
+   * pump again instead of sleeping.
+   */
+  waitForWriter(): boolean {
+    this.rings.wantTxDone();
+    return this.reap() > 0;
+  }
+
+  /**
+   * Takes note of the records the writer released (in order; their chains
+   * are already published) and frees their bounce space. Returns how many.
    */
   reap(): number {
     const ring = this.rings.tx;
@@ -179,11 +209,10 @@ export class TxPath {
     let done = this.#inCount - outstanding;
     if (done <= 0) return 0;
     const n = done;
-    const cap = this.#inHead.length;
+    const cap = this.#inIdx.length;
     while (done-- > 0) {
       const i = this.#inStart;
-      const head = this.#inHead[i];
-      if (head >= 0) this.queue.pushUsed(head, 0);
+      this.#confirmed = this.#inIdx[i];
       this.rings.freeBounceTo(this.#inMark[i]);
       this.#inStart = (i + 1) % cap;
       this.#inCount--;
@@ -213,9 +242,28 @@ export class TxPath {
     return out;
   }
 
+  /** Used elements written that the driver cannot see yet (handed to the writer or pending). */
+  #unseen(): number {
+    return ((this.queue.usedIdx - this.#confirmed) & 0xffff) + this.queue.pendingUsed;
+  }
+
   #drop(reason: string): void {
     this.drops[reason] = (this.drops[reason] ?? 0) + 1;
     this.queue.pushUsed(this.queue.chain.head, 0);
+  }
+
+  /** A record with no frame: it publishes the dropped chains' used elements. */
+  #completeOnly(): void {
+    const ring = this.rings.tx;
+    if (this.#inCount >= this.#inIdx.length) return;
+    const at = ring.reserve();
+    if (at < 0) return; // the next record carries them
+    const w = ring.words;
+    w[at + TX_REC.IOV_COUNT] = 0;
+    w[at + TX_REC.FRAME_LEN] = 0;
+    w[at + TX_REC.TOKEN] = this.#token++ >>> 0;
+    w[at + TX_REC.FLAGS] = TXF_COMPLETE_ONLY;
+    this.#track(at, -1, this.rings.bounceMark);
   }
 
   #dropCode(code: NetDropCode): void {
@@ -292,9 +340,8 @@ export class TxPath {
     w[at + TX_REC.FRAME_LEN] = frameLen;
     w[at + TX_REC.TOKEN] = this.#token++ >>> 0;
     w[at + TX_REC.FLAGS] = 0;
-    w[at + TX_REC.HDR + 3] = 0;
     writeNetHdr(this.#hdr, this.#recBytes, (at + TX_REC.HDR) * 4);
-    this.#track(chain.head, this.rings.bounceMark);
+    this.#track(at, chain.head, this.rings.bounceMark);
     this.#ctx.stats.passThrough++;
     this.frames++;
     this.bytes += frameLen;
@@ -359,7 +406,7 @@ export class TxPath {
     const w = ring.words;
     const cap = this.#pendHead.length;
     while (this.#pendCount > 0) {
-      if (this.#inCount >= this.#inHead.length) return false;
+      if (this.#inCount >= this.#inIdx.length) return false;
       const at = ring.reserve();
       if (at < 0) return false;
       const i = this.#pendStart;
@@ -372,13 +419,12 @@ export class TxPath {
       w[at + TX_REC.FRAME_LEN] = frameLen;
       w[at + TX_REC.TOKEN] = this.#token++ >>> 0;
       w[at + TX_REC.FLAGS] = 0;
-      w[at + TX_REC.HDR + 3] = 0;
       this.#recBytes.set(
         this.rings.bounce.subarray(this.#pendAt[i], this.#pendAt[i] + NET_HDR_BYTES),
         (at + TX_REC.HDR) * 4,
       );
       putIovec(w, at + TX_REC.IOV, host + NET_HDR_BYTES, frameLen);
-      this.#track(this.#pendHead[i], this.#pendMark[i]);
+      this.#track(at, this.#pendHead[i], this.#pendMark[i]);
       this.frames++;
       this.bytes += frameLen;
       this.#pendStart = (i + 1) % cap;
@@ -387,10 +433,19 @@ export class TxPath {
     return true;
   }
 
-  #track(head: number, mark: number): void {
+  /**
+   * Follows the record at `at` until the writer releases it: completes the
+   * chain `head` ends (-1: none; a frame's earlier segments, or a
+   * completion-only record) and puts the used->idx that publishes it, and
+   * every element before it, into the record.
+   */
+  #track(at: number, head: number, mark: number): void {
+    if (head >= 0) this.queue.pushUsed(head, 0);
+    const idx = this.queue.handOffUsed();
+    this.rings.tx.words[at + TX_REC.USED_IDX] = idx;
     this.#unpublished++;
-    const i = (this.#inStart + this.#inCount) % this.#inHead.length;
-    this.#inHead[i] = head;
+    const i = (this.#inStart + this.#inCount) % this.#inIdx.length;
+    this.#inIdx[i] = idx;
     this.#inMark[i] = mark;
     this.#inCount++;
   }

@@ -627,6 +627,29 @@ export class Virtqueue {
     return n;
   }
 
+  /**
+   * Hands the pending used entries to another publisher: returns the
+   * used->idx value that makes them (and every earlier one) visible and
+   * counts them as published, without storing it. Whoever gets the value
+   * stores it later, in order (the writer, once the frames are out:
+   * `ipc/datapath.ts`); meanwhile the device must not `flushUsed()` this
+   * queue, and must keep fewer than `size` entries unpublished (an entry
+   * past that would overwrite one the driver has not seen).
+   * `storeUsedIdx()` takes publishing back.
+   */
+  handOffUsed(): number {
+    const idx = (this.#usedIdx + this.#pending) & 0xffff;
+    this.#usedIdx = idx;
+    this.#pending = 0;
+    return idx;
+  }
+
+  /** Stores used->idx from the device's own count (after a hand-off ended, e.g. at stop). */
+  storeUsedIdx(): void {
+    if (!this.#usable()) return;
+    Atomics.store(this.#usedU16, VIRTQ_USED_OFF_IDX >> 1, this.#usedIdx);
+  }
+
   /** Publishes pending used entries with one used->idx store; returns how many. */
   flushUsed(): number {
     if (this.#pending === 0 || !this.#usable()) return 0;

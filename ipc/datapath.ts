@@ -14,22 +14,41 @@
  *                            buffers". It never makes a system call.
  *   writer (FFI)             waits on the control block; `writev`s each TX
  *                            record to the tap straight from guest memory,
- *                            writes call eventfds when the device asks, and
- *                            wakes the poller.
+ *                            then publishes the TX used index the device
+ *                            prepared and signals the TX call eventfd when
+ *                            the driver asked for it; writes the RX call
+ *                            eventfd when the device asks, and wakes the
+ *                            poller.
  *   poller (FFI)             blocks in `poll()` on the tap, the kick eventfds
  *                            and its own wake eventfd; `readv`s frames from
  *                            the tap straight into the guest buffers the
  *                            device posted; turns kicks into device events.
  *
  *   TX:  guest kick ─▶ poller ─EV_KICK_TX─▶ device ─tx ring─▶ writer ─writev─▶ tap
- *        writer releases records after writev ─EV_TX_DONE─▶ device: used ring, interrupt
+ *        writer, after the writes: used->idx, TX interrupt, releases the records
+ *        (EV_TX_DONE ─▶ device only when it asked: ring or bounce arena full)
  *   RX:  device posts chains ─rx-post ring─▶ poller ─readv from tap─▶ guest buffers
  *        poller ─rx-done ring, EV_RX_DONE─▶ device: num_buffers, csum, used ring, interrupt
  *   IRQ: device sets WEV_CALL_* ─▶ writer writes the call eventfd
  *
- * Completion of a TX record is the ring's own tail: the writer releases a
- * record only after its `writev` returned, so the device completes exactly
- * the chains whose frames the kernel has taken, in order.
+ * TX completion without a round trip: when the device turns a chain into
+ * records it already writes the chain's used element (id, len 0) into the
+ * used ring, past used->idx where the driver does not look yet, and puts in
+ * the record the used->idx value that makes it visible (TX_REC.USED_IDX).
+ * The writer stores that value into used->idx once the kernel has taken the
+ * frame, reads the driver's used_event (or NO_INTERRUPT flag) after it and
+ * writes the TX call eventfd if the driver asked, then releases the record.
+ * So a transmitted frame costs no wake-up of the device after the write
+ * (two fewer thread hand-offs per kick). Chains the device drops ride on the
+ * next record, or on a completion-only record (TXF_COMPLETE_ONLY). While the
+ * queue runs only the writer stores TX used->idx; the device publishes it
+ * again only at stop, after the writer ended. Where used->idx and used_event
+ * live the writer learns from the parent (`txUsed` in its init), not from the
+ * device; a subverted device can only choose the index values, which it could
+ * write into the used ring itself anyway. The ring's tail still says which
+ * records are done: the device reaps it whenever it runs, and asks the writer
+ * for EV_TX_DONE (CTL.TX_WANT_DONE) only when it waits for ring or bounce
+ * space.
  *
  * Trust: each I/O worker treats records as hostile (the device parses guest
  * memory and could be subverted). It copies a record out of shared memory
@@ -89,16 +108,20 @@ export const CTL = {
   POLLER_ERRORS: 69,
   /** The writer's engine once it runs: {@link WRITER_ENGINE_IO_URING} or {@link WRITER_ENGINE_WRITEV}. */
   WRITER_ENGINE: 70,
+  /** TX call eventfd writes the writer made after publishing TX completions. */
+  TX_INTERRUPTS: 71,
+  /** 1: the device waits for TX ring or bounce space; the writer raises EV_TX_DONE after its next release and clears it. */
+  TX_WANT_DONE: 96,
 } as const;
 export const WRITER_ENGINE_IO_URING = 1;
 export const WRITER_ENGINE_WRITEV = 2;
-export const CTL_WORDS = 96;
+export const CTL_WORDS = 128;
 export const CTL_BYTES = CTL_WORDS * 4;
 
 /** Device events (bits of CTL.DEVICE_EVENTS). */
 export const EV_KICK_RX = 1 << 0;
 export const EV_KICK_TX = 1 << 1;
-/** The writer released TX records (tail moved). */
+/** The writer released TX records (tail moved); raised only when CTL.TX_WANT_DONE asked for it. */
 export const EV_TX_DONE = 1 << 2;
 /** The poller published rx-done records. */
 export const EV_RX_DONE = 1 << 3;
@@ -109,7 +132,7 @@ export const EV_IO_FAULT = 1 << 4;
 export const WEV_TX = 1 << 0;
 /** Signal the RX queue's call eventfd. */
 export const WEV_CALL_RX = 1 << 1;
-/** Signal the TX queue's call eventfd. */
+/** Signal the TX queue's call eventfd (the parent's own requests; the device's TX interrupts follow USED_IDX). */
 export const WEV_CALL_TX = 1 << 2;
 /** Write the poller's wake eventfd (new RX buffers after starvation). */
 export const WEV_WAKE_POLLER = 1 << 3;
@@ -126,12 +149,23 @@ export const IOVEC_WORDS = 4;
  *   word 0  iovCount   number of iovecs that follow the header (1..TX_MAX_IOV)
  *   word 1  frameLen   sum of the iovec lengths (without the net header)
  *   word 2  token      the device's own sequence number, echoed nowhere; for debugging
- *   word 3  flags      0
+ *   word 3  flags      0, or TXF_COMPLETE_ONLY: no frame (iovCount and frameLen 0),
+ *                      only USED_IDX to publish
  *   words 4..6         the 12-byte virtio_net_hdr the kernel is to see (validated by the device)
- *   word 7             0
+ *   word 7  usedIdx    the TX used->idx (u16) to publish once this record is done
  *   words 8..          iovCount iovecs
  */
-export const TX_REC = { IOV_COUNT: 0, FRAME_LEN: 1, TOKEN: 2, FLAGS: 3, HDR: 4, IOV: 8 } as const;
+export const TX_REC = {
+  IOV_COUNT: 0,
+  FRAME_LEN: 1,
+  TOKEN: 2,
+  FLAGS: 3,
+  HDR: 4,
+  USED_IDX: 7,
+  IOV: 8,
+} as const;
+/** A TX record that carries no frame, only completions (chains the device dropped). */
+export const TXF_COMPLETE_ONLY = 1 << 0;
 export const TX_MAX_IOV = 64;
 export const TX_RECORD_WORDS = TX_REC.IOV + TX_MAX_IOV * IOVEC_WORDS;
 

@@ -15,6 +15,7 @@
  */
 
 import * as libc from "./libc.ts";
+import { VIRTIO_RING_F_EVENT_IDX } from "../ipc/features.ts";
 import { SpscRing } from "../ipc/spsc_ring.ts";
 import {
   BOUNCE_BYTES,
@@ -46,6 +47,7 @@ import {
   MAILBOX,
   MAILBOX_BYTES,
   parseIoReply,
+  type TxUsedPlace,
 } from "./io_protocol.ts";
 import type { Logger } from "./log.ts";
 
@@ -151,6 +153,8 @@ export interface DatapathHostOptions {
   onFault?: (role: IoRole, message: string) => void;
   /** Whether the writer may batch through io_uring (`--io-uring`; default "auto"). */
   ioUring?: IoUringMode;
+  /** Where the writer publishes TX completions (omitted: nowhere, for tests of the workers alone). */
+  txUsed?: TxUsedPlace | null;
   /** Other worker modules, for tests only. */
   writerUrl?: URL;
   pollerUrl?: URL;
@@ -371,6 +375,7 @@ export class DatapathHost {
         wakeFd,
         ranges,
         ioUring: opts.ioUring ?? "auto",
+        txUsed: opts.txUsed ?? null,
       });
       const startMs = opts.startTimeoutMs ?? DEFAULT_START_TIMEOUT_MS;
       await Promise.all([
@@ -489,6 +494,44 @@ export class DatapathHost {
     libc.setNonBlocking(fd, true);
     return fd;
   }
+}
+
+/** A region of guest memory as the parent maps it: where a VMM user address lives here. */
+export interface UserMapping {
+  userAddr: bigint;
+  size: bigint;
+  hostAddr: bigint;
+}
+
+/**
+ * Where the writer publishes TX completions (`ipc/datapath.ts`): the TX used
+ * ring's idx, and the avail ring's used_event (with EVENT_IDX) or flags, as
+ * host addresses in this process's mappings of guest memory.
+ * @throws {RangeError} if a word is not inside one mapped region.
+ */
+export function txUsedPlace(
+  maps: readonly UserMapping[],
+  ring: { num: number; availUser: bigint; usedUser: bigint },
+  features: bigint,
+): TxUsedPlace {
+  const host = (user: bigint, what: string): bigint => {
+    for (const m of maps) {
+      if (user >= m.userAddr && user + 2n <= m.userAddr + m.size) {
+        return m.hostAddr + (user - m.userAddr);
+      }
+    }
+    throw new RangeError(`${what} at user address 0x${user.toString(16)} is not in guest memory`);
+  };
+  const eventIdx = (features & VIRTIO_RING_F_EVENT_IDX) !== 0n;
+  return {
+    // virtio 1.2 §2.7.8 used ring: le16 flags, le16 idx, ...
+    idxAddr: host(ring.usedUser + 2n, "TX used->idx"),
+    // §2.7.6 avail ring: le16 flags, le16 idx, le16 ring[num], le16 used_event
+    eventAddr: eventIdx
+      ? host(ring.availUser + 4n + 2n * BigInt(ring.num), "TX avail->used_event")
+      : host(ring.availUser, "TX avail->flags"),
+    eventIdx,
+  };
 }
 
 function kickSlot(queue: number): FdSlot {

@@ -23,7 +23,7 @@
 
 import { RX_QUEUE, TX_QUEUE } from "../ipc/datapath.ts";
 import type { QueuePlacement } from "../ipc/protocol.ts";
-import { createDatapathBuffers, DatapathHost } from "./datapath_host.ts";
+import { createDatapathBuffers, DatapathHost, txUsedPlace } from "./datapath_host.ts";
 import type { DeviceHost } from "./device_host.ts";
 import type { MappedRegion } from "./guest_memory_map.ts";
 import * as libc from "./libc.ts";
@@ -79,6 +79,8 @@ export class VionetDevicePort implements DevicePort {
   readonly #rings: [RingConfig, RingConfig] = [freshRing(), freshRing()];
   #regions: MappedRegion[] = [];
   #featuresSet = false;
+  /** The driver's acknowledged features (EVENT_IDX decides how the writer reads the TX ring). */
+  #features = 0n;
   #datapath: DatapathHost | null = null;
 
   constructor(opts: DevicePortOptions) {
@@ -124,6 +126,7 @@ export class VionetDevicePort implements DevicePort {
 
   async setFeatures(features: bigint): Promise<void> {
     await this.#device.setFeatures(features);
+    this.#features = features;
     this.#featuresSet = true;
     await this.#maybeStart();
   }
@@ -241,6 +244,7 @@ export class VionetDevicePort implements DevicePort {
       this.#rings[i] = freshRing();
     }
     this.#featuresSet = false;
+    this.#features = 0n;
     await this.#device.reset();
   }
 
@@ -273,7 +277,14 @@ export class VionetDevicePort implements DevicePort {
     const ready = this.#rings.every((r) => r.started && r.enabled && r.num > 0 && r.addr);
     if (!ready || !this.#featuresSet || this.#regions.length === 0) return;
     const buffers = createDatapathBuffers();
+    const tx = this.#rings[TX_QUEUE];
+    const txUsed = txUsedPlace(this.#regions.map(userMapping), {
+      num: tx.num,
+      availUser: tx.addr!.availUser,
+      usedUser: tx.addr!.usedUser,
+    }, this.#features);
     const dp = await DatapathHost.start({
+      txUsed,
       tapFd: this.#tapFd,
       buffers,
       logger: this.#logger,
@@ -317,6 +328,14 @@ function describe(r: MappedRegion): string {
   return `gpa 0x${r.guestPhysAddr.toString(16)}+0x${r.size.toString(16)} user 0x${
     r.userAddr.toString(16)
   } host 0x${Deno.UnsafePointer.value(r.pointer).toString(16)}`;
+}
+
+function userMapping(r: MappedRegion) {
+  return {
+    userAddr: r.userAddr,
+    size: r.size,
+    hostAddr: BigInt(Deno.UnsafePointer.value(r.pointer)),
+  };
 }
 
 function hostRange(r: MappedRegion) {

@@ -79,6 +79,25 @@ export interface InitRequest {
    * uses `writev` (`--io-uring off`). The poller ignores it.
    */
   ioUring: IoUringMode;
+  /**
+   * Where the writer publishes TX completions (`ipc/datapath.ts`), computed
+   * by the parent from the vring addresses the VMM gave; null: the writer
+   * publishes nothing (tests of the writer alone). The poller ignores it.
+   */
+  txUsed: TxUsedPlace | null;
+}
+
+/** The two words of the TX virtqueue the writer touches, as host addresses inside `ranges`. */
+export interface TxUsedPlace {
+  /** used->idx (virtio 1.2 §2.7.8: the used ring's second le16); the writer stores it. */
+  idxAddr: bigint;
+  /**
+   * The driver's word the writer reads after storing: avail->used_event
+   * (§2.7.10) with EVENT_IDX, else avail->flags (VIRTQ_AVAIL_F_NO_INTERRUPT).
+   */
+  eventAddr: bigint;
+  /** VIRTIO_F_RING_EVENT_IDX was negotiated. */
+  eventIdx: boolean;
 }
 
 /** `--io-uring`: whether the writer may batch tap writes through io_uring. */
@@ -187,6 +206,23 @@ function ranges(v: unknown, id: number | null): HostRange[] {
   });
 }
 
+function txUsedPlace(v: unknown, id: number | null): TxUsedPlace | null {
+  if (v === null || v === undefined) return null;
+  if (!isObject(v)) fail("txUsed must be an object or null", id);
+  for (const f of ["idxAddr", "eventAddr"] as const) {
+    const a = v[f];
+    if (typeof a !== "bigint" || a <= 0n || a >= 1n << 64n || (a & 1n) !== 0n) {
+      fail(`txUsed.${f} must be a 2-byte aligned host address (bigint)`, id);
+    }
+  }
+  if (typeof v.eventIdx !== "boolean") fail("txUsed.eventIdx must be a boolean", id);
+  return {
+    idxAddr: v.idxAddr as bigint,
+    eventAddr: v.eventAddr as bigint,
+    eventIdx: v.eventIdx,
+  };
+}
+
 function ioUringMode(v: unknown, id: number | null): IoUringMode {
   if (v !== "auto" && v !== "off") fail(`ioUring must be "auto" or "off"`, id);
   return v;
@@ -222,6 +258,7 @@ export function parseIoRequest(data: unknown): IoRequest {
         wakeFd: fd(data.wakeFd, "wakeFd", id),
         ranges: ranges(data.ranges, id),
         ioUring: data.ioUring === undefined ? "auto" : ioUringMode(data.ioUring, id),
+        txUsed: txUsedPlace(data.txUsed, id),
       };
     }
     case "setRegions":

@@ -1,8 +1,10 @@
 /// <reference lib="deno.worker" />
 /**
  * The writer: the privileged I/O worker that `writev`s the device's TX
- * records to the tap straight from guest memory, writes the queues' call
- * eventfds when the device asks, and wakes the poller (`ipc/datapath.ts`).
+ * records to the tap straight from guest memory, publishes their TX
+ * completions (used->idx) and the TX interrupt the driver asked for, writes
+ * the RX call eventfd when the device asks, and wakes the poller
+ * (`ipc/datapath.ts`).
  *
  * Runs with FFI only (`IO_WRITER_OPTIONS` in `datapath_host.ts`).
  *
@@ -34,6 +36,14 @@
  * in a batch owns a private slot (header copy + iovec array) that stays
  * unchanged until the batch completed.
  *
+ * TX completions: after a batch's writes completed, the writer stores the
+ * last record's USED_IDX into the TX used->idx (where: `txUsed` in init, from
+ * the parent, checked against the granted regions), reads the driver's
+ * used_event (EVENT_IDX) or avail flags after that store, and writes the TX
+ * call eventfd if the driver asked (vring_need_event, virtio 1.2 §2.7.10).
+ * Then it releases the records, and raises EV_TX_DONE only when the device
+ * asked for it (CTL.TX_WANT_DONE). The device is not woken per frame.
+ *
  * EAGAIN: the tap fd is O_NONBLOCK (the poller needs that, and both share one
  * open file). tun's write side has no queue to fill: `tun_get_user()` only
  * waits for socket send buffer, which is INT_MAX unless TUNSETSNDBUF lowered
@@ -59,6 +69,7 @@ import {
   TX_MAX_IOV,
   TX_QUEUE,
   TX_REC,
+  TXF_COMPLETE_ONLY,
   WEV_CALL_RX,
   WEV_CALL_TX,
   WEV_WAKE_POLLER,
@@ -66,6 +77,7 @@ import {
   WRITER_ENGINE_WRITEV,
 } from "../ipc/datapath.ts";
 import { IoRegions } from "./io_regions.ts";
+import type { TxUsedPlace } from "./io_protocol.ts";
 import { WorkerControl } from "./io_worker_control.ts";
 
 /** Records written before they are released and the device is signalled. */
@@ -83,6 +95,19 @@ let regions = IoRegions.EMPTY;
 let tapFd = -1;
 const callFd = [-1, -1]; // indexed by RX_QUEUE / TX_QUEUE
 let wakeFd = -1;
+
+/** The TX queue's used->idx and the driver's event word, when the parent gave them. */
+interface TxUsedViews {
+  place: TxUsedPlace;
+  idx: Uint16Array;
+  event: Uint16Array;
+  eventIdx: boolean;
+}
+let txUsed: TxUsedViews | null = null;
+/** used->idx as last stored (-1: not yet). */
+let txPublished = -1;
+/** used->idx at the last interrupt decision, once there was one (vring_need_event's old). */
+let txSignalled = -1;
 
 // ---- private buffers (never shared, so the device cannot change them) ---------
 
@@ -132,6 +157,8 @@ const VIRTIO_NET_HDR_GSO_UDP = 3;
 const VIRTIO_NET_HDR_GSO_TCPV6 = 4;
 const VIRTIO_NET_HDR_GSO_UDP_L4 = 5;
 const VIRTIO_NET_HDR_GSO_ECN = 0x80;
+/** virtio 1.2 §2.7.6: the driver's "no used buffer notification, please" flag. */
+const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
 
 /**
  * A light second look at the header the device validated (`device/net_header.ts`
@@ -228,6 +255,50 @@ function flushRing(c: Int32Array, ring: IoUring, queued: number): void {
   if (errors !== 0) Atomics.add(c, CTL.WRITER_ERRORS, errors);
 }
 
+/**
+ * Views of the TX ring's two words, after checking each lies inside one
+ * granted region. Throws RangeError naming the bad one.
+ */
+function txUsedViews(place: TxUsedPlace, granted: IoRegions): TxUsedViews {
+  const view = (addr: bigint, what: string) => {
+    const a = Number(addr);
+    if (!granted.contains(a, 2)) {
+      throw new RangeError(`txUsed.${what} 0x${addr.toString(16)} is not in guest memory`);
+    }
+    return new Uint16Array(
+      Deno.UnsafePointerView.getArrayBuffer(Deno.UnsafePointer.create(addr)!, 2),
+    );
+  };
+  return {
+    place,
+    idx: view(place.idxAddr, "idxAddr"),
+    event: view(place.eventAddr, "eventAddr"),
+    eventIdx: place.eventIdx,
+  };
+}
+
+/**
+ * Stores the TX used->idx and decides the interrupt (virtio 1.2 §2.7.10:
+ * with EVENT_IDX, when the index passed used_event since the last decision;
+ * without, unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT). The first
+ * decision after start says yes: a spurious notification is allowed
+ * (§2.7.7.1). Returns whether to write the TX call eventfd.
+ */
+function publishTx(idx: number): boolean {
+  const u = txUsed;
+  if (u === null || idx === txPublished) return false;
+  // Seq-cst: the load of the driver's word below cannot move before this store.
+  Atomics.store(u.idx, 0, idx);
+  txPublished = idx;
+  const old = txSignalled;
+  txSignalled = idx;
+  if (old < 0) return true;
+  const event = Atomics.load(u.event, 0);
+  if (!u.eventIdx) return (event & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+  // vring_need_event(event, new, old): new passed event since old (16-bit wrap).
+  return ((idx - event - 1) & 0xffff) < ((idx - old) & 0xffff);
+}
+
 /** Writes one batch of TX records; returns the device event bits to raise. */
 function drainTx(c: Int32Array): number {
   const ring = tx;
@@ -244,12 +315,16 @@ function drainTx(c: Int32Array): number {
   if (n > TX_BATCH) n = TX_BATCH;
   const words = ring.words;
   const batcher = uring;
-  let bits = EV_TX_DONE;
+  let bits = 0;
   let bad = 0;
   let queued = 0;
+  let usedIdx = 0;
   for (let i = 0; i < n; i++) {
     const slot = batcher === null ? 0 : queued;
-    const iovcnt = prepareRecord(words, ring.peek(i), slot);
+    const off = ring.peek(i);
+    usedIdx = words[off + TX_REC.USED_IDX] & 0xffff;
+    if (words[off + TX_REC.FLAGS] === TXF_COMPLETE_ONLY) continue; // no frame, only completions
+    const iovcnt = prepareRecord(words, off, slot);
     if (iovcnt === 0) {
       bad++;
     } else if (batcher === null) {
@@ -260,7 +335,17 @@ function drainTx(c: Int32Array): number {
     }
   }
   if (queued !== 0) flushRing(c, batcher!, queued);
+  // Every frame of the batch is with the kernel: its chains may go back.
+  const call = publishTx(usedIdx);
   ring.release(n);
+  // Release, then look (Dekker with the device's want-then-reap).
+  if (Atomics.load(c, CTL.TX_WANT_DONE) !== 0 && Atomics.exchange(c, CTL.TX_WANT_DONE, 0) !== 0) {
+    bits |= EV_TX_DONE;
+  }
+  if (call) {
+    writeEventfd(c, callFd[TX_QUEUE]);
+    Atomics.add(c, CTL.TX_INTERRUPTS, 1);
+  }
   if (bad !== 0) {
     Atomics.add(c, CTL.IO_BAD_RECORD, bad);
     bits |= EV_IO_FAULT;
@@ -355,10 +440,22 @@ const control = new WorkerControl("writer", {
     tx = ring;
     tapFd = msg.tapFd;
     wakeFd = msg.wakeFd;
+    txUsed = msg.txUsed === null ? null : txUsedViews(msg.txUsed, regions);
     startEngine(c, msg.ioUring);
     return () => loop(c);
   },
   setRegions(r) {
+    // A TX ring outside the new regions is not touched again (the parent
+    // stops the queues before it takes their memory away; this is the
+    // backstop): its completions are no longer published.
+    if (txUsed !== null) {
+      try {
+        txUsed = txUsedViews(txUsed.place, r);
+      } catch (e) {
+        txUsed = null;
+        control.post({ kind: "fault", message: `tx completions stopped: ${(e as Error).message}` });
+      }
+    }
     regions = r;
   },
   setFd(slot, fd) {

@@ -47,7 +47,7 @@ import { createHash } from "node:crypto";
 import * as libc from "../../parent/libc.ts";
 import { createTap, type Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 } from "../../parent/tap.ts";
 import { DeviceHost } from "../../parent/device_host.ts";
-import { createDatapathBuffers, DatapathHost } from "../../parent/datapath_host.ts";
+import { createDatapathBuffers, DatapathHost, txUsedPlace } from "../../parent/datapath_host.ts";
 import { allowedTapOffloads, tunscapHandler } from "../../parent/daemon.ts";
 import { RX_QUEUE, TX_QUEUE } from "../../ipc/datapath.ts";
 import { RX_STATUS_TOO_BIG } from "../../parent/io_protocol.ts";
@@ -805,11 +805,21 @@ async function withRig(opts: RigOptions, fn: (rig: Rig) => Promise<void>): Promi
       const txDrv = new TestDriver(guest, { size: QUEUE_SIZE, features: opts.features });
 
       const buffers = createDatapathBuffers();
+      const txPlace = txDrv.config("user");
       dp = await DatapathHost.start({
         tapFd: tap.fd,
         buffers,
         logger,
         ranges: [{ base: BigInt(mem.hostAddr), size: MEM_BYTES }],
+        txUsed: txUsedPlace(
+          [{
+            userAddr: BigInt(guestUser(GPA)),
+            size: BigInt(MEM_BYTES),
+            hostAddr: BigInt(mem.hostAddr),
+          }],
+          { num: QUEUE_SIZE, availUser: BigInt(txPlace.avail), usedUser: BigInt(txPlace.used) },
+          opts.features,
+        ),
         onFault: (role, message) => faults.push(`${role}: ${message}`),
       });
       const ev = () => {

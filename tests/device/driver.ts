@@ -207,6 +207,19 @@ export class TestGuest {
     const r = this.regionOf(gpa, 2);
     r.view.setUint16(gpa - r.gpa, v, true);
   }
+  /**
+   * Sequentially consistent u16 access (2-byte aligned, little-endian host):
+   * what a driver's barriers around avail->idx and the event words give
+   * (virtio 1.2 §2.7.13.3.1: the store must be seen before the load after it).
+   */
+  atomicU16(gpa: number): number {
+    const r = this.regionOf(gpa, 2);
+    return Atomics.load(new Uint16Array(r.buffer, gpa - r.gpa, 1), 0);
+  }
+  atomicSetU16(gpa: number, v: number): void {
+    const r = this.regionOf(gpa, 2);
+    Atomics.store(new Uint16Array(r.buffer, gpa - r.gpa, 1), 0, v);
+  }
   u32(gpa: number): number {
     const r = this.regionOf(gpa, 4);
     return r.view.getUint32(gpa - r.gpa, true);
@@ -396,7 +409,8 @@ export class TestDriver {
   /** Stores avail->idx = the driver's availIdx. Returns whether a kick is needed. */
   publish(): boolean {
     const old = this.guest.u16(this.availGpa + VIRTQ_AVAIL_OFF_IDX);
-    this.guest.setU16(this.availGpa + VIRTQ_AVAIL_OFF_IDX, this.availIdx);
+    // Store, then load the device's event word: seq-cst, as a driver's mb() does.
+    this.guest.atomicSetU16(this.availGpa + VIRTQ_AVAIL_OFF_IDX, this.availIdx);
     return this.kickNeeded(old, this.availIdx);
   }
 
@@ -414,11 +428,13 @@ export class TestDriver {
   }
   /** used->flags as the device left it. */
   usedFlags(): number {
-    return this.guest.u16(this.usedGpa + VIRTQ_USED_OFF_FLAGS);
+    return this.guest.atomicU16(this.usedGpa + VIRTQ_USED_OFF_FLAGS);
   }
   /** avail_event (the word after the used ring). */
   availEvent(): number {
-    return this.guest.u16(this.usedGpa + VIRTQ_USED_OFF_RING + VIRTQ_USED_ELEM_SIZE * this.size);
+    return this.guest.atomicU16(
+      this.usedGpa + VIRTQ_USED_OFF_RING + VIRTQ_USED_ELEM_SIZE * this.size,
+    );
   }
   /** used->idx as published by the device. */
   usedIdx(): number {

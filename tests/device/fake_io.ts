@@ -29,13 +29,16 @@ import {
   TX_REC,
   TX_RECORD_WORDS,
   TX_RING_RECORDS,
+  TXF_COMPLETE_ONLY,
   WEV_CALL_RX,
   WEV_CALL_TX,
   WEV_WAKE_POLLER,
 } from "../../ipc/datapath.ts";
 import type { DatapathGrant } from "../../ipc/protocol.ts";
 import { SpscRing } from "../../ipc/spsc_ring.ts";
-import type { TestGuest } from "./driver.ts";
+import type { TestDriver, TestGuest } from "./driver.ts";
+import { vringNeedEvent } from "../../device/virtqueue.ts";
+import { VIRTIO_RING_F_EVENT_IDX } from "../../ipc/features.ts";
 
 export const FAKE_HOST = 0x5000_0000_0000;
 export const FAKE_BOUNCE = 0x6000_0000_0000;
@@ -57,6 +60,10 @@ export class FakeIo {
   calls = { rx: 0, tx: 0 };
   pollerWakes = 0;
   badRecords = 0;
+  /** The TX queue whose used->idx the fake writer publishes (see `publishTxTo`). */
+  #txDriver: TestDriver | null = null;
+  #txPublished = -1;
+  #txSignalled = -1;
 
   constructor(readonly guest: TestGuest) {
     this.tx = SpscRing.create({ capacity: TX_RING_RECORDS, recordWords: TX_RECORD_WORDS });
@@ -116,6 +123,35 @@ export class FakeIo {
     return this.#resolve(addr, words[at + 2]);
   }
 
+  /**
+   * Where TX completions go: the real writer gets the TX ring's used->idx
+   * and used_event from the parent; the fake gets the test's driver.
+   */
+  publishTxTo(driver: TestDriver): void {
+    this.#txDriver = driver;
+    this.#txPublished = -1;
+    this.#txSignalled = -1;
+  }
+
+  /** What the real writer does after a batch: store used->idx, decide the interrupt. */
+  #publishTx(idx: number): void {
+    const d = this.#txDriver;
+    if (d === null || idx === this.#txPublished) return;
+    this.guest.setU16(d.usedGpa + 2, idx);
+    this.#txPublished = idx;
+    const old = this.#txSignalled;
+    this.#txSignalled = idx;
+    let call: boolean;
+    if (old < 0) {
+      call = true;
+    } else if ((d.features & VIRTIO_RING_F_EVENT_IDX) !== 0n) {
+      call = vringNeedEvent(this.guest.u16(d.availGpa + 4 + 2 * d.size), idx, old);
+    } else {
+      call = (this.guest.u16(d.availGpa) & 1) === 0;
+    }
+    if (call) this.calls.tx++;
+  }
+
   kick(queue: "rx" | "tx"): void {
     this.#signalDevice(queue === "rx" ? EV_KICK_RX : EV_KICK_TX);
   }
@@ -132,8 +168,11 @@ export class FakeIo {
     if (ev & WEV_WAKE_POLLER) this.pollerWakes++;
     const w = this.tx.words;
     const n = this.tx.available();
+    let usedIdx = -1;
     for (let i = 0; i < n; i++) {
       const at = this.tx.peek(i);
+      usedIdx = w[at + TX_REC.USED_IDX] & 0xffff;
+      if (w[at + TX_REC.FLAGS] === TXF_COMPLETE_ONLY) continue;
       const count = w[at + TX_REC.IOV_COUNT];
       const hdr = new Uint8Array(
         new Uint32Array(w.slice(at + TX_REC.HDR, at + TX_REC.HDR + 3)).buffer,
@@ -159,8 +198,9 @@ export class FakeIo {
       this.sent.push({ hdr: hdr.slice(0, NET_HDR_BYTES), frame });
     }
     if (n > 0) {
+      this.#publishTx(usedIdx);
       this.tx.release(n);
-      this.#signalDevice(EV_TX_DONE);
+      if (Atomics.exchange(this.ctl, CTL.TX_WANT_DONE, 0) !== 0) this.#signalDevice(EV_TX_DONE);
     }
     return n;
   }

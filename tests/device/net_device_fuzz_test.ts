@@ -663,6 +663,7 @@ class FuzzCase {
     this.rx = new TestDriver(guest, { size: sizes[0], features, startIdx: startIdx[0] });
     this.tx = new TestDriver(guest, { size: sizes[1], features, startIdx: startIdx[1] });
     this.io = new FakeIo(guest);
+    this.io.publishTxTo(this.tx);
     // A queue resumed at a base (vhost-user SET_VRING_BASE) finds avail_event
     // where the previous device left it: at that base.
     for (const [d, start] of [[this.rx, startIdx[0]], [this.tx, startIdx[1]]] as const) {

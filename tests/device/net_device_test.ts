@@ -51,6 +51,7 @@ async function withRig(
   dev.setFeatures(features, offloadMode);
   const rx = new TestDriver(guest, { size: 256, features });
   const tx = new TestDriver(guest, { size: 256, features });
+  io.publishTxTo(tx);
   const place = (d: TestDriver) => {
     const c = d.config("user");
     return { size: c.size, desc: c.desc, avail: c.avail, used: c.used, base: 0 };
@@ -297,6 +298,7 @@ Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains 
   dev.setFeatures(BASE, "auto");
   const rx = new TestDriver(guest, { size: 64, features: BASE });
   const tx = new TestDriver(guest, { size: 64, features: BASE });
+  io.publishTxTo(tx);
   const p = (d: TestDriver) => ({ ...d.config("user"), base: 0 });
   dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000);
   for (let i = 0; i < 3; i++) rx.post([{ len: 2048, writable: true }]);
@@ -311,6 +313,7 @@ Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains 
   assert.equal(rx.readUsed().length, 0, "no 0-byte completions for the unfilled chains");
   // Restarted from that base, the device takes the same two chains again.
   const io2 = new FakeIo(guest); // fresh data-path rings, as every start gets
+  io2.publishTxTo(tx);
   dev.start({ ...rx.config("user"), base: 1 }, p(tx), io2.buffers, 0x6000_0000_0000);
   io2.kick("rx");
   await until(io2, () => io2.postedChains === 2, "the two chains posted again");
@@ -378,6 +381,7 @@ Deno.test("stop() after an RX I/O fault hands the chains back unused instead of 
   dev.setFeatures(BASE, "auto");
   const rx = new TestDriver(guest, { size: 64, features: BASE });
   const tx = new TestDriver(guest, { size: 64, features: BASE });
+  io.publishTxTo(tx);
   const p = (d: TestDriver) => ({ ...d.config("user"), base: 0 });
   dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000);
   for (let i = 0; i < 2; i++) rx.post([{ len: 2048, writable: true }]);

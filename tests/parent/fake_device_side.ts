@@ -84,6 +84,10 @@ export interface TxSpec {
   /** Default: iovs.length. */
   iovCount?: number;
   token?: number;
+  /** TX_REC.USED_IDX: the TX used->idx to publish once the record is done (default 0). */
+  usedIdx?: number;
+  /** TX_REC.FLAGS (e.g. TXF_COMPLETE_ONLY; default 0). */
+  flags?: number;
 }
 
 /** An rx-post record. */
@@ -129,6 +133,8 @@ export class FakeDeviceSide {
     w[off + TX_REC.IOV_COUNT] = spec.iovCount ?? spec.iovs.length;
     w[off + TX_REC.FRAME_LEN] = spec.frameLen ?? spec.iovs.reduce((s, v) => s + v.len, 0);
     w[off + TX_REC.TOKEN] = spec.token ?? 0;
+    w[off + TX_REC.FLAGS] = spec.flags ?? 0;
+    w[off + TX_REC.USED_IDX] = spec.usedIdx ?? 0;
     if (spec.hdr) {
       const h = new Uint8Array(w.buffer, w.byteOffset + (off + TX_REC.HDR) * 4, NET_HDR_BYTES);
       h.set(spec.hdr.subarray(0, NET_HDR_BYTES));
@@ -137,8 +143,13 @@ export class FakeDeviceSide {
     return true;
   }
 
-  /** Publishes written TX records and rings the writer (WEV_TX). */
+  /**
+   * Publishes written TX records and rings the writer (WEV_TX). Like a
+   * device that waits for ring space, it asks for EV_TX_DONE after the
+   * release (CTL.TX_WANT_DONE): the tests wait for it.
+   */
   kickWriter(): void {
+    Atomics.store(this.ctl, CTL.TX_WANT_DONE, 1);
     this.tx.publish();
     signal(this.ctl, CTL.WRITER_EVENTS, WEV_TX, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING);
   }

@@ -41,6 +41,7 @@ import {
   RXF_MERGEABLE,
   TX_MAX_IOV,
   TX_QUEUE,
+  TXF_COMPLETE_ONLY,
 } from "../../ipc/datapath.ts";
 import type { Logger } from "../../parent/log.ts";
 import { exec, type Netns, tapTestsUnavailable, withNetns } from "../net_ns.ts";
@@ -82,6 +83,7 @@ interface Rig {
 async function withRig(
   fn: (rig: Rig) => Promise<void>,
   ioUring: IoUringMode = "auto",
+  txUsed?: { idxOffset: number; eventOffset: number; eventIdx: boolean },
 ): Promise<void> {
   await withNetns(async (ns) => {
     const tap = createTap(tapName(), { up: false });
@@ -111,6 +113,11 @@ async function withRig(
         logger: quietLogger,
         ranges: [guest.range()],
         ioUring,
+        txUsed: txUsed && {
+          idxAddr: guest.base + BigInt(txUsed.idxOffset),
+          eventAddr: guest.base + BigInt(txUsed.eventOffset),
+          eventIdx: txUsed.eventIdx,
+        },
       });
       const dev = new FakeDeviceSide(buffers);
       await fn({ ns, tap, tapMac: Array.from(tap.macBytes), guest, host, dev });
@@ -652,6 +659,101 @@ Deno.test({
       }
     }),
 });
+
+/** Where the TX completion tests put the used ring's idx and the driver's event word. */
+const USED_IDX_OFFSET = GUEST_BYTES - 64;
+const EVENT_OFFSET = GUEST_BYTES - 32;
+
+for (const eventIdx of [true, false]) {
+  Deno.test({
+    ...opts,
+    name: `writer publishes TX completions after the writes (${
+      eventIdx ? "EVENT_IDX" : "NO_INTERRUPT flag"
+    }): used->idx, the interrupt the driver asked for, completion-only records`,
+    fn: () =>
+      withRig(
+        async ({ ns, tap, tapMac, guest, host, dev }) => {
+          const callTx = libc.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
+          const count = new BigUint64Array(1);
+          const interrupts = () =>
+            libc.sys.read(callTx, new Uint8Array(count.buffer), 8n) === 8n ? Number(count[0]) : 0;
+          const usedIdx = new Uint16Array(guest.bytes.buffer, USED_IDX_OFFSET, 1);
+          const event = new Uint16Array(guest.bytes.buffer, EVENT_OFFSET, 1);
+          const before = await tapCounter(ns, tap, "rx_packets");
+          let offset = 0;
+          const frame = (idx: number) => {
+            const iovs = place(guest, offset, udpFrame(tapMac, 100 + idx), 2);
+            offset += 2048;
+            return { iovs, usedIdx: idx };
+          };
+          const send = async (records: Parameters<FakeDeviceSide["writeTx"]>[0][]) => {
+            for (const r of records) assert.ok(dev.writeTx(r));
+            dev.kickWriter();
+            assert.equal((await dev.waitFor(EV_TX_DONE)) & EV_IO_FAULT, 0);
+          };
+          try {
+            await host.setCallFd(TX_QUEUE, callTx);
+            // The first publication always notifies (a spurious one is allowed, §2.7.7.1).
+            await send([frame(1), frame(2)]);
+            assert.equal(usedIdx[0], 2, "used->idx is the last record's");
+            assert.equal(interrupts(), 1);
+            // The driver wants none: used_event 5 is not reached, or NO_INTERRUPT is set.
+            event[0] = eventIdx ? 5 : 1;
+            await send([frame(3), frame(4)]);
+            assert.equal(usedIdx[0], 4);
+            assert.equal(interrupts(), 0, "no interrupt the driver did not ask for");
+            // A completion-only record (chains the device dropped) crosses used_event,
+            // or the flag is cleared: one interrupt, and nothing is written to the tap.
+            if (!eventIdx) event[0] = 0;
+            await send([{
+              iovs: [],
+              iovCount: 0,
+              frameLen: 0,
+              flags: TXF_COMPLETE_ONLY,
+              usedIdx: 6,
+            }]);
+            assert.equal(usedIdx[0], 6);
+            assert.equal(interrupts(), 1);
+            assert.equal(dev.counter(CTL.TX_INTERRUPTS), 2);
+            assert.equal(dev.counter(CTL.IO_BAD_RECORD), 0);
+            assert.ok(
+              await eventually(async () =>
+                (await tapCounter(ns, tap, "rx_packets")) - before === 4
+              ),
+              "four frames reached the tap",
+            );
+            // Without TX_WANT_DONE the writer does not wake the device for a release.
+            dev.takeEvents();
+            assert.ok(dev.writeTx(frame(7)));
+            dev.tx.publish();
+            dev.requestCall(RX_QUEUE); // rings the writer without asking for EV_TX_DONE
+            assert.ok(await eventually(() => usedIdx[0] === 7));
+            assert.equal(await dev.waitFor(EV_TX_DONE, 200), 0, "no EV_TX_DONE unasked");
+            // A place outside the granted memory is refused when the writer starts.
+            await assert.rejects(
+              DatapathHost.start({
+                tapFd: tap.fd,
+                buffers: createDatapathBuffers(),
+                logger: quietLogger,
+                ranges: [guest.range()],
+                txUsed: {
+                  idxAddr: guest.base + BigInt(GUEST_BYTES),
+                  eventAddr: guest.base,
+                  eventIdx,
+                },
+              }),
+              /txUsed\.idxAddr 0x[0-9a-f]+ is not in guest memory/,
+            );
+          } finally {
+            await host.setCallFd(TX_QUEUE, null);
+            libc.close(callTx);
+          }
+        },
+        "auto",
+        { idxOffset: USED_IDX_OFFSET, eventOffset: EVENT_OFFSET, eventIdx },
+      ),
+  });
+}
 
 for (const [ioUring, engine] of [["auto", "io_uring"], ["off", "writev"]] as const) {
   Deno.test({
