@@ -23,7 +23,15 @@ import {
   netKernelArgs,
 } from "../tests/e2e/guest.ts";
 import { ROOT, startTaskFlags } from "../tests/helpers.ts";
-import { type Child, cpuSeconds, Netns, sleep, waitForLink, waitForPath } from "./proc.ts";
+import {
+  type Child,
+  cpuSeconds,
+  Netns,
+  sleep,
+  threadTimes,
+  waitForLink,
+  waitForPath,
+} from "./proc.ts";
 
 /** The backends of the guest-bound bench. */
 export type GuestBackend = "vionet" | "qemu";
@@ -41,6 +49,13 @@ export interface GuestSample {
   backendCores: number;
   /** The whole QEMU process over the run, in cores (guest emulation included). */
   qemuCores: number;
+  /**
+   * vionet only: each daemon thread's CPU (cores) and voluntary context
+   * switches per second over the run, by "tid comm". Workers show as
+   * worker-N in creation order: the device first, then per queue start the
+   * writer and the poller.
+   */
+  threads?: Record<string, { cores: number; wakeupsPerSecond: number }>;
   error?: string;
 }
 
@@ -90,6 +105,25 @@ export function guestUnavailable(): string | undefined {
 
 function isVcpu(comm: string): boolean {
   return /^CPU \d+\/(TCG|KVM)/.test(comm);
+}
+
+/** Each thread's share of a core and wake-ups per second between two `threadTimes()` readings. */
+function perThread(
+  before: ReturnType<typeof threadTimes>,
+  after: ReturnType<typeof threadTimes>,
+  seconds: number,
+): Record<string, { cores: number; wakeupsPerSecond: number }> {
+  const out: Record<string, { cores: number; wakeupsPerSecond: number }> = {};
+  for (const [name, t] of after) {
+    const b = before.get(name) ?? { cpu: 0, switches: 0 };
+    const cores = (t.cpu - b.cpu) / seconds;
+    if (cores < 0.005) continue;
+    out[name] = {
+      cores: Math.round(cores * 1000) / 1000,
+      wakeupsPerSecond: Math.round((t.switches - b.switches) / seconds),
+    };
+  }
+  return out;
 }
 
 /** Runs one backend × offload configuration: boots once, then `reps` iperf3 runs each way. */
@@ -177,6 +211,7 @@ export async function measureGuest(
       for (const direction of ["guest->host", "host->guest"] as Direction[]) {
         const base = { backend, offloads, direction, rep };
         try {
+          const th0 = daemon ? threadTimes(daemon.pid) : null;
           const b0 = backendCpu();
           const q0 = cpuSeconds(guest.pid);
           const t0 = performance.now();
@@ -191,9 +226,24 @@ export async function measureGuest(
           const j = JSON.parse(r.output.slice(r.output.indexOf("{")));
           if (j.error) throw new Error(`iperf3: ${j.error}`);
           const gbps = j.end.sum_received.bits_per_second / 1e9;
-          out.push({ ...base, gbps, backendCores: (b1 - b0) / dt, qemuCores: (q1 - q0) / dt });
+          const threads = th0 && daemon ? perThread(th0, threadTimes(daemon.pid), dt) : undefined;
+          out.push({
+            ...base,
+            gbps,
+            backendCores: (b1 - b0) / dt,
+            qemuCores: (q1 - q0) / dt,
+            ...(threads ? { threads } : {}),
+          });
+          const perThreadText = threads
+            ? "; threads " +
+              Object.entries(threads).map(([name, t]) =>
+                `${name.split(" ")[1]} ${(100 * t.cores).toFixed(1)} % ${t.wakeupsPerSecond}/s`
+              ).join(", ")
+            : "";
           o.log(
-            `  ${backend} offloads ${offloads} ${direction} rep ${rep}: ${gbps.toFixed(3)} Gbit/s`,
+            `  ${backend} offloads ${offloads} ${direction} rep ${rep}: ${
+              gbps.toFixed(3)
+            } Gbit/s${perThreadText}`,
           );
         } catch (e) {
           const why = (e as Error).message;

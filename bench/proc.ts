@@ -255,6 +255,26 @@ export function cpuSeconds(pid: number, threadFilter?: (comm: string) => boolean
   return ticks / CLK_TCK;
 }
 
+/**
+ * utime+stime in seconds and voluntary context switches (wake-ups, near
+ * enough) of each thread of a process, keyed by "tid comm".
+ */
+export function threadTimes(pid: number): Map<string, { cpu: number; switches: number }> {
+  const out = new Map<string, { cpu: number; switches: number }>();
+  for (const e of Deno.readDirSync(`/proc/${pid}/task`)) {
+    try {
+      const dir = `/proc/${pid}/task/${e.name}`;
+      const comm = Deno.readTextFileSync(`${dir}/comm`).trim();
+      const status = Deno.readTextFileSync(`${dir}/status`);
+      const switches = Number(/^voluntary_ctxt_switches:\s+(\d+)/m.exec(status)?.[1] ?? 0);
+      out.set(`${e.name} ${comm}`, { cpu: statTicks(`${dir}/stat`) / CLK_TCK, switches });
+    } catch {
+      // the thread ended meanwhile
+    }
+  }
+  return out;
+}
+
 function statTicks(path: string): number {
   const text = Deno.readTextFileSync(path);
   // comm may hold spaces and parentheses: fields start after the last ')'.

@@ -29,7 +29,8 @@
  *        (EV_TX_DONE ─▶ device only when it asked: ring or bounce arena full)
  *   RX:  device posts chains ─rx-post ring─▶ poller ─readv from tap─▶ guest buffers
  *        poller ─rx-done ring, EV_RX_DONE─▶ device: num_buffers, csum, used ring, interrupt
- *   IRQ: device sets WEV_CALL_* ─▶ writer writes the call eventfd
+ *   IRQ: RX: device sets WEV_CALL_RX ─▶ writer writes the call eventfd;
+ *        TX: the writer decides and writes it itself (below)
  *
  * TX completion without a round trip: when the device turns a chain into
  * records it already writes the chain's used element (id, len 0) into the
