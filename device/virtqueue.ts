@@ -58,6 +58,7 @@ import {
   type QueueErrorReason,
 } from "./queue_counters.ts";
 import { VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from "../ipc/features.ts";
+import { fullBarrier } from "../ipc/barrier.ts";
 
 /** virtio 1.2 §2.7: the largest queue size. */
 export const VIRTQ_MAX_SIZE = 32768;
@@ -675,10 +676,12 @@ export class Virtqueue {
     if (valid && now === old) {
       yes = false;
     } else if (this.#eventIdx) {
-      // The idx store in #publish was seq-cst, so this load sees used_event after it.
+      // The load of used_event must not pass the idx store in #publish.
+      fullBarrier();
       const usedEvent = Atomics.load(this.#availU16, (VIRTQ_AVAIL_OFF_RING >> 1) + this.#size);
       yes = !valid || vringNeedEvent(usedEvent, now, old);
     } else {
+      fullBarrier();
       const flags = Atomics.load(this.#availU16, VIRTQ_AVAIL_OFF_FLAGS >> 1);
       yes = (flags & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
     }
@@ -716,7 +719,8 @@ export class Virtqueue {
     } else {
       Atomics.store(this.#usedU16, VIRTQ_USED_OFF_FLAGS >> 1, 0);
     }
-    // Seq-cst store then load: the re-check cannot move before the store.
+    // Store then load: the re-check must not move before the store.
+    fullBarrier();
     return Atomics.load(this.#availU16, VIRTQ_AVAIL_OFF_IDX >> 1) !== this.#lastAvail;
   }
 

@@ -55,6 +55,7 @@
 
 import * as libc from "./libc.ts";
 import { IoUring } from "./io_uring.ts";
+import { fullBarrier } from "../ipc/barrier.ts";
 import { macrotask } from "../ipc/macrotask.ts";
 import { CorruptRingError, SpscRing } from "../ipc/spsc_ring.ts";
 import {
@@ -287,8 +288,9 @@ function txUsedViews(place: TxUsedPlace, granted: IoRegions): TxUsedViews {
 function publishTx(idx: number): boolean {
   const u = txUsed;
   if (u === null || idx === txPublished) return false;
-  // Seq-cst: the load of the driver's word below cannot move before this store.
   Atomics.store(u.idx, 0, idx);
+  // The load of the driver's word below must not pass this store (§2.7.10).
+  fullBarrier();
   txPublished = idx;
   const old = txSignalled;
   txSignalled = idx;
