@@ -87,6 +87,8 @@ export class NetDevice {
   #faulted = [false, false];
   /** Pump TX again without waiting for an event (more chains came, or space did). */
   #txAgain = false;
+  /** Post RX buffers again without waiting for an event (the guest added some meanwhile). */
+  #rxAgain = false;
 
   /**
    * `mailbox`: the worker's message count (`mailbox.ts`). With it the loop
@@ -194,6 +196,7 @@ export class NetDevice {
     this.#applyFeatures();
     this.#faulted = [false, false];
     this.#txAgain = false;
+    this.#rxAgain = false;
     this.mailbox?.markStart();
     this.#running = true;
     this.#loop = this.#run();
@@ -314,10 +317,12 @@ export class NetDevice {
 
     if (!this.#faulted[RX_QUEUE]) {
       if ((ev & EV_RX_DONE) && rx.complete() < 0) this.#fault(RX_QUEUE, rx.ioFault ?? "I/O fault");
-      if (ev & (EV_KICK_RX | EV_RX_DONE) || rx.posted === 0) {
+      if (ev & (EV_KICK_RX | EV_RX_DONE) || rx.posted === 0 || this.#rxAgain) {
         rx.post();
-        // Ask for a kick when the guest adds buffers; if it already did, go on.
-        if (this.rxq.enableNotifications() && rx.posted < this.rings.rxPost.capacity) more = true;
+        // Ask for a kick when the guest adds buffers; if it already did, post them now.
+        this.#rxAgain = this.rxq.enableNotifications() &&
+          rx.posted < this.rings.rxPost.capacity;
+        if (this.#rxAgain) more = true;
       }
     }
     if (!this.#faulted[TX_QUEUE]) {
