@@ -206,7 +206,7 @@ function ranges(v: unknown, id: number | null): HostRange[] {
   });
 }
 
-function txUsedPlace(v: unknown, id: number | null): TxUsedPlace | null {
+function parseTxUsed(v: unknown, id: number | null): TxUsedPlace | null {
   if (v === null || v === undefined) return null;
   if (!isObject(v)) fail("txUsed must be an object or null", id);
   for (const f of ["idxAddr", "eventAddr"] as const) {
@@ -258,7 +258,7 @@ export function parseIoRequest(data: unknown): IoRequest {
         wakeFd: fd(data.wakeFd, "wakeFd", id),
         ranges: ranges(data.ranges, id),
         ioUring: data.ioUring === undefined ? "auto" : ioUringMode(data.ioUring, id),
-        txUsed: txUsedPlace(data.txUsed, id),
+        txUsed: parseTxUsed(data.txUsed, id),
       };
     }
     case "setRegions":
