@@ -149,8 +149,11 @@ Deno.test({
           const { result, rxAvg } = await framesDuring(rig, () => rig.sendFromGuest(g, BIG_MIB));
           assertIntact(result, "guest -> host");
           console.log(`  the tap took ${rxAvg}-byte frames on average from the daemon`);
+          // Without GSO no frame exceeds MAX_FRAME, so an average above it proves
+          // TSO frames reached the tap whole. How far above depends on the guest's
+          // TCP under TCG (2.8-4 KB here: small autosized bursts), not on vionet.
           assert.ok(
-            rxAvg > 2 * MAX_FRAME,
+            rxAvg > MAX_FRAME,
             `no TSO frames passed to the tap (${rxAvg} bytes/frame)`,
           );
         }));
