@@ -58,7 +58,7 @@ import {
   type QueueErrorReason,
 } from "./queue_counters.ts";
 import { VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from "../ipc/features.ts";
-import { fullBarrier } from "../ipc/barrier.ts";
+import { fullBarrier, usedNotifyWanted } from "../ipc/vring_notify.ts";
 
 /** virtio 1.2 §2.7: the largest queue size. */
 export const VIRTQ_MAX_SIZE = 32768;
@@ -71,8 +71,7 @@ export const VIRTQ_USED_ALIGN = 4;
 export const VIRTQ_AVAIL_OFF_FLAGS = 0;
 export const VIRTQ_AVAIL_OFF_IDX = 2;
 export const VIRTQ_AVAIL_OFF_RING = 4;
-/** virtio 1.2 §2.7.7: the driver does not want used buffer notifications. */
-export const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
+export { VIRTQ_AVAIL_F_NO_INTERRUPT, vringNeedEvent } from "../ipc/vring_notify.ts";
 
 /**
  * virtio 1.2 §2.7.8: struct virtq_used { le16 flags; le16 idx;
@@ -96,14 +95,6 @@ export function availRingSize(size: number): number {
 /** virtio 1.2 §2.7 table: 6 + 8 * N bytes (avail_event included). */
 export function usedRingSize(size: number): number {
   return 6 + VIRTQ_USED_ELEM_SIZE * size;
-}
-
-/**
- * virtio 1.2 §2.7.7.2 / Linux `vring_need_event`: true when moving the index
- * from `oldIdx` to `newIdx` crossed `eventIdx` (all mod 2^16).
- */
-export function vringNeedEvent(eventIdx: number, newIdx: number, oldIdx: number): boolean {
-  return ((newIdx - eventIdx - 1) & 0xffff) < ((newIdx - oldIdx) & 0xffff);
 }
 
 /** `popAvail()` found nothing new. */
@@ -672,18 +663,15 @@ export class Virtqueue {
     const valid = this.#signalledValid;
     this.#signalled = now;
     this.#signalledValid = true;
-    let yes: boolean;
-    if (valid && now === old) {
-      yes = false;
-    } else if (this.#eventIdx) {
-      // The load of used_event must not pass the idx store in #publish.
+    let yes = false;
+    if (!valid || now !== old) {
+      // The load of the driver's word must not pass the idx store in #publish.
       fullBarrier();
-      const usedEvent = Atomics.load(this.#availU16, (VIRTQ_AVAIL_OFF_RING >> 1) + this.#size);
-      yes = !valid || vringNeedEvent(usedEvent, now, old);
-    } else {
-      fullBarrier();
-      const flags = Atomics.load(this.#availU16, VIRTQ_AVAIL_OFF_FLAGS >> 1);
-      yes = (flags & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+      const word = Atomics.load(
+        this.#availU16,
+        this.#eventIdx ? (VIRTQ_AVAIL_OFF_RING >> 1) + this.#size : VIRTQ_AVAIL_OFF_FLAGS >> 1,
+      );
+      yes = usedNotifyWanted(this.#eventIdx, word, now, valid ? old : -1);
     }
     if (yes) this.counters.interrupts++;
     return yes;

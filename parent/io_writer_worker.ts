@@ -55,7 +55,7 @@
 
 import * as libc from "./libc.ts";
 import { IoUring } from "./io_uring.ts";
-import { fullBarrier } from "../ipc/barrier.ts";
+import { fullBarrier, usedNotifyWanted } from "../ipc/vring_notify.ts";
 import { macrotask } from "../ipc/macrotask.ts";
 import { CorruptRingError, SpscRing } from "../ipc/spsc_ring.ts";
 import {
@@ -105,10 +105,8 @@ interface TxUsedViews {
   eventIdx: boolean;
 }
 let txUsed: TxUsedViews | null = null;
-/** used->idx as last stored (-1: not yet). */
+/** used->idx as last stored, and so at the last interrupt decision (-1: neither yet). */
 let txPublished = -1;
-/** used->idx at the last interrupt decision, once there was one (vring_need_event's old). */
-let txSignalled = -1;
 
 // ---- private buffers (never shared, so the device cannot change them) ---------
 
@@ -158,8 +156,6 @@ const VIRTIO_NET_HDR_GSO_UDP = 3;
 const VIRTIO_NET_HDR_GSO_TCPV6 = 4;
 const VIRTIO_NET_HDR_GSO_UDP_L4 = 5;
 const VIRTIO_NET_HDR_GSO_ECN = 0x80;
-/** virtio 1.2 §2.7.6: the driver's "no used buffer notification, please" flag. */
-const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
 
 /**
  * A light second look at the header the device validated (`device/net_header.ts`
@@ -281,24 +277,18 @@ function txUsedViews(place: TxUsedPlace, granted: IoRegions): TxUsedViews {
 /**
  * Stores the TX used->idx and decides the interrupt (virtio 1.2 §2.7.10:
  * with EVENT_IDX, when the index passed used_event since the last decision;
- * without, unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT). The first
- * decision after start says yes: a spurious notification is allowed
- * (§2.7.7.1). Returns whether to write the TX call eventfd.
+ * without, unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT;
+ * `ipc/vring_notify.ts`). Returns whether to write the TX call eventfd.
  */
 function publishTx(idx: number): boolean {
   const u = txUsed;
   if (u === null || idx === txPublished) return false;
   Atomics.store(u.idx, 0, idx);
-  // The load of the driver's word below must not pass this store (§2.7.10).
-  fullBarrier();
+  const old = txPublished;
   txPublished = idx;
-  const old = txSignalled;
-  txSignalled = idx;
-  if (old < 0) return true;
-  const event = Atomics.load(u.event, 0);
-  if (!u.eventIdx) return (event & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
-  // vring_need_event(event, new, old): new passed event since old (16-bit wrap).
-  return ((idx - event - 1) & 0xffff) < ((idx - old) & 0xffff);
+  // The load of the driver's word must not pass this store (§2.7.10).
+  fullBarrier();
+  return usedNotifyWanted(u.eventIdx, Atomics.load(u.event, 0), idx, old);
 }
 
 /** Writes one batch of TX records; returns the device event bits to raise. */

@@ -37,7 +37,7 @@ import {
 import type { DatapathGrant } from "../../ipc/protocol.ts";
 import { SpscRing } from "../../ipc/spsc_ring.ts";
 import type { TestDriver, TestGuest } from "./driver.ts";
-import { vringNeedEvent } from "../../device/virtqueue.ts";
+import { usedNotifyWanted } from "../../ipc/vring_notify.ts";
 import { VIRTIO_RING_F_EVENT_IDX } from "../../ipc/features.ts";
 
 export const FAKE_HOST = 0x5000_0000_0000;
@@ -63,7 +63,6 @@ export class FakeIo {
   /** The TX queue whose used->idx the fake writer publishes (see `publishTxTo`). */
   #txDriver: TestDriver | null = null;
   #txPublished = -1;
-  #txSignalled = -1;
 
   constructor(readonly guest: TestGuest) {
     this.tx = SpscRing.create({ capacity: TX_RING_RECORDS, recordWords: TX_RECORD_WORDS });
@@ -130,7 +129,6 @@ export class FakeIo {
   publishTxTo(driver: TestDriver): void {
     this.#txDriver = driver;
     this.#txPublished = -1;
-    this.#txSignalled = -1;
   }
 
   /** What the real writer does after a batch: store used->idx, decide the interrupt. */
@@ -138,17 +136,11 @@ export class FakeIo {
     const d = this.#txDriver;
     if (d === null || idx === this.#txPublished) return;
     this.guest.setU16(d.usedGpa + 2, idx);
+    const old = this.#txPublished;
     this.#txPublished = idx;
-    const old = this.#txSignalled;
-    this.#txSignalled = idx;
-    let call: boolean;
-    if (old < 0) {
-      call = true;
-    } else if ((d.features & VIRTIO_RING_F_EVENT_IDX) !== 0n) {
-      call = vringNeedEvent(this.guest.u16(d.availGpa + 4 + 2 * d.size), idx, old);
-    } else {
-      call = (this.guest.u16(d.availGpa) & 1) === 0;
-    }
+    const eventIdx = (d.features & VIRTIO_RING_F_EVENT_IDX) !== 0n;
+    const word = this.guest.u16(eventIdx ? d.availGpa + 4 + 2 * d.size : d.availGpa);
+    const call = usedNotifyWanted(eventIdx, word, idx, old);
     if (call) this.calls.tx++;
   }
 
