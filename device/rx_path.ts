@@ -40,6 +40,7 @@ import {
   RX_MAX_IOV,
   RX_OK,
   RX_POST,
+  RX_UNUSED,
   RXF_MERGEABLE,
   WEV_WAKE_POLLER,
 } from "../ipc/datapath.ts";
@@ -190,6 +191,16 @@ export class RxPath {
       ring.release(1);
       if (chains === 0) {
         this.drops[`io_status_${status}`] = (this.drops[`io_status_${status}`] ?? 0) + 1;
+        continue;
+      }
+      if (status === RX_UNUSED) {
+        // Given back unfilled (a batch of reads ran dry before a later one hit): post again.
+        if (bytes !== 0 || chains > this.#count) {
+          this.ioFault = `rx-done gives back ${chains} chains with ${bytes} bytes, ` +
+            `${this.#count} were posted`;
+          return -1;
+        }
+        this.#recycle(chains);
         continue;
       }
       const problem = this.#check(chains, bytes, status);

@@ -111,11 +111,19 @@ export const CTL = {
   WRITER_ENGINE: 70,
   /** TX call eventfd writes the writer made after publishing TX completions. */
   TX_INTERRUPTS: 71,
+  /** The poller's engine once it runs: {@link POLLER_ENGINE_IO_URING} or {@link POLLER_ENGINE_READV}. */
+  POLLER_ENGINE: 72,
+  /** Posted chains the poller gave back unfilled (rx-done RX_UNUSED). */
+  POLLER_UNUSED: 73,
+  /** io_uring_enter calls the poller made for batches of reads. */
+  POLLER_BATCHES: 74,
   /** 1: the device waits for TX ring or bounce space; the writer raises EV_TX_DONE after its next release and clears it. */
   TX_WANT_DONE: 96,
 } as const;
 export const WRITER_ENGINE_IO_URING = 1;
 export const WRITER_ENGINE_WRITEV = 2;
+export const POLLER_ENGINE_IO_URING = 1;
+export const POLLER_ENGINE_READV = 2;
 export const CTL_WORDS = 128;
 export const CTL_BYTES = CTL_WORDS * 4;
 
@@ -186,15 +194,24 @@ export const RX_POST_RECORD_WORDS = RX_POST.IOV + RX_MAX_IOV * IOVEC_WORDS;
 export const RXF_MERGEABLE = 1 << 0;
 
 /**
- * RX-done ring record (poller → device): one frame received, or one dropped.
+ * RX-done ring record (poller → device): one frame received, one dropped, or
+ * chains given back unfilled.
  *   word 0  chains   how many posted chains (from the front, in order) it consumed; 0 for a drop
  *   word 1  bytes    bytes written into them, net header included
- *   word 2  status   RX_OK, or the reason for a drop
+ *   word 2  status   RX_OK, RX_UNUSED, or the reason for a drop (parent/io_protocol.ts)
  *   word 3  0
  */
 export const RX_DONE = { CHAINS: 0, BYTES: 1, STATUS: 2 } as const;
 export const RX_DONE_RECORD_WORDS = 4;
 export const RX_OK = 0;
+/**
+ * `chains` (>= 1) posted chains come back unfilled, bytes = 0: in a batch of
+ * reads one found no frame (or one too big for its chain) while a later one
+ * found a frame. The device posts them again at the back; the guest sees
+ * nothing (without VIRTIO_F_IN_ORDER buffers are used in any order, virtio
+ * 1.2 §2.7.9). (Status 3: 1 and 2 are the drops of parent/io_protocol.ts.)
+ */
+export const RX_UNUSED = 3;
 
 /** Ring capacities (records). Powers of two. */
 export const TX_RING_RECORDS = 256;

@@ -24,6 +24,7 @@ import {
   RX_POST,
   RX_POST_RECORD_WORDS,
   RX_POST_RING_RECORDS,
+  RX_UNUSED,
   RXF_MERGEABLE,
   signal,
   TX_REC,
@@ -245,6 +246,15 @@ export class FakeIo {
     this.rxPost.release(used);
     this.#pushDone(used, hdrAndFrame.length, RX_OK);
     return used;
+  }
+
+  /**
+   * Plays a poller whose batch of reads left the first `n` posted chains
+   * unfilled: consumes them and gives them back (rx-done RX_UNUSED).
+   */
+  giveBack(n: number): void {
+    this.rxPost.release(n);
+    this.#pushDone(n, 0, RX_UNUSED);
   }
 
   /** Pushes a raw rx-done record (tests of a misbehaving poller use it directly). */

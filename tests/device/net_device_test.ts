@@ -24,6 +24,7 @@ import {
 } from "../../device/net_header.ts";
 import { TestDriver, TestGuest } from "./driver.ts";
 import { FakeIo } from "./fake_io.ts";
+import { RX_UNUSED } from "../../ipc/datapath.ts";
 import { buildFrame, get32, l4ChecksumOk, prng, randomBytes } from "./frames.ts";
 
 const BASE = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
@@ -274,6 +275,29 @@ Deno.test("RX without GUEST_CSUM: a partial checksum from the tap is completed a
     const data = rx.readWritten(u.chain!, u.len);
     assert.equal(data[0], 0, "flags cleared");
     assert.ok(l4ChecksumOk(data.subarray(12), 14, 34, b.frame.length, 6));
+  });
+});
+
+Deno.test("RX: chains the poller gives back unfilled are posted again at the back; frames go on", async () => {
+  await withRig(BASE, "auto", async ({ io, rx, faults }) => {
+    const heads = [0, 1, 2].map(() => rx.post([{ len: 2048, writable: true }]));
+    io.kick("rx");
+    await until(io, () => io.postedChains === 3, "three chains posted");
+    io.giveBack(2); // a batch whose first two reads found nothing, the third a frame
+    const { frame } = buildFrame({ payload: new Uint8Array(100) });
+    assert.equal(io.receive(concat(netHdr({}), frame)), 1);
+    await until(io, () => io.postedChains === 2, "the two given back are posted again");
+    const used = rx.readUsed();
+    assert.deepEqual(used.map((u) => u.id), [heads[2]], "the frame used the third chain only");
+    // The next two frames take the chains given back, oldest first.
+    assert.equal(io.receive(concat(netHdr({}), frame)), 1);
+    assert.equal(io.receive(concat(netHdr({}), frame)), 1);
+    await until(io, () => rx.readUsed().length === 2, "two more used");
+    assert.deepEqual(faults, []);
+    // A give-back with bytes, or of more chains than are posted, is the poller's fault.
+    io.pushDoneRaw(1, 5, RX_UNUSED);
+    await until(io, () => faults.length > 0, "a queue fault");
+    assert.match(faults[0], /^0: rx-done gives back 1 chains with 5 bytes/);
   });
 });
 
