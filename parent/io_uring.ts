@@ -1,6 +1,6 @@
 /**
- * A minimal io_uring for the writer: many `writev`s to the tap per system
- * call instead of one.
+ * A minimal io_uring for the I/O workers: many `writev`s to the tap (writer)
+ * or `readv`s from it (poller) per system call instead of one.
  *
  * Why: on this kind of machine a system call costs more than the tap's own
  * work. Measured here (C, one core, 12-byte vnet header + frame): a `writev`
@@ -19,7 +19,11 @@
  * Ordering: tun is pollable and always writable, so io_uring issues each
  * write inline during io_uring_enter, in submission order (it punts to a
  * worker thread only files that cannot take a non-blocking attempt). Frames
- * leave in the order they were queued.
+ * leave in the order they were queued. Reads are queued with RWF_NOWAIT
+ * (tun supports it): each is tried inline, in order, and one that finds no
+ * frame completes at once with -EAGAIN instead of waiting for one, so a
+ * batch's frames are the tap's next frames in order, each read's frame
+ * later than the previous read's.
  *
  * Layout facts (include/uapi/linux/io_uring.h): struct io_uring_params is 120
  * bytes (sq_off at 40, cq_off at 80); an SQE is 64 bytes, a CQE 16; the
@@ -43,7 +47,10 @@ const IORING_SETUP_COOP_TASKRUN = 1 << 8;
 const IORING_SETUP_SINGLE_ISSUER = 1 << 12;
 const IORING_SETUP_DEFER_TASKRUN = 1 << 13;
 const IORING_ENTER_GETEVENTS = 1;
+const IORING_OP_READV = 1;
 const IORING_OP_WRITEV = 2;
+/** RWF_NOWAIT (include/uapi/linux/fs.h): fail with EAGAIN instead of waiting for data. */
+const RWF_NOWAIT = 0x8;
 
 const PARAMS_BYTES = 120;
 const SQE_BYTES = 64;
@@ -87,7 +94,7 @@ function mapRegion(fd: number, bytes: number, offset: bigint, what: string): Reg
   return { pointer, bytes, words: new Uint32Array(buffer) };
 }
 
-/** An io_uring instance for batches of `writev`. Used by one thread only. */
+/** An io_uring instance for batches of `writev` or nowait `readv`. Used by one thread only. */
 export class IoUring {
   readonly fd: number;
   /** Submission slots: at most this many writes per batch. */
@@ -186,19 +193,40 @@ export class IoUring {
    * must stay alive and unchanged until {@link submitAndWait} returns.
    */
   queueWritev(fd: number, iovLo: number, iovHi: number, iovcnt: number, tag: number): void {
+    this.#queue(IORING_OP_WRITEV, 0, fd, iovLo, iovHi, iovcnt, tag);
+  }
+
+  /**
+   * Queues a `readv(fd, iov, iovcnt)` that never waits for data (RWF_NOWAIT):
+   * with nothing to read it completes at once with -EAGAIN. The same rules
+   * as {@link queueWritev} hold for the iovecs, which the kernel writes.
+   */
+  queueReadvNowait(fd: number, iovLo: number, iovHi: number, iovcnt: number, tag: number): void {
+    this.#queue(IORING_OP_READV, RWF_NOWAIT, fd, iovLo, iovHi, iovcnt, tag);
+  }
+
+  #queue(
+    opcode: number,
+    rwFlags: number,
+    fd: number,
+    iovLo: number,
+    iovHi: number,
+    iovcnt: number,
+    tag: number,
+  ): void {
     if (this.#closed) throw new Error("io_uring: the ring is closed");
     if (this.#queued >= this.entries) throw new RangeError("io_uring: submission ring full");
     const tail = this.#sq[this.#sqTail] + this.#queued;
     const w = (tail & this.#sqMask) * SQE_WORDS;
     const s = this.#sqes;
-    s[w] = IORING_OP_WRITEV; // opcode, flags 0, ioprio 0
+    s[w] = opcode; // flags 0, ioprio 0
     s[w + 1] = fd;
     s[w + 2] = 0; // off: the tap has no position
     s[w + 3] = 0;
     s[w + 4] = iovLo; // addr
     s[w + 5] = iovHi;
     s[w + 6] = iovcnt; // len
-    s[w + 7] = 0; // rw_flags
+    s[w + 7] = rwFlags;
     s[w + 8] = tag; // user_data
     s[w + 9] = 0;
     for (let i = 10; i < SQE_WORDS; i++) s[w + i] = 0;

@@ -1,6 +1,7 @@
 /**
  * parent/io_uring.ts on a pipe: batched writes land in order, a failing write
- * reports its own -errno without stopping the others, a closed ring refuses.
+ * reports its own -errno without stopping the others, a closed ring refuses;
+ * a nowait read of nothing completes at once with -EAGAIN.
  *
  * @module
  */
@@ -61,6 +62,39 @@ Deno.test({
     assert.throws(() => ring.queueWritev(1, 0, 0, 1, 0), /closed/);
     assert.throws(() => ring.submitAndWait(new Int32Array(1)), /closed/);
     ring.close(); // idempotent
+  },
+});
+
+Deno.test({
+  name:
+    "io_uring: a nowait readv on an empty pipe completes at once with -EAGAIN; with data it reads",
+  ignore: skip !== undefined,
+  fn() {
+    const ring = IoUring.setup(8);
+    const fds = new Int32Array(2);
+    assert.equal(libc.sys.pipe2(new Uint8Array(fds.buffer), libc.O_CLOEXEC), 0);
+    try {
+      const bufs = [0, 1].map(() => iovFor("........"));
+      const results = new Int32Array(2).fill(7777);
+      // A blocking descriptor: without RWF_NOWAIT this read would wait for a writer forever.
+      ring.queueReadvNowait(fds[0], bufs[0].iov.lo, bufs[0].iov.hi, 1, 0);
+      assert.equal(ring.submitAndWait(results), 1);
+      assert.equal(results[0], -libc.Errno.EAGAIN);
+      const msg = new TextEncoder().encode("hello");
+      assert.equal(Number(libc.sys.write(fds[1], msg, 5n)), 5);
+      bufs.forEach((b, i) => ring.queueReadvNowait(fds[0], b.iov.lo, b.iov.hi, 1, i));
+      assert.equal(ring.submitAndWait(results), 2);
+      assert.deepEqual(
+        [...results],
+        [5, -libc.Errno.EAGAIN],
+        "in order: the first read took it all",
+      );
+      assert.equal(new TextDecoder().decode(bufs[0].bytes.view.subarray(0, 5)), "hello");
+    } finally {
+      ring.close();
+      libc.close(fds[0]);
+      libc.close(fds[1]);
+    }
   },
 });
 
