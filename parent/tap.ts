@@ -19,6 +19,7 @@
  */
 
 import * as libc from "./libc.ts";
+import { MAX_FRAME_BYTES } from "../ipc/datapath.ts";
 
 // if_tun.h: TUNSETIFF flags (`struct ifreq.ifr_flags`).
 export const IFF_TUN = 0x0001;
@@ -84,6 +85,10 @@ export function tunFlagNames(flags: number): string[] {
 
 /** virtio 1.2 §5.1.6: struct virtio_net_hdr with num_buffers (VERSION_1): 12 bytes. */
 export const VNET_HDR_LEN = 12;
+/** The offloads that let the tap hand its reader frames longer than the MTU. */
+const TUN_F_GSO = TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_UFO | TUN_F_USO4 | TUN_F_USO6;
+const ETH_HLEN = 14;
+const VLAN_HLEN = 4;
 
 /**
  * Every ioctl this file issues (_IOW/_IOR('T', n, unsigned int) and sockios.h):
@@ -101,6 +106,11 @@ export const TAP_IOCTLS = {
   SIOCGIFFLAGS: { number: 0x8913n, on: "AF_INET socket", purpose: "read the link flags" },
   SIOCSIFFLAGS: { number: 0x8914n, on: "AF_INET socket", purpose: "bring the link up" },
   SIOCGIFHWADDR: { number: 0x8927n, on: "tun", purpose: "read the tap's MAC" },
+  SIOCGIFMTU: {
+    number: 0x8921n,
+    on: "AF_INET socket",
+    purpose: "read the MTU: how long the frames the poller reads can be",
+  },
 } as const;
 const TUNSETIFF = TAP_IOCTLS.TUNSETIFF.number;
 const TUNGETFEATURES = TAP_IOCTLS.TUNGETFEATURES.number;
@@ -112,12 +122,14 @@ const TUNGETDEVNETNS = TAP_IOCTLS.TUNGETDEVNETNS.number;
 const SIOCGIFFLAGS = TAP_IOCTLS.SIOCGIFFLAGS.number;
 const SIOCSIFFLAGS = TAP_IOCTLS.SIOCSIFFLAGS.number;
 const SIOCGIFHWADDR = TAP_IOCTLS.SIOCGIFHWADDR.number;
+const SIOCGIFMTU = TAP_IOCTLS.SIOCGIFMTU.number;
 /** net/if.h IFF_UP: a *link* flag (ifr_flags of SIOC[GS]IFFLAGS), not a TUNSETIFF flag. */
 const LINK_IFF_UP = 0x1;
 
 /** struct ifreq: char ifr_name[16]; union at 16 (short flags; struct sockaddr hwaddr). */
 const IFREQ_SIZE = 40;
 const IFR_FLAGS = 16;
+const IFR_MTU = 16;
 const IFR_HWADDR_DATA = 18;
 const IFNAMSIZ = 16;
 
@@ -382,6 +394,45 @@ export class Tap {
       );
     }
     this.#offloads = tunFlags;
+  }
+
+  /**
+   * The tap's MTU, asked by name (SIOCGIFMTU on a socket), and only while
+   * that name still means this tap in this namespace (its ifindex); null
+   * when the tap lives elsewhere, was renamed or is gone.
+   */
+  mtu(): number | null {
+    this.#open();
+    if (this.ifindex === 0) return null;
+    try {
+      if (libc.ifNametoindex(this.name) !== this.ifindex) return null;
+      const sock = libc.socket(libc.AF_INET, libc.SOCK_DGRAM | libc.SOCK_CLOEXEC);
+      try {
+        const req = ifreq(this.name);
+        libc.ioctl(sock, SIOCGIFMTU, req, "SIOCGIFMTU");
+        return new DataView(req.buffer).getInt32(IFR_MTU, true);
+      } finally {
+        libc.close(sock);
+      }
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * The longest frame one read of this tap can return now, its 12-byte vnet
+   * header included: with a GSO offload on (TSO4/6, UFO, USO4/6) a 64 KiB
+   * GSO frame; else the MTU plus an Ethernet header and two VLAN tags. The
+   * largest when the MTU cannot be read. Frames longer than the MTU can
+   * still be queued by a misconfigured sender; the poller drops the first
+   * one and assumes the largest from then on.
+   */
+  readRoom(): number {
+    const largest = MAX_FRAME_BYTES + VNET_HDR_LEN;
+    if ((this.#offloads & TUN_F_GSO) !== 0) return largest;
+    const mtu = this.mtu();
+    if (mtu === null || mtu < 68) return largest;
+    return Math.min(largest, VNET_HDR_LEN + ETH_HLEN + 2 * VLAN_HLEN + mtu);
   }
 
   /**

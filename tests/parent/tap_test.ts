@@ -168,6 +168,36 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "readRoom(): the MTU plus Ethernet and two VLAN tags, until a GSO offload is on; the largest for a tap elsewhere",
+  ignore: skip !== undefined,
+  fn: () =>
+    withNetns(async (ns) => {
+      const r = await evalInNs(
+        ns,
+        `const tap = createTap("vroom0");
+         const rooms = [tap.readRoom()];
+         await sh("ip", "link", "set", "dev", "vroom0", "mtu", "9000");
+         rooms.push(tap.readRoom());
+         tap.setOffload(${TUN_F_CSUM});
+         rooms.push(tap.readRoom());
+         tap.setOffload(${TUN_F_CSUM | TUN_F_TSO4});
+         rooms.push(tap.readRoom());
+         tap.close();
+         return rooms;`,
+      ) as number[];
+      const hdr = VNET_HDR_LEN + 14 + 8;
+      assert.deepEqual(r, [hdr + 1500, hdr + 9000, hdr + 9000, 65_550 + VNET_HDR_LEN]);
+      // A tap moved to another namespace: its MTU cannot be asked by name here.
+      await withTapIn(ns, (tap) => {
+        assert.equal(tap.mtu(), null);
+        assert.equal(tap.readRoom(), 65_550 + VNET_HDR_LEN);
+        return Promise.resolve();
+      });
+    }),
+});
+
+Deno.test({
   name: "createTap() attaches to an existing persistent tap with created=false",
   ignore: skip !== undefined,
   fn: () =>
