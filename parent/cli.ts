@@ -38,7 +38,7 @@ export interface Options {
   mac: number[];
   mtu: number;
   offload: OffloadMode;
-  /** Whether the writer may batch tap writes through io_uring. */
+  /** Whether the I/O workers may batch tap writes and reads through io_uring. */
   ioUring: IoUringMode;
   logLevel: LogLevel;
 }
@@ -95,7 +95,8 @@ export const OPTIONS: Record<string, OptionSpec> = {
   "io-uring": {
     type: "string",
     arg: "auto|off",
-    help: "auto: batch tap writes through io_uring when the kernel allows; off: one writev each",
+    help: "auto: batch tap writes and reads through io_uring when the kernel allows; " +
+      "off: one writev/readv each",
     shown: "auto",
   },
   "log-level": { type: "string", arg: "LEVEL", help: LOG_LEVELS.join("|"), shown: "info" },

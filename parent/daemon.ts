@@ -26,13 +26,19 @@ export function allowedTapOffloads(mode: Options["offload"]): bigint {
 }
 
 /** Serves TUNSCAP against `tap` under `allowed`; a refusal becomes a typed error. */
-export function tunscapHandler(tap: Tap, allowed: bigint, logger: Logger) {
+export function tunscapHandler(
+  tap: Tap,
+  allowed: bigint,
+  logger: Logger,
+  onApplied: () => void = () => {},
+) {
   return (offloads: bigint): bigint => {
     const result = applyTunscap(tap, offloads, allowed);
     if (!result.ok) {
       logger.log("warn", "parent", result.message);
       throw new RefusedError(result.message, "offloads");
     }
+    onApplied();
     logger.log(
       "info",
       "parent",
@@ -81,8 +87,9 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
   // The port exists only once the device does; a queue fault reaches it through this.
   const late: { port?: VionetDevicePort } = {};
   const onQueueFault = (queue: number) => late.port?.queueFault(queue);
+  const onOffloads = () => late.port?.tapOffloadsChanged();
   try {
-    device = await startDevice(tap, config, opts, logger, onQueueFault);
+    device = await startDevice(tap, config, opts, logger, onQueueFault, onOffloads);
   } catch (e) {
     tap.close();
     throw e;
@@ -92,6 +99,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     tapFd: tap.fd,
     logger,
     ioUring: opts.ioUring,
+    tapReadRoom: () => tap.readRoom(),
   });
   late.port = port;
   let stopping = false;
@@ -139,7 +147,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
   device.onDeath = (reason) => {
     if (stopping) return;
     logger.log("error", "parent", `${reason}; starting a new device worker`);
-    startDevice(tap, config, opts, logger, onQueueFault).then((d) => {
+    startDevice(tap, config, opts, logger, onQueueFault, onOffloads).then((d) => {
       daemon.device = d;
       d.onDeath = device.onDeath;
       port.replaceDevice(d);
@@ -169,10 +177,13 @@ function startDevice(
   opts: Options,
   logger: Logger,
   onQueueFault: (queue: number) => void,
+  onOffloads: () => void,
 ) {
   return DeviceHost.start({
     config,
-    handlers: { tunscap: tunscapHandler(tap, allowedTapOffloads(opts.offload), logger) },
+    handlers: {
+      tunscap: tunscapHandler(tap, allowedTapOffloads(opts.offload), logger, onOffloads),
+    },
     logger,
     onQueueFault: (queue, reason) => {
       logger.log("error", "device", `queue ${queue} needs a reset: ${reason}`);

@@ -22,6 +22,8 @@ import {
   CTL,
   CTL_BYTES,
   type DatapathBuffers,
+  POLLER_ENGINE_IO_URING,
+  POLLER_ENGINE_READV,
   RX_DONE_RECORD_WORDS,
   RX_DONE_RING_RECORDS,
   RX_POST_RECORD_WORDS,
@@ -47,6 +49,7 @@ import {
   MAILBOX,
   MAILBOX_BYTES,
   parseIoReply,
+  RX_FRAME_ROOM_MAX,
   type TxUsedPlace,
 } from "./io_protocol.ts";
 import type { Logger } from "./log.ts";
@@ -132,6 +135,12 @@ export interface DatapathCounters {
   writerEngine: "io_uring" | "writev" | "starting";
   /** readv/poll failures other than EAGAIN/EINTR, and invalid polled descriptors. */
   pollerErrors: number;
+  /** How the poller reads the tap: batches through io_uring (where chains allow) or one readv each. */
+  pollerEngine: "io_uring" | "readv" | "starting";
+  /** Batches of reads (io_uring_enter calls) the poller made. */
+  pollerBatches: number;
+  /** Posted chains a batch gave back unfilled (posted again by the device). */
+  pollerUnused: number;
 }
 
 export interface DatapathHostOptions {
@@ -155,6 +164,8 @@ export interface DatapathHostOptions {
   ioUring?: IoUringMode;
   /** Where the writer publishes TX completions (omitted: nowhere, for tests of the workers alone). */
   txUsed?: TxUsedPlace | null;
+  /** The tap's longest frame, net header included (`rxFrameRoom` in io_protocol.ts; default the maximum). */
+  rxFrameRoom?: number;
   /** Other worker modules, for tests only. */
   writerUrl?: URL;
   pollerUrl?: URL;
@@ -376,6 +387,7 @@ export class DatapathHost {
         ranges,
         ioUring: opts.ioUring ?? "auto",
         txUsed: opts.txUsed ?? null,
+        rxFrameRoom: opts.rxFrameRoom ?? RX_FRAME_ROOM_MAX,
       });
       const startMs = opts.startTimeoutMs ?? DEFAULT_START_TIMEOUT_MS;
       await Promise.all([
@@ -435,6 +447,14 @@ export class DatapathHost {
     return this.#writer.request({ kind: "setFd", slot: callSlot(queue), fd: this.#eventfd(fd) });
   }
 
+  /**
+   * Tells the poller the longest frame the tap can now hand it, net header
+   * included. Resolves once the poller reads with that room.
+   */
+  setRxFrameRoom(bytes: number): Promise<void> {
+    return this.#poller.request({ kind: "setRxFrameRoom", bytes });
+  }
+
   /** Replaces the tap descriptor in both workers (made O_NONBLOCK). */
   setTap(fd: number): Promise<void> {
     libc.setNonBlocking(fd, true);
@@ -463,6 +483,13 @@ export class DatapathHost {
         ? "writev"
         : "starting",
       pollerErrors: Atomics.load(c, CTL.POLLER_ERRORS),
+      pollerEngine: Atomics.load(c, CTL.POLLER_ENGINE) === POLLER_ENGINE_IO_URING
+        ? "io_uring"
+        : Atomics.load(c, CTL.POLLER_ENGINE) === POLLER_ENGINE_READV
+        ? "readv"
+        : "starting",
+      pollerBatches: Atomics.load(c, CTL.POLLER_BATCHES),
+      pollerUnused: Atomics.load(c, CTL.POLLER_UNUSED),
     };
   }
 

@@ -66,8 +66,14 @@ export interface DevicePortOptions {
   device: DeviceHost;
   tapFd: number;
   logger: Logger;
-  /** `--io-uring`: whether the writer may batch through io_uring (default "auto"). */
+  /** `--io-uring`: whether the I/O workers may batch through io_uring (default "auto"). */
   ioUring?: IoUringMode;
+  /**
+   * The longest frame a tap read can return now, vnet header included
+   * (`Tap.readRoom()`); asked at each start of the queues and after
+   * {@link VionetDevicePort.tapOffloadsChanged}. Default: the largest.
+   */
+  tapReadRoom?: () => number;
 }
 
 /** DevicePort over the device worker and the I/O workers. */
@@ -82,12 +88,28 @@ export class VionetDevicePort implements DevicePort {
   /** The driver's acknowledged features (EVENT_IDX decides how the writer reads the TX ring). */
   #features = 0n;
   #datapath: DatapathHost | null = null;
+  readonly #tapReadRoom: (() => number) | undefined;
 
   constructor(opts: DevicePortOptions) {
     this.#device = opts.device;
     this.#tapFd = opts.tapFd;
     this.#logger = opts.logger;
     this.#ioUring = opts.ioUring ?? "auto";
+    this.#tapReadRoom = opts.tapReadRoom;
+  }
+
+  /**
+   * The tap's offloads changed (TUNSCAP): the poller learns how long its
+   * frames can be now. Not awaited: a GSO frame that arrives before the
+   * poller took the message is dropped, and the poller then assumes the
+   * largest frames by itself.
+   */
+  tapOffloadsChanged(): void {
+    const dp = this.#datapath;
+    if (dp === null || this.#tapReadRoom === undefined) return;
+    dp.setRxFrameRoom(this.#tapReadRoom()).catch((e) =>
+      this.#logger.log("warn", "datapath", `frame room not updated: ${(e as Error).message}`)
+    );
   }
 
   /** Set by the vhost-user backend while a front-end is connected (DevicePort). */
@@ -290,6 +312,7 @@ export class VionetDevicePort implements DevicePort {
       logger: this.#logger,
       ranges: this.#regions.map(hostRange),
       ioUring: this.#ioUring,
+      rxFrameRoom: this.#tapReadRoom?.(),
       onFault: (role, message) => this.#logger.log("error", "datapath", `${role}: ${message}`),
     });
     try {

@@ -25,19 +25,29 @@
  * @module
  */
 
+import { MAX_FRAME_BYTES, NET_HDR_BYTES } from "../ipc/datapath.ts";
 import type { HostRange } from "./io_regions.ts";
 
 /** Bumped on any incompatible change of these messages. */
 export const IO_PROTOCOL_VERSION = 1;
 
 /**
- * rx-done statuses besides `RX_OK` (`ipc/datapath.ts` defines only that one).
+ * rx-done statuses besides `RX_OK` and `RX_UNUSED` (`ipc/datapath.ts`).
  * A drop never consumes chains (`chains` = 0) except {@link RX_STATUS_BAD_POST},
  * which consumes exactly the one refused chain, with 0 bytes.
  */
 export const RX_STATUS_TOO_BIG = 1;
 /** The poller refused a posted chain (bad iovec count, capacity or region); chains = 1, bytes = 0. */
 export const RX_STATUS_BAD_POST = 2;
+
+/**
+ * The most bytes one frame from the tap can take, its 12-byte net header
+ * included: a 64 KiB GSO frame plus Ethernet and VLAN headers. What the
+ * poller assumes until the parent says less (`rxFrameRoom`).
+ */
+export const RX_FRAME_ROOM_MAX = MAX_FRAME_BYTES + NET_HDR_BYTES;
+/** The least `rxFrameRoom` may say: header + a minimal Ethernet frame. */
+export const RX_FRAME_ROOM_MIN = NET_HDR_BYTES + 60;
 
 /** Word indices of the mailbox (an Int32Array over {@link MAILBOX_BYTES}). */
 export const MAILBOX = { POSTED: 0 } as const;
@@ -74,9 +84,9 @@ export interface InitRequest {
   /** Initial region table (guest memory and the bounce arena). */
   ranges: HostRange[];
   /**
-   * The writer's engine: "auto" batches writes through io_uring when the
-   * kernel allows it and falls back to one `writev` per frame; "off" always
-   * uses `writev` (`--io-uring off`). The poller ignores it.
+   * The engine: "auto" batches tap writes (writer) and reads (poller)
+   * through io_uring when the kernel allows it and falls back to one
+   * `writev`/`readv` per frame; "off" always uses those (`--io-uring off`).
    */
   ioUring: IoUringMode;
   /**
@@ -85,6 +95,14 @@ export interface InitRequest {
    * publishes nothing (tests of the writer alone). The poller ignores it.
    */
   txUsed: TxUsedPlace | null;
+  /**
+   * The longest frame the tap can hand the poller now, net header included
+   * ({@link RX_FRAME_ROOM_MIN}..{@link RX_FRAME_ROOM_MAX}): the tap's MTU
+   * while it has no GSO offload, else the maximum. The poller reads a frame
+   * into buffers this big, and batches reads when each posted chain is.
+   * The writer ignores it.
+   */
+  rxFrameRoom: number;
 }
 
 /** The two words of the TX virtqueue the writer touches, as host addresses inside `ranges`. */
@@ -118,13 +136,29 @@ export interface SetFdRequest {
   fd: number | null;
 }
 
+/**
+ * The poller only: the tap's longest frame changed (TUNSCAP, MTU); see
+ * `InitRequest.rxFrameRoom`. Raise it *before* the tap can produce longer
+ * frames: a frame longer than the room the poller assumed is dropped.
+ */
+export interface SetRxFrameRoomRequest {
+  kind: "setRxFrameRoom";
+  id: number;
+  bytes: number;
+}
+
 /** End the loop; the ack is the last message. */
 export interface StopRequest {
   kind: "stop";
   id: number;
 }
 
-export type IoRequest = InitRequest | SetRegionsRequest | SetFdRequest | StopRequest;
+export type IoRequest =
+  | InitRequest
+  | SetRegionsRequest
+  | SetFdRequest
+  | SetRxFrameRoomRequest
+  | StopRequest;
 
 export interface AckReply {
   kind: "ack";
@@ -223,6 +257,16 @@ function parseTxUsed(v: unknown, id: number | null): TxUsedPlace | null {
   };
 }
 
+function frameRoom(v: unknown, id: number | null): number {
+  if (
+    typeof v !== "number" || !Number.isInteger(v) || v < RX_FRAME_ROOM_MIN ||
+    v > RX_FRAME_ROOM_MAX
+  ) {
+    fail(`rxFrameRoom must be an integer in ${RX_FRAME_ROOM_MIN}..${RX_FRAME_ROOM_MAX}`, id);
+  }
+  return v;
+}
+
 function ioUringMode(v: unknown, id: number | null): IoUringMode {
   if (v !== "auto" && v !== "off") fail(`ioUring must be "auto" or "off"`, id);
   return v;
@@ -259,6 +303,9 @@ export function parseIoRequest(data: unknown): IoRequest {
         ranges: ranges(data.ranges, id),
         ioUring: data.ioUring === undefined ? "auto" : ioUringMode(data.ioUring, id),
         txUsed: parseTxUsed(data.txUsed, id),
+        rxFrameRoom: data.rxFrameRoom === undefined
+          ? RX_FRAME_ROOM_MAX
+          : frameRoom(data.rxFrameRoom, id),
       };
     }
     case "setRegions":
@@ -275,6 +322,8 @@ export function parseIoRequest(data: unknown): IoRequest {
         fd: data.fd === null ? null : fd(data.fd, "fd", id),
       };
     }
+    case "setRxFrameRoom":
+      return { kind: "setRxFrameRoom", id, bytes: frameRoom(data.bytes, id) };
     case "stop":
       return { kind: "stop", id };
     default:

@@ -37,6 +37,8 @@ export interface WorkerHooks {
   setRegions(regions: IoRegions): void;
   /** Sets (or, with -1, clears) the descriptor of one of the role's slots. */
   setFd(slot: FdSlot, fd: number): void;
+  /** The poller only: the longest frame the tap can hand it changed. */
+  setRxFrameRoom?(bytes: number): void;
   /** A stop was asked for: make the loop notice soon (it acks as its last act). */
   wake(): void;
 }
@@ -114,6 +116,14 @@ export class WorkerControl {
         this.hooks.setFd(msg.slot, msg.fd ?? -1);
         this.post({ kind: "ack", id: msg.id });
         return;
+      case "setRxFrameRoom": {
+        if (this.hooks.setRxFrameRoom === undefined) {
+          throw new Error(`setRxFrameRoom: the ${role} reads no frames`);
+        }
+        this.hooks.setRxFrameRoom(msg.bytes);
+        this.post({ kind: "ack", id: msg.id });
+        return;
+      }
       case "stop":
         if (this.#ctl === null) {
           this.post({ kind: "ack", id: msg.id });

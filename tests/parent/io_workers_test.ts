@@ -36,8 +36,10 @@ import {
   EV_TX_DONE,
   MAX_FRAME_BYTES,
   NET_HDR_BYTES,
+  POLLER_ENGINE_IO_URING,
   RX_OK,
   RX_QUEUE,
+  RX_UNUSED,
   RXF_MERGEABLE,
   TX_MAX_IOV,
   TX_QUEUE,
@@ -84,6 +86,7 @@ async function withRig(
   fn: (rig: Rig) => Promise<void>,
   ioUring: IoUringMode = "auto",
   txUsed?: { idxOffset: number; eventOffset: number; eventIdx: boolean },
+  rxFrameRoom?: number,
 ): Promise<void> {
   await withNetns(async (ns) => {
     const tap = createTap(tapName(), { up: false });
@@ -118,6 +121,7 @@ async function withRig(
           eventAddr: guest.base + BigInt(txUsed.eventOffset),
           eventIdx: txUsed.eventIdx,
         },
+        rxFrameRoom,
       });
       const dev = new FakeDeviceSide(buffers);
       await fn({ ns, tap, tapMac: Array.from(tap.macBytes), guest, host, dev });
@@ -607,6 +611,89 @@ Deno.test({
     }),
 });
 
+/** The room a tap with MTU 1500 and no GSO offload gives its frames (Tap.readRoom()). */
+const ROOM_MTU_1500 = NET_HDR_BYTES + 14 + 8 + 1500;
+
+Deno.test({
+  ...opts,
+  name: "poller (io_uring): frames queued in the tap are read in batches, in order, one chain each",
+  fn: () =>
+    withRig(
+      async ({ ns, guest, dev }) => {
+        assert.ok(await eventually(() => dev.counter(CTL.POLLER_STARVED) === 1), "starved");
+        assert.equal(await sendUdp(ns, 100, 40), 40);
+        const posted = chains(guest, 0x10000, 48, 2048, RXF_MERGEABLE);
+        dev.postRx(posted);
+        const done = await rxDone(dev, 40);
+        assert.deepEqual(
+          done,
+          posted.slice(0, 40).map(() => ({ chains: 1, bytes: udpRxBytes(100), status: RX_OK })),
+        );
+        for (let i = 0; i < 40; i++) {
+          assert.equal(
+            guest.bytes[posted[i].at + NET_HDR_BYTES + 42],
+            i,
+            `datagram ${i} in chain ${i}`,
+          );
+        }
+        assert.equal(dev.counter(CTL.POLLER_ENGINE), POLLER_ENGINE_IO_URING);
+        const batches = dev.counter(CTL.POLLER_BATCHES);
+        assert.ok(batches >= 2 && batches <= 20, `40 frames in ${batches} batches`);
+        assert.equal(
+          dev.counter(CTL.POLLER_UNUSED),
+          0,
+          "nothing given back: no read ran dry early",
+        );
+        assert.equal(dev.counter(CTL.IO_BAD_RECORD), 0);
+      },
+      "auto",
+      undefined,
+      ROOM_MTU_1500,
+    ),
+});
+
+Deno.test({
+  ...opts,
+  name:
+    "poller (io_uring): a frame longer than the room it was told is dropped, its chain given back; it then reads with the largest room",
+  fn: () =>
+    withRig(
+      async ({ ns, tap, guest, dev, host }) => {
+        // The operator raises the MTU after the parent measured the room.
+        await ns.exec(["ip", "link", "set", "dev", tap.name, "mtu", "9000"]);
+        assert.ok(await eventually(() => dev.counter(CTL.POLLER_STARVED) === 1), "starved");
+        await sendUdp(ns, 100, 1);
+        await sendUdp(ns, 3000, 1);
+        await sendUdp(ns, 100, 1);
+        const posted = chains(guest, 0x10000, 48, 2048, RXF_MERGEABLE);
+        dev.postRx(posted);
+        const done = await rxDone(dev, 4);
+        assert.deepEqual(done, [
+          { chains: 1, bytes: udpRxBytes(100), status: RX_OK },
+          { chains: 0, bytes: udpRxBytes(3000), status: RX_STATUS_TOO_BIG },
+          { chains: 1, bytes: 0, status: RX_UNUSED },
+          { chains: 1, bytes: udpRxBytes(100), status: RX_OK },
+        ]);
+        assert.equal(dev.counter(CTL.POLLER_UNUSED), 1);
+        assert.equal(dev.counter(CTL.POLLER_TOO_BIG), 1);
+        // Now frames get room for the largest: a long one spans two chains.
+        await sendUdp(ns, 3000, 1);
+        assert.deepEqual(await rxDone(dev, 1), [
+          { chains: 2, bytes: udpRxBytes(3000), status: RX_OK },
+        ]);
+        // Told the room again, it batches again.
+        const before = dev.counter(CTL.POLLER_BATCHES);
+        await host.setRxFrameRoom(ROOM_MTU_1500);
+        await sendUdp(ns, 100, 5);
+        assert.equal((await rxDone(dev, 5)).filter((d) => d.status === RX_OK).length, 5);
+        assert.ok(dev.counter(CTL.POLLER_BATCHES) > before, "batched again");
+      },
+      "auto",
+      undefined,
+      ROOM_MTU_1500,
+    ),
+});
+
 Deno.test({
   ...opts,
   name: "kicks become EV_KICK_*; call requests make the call eventfds readable",
@@ -934,6 +1021,8 @@ Deno.test({
         [{ kind: "setRegions", id: 7, ranges: [{ base: 1, size: 10 }] }, 7, /bigint/],
         [{ kind: "init", id: 8, version: 99 }, 8, /version/],
         [{ kind: "init", id: 9, version: IO_PROTOCOL_VERSION, role: "poller" }, 9, /SharedArray/],
+        [{ kind: "setRxFrameRoom", id: 12, bytes: 70_000 }, 12, /rxFrameRoom must be/],
+        [{ kind: "setRxFrameRoom", id: 13, bytes: 1534 }, 13, /the writer reads no frames/],
       ];
       for (const [msg, id, pattern] of cases) {
         worker.postMessage(msg);
