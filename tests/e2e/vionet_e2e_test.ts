@@ -326,6 +326,24 @@ Deno.test({
             );
           }),
       );
+
+      await t.step(
+        "with no GSO on the tap the poller reads frames in io_uring batches into the guest's buffers",
+        () =>
+          withLog(rig, async () => {
+            const c = await rig.daemon.datapathCounters();
+            assert.ok(c, "the data path runs");
+            assert.equal(c.pollerEngine, "io_uring");
+            assert.ok(
+              (c.pollerBatches as number) > 0,
+              `no batch of reads: ${JSON.stringify(c)} (Linux's mergeable buffers take MTU frames)`,
+            );
+            assert.equal(c.pollerTooBig, 0);
+            console.log(
+              `  poller: ${c.pollerBatches} batches, ${c.pollerUnused} chains given back`,
+            );
+          }),
+      );
     } finally {
       daemonStatus = await rig.close();
     }
@@ -373,6 +391,24 @@ Deno.test({
             assert.ok(down.txAvg <= MAX_FRAME, `the tap gave ${down.txAvg}-byte frames on average`);
             console.log(
               `  frames on the tap: ${up.rxAvg} bytes (in), ${down.txAvg} bytes (out) on average`,
+            );
+          }),
+      );
+
+      await t.step(
+        "with no GSO on the tap the poller reads frames in io_uring batches into the guest's buffers",
+        () =>
+          withLog(rig, async () => {
+            const c = await rig.daemon.datapathCounters();
+            assert.ok(c, "the data path runs");
+            assert.equal(c.pollerEngine, "io_uring");
+            assert.ok(
+              (c.pollerBatches as number) > 0,
+              `no batch of reads: ${JSON.stringify(c)} (Linux's mergeable buffers take MTU frames)`,
+            );
+            assert.equal(c.pollerTooBig, 0);
+            console.log(
+              `  poller: ${c.pollerBatches} batches, ${c.pollerUnused} chains given back`,
             );
           }),
       );

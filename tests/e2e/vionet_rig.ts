@@ -228,6 +228,18 @@ export class VionetDaemon extends NetnsProcess {
     return this.output();
   }
 
+  /**
+   * The data path's counters now: asks with SIGUSR1 and parses the
+   * "datapath {...}" line it logs (null while the queues do not run).
+   */
+  async datapathCounters(): Promise<Record<string, unknown> | null> {
+    const from = this.lines().length;
+    this.signal("SIGUSR1");
+    const line = await this.waitFor(/ datapath (\{.*\}|not running)$/, 5000, from);
+    const json = / datapath (\{.*\})$/.exec(line)?.[1];
+    return json === undefined ? null : JSON.parse(json);
+  }
+
   /** The feature names of the last "negotiated ..." log line at or after line `from`. */
   negotiated(from = 0): string[] | undefined {
     const line = this.lines().slice(from).findLast((l) => / negotiated /.test(l));

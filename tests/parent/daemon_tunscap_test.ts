@@ -139,9 +139,17 @@ Deno.test({
       withDaemon(ns, [], async ({ tap }) => {
         for (const mode of ["auto", "off"] as const) {
           const logger = quietLogger();
+          const applied: number[] = []; // the tap's read room after each applied TUNSCAP
           const rogue = await DeviceHost.start({
             config: testConfig(),
-            handlers: { tunscap: tunscapHandler(tap, allowedTapOffloads(mode), logger) },
+            handlers: {
+              tunscap: tunscapHandler(
+                tap,
+                allowedTapOffloads(mode),
+                logger,
+                () => applied.push(tap.readRoom()),
+              ),
+            },
             logger,
             workerUrl: new URL("../ipc/rogue_device.ts", import.meta.url),
           });
@@ -174,6 +182,8 @@ Deno.test({
               `${mode}: ${second}`,
             );
             assert.deepEqual(await ethtoolOffloads(ns, tap.name), before);
+            // Only the applied request told the poller's side; with TSO on a frame may be 64 KiB.
+            assert.deepEqual(applied, [mode === "auto" ? 65_550 + 12 : tap.readRoom()]);
           } finally {
             rogue.terminate();
           }
