@@ -117,6 +117,10 @@ export const CTL = {
   POLLER_UNUSED: 73,
   /** io_uring_enter calls the poller made for batches of reads. */
   POLLER_BATCHES: 74,
+  /** Times the writer woke the poller for the device (WEV_WAKE_POLLER: RX buffers after starving). */
+  POLLER_WAKE_ASKED: 75,
+  /** Times the poller found no posted RX buffer and stopped polling the tap. */
+  POLLER_STARVATIONS: 76,
   /** 1: the device waits for TX ring or bounce space; the writer raises EV_TX_DONE after its next release and clears it. */
   TX_WANT_DONE: 96,
 } as const;

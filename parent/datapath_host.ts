@@ -141,6 +141,10 @@ export interface DatapathCounters {
   pollerBatches: number;
   /** Posted chains a batch gave back unfilled (posted again by the device). */
   pollerUnused: number;
+  /** Times the poller ran out of posted RX buffers (and stopped polling the tap). */
+  pollerStarvations: number;
+  /** Times the device had the writer wake the poller for new RX buffers. */
+  pollerWakeAsked: number;
 }
 
 export interface DatapathHostOptions {
@@ -490,6 +494,8 @@ export class DatapathHost {
         : "starting",
       pollerBatches: Atomics.load(c, CTL.POLLER_BATCHES),
       pollerUnused: Atomics.load(c, CTL.POLLER_UNUSED),
+      pollerStarvations: Atomics.load(c, CTL.POLLER_STARVATIONS),
+      pollerWakeAsked: Atomics.load(c, CTL.POLLER_WAKE_ASKED),
     };
   }
 

@@ -531,7 +531,9 @@ async function loop(c: Int32Array): Promise<void> {
           iTap = n;
         } else {
           // Starved: announce, then re-check (the device publishes, then reads the flag).
-          Atomics.store(c, CTL.POLLER_STARVED, 1);
+          if (Atomics.exchange(c, CTL.POLLER_STARVED, 1) === 0) {
+            Atomics.add(c, CTL.POLLER_STARVATIONS, 1);
+          }
           if (hasRoom(postRing)) {
             Atomics.store(c, CTL.POLLER_STARVED, 0);
             iTap = n;

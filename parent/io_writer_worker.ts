@@ -375,7 +375,10 @@ async function loop(c: Int32Array): Promise<void> {
     const ev = Atomics.exchange(c, CTL.WRITER_EVENTS, 0);
     if (ev & WEV_CALL_RX) writeEventfd(c, callFd[RX_QUEUE]);
     if (ev & WEV_CALL_TX) writeEventfd(c, callFd[TX_QUEUE]);
-    if (ev & WEV_WAKE_POLLER) writeEventfd(c, wakeFd);
+    if (ev & WEV_WAKE_POLLER) {
+      writeEventfd(c, wakeFd);
+      Atomics.add(c, CTL.POLLER_WAKE_ASKED, 1);
+    }
     // WEV_TX only says "look"; the ring itself says how much.
     const bits = drainTx(c);
     if (bits !== 0) signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);

@@ -604,10 +604,13 @@ Deno.test({
       await sendUdp(ns, 50, 2);
       assert.equal(await dev.waitFor(EV_RX_DONE, 200), 0, "nothing received without buffers");
       assert.equal(dev.rxDone.available(), 0);
+      assert.equal(dev.counter(CTL.POLLER_STARVATIONS), 1);
       dev.postRx(chains(guest, 0x10000, 2, 1024));
       const done = await rxDone(dev, 2);
       assert.deepEqual(done.map((d) => d.bytes), [udpRxBytes(50), udpRxBytes(50)]);
+      assert.ok(dev.counter(CTL.POLLER_WAKE_ASKED) >= 1, "the writer woke the poller");
       assert.ok(await eventually(() => dev.counter(CTL.POLLER_STARVED) === 1), "starved again");
+      assert.equal(dev.counter(CTL.POLLER_STARVATIONS), 2);
     }),
 });
 
