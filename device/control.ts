@@ -139,7 +139,14 @@ export class DeviceControl {
       }
       case "start-queues":
         this.#guard(
-          () => this.device.start(req.rx, req.tx, req.datapath, req.datapath.bounceHost),
+          () =>
+            this.device.start(
+              req.rx,
+              req.tx,
+              req.datapath,
+              req.datapath.bounceHost,
+              req.datapath.rxPublish === true,
+            ),
           "rx",
         );
         return { reply: { kind: "done" } };

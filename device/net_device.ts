@@ -17,12 +17,16 @@
  */
 
 import {
+  CTL,
   EV_IO_FAULT,
   EV_KICK_RX,
   EV_KICK_TX,
   EV_RX_DONE,
   EV_TX_DONE,
   RX_QUEUE,
+  RXT_CSUM,
+  RXT_ECN,
+  RXT_MERGEABLE,
   TX_QUEUE,
   WEV_CALL_RX,
 } from "../ipc/datapath.ts";
@@ -33,7 +37,14 @@ import { CHAIN_DEVICE_READABLE, CHAIN_DEVICE_WRITABLE } from "./chain.ts";
 import { GuestMemory, MAX_REGIONS } from "./guest_memory.ts";
 import { DeviceIoRings } from "./io_rings.ts";
 import type { DeviceMailbox } from "./mailbox.ts";
-import { guestOffloads, hostOffloads, NET_OFFLOAD_ALL } from "./net_header.ts";
+import {
+  guestOffloads,
+  hostOffloads,
+  NET_OFFLOAD_ALL,
+  NET_OFFLOAD_CSUM,
+  NET_OFFLOAD_TSO_ECN,
+} from "./net_header.ts";
+import { takesGso } from "./offload.ts";
 import { RxPath } from "./rx_path.ts";
 import { TxPath } from "./tx_path.ts";
 import { Virtqueue } from "./virtqueue.ts";
@@ -160,11 +171,26 @@ export class NetDevice {
     if (this.#rx) {
       this.#rx.mergeable = (this.features & VIRTIO_NET_F_MRG_RXBUF) !== 0n;
       this.#rx.guestOffloads = guestOffloads(this.features);
+      // What the poller may hand the guest as the tap wrote it (RX publication).
+      if (this.#rx.publish) Atomics.store(this.rings.ctl, CTL.RX_TAKES, this.#rxTakes());
     }
+  }
+
+  /** RX_TAKES bits (`ipc/datapath.ts`) of the negotiated features. */
+  #rxTakes(): number {
+    const rx = this.#rx!;
+    let t = 0;
+    for (const type of [1, 3, 4, 5]) if (takesGso(rx.guestOffloads, type)) t |= 1 << type;
+    if (rx.guestOffloads & NET_OFFLOAD_TSO_ECN) t |= RXT_ECN;
+    if (rx.guestOffloads & NET_OFFLOAD_CSUM) t |= RXT_CSUM;
+    if (rx.mergeable) t |= RXT_MERGEABLE;
+    return t;
   }
 
   /**
    * Places both queues, attaches fresh data-path rings and starts the loop.
+   * With `rxPublish` (the parent gave the poller the RX used ring and call
+   * eventfd) the poller completes RX frames (RX publication, `ipc/datapath.ts`).
    * Throws RangeError naming what was wrong (queues left stopped).
    */
   start(
@@ -172,6 +198,7 @@ export class NetDevice {
     tx: QueuePlacement,
     buffers: DatapathBuffers,
     bounceHost: number,
+    rxPublish = false,
   ): void {
     if (this.#running) throw new RangeError("queues are already running");
     const rings = new DeviceIoRings(buffers, bounceHost);
@@ -193,7 +220,11 @@ export class NetDevice {
     this.#rings = rings;
     this.#rx = new RxPath(this.memory, this.rxq, rings, this.hostBase);
     this.#tx = new TxPath(this.memory, this.txq, rings, this.hostBase);
+    // RX publication: the poller completes RX frames from the used index the ring resumes at.
+    if (rxPublish) this.#rx.startPublishing();
+    Atomics.store(rings.ctl, CTL.RX_USED_IDX, rx.base & 0xffff);
     this.#applyFeatures();
+    Atomics.store(rings.ctl, CTL.RX_PUBLISH, this.#rx.publish ? 1 : 0);
     this.#faulted = [false, false];
     this.#txAgain = false;
     this.#rxAgain = false;
@@ -215,7 +246,12 @@ export class NetDevice {
     await this.#loop;
     // Take what the workers completed before they stopped; not from a poller
     // that already broke the protocol (RX faulted): its records are not believed.
-    if (!this.#faulted[RX_QUEUE]) this.#rx?.complete();
+    // Under RX publication the poller's records are retired whatever happened
+    // to the queue: the used elements they name are in the ring already.
+    const publish = this.#rx?.publish === true;
+    if (!this.#faulted[RX_QUEUE] || publish) this.#rx?.complete();
+    // The poller published RX used->idx; what the device writes from here on follows it.
+    if (publish) this.rxq.usedIdx = Atomics.load(this.rings.ctl, CTL.RX_USED_IDX) & 0xffff;
     this.#tx?.reap();
     this.#tx?.discardPending();
     // The writer published TX completions while it ran; it has ended, so the
@@ -235,6 +271,7 @@ export class NetDevice {
         // not the last popped: returned with len 0 below
       }
     }
+    this.rxq.onAvailIdx = null;
     const rx = this.rxq.stop();
     const tx = this.txq.stop();
     this.#rings = null;
@@ -253,6 +290,8 @@ export class NetDevice {
 
   /** Counters per queue, for `get-stats`. */
   counters(): Record<string, Record<string, number>> {
+    // Under RX publication the poller's RX_PUBLISHED records carry the RX counts: take them now.
+    if (this.#running && this.#rx?.publish && !this.#faulted[RX_QUEUE]) this.#rx.complete();
     const q = (vq: Virtqueue) => {
       const c = vq.counters;
       const out: Record<string, number> = {
@@ -316,9 +355,14 @@ export class NetDevice {
     if (ev & EV_IO_FAULT) this.onFault(-1, "an I/O worker refused a record (see io counters)");
 
     if (!this.#faulted[RX_QUEUE]) {
-      if ((ev & EV_RX_DONE) && rx.complete() < 0) this.#fault(RX_QUEUE, rx.ioFault ?? "I/O fault");
+      if ((ev & EV_RX_DONE || rx.publish) && rx.complete() < 0) {
+        this.#fault(RX_QUEUE, rx.ioFault ?? "I/O fault");
+      }
       if (ev & (EV_KICK_RX | EV_RX_DONE) || rx.posted === 0 || this.#rxAgain) {
         rx.post();
+        if (rx.postFault !== null) this.#fault(RX_QUEUE, rx.postFault);
+        // Under RX publication post() takes rx-done records too (Virtqueue.onAvailIdx).
+        else if (rx.ioFault !== null) this.#fault(RX_QUEUE, rx.ioFault);
         // Ask for a kick when the guest adds buffers; if it already did, post them now.
         this.#rxAgain = this.rxq.enableNotifications() &&
           rx.posted < this.rings.rxPost.capacity;

@@ -5,6 +5,11 @@
  * fixed up: num_buffers (exactly 1 without MRG_RXBUF, virtio 1.2 §5.1.6.3.1)
  * and, when the guest did not negotiate GUEST_CSUM, a completed checksum.
  *
+ * Under RX publication (`ipc/datapath.ts`) the poller completes frames
+ * itself; RX_PUBLISHED records then only retire chains and count here, and
+ * a chain the device cannot post faults the queue (the used ring is the
+ * poller's to write).
+ *
  * Trust: rx-done records come from the privileged poller but are checked
  * anyway (counts against what was posted, bytes against capacity); a record
  * that does not fit is an I/O fault: counted, and the queue is reset rather
@@ -40,6 +45,7 @@ import {
   RX_MAX_IOV,
   RX_OK,
   RX_POST,
+  RX_PUBLISHED,
   RX_UNUSED,
   RXF_MERGEABLE,
   WEV_WAKE_POLLER,
@@ -68,6 +74,14 @@ export class RxPath {
   readonly drops: Record<string, number> = {};
   /** Why the I/O side was last found misbehaving, if it was. */
   ioFault: string | null = null;
+
+  /**
+   * RX publication (`ipc/datapath.ts`): the poller completes frames itself;
+   * rx-done RX_PUBLISHED records only retire chains here. Set at start.
+   */
+  publish = false;
+  /** Why a chain the guest offered could not be posted under RX publication (the queue faults). */
+  postFault: string | null = null;
 
   /** MRG_RXBUF negotiated. */
   mergeable = false;
@@ -114,7 +128,7 @@ export class RxPath {
   post(): number {
     const ring = this.rings.rxPost;
     let n = 0;
-    while (this.#count < this.#head.length && ring.freeSpace() > 0) {
+    while (this.#count < this.#head.length && ring.freeSpace() > 0 && this.postFault === null) {
       const r = this.queue.popAvail();
       if (r === POP_DROPPED) continue;
       if (r !== POP_CHAIN) break;
@@ -188,9 +202,19 @@ export class RxPath {
       const chains = w[at + RX_DONE.CHAINS];
       const bytes = w[at + RX_DONE.BYTES];
       const status = w[at + RX_DONE.STATUS];
+      const published = w[at + 3];
       ring.release(1);
       if (chains === 0) {
         this.drops[`io_status_${status}`] = (this.drops[`io_status_${status}`] ?? 0) + 1;
+        continue;
+      }
+      if (status === RX_PUBLISHED) {
+        const problem = this.#retire(chains, published, bytes);
+        if (problem) {
+          this.ioFault = problem;
+          return -1;
+        }
+        frames += published;
         continue;
       }
       if (status === RX_UNUSED) {
@@ -214,9 +238,47 @@ export class RxPath {
     return frames;
   }
 
+  /**
+   * RX publication: the poller completed the first `chains` posted chains
+   * (`frames` frames of `bytes` bytes without headers). Retires them; returns
+   * why the record cannot be right, or null.
+   */
+  #retire(chains: number, frames: number, bytes: number): string | null {
+    if (!this.publish) return `rx-done RX_PUBLISHED without RX publication`;
+    if (chains > this.#count || frames > chains || frames === 0) {
+      return `rx-done publishes ${frames} frames in ${chains} chains, ${this.#count} were posted`;
+    }
+    for (let i = 0; i < chains; i++) {
+      try {
+        this.queue.retireUsed(this.#head[this.#start]);
+      } catch (e) {
+        return `rx-done RX_PUBLISHED: ${(e as Error).message}`;
+      }
+      this.#start = (this.#start + 1) % this.#head.length;
+      this.#count--;
+    }
+    this.frames += frames;
+    this.bytes += bytes;
+    this.queue.counters.bytes += bytes + frames * NET_HDR_BYTES;
+    return null;
+  }
+
+  /**
+   * Turns RX publication on (at start, before the first post): from then on
+   * the poller completes frames, and every time the queue reads avail->idx
+   * the rx-done records are taken first (see `Virtqueue.onAvailIdx`).
+   */
+  startPublishing(): void {
+    this.publish = true;
+    this.queue.onAvailIdx = () => {
+      if (this.ioFault === null) this.complete();
+    };
+  }
+
   /** Why an rx-done record cannot be right, or null. */
   #check(chains: number, bytes: number, status: number): string | null {
     if (status !== RX_OK) return `rx-done status ${status} with ${chains} chains`;
+    if (this.publish) return `rx-done RX_OK under RX publication (the poller completes frames)`;
     if (chains > this.#count) return `rx-done names ${chains} chains, ${this.#count} were posted`;
     if (!this.mergeable && chains !== 1) return `rx-done names ${chains} chains without MRG_RXBUF`;
     let before = 0;
@@ -307,6 +369,12 @@ export class RxPath {
 
   #drop(reason: string, head: number): void {
     this.#count1(reason);
+    if (this.publish) {
+      // The used ring is the poller's to write: such a chain cannot be returned from here.
+      this.postFault = `RX chain ${head} cannot be used (${reason}) and RX completions are the ` +
+        `poller's to publish`;
+      return;
+    }
     this.queue.pushUsed(head, 0);
   }
 

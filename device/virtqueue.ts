@@ -478,6 +478,9 @@ export class Virtqueue {
     if (!this.#usable()) return this.#state === "needs-reset" ? POP_NEEDS_RESET : POP_DISABLED;
     if (this.#lastAvail === this.#shadowAvail) {
       const idx = Atomics.load(this.#availU16, VIRTQ_AVAIL_OFF_IDX >> 1);
+      // Chains another publisher completed are retired now, before the heads
+      // this idx offers are checked: the driver may offer them again already.
+      this.onAvailIdx?.();
       const ahead = (idx - this.#lastAvail) & 0xffff;
       // §2.7.6.1: idx only grows. Each outstanding chain holds at least one of
       // the queue-size descriptors, so chains offered, in flight and completed
@@ -595,6 +598,32 @@ export class Virtqueue {
     this.counters.bytes += len;
     this.#writeUsed(head, len);
     return true;
+  }
+
+  /**
+   * Called by `popAvail()` each time it has read avail->idx, before it
+   * checks the offered heads. With another publisher of this queue's used
+   * ring (the poller, RX publication) the owner retires here what was
+   * published: the publisher made its record visible before it stored
+   * used->idx, and the driver re-offers a head only after it saw that, so
+   * every head this idx re-offers is retired by then.
+   */
+  onAvailIdx: (() => void) | null = null;
+
+  /**
+   * Forgets an in-flight chain that another publisher completed (the poller,
+   * RX publication: `ipc/datapath.ts`): its used element is written and
+   * published already, so nothing is written here. Counts it as used.
+   * Throws RangeError when `head` is not in flight.
+   */
+  retireUsed(head: number): void {
+    if (!(head >= 0 && head < this.#inFlight.length && this.#inFlight[head] === 1)) {
+      throw new RangeError(`retireUsed(${head}) on ${this.name}: head is not in flight`);
+    }
+    this.#inFlight[head] = 0;
+    this.#inFlightCount--;
+    if (this.#size !== 0) this.#popped[this.#positionOf[head] & this.#mask] = -1;
+    this.counters.used++;
   }
 
   #writeUsed(head: number, len: number): void {

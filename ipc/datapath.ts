@@ -20,17 +20,21 @@
  *                            eventfd when the device asks, and wakes the
  *                            poller.
  *   poller (FFI)             blocks in `poll()` on the tap, the kick eventfds
- *                            and its own wake eventfd; `readv`s frames from
+ *                            and its own wake eventfd; reads frames from
  *                            the tap straight into the guest buffers the
- *                            device posted; turns kicks into device events.
+ *                            device posted, and (RX publication) completes
+ *                            them; turns kicks into device events.
  *
  *   TX:  guest kick ─▶ poller ─EV_KICK_TX─▶ device ─tx ring─▶ writer ─writev─▶ tap
  *        writer, after the writes: used->idx, TX interrupt, releases the records
  *        (EV_TX_DONE ─▶ device only when it asked: ring or bounce arena full)
  *   RX:  device posts chains ─rx-post ring─▶ poller ─readv from tap─▶ guest buffers
- *        poller ─rx-done ring, EV_RX_DONE─▶ device: num_buffers, csum, used ring, interrupt
- *   IRQ: RX: device sets WEV_CALL_RX ─▶ writer writes the call eventfd;
- *        TX: the writer decides and writes it itself (below)
+ *        RX publication: the poller writes num_buffers, the used ring, used->idx
+ *        and the RX interrupt itself; RX_PUBLISHED records tell the device later
+ *        which chains to retire. Otherwise: poller ─rx-done, EV_RX_DONE─▶ device:
+ *        num_buffers, csum, used ring, then WEV_CALL_RX ─▶ writer: interrupt.
+ *   IRQ: TX: the writer decides and writes it itself (below); RX: the poller
+ *        under RX publication, else the writer when the device asks.
  *
  * TX completion without a round trip: when the device turns a chain into
  * records it already writes the chain's used element (id, len 0) into the
@@ -50,6 +54,24 @@
  * records are done: the device reaps it whenever it runs, and asks the writer
  * for EV_TX_DONE (CTL.TX_WANT_DONE) only when it waits for ring or bounce
  * space.
+ *
+ * RX publication, the same idea for received frames: the poller, which
+ * read the frame, completes it without waking anyone. The parent gives it
+ * the RX used ring's place and the RX call eventfd (`rxUsed` in its init)
+ * and tells the device (`rxPublish` at start-queues); the device then sets
+ * CTL.RX_TAKES (what the guest accepts in a header), seeds CTL.RX_USED_IDX
+ * and sets CTL.RX_PUBLISH before it posts a chain. Per frame the poller
+ * checks the tap's header against RX_TAKES (clears DATA_VALID for a guest
+ * without GUEST_CSUM; drops, keeping the chains, a header the guest cannot
+ * take, which TUNSCAP keeps the tap from writing), writes num_buffers and
+ * one used element per chain (id = the record's token); per batch it pushes
+ * the RX_PUBLISHED record, then stores used->idx (and CTL.RX_USED_IDX),
+ * then decides the interrupt. The device retires published chains from
+ * those records every time it reads avail->idx (`Virtqueue.onAvailIdx`):
+ * the record is visible before used->idx, and the driver can offer a head
+ * again only after it saw used->idx, so the device never meets a re-offered
+ * head it still counts in flight. It is woken for the records only every
+ * 128 chains (or for any other record). At stop it takes RX_USED_IDX back.
  *
  * Trust: each I/O worker treats records as hostile (the device parses guest
  * memory and could be subverted). It copies a record out of shared memory
@@ -121,6 +143,21 @@ export const CTL = {
   POLLER_WAKE_ASKED: 75,
   /** Times the poller found no posted RX buffer and stopped polling the tap. */
   POLLER_STARVATIONS: 76,
+  /**
+   * 1: the poller completes RX frames itself (RX publication, below); set by
+   * the device at start, before it posts a chain, when the parent offered it.
+   */
+  RX_PUBLISH: 77,
+  /** What the guest takes in an RX header, RXT_* bits (RX publication); set with RX_PUBLISH. */
+  RX_TAKES: 78,
+  /**
+   * RX used->idx: seeded by the device at start; while RX_PUBLISH is 1 the
+   * poller stores here every value it stores in the ring, and the device
+   * takes it back at stop.
+   */
+  RX_USED_IDX: 79,
+  /** RX used buffer notifications the poller sent (RX publication). */
+  RX_INTERRUPTS: 80,
   /** 1: the device waits for TX ring or bounce space; the writer raises EV_TX_DONE after its next release and clears it. */
   TX_WANT_DONE: 96,
 } as const;
@@ -187,7 +224,7 @@ export const TX_RECORD_WORDS = TX_REC.IOV + TX_MAX_IOV * IOVEC_WORDS;
  * available for receiving, all of it device-writable.
  *   word 0  iovCount   1..RX_MAX_IOV
  *   word 1  capacity   sum of the iovec lengths (>= 1)
- *   word 2  token      the chain's head index, for the device's own checks
+ *   word 2  token      the chain's head index (the used element's id under RX publication)
  *   word 3  flags      RXF_MERGEABLE if this chain may be one of several for a frame
  *   words 4..          iovCount iovecs
  */
@@ -216,6 +253,24 @@ export const RX_OK = 0;
  * 1.2 §2.7.9). (Status 3: 1 and 2 are the drops of parent/io_protocol.ts.)
  */
 export const RX_UNUSED = 3;
+/**
+ * RX publication: the poller already completed `chains` (>= 1) posted
+ * chains, in post order (used elements, num_buffers, used->idx, interrupt);
+ * `bytes` is the sum of those frames' lengths without the net header and
+ * word 3 their number. The device only retires the chains and counts.
+ */
+export const RX_PUBLISHED = 4;
+
+/**
+ * RX_TAKES bits: what the guest accepts in a net header as the tap wrote it
+ * (virtio 1.2 §5.1.6.4). Bit `gso_type` (1 TCPV4, 3 UDP, 4 TCPV6, 5 UDP_L4)
+ * for each GSO type it negotiated (GUEST_TSO4, GUEST_UFO, GUEST_TSO6,
+ * GUEST_USO4/6); RXT_ECN with GUEST_ECN; RXT_CSUM with GUEST_CSUM (flags
+ * NEEDS_CSUM and DATA_VALID); RXT_MERGEABLE with MRG_RXBUF (num_buffers).
+ */
+export const RXT_ECN = 1 << 8;
+export const RXT_CSUM = 1 << 9;
+export const RXT_MERGEABLE = 1 << 10;
 
 /** Ring capacities (records). Powers of two. */
 export const TX_RING_RECORDS = 256;

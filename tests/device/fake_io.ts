@@ -24,6 +24,7 @@ import {
   RX_POST,
   RX_POST_RECORD_WORDS,
   RX_POST_RING_RECORDS,
+  RX_PUBLISHED,
   RX_UNUSED,
   RXF_MERGEABLE,
   signal,
@@ -246,6 +247,33 @@ export class FakeIo {
     this.rxPost.release(used);
     this.#pushDone(used, hdrAndFrame.length, RX_OK);
     return used;
+  }
+
+  /**
+   * Plays the poller under RX publication for one frame of `len` bytes
+   * (header included) into the front posted chain: writes its used element
+   * into `driver`'s used ring at CTL.RX_USED_IDX, pushes the RX_PUBLISHED
+   * record (without waking the device, as the poller does), and only then
+   * stores used->idx. Returns the chain's token.
+   */
+  publishRx(driver: TestDriver, len: number): number {
+    const at = this.rxPost.peek(0);
+    const token = this.rxPost.words[at + RX_POST.TOKEN];
+    this.rxPost.release(1);
+    const idx = Atomics.load(this.ctl, CTL.RX_USED_IDX) & 0xffff;
+    const e = driver.usedGpa + 4 + 8 * (idx & (driver.size - 1));
+    this.guest.setU32(e, token);
+    this.guest.setU32(e + 4, len);
+    const rec = new Array(RX_DONE_RECORD_WORDS).fill(0);
+    rec[RX_DONE.CHAINS] = 1;
+    rec[RX_DONE.BYTES] = len - NET_HDR_BYTES;
+    rec[RX_DONE.STATUS] = RX_PUBLISHED;
+    rec[3] = 1;
+    if (!this.rxDone.tryPush(rec)) throw new Error("rx-done ring full");
+    const next = (idx + 1) & 0xffff;
+    this.guest.atomicSetU16(driver.usedGpa + 2, next);
+    Atomics.store(this.ctl, CTL.RX_USED_IDX, next);
+    return token;
   }
 
   /**

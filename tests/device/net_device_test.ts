@@ -24,7 +24,7 @@ import {
 } from "../../device/net_header.ts";
 import { TestDriver, TestGuest } from "./driver.ts";
 import { FakeIo } from "./fake_io.ts";
-import { RX_UNUSED } from "../../ipc/datapath.ts";
+import { CTL, RX_UNUSED, RXT_MERGEABLE } from "../../ipc/datapath.ts";
 import { buildFrame, get32, l4ChecksumOk, prng, randomBytes } from "./frames.ts";
 
 const BASE = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
@@ -299,6 +299,64 @@ Deno.test("RX: chains the poller gives back unfilled are posted again at the bac
     await until(io, () => faults.length > 0, "a queue fault");
     assert.match(faults[0], /^0: rx-done gives back 1 chains with 5 bytes/);
   });
+});
+
+Deno.test("RX publication: the device retires what the poller published, takes re-offered heads, and resumes used->idx from the poller's at stop", async () => {
+  const guest = new TestGuest([{ gpa: 0x100000, size: 4 << 20 }]);
+  const io = new FakeIo(guest);
+  const faults: string[] = [];
+  const dev = new NetDevice((q, reason) => faults.push(`${q}: ${reason}`));
+  dev.grant(io.regionGrants());
+  dev.setFeatures(BASE | VIRTIO_NET_F_MRG_RXBUF, "auto");
+  // A 4-entry RX ring: every chain is re-offered while the device may not have retired it yet.
+  const rx = new TestDriver(guest, { size: 4, features: BASE });
+  const tx = new TestDriver(guest, { size: 64, features: BASE });
+  io.publishTxTo(tx);
+  const p = (d: TestDriver) => ({ ...d.config("user"), base: 0 });
+  dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000, true);
+  try {
+    assert.equal(Atomics.load(io.ctl, CTL.RX_PUBLISH), 1);
+    assert.equal(Atomics.load(io.ctl, CTL.RX_TAKES) & RXT_MERGEABLE, RXT_MERGEABLE);
+    const offer = () => rx.post([{ len: 2048, writable: true }]);
+    for (let i = 0; i < 4; i++) offer();
+    io.kick("rx");
+    await until(io, () => io.postedChains === 4, "four chains posted");
+    let published = 0;
+    for (let round = 0; round < 5; round++) {
+      // The poller publishes all four; the driver takes them and offers the buffers again at once.
+      for (let i = 0; i < 4; i++) io.publishRx(rx, 100);
+      published += 4;
+      const used = rx.readUsed();
+      assert.equal(used.length, 4, `round ${round}: four used elements`);
+      assert.ok(used.every((u) => u.len === 100));
+      for (let i = 0; i < 4; i++) offer();
+      io.kick("rx");
+      await until(io, () => io.postedChains === 4, `round ${round}: the re-offered chains posted`);
+      assert.deepEqual(faults, [], `round ${round}`);
+    }
+    assert.equal(dev.counters().rx0.frames, published, "counted from the records");
+    assert.equal(rx.usedIdx(), published, "the device never wrote RX used->idx itself");
+  } finally {
+    const bases = await dev.stop();
+    // The four posted, unfilled chains are un-popped; used->idx stays the poller's.
+    assert.equal(bases.rx, 20);
+    assert.equal(rx.usedIdx(), 20);
+    assert.equal(rx.readUsed().length, 0);
+  }
+  // RX_OK under RX publication is the poller's fault.
+  const io2 = new FakeIo(guest);
+  io2.publishTxTo(tx);
+  dev.start({ ...rx.config("user"), base: 20 }, p(tx), io2.buffers, 0x6000_0000_0000, true);
+  try {
+    io2.kick("rx");
+    await until(io2, () => io2.postedChains === 4, "posted again after the restart");
+    const { frame } = buildFrame({ payload: new Uint8Array(100) });
+    io2.receive(concat(netHdr({}), frame));
+    await until(io2, () => faults.length > 0, "a queue fault");
+    assert.match(faults[0], /RX_OK under RX publication/);
+  } finally {
+    await dev.stop();
+  }
 });
 
 Deno.test("RX: a poller that claims more chains than were posted faults the queue, not the device", async () => {

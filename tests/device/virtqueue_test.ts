@@ -1007,3 +1007,49 @@ Deno.test("MAX_CHAIN_BYTES is the le32 maximum (total chain < 2^32 bytes)", () =
   );
   assert.equal(VIRTQ_DESC_SIZE, 16);
 });
+
+Deno.test("another publisher's completions: onAvailIdx retires them before re-offered heads are checked", () => {
+  const { guest, drv, q } = setup({ size: 2 });
+  for (let i = 0; i < 2; i++) drv.post([{ len: 64, writable: true }]);
+  const heads = [0, 1].map(() => {
+    assert.equal(q.popAvail(), POP_CHAIN);
+    return q.chain.head;
+  });
+  // The other publisher (the poller, RX publication) writes both used elements and used->idx.
+  const publish = () => {
+    heads.forEach((h, i) => {
+      guest.setU32(drv.usedGpa + 4 + 8 * i, h);
+      guest.setU32(drv.usedGpa + 8 + 8 * i, 64);
+    });
+    guest.atomicSetU16(drv.usedGpa + 2, 2);
+  };
+  publish();
+  assert.equal(drv.readUsed().length, 2);
+  // The driver offers the same heads again before the device heard of the completions.
+  for (let i = 0; i < 2; i++) drv.post([{ len: 64, writable: true }]);
+  let calls = 0;
+  q.onAvailIdx = () => {
+    calls++;
+    for (const h of heads.splice(0)) q.retireUsed(h);
+  };
+  assert.equal(q.popAvail(), POP_CHAIN, "the re-offered head is taken");
+  assert.equal(q.popAvail(), POP_CHAIN);
+  assert.equal(calls, 1, "called once per read of avail->idx");
+  assert.equal(q.counters.used, 2);
+  assert.throws(() => q.retireUsed(99), /not in flight/);
+  // Without the hook the same re-offer is a driver error: the device still holds the heads.
+  const s2 = setup({ size: 2 });
+  for (let i = 0; i < 2; i++) s2.drv.post([{ len: 64, writable: true }]);
+  const h2 = [0, 1].map(() => {
+    assert.equal(s2.q.popAvail(), POP_CHAIN);
+    return s2.q.chain.head;
+  });
+  for (let i = 0; i < 2; i++) {
+    s2.guest.setU32(s2.drv.usedGpa + 4 + 8 * i, h2[i]);
+    s2.guest.setU32(s2.drv.usedGpa + 8 + 8 * i, 64);
+  }
+  s2.guest.atomicSetU16(s2.drv.usedGpa + 2, 2);
+  s2.drv.readUsed();
+  for (let i = 0; i < 2; i++) s2.drv.post([{ len: 64, writable: true }]);
+  assert.equal(s2.q.popAvail(), POP_NEEDS_RESET);
+});
