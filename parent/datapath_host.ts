@@ -50,6 +50,7 @@ import {
   MAILBOX_BYTES,
   parseIoReply,
   RX_FRAME_ROOM_MAX,
+  type RxUsedPlace,
   type TxUsedPlace,
 } from "./io_protocol.ts";
 import type { Logger } from "./log.ts";
@@ -145,6 +146,10 @@ export interface DatapathCounters {
   pollerStarvations: number;
   /** Times the device had the writer wake the poller for new RX buffers. */
   pollerWakeAsked: number;
+  /** The poller completes RX frames itself (RX publication, `ipc/datapath.ts`). */
+  rxPublication: boolean;
+  /** RX used buffer notifications the poller sent under RX publication. */
+  rxInterrupts: number;
 }
 
 export interface DatapathHostOptions {
@@ -170,6 +175,8 @@ export interface DatapathHostOptions {
   txUsed?: TxUsedPlace | null;
   /** The tap's longest frame, net header included (`rxFrameRoom` in io_protocol.ts; default the maximum). */
   rxFrameRoom?: number;
+  /** Where the poller completes RX frames (omitted: the device does; see io_protocol.ts). */
+  rxUsed?: RxUsedPlace | null;
   /** Other worker modules, for tests only. */
   writerUrl?: URL;
   pollerUrl?: URL;
@@ -392,6 +399,7 @@ export class DatapathHost {
         ioUring: opts.ioUring ?? "auto",
         txUsed: opts.txUsed ?? null,
         rxFrameRoom: opts.rxFrameRoom ?? RX_FRAME_ROOM_MAX,
+        rxUsed: opts.rxUsed ?? null,
       });
       const startMs = opts.startTimeoutMs ?? DEFAULT_START_TIMEOUT_MS;
       await Promise.all([
@@ -443,12 +451,14 @@ export class DatapathHost {
   }
 
   /**
-   * Sets (or clears) the call eventfd of `queue`. Resolves when the writer no
-   * longer uses the old one.
+   * Sets (or clears) the call eventfd of `queue`. Resolves when no worker
+   * uses the old one (the writer; for RX also the poller, which signals it
+   * under RX publication).
    * @throws {TypeError} if `fd` is not an eventfd.
    */
   setCallFd(queue: number, fd: number | null): Promise<void> {
-    return this.#writer.request({ kind: "setFd", slot: callSlot(queue), fd: this.#eventfd(fd) });
+    const msg = { kind: "setFd", slot: callSlot(queue), fd: this.#eventfd(fd) } as const;
+    return queue === RX_QUEUE ? this.#both(msg) : this.#writer.request(msg);
   }
 
   /**
@@ -496,6 +506,8 @@ export class DatapathHost {
       pollerUnused: Atomics.load(c, CTL.POLLER_UNUSED),
       pollerStarvations: Atomics.load(c, CTL.POLLER_STARVATIONS),
       pollerWakeAsked: Atomics.load(c, CTL.POLLER_WAKE_ASKED),
+      rxPublication: Atomics.load(c, CTL.RX_PUBLISH) === 1,
+      rxInterrupts: Atomics.load(c, CTL.RX_INTERRUPTS),
     };
   }
 
@@ -563,6 +575,38 @@ export function txUsedPlace(
     eventAddr: eventIdx
       ? host(ring.availUser + 4n + 2n * BigInt(ring.num), "TX avail->used_event")
       : host(ring.availUser, "TX avail->flags"),
+    eventIdx,
+  };
+}
+
+/**
+ * Where the poller completes RX frames (RX publication): the RX used ring
+ * and the driver's word it reads after publishing, as host addresses, from
+ * the ring's user addresses (SET_VRING_ADDR) and the mapped regions. The
+ * used ring must lie inside one mapping.
+ * @throws {RangeError} naming what is not in guest memory.
+ */
+export function rxUsedPlace(
+  maps: readonly UserMapping[],
+  ring: { num: number; availUser: bigint; usedUser: bigint },
+  features: bigint,
+): RxUsedPlace {
+  const host = (user: bigint, bytes: bigint, what: string): bigint => {
+    for (const m of maps) {
+      if (user >= m.userAddr && user + bytes <= m.userAddr + m.size) {
+        return m.hostAddr + (user - m.userAddr);
+      }
+    }
+    throw new RangeError(`${what} at user address 0x${user.toString(16)} is not in guest memory`);
+  };
+  const eventIdx = (features & VIRTIO_RING_F_EVENT_IDX) !== 0n;
+  const num = BigInt(ring.num);
+  return {
+    ringAddr: host(ring.usedUser, 4n + 8n * num, "RX used ring"),
+    size: ring.num,
+    eventAddr: eventIdx
+      ? host(ring.availUser + 4n + 2n * num, 2n, "RX avail->used_event")
+      : host(ring.availUser, 2n, "RX avail->flags"),
     eventIdx,
   };
 }

@@ -23,7 +23,7 @@
 
 import { RX_QUEUE, TX_QUEUE } from "../ipc/datapath.ts";
 import type { QueuePlacement } from "../ipc/protocol.ts";
-import { createDatapathBuffers, DatapathHost, txUsedPlace } from "./datapath_host.ts";
+import { createDatapathBuffers, DatapathHost, rxUsedPlace, txUsedPlace } from "./datapath_host.ts";
 import type { DeviceHost } from "./device_host.ts";
 import type { MappedRegion } from "./guest_memory_map.ts";
 import * as libc from "./libc.ts";
@@ -305,8 +305,15 @@ export class VionetDevicePort implements DevicePort {
       availUser: tx.addr!.availUser,
       usedUser: tx.addr!.usedUser,
     }, this.#features);
+    const rx = this.#rings[RX_QUEUE];
+    const rxUsed = rxUsedPlace(this.#regions.map(userMapping), {
+      num: rx.num,
+      availUser: rx.addr!.availUser,
+      usedUser: rx.addr!.usedUser,
+    }, this.#features);
     const dp = await DatapathHost.start({
       txUsed,
+      rxUsed,
       tapFd: this.#tapFd,
       buffers,
       logger: this.#logger,
@@ -323,6 +330,7 @@ export class VionetDevicePort implements DevicePort {
       await this.#device.startQueues(this.#placement(RX_QUEUE), this.#placement(TX_QUEUE), {
         ...buffers,
         bounceHost: Number(dp.bounceRange.base),
+        rxPublish: true,
       });
     } catch (e) {
       await dp.stop();

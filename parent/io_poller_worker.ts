@@ -36,6 +36,13 @@
  * frames) rx-post is released and rx-done published once, and EV_RX_DONE
  * raised once.
  *
+ * RX publication (`ipc/datapath.ts`): when the parent gave the RX used ring
+ * (`rxUsed`) and the device turned it on, each frame is completed here
+ * (header checked against what the guest takes, num_buffers, used elements,
+ * used->idx, RX interrupt) and the device only retires chains from
+ * RX_PUBLISHED records, woken for them every 128 chains: an RX frame then
+ * costs this thread alone.
+ *
  * Batched reads (`ioUring: "auto"`): while the leading posted chains can each
  * take a whole frame, one io_uring_enter carries one nowait `readv` per
  * chain ({@link readBurst}); reads run in order and each one finds the tap's
@@ -60,15 +67,20 @@ import {
   EV_KICK_TX,
   EV_RX_DONE,
   IOVEC_WORDS,
+  NET_HDR_BYTES,
   POLLER_ENGINE_IO_URING,
   POLLER_ENGINE_READV,
   RX_DONE,
   RX_MAX_IOV,
   RX_OK,
   RX_POST,
+  RX_PUBLISHED,
   RX_QUEUE,
   RX_UNUSED,
   RXF_MERGEABLE,
+  RXT_CSUM,
+  RXT_ECN,
+  RXT_MERGEABLE,
   signal,
   TX_QUEUE,
 } from "../ipc/datapath.ts";
@@ -76,9 +88,12 @@ import { IoRegions } from "./io_regions.ts";
 import {
   type IoUringMode,
   RX_FRAME_ROOM_MAX,
+  RX_STATUS_BAD_HEADER,
   RX_STATUS_BAD_POST,
   RX_STATUS_TOO_BIG,
+  type RxUsedPlace,
 } from "./io_protocol.ts";
+import { fullBarrier, usedNotifyWanted } from "../ipc/vring_notify.ts";
 import { WorkerControl } from "./io_worker_control.ts";
 
 /** Frames read per batch before rx-done is published. */
@@ -134,6 +149,7 @@ const stIovBytes = new Uint8Array(stIov.buffer);
 const stCount = new Uint32Array(UIO_MAXIOV); // iovecs per staged chain
 const stCap = new Float64Array(UIO_MAXIOV); // capacity per staged chain
 const stFlags = new Uint32Array(UIO_MAXIOV);
+const stToken = new Uint32Array(UIO_MAXIOV); // head index per staged chain (its used element id)
 let stChains = 0;
 let stIovs = 0;
 let stTotal = 0;
@@ -195,6 +211,7 @@ function stage(words: Uint32Array, off: number): number {
   stCount[stChains] = count;
   stCap[stChains] = capacity;
   stFlags[stChains] = flags;
+  stToken[stChains] = words[off + RX_POST.TOKEN];
   stChains++;
   stIovs += count;
   stTotal += capacity;
@@ -213,6 +230,7 @@ function unstage(c: number): void {
   stCount.copyWithin(0, c, stChains);
   stCap.copyWithin(0, c, stChains);
   stFlags.copyWithin(0, c, stChains);
+  stToken.copyWithin(0, c, stChains);
   stChains -= c;
   stIovs -= iovs;
   stTotal -= cap;
@@ -222,14 +240,199 @@ function clearStage(): void {
   stChains = stIovs = stTotal = 0;
 }
 
-function pushDone(ring: SpscRing, chains: number, bytes: number, status: number): void {
+function pushDone(ring: SpscRing, chains: number, bytes: number, status: number, w3 = 0): void {
+  // Under RX publication records stay in chain order: the run of published chains goes first.
+  if (pubRunChains !== 0) flushPublished(ring);
+  pushRecord(ring, chains, bytes, status, w3);
+  pushed++;
+  pushedOthers++;
+}
+
+function pushRecord(ring: SpscRing, chains: number, bytes: number, status: number, w3: number) {
   const off = ring.reserve(); // the caller checked for space
   const w = ring.words;
   w[off + RX_DONE.CHAINS] = chains;
   w[off + RX_DONE.BYTES] = bytes;
   w[off + RX_DONE.STATUS] = status;
-  w[off + 3] = 0;
+  w[off + 3] = w3;
 }
+
+// ---- RX publication -------------------------------------------------------------------
+
+/**
+ * RX publication (`ipc/datapath.ts`): while the device set CTL.RX_PUBLISH and
+ * the parent gave the ring's place, the poller completes each frame itself:
+ * checks the tap's header against what the guest takes (CTL.RX_TAKES; one
+ * it cannot take is dropped, its chains kept), writes num_buffers, writes
+ * one used element per chain at used->idx onwards, and after the batch
+ * stores used->idx and signals the RX call eventfd when the driver asked
+ * (`ipc/vring_notify.ts`). The device learns afterwards, from RX_PUBLISHED
+ * records, which chains to retire; it is woken for them only every
+ * {@link PUB_SIGNAL_CHAINS} chains (or for any other record), not per frame.
+ *
+ * Trust: the ring's place comes from the parent and is checked against the
+ * granted regions; RX_TAKES, RX_USED_IDX and the chains' tokens come from
+ * the device, which could write the same guest memory itself.
+ */
+interface RxUsedViews {
+  /** The used ring's elements: id at 2i, len at 2i + 1. */
+  elems: Uint32Array;
+  idx: Uint16Array;
+  event: Uint16Array;
+  eventIdx: boolean;
+  mask: number;
+}
+let rxUsedPlace: RxUsedPlace | null = null;
+let rxUsed: RxUsedViews | null = null;
+let callRxFd = -1;
+/** This batch publishes (set at its start). */
+let pub = false;
+let pubTakes = 0;
+/** The next used->idx (u16) while a batch publishes. */
+let pubIdx = 0;
+/** used->idx at the last interrupt decision; -1: none since the loop started. */
+let pubSignalled = -1;
+/** Published chains (and their frames and bytes) not yet in an RX_PUBLISHED record. */
+let pubRunChains = 0;
+let pubRunFrames = 0;
+let pubRunBytes = 0;
+/** Chains published since the device was last woken for RX_PUBLISHED records. */
+let pubUnsignalled = 0;
+/** Wake the device for RX_PUBLISHED records once this many chains wait in them. */
+const PUB_SIGNAL_CHAINS = 128;
+/** Records pushed in the current batch, and those of them that are not RX_PUBLISHED. */
+let pushed = 0;
+let pushedOthers = 0;
+
+/** Views of the RX used ring and the driver's word, after checking they lie in `granted`. */
+function rxUsedViews(place: RxUsedPlace, granted: IoRegions): RxUsedViews {
+  const view = (addr: bigint, bytes: number, what: string) => {
+    if (!granted.contains(Number(addr), bytes)) {
+      throw new RangeError(`rxUsed.${what} 0x${addr.toString(16)} is not in guest memory`);
+    }
+    return Deno.UnsafePointerView.getArrayBuffer(Deno.UnsafePointer.create(addr)!, bytes);
+  };
+  view(place.ringAddr, 4 + 8 * place.size, "ringAddr");
+  return {
+    elems: new Uint32Array(view(place.ringAddr + 4n, 8 * place.size, "ringAddr")),
+    idx: new Uint16Array(view(place.ringAddr + 2n, 2, "ringAddr")),
+    event: new Uint16Array(view(place.eventAddr, 2, "eventAddr")),
+    eventIdx: place.eventIdx,
+    mask: place.size - 1,
+  };
+}
+
+/** The view {@link hdrIndex} found the header byte in. */
+let hdrView: Uint8Array = new Uint8Array(0);
+
+/**
+ * Byte `pos` of the staged chain whose `count` iovecs start at word `iovw`
+ * of stIov: sets {@link hdrView} and returns the index in it, or -1.
+ */
+function hdrIndex(iovw: number, count: number, pos: number): number {
+  for (let i = 0; i < count; i++) {
+    const w = iovw + i * IOVEC_WORDS;
+    const len = stIov[w + 2];
+    if (pos < len) {
+      const addr = stIov[w + 1] * 0x1_0000_0000 + stIov[w];
+      const r = regions.find(addr, len);
+      if (r < 0) return -1;
+      hdrView = regions.bytes(r);
+      return addr - regions.start(r) + pos;
+    }
+    pos -= len;
+  }
+  return -1;
+}
+
+/**
+ * Publishes a frame of `r` bytes read into `chains` staged chains from
+ * staged index `k0` (its iovecs from word `iovw`): the header checked and
+ * fixed, a used element per chain. Returns false when the guest cannot take
+ * the header as the tap wrote it: nothing is written and the chains stay
+ * unused (the caller drops the frame).
+ */
+function publishFrame(k0: number, iovw: number, chains: number, r: number): boolean {
+  const u = rxUsed!;
+  const takes = pubTakes;
+  const count = stCount[k0];
+  const iFlags = hdrIndex(iovw, count, 0);
+  if (iFlags < 0) return false;
+  const flagsView = hdrView;
+  const flags = flagsView[iFlags];
+  const iGso = hdrIndex(iovw, count, 1);
+  if (iGso < 0) return false;
+  const gso = hdrView[iGso];
+  const type = gso & 0x7f;
+  // virtio 1.2 §5.1.6.4: flags NEEDS_CSUM (1) and DATA_VALID (2) only; GSO by the guest's features.
+  if ((flags & ~3) !== 0) return false;
+  if (gso !== 0) {
+    if (type === 0 || type > 5 || (takes & (1 << type)) === 0) return false;
+    if ((gso & 0x80) !== 0 && (takes & RXT_ECN) === 0) return false;
+  }
+  if ((takes & RXT_CSUM) === 0) {
+    if ((flags & 1) !== 0) return false; // a partial checksum it cannot finish: the device's slow path
+    if (flags !== 0) flagsView[iFlags] = 0; // §5.1.6.3.1: flags 0 without GUEST_CSUM
+  }
+  const nb = (takes & RXT_MERGEABLE) !== 0 ? chains : 1;
+  const i10 = hdrIndex(iovw, count, 10);
+  if (i10 < 0) return false;
+  hdrView[i10] = nb & 0xff;
+  const i11 = hdrIndex(iovw, count, 11);
+  if (i11 < 0) return false;
+  hdrView[i11] = nb >>> 8;
+  let left = r;
+  let idx = pubIdx;
+  const elems = u.elems;
+  for (let c = k0; c < k0 + chains; c++) {
+    const len = Math.min(left, stCap[c]);
+    const e = (idx & u.mask) * 2;
+    elems[e] = stToken[c];
+    elems[e + 1] = len;
+    left -= len;
+    idx = (idx + 1) & 0xffff;
+  }
+  pubIdx = idx;
+  return true;
+}
+
+/** Adds a published frame of `r` bytes in `chains` chains to the run of the next RX_PUBLISHED record. */
+function pubAdd(chains: number, r: number): void {
+  pubRunChains += chains;
+  pubRunFrames++;
+  pubRunBytes += r - NET_HDR_BYTES;
+}
+
+/** Pushes the run of published chains as one RX_PUBLISHED record. */
+function flushPublished(ring: SpscRing): void {
+  pushRecord(ring, pubRunChains, pubRunBytes, RX_PUBLISHED, pubRunFrames);
+  pushed++;
+  pubUnsignalled += pubRunChains;
+  pubRunChains = pubRunFrames = pubRunBytes = 0;
+}
+
+/**
+ * Ends a publishing batch: stores used->idx (the elements were written
+ * before), then, after a full barrier, reads the driver's word and signals
+ * the RX call eventfd if it asked (§2.7.10).
+ */
+function publishUsed(c: Int32Array): void {
+  const u = rxUsed!;
+  const idx = pubIdx;
+  if (idx === (Atomics.load(c, CTL.RX_USED_IDX) & 0xffff)) return;
+  Atomics.store(u.idx, 0, idx);
+  Atomics.store(c, CTL.RX_USED_IDX, idx);
+  fullBarrier();
+  const old = pubSignalled;
+  pubSignalled = idx;
+  if (usedNotifyWanted(u.eventIdx, Atomics.load(u.event, 0), idx, old) && callRxFd >= 0) {
+    if (Number(sys.write(callRxFd, one, 8n)) === 8) Atomics.add(c, CTL.RX_INTERRUPTS, 1);
+    else Atomics.add(c, CTL.POLLER_ERRORS, 1);
+  }
+}
+
+/** The u64 1 an eventfd write adds. */
+const one = new Uint8Array(new BigUint64Array([1n]).buffer);
 
 // ---- receiving --------------------------------------------------------------------
 
@@ -246,8 +449,7 @@ function roomExceeded(bytes: number): void {
 }
 
 /** What the last {@link readBurst} did. */
-let burstChains = 0; // posted chains consumed (filled or given back)
-let burstRecords = 0; // rx-done records pushed
+let burstChains = 0; // posted chains consumed (filled, or given back)
 let burstDrained = false; // a read found the tap empty
 
 /**
@@ -255,10 +457,11 @@ let burstDrained = false; // a read found the tap empty
  * per posted chain, for the leading chains (from record `first`) that can
  * each take the longest frame (`frameRoom`), at most `limit` of them. Each
  * read either fills its chain or finds nothing (EAGAIN, in order: io_uring
- * issues them inline, in submission order, on a tap). A chain whose read
- * found nothing but a later one did is given back (RX_UNUSED); chains after
- * the last frame stay posted. Returns the frames read, or -1 when fewer
- * than two chains qualify (then one `readv` does better).
+ * issues them inline, in submission order, on a tap). A chain left unfilled
+ * (no frame, a frame too long, or a header the guest cannot take) before a
+ * chain that got a frame is given back (RX_UNUSED); chains after the last
+ * frame stay posted. Returns the frames read, or -1 when fewer than two
+ * chains qualify (then one `readv` does better).
  */
 function readBurst(
   c: Int32Array,
@@ -308,13 +511,21 @@ function readBurst(
       message: `io_uring failed (${(e as Error).message}); one readv per frame from now on`,
     });
   }
+  // Which reads delivered a frame (published or to be completed by the device).
   let last = -1;
+  let iovw = 0;
   for (let i = 0; i < k; i++) {
     const r = burstResult[i];
-    if (r > 0 && r <= stCap[i]) last = i;
+    if (r > 0 && r <= stCap[i]) {
+      if (pub && !publishFrame(i, iovw, 1, r)) {
+        burstResult[i] = -RESULT_BAD_HEADER - r; // dropped below, its chain unused
+      } else {
+        last = i;
+      }
+    }
+    iovw += stCount[i] * IOVEC_WORDS;
   }
   let frames = 0;
-  let records = 0;
   let run = 0; // chains to give back before the next frame
   let unused = 0;
   let drained = false;
@@ -323,12 +534,12 @@ function readBurst(
     if (r > 0 && r <= stCap[i]) {
       if (run !== 0) {
         pushDone(done, run, 0, RX_UNUSED);
-        records++;
         unused += run;
         run = 0;
       }
-      pushDone(done, 1, r, RX_OK);
-      records++;
+      // Published above (it joins the run of the next RX_PUBLISHED record), or the device's.
+      if (pub) pubAdd(1, r);
+      else pushDone(done, 1, r, RX_OK);
       frames++;
       continue;
     }
@@ -336,8 +547,10 @@ function readBurst(
       // Longer than its chain (and frameRoom): dropped, as readv's overflow shows.
       Atomics.add(c, CTL.POLLER_TOO_BIG, 1);
       pushDone(done, 0, r, RX_STATUS_TOO_BIG);
-      records++;
       roomExceeded(r);
+    } else if (r <= -RESULT_BAD_HEADER) {
+      pushDone(done, 0, -r - RESULT_BAD_HEADER, RX_STATUS_BAD_HEADER);
+      frames++;
     } else {
       drained = true;
       if (r !== -EAGAIN && r !== -EINTR) Atomics.add(c, CTL.POLLER_ERRORS, 1);
@@ -349,31 +562,37 @@ function readBurst(
   // Full batches double the next; otherwise size it to what came.
   burstSize = drained ? Math.max(BURST_MIN, frames * 2) : Math.min(RX_BATCH, k * 2);
   burstChains = last + 1;
-  burstRecords = records;
   burstDrained = drained;
   return frames;
 }
+
+/** A result below -RESULT_BAD_HEADER marks a frame of (-result - RESULT_BAD_HEADER) bytes dropped for its header. */
+const RESULT_BAD_HEADER = 1 << 20;
 
 /** Reads up to RX_BATCH frames into posted chains; returns the device event bits. */
 function receiveBatch(c: Int32Array, postRing: SpscRing, done: SpscRing): number {
   let bits = 0;
   let used = 0; // rx-post records consumed in this batch
-  let pushed = 0;
   let bad = 0;
   let avail = postRing.available();
-  let free = done.freeSpace();
+  const free = done.freeSpace();
   const words = postRing.words;
+  pushed = pushedOthers = 0;
+  pub = rxUsed !== null && Atomics.load(c, CTL.RX_PUBLISH) === 1;
+  if (pub) {
+    pubTakes = Atomics.load(c, CTL.RX_TAKES);
+    pubIdx = Atomics.load(c, CTL.RX_USED_IDX) & 0xffff;
+  }
   clearStage();
-  for (let frames = 0; frames < RX_BATCH && free !== 0;) {
+  // Records: a frame needs at most a run flush and one record; a read in a burst three.
+  for (let frames = 0; frames < RX_BATCH && free - pushed >= 4;) {
     const ring = uring;
-    if (ring !== null && stChains === 0 && free >= 4) {
-      // Two records per read at most: a drop and a give-back.
-      const got = readBurst(c, ring, postRing, done, used, Math.min(RX_BATCH - frames, free >> 1));
+    if (ring !== null && stChains === 0) {
+      const limit = Math.min(RX_BATCH - frames, Math.floor((free - pushed - 1) / 3));
+      const got = readBurst(c, ring, postRing, done, used, limit);
       if (got >= 0) {
         frames += Math.max(got, 1);
         used += burstChains;
-        pushed += burstRecords;
-        free -= burstRecords;
         if (burstDrained) break;
         avail = postRing.available();
         continue;
@@ -385,8 +604,6 @@ function receiveBatch(c: Int32Array, postRing: SpscRing, done: SpscRing): number
       if (stage(words, postRing.peek(used)) !== 1) {
         pushDone(done, 1, 0, RX_STATUS_BAD_POST);
         used++;
-        pushed++;
-        free--;
         bad++;
         continue;
       }
@@ -434,24 +651,36 @@ function receiveBatch(c: Int32Array, postRing: SpscRing, done: SpscRing): number
       Atomics.add(c, CTL.POLLER_TOO_BIG, 1);
       if (r > frameRoom) roomExceeded(r);
       pushDone(done, 0, r, RX_STATUS_TOO_BIG);
-      pushed++;
-      free--;
       continue;
     }
     let consumed = 0;
     for (let seen = 0; seen < r; consumed++) seen += stCap[consumed];
-    pushDone(done, consumed, r, RX_OK);
-    pushed++;
-    free--;
+    if (pub) {
+      if (!publishFrame(0, 0, consumed, r)) {
+        // A header the guest cannot take: dropped, the chains keep for the next frame.
+        pushDone(done, 0, r, RX_STATUS_BAD_HEADER);
+        continue;
+      }
+      pubAdd(consumed, r);
+    } else {
+      pushDone(done, consumed, r, RX_OK);
+    }
     used += consumed;
     unstage(consumed);
   }
   clearStage();
+  if (pubRunChains !== 0) flushPublished(done);
   if (used !== 0) postRing.release(used);
   if (pushed !== 0) {
+    // Records before used->idx: the driver may offer a chain again once it
+    // sees it used, and the device must find it retired then (Virtqueue.onAvailIdx).
     done.publish();
-    bits |= EV_RX_DONE;
+    if (!pub || pushedOthers !== 0 || pubUnsignalled >= PUB_SIGNAL_CHAINS) {
+      bits |= EV_RX_DONE;
+      pubUnsignalled = 0;
+    }
   }
+  if (pub) publishUsed(c);
   if (bad !== 0) {
     Atomics.add(c, CTL.IO_BAD_RECORD, bad);
     bits |= EV_IO_FAULT;
@@ -651,6 +880,9 @@ const control = new WorkerControl("poller", {
     tapFd = msg.tapFd;
     wakeFd = msg.wakeFd;
     frameRoom = msg.rxFrameRoom;
+    rxUsedPlace = msg.rxUsed;
+    rxUsed = msg.rxUsed === null ? null : rxUsedViews(msg.rxUsed, regions);
+    pubSignalled = -1;
     startEngine(c, msg.ioUring);
     return () => loop(c);
   },
@@ -659,11 +891,25 @@ const control = new WorkerControl("poller", {
   },
   setRegions(r) {
     regions = r;
+    // The RX used ring outside the new regions is not touched again (the
+    // parent stops the queues before it unmaps them, so this is a fault).
+    if (rxUsedPlace !== null) {
+      try {
+        rxUsed = rxUsedViews(rxUsedPlace, r);
+      } catch (e) {
+        rxUsed = null;
+        rxUsedPlace = null;
+        rxDead = true;
+        control.post({ kind: "fault", message: `RX publication stopped: ${(e as Error).message}` });
+      }
+    }
   },
   setFd(slot, fd) {
     if (slot === "tap") {
       tapFd = fd;
       tapBroken = false;
+    } else if (slot === "callRx") {
+      callRxFd = fd;
     } else {
       kickFd[slot === "kickRx" ? RX_QUEUE : TX_QUEUE] = fd;
     }

@@ -37,6 +37,11 @@ export const IO_PROTOCOL_VERSION = 1;
  * which consumes exactly the one refused chain, with 0 bytes.
  */
 export const RX_STATUS_TOO_BIG = 1;
+/**
+ * RX publication: a frame whose tap header the guest cannot take as it is
+ * (`ipc/datapath.ts` RX_TAKES) was dropped; chains = 0, bytes = its length.
+ */
+export const RX_STATUS_BAD_HEADER = 5;
 /** The poller refused a posted chain (bad iovec count, capacity or region); chains = 1, bytes = 0. */
 export const RX_STATUS_BAD_POST = 2;
 
@@ -62,7 +67,7 @@ export const FD_SLOTS: readonly FdSlot[] = ["tap", "kickRx", "kickTx", "callRx",
 /** Slots each role accepts in `setFd`. */
 export const ROLE_SLOTS: Readonly<Record<IoRole, readonly FdSlot[]>> = {
   writer: ["tap", "callRx", "callTx"],
-  poller: ["tap", "kickRx", "kickTx"],
+  poller: ["tap", "kickRx", "kickTx", "callRx"],
 };
 
 /** First message: everything the worker needs to run. */
@@ -103,6 +108,24 @@ export interface InitRequest {
    * The writer ignores it.
    */
   rxFrameRoom: number;
+  /**
+   * Where the poller completes RX frames itself (RX publication,
+   * `ipc/datapath.ts`), computed by the parent from the RX vring addresses;
+   * null: it never does. The writer ignores it.
+   */
+  rxUsed: RxUsedPlace | null;
+}
+
+/** The RX virtqueue's words the poller writes and reads, as host addresses inside `ranges`. */
+export interface RxUsedPlace {
+  /** The used ring (virtio 1.2 §2.7.8): le16 flags, le16 idx, then `size` elements of 8 bytes. */
+  ringAddr: bigint;
+  /** Queue size: a power of 2, 1..32768. */
+  size: number;
+  /** avail->used_event with EVENT_IDX, else avail->flags (as {@link TxUsedPlace.eventAddr}). */
+  eventAddr: bigint;
+  /** VIRTIO_F_RING_EVENT_IDX was negotiated. */
+  eventIdx: boolean;
 }
 
 /** The two words of the TX virtqueue the writer touches, as host addresses inside `ranges`. */
@@ -257,6 +280,28 @@ function parseTxUsed(v: unknown, id: number | null): TxUsedPlace | null {
   };
 }
 
+function parseRxUsed(v: unknown, id: number | null): RxUsedPlace | null {
+  if (v === null || v === undefined) return null;
+  if (!isObject(v)) fail("rxUsed must be an object or null", id);
+  const size = v.size;
+  if (
+    typeof size !== "number" || !Number.isInteger(size) || size < 1 || size > 32768 ||
+    (size & (size - 1)) !== 0
+  ) {
+    fail("rxUsed.size must be a power of 2 in 1..32768", id);
+  }
+  const ring = v.ringAddr;
+  if (typeof ring !== "bigint" || ring <= 0n || ring >= 1n << 64n || (ring & 3n) !== 0n) {
+    fail("rxUsed.ringAddr must be a 4-byte aligned host address (bigint)", id);
+  }
+  const event = v.eventAddr;
+  if (typeof event !== "bigint" || event <= 0n || event >= 1n << 64n || (event & 1n) !== 0n) {
+    fail("rxUsed.eventAddr must be a 2-byte aligned host address (bigint)", id);
+  }
+  if (typeof v.eventIdx !== "boolean") fail("rxUsed.eventIdx must be a boolean", id);
+  return { ringAddr: ring, size, eventAddr: event, eventIdx: v.eventIdx };
+}
+
 function frameRoom(v: unknown, id: number | null): number {
   if (
     typeof v !== "number" || !Number.isInteger(v) || v < RX_FRAME_ROOM_MIN ||
@@ -306,6 +351,7 @@ export function parseIoRequest(data: unknown): IoRequest {
         rxFrameRoom: data.rxFrameRoom === undefined
           ? RX_FRAME_ROOM_MAX
           : frameRoom(data.rxFrameRoom, id),
+        rxUsed: parseRxUsed(data.rxUsed, id),
       };
     }
     case "setRegions":

@@ -87,12 +87,20 @@ export class IoRegions {
     return this.#starts.length;
   }
 
+  /** Byte views over each range, made on first use (`bytes()`). */
+  readonly #views: Array<Uint8Array | undefined> = [];
+
   /**
    * Whether `[base, base + len)` lies inside one granted range, with len > 0.
    * Both arguments are untrusted numbers (from a record's u32 words).
    */
   contains(base: number, len: number): boolean {
-    if (!(len > 0)) return false;
+    return this.find(base, len) >= 0;
+  }
+
+  /** The index of the range holding `[base, base + len)` (len > 0), or -1. */
+  find(base: number, len: number): number {
+    if (!(len > 0)) return -1;
     const starts = this.#starts;
     // Last range whose start <= base.
     let lo = 0;
@@ -107,7 +115,29 @@ export class IoRegions {
         hi = mid - 1;
       }
     }
-    return found >= 0 && base + len <= this.#ends[found];
+    return found >= 0 && base + len <= this.#ends[found] ? found : -1;
+  }
+
+  /** Where range `i` starts. */
+  start(i: number): number {
+    return this.#starts[i];
+  }
+
+  /**
+   * The bytes of range `i`, a view over the host memory (FFI; made once per
+   * table). It must not be used once the range is revoked: a worker drops
+   * the table with its views when the parent replaces it.
+   */
+  bytes(i: number): Uint8Array {
+    let v = this.#views[i];
+    if (v === undefined) {
+      const size = this.#ends[i] - this.#starts[i];
+      const ptr = Deno.UnsafePointer.create(BigInt(this.#starts[i]));
+      if (ptr === null) throw new RangeError(`range ${i} starts at address 0`);
+      v = new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, size));
+      this.#views[i] = v;
+    }
+    return v;
   }
 
   /** The ranges, for logs and tests. */

@@ -17,6 +17,7 @@ import {
   RX_DONE,
   RX_POST,
   RX_POST_RECORD_WORDS,
+  RX_PUBLISHED,
   RX_QUEUE,
   signal,
   TX_REC,
@@ -105,6 +106,8 @@ export interface RxDoneRecord {
   chains: number;
   bytes: number;
   status: number;
+  /** RX_PUBLISHED only: the frames the record publishes (word 3). */
+  frames?: number;
 }
 
 /** The device's end of the four rings and the control block. */
@@ -203,11 +206,13 @@ export class FakeDeviceSide {
     for (let i = 0; i < n; i++) {
       const off = this.rxDone.peek(i);
       const w = this.rxDone.words;
-      out.push({
+      const rec: RxDoneRecord = {
         chains: w[off + RX_DONE.CHAINS],
         bytes: w[off + RX_DONE.BYTES],
         status: w[off + RX_DONE.STATUS],
-      });
+      };
+      if (rec.status === RX_PUBLISHED) rec.frames = w[off + 3];
+      out.push(rec);
     }
     if (n !== 0) this.rxDone.release(n);
     return out;

@@ -38,16 +38,19 @@ import {
   NET_HDR_BYTES,
   POLLER_ENGINE_IO_URING,
   RX_OK,
+  RX_PUBLISHED,
   RX_QUEUE,
   RX_UNUSED,
   RXF_MERGEABLE,
+  RXT_CSUM,
+  RXT_MERGEABLE,
   TX_MAX_IOV,
   TX_QUEUE,
   TXF_COMPLETE_ONLY,
 } from "../../ipc/datapath.ts";
 import type { Logger } from "../../parent/log.ts";
 import { exec, type Netns, tapTestsUnavailable, withNetns } from "../net_ns.ts";
-import { FakeDeviceSide, GuestMemory, type Iov } from "./fake_device_side.ts";
+import { FakeDeviceSide, GuestMemory, type Iov, type RxDoneRecord } from "./fake_device_side.ts";
 
 const LIBC_MODULE = new URL("../../parent/libc.ts", import.meta.url).href;
 
@@ -87,6 +90,7 @@ async function withRig(
   ioUring: IoUringMode = "auto",
   txUsed?: { idxOffset: number; eventOffset: number; eventIdx: boolean },
   rxFrameRoom?: number,
+  rxUsed?: { ringOffset: number; size: number; eventOffset: number; eventIdx: boolean },
 ): Promise<void> {
   await withNetns(async (ns) => {
     const tap = createTap(tapName(), { up: false });
@@ -122,6 +126,12 @@ async function withRig(
           eventIdx: txUsed.eventIdx,
         },
         rxFrameRoom,
+        rxUsed: rxUsed && {
+          ringAddr: guest.base + BigInt(rxUsed.ringOffset),
+          size: rxUsed.size,
+          eventAddr: guest.base + BigInt(rxUsed.eventOffset),
+          eventIdx: rxUsed.eventIdx,
+        },
       });
       const dev = new FakeDeviceSide(buffers);
       await fn({ ns, tap, tapMac: Array.from(tap.macBytes), guest, host, dev });
@@ -695,6 +705,89 @@ Deno.test({
       undefined,
       ROOM_MTU_1500,
     ),
+});
+
+/** Takes rx-done records (without waiting for EV_RX_DONE) until they name `chains` chains. */
+async function recordsFor(dev: FakeDeviceSide, chains: number, timeoutMs = 3000) {
+  const out: RxDoneRecord[] = [];
+  const deadline = performance.now() + timeoutMs;
+  while (out.reduce((n, r) => n + r.chains, 0) < chains && performance.now() < deadline) {
+    out.push(...dev.takeRxDone());
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  return out;
+}
+
+Deno.test({
+  ...opts,
+  name:
+    "poller (RX publication): frames become used elements with num_buffers; used->idx and the call eventfd follow used_event; the device is not woken per frame",
+  fn: () => {
+    const USED = 0x1000, EVENT = 0x3000, SIZE = 256;
+    return withRig(
+      async ({ ns, guest, dev, host }) => {
+        const callRx = libc.eventfd(0, libc.EFD_NONBLOCK | libc.EFD_CLOEXEC);
+        const fired = () => {
+          if ((libc.pollOne(callRx, libc.POLLIN, 0) & libc.POLLIN) === 0) return false;
+          libc.read(callRx, new Uint8Array(8));
+          return true;
+        };
+        const u16 = (o: number) => guest.bytes[o] | (guest.bytes[o + 1] << 8);
+        const elem = (i: number) => {
+          const v = new DataView(guest.bytes.buffer, USED + 4 + 8 * (i & (SIZE - 1)), 8);
+          return { id: v.getUint32(0, true), len: v.getUint32(4, true) };
+        };
+        try {
+          await host.setCallFd(RX_QUEUE, callRx);
+          // What the device does at start: what the guest takes, where used->idx resumes (it wraps).
+          Atomics.store(dev.ctl, CTL.RX_TAKES, RXT_MERGEABLE | RXT_CSUM);
+          Atomics.store(dev.ctl, CTL.RX_USED_IDX, 65534);
+          Atomics.store(dev.ctl, CTL.RX_PUBLISH, 1);
+          assert.ok(await eventually(() => dev.counter(CTL.POLLER_STARVED) === 1), "starved");
+          assert.equal(await sendUdp(ns, 100, 3), 3);
+          const posted = chains(guest, 0x10000, 6, 2048, RXF_MERGEABLE)
+            .map((p, i) => ({ ...p, token: 40 + i }));
+          dev.takeEvents();
+          dev.postRx(posted);
+          const bytes = udpRxBytes(100);
+          assert.deepEqual(await recordsFor(dev, 3), [
+            { chains: 3, bytes: 3 * (bytes - NET_HDR_BYTES), status: RX_PUBLISHED, frames: 3 },
+          ]);
+          for (let i = 0; i < 3; i++) {
+            assert.deepEqual(elem(65534 + i), { id: 40 + i, len: bytes }, `used element ${i}`);
+            const hdr = guest.bytes.subarray(posted[i].at, posted[i].at + NET_HDR_BYTES);
+            assert.equal(hdr[10] | (hdr[11] << 8), 1, "num_buffers");
+            assert.equal(guest.bytes[posted[i].at + NET_HDR_BYTES + 42], i, "datagram in order");
+          }
+          assert.ok(await eventually(() => u16(USED + 2) === 1), "used->idx 65534 + 3");
+          assert.equal(dev.counter(CTL.RX_USED_IDX), 1);
+          assert.ok(fired(), "the first publication notifies");
+          assert.equal(dev.counter(CTL.RX_INTERRUPTS), 1);
+          assert.equal(dev.takeEvents() & EV_RX_DONE, 0, "the device was not woken for them");
+          // used_event 5: the driver wants a notification once used->idx passes 5, not at 2.
+          guest.bytes[EVENT] = 5;
+          guest.bytes[EVENT + 1] = 0;
+          await sendUdp(ns, 100, 1);
+          assert.equal((await recordsFor(dev, 1)).length, 1);
+          assert.ok(await eventually(() => u16(USED + 2) === 2));
+          assert.equal(fired(), false, "suppressed by used_event");
+          guest.bytes[EVENT] = 2;
+          await sendUdp(ns, 100, 1);
+          await recordsFor(dev, 1);
+          assert.ok(await eventually(() => u16(USED + 2) === 3));
+          assert.ok(await eventually(fired), "used->idx passed used_event 2");
+          assert.equal(dev.counter(CTL.RX_INTERRUPTS), 2);
+          assert.equal(dev.counter(CTL.IO_BAD_RECORD), 0);
+        } finally {
+          libc.close(callRx);
+        }
+      },
+      "auto",
+      undefined,
+      ROOM_MTU_1500,
+      { ringOffset: USED, size: SIZE, eventOffset: EVENT, eventIdx: true },
+    );
+  },
 });
 
 Deno.test({
