@@ -559,23 +559,12 @@ export function txUsedPlace(
   ring: { num: number; availUser: bigint; usedUser: bigint },
   features: bigint,
 ): TxUsedPlace {
-  const host = (user: bigint, what: string): bigint => {
-    for (const m of maps) {
-      if (user >= m.userAddr && user + 2n <= m.userAddr + m.size) {
-        return m.hostAddr + (user - m.userAddr);
-      }
-    }
-    throw new RangeError(`${what} at user address 0x${user.toString(16)} is not in guest memory`);
-  };
-  const eventIdx = (features & VIRTIO_RING_F_EVENT_IDX) !== 0n;
+  const v = ringWords(maps, ring, features, "TX");
   return {
     // virtio 1.2 §2.7.8 used ring: le16 flags, le16 idx, ...
-    idxAddr: host(ring.usedUser + 2n, "TX used->idx"),
-    // §2.7.6 avail ring: le16 flags, le16 idx, le16 ring[num], le16 used_event
-    eventAddr: eventIdx
-      ? host(ring.availUser + 4n + 2n * BigInt(ring.num), "TX avail->used_event")
-      : host(ring.availUser, "TX avail->flags"),
-    eventIdx,
+    idxAddr: v.host(ring.usedUser + 2n, 2n, "TX used->idx"),
+    eventAddr: v.eventAddr,
+    eventIdx: v.eventIdx,
   };
 }
 
@@ -591,6 +580,26 @@ export function rxUsedPlace(
   ring: { num: number; availUser: bigint; usedUser: bigint },
   features: bigint,
 ): RxUsedPlace {
+  const v = ringWords(maps, ring, features, "RX");
+  return {
+    ringAddr: v.host(ring.usedUser, 4n + 8n * BigInt(ring.num), "RX used ring"),
+    size: ring.num,
+    eventAddr: v.eventAddr,
+    eventIdx: v.eventIdx,
+  };
+}
+
+/**
+ * What both used-ring places share: translating a user range that must lie
+ * inside one mapping, and the driver's word read after publishing
+ * (§2.7.6 avail ring: le16 flags, le16 idx, le16 ring[num], le16 used_event).
+ */
+function ringWords(
+  maps: readonly UserMapping[],
+  ring: { num: number; availUser: bigint },
+  features: bigint,
+  queue: string,
+) {
   const host = (user: bigint, bytes: bigint, what: string): bigint => {
     for (const m of maps) {
       if (user >= m.userAddr && user + bytes <= m.userAddr + m.size) {
@@ -600,15 +609,10 @@ export function rxUsedPlace(
     throw new RangeError(`${what} at user address 0x${user.toString(16)} is not in guest memory`);
   };
   const eventIdx = (features & VIRTIO_RING_F_EVENT_IDX) !== 0n;
-  const num = BigInt(ring.num);
-  return {
-    ringAddr: host(ring.usedUser, 4n + 8n * num, "RX used ring"),
-    size: ring.num,
-    eventAddr: eventIdx
-      ? host(ring.availUser + 4n + 2n * num, 2n, "RX avail->used_event")
-      : host(ring.availUser, 2n, "RX avail->flags"),
-    eventIdx,
-  };
+  const eventAddr = eventIdx
+    ? host(ring.availUser + 4n + 2n * BigInt(ring.num), 2n, `${queue} avail->used_event`)
+    : host(ring.availUser, 2n, `${queue} avail->flags`);
+  return { host, eventIdx, eventAddr };
 }
 
 function kickSlot(queue: number): FdSlot {

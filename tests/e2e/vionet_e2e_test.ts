@@ -91,6 +91,19 @@ async function withLog(rig: Rig, fn: () => Promise<void>): Promise<void> {
   }
 }
 
+/** With no GSO on the tap the poller batched its reads (SIGUSR1's datapath counters). */
+async function assertBatchedReads(rig: Rig): Promise<void> {
+  const c = await rig.daemon.datapathCounters();
+  assert.ok(c, "the data path runs");
+  assert.equal(c.pollerEngine, "io_uring");
+  assert.ok(
+    (c.pollerBatches as number) > 0,
+    `no batch of reads: ${JSON.stringify(c)} (Linux's mergeable buffers take MTU frames)`,
+  );
+  assert.equal(c.pollerTooBig, 0);
+  console.log(`  poller: ${c.pollerBatches} batches, ${c.pollerUnused} chains given back`);
+}
+
 Deno.test({
   name: "vionet e2e, offloads on: link, ping, ethtool, 200 MB each way, iperf3, " +
     "driver reload, QEMU killed mid-transfer then a second VM",
@@ -329,20 +342,7 @@ Deno.test({
 
       await t.step(
         "with no GSO on the tap the poller reads frames in io_uring batches into the guest's buffers",
-        () =>
-          withLog(rig, async () => {
-            const c = await rig.daemon.datapathCounters();
-            assert.ok(c, "the data path runs");
-            assert.equal(c.pollerEngine, "io_uring");
-            assert.ok(
-              (c.pollerBatches as number) > 0,
-              `no batch of reads: ${JSON.stringify(c)} (Linux's mergeable buffers take MTU frames)`,
-            );
-            assert.equal(c.pollerTooBig, 0);
-            console.log(
-              `  poller: ${c.pollerBatches} batches, ${c.pollerUnused} chains given back`,
-            );
-          }),
+        () => withLog(rig, () => assertBatchedReads(rig)),
       );
     } finally {
       daemonStatus = await rig.close();
@@ -397,20 +397,7 @@ Deno.test({
 
       await t.step(
         "with no GSO on the tap the poller reads frames in io_uring batches into the guest's buffers",
-        () =>
-          withLog(rig, async () => {
-            const c = await rig.daemon.datapathCounters();
-            assert.ok(c, "the data path runs");
-            assert.equal(c.pollerEngine, "io_uring");
-            assert.ok(
-              (c.pollerBatches as number) > 0,
-              `no batch of reads: ${JSON.stringify(c)} (Linux's mergeable buffers take MTU frames)`,
-            );
-            assert.equal(c.pollerTooBig, 0);
-            console.log(
-              `  poller: ${c.pollerBatches} batches, ${c.pollerUnused} chains given back`,
-            );
-          }),
+        () => withLog(rig, () => assertBatchedReads(rig)),
       );
     } finally {
       daemonStatus = await rig.close();
