@@ -82,6 +82,7 @@ export class DeviceIoRings {
     if (Atomics.load(ctl, CTL.DEVICE_EVENTS) === 0) {
       const w = Atomics.waitAsync(ctl, CTL.DEVICE_DOORBELL, seen, timeoutMs);
       if (w.async) {
+        w.value.then((r) => r === "ok" && Atomics.add(ctl, CTL.DEVICE_WAKES, 1));
         // A pending waitAsync does not keep Deno's event loop turning; a timer does.
         let timer: ReturnType<typeof setTimeout> | undefined;
         await Promise.race([w.value, new Promise((r) => timer = setTimeout(r, timeoutMs))]);
@@ -102,7 +103,9 @@ export class DeviceIoRings {
     const seen = Atomics.load(ctl, CTL.DEVICE_DOORBELL);
     Atomics.store(ctl, CTL.DEVICE_SLEEPING, 1);
     if (Atomics.load(ctl, CTL.DEVICE_EVENTS) === 0 && !mailPending()) {
-      Atomics.wait(ctl, CTL.DEVICE_DOORBELL, seen, timeoutMs);
+      if (Atomics.wait(ctl, CTL.DEVICE_DOORBELL, seen, timeoutMs) === "ok") {
+        Atomics.add(ctl, CTL.DEVICE_WAKES, 1);
+      }
     }
     Atomics.store(ctl, CTL.DEVICE_SLEEPING, 0);
   }

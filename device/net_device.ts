@@ -22,8 +22,10 @@ import {
   EV_KICK_RX,
   EV_KICK_TX,
   EV_RX_DONE,
+  EV_RX_STARVED,
   EV_TX_DONE,
   RX_QUEUE,
+  rxSignalChains,
   RXT_CSUM,
   RXT_ECN,
   RXT_MERGEABLE,
@@ -358,15 +360,22 @@ export class NetDevice {
       if ((ev & EV_RX_DONE || rx.publish) && rx.complete() < 0) {
         this.#fault(RX_QUEUE, rx.ioFault ?? "I/O fault");
       }
-      if (ev & (EV_KICK_RX | EV_RX_DONE) || rx.posted === 0 || this.#rxAgain) {
+      if (ev & (EV_KICK_RX | EV_RX_DONE | EV_RX_STARVED) || rx.posted === 0 || this.#rxAgain) {
         rx.post();
         if (rx.postFault !== null) this.#fault(RX_QUEUE, rx.postFault);
         // Under RX publication post() takes rx-done records too (Virtqueue.onAvailIdx).
         else if (rx.ioFault !== null) this.#fault(RX_QUEUE, rx.ioFault);
-        // Ask for a kick when the guest adds buffers; if it already did, post them now.
-        this.#rxAgain = this.rxq.enableNotifications() &&
-          rx.posted < this.rings.rxPost.capacity;
-        if (this.#rxAgain) more = true;
+        if (rx.posted >= 2 * rxSignalChains(this.rxq.size)) {
+          // Plenty posted: the poller wakes us before it runs low (ipc/datapath.ts),
+          // so the guest's refills need not kick (each kick wakes two threads).
+          this.rxq.disableNotifications();
+          this.#rxAgain = false;
+        } else {
+          // Ask for a kick when the guest adds buffers; if it already did, post them now.
+          this.#rxAgain = this.rxq.enableNotifications() &&
+            rx.posted < this.rings.rxPost.capacity;
+          if (this.#rxAgain) more = true;
+        }
       }
     }
     if (!this.#faulted[TX_QUEUE]) {

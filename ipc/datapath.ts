@@ -111,6 +111,8 @@ export const CTL = {
   DEVICE_SLEEPING: 2,
   /** Messages the parent posted to the device worker since start-queues (`device/mailbox.ts`). */
   DEVICE_MAIL: 3,
+  /** Times the device woke from a wait on its doorbell (written by the device only). */
+  DEVICE_WAKES: 4,
   /** Bumped by the device when `WRITER_EVENTS` gained bits; the writer waits on it. */
   WRITER_DOORBELL: 32,
   /** WEV_* bits for the writer. */
@@ -158,6 +160,9 @@ export const CTL = {
   RX_USED_IDX: 79,
   /** RX used buffer notifications the poller sent (RX publication). */
   RX_INTERRUPTS: 80,
+  /** Guest kicks (available buffer notifications) the poller read, per queue. */
+  RX_KICKS: 81,
+  TX_KICKS: 82,
   /** 1: the device waits for TX ring or bounce space; the writer raises EV_TX_DONE after its next release and clears it. */
   TX_WANT_DONE: 96,
 } as const;
@@ -177,6 +182,8 @@ export const EV_TX_DONE = 1 << 2;
 export const EV_RX_DONE = 1 << 3;
 /** An I/O worker refused a record (see CTL.IO_BAD_RECORD); the device should reset the queue. */
 export const EV_IO_FAULT = 1 << 4;
+/** The poller ran out of RX buffers (room for a largest frame): post what the guest offers, or ask for its kick. */
+export const EV_RX_STARVED = 1 << 5;
 
 /** Writer events (bits of CTL.WRITER_EVENTS). */
 export const WEV_TX = 1 << 0;
@@ -271,6 +278,19 @@ export const RX_PUBLISHED = 4;
 export const RXT_ECN = 1 << 8;
 export const RXT_CSUM = 1 << 9;
 export const RXT_MERGEABLE = 1 << 10;
+
+/**
+ * RX buffer top-ups without kicks (QEMU's virtio-net does the same): while
+ * the poller holds plenty of posted chains the device does not ask the
+ * driver for RX kicks, and relies on being woken by the I/O side instead:
+ * under RX publication the poller wakes it every `rxSignalChains(size)`
+ * published chains (otherwise after every batch), and always when it runs
+ * out of room (CTL.POLLER_STARVED). "Plenty" is twice that many, so a top-up
+ * comes while the poller still holds half of them.
+ */
+export function rxSignalChains(queueSize: number): number {
+  return Math.max(1, Math.min(128, queueSize >> 2));
+}
 
 /** Ring capacities (records). Powers of two. */
 export const TX_RING_RECORDS = 256;

@@ -150,6 +150,11 @@ export interface DatapathCounters {
   rxPublication: boolean;
   /** RX used buffer notifications the poller sent under RX publication. */
   rxInterrupts: number;
+  /** Guest kicks the poller read on the RX and TX queues. */
+  rxKicks: number;
+  txKicks: number;
+  /** Times the device worker woke from waiting for work. */
+  deviceWakes: number;
 }
 
 export interface DatapathHostOptions {
@@ -508,6 +513,9 @@ export class DatapathHost {
       pollerWakeAsked: Atomics.load(c, CTL.POLLER_WAKE_ASKED),
       rxPublication: Atomics.load(c, CTL.RX_PUBLISH) === 1,
       rxInterrupts: Atomics.load(c, CTL.RX_INTERRUPTS),
+      rxKicks: Atomics.load(c, CTL.RX_KICKS),
+      txKicks: Atomics.load(c, CTL.TX_KICKS),
+      deviceWakes: Atomics.load(c, CTL.DEVICE_WAKES),
     };
   }
 

@@ -66,6 +66,7 @@ import {
   EV_KICK_RX,
   EV_KICK_TX,
   EV_RX_DONE,
+  EV_RX_STARVED,
   IOVEC_WORDS,
   NET_HDR_BYTES,
   POLLER_ENGINE_IO_URING,
@@ -78,6 +79,7 @@ import {
   RX_QUEUE,
   RX_UNUSED,
   RXF_MERGEABLE,
+  rxSignalChains,
   RXT_CSUM,
   RXT_ECN,
   RXT_MERGEABLE,
@@ -268,7 +270,8 @@ function pushRecord(ring: SpscRing, chains: number, bytes: number, status: numbe
  * stores used->idx and signals the RX call eventfd when the driver asked
  * (`ipc/vring_notify.ts`). The device learns afterwards, from RX_PUBLISHED
  * records, which chains to retire; it is woken for them only every
- * {@link PUB_SIGNAL_CHAINS} chains (or for any other record), not per frame.
+ * `rxSignalChains(ring size)` chains (or for any other record), not per
+ * frame: the device tops up RX buffers then (`ipc/datapath.ts`).
  *
  * Trust: the ring's place comes from the parent and is checked against the
  * granted regions; RX_TAKES, RX_USED_IDX and the chains' tokens come from
@@ -298,8 +301,6 @@ let pubRunFrames = 0;
 let pubRunBytes = 0;
 /** Chains published since the device was last woken for RX_PUBLISHED records. */
 let pubUnsignalled = 0;
-/** Wake the device for RX_PUBLISHED records once this many chains wait in them. */
-const PUB_SIGNAL_CHAINS = 128;
 /** Records pushed in the current batch, and those of them that are not RX_PUBLISHED. */
 let pushed = 0;
 let pushedOthers = 0;
@@ -675,7 +676,7 @@ function receiveBatch(c: Int32Array, postRing: SpscRing, done: SpscRing): number
     // Records before used->idx: the driver may offer a chain again once it
     // sees it used, and the device must find it retired then (Virtqueue.onAvailIdx).
     done.publish();
-    if (!pub || pushedOthers !== 0 || pubUnsignalled >= PUB_SIGNAL_CHAINS) {
+    if (!pub || pushedOthers !== 0 || pubUnsignalled >= rxSignalChains(rxUsed!.mask + 1)) {
       bits |= EV_RX_DONE;
       pubUnsignalled = 0;
     }
@@ -760,12 +761,17 @@ async function loop(c: Int32Array): Promise<void> {
           iTap = n;
         } else {
           // Starved: announce, then re-check (the device publishes, then reads the flag).
-          if (Atomics.exchange(c, CTL.POLLER_STARVED, 1) === 0) {
-            Atomics.add(c, CTL.POLLER_STARVATIONS, 1);
-          }
+          const fresh = Atomics.exchange(c, CTL.POLLER_STARVED, 1) === 0;
+          if (fresh) Atomics.add(c, CTL.POLLER_STARVATIONS, 1);
           if (hasRoom(postRing)) {
             Atomics.store(c, CTL.POLLER_STARVED, 0);
             iTap = n;
+          } else if (fresh) {
+            // The device may not be asking the guest for RX kicks while it
+            // thought we had plenty (rxSignalChains): have it top up now.
+            // It posts what the guest offers (and then has the writer wake
+            // us), or asks for the guest's kick.
+            bits |= EV_RX_STARVED;
           } else if (postRing.available() !== 0) {
             // Some mergeable buffers, not enough for a largest frame: a guest
             // with a small ring may never post more, so look again shortly
@@ -852,7 +858,11 @@ function startEngine(c: Int32Array, mode: IoUringMode): void {
 
 function kick(c: Int32Array, i: number, queue: number, bit: number): number {
   const ev = revents(i);
-  if (ev & libc.POLLIN) return readEventfd(kickFd[queue]) ? bit : 0;
+  if (ev & libc.POLLIN) {
+    if (!readEventfd(kickFd[queue])) return 0;
+    Atomics.add(c, queue === RX_QUEUE ? CTL.RX_KICKS : CTL.TX_KICKS, 1);
+    return bit;
+  }
   if (ev & BAD_FD) {
     // Not an fd we can poll: stop polling it until the parent sets another.
     kickFd[queue] = -1;

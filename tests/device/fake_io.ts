@@ -14,6 +14,7 @@ import {
   EV_KICK_RX,
   EV_KICK_TX,
   EV_RX_DONE,
+  EV_RX_STARVED,
   EV_TX_DONE,
   IOVEC_WORDS,
   NET_HDR_BYTES,
@@ -283,6 +284,11 @@ export class FakeIo {
   giveBack(n: number): void {
     this.rxPost.release(n);
     this.#pushDone(n, 0, RX_UNUSED);
+  }
+
+  /** Plays a poller that ran out of room for a frame (EV_RX_STARVED). */
+  starve(): void {
+    this.#signalDevice(EV_RX_STARVED);
   }
 
   /** Pushes a raw rx-done record (tests of a misbehaving poller use it directly). */

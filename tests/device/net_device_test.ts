@@ -301,6 +301,34 @@ Deno.test("RX: chains the poller gives back unfilled are posted again at the bac
   });
 });
 
+Deno.test("RX kicks: the device stops asking for them while it has plenty posted, and asks again when the poller runs low or starves", async () => {
+  await withRig(BASE, "auto", async ({ io, rx, faults }) => {
+    // Ring of 256: rxSignalChains(256) = 64, so 128 posted chains are plenty.
+    const post = (n: number) => {
+      for (let i = 0; i < n; i++) rx.post([{ len: 2048, writable: true }]);
+    };
+    post(150);
+    io.kick("rx");
+    await until(io, () => io.postedChains === 150, "150 chains posted");
+    // Notifications off: adding buffers would not kick, and the device does not see them yet.
+    const before = rx.availIdx;
+    post(10);
+    assert.equal(rx.kickNeeded(before, rx.availIdx), false, "plenty posted: no kick asked for");
+    await new Promise((r) => setTimeout(r, 20));
+    assert.equal(io.postedChains, 150, "no kick came, so nothing new was posted");
+    // The poller says it ran out of room: the device posts what the guest added.
+    io.starve();
+    await until(io, () => io.postedChains === 160, "the 10 posted after a starvation signal");
+    // Frames take chains until fewer than 128 remain posted: kicks are asked for again.
+    const { frame } = buildFrame({ payload: new Uint8Array(100) });
+    for (let i = 0; i < 40; i++) assert.equal(io.receive(concat(netHdr({}), frame)), 1);
+    let used = 0;
+    await until(io, () => (used += rx.readUsed().length) === 40, "40 frames used");
+    await until(io, () => rx.kickNeeded(rx.availIdx, rx.availIdx + 1), "kicks asked for again");
+    assert.deepEqual(faults, []);
+  });
+});
+
 Deno.test("RX publication: the device retires what the poller published, takes re-offered heads, and resumes used->idx from the poller's at stop", async () => {
   const guest = new TestGuest([{ gpa: 0x100000, size: 4 << 20 }]);
   const io = new FakeIo(guest);

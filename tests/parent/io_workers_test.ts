@@ -33,6 +33,7 @@ import {
   EV_KICK_RX,
   EV_KICK_TX,
   EV_RX_DONE,
+  EV_RX_STARVED,
   EV_TX_DONE,
   MAX_FRAME_BYTES,
   NET_HDR_BYTES,
@@ -607,10 +608,12 @@ Deno.test({
 
 Deno.test({
   ...opts,
-  name: "poller: starved, frames wait in the tap; a post wakes it through the writer",
+  name:
+    "poller: starved, frames wait in the tap; it tells the device; a post wakes it through the writer",
   fn: () =>
     withRig(async ({ ns, guest, dev }) => {
       assert.ok(await eventually(() => dev.counter(CTL.POLLER_STARVED) === 1), "starved at start");
+      assert.ok((await dev.waitFor(EV_RX_STARVED, 2000)) !== 0, "the device is told to top up");
       await sendUdp(ns, 50, 2);
       assert.equal(await dev.waitFor(EV_RX_DONE, 200), 0, "nothing received without buffers");
       assert.equal(dev.rxDone.available(), 0);
@@ -621,6 +624,10 @@ Deno.test({
       assert.ok(dev.counter(CTL.POLLER_WAKE_ASKED) >= 1, "the writer woke the poller");
       assert.ok(await eventually(() => dev.counter(CTL.POLLER_STARVED) === 1), "starved again");
       assert.equal(dev.counter(CTL.POLLER_STARVATIONS), 2);
+      assert.ok(
+        (await dev.waitFor(EV_RX_STARVED, 2000)) !== 0,
+        "told again for the new starvation",
+      );
     }),
 });
 
