@@ -19,6 +19,7 @@ import {
   RX_POST_RECORD_WORDS,
   signal,
   TX_RECORD_WORDS,
+  WEV_TX,
 } from "../ipc/datapath.ts";
 import { SpscRing } from "../ipc/spsc_ring.ts";
 
@@ -108,6 +109,30 @@ export class DeviceIoRings {
       }
     }
     Atomics.store(ctl, CTL.DEVICE_SLEEPING, 0);
+  }
+
+  /**
+   * New TX records: answers the poller if it waits for them (it read the
+   * kick; it writes them itself), else wakes the writer. Returns true when
+   * the poller got them.
+   */
+  signalTx(): boolean {
+    if (this.answerPoller()) return true;
+    this.signalWriter(WEV_TX);
+    return false;
+  }
+
+  /**
+   * Answers a poller that waits after a TX kick (CTL.POLLER_AWAITS_TX), with
+   * records or without; returns whether one waited.
+   */
+  answerPoller(): boolean {
+    const ctl = this.ctl;
+    if (Atomics.load(ctl, CTL.POLLER_AWAITS_TX) === 0) return false;
+    if (Atomics.exchange(ctl, CTL.POLLER_AWAITS_TX, 0) === 0) return false;
+    Atomics.add(ctl, CTL.POLLER_DOORBELL, 1);
+    Atomics.notify(ctl, CTL.POLLER_DOORBELL);
+    return true;
   }
 
   /** Sets writer events (WEV_* bits) and wakes the writer if it sleeps. */

@@ -393,6 +393,9 @@ export class NetDevice {
         if (this.#txAgain) more = true;
       }
     }
+    // A poller that read the kick waits for this answer (records or not:
+    // it writes what there is, and must not wait longer for nothing).
+    if (ev & EV_KICK_TX) this.#rings!.answerPoller();
     // TX used->idx and its interrupts are the writer's (ipc/datapath.ts): never flushed here.
     if (this.rxq.flushUsed() > 0 && this.rxq.needsInterrupt()) {
       this.#rings!.signalWriter(WEV_CALL_RX);

@@ -50,7 +50,6 @@ import {
   TX_MAX_IOV,
   TX_REC,
   TXF_COMPLETE_ONLY,
-  WEV_TX,
 } from "../ipc/datapath.ts";
 import { ETH_HLEN } from "./frame_parse.ts";
 
@@ -177,14 +176,14 @@ export class TxPath {
       if (this.#unpublished >= PUBLISH_BATCH) {
         published += ring.publish();
         this.#unpublished = 0;
-        this.rings.signalWriter(WEV_TX);
+        this.rings.signalTx();
       }
     }
     // Chains dropped since the last record: a record of their own carries them.
     if (this.queue.pendingUsed > 0) this.#completeOnly();
     published += ring.publish();
     this.#unpublished = 0;
-    if (published > 0) this.rings.signalWriter(WEV_TX);
+    if (published > 0) this.rings.signalTx();
     return blocked;
   }
 

@@ -163,6 +163,16 @@ export const CTL = {
   /** Guest kicks (available buffer notifications) the poller read, per queue. */
   RX_KICKS: 81,
   TX_KICKS: 82,
+  /**
+   * 1: the poller read a TX kick and waits (on POLLER_DOORBELL) for the
+   * device's answer, to write the TX records itself instead of the writer
+   * (one thread fewer woken per kick). Cleared by whoever answers.
+   */
+  POLLER_AWAITS_TX: 83,
+  /** Bumped by the device when it answers POLLER_AWAITS_TX; the poller waits on it. */
+  POLLER_DOORBELL: 84,
+  /** Batches of TX records the poller wrote (the writer wrote the rest). */
+  POLLER_TX_BATCHES: 85,
   /** 1: the device waits for TX ring or bounce space; the writer raises EV_TX_DONE after its next release and clears it. */
   TX_WANT_DONE: 96,
 } as const;

@@ -412,6 +412,22 @@ export class SpscRing {
     return (head - this.#tail) >>> 0;
   }
 
+  /** Consumer: its tail, the records released so far (mod 2^32). */
+  get tail(): number {
+    return this.#tail;
+  }
+
+  /**
+   * Consumer: continues from `tail`, where another consumer of this ring
+   * left it, for a consumer end that threads take turns on under a lock
+   * (`parent/tx_drain.ts`). The next `available()` checks the producer's
+   * head against it.
+   */
+  adoptTail(tail: number): void {
+    if (this.#corruption !== undefined) throw new CorruptRingError(this.#corruption);
+    this.#tail = this.#headSeen = tail >>> 0;
+  }
+
   /**
    * Word offset in {@link words} of the `i`-th ready record (0 = oldest), or
    * -1 if `i` is not below the count the last `available()` returned.

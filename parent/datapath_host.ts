@@ -40,6 +40,7 @@ import {
 } from "../ipc/datapath.ts";
 import { type HostRange, IoRegions } from "./io_regions.ts";
 import {
+  createTxShared,
   type FdSlot,
   IO_PROTOCOL_VERSION,
   type IoReply,
@@ -155,6 +156,8 @@ export interface DatapathCounters {
   txKicks: number;
   /** Times the device worker woke from waiting for work. */
   deviceWakes: number;
+  /** Batches of TX records the poller wrote after kicks it read (the writer wrote the rest). */
+  pollerTxBatches: number;
 }
 
 export interface DatapathHostOptions {
@@ -389,6 +392,8 @@ export class DatapathHost {
     const host = new DatapathHost(opts, wakeFd);
     try {
       const ranges = host.#grant(opts.ranges ?? []);
+      // The workers' turns on the TX ring (tx_drain.ts); the device never sees it.
+      const txShared = createTxShared();
       const init = (role: IoRole, mailbox: SharedArrayBuffer) => ({
         kind: "init" as const,
         version: IO_PROTOCOL_VERSION,
@@ -403,6 +408,7 @@ export class DatapathHost {
         ranges,
         ioUring: opts.ioUring ?? "auto",
         txUsed: opts.txUsed ?? null,
+        txShared,
         rxFrameRoom: opts.rxFrameRoom ?? RX_FRAME_ROOM_MAX,
         rxUsed: opts.rxUsed ?? null,
       });
@@ -457,13 +463,12 @@ export class DatapathHost {
 
   /**
    * Sets (or clears) the call eventfd of `queue`. Resolves when no worker
-   * uses the old one (the writer; for RX also the poller, which signals it
-   * under RX publication).
+   * uses the old one (both: the writer signals either queue; the poller
+   * signals RX under RX publication and TX when it writes TX frames).
    * @throws {TypeError} if `fd` is not an eventfd.
    */
   setCallFd(queue: number, fd: number | null): Promise<void> {
-    const msg = { kind: "setFd", slot: callSlot(queue), fd: this.#eventfd(fd) } as const;
-    return queue === RX_QUEUE ? this.#both(msg) : this.#writer.request(msg);
+    return this.#both({ kind: "setFd", slot: callSlot(queue), fd: this.#eventfd(fd) });
   }
 
   /**
@@ -516,6 +521,7 @@ export class DatapathHost {
       rxKicks: Atomics.load(c, CTL.RX_KICKS),
       txKicks: Atomics.load(c, CTL.TX_KICKS),
       deviceWakes: Atomics.load(c, CTL.DEVICE_WAKES),
+      pollerTxBatches: Atomics.load(c, CTL.POLLER_TX_BATCHES),
     };
   }
 

@@ -67,7 +67,7 @@ export const FD_SLOTS: readonly FdSlot[] = ["tap", "kickRx", "kickTx", "callRx",
 /** Slots each role accepts in `setFd`. */
 export const ROLE_SLOTS: Readonly<Record<IoRole, readonly FdSlot[]>> = {
   writer: ["tap", "callRx", "callTx"],
-  poller: ["tap", "kickRx", "kickTx", "callRx"],
+  poller: ["tap", "kickRx", "kickTx", "callRx", "callTx"],
 };
 
 /** First message: everything the worker needs to run. */
@@ -95,11 +95,18 @@ export interface InitRequest {
    */
   ioUring: IoUringMode;
   /**
-   * Where the writer publishes TX completions (`ipc/datapath.ts`), computed
-   * by the parent from the vring addresses the VMM gave; null: the writer
-   * publishes nothing (tests of the writer alone). The poller ignores it.
+   * Where TX completions go (`ipc/datapath.ts`), computed by the parent from
+   * the vring addresses the VMM gave; null: none are published (tests of a
+   * worker alone). Both workers write TX frames (`tx_drain.ts`).
    */
   txUsed: TxUsedPlace | null;
+  /**
+   * The lock and TX ring position the two workers take turns with
+   * (`tx_drain.ts`: TX_SHARED), the same buffer for both and never the
+   * device's; null: this worker is the only one that writes TX frames
+   * (the writer) or it writes none (the poller).
+   */
+  txShared: SharedArrayBuffer | null;
   /**
    * The longest frame the tap can hand the poller now, net header included
    * ({@link RX_FRAME_ROOM_MIN}..{@link RX_FRAME_ROOM_MAX}): the tap's MTU
@@ -240,6 +247,20 @@ function fd(v: unknown, field: string, id: number | null): number {
   return v;
 }
 
+/** Size of `txShared` (its words: TX_SHARED in `tx_drain.ts`). */
+export const TX_SHARED_BYTES = 16;
+
+/** A fresh `txShared` buffer for one data path's two I/O workers. */
+export function createTxShared(): SharedArrayBuffer {
+  return new SharedArrayBuffer(TX_SHARED_BYTES);
+}
+
+function txSharedBuffer(v: unknown, id: number | null): SharedArrayBuffer {
+  const b = sab(v, "txShared", id);
+  if (b.byteLength !== TX_SHARED_BYTES) fail(`txShared must be ${TX_SHARED_BYTES} bytes`, id);
+  return b;
+}
+
 function sab(v: unknown, field: string, id: number | null): SharedArrayBuffer {
   if (!(v instanceof SharedArrayBuffer)) fail(`${field} must be a SharedArrayBuffer`, id);
   if (field === "mailbox" && v.byteLength !== MAILBOX_BYTES) {
@@ -348,6 +369,9 @@ export function parseIoRequest(data: unknown): IoRequest {
         ranges: ranges(data.ranges, id),
         ioUring: data.ioUring === undefined ? "auto" : ioUringMode(data.ioUring, id),
         txUsed: parseTxUsed(data.txUsed, id),
+        txShared: data.txShared === undefined || data.txShared === null
+          ? null
+          : txSharedBuffer(data.txShared, id),
         rxFrameRoom: data.rxFrameRoom === undefined
           ? RX_FRAME_ROOM_MAX
           : frameRoom(data.rxFrameRoom, id),

@@ -8,6 +8,7 @@
  * @module
  */
 
+import { DeviceIoRings } from "../../device/io_rings.ts";
 import * as libc from "../../parent/libc.ts";
 import { SpscRing } from "../../ipc/spsc_ring.ts";
 import {
@@ -118,6 +119,7 @@ export class FakeDeviceSide {
   readonly rxDone: SpscRing;
   #pending = 0;
   readonly #txHeader: Int32Array;
+  readonly #deviceRings: DeviceIoRings;
 
   constructor(buffers: DatapathBuffers) {
     this.ctl = new Int32Array(buffers.control);
@@ -125,6 +127,8 @@ export class FakeDeviceSide {
     this.rxPost = SpscRing.attach(buffers.rxPost);
     this.rxDone = SpscRing.attach(buffers.rxDone);
     this.#txHeader = new Int32Array(buffers.tx, 0, 96);
+    // The device's own signalling code (the bounce arena is not used here).
+    this.#deviceRings = new DeviceIoRings(buffers, 1);
   }
 
   /** Writes one TX record (unpublished); false when the ring is full. Call {@link kickWriter}. */
@@ -155,6 +159,16 @@ export class FakeDeviceSide {
     Atomics.store(this.ctl, CTL.TX_WANT_DONE, 1);
     this.tx.publish();
     signal(this.ctl, CTL.WRITER_EVENTS, WEV_TX, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING);
+  }
+
+  /**
+   * Publishes written TX records and hands them over as the device does
+   * (`DeviceIoRings.signalTx`): to a poller that waits after a TX kick, else
+   * to the writer. Returns true when the poller got them.
+   */
+  handOverTx(): boolean {
+    this.tx.publish();
+    return this.#deviceRings.signalTx();
   }
 
   /** Asks the writer to signal a queue's call eventfd. */
