@@ -127,6 +127,9 @@ function perThread(
 }
 
 /** Runs one backend × offload configuration: boots once, then `reps` iperf3 runs each way. */
+/** Seconds of iperf3 each way before the measured runs. */
+const WARMUP_SECONDS = 3;
+
 export async function measureGuest(
   backend: GuestBackend,
   offloads: "on" | "off",
@@ -202,6 +205,13 @@ export async function measureGuest(
         const dt = (performance.now() - t0) / 1000;
         idle.push({ rep, cores: (cpuSeconds(daemon.pid) - c0) / dt, seconds: dt });
       }
+    }
+
+    // Warm-up, not measured, for both backends alike: TCP's window grows and
+    // vionet's workers get their code optimized (V8's compiler threads ran
+    // for 2-4 % of a core during the first measured run otherwise).
+    for (const reverse of ["", "-R"]) {
+      await guest.run(`iperf3 -c ${HOST_IP} -t ${WARMUP_SECONDS} ${reverse}`, 60_000);
     }
 
     const backendPid = daemon?.pid ?? guest.pid;
