@@ -1,9 +1,12 @@
 /// <reference lib="deno.worker" />
 /**
- * The poller: the privileged I/O worker that blocks in `poll()` on the tap,
- * the queues' kick eventfds and its own wake eventfd; `readv`s frames from the
- * tap straight into the guest buffers the device posted, and turns kicks into
- * device events (`ipc/datapath.ts`).
+ * The poller: the privileged I/O worker that blocks in `epoll_wait` on the
+ * tap, the queues' kick eventfds and its own wake eventfd (`wait_set.ts`);
+ * `readv`s frames from the tap straight into the guest buffers the device
+ * posted, and turns kicks into device events (`ipc/datapath.ts`). Kicks are
+ * edge-triggered and never read as they come (one system call less per
+ * guest kick); the poller reads each kick eventfd once when it lets go of
+ * it, so its counter is left at zero as if every kick had been read.
  *
  * TX after a kick: the poller announces CTL.POLLER_AWAITS_TX before it
  * raises EV_KICK_TX, waits (at most {@link TX_ANSWER_WAIT_MS}) for the
@@ -11,14 +14,14 @@
  * `TxDrainer` (`tx_drain.ts`), in turns with the writer, which writes what
  * the device publishes at other times. A guest's frame then wakes two
  * threads, not three (kick -> poller -> device -> poller), and the TCP ACK
- * the host's stack sends back during the write is read by the poll() that
+ * the host's stack sends back during the write is read by the wait that
  * follows at once, without a wake-up of its own. Measured with the e2e rig
  * (guest -> host iperf3, offloads on): the writer's ~2000 wake-ups per
  * second went to ~100, the poller's stayed ~3200-3600.
  *
  * Runs with FFI only (`IO_POLLER_OPTIONS` in `datapath_host.ts`).
  *
- * A thread blocked in `poll()` sees neither Atomics nor postMessage. So:
+ * A thread blocked in `epoll_wait` sees neither Atomics nor postMessage. So:
  * - the tap is polled only while RX chains are posted; otherwise the poller
  *   sets CTL.POLLER_STARVED and re-checks the rx-post ring (Dekker with the
  *   device, which publishes and then reads POLLER_STARVED and asks the writer
@@ -100,6 +103,7 @@ import {
 } from "../ipc/datapath.ts";
 import { IoRegions } from "./io_regions.ts";
 import { TxDrainer } from "./tx_drain.ts";
+import { WaitSet } from "./wait_set.ts";
 import {
   type IoUringMode,
   RX_FRAME_ROOM_MAX,
@@ -132,7 +136,7 @@ let rxDone: SpscRing | null = null;
 let rxDead = false;
 let regions = IoRegions.EMPTY;
 let tapFd = -1;
-/** Set when poll() reported the tap invalid; cleared by a new setFd tap. */
+/** Set when the wait set reported the tap invalid; cleared by a new setFd tap. */
 let tapBroken = false;
 const kickFd = [-1, -1]; // indexed by RX_QUEUE / TX_QUEUE
 let wakeFd = -1;
@@ -150,10 +154,16 @@ const MAIL_WAIT_MS = 100;
 
 // ---- private buffers ------------------------------------------------------------
 
-/** pollfd[4]: i32 fd, i16 events, i16 revents; as i32 words [fd, events | revents << 16]. */
-const pfd = new Int32Array(new ArrayBuffer(32));
-const pfdBytes = new Uint8Array(pfd.buffer);
-const NFDS = [0n, 1n, 2n, 3n, 4n];
+/** The control block (set at init). */
+let ctlBlock: Int32Array | null = null;
+/** What the poller waits on (`wait_set.ts`), by tag. */
+let waits: WaitSet | null = null;
+const TAG_WAKE = 0;
+const TAG_KICK = [1, 2]; // indexed by RX_QUEUE / TX_QUEUE
+const TAG_TAP = 3;
+/** Kicks are edge-triggered: each guest kick is reported once, and the eventfd is not read. */
+const KICK_EVENTS = libc.EPOLLIN | libc.EPOLLET;
+const BAD_FD = libc.EPOLLERR | libc.EPOLLHUP;
 
 /** u64 counter of an eventfd read. */
 const counter = new Uint8Array(new ArrayBuffer(8));
@@ -744,26 +754,10 @@ function hasRoom(ring: SpscRing): boolean {
   return false;
 }
 
-function addFd(n: number, fd: number): number {
-  pfd[n * 2] = fd;
-  pfd[n * 2 + 1] = libc.POLLIN; // also clears revents
-  return n + 1;
-}
-
-function revents(i: number): number {
-  return (pfd[i * 2 + 1] >>> 16) & 0xffff;
-}
-
-const BAD_FD = libc.POLLNVAL | libc.POLLERR | libc.POLLHUP;
-
 async function loop(c: Int32Array): Promise<void> {
+  const ws = waits!;
   while (control.stopId === null) {
-    let n = addFd(0, wakeFd);
-    const iKickRx = kickFd[RX_QUEUE] >= 0 ? n : -1;
-    if (iKickRx >= 0) n = addFd(n, kickFd[RX_QUEUE]);
-    const iKickTx = kickFd[TX_QUEUE] >= 0 ? n : -1;
-    if (iKickTx >= 0) n = addFd(n, kickFd[TX_QUEUE]);
-    let iTap = -1;
+    let watchTap = false;
     let timeout = -1;
     let bits = 0;
     const postRing = rxPost!;
@@ -774,14 +768,14 @@ async function loop(c: Int32Array): Promise<void> {
           timeout = RX_DONE_FULL_RETRY_MS;
         } else if (hasRoom(postRing)) {
           Atomics.store(c, CTL.POLLER_STARVED, 0);
-          iTap = n;
+          watchTap = true;
         } else {
           // Starved: announce, then re-check (the device publishes, then reads the flag).
           const fresh = Atomics.exchange(c, CTL.POLLER_STARVED, 1) === 0;
           if (fresh) Atomics.add(c, CTL.POLLER_STARVATIONS, 1);
           if (hasRoom(postRing)) {
             Atomics.store(c, CTL.POLLER_STARVED, 0);
-            iTap = n;
+            watchTap = true;
           } else if (fresh) {
             // The device may not be asking the guest for RX kicks while it
             // thought we had plenty (rxSignalChains): have it top up now.
@@ -795,17 +789,21 @@ async function loop(c: Int32Array): Promise<void> {
             timeout = ROOM_WAIT_MS;
             if (performance.now() - roomWaitSince > ROOM_WAIT_MS) {
               Atomics.store(c, CTL.POLLER_STARVED, 0);
-              iTap = n;
+              watchTap = true;
             }
           }
         }
       } catch (e) {
         bits |= ringFault(e);
       }
-      if (iTap >= 0) n = addFd(n, tapFd);
+    }
+    // Level-triggered: watched while there is room, quiet otherwise.
+    if (!ws.set(TAG_TAP, tapFd >= 0 && !tapBroken ? tapFd : -1, watchTap ? libc.EPOLLIN : 0)) {
+      tapBroken = true;
+      Atomics.add(c, CTL.POLLER_ERRORS, 1);
     }
     if (bits === 0) {
-      const r = sys.poll(pfdBytes, NFDS[n], timeout);
+      const r = ws.wait(timeout);
       if (r < 0) {
         if (libc.errno() !== EINTR) {
           Atomics.add(c, CTL.POLLER_ERRORS, 1);
@@ -813,11 +811,15 @@ async function loop(c: Int32Array): Promise<void> {
         }
         continue;
       }
+    } else {
+      ws.clear();
     }
-    if (revents(0) !== 0) {
+    // Kicks first: edge-triggered, a kick reported now is never reported again.
+    bits |= kick(c, ws, RX_QUEUE, EV_KICK_RX);
+    bits |= kick(c, ws, TX_QUEUE, EV_KICK_TX);
+    if (ws.ready(TAG_WAKE) !== 0) {
       // Woken for control messages (or by the writer for new RX buffers): drain,
-      // let the event loop serve messages, and rebuild the poll set.
-      if (revents(0) & libc.POLLNVAL) Atomics.add(c, CTL.POLLER_ERRORS, 1);
+      // let the event loop serve messages, and look at everything again.
       readEventfd(wakeFd);
       if (bits !== 0) signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
       const deadline = performance.now() + MAIL_WAIT_MS;
@@ -826,8 +828,6 @@ async function loop(c: Int32Array): Promise<void> {
       }
       continue;
     }
-    if (iKickRx >= 0) bits |= kick(c, iKickRx, RX_QUEUE, EV_KICK_RX);
-    if (iKickTx >= 0) bits |= kick(c, iKickTx, TX_QUEUE, EV_KICK_TX);
     // A TX kick: wait for the device's answer and write its records here
     // (announced before the device can see the kick; it answers either way).
     const awaitTx = (bits & EV_KICK_TX) !== 0 && txDrainer !== null;
@@ -836,18 +836,17 @@ async function loop(c: Int32Array): Promise<void> {
       answerSeen = Atomics.load(c, CTL.POLLER_DOORBELL);
       Atomics.store(c, CTL.POLLER_AWAITS_TX, 1);
     }
-    if (iTap >= 0) {
-      const ev = revents(iTap);
-      if (ev & libc.POLLIN) {
-        try {
-          bits |= receiveBatch(c, postRing, done);
-        } catch (e) {
-          bits |= ringFault(e);
-        }
-      } else if (ev & BAD_FD) {
-        tapBroken = true;
-        Atomics.add(c, CTL.POLLER_ERRORS, 1);
+    const tapEv = ws.ready(TAG_TAP);
+    if (watchTap && (tapEv & libc.EPOLLIN)) {
+      try {
+        bits |= receiveBatch(c, postRing, done);
+      } catch (e) {
+        bits |= ringFault(e);
       }
+    } else if (tapEv & BAD_FD) {
+      // Reported even while the tap is quiet: stop watching it (next pass) or we would spin.
+      tapBroken = true;
+      Atomics.add(c, CTL.POLLER_ERRORS, 1);
     }
     if (bits !== 0) signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
     if (awaitTx) {
@@ -855,13 +854,16 @@ async function loop(c: Int32Array): Promise<void> {
       if (txBits !== 0) {
         signal(c, CTL.DEVICE_EVENTS, txBits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
       }
-      // The next poll() finds at once what the writes brought back (a TCP
+      // The next wait finds at once what the writes brought back (a TCP
       // ACK from the host's stack, typically): no sleep, no wake-up.
     }
   }
   uring?.close();
   uring = null;
   txDrainer?.close();
+  for (const q of [RX_QUEUE, TX_QUEUE]) letGoOfKick(q);
+  waits?.close();
+  waits = null;
   control.finish();
 }
 
@@ -924,19 +926,43 @@ function startEngine(c: Int32Array, mode: IoUringMode): void {
   Atomics.store(c, CTL.POLLER_ENGINE, POLLER_ENGINE_READV);
 }
 
-function kick(c: Int32Array, i: number, queue: number, bit: number): number {
-  const ev = revents(i);
-  if (ev & libc.POLLIN) {
-    if (!readEventfd(kickFd[queue])) return 0;
+function kick(c: Int32Array, ws: WaitSet, queue: number, bit: number): number {
+  const ev = ws.ready(TAG_KICK[queue]);
+  if (ev & libc.EPOLLIN) {
     Atomics.add(c, queue === RX_QUEUE ? CTL.RX_KICKS : CTL.TX_KICKS, 1);
     return bit;
   }
   if (ev & BAD_FD) {
-    // Not an fd we can poll: stop polling it until the parent sets another.
+    // Not an fd we can wait on: stop watching it until the parent sets another.
+    ws.set(TAG_KICK[queue], -1, 0);
     kickFd[queue] = -1;
     Atomics.add(c, CTL.POLLER_ERRORS, 1);
   }
   return 0;
+}
+
+/** Watches `fd` for the queue's kicks (-1: none). A descriptor the kernel refuses counts as an error. */
+function watchKick(queue: number, fd: number): void {
+  letGoOfKick(queue);
+  kickFd[queue] = fd;
+  if (fd >= 0 && !waits!.set(TAG_KICK[queue], fd, KICK_EVENTS)) {
+    kickFd[queue] = -1;
+    Atomics.add(ctlBlock!, CTL.POLLER_ERRORS, 1);
+  }
+}
+
+/**
+ * Stops watching the queue's kick eventfd and reads it once: kicks are not
+ * read as they come (edge-triggered), so this leaves its counter at zero, as
+ * if each had been read, for whoever watches it next (the VMM, or the next
+ * start, which looks at the rings anyway).
+ */
+function letGoOfKick(queue: number): void {
+  const fd = kickFd[queue];
+  if (fd < 0) return;
+  waits?.set(TAG_KICK[queue], -1, 0);
+  readEventfd(fd);
+  kickFd[queue] = -1;
 }
 
 function ringFault(e: unknown): number {
@@ -958,6 +984,13 @@ const control = new WorkerControl("poller", {
     tapFd = msg.tapFd;
     wakeFd = msg.wakeFd;
     frameRoom = msg.rxFrameRoom;
+    ctlBlock = c;
+    const ws = new WaitSet();
+    if (!ws.set(TAG_WAKE, wakeFd, libc.EPOLLIN)) {
+      ws.close();
+      throw new Error(`wake fd ${wakeFd} cannot be waited on`);
+    }
+    waits = ws;
     if (msg.txShared !== null) {
       // TX frames after kicks it read (tx_drain.ts), in turns with the writer.
       const t = new TxDrainer(
@@ -1011,9 +1044,9 @@ const control = new WorkerControl("poller", {
       callTxFd = fd;
       if (txDrainer) txDrainer.callFd = fd;
     } else {
-      kickFd[slot === "kickRx" ? RX_QUEUE : TX_QUEUE] = fd;
+      watchKick(slot === "kickRx" ? RX_QUEUE : TX_QUEUE, fd);
     }
   },
-  // The parent writes the wake eventfd with every message; poll() returns then.
+  // The parent writes the wake eventfd with every message; epoll_wait returns then.
   wake() {},
 });

@@ -91,6 +91,10 @@ export const LIBC_SYMBOLS = {
     result: "i32",
     nonblocking: true,
   },
+  /** The poller's wait set (`wait_set.ts`). struct epoll_event is packed: u32 events, u64 data. */
+  epoll_create1: { parameters: ["i32"], result: "i32" },
+  epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
+  epoll_wait: { parameters: ["i32", "buffer", "i32", "i32"], result: "i32" },
   pipe2: { parameters: ["buffer", "i32"], result: "i32" },
   getpid: { parameters: [], result: "i32" },
   prctl: { parameters: ["i32", "u64", "u64", "u64", "u64"], result: "i32" },
@@ -372,6 +376,16 @@ export const POLLOUT = 0x004;
 export const POLLERR = 0x008;
 export const POLLHUP = 0x010;
 export const POLLNVAL = 0x020;
+
+export const EPOLL_CLOEXEC = 0o2000000;
+export const EPOLL_CTL_ADD = 1;
+export const EPOLL_CTL_DEL = 2;
+export const EPOLL_CTL_MOD = 3;
+export const EPOLLIN = 0x001;
+export const EPOLLERR = 0x008;
+export const EPOLLHUP = 0x010;
+/** Edge-triggered: one report per change (for an eventfd, per write), never repeated. */
+export const EPOLLET = 0x8000_0000;
 
 export const PR_SET_PDEATHSIG = 1;
 export const PR_CAPBSET_DROP = 24;
