@@ -71,13 +71,15 @@ export const AUDITED_WORKERS: readonly AuditedWorker[] = [
     url: IO_WRITER_URL,
     options: IO_WRITER_OPTIONS,
     source: "IO_WRITER_OPTIONS in parent/datapath_host.ts",
-    role: "TX: writev of validated records from guest memory to the tap; call eventfds",
+    role: "TX: writev of validated records from guest memory to the tap, those the poller " +
+      "left; TX call eventfd",
   },
   {
     url: IO_POLLER_URL,
     options: IO_POLLER_OPTIONS,
     source: "IO_POLLER_OPTIONS in parent/datapath_host.ts",
-    role: "RX: readv from the tap into posted guest buffers; kick eventfds",
+    role: "RX: readv from the tap into posted guest buffers, RX used ring and call; " +
+      "waits on kicks, tap and wake (epoll); writes the TX records of the kicks it reads",
   },
 ];
 
@@ -409,23 +411,41 @@ function files(opts: AuditOptions): FileAudit[] {
     {
       what: "queue eventfds",
       path: "kick, call and err eventfds received from the VMM (SCM_RIGHTS)",
-      access: "checked through readlink /proc/self/fd/N; read (kick), write (call)",
+      access: "checked through readlink /proc/self/fd/N; kicks waited on by the poller " +
+        "(epoll) and read once when let go; calls written by the writer and the poller",
       when: "serving",
       source: "parent/datapath_host.ts",
     },
     {
       what: "poller wake eventfd",
       path: "eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)",
-      access: "written by the main thread and the writer, polled by the poller",
+      access: "written by the main thread and the writer, waited on by the poller (epoll)",
       when: "serving",
       source: "parent/datapath_host.ts",
     },
     {
-      what: "io_uring instance (writer)",
-      path:
-        "io_uring_setup(64): an anonymous descriptor, per queue start (not with --io-uring off)",
+      what: "epoll instance (poller)",
+      path: "epoll_create1(EPOLL_CLOEXEC): an anonymous descriptor, per queue start",
+      access: "epoll_ctl ADD/DEL of the wake eventfd, the kick eventfds and the tap; " +
+        "epoll_wait, nothing else",
+      when: "serving",
+      source: "parent/wait_set.ts",
+    },
+    {
+      what: "io_uring instances for TX (tx_drain.ts: one in the writer, one in the poller)",
+      path: "io_uring_setup(64): an anonymous descriptor, per queue start " +
+        "(none with --io-uring off)",
       access: "mmap of its submission ring, completion ring and entries (MAP_SHARED read-write); " +
         "io_uring_enter to submit IORING_OP_WRITEV to the tap, nothing else",
+      when: "serving",
+      source: "parent/io_uring.ts",
+    },
+    {
+      what: "io_uring instance for RX (io_poller_worker.ts)",
+      path: "io_uring_setup(64): an anonymous descriptor, per queue start " +
+        "(none with --io-uring off)",
+      access: "mmap of its rings as above; io_uring_enter to submit " +
+        "IORING_OP_READV (RWF_NOWAIT) from the tap, nothing else",
       when: "serving",
       source: "parent/io_uring.ts",
     },
