@@ -38,6 +38,7 @@ import {
   MAX_FRAME_BYTES,
   NET_HDR_BYTES,
   POLLER_ENGINE_IO_URING,
+  POLLER_ENGINE_READV,
   RX_OK,
   RX_PUBLISHED,
   RX_QUEUE,
@@ -701,6 +702,60 @@ Deno.test({
         "told again for the new starvation",
       );
     }),
+});
+
+Deno.test({
+  ...opts,
+  name:
+    "poller (readv): frames one per wake, then a burst queued while starved: every frame read, in order",
+  fn: () =>
+    withRig(async ({ ns, guest, dev }) => {
+      const posted = chains(guest, 0x10000, 64, 2048);
+      let next = 0; // the next posted chain a frame lands in
+      // Rounds of 1-4 single frames put the poller at each point of its
+      // one-readv-per-wake cycle when a burst comes. Each round posts one
+      // chain more than the singles take: a single's read is followed by one
+      // that finds the tap empty (which is what teaches the poller that
+      // frames come one at a time), and the burst's first frame takes it.
+      for (let round = 0; round < 4; round++) {
+        const singles = round + 1;
+        dev.postRx(posted.slice(next, next + singles + 1));
+        for (let i = 0; i < singles; i++) {
+          assert.equal(await sendUdp(ns, 100, 1), 1);
+          assert.deepEqual(await rxDone(dev, 1), [{
+            chains: 1,
+            bytes: udpRxBytes(100),
+            status: RX_OK,
+          }], `round ${round}, single frame ${i}`);
+        }
+        next += singles;
+        // The burst: one frame lands, the other nine wait in the tap while
+        // the poller starves. The post wakes it once, and no new frame comes
+        // to report the tap again: only a level-triggered wait brings the
+        // frames behind the next one it reads.
+        assert.equal(await sendUdp(ns, 100, 10), 10);
+        assert.equal((await rxDone(dev, 1)).length, 1, `round ${round}: first of the burst`);
+        assert.ok(
+          await eventually(() => dev.counter(CTL.POLLER_STARVED) === 1),
+          `round ${round}: starved`,
+        );
+        dev.postRx(posted.slice(next + 1, next + 10));
+        const done = await rxDone(dev, 9);
+        assert.equal(done.length, 9, `round ${round}: every frame of the burst read`);
+        for (let i = 0; i < 10; i++) {
+          assert.equal(
+            guest.bytes[posted[next + i].at + NET_HDR_BYTES + 42],
+            i,
+            `round ${round}: datagram ${i} in its chain`,
+          );
+        }
+        next += 10;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      assert.deepEqual(dev.takeRxDone(), [], "nothing more came");
+      assert.equal(dev.counter(CTL.POLLER_ENGINE), POLLER_ENGINE_READV);
+      assert.equal(dev.counter(CTL.IO_BAD_RECORD), 0);
+    }, "off"),
 });
 
 /** The room a tap with MTU 1500 and no GSO offload gives its frames (Tap.readRoom()). */
