@@ -314,14 +314,31 @@ export class TxDrainer {
     const ring = this.ring;
     if (ring === null || this.#dead) return 0;
     const s = this.#shared;
-    if (Atomics.compareExchange(s, TX_SHARED.LOCK, 0, 1) !== 0) return 0;
+    for (;;) {
+      if (Atomics.compareExchange(s, TX_SHARED.LOCK, 0, 1) !== 0) return 0;
+      let bits: number;
+      try {
+        this.#adopt(ring);
+        bits = this.#batch(ring);
+      } finally {
+        Atomics.store(s, TX_SHARED.TAIL, ring.tail | 0);
+        Atomics.store(s, TX_SHARED.TAIL_SET, 1);
+        Atomics.store(s, TX_SHARED.LOCK, 0);
+      }
+      // Took some: the caller drains again. Took none: records published
+      // while the lock was held may have been refused to the other drainer,
+      // which then went to sleep; look once more now that it is free.
+      if (this.lastCount !== 0 || bits !== 0 || this.#dead || !this.#published(ring)) return bits;
+    }
+  }
+
+  /** Whether records wait past the tail the last holder left (read without the lock). */
+  #published(ring: SpscRing): boolean {
     try {
       this.#adopt(ring);
-      return this.#batch(ring);
-    } finally {
-      Atomics.store(s, TX_SHARED.TAIL, ring.tail | 0);
-      Atomics.store(s, TX_SHARED.TAIL_SET, 1);
-      Atomics.store(s, TX_SHARED.LOCK, 0);
+      return ring.available() !== 0;
+    } catch {
+      return false; // the next drain() reports it
     }
   }
   lastCount = 0;
