@@ -303,7 +303,7 @@ export class NetDevice {
         interrupts: c.interrupts,
       };
       for (const [k, v] of Object.entries(c.errors)) if (v) out[`error_${k}`] = v;
-      return out;
+      return { ...out, ...vq.ringState() };
     };
     return {
       rx0: { ...q(this.rxq), ...(this.#rx?.counters() ?? {}) },

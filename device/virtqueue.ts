@@ -274,6 +274,31 @@ export class Virtqueue {
   }
 
   /**
+   * The ring words as they are now, for a stalled queue's diagnosis (who
+   * waits on whom): avail->idx and flags, used->idx and flags in guest
+   * memory, used_event and avail_event (EVENT_IDX), and the device's own
+   * last_avail_idx and used index. Empty when the queue is not started.
+   */
+  ringState(): Record<string, number> {
+    if (this.#availU16.length === 0 || this.#usedU16.length === 0) return {};
+    const a = this.#availU16, u = this.#usedU16, n = this.#size;
+    const out: Record<string, number> = {
+      ring_availIdx: Atomics.load(a, VIRTQ_AVAIL_OFF_IDX >> 1),
+      ring_lastAvail: this.#lastAvail,
+      ring_usedIdx: Atomics.load(u, VIRTQ_USED_OFF_IDX >> 1),
+      ring_deviceUsedIdx: this.#usedIdx,
+      ring_availFlags: Atomics.load(a, VIRTQ_AVAIL_OFF_FLAGS >> 1),
+      ring_usedFlags: Atomics.load(u, VIRTQ_USED_OFF_FLAGS >> 1),
+      ring_inFlight: this.#inFlightCount,
+    };
+    if (this.#eventIdx) {
+      out.ring_usedEvent = Atomics.load(a, (VIRTQ_AVAIL_OFF_RING >> 1) + n);
+      out.ring_availEvent = Atomics.load(u, (VIRTQ_USED_OFF_RING >> 1) + 4 * n);
+    }
+    return out;
+  }
+
+  /**
    * Next avail ring position the device will read (vhost-user SET/GET_VRING_BASE).
    * Setting it makes the next `popAvail()` re-read avail->idx.
    */
