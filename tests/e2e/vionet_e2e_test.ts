@@ -91,7 +91,7 @@ async function withLog(rig: Rig, fn: () => Promise<void>): Promise<void> {
   }
 }
 
-/** With no GSO on the tap the poller batched its reads (SIGUSR1's datapath counters). */
+/** With no GSO on the tap the poller batched its reads (SIGUSR2's datapath counters). */
 async function assertBatchedReads(rig: Rig): Promise<void> {
   const c = await rig.daemon.datapathCounters();
   assert.ok(c, "the data path runs");

@@ -229,12 +229,12 @@ export class VionetDaemon extends NetnsProcess {
   }
 
   /**
-   * The data path's counters now: asks with SIGUSR1 and parses the
+   * The data path's counters now: asks with SIGUSR2 and parses the
    * "datapath {...}" line it logs (null while the queues do not run).
    */
   async datapathCounters(): Promise<Record<string, unknown> | null> {
     const from = this.lines().length;
-    this.signal("SIGUSR1");
+    this.signal("SIGUSR2");
     const line = await this.waitFor(/ datapath (\{.*\}|not running)$/, 5000, from);
     const json = / datapath (\{.*\})$/.exec(line)?.[1];
     return json === undefined ? null : JSON.parse(json);
@@ -548,7 +548,7 @@ export class Rig {
   }
 
   /**
-   * Runs a transfer; if it fails, asks the daemon for its counters (SIGUSR1)
+   * Runs a transfer; if it fails, asks the daemon for its counters (SIGUSR2)
    * and adds them and the rest of its log to the error: a stall then says
    * which queue stopped moving.
    */
@@ -557,7 +557,7 @@ export class Rig {
       return await fn();
     } catch (e) {
       const from = this.daemon.lines().length;
-      this.daemon.signal("SIGUSR1");
+      this.daemon.signal("SIGUSR2");
       await new Promise((r) => setTimeout(r, 1000));
       const tail = this.daemon.lines().slice(Math.max(0, from - 20)).join("\n");
       throw new Error(
