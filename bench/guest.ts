@@ -211,7 +211,19 @@ export async function measureGuest(
     // vionet's workers get their code optimized (V8's compiler threads ran
     // for 2-4 % of a core during the first measured run otherwise).
     for (const reverse of ["", "-R"]) {
-      await guest.run(`iperf3 -c ${HOST_IP} -t ${WARMUP_SECONDS} ${reverse}`, 60_000);
+      const w = await guest.run(`iperf3 -c ${HOST_IP} -t ${WARMUP_SECONDS} ${reverse}`, 60_000);
+      if (w.status !== 0) {
+        // Say so now, with the daemon's counters (SIGUSR2), not only as failed reps.
+        if (daemon) {
+          Deno.kill(daemon.pid, "SIGUSR2");
+          await sleep(500);
+        }
+        o.log(
+          `  ${backend} offloads ${offloads}: warm-up iperf3 ${reverse || "(guest->host)"} ` +
+            `failed, status ${w.status}: ${w.output.trim().slice(-300)}` +
+            (daemon ? `\n${daemon.tail(3000)}` : ""),
+        );
+      }
     }
 
     const backendPid = daemon?.pid ?? guest.pid;
@@ -233,7 +245,13 @@ export async function measureGuest(
           const b1 = backendCpu();
           const q1 = cpuSeconds(guest.pid);
           if (daemon?.done) throw new Error(`the daemon exited:\n${daemon.tail(2000)}`);
-          const j = JSON.parse(r.output.slice(r.output.indexOf("{")));
+          const brace = r.output.indexOf("{");
+          if (brace < 0) {
+            throw new Error(
+              `iperf3 gave no report (status ${r.status}): ${r.output.trim().slice(-300)}`,
+            );
+          }
+          const j = JSON.parse(r.output.slice(brace));
           if (j.error) throw new Error(`iperf3: ${j.error}`);
           const gbps = j.end.sum_received.bits_per_second / 1e9;
           const threads = th0 && daemon ? perThread(th0, threadTimes(daemon.pid), dt) : undefined;
