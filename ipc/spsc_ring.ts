@@ -418,6 +418,17 @@ export class SpscRing {
   }
 
   /**
+   * Whether the producer's head differs from the tail last released into the
+   * header: a look without validation or side effect, for a consumer end
+   * that threads take turns on, by a thread that does not hold it (its own
+   * view of the tail may be stale; the header's is not).
+   */
+  unreleased(): boolean {
+    const header = this.#header;
+    return Atomics.load(header, HEAD) !== Atomics.load(header, TAIL);
+  }
+
+  /**
    * Consumer: continues from `tail`, where another consumer of this ring
    * left it, for a consumer end that threads take turns on under a lock
    * (`parent/tx_drain.ts`). The next `available()` checks the producer's

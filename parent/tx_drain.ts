@@ -295,12 +295,7 @@ export class TxDrainer {
     const ring = this.ring;
     if (ring === null || this.#dead) return false;
     if (Atomics.load(this.#shared, TX_SHARED.LOCK) !== 0) return false;
-    try {
-      this.#adopt(ring);
-      return ring.available() !== 0;
-    } catch {
-      return true; // drain() reports it
-    }
+    return ring.unreleased();
   }
 
   /**
@@ -328,17 +323,9 @@ export class TxDrainer {
       // Took some: the caller drains again. Took none: records published
       // while the lock was held may have been refused to the other drainer,
       // which then went to sleep; look once more now that it is free.
-      if (this.lastCount !== 0 || bits !== 0 || this.#dead || !this.#published(ring)) return bits;
-    }
-  }
-
-  /** Whether records wait past the tail the last holder left (read without the lock). */
-  #published(ring: SpscRing): boolean {
-    try {
-      this.#adopt(ring);
-      return ring.available() !== 0;
-    } catch {
-      return false; // the next drain() reports it
+      // (Not adopt() and available() here: without the lock the tail may be
+      // stale, and the ring would take a head past it for corruption.)
+      if (this.lastCount !== 0 || bits !== 0 || this.#dead || !ring.unreleased()) return bits;
     }
   }
   lastCount = 0;

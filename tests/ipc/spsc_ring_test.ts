@@ -650,3 +650,27 @@ Deno.test("batched wake-ups: both sides sleep for 32 at a time and 2M records pa
     worker.terminate();
   }
 });
+
+Deno.test("two consumers taking turns: one that does not hold the ring looks with unreleased(), never fails it", () => {
+  const ring = SpscRing.create({ capacity: 4, recordWords: 1 });
+  const a = SpscRing.attach(ring.buffer);
+  const b = SpscRing.attach(ring.buffer);
+  assert.equal(b.unreleased(), false, "empty");
+  for (let i = 0; i < 4; i++) assert.ok(ring.tryPush([i]));
+  assert.equal(b.unreleased(), true, "four published");
+  // a holds the consumer end, takes all four and releases them.
+  assert.equal(a.available(), 4);
+  a.release(4);
+  // The producer refills the ring: its head is now 8 records past the tail
+  // b last knew (0), more than the capacity. Only a look that takes the tail
+  // from the header sees this as records waiting rather than corruption.
+  for (let i = 4; i < 8; i++) assert.ok(ring.tryPush([i]));
+  assert.equal(b.unreleased(), true);
+  b.adoptTail(a.tail);
+  assert.equal(b.available(), 4, "b continues from a's tail");
+  const out = [0];
+  assert.ok(b.tryPop(out));
+  assert.deepEqual(out, [4]);
+  b.release(3);
+  assert.equal(a.unreleased(), false, "all released");
+});
