@@ -5,7 +5,7 @@
  * builds the test guest if it is missing.
  *
  * ```
- * deno task bench [--reps 3] [--seconds 4] [--guest-seconds 8] [--only backend|guest]
+ * deno task bench [--reps 3] [--seconds 4] [--guest-reps 5] [--guest-seconds 8] [--only backend|guest]
  *                 [--backend-cpu 0] [--frontend-cpu 1] [--out bench/results] [--report-only]
  * ```
  *
@@ -14,6 +14,9 @@
  *    virtio-user as the guest; repetitions interleaved so drift hits all alike.
  * 2. Guest-bound (bench/guest.ts): iperf3 both ways, offloads on and off,
  *    vionet vs QEMU's built-in backend; the daemon's CPU with an idle guest.
+ *    More repetitions than the backend half: under TCG one TCP stream runs
+ *    at one of two speeds, run by run, on either backend (vionet guest->host
+ *    0.80-1.37 Gbit/s in one boot), so a median of three swings by ~30 %.
  * 3. bench/results/{results.json, results.md, chart.svg} (bench/report.ts).
  *
  * @module
@@ -99,12 +102,25 @@ async function machine() {
   };
 }
 
+/** A whole-number option, at least `min`; otherwise exit 2 naming the option. */
+function wholeNumber(text: string, option: string, min = 1): number {
+  const n = Number(text);
+  if (!/^[0-9]+$/.test(text) || !Number.isSafeInteger(n) || n < min) {
+    console.error(
+      `bench: ${option} must be a whole number of at least ${min}, not ${JSON.stringify(text)}`,
+    );
+    Deno.exit(2);
+  }
+  return n;
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     args: Deno.args,
     options: {
       reps: { type: "string", default: "3" },
       seconds: { type: "string", default: "4" },
+      "guest-reps": { type: "string", default: "5" },
       "guest-seconds": { type: "string", default: "8" },
       "idle-seconds": { type: "string", default: "10" },
       only: { type: "string" },
@@ -122,11 +138,17 @@ async function main(): Promise<void> {
     console.log(markdown(r));
     return;
   }
+  const reps = wholeNumber(values.reps, "--reps");
+  const guestReps = wholeNumber(values["guest-reps"], "--guest-reps");
+  const seconds = wholeNumber(values.seconds, "--seconds");
+  const guestSeconds = wholeNumber(values["guest-seconds"], "--guest-seconds");
+  const idleSeconds = wholeNumber(values["idle-seconds"], "--idle-seconds");
+  const backendCpu = wholeNumber(values["backend-cpu"], "--backend-cpu", 0);
+  const frontendCpu = wholeNumber(values["frontend-cpu"], "--frontend-cpu", 0);
   if (Deno.uid() !== 0) {
     console.error("bench: needs root (network namespaces, taps, apt-get)");
     Deno.exit(2);
   }
-  const reps = Number(values.reps);
   const only = values.only;
   if (only !== undefined && only !== "backend" && only !== "guest") {
     console.error(`bench: --only must be backend or guest, not ${only}`);
@@ -164,10 +186,10 @@ async function main(): Promise<void> {
     results.backend = [];
     const tests = values.tests ? values.tests.split(",") : [...BACKEND_TESTS];
     const o = {
-      seconds: Number(values.seconds),
+      seconds,
       warmSeconds: 1.5,
-      backendCpu: Number(values["backend-cpu"]),
-      frontendCpu: Number(values["frontend-cpu"]),
+      backendCpu,
+      frontendCpu,
       log,
     };
     for (let rep = 0; rep < reps; rep++) {
@@ -200,9 +222,9 @@ async function main(): Promise<void> {
       results.notes.push(`guest-bound bench skipped: ${why}`);
     } else {
       const o = {
-        seconds: Number(values["guest-seconds"]),
-        reps,
-        idleSeconds: Number(values["idle-seconds"]),
+        seconds: guestSeconds,
+        reps: guestReps,
+        idleSeconds,
         log,
       };
       for (const offloads of ["on", "off"] as const) {
