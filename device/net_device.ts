@@ -38,6 +38,7 @@ import { VIRTIO_NET_F_MRG_RXBUF } from "../ipc/features.ts";
 import { CHAIN_DEVICE_READABLE, CHAIN_DEVICE_WRITABLE } from "./chain.ts";
 import { GuestMemory, MAX_REGIONS } from "./guest_memory.ts";
 import { DeviceIoRings } from "./io_rings.ts";
+import { KickWatch } from "./kick_watch.ts";
 import type { DeviceMailbox } from "./mailbox.ts";
 import {
   guestOffloads,
@@ -102,6 +103,10 @@ export class NetDevice {
   #txAgain = false;
   /** Post RX buffers again without waiting for an event (the guest added some meanwhile). */
   #rxAgain = false;
+  /** The last TX pass stopped for want of ring or bounce space (it waits for the writer). */
+  #txBlocked = false;
+  /** Lost-kick recovery (`kick_watch.ts`). */
+  readonly #kicks: KickWatch;
 
   /**
    * `mailbox`: the worker's message count (`mailbox.ts`). With it the loop
@@ -115,6 +120,23 @@ export class NetDevice {
   ) {
     this.rxq = new Virtqueue(this.memory, { name: "rx0", direction: CHAIN_DEVICE_WRITABLE });
     this.txq = new Virtqueue(this.memory, { name: "tx0", direction: CHAIN_DEVICE_READABLE });
+    this.#kicks = new KickWatch([
+      {
+        // Not while the rx-post ring is full: then the device leaves offered buffers be.
+        awaitsKick: () =>
+          !this.#faulted[RX_QUEUE] && this.rxq.awaitsKick &&
+          (this.#rx?.posted ?? Infinity) < (this.#rings?.rxPost.capacity ?? 0),
+        lastAvailIdx: () => this.rxq.lastAvailIdx,
+        counters: this.rxq.counters,
+        event: EV_KICK_RX,
+      },
+      {
+        awaitsKick: () => !this.#faulted[TX_QUEUE] && !this.#txBlocked && this.txq.awaitsKick,
+        lastAvailIdx: () => this.txq.lastAvailIdx,
+        counters: this.txq.counters,
+        event: EV_KICK_TX,
+      },
+    ]);
   }
 
   get running(): boolean {
@@ -230,6 +252,8 @@ export class NetDevice {
     this.#faulted = [false, false];
     this.#txAgain = false;
     this.#rxAgain = false;
+    this.#txBlocked = false;
+    this.#kicks.clear();
     this.mailbox?.markStart();
     this.#running = true;
     this.#loop = this.#run();
@@ -301,6 +325,7 @@ export class NetDevice {
         used: c.used,
         dropped: c.dropped,
         interrupts: c.interrupts,
+        kicksMissed: c.kicksMissed,
       };
       for (const [k, v] of Object.entries(c.errors)) if (v) out[`error_${k}`] = v;
       return { ...out, ...vq.ringState() };
@@ -325,24 +350,27 @@ export class NetDevice {
     let more = true;
     let first = EV_KICK_RX | EV_KICK_TX;
     let turned = performance.now();
+    const kicks = this.#kicks;
     while (this.#running) {
+      let now = performance.now();
       if (mail) {
         // Let the event loop deliver what the parent posted, and run timers now and then.
         // (Then work on regardless: were the counts ever out of step, the data
         // path would spin here but keep moving, not stall.)
-        if (mailPending() || performance.now() - turned > BLOCKING_SLICE_MS) {
+        if (mailPending() || now - turned > BLOCKING_SLICE_MS) {
           await macrotask();
-          turned = performance.now();
+          now = turned = performance.now();
           if (!this.#running) break;
         }
       }
-      const ev = rings.takeEvents() | first;
+      const ev = rings.takeEvents() | first | kicks.look(now);
       first = 0;
       if (ev === 0 && !more) {
-        if (mail) rings.sleepBlocking(BLOCKING_SLICE_MS, mailPending);
-        else await rings.sleep(IDLE_WAIT_MS);
+        if (mail) rings.sleepBlocking(kicks.sleepFor(now, BLOCKING_SLICE_MS), mailPending);
+        else await rings.sleep(kicks.sleepFor(now, IDLE_WAIT_MS));
         continue;
       }
+      kicks.worked();
       more = this.#work(ev);
       // Let control messages (macrotasks) in between batches, even under load.
       if (more && !mail) await macrotask();
@@ -383,7 +411,8 @@ export class NetDevice {
       tx.reap();
       if (ev & (EV_KICK_TX | EV_TX_DONE) || tx.pending > 0 || this.#txAgain) {
         this.#txAgain = false;
-        if (tx.pump()) {
+        this.#txBlocked = tx.pump();
+        if (this.#txBlocked) {
           // Out of ring or bounce space: go on once the writer released some.
           this.#txAgain = tx.waitForWriter();
         } else {

@@ -45,6 +45,11 @@ export interface QueueCounters {
   interrupts: number;
   /** Times the queue entered the needs-reset state. */
   ringErrors: number;
+  /**
+   * Times the device found buffers the driver had made available, with
+   * notifications on, and no kick had come for them (`Virtqueue.missedKick`).
+   */
+  kicksMissed: number;
   /** Errors by reason (per-chain drops and ring-fatal ones). */
   errors: Record<QueueErrorReason, number>;
 }
@@ -61,6 +66,7 @@ export function createQueueCounters(): QueueCounters {
     dropped: 0,
     interrupts: 0,
     ringErrors: 0,
+    kicksMissed: 0,
     errors,
   };
 }
@@ -74,6 +80,7 @@ export function resetQueueCounters(c: QueueCounters): void {
   c.dropped = 0;
   c.interrupts = 0;
   c.ringErrors = 0;
+  c.kicksMissed = 0;
   for (const name of QUEUE_ERROR_REASONS) c.errors[name] = 0;
 }
 

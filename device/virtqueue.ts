@@ -767,6 +767,16 @@ export class Virtqueue {
   }
 
   /**
+   * Whether the driver has made buffers available that the device has not
+   * taken yet while it asks for kicks (notifications on): a kick is due, on
+   * its way, or lost. See `KickWatch` in net_device.ts.
+   */
+  get awaitsKick(): boolean {
+    return this.#usable() && this.#notify &&
+      Atomics.load(this.#availU16, VIRTQ_AVAIL_OFF_IDX >> 1) !== this.#lastAvail;
+  }
+
+  /**
    * Stops the queue (vhost-user GET_VRING_BASE): returns every chain still in
    * flight with used length 0, publishes, and disables. Returns
    * last_avail_idx. The caller must have stopped all I/O into those chains.

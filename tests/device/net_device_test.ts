@@ -329,6 +329,34 @@ Deno.test("RX kicks: the device stops asking for them while it has plenty posted
   });
 });
 
+Deno.test("a lost TX kick: chains offered with notifications on and never kicked are sent within a few grace periods, and counted", async () => {
+  await withRig(BASE | TX_OFFLOADS, "auto", async ({ io, dev, tx, faults }) => {
+    const { frame } = buildFrame({ payload: new Uint8Array(64).fill(1) });
+    tx.post([{ data: netHdr({}) }, { data: frame }]);
+    io.kick("tx");
+    await until(io, () => tx.usedIdx() === 1, "the kicked frame used");
+    // The device, just done, asked for a kick on the next chain. The guest
+    // publishes one and, as if it had read a stale avail_event, does not kick.
+    const before = tx.availIdx;
+    tx.post([{ data: netHdr({}) }, { data: frame }]);
+    assert.equal(tx.kickNeeded(before, tx.availIdx), true, "a kick was due");
+    const t0 = performance.now();
+    await until(io, () => tx.usedIdx() === 2 && io.sent.length === 2, "the unkicked frame used");
+    const ms = performance.now() - t0;
+    assert.equal(dev.txq.counters.kicksMissed, 1);
+    assert.equal(dev.rxq.counters.kicksMissed, 0);
+    // Not the idle wait (1 s): the device had just worked, so it looked again soon.
+    assert.ok(ms < 500, `took ${ms.toFixed(0)} ms`);
+    // A kick that merely comes late is not a lost one.
+    tx.post([{ data: netHdr({}) }, { data: frame }]);
+    await new Promise((r) => setTimeout(r, 1));
+    io.kick("tx");
+    await until(io, () => tx.usedIdx() === 3, "the late-kicked frame used");
+    assert.equal(dev.txq.counters.kicksMissed, 1);
+    assert.deepEqual(faults, []);
+  });
+});
+
 Deno.test("RX publication: the device retires what the poller published, takes re-offered heads, and resumes used->idx from the poller's at stop", async () => {
   const guest = new TestGuest([{ gpa: 0x100000, size: 4 << 20 }]);
   const io = new FakeIo(guest);
