@@ -4,7 +4,10 @@
  * /proc, and an interface's packet counters.
  *
  * Every process the bench starts is tracked by PID and killed by PID when its
- * namespace goes; nothing is matched by name.
+ * namespace goes; nothing is matched by name. On SIGINT or SIGTERM the bench
+ * kills every process inside the namespaces it created (`ip netns pids`: the
+ * guests, daemons and drivers it started there) and deletes them before it
+ * exits, so an interrupted run leaves nothing behind.
  *
  * @module
  */
@@ -145,6 +148,31 @@ export class Child {
   }
 }
 
+/** Namespaces created and not yet closed, for the signal handler. */
+const liveNamespaces = new Set<Netns>();
+const SIGNALS = ["SIGINT", "SIGTERM"] as const;
+
+function onSignal(sig: typeof SIGNALS[number]): void {
+  console.error(`bench: ${sig}: stopping what it started in its namespaces, and deleting them`);
+  for (const ns of liveNamespaces) ns.destroySync();
+  Deno.exit(sig === "SIGINT" ? 130 : 143);
+}
+const handlers = SIGNALS.map((sig) => [sig, () => onSignal(sig)] as const);
+
+function track(ns: Netns): void {
+  if (liveNamespaces.size === 0) {
+    for (const [sig, h] of handlers) {
+      Deno.addSignalListener(sig, h);
+    }
+  }
+  liveNamespaces.add(ns);
+}
+
+function untrack(ns: Netns): void {
+  if (!liveNamespaces.delete(ns) || liveNamespaces.size !== 0) return;
+  for (const [sig, h] of handlers) Deno.removeSignalListener(sig, h);
+}
+
 /** A network namespace with `lo` up, and the children started in it. */
 export class Netns {
   readonly name: string;
@@ -162,6 +190,7 @@ export class Netns {
     ).join("");
     const ns = new Netns(`vionet-bench-${hex}`);
     await sh(["ip", "netns", "add", ns.name]);
+    track(ns);
     await ns.exec(["ip", "link", "set", "lo", "up"]);
     return ns;
   }
@@ -187,6 +216,25 @@ export class Netns {
   async close(): Promise<void> {
     await Promise.all([...this.#children].map((c) => c.stop("SIGKILL", 3000)));
     await sh(["ip", "netns", "delete", this.name]).catch(() => {});
+    untrack(this);
+  }
+
+  /**
+   * On the way out (a signal): SIGKILLs every process in the namespace,
+   * the bench's own children and those started without `spawn` (the guest's
+   * QEMU), by the PIDs `ip netns pids` gives, then deletes it. Synchronous.
+   */
+  destroySync(): void {
+    const run = (args: string[]) =>
+      new Deno.Command("ip", { args, stdout: "piped", stderr: "null" }).outputSync();
+    for (const pid of decoder.decode(run(["netns", "pids", this.name]).stdout).split(/\s+/)) {
+      if (!/^[0-9]+$/.test(pid)) continue;
+      try {
+        Deno.kill(Number(pid), "SIGKILL");
+      } catch { /* gone */ }
+    }
+    run(["netns", "delete", this.name]);
+    liveNamespaces.delete(this);
   }
 }
 
