@@ -56,6 +56,12 @@ export interface GuestSample {
    * writer and the poller.
    */
   threads?: Record<string, { cores: number; wakeupsPerSecond: number }>;
+  /**
+   * vionet only: lost kicks the device recovered (`kicksMissed` of its
+   * SIGUSR2 counters), per queue, since the daemon started: the same for
+   * every sample of one configuration.
+   */
+  kicksMissed?: { rx: number; tx: number };
   error?: string;
 }
 
@@ -157,7 +163,7 @@ export async function measureGuest(
         "--tap",
         TAP,
         "--log-level",
-        "warn",
+        "info", // for the SIGUSR2 counters at the end
       ], { cwd: ROOT });
       await waitForPath(sock, 30_000, `(vionet did not start:\n${daemon.tail()})`);
       netdev = [
@@ -286,6 +292,13 @@ export async function measureGuest(
       }
       if (daemon?.done) break;
     }
+    if (daemon && !daemon.done) {
+      const missed = await kicksMissed(daemon);
+      if (missed) {
+        for (const s of out) s.kicksMissed = missed;
+        o.log(`  ${backend} offloads ${offloads}: lost kicks recovered: ${JSON.stringify(missed)}`);
+      }
+    }
   } catch (e) {
     const why = (e as Error).message;
     o.log(`  ${backend} offloads ${offloads}: FAILED: ${why.slice(0, 2000)}`);
@@ -308,6 +321,23 @@ export async function measureGuest(
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
   return out;
+}
+
+/** The daemon's `kicksMissed` per queue, from the counters it logs on SIGUSR2. */
+async function kicksMissed(daemon: Child): Promise<{ rx: number; tx: number } | undefined> {
+  const mark = daemon.output.length;
+  Deno.kill(daemon.pid, "SIGUSR2");
+  const end = Date.now() + 3000;
+  const field = (q: string) => {
+    const m = new RegExp(`info: ${q} (\\{.*\\})`).exec(daemon.output.slice(mark));
+    return m ? Number(JSON.parse(m[1]).kicksMissed ?? NaN) : undefined;
+  };
+  while (Date.now() < end) {
+    const rx = field("rx0"), tx = field("tx0");
+    if (rx !== undefined && tx !== undefined) return { rx, tx };
+    await sleep(50);
+  }
+  return undefined;
 }
 
 /** The accelerator QEMU uses here. */

@@ -304,6 +304,17 @@ export function markdown(r: Results): string {
     );
     lines.push("");
   }
+  const missed = new Map<string, { rx: number; tx: number }>();
+  for (const g of r.guest ?? []) {
+    if (g.kicksMissed) missed.set(`offloads ${g.offloads}`, g.kicksMissed);
+  }
+  if (missed.size) {
+    lines.push(
+      "**Lost kicks** the vionet device recovered (`kicksMissed`, per boot): " +
+        [...missed].map(([k, v]) => `${k}: TX ${v.tx}, RX ${v.rx}`).join("; ") + ".",
+    );
+    lines.push("");
+  }
   lines.push("**Targets** (issue 5):");
   lines.push("");
   lines.push("| target | measured | wanted | met |");
