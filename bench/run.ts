@@ -170,14 +170,18 @@ async function main(): Promise<void> {
     // Re-running one half keeps the other half of the previous run (marked in the notes).
     try {
       const prev = JSON.parse(await Deno.readTextFile(`${values.out}/results.json`)) as Results;
+      // A half kept twice keeps the date of the run that measured it.
+      const keptNote = (half: string) =>
+        prev.notes?.find((n) => n.startsWith(`${half} figures kept from the run of `)) ??
+          `${half} figures kept from the run of ${prev.machine.date}`;
       if (only === "backend" && prev.guest?.length) {
         results.guest = prev.guest;
         results.idle = prev.idle ?? [];
-        results.notes.push(`guest-bound figures kept from the run of ${prev.machine.date}`);
+        results.notes.push(keptNote("guest-bound"));
       }
       if (only === "guest" && prev.backend?.length) {
         results.backend = prev.backend;
-        results.notes.push(`backend-bound figures kept from the run of ${prev.machine.date}`);
+        results.notes.push(keptNote("backend-bound"));
       }
     } catch { /* no previous run */ }
   }
