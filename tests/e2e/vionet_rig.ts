@@ -7,13 +7,10 @@
  * `deno task demo` and the benchmark.
  *
  * ```ts
- * const rig = await Rig.create({ offload: "auto" });
- * try {
+ * await Rig.run({ offload: "auto" }, async (rig) => {
  *   const { guest } = await rig.bootGuest();
  *   console.log(await rig.iperf3(guest, { reverse: false, seconds: 3 }));
- * } finally {
- *   await rig.close();
- * }
+ * }); // closed whatever happened; throws if the daemon did not exit cleanly
  * ```
  *
  * Cleanup is by PID and always complete: close() kills every guest and helper
@@ -653,6 +650,24 @@ export class Rig {
       };
     } finally {
       await sender.kill();
+    }
+  }
+
+  /**
+   * Runs `fn` on a new rig and always closes it; then fails if the daemon
+   * did not exit cleanly (status 0 on SIGTERM), with its log. `fn`'s own
+   * failure comes first.
+   */
+  static async run(opts: RigOptions, fn: (rig: Rig) => Promise<void>): Promise<void> {
+    const rig = await Rig.create(opts);
+    let status: Deno.CommandStatus;
+    try {
+      await fn(rig);
+    } finally {
+      status = await rig.close();
+    }
+    if (status.code !== 0) {
+      throw new Error(`the daemon did not stop cleanly (${status.code}):\n${rig.daemon.log()}`);
     }
   }
 
