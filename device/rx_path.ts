@@ -159,14 +159,20 @@ export class RxPath {
       this.#write(slot);
       n++;
     }
-    if (n > 0) {
-      ring.publish();
-      // The poller stops polling the tap when it runs dry; tell it there is room again.
-      if (Atomics.load(this.rings.ctl, CTL.POLLER_STARVED) !== 0) {
-        this.rings.signalWriter(WEV_WAKE_POLLER);
-      }
-    }
+    if (n > 0) this.#publishPosts();
     return n;
+  }
+
+  /**
+   * Publishes the rx-post records written so far, and wakes the poller if it
+   * starved: it stops polling the tap when it runs dry and waits to be told
+   * there is room again (nothing else would tell it while RX kicks are off).
+   */
+  #publishPosts(): void {
+    this.rings.rxPost.publish();
+    if (Atomics.load(this.rings.ctl, CTL.POLLER_STARVED) !== 0) {
+      this.rings.signalWriter(WEV_WAKE_POLLER);
+    }
   }
 
   /** Writes posted chain `slot` as an rx-post record. */
@@ -398,7 +404,8 @@ export class RxPath {
         this.#write(to);
       }
     }
-    ring.publish();
+    // The poller that gave them back may have starved meanwhile.
+    this.#publishPosts();
   }
 
   /** Copies `dst.length` bytes from posted chain `slot`, starting `from` bytes in. */

@@ -301,6 +301,25 @@ Deno.test("RX: chains the poller gives back unfilled are posted again at the bac
   });
 });
 
+Deno.test("RX: chains given back by a poller that then starved are posted again and the poller is woken", async () => {
+  await withRig(BASE, "auto", async ({ io, rx, faults }) => {
+    // 128 chains posted: plenty, so the device turns RX kicks off and only
+    // the poller's signals move it (the bench's RX 64 B stalled here).
+    for (let i = 0; i < 128; i++) rx.post([{ len: 2048, writable: true }]);
+    io.kick("rx");
+    await until(io, () => io.postedChains === 128, "128 chains posted");
+    // A batch of reads found nothing: every chain comes back, and the poller,
+    // with no room left, announces that it starved.
+    const wakes = io.pollerWakes;
+    Atomics.store(io.ctl, CTL.POLLER_STARVED, 1);
+    io.giveBack(128);
+    io.starve();
+    await until(io, () => io.postedChains === 128, "the 128 posted again");
+    await until(io, () => io.pollerWakes > wakes, "the starved poller woken");
+    assert.deepEqual(faults, []);
+  });
+});
+
 Deno.test("RX kicks: the device stops asking for them while it has plenty posted, and asks again when the poller runs low or starves", async () => {
   await withRig(BASE, "auto", async ({ io, rx, faults }) => {
     // Ring of 256: rxSignalChains(256) = 64, so 128 posted chains are plenty.
