@@ -47,7 +47,7 @@ export interface QueueCounters {
   ringErrors: number;
   /**
    * Times the device found buffers the driver had made available, with
-   * notifications on, and no kick had come for them (`Virtqueue.missedKick`).
+   * notifications on, and no kick had come for them (device/kick_watch.ts).
    */
   kicksMissed: number;
   /** Errors by reason (per-chain drops and ring-fatal ones). */

@@ -763,17 +763,21 @@ export class Virtqueue {
     }
     // Store then load: the re-check must not move before the store.
     fullBarrier();
-    return Atomics.load(this.#availU16, VIRTQ_AVAIL_OFF_IDX >> 1) !== this.#lastAvail;
+    return this.#availAhead();
   }
 
   /**
    * Whether the driver has made buffers available that the device has not
    * taken yet while it asks for kicks (notifications on): a kick is due, on
-   * its way, or lost. See `KickWatch` in net_device.ts.
+   * its way, or lost. See device/kick_watch.ts.
    */
   get awaitsKick(): boolean {
-    return this.#usable() && this.#notify &&
-      Atomics.load(this.#availU16, VIRTQ_AVAIL_OFF_IDX >> 1) !== this.#lastAvail;
+    return this.#usable() && this.#notify && this.#availAhead();
+  }
+
+  /** avail->idx as the driver wrote it differs from last_avail_idx. */
+  #availAhead(): boolean {
+    return Atomics.load(this.#availU16, VIRTQ_AVAIL_OFF_IDX >> 1) !== this.#lastAvail;
   }
 
   /**
