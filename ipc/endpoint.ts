@@ -23,6 +23,18 @@ export class IpcError extends Error {
   }
 }
 
+/**
+ * A request the peer never answered: it timed out, or the channel closed
+ * first. Whatever the request handed over (transferred buffers) may still be
+ * in the peer's hands, unlike after a reply, even an error reply.
+ */
+export class NoAnswerError extends IpcError {
+  override name = "NoAnswerError";
+  constructor(message: string) {
+    super("failed", undefined, message);
+  }
+}
+
 /** Thrown by a request handler to answer with a typed error rather than `failed`. */
 export class RefusedError extends Error {
   override name = "RefusedError";
@@ -86,7 +98,7 @@ export class Endpoint<In extends Msg, Out extends Msg> {
     expect: R["kind"],
     transfer: Transferable[] = [],
   ): Promise<R> {
-    if (this.#closed) return Promise.reject(new IpcError("failed", undefined, "channel is closed"));
+    if (this.#closed) return Promise.reject(new NoAnswerError("channel is closed"));
     const id = this.#nextId;
     this.#nextId = this.#nextId >= 2 ** 31 - 1 ? 1 : this.#nextId + 1;
     return new Promise<R>((resolve, reject) => {
@@ -96,11 +108,7 @@ export class Endpoint<In extends Msg, Out extends Msg> {
         p.timer = setTimeout(() => {
           this.#pending.delete(id);
           reject(
-            new IpcError(
-              "failed",
-              undefined,
-              `${(msg as Msg).kind} request ${id} timed out after ${timeout} ms`,
-            ),
+            new NoAnswerError(`${(msg as Msg).kind} request ${id} timed out after ${timeout} ms`),
           );
         }, timeout);
       }
@@ -115,7 +123,7 @@ export class Endpoint<In extends Msg, Out extends Msg> {
     this.port.onmessage = null;
     for (const [, p] of this.#pending) {
       clearTimeout(p.timer);
-      p.reject(new IpcError("failed", undefined, reason));
+      p.reject(new NoAnswerError(reason));
     }
     this.#pending.clear();
   }

@@ -528,23 +528,28 @@ export class DatapathHost {
   /**
    * Ends both loops (each acknowledges as its last act), terminates the
    * workers and closes the wake eventfd. A worker that does not answer in
-   * time is terminated anyway; the error is logged. Idempotent.
+   * time is terminated anyway; the error is logged. Idempotent. Resolves
+   * false when one did not answer: its thread may still be inside a system
+   * call on guest memory.
    */
-  async stop(): Promise<void> {
-    if (this.#stopped) return;
+  async stop(): Promise<boolean> {
+    if (this.#stopped) return true;
     this.#stopped = true;
     const results = await Promise.allSettled([
       this.#writer.request({ kind: "stop" }),
       this.#poller.request({ kind: "stop" }),
     ]);
+    let clean = true;
     for (const r of results) {
       if (r.status === "rejected") {
+        clean = false;
         this.#logger.log("warn", "datapath", `stop: ${(r.reason as Error).message}`);
       }
     }
     this.#writer.terminate();
     this.#poller.terminate();
     libc.close(this.#wakeFd);
+    return clean;
   }
 
   #eventfd(fd: number | null): number | null {

@@ -311,6 +311,15 @@ export class DeviceHost {
     (this.onDeath ?? this.opts.onDeath)?.(reason);
   }
 
+  /**
+   * Ends a worker that can no longer be trusted (it kept guest memory it was
+   * asked to give back): logged, terminated, and `onDeath` runs as for a
+   * worker that died, so the daemon starts a new one. No-op once dead.
+   */
+  fail(reason: string): void {
+    this.die(reason);
+  }
+
   /** Stops the worker; pending requests fail. */
   terminate(): void {
     this.#dead = true;

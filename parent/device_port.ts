@@ -9,6 +9,11 @@
  *   are stopped (I/O workers first: no system call can be in flight on guest
  *   memory), the device hands the buffers back, and only then do we return to
  *   the backend, which unmaps.
+ * - A worker that fails that hand-back (no answer in time, a refusal, a death)
+ *   is ended, and what it held is orphaned: `forgetRegion` then tells the
+ *   backend to retire those regions, not unmap them. A terminated worker's
+ *   thread runs on until it next enters JavaScript, or finishes the system
+ *   call it is in, so only a range that stays mapped is safe from it.
  * - Rings: vhost-user configures each ring separately; the device runs both
  *   together. They run once both rings have a kick and are enabled (with
  *   PROTOCOL_FEATURES, rings start disabled until SET_VRING_ENABLE), memory is
@@ -24,6 +29,7 @@
 import { RX_QUEUE, TX_QUEUE } from "../ipc/datapath.ts";
 import type { QueuePlacement } from "../ipc/protocol.ts";
 import { createDatapathBuffers, DatapathHost, rxUsedPlace, txUsedPlace } from "./datapath_host.ts";
+import { NoAnswerError } from "../ipc/endpoint.ts";
 import type { DeviceHost } from "./device_host.ts";
 import type { MappedRegion } from "./guest_memory_map.ts";
 import * as libc from "./libc.ts";
@@ -84,6 +90,10 @@ export class VionetDevicePort implements DevicePort {
   readonly #logger: Logger;
   readonly #rings: [RingConfig, RingConfig] = [freshRing(), freshRing()];
   #regions: MappedRegion[] = [];
+  /** Regions whose buffer went to the live device worker and has not come back. */
+  readonly #lent = new Set<MappedRegion>();
+  /** Regions a worker that was ended without giving them back may still touch. */
+  readonly #orphaned = new Set<MappedRegion>();
   #featuresSet = false;
   /** The driver's acknowledged features (EVENT_IDX decides how the writer reads the TX ring). */
   #features = 0n;
@@ -132,6 +142,7 @@ export class VionetDevicePort implements DevicePort {
 
   /** Swaps in a new device worker after the old one died (the connection has ended by then). */
   replaceDevice(device: DeviceHost): void {
+    this.#orphanLent();
     this.#device = device;
   }
 
@@ -160,10 +171,10 @@ export class VionetDevicePort implements DevicePort {
   async setMemTable(regions: MappedRegion[]): Promise<void> {
     this.#debug(`SET_MEM_TABLE ${regions.map(describe).join(", ") || "(empty)"}`);
     const wasRunning = await this.#stopQueues();
-    await this.#device.revokeMemory();
+    await this.#revoke("all");
     this.#regions = [];
     if (regions.length > 0) {
-      await this.#device.grantMemory(regions.map((r) => this.#grantOf(r)));
+      await this.#grant(regions);
       this.#regions = [...regions];
     }
     if (wasRunning) await this.#maybeStart();
@@ -173,14 +184,82 @@ export class VionetDevicePort implements DevicePort {
     this.#debug(`ADD_MEM_REG ${describe(region)}`);
     // The I/O workers learn the new range before the device can point into it.
     const all = [...this.#regions, region];
-    await this.#datapath?.setRegions(all.map(hostRange));
+    const dp = this.#datapath;
+    if (dp !== null) await this.#toIoWorkers(dp, all, [region]);
     try {
-      await this.#device.grantMemory([this.#grantOf(region)]);
+      await this.#grant([region]);
     } catch (e) {
-      await this.#datapath?.setRegions(this.#regions.map(hostRange));
+      if (dp !== null) await this.#toIoWorkers(dp, this.#regions, [region]);
       throw e;
     }
     this.#regions = all;
+  }
+
+  /**
+   * The backend lets go of `region`: true if a worker may still touch it (it
+   * is lent to the device, or orphaned by a worker that was ended).
+   */
+  forgetRegion(region: MappedRegion): boolean {
+    const orphaned = this.#orphaned.delete(region);
+    const lent = this.#lent.delete(region);
+    return orphaned || lent;
+  }
+
+  /** Hands `regions` to the device; a device that does not answer is ended, holding them. */
+  async #grant(regions: readonly MappedRegion[]): Promise<void> {
+    const grants = regions.map((r) => this.#grantOf(r));
+    for (const r of regions) this.#lent.add(r);
+    try {
+      await this.#device.grantMemory(grants);
+    } catch (e) {
+      // An answer, even a refusal, comes after the device dropped them (net_device.ts grant).
+      if (e instanceof NoAnswerError) this.#abandonDevice(`grant-memory: ${e.message}`);
+      else for (const r of regions) this.#lent.delete(r);
+      throw e;
+    }
+  }
+
+  /** Takes memory back from the device; a device that does not give it back is ended. */
+  async #revoke(which: MappedRegion | "all"): Promise<void> {
+    try {
+      await this.#device.revokeMemory(
+        which === "all" ? undefined : {
+          guestPhysAddr: num(which.guestPhysAddr, "guest address"),
+          size: num(which.size, "region size"),
+          userAddr: num(which.userAddr, "user address"),
+        },
+      );
+    } catch (e) {
+      this.#abandonDevice(`revoke-memory: ${(e as Error).message}`);
+      throw e;
+    }
+    if (which === "all") this.#lent.clear();
+    else this.#lent.delete(which);
+  }
+
+  /** Tells running I/O workers which ranges they may use; ones that do not answer orphan `at`. */
+  async #toIoWorkers(
+    dp: DatapathHost,
+    regions: readonly MappedRegion[],
+    at: readonly MappedRegion[],
+  ): Promise<void> {
+    try {
+      await dp.setRegions(regions.map(hostRange));
+    } catch (e) {
+      for (const r of at) this.#orphaned.add(r);
+      throw e;
+    }
+  }
+
+  /** Ends a device worker that may hold guest memory it did not give back. */
+  #abandonDevice(reason: string): void {
+    this.#orphanLent();
+    this.#device.fail(`the device did not give back guest memory (${reason})`);
+  }
+
+  #orphanLent(): void {
+    for (const r of this.#lent) this.#orphaned.add(r);
+    this.#lent.clear();
   }
 
   async removeMemRegion(gpa: bigint, size: bigint): Promise<void> {
@@ -189,11 +268,7 @@ export class VionetDevicePort implements DevicePort {
     if (i < 0) throw new RangeError(`no region at GPA 0x${gpa.toString(16)} of ${size} bytes`);
     const r = this.#regions[i];
     const wasRunning = await this.#stopQueues();
-    await this.#device.revokeMemory({
-      guestPhysAddr: num(r.guestPhysAddr, "guest address"),
-      size: num(r.size, "region size"),
-      userAddr: num(r.userAddr, "user address"),
-    });
+    await this.#revoke(r);
     this.#regions.splice(i, 1);
     if (wasRunning) await this.#maybeStart();
   }
@@ -333,7 +408,7 @@ export class VionetDevicePort implements DevicePort {
         rxPublish: true,
       });
     } catch (e) {
-      await dp.stop();
+      if (!await dp.stop()) { for (const r of this.#regions) this.#orphaned.add(r); }
       throw e;
     }
     this.#datapath = dp;
@@ -345,9 +420,16 @@ export class VionetDevicePort implements DevicePort {
     const dp = this.#datapath;
     if (!dp) return false;
     this.#datapath = null;
-    // The I/O workers end first: after this no system call touches guest memory.
-    await dp.stop();
-    const bases = await this.#device.stopQueues();
+    // The I/O workers end first: after this no system call touches guest memory,
+    // unless one had to be ended without answering: it may be inside one now.
+    if (!await dp.stop()) { for (const r of this.#regions) this.#orphaned.add(r); }
+    let bases: { rx: number; tx: number };
+    try {
+      bases = await this.#device.stopQueues();
+    } catch (e) {
+      this.#abandonDevice(`stop-queues: ${(e as Error).message}`);
+      throw e;
+    }
     this.#rings[RX_QUEUE].base = bases.rx;
     this.#rings[TX_QUEUE].base = bases.tx;
     this.#logger.log("info", "parent", `queues stopped at rx ${bases.rx}, tx ${bases.tx}`);

@@ -9,9 +9,12 @@
  * the file's size is checked with fstat(2) before anything is mapped.
  *
  * Lifetime: a {@link MappedRegion} owns its mapping and its descriptor until
- * {@link unmapRegion}. Anything that made an ArrayBuffer over the mapping (the
- * device worker) must have given it back before then; the backend
- * (`vhost_user_backend.ts`) waits for that.
+ * {@link unmapRegion} or {@link retireRegion}. Anything that made an
+ * ArrayBuffer over the mapping (the device worker) must have given it back
+ * before it is unmapped; the backend (`vhost_user_backend.ts`) waits for that.
+ * A region that a worker took and never gave back (it did not answer and was
+ * terminated, and a terminated worker's thread may still be running) is
+ * retired instead: its range stays mapped, with zero pages.
  *
  * @module
  */
@@ -81,6 +84,33 @@ export function unmapRegion(region: MappedRegion): Error | null {
   let error: Error | null = null;
   try {
     libc.munmap(region.mapBase, region.mapLength);
+  } catch (e) {
+    error = e as Error;
+  }
+  const closeError = closeQuietly(region.fd);
+  return error ?? closeError;
+}
+
+/**
+ * Releases the guest's memory without freeing the address range: maps private
+ * anonymous zero pages over the whole mapping (MAP_FIXED, so the range is
+ * never without a mapping) and closes the descriptor. A stale ArrayBuffer view
+ * then reads zeros instead of killing the process with SIGSEGV, and a stale
+ * system call writes into pages nobody reads, since nothing else can be
+ * mapped there. The range (address space, no memory until touched) is never
+ * given back. Errors are returned, not thrown.
+ */
+export function retireRegion(region: MappedRegion): Error | null {
+  let error: Error | null = null;
+  try {
+    libc.mmap(
+      region.mapLength,
+      libc.PROT_READ | libc.PROT_WRITE,
+      libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_FIXED | libc.MAP_NORESERVE,
+      -1,
+      0n,
+      region.mapBase,
+    );
   } catch (e) {
     error = e as Error;
   }

@@ -29,7 +29,8 @@
  *   when the message is done.
  * - Memory region fds go to {@link BackendSystem.mapRegion} with the region:
  *   the {@link MappedRegion} owns its fd and mapping; {@link BackendSystem.unmapRegion}
- *   releases both. The device receives regions but never closes or unmaps them.
+ *   releases both ({@link BackendSystem.retireRegion} when a worker may still
+ *   touch the mapping). The device receives regions but never closes or unmaps them.
  * - Kick and call fds go to the device: from the moment `setVringKick` /
  *   `setVringCall` is called (whether it resolves or rejects) the port owns the
  *   fd and closes it when it is replaced, on `getVringBase` (kick), on `reset`.
@@ -119,10 +120,13 @@ export interface VringAddrFields {
  * front-end caused; any error works).
  *
  * Revocation contract: `setMemTable`, `removeMemRegion` and `reset` must not
- * settle while the device can still touch memory it is asked to give up (a
- * device that does not answer in time is terminated first). Only then does the
- * backend unmap. When `setMemTable` or `addMemRegion` rejects, the device holds
- * none of the new regions (the backend unmaps them) and keeps what it had.
+ * resolve while the device can still touch memory it is asked to give up.
+ * When one rejects, or `setMemTable` or `addMemRegion` rejects after handing
+ * new regions over, the port may not know whether a worker still holds a
+ * view (it did not answer and was terminated, and a terminated worker's
+ * thread can run on for a while). Before the backend lets go of a region it
+ * asks {@link DevicePort.forgetRegion}: unmapped only if nothing can still
+ * touch it, retired (zero pages over the range, kept for good) otherwise.
  */
 export interface DevicePort {
   /** The device's offered virtio feature bits (bit 30 is the backend's own). */
@@ -179,6 +183,12 @@ export interface DevicePort {
    * the VMM hears of it (QEMU logs "vhost vring error"). Optional.
    */
   vringErrorSink?: ((index: number) => void) | null;
+  /**
+   * The backend is letting go of `region`: true when a worker may still hold
+   * a view of it (given and never provably given back), so unmapping it could
+   * kill the process. The port forgets the region either way.
+   */
+  forgetRegion(region: MappedRegion): boolean;
 }
 
 /** The system calls the backend needs; the socket layer supplies the libc ones. */
@@ -187,6 +197,11 @@ export interface BackendSystem {
   mapRegion(desc: MemoryRegionDesc, fd: number): MappedRegion;
   /** munmap and close the region's fd. */
   unmapRegion(region: MappedRegion): void;
+  /**
+   * Release a region that a worker may still touch: zero pages over its
+   * whole range (kept mapped for good, so a stale access is harmless), fd closed.
+   */
+  retireRegion(region: MappedRegion): void;
   /** close(2), errors ignored. */
   closeFd(fd: number): void;
   /** Make the call fd O_NONBLOCK and write 1 to it; throws if it cannot be signalled. */
@@ -609,12 +624,24 @@ export class VhostUserBackend {
     return null;
   }
 
+  /** Lets go of regions: unmapped, or retired when a worker may still touch them. */
   #unmapAll(regions: readonly MappedRegion[]): void {
     for (const r of regions) {
+      const retire = this.#device.forgetRegion(r);
       try {
-        this.#system.unmapRegion(r);
+        if (retire) {
+          this.#system.retireRegion(r);
+          this.#log(
+            "warn",
+            `${describeRegion(r)} was never given back by a worker that was ended; ` +
+              `its range stays reserved (zero pages) instead of being unmapped`,
+          );
+        } else {
+          this.#system.unmapRegion(r);
+        }
       } catch (e) {
-        this.#log("error", `unmapping ${describeRegion(r)} failed: ${(e as Error).message}`);
+        const what = retire ? "retiring" : "unmapping";
+        this.#log("error", `${what} ${describeRegion(r)} failed: ${(e as Error).message}`);
       }
     }
   }

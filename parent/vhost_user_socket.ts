@@ -25,7 +25,7 @@
  */
 
 import * as libc from "./libc.ts";
-import { mapRegion, unmapRegion } from "./guest_memory_map.ts";
+import { mapRegion, retireRegion, unmapRegion } from "./guest_memory_map.ts";
 import {
   type BackendLogger,
   type BackendSystem,
@@ -200,6 +200,10 @@ export const LIBC_BACKEND_SYSTEM: BackendSystem = {
   mapRegion,
   unmapRegion(region) {
     const error = unmapRegion(region);
+    if (error !== null) throw error;
+  },
+  retireRegion(region) {
+    const error = retireRegion(region);
     if (error !== null) throw error;
   },
   closeFd: closeQuietly,

@@ -79,6 +79,10 @@ class FakeSystem implements BackendSystem {
     this.events.push(`unmap ${region.fd}`);
     this.closeFd(region.fd);
   }
+  retireRegion(region: MappedRegion): void {
+    this.events.push(`retire ${region.fd}`);
+    this.closeFd(region.fd);
+  }
   closeFd(fd: number): void {
     if (!this.open.delete(fd)) this.errors.push(`close of fd ${fd} that is not open`);
     this.events.push(`close ${fd}`);
@@ -211,6 +215,12 @@ class FakeDevice implements DevicePort {
     this.#check(`setVringEnable ${index} ${enabled}`);
     this.ring(index).enabled = enabled;
     return Promise.resolve();
+  }
+  /** A region the device still lists was never given back (a refused release). */
+  forgetRegion(region: MappedRegion): boolean {
+    const held = this.regions.includes(region);
+    this.regions = this.regions.filter((r) => r !== region);
+    return held;
   }
   reset(): Promise<void> {
     this.#check("reset");
@@ -754,6 +764,50 @@ Deno.test("close() releases every mapping and descriptor, device first", async (
   );
   assert.equal(r.ok, false);
   assert.equal(system.open.size, 0);
+});
+
+Deno.test("memory the device does not give back is retired, never unmapped", async (t) => {
+  await t.step("on close", async () => {
+    const logged: string[] = [];
+    const { ok, system, device, backend } = setup({
+      logger: { log: (level, _source, message) => logged.push(`${level}: ${message}`) },
+    });
+    const fds = [system.newFd(), system.newFd()];
+    await ok(encodeRequest(VHOST_USER_SET_MEM_TABLE, encodeMemTable(REGIONS)), fds);
+    device.reject.add("setMemTable");
+    system.events = [];
+    await backend.close();
+    assert.deepEqual(system.events, [
+      `retire ${fds[0]}`,
+      `close ${fds[0]}`,
+      `retire ${fds[1]}`,
+      `close ${fds[1]}`,
+    ]);
+    assert.equal(system.open.size, 0);
+    assert.match(logged[0], /^warn: device memory release on disconnect failed/);
+    assert.equal(logged.filter((l) => /stays reserved \(zero pages\)/.test(l)).length, 2);
+  });
+  await t.step("on a new table, after the old one's release failed", async () => {
+    const { ok, send, system, device } = setup();
+    const old = [system.newFd()];
+    await ok(encodeRequest(VHOST_USER_SET_MEM_TABLE, encodeMemTable([REGIONS[0]])), old);
+    device.reject.add("setMemTable");
+    const r = await send(encodeRequest(VHOST_USER_SET_MEM_TABLE, encodeMemTable([REGIONS[1]])), [
+      system.newFd(),
+    ]);
+    assert.equal(r.ok, false);
+    device.reject.delete("setMemTable");
+    // The device answers the next table: it released the old one after all.
+    system.events = [];
+    const next = system.newFd();
+    await ok(encodeRequest(VHOST_USER_SET_MEM_TABLE, encodeMemTable([REGIONS[1]])), [next]);
+    assert.deepEqual(system.events, [
+      `map ${next}`,
+      `device releases ${old[0]}`,
+      `unmap ${old[0]}`,
+      `close ${old[0]}`,
+    ]);
+  });
 });
 
 Deno.test("close() unmaps and logs when the device fails to answer the reset", async () => {

@@ -96,6 +96,9 @@ class RecordingDevice implements DevicePort {
   setVringEnable(_index: number, _enabled: boolean): Promise<void> {
     return Promise.resolve();
   }
+  forgetRegion(_region: MappedRegion): boolean {
+    return false; // setMemTable and removeMemRegion always release
+  }
   reset(): Promise<void> {
     this.resets++;
     for (const [i] of this.kick) this.#replace(this.kick, i, null);
