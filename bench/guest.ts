@@ -50,12 +50,14 @@ export interface GuestSample {
   /** The whole QEMU process over the run, in cores (guest emulation included). */
   qemuCores: number;
   /**
-   * vionet only: each daemon thread's CPU (cores) and voluntary context
-   * switches per second over the run, by "tid comm". Workers show as
-   * worker-N in creation order: the device first, then per queue start the
-   * writer and the poller.
+   * vionet only: each daemon thread's CPU (cores, and the kernel's part)
+   * and voluntary context switches per second over the run, by "tid comm".
+   * Workers show as worker-N in creation order: the device first, then per
+   * queue start the writer and the poller.
    */
-  threads?: Record<string, { cores: number; wakeupsPerSecond: number }>;
+  threads?: Record<string, ThreadLoad>;
+  /** The same for each QEMU thread (vCPUs `CPU n/TCG`, the main loop `qemu-system-x86`, ...). */
+  qemuThreads?: Record<string, ThreadLoad>;
   /**
    * vionet only: lost kicks the device recovered (`kicksMissed` of its
    * SIGUSR2 counters), per queue, since the daemon started: the same for
@@ -99,6 +101,15 @@ const OFFLOADS_OFF = [
   "guest_ufo=off",
 ];
 
+/** A thread's load over a run. */
+export interface ThreadLoad {
+  /** Share of a core, user and kernel time. */
+  cores: number;
+  /** The kernel's part of `cores` (system calls, and the softirq work they run). */
+  sysCores: number;
+  wakeupsPerSecond: number;
+}
+
 /** Whether the guest-bound bench can run, or why not. */
 export function guestUnavailable(): string | undefined {
   try {
@@ -113,19 +124,21 @@ function isVcpu(comm: string): boolean {
   return /^CPU \d+\/(TCG|KVM)/.test(comm);
 }
 
-/** Each thread's share of a core and wake-ups per second between two `threadTimes()` readings. */
+/** Each thread's share of a core (and the kernel's part of it) and wake-ups per second between two `threadTimes()` readings. */
 function perThread(
   before: ReturnType<typeof threadTimes>,
   after: ReturnType<typeof threadTimes>,
   seconds: number,
-): Record<string, { cores: number; wakeupsPerSecond: number }> {
-  const out: Record<string, { cores: number; wakeupsPerSecond: number }> = {};
+): Record<string, ThreadLoad> {
+  const out: Record<string, ThreadLoad> = {};
+  const round = (x: number) => Math.round(x * 1000) / 1000;
   for (const [name, t] of after) {
-    const b = before.get(name) ?? { cpu: 0, switches: 0 };
+    const b = before.get(name) ?? { cpu: 0, sys: 0, switches: 0 };
     const cores = (t.cpu - b.cpu) / seconds;
     if (cores < 0.005) continue;
     out[name] = {
-      cores: Math.round(cores * 1000) / 1000,
+      cores: round(cores),
+      sysCores: round((t.sys - b.sys) / seconds),
       wakeupsPerSecond: Math.round((t.switches - b.switches) / seconds),
     };
   }
@@ -240,6 +253,7 @@ export async function measureGuest(
         const base = { backend, offloads, direction, rep };
         try {
           const th0 = daemon ? threadTimes(daemon.pid) : null;
+          const qth0 = threadTimes(guest.pid);
           const b0 = backendCpu();
           const q0 = cpuSeconds(guest.pid);
           const t0 = performance.now();
@@ -261,17 +275,20 @@ export async function measureGuest(
           if (j.error) throw new Error(`iperf3: ${j.error}`);
           const gbps = j.end.sum_received.bits_per_second / 1e9;
           const threads = th0 && daemon ? perThread(th0, threadTimes(daemon.pid), dt) : undefined;
+          const qemuThreads = perThread(qth0, threadTimes(guest.pid), dt);
           out.push({
             ...base,
             gbps,
             backendCores: (b1 - b0) / dt,
             qemuCores: (q1 - q0) / dt,
             ...(threads ? { threads } : {}),
+            qemuThreads,
           });
           const perThreadText = threads
             ? "; threads " +
               Object.entries(threads).map(([name, t]) =>
-                `${name.split(" ")[1]} ${(100 * t.cores).toFixed(1)} % ${t.wakeupsPerSecond}/s`
+                `${name.split(" ")[1]} ${(100 * t.cores).toFixed(1)} % ` +
+                `(sys ${(100 * t.sysCores).toFixed(1)}) ${t.wakeupsPerSecond}/s`
               ).join(", ")
             : "";
           o.log(

@@ -303,19 +303,31 @@ export function cpuSeconds(pid: number, threadFilter?: (comm: string) => boolean
   return ticks / CLK_TCK;
 }
 
+/** One thread's CPU so far: utime+stime and stime alone in seconds, voluntary context switches. */
+export interface ThreadTime {
+  cpu: number;
+  sys: number;
+  switches: number;
+}
+
 /**
- * utime+stime in seconds and voluntary context switches (wake-ups, near
- * enough) of each thread of a process, keyed by "tid comm".
+ * utime+stime and stime in seconds and voluntary context switches (wake-ups,
+ * near enough) of each thread of a process, keyed by "tid comm".
  */
-export function threadTimes(pid: number): Map<string, { cpu: number; switches: number }> {
-  const out = new Map<string, { cpu: number; switches: number }>();
+export function threadTimes(pid: number): Map<string, ThreadTime> {
+  const out = new Map<string, ThreadTime>();
   for (const e of Deno.readDirSync(`/proc/${pid}/task`)) {
     try {
       const dir = `/proc/${pid}/task/${e.name}`;
       const comm = Deno.readTextFileSync(`${dir}/comm`).trim();
       const status = Deno.readTextFileSync(`${dir}/status`);
       const switches = Number(/^voluntary_ctxt_switches:\s+(\d+)/m.exec(status)?.[1] ?? 0);
-      out.set(`${e.name} ${comm}`, { cpu: statTicks(`${dir}/stat`) / CLK_TCK, switches });
+      const { user, sys } = statUserSys(`${dir}/stat`);
+      out.set(`${e.name} ${comm}`, {
+        cpu: (user + sys) / CLK_TCK,
+        sys: sys / CLK_TCK,
+        switches,
+      });
     } catch {
       // the thread ended meanwhile
     }
@@ -324,9 +336,15 @@ export function threadTimes(pid: number): Map<string, { cpu: number; switches: n
 }
 
 function statTicks(path: string): number {
+  const { user, sys } = statUserSys(path);
+  return user + sys;
+}
+
+/** utime and stime of a /proc stat file, in clock ticks. */
+function statUserSys(path: string): { user: number; sys: number } {
   const text = Deno.readTextFileSync(path);
   // comm may hold spaces and parentheses: fields start after the last ')'.
   const fields = text.slice(text.lastIndexOf(")") + 2).split(" ");
   // fields[0] is field 3 (state); utime is field 14, stime field 15.
-  return Number(fields[11]) + Number(fields[12]);
+  return { user: Number(fields[11]), sys: Number(fields[12]) };
 }

@@ -102,6 +102,57 @@ function guestPick(g: GuestSample[], backend: string, offloads: string, dir: Dir
   };
 }
 
+/** A sample's CPU by where it ran: QEMU's vCPUs, QEMU's other threads, the vionet daemon. */
+function cpuSplit(x: GuestSample) {
+  const sum = (
+    threads: Record<string, { cores: number; sysCores: number }> | undefined,
+    keep: (name: string) => boolean,
+  ) => {
+    let cores = 0, sys = 0;
+    for (const [name, t] of Object.entries(threads ?? {})) {
+      if (keep(name)) cores += t.cores, sys += t.sysCores;
+    }
+    return { cores, sys };
+  };
+  const vcpu = (name: string) => /^\d+ CPU \d+\/(TCG|KVM)/.test(name);
+  return {
+    vcpu: sum(x.qemuThreads, vcpu).cores,
+    qemuOther: sum(x.qemuThreads, (n) => !vcpu(n)),
+    daemon: sum(x.threads, () => true),
+  };
+}
+
+/** Rows of the CPU split table; none when the samples predate per-thread QEMU figures. */
+function cpuSplitRows(g: GuestSample[]): string[] {
+  const rows: string[] = [];
+  for (const offloads of ["on", "off"]) {
+    for (const dir of ["guest->host", "host->guest"] as Direction[]) {
+      for (const backend of ["vionet", "qemu"]) {
+        const s = g.filter((x) =>
+          x.backend === backend && x.offloads === offloads && x.direction === dir && !x.error &&
+          x.qemuThreads
+        );
+        if (!s.length) continue;
+        const parts = s.map(cpuSplit);
+        const med = (f: (p: ReturnType<typeof cpuSplit>) => number) =>
+          fmt(spread(parts.map(f)).median, 2);
+        rows.push(
+          `| ${dir} | ${offloads} | ${backend === "qemu" ? "QEMU built-in" : "vionet"} | ${
+            fmt(spread(s.map((x) => x.gbps)).median)
+          } | ${med((p) => p.vcpu)} | ${med((p) => p.qemuOther.cores)} (${
+            med((p) => p.qemuOther.sys)
+          }) | ${
+            backend === "vionet"
+              ? `${med((p) => p.daemon.cores)} (${med((p) => p.daemon.sys)})`
+              : ""
+          } |`,
+        );
+      }
+    }
+  }
+  return rows;
+}
+
 function fmt(x: number, digits = 3): string {
   if (!Number.isFinite(x)) return "–";
   return x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toPrecision(digits);
@@ -295,6 +346,20 @@ export function markdown(r: Results): string {
         "included) plus, for vionet, the daemon.",
     );
     lines.push("");
+    const split = cpuSplitRows(r.guest);
+    if (split.length) {
+      lines.push(
+        "Where the host CPU went (cores, medians; sys: the kernel's part, which includes the " +
+          "host TCP stack's work run in the tap write or read):",
+      );
+      lines.push("");
+      lines.push(
+        "| direction | offloads | backend | Gbit/s | vCPU | QEMU other threads (sys) | vionet daemon (sys) |",
+      );
+      lines.push("|---|---|---|---|---|---|---|");
+      lines.push(...split);
+      lines.push("");
+    }
   }
   if (r.idle.length) {
     lines.push(
