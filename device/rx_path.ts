@@ -231,6 +231,7 @@ export class RxPath {
           return -1;
         }
         this.#recycle(chains);
+        if (this.ioFault !== null) return -1;
         continue;
       }
       const problem = this.#check(chains, bytes, status);
@@ -239,6 +240,7 @@ export class RxPath {
         return -1;
       }
       this.#deliver(chains, bytes);
+      if (this.ioFault !== null) return -1;
       frames++;
     }
     return frames;
@@ -400,9 +402,13 @@ export class RxPath {
         this.#segOffset.copyWithin(to * RX_MAX_IOV, from * RX_MAX_IOV, (from + 1) * RX_MAX_IOV);
         this.#segLen.copyWithin(to * RX_MAX_IOV, from * RX_MAX_IOV, (from + 1) * RX_MAX_IOV);
       }
-      if (ring.freeSpace() > 0) {
-        this.#write(to);
+      // The poller releases a chain's post record before it reports the chain
+      // done, so its record's room is free; a full ring means it did not.
+      if (ring.freeSpace() === 0) {
+        this.ioFault ??= `rx-done returned chains whose rx-post records are still held`;
+        return;
       }
+      this.#write(to);
     }
     // The poller that gave them back may have starved meanwhile.
     this.#publishPosts();

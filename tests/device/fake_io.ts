@@ -67,10 +67,11 @@ export class FakeIo {
   #txDriver: TestDriver | null = null;
   #txPublished = -1;
 
-  constructor(readonly guest: TestGuest) {
+  /** `rxPostRecords`: a smaller rx-post ring than the data path's, to fill it in tests. */
+  constructor(readonly guest: TestGuest, rxPostRecords = RX_POST_RING_RECORDS) {
     this.tx = SpscRing.create({ capacity: TX_RING_RECORDS, recordWords: TX_RECORD_WORDS });
     this.rxPost = SpscRing.create({
-      capacity: RX_POST_RING_RECORDS,
+      capacity: rxPostRecords,
       recordWords: RX_POST_RECORD_WORDS,
     });
     this.rxDone = SpscRing.create({

@@ -43,9 +43,10 @@ async function withRig(
   features: bigint,
   offloadMode: "auto" | "off",
   fn: (r: Rig) => Promise<void>,
+  rxPostRecords?: number,
 ): Promise<void> {
   const guest = new TestGuest([{ gpa: 0x100000, size: 16 << 20 }]);
-  const io = new FakeIo(guest);
+  const io = new FakeIo(guest, rxPostRecords);
   const faults: string[] = [];
   const dev = new NetDevice((q, reason) => faults.push(`${q}: ${reason}`));
   dev.grant(io.regionGrants());
@@ -299,6 +300,18 @@ Deno.test("RX: chains the poller gives back unfilled are posted again at the bac
     await until(io, () => faults.length > 0, "a queue fault");
     assert.match(faults[0], /^0: rx-done gives back 1 chains with 5 bytes/);
   });
+});
+
+Deno.test("RX: a give-back of chains whose post records the poller still holds is a queue fault, not a lost chain", async () => {
+  await withRig(BASE, "auto", async ({ io, rx, faults }) => {
+    // Four records fill this rx-post ring; the poller has read none of them.
+    for (let i = 0; i < 6; i++) rx.post([{ len: 2048, writable: true }]);
+    io.kick("rx");
+    await until(io, () => io.postedChains === 4, "four chains posted, the ring full");
+    io.pushDoneRaw(1, 0, RX_UNUSED); // gives one back without releasing its record
+    await until(io, () => faults.length > 0, "a queue fault");
+    assert.match(faults[0], /^0: rx-done returned chains whose rx-post records are still held/);
+  }, 4);
 });
 
 Deno.test("RX: chains given back by a poller that then starved are posted again and the poller is woken", async () => {
