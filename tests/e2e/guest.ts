@@ -271,11 +271,14 @@ export class Guest {
       this.#pending = { id, resolve, reject, collecting: false, chunks: [] };
     });
     await this.#conn.write(this.#encoder.encode(`__VIONET_RUN__ ${id} ${seconds} ${script}\n`));
+    const sent = { at: performance.now(), cpu: this.#cpuSeconds() };
     try {
       return await withTimeout(
         answer,
         timeoutMs + 15_000,
-        () => `Guest did not answer command ${id} (${cmd}) in time${this.#consoleTail()}`,
+        () =>
+          `Guest did not answer command ${id} (${cmd}) in time; ${this.#cpuSince(sent)}` +
+          this.#consoleTail(),
       );
     } finally {
       if (this.#pending?.id === id) this.#pending = undefined;
@@ -333,6 +336,32 @@ export class Guest {
         this.#console = this.#console.slice(-CONSOLE_TAIL_CHARS);
       }
     }
+  }
+
+  /** QEMU's CPU time so far (utime+stime, seconds), or NaN if it cannot be read. */
+  #cpuSeconds(): number {
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${this.pid}/stat`);
+      const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      return (Number(f[11]) + Number(f[12])) / 100;
+    } catch {
+      return NaN;
+    }
+  }
+
+  /**
+   * How busy QEMU was since `from`: a guest that hangs spinning keeps its
+   * vCPU near 100 %, one that waits for an interrupt that never came sits
+   * near 0 %. Tells the two apart after a command times out.
+   */
+  #cpuSince(from: { at: number; cpu: number }): string {
+    const seconds = (performance.now() - from.at) / 1000;
+    const cpu = this.#cpuSeconds() - from.cpu;
+    if (!Number.isFinite(cpu)) return "QEMU's CPU time is unreadable (it exited?)";
+    return `QEMU used ${cpu.toFixed(1)} s of CPU in the ${
+      seconds.toFixed(0)
+    } s since the command ` +
+      `was sent (${(100 * cpu / seconds).toFixed(0)} % of a core)`;
   }
 
   #consoleTail(): string {
