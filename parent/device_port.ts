@@ -257,6 +257,14 @@ export class VionetDevicePort implements DevicePort {
     this.#device.fail(`the device did not give back guest memory (${reason})`);
   }
 
+  /**
+   * Stops the I/O workers. One that had to be ended without answering may be
+   * inside a system call on guest memory now: every region they had is orphaned.
+   */
+  async #endIoWorkers(dp: DatapathHost): Promise<void> {
+    if (!await dp.stop()) { for (const r of this.#regions) this.#orphaned.add(r); }
+  }
+
   #orphanLent(): void {
     for (const r of this.#lent) this.#orphaned.add(r);
     this.#lent.clear();
@@ -408,7 +416,7 @@ export class VionetDevicePort implements DevicePort {
         rxPublish: true,
       });
     } catch (e) {
-      if (!await dp.stop()) { for (const r of this.#regions) this.#orphaned.add(r); }
+      await this.#endIoWorkers(dp);
       throw e;
     }
     this.#datapath = dp;
@@ -420,9 +428,8 @@ export class VionetDevicePort implements DevicePort {
     const dp = this.#datapath;
     if (!dp) return false;
     this.#datapath = null;
-    // The I/O workers end first: after this no system call touches guest memory,
-    // unless one had to be ended without answering: it may be inside one now.
-    if (!await dp.stop()) { for (const r of this.#regions) this.#orphaned.add(r); }
+    // The I/O workers end first: after this no system call touches guest memory.
+    await this.#endIoWorkers(dp);
     let bases: { rx: number; tx: number };
     try {
       bases = await this.#device.stopQueues();

@@ -81,14 +81,7 @@ export function mapRegion(desc: MemoryRegionDesc, fd: number): MappedRegion {
 
 /** Unmaps the region and closes its descriptor. Errors are returned, not thrown. */
 export function unmapRegion(region: MappedRegion): Error | null {
-  let error: Error | null = null;
-  try {
-    libc.munmap(region.mapBase, region.mapLength);
-  } catch (e) {
-    error = e as Error;
-  }
-  const closeError = closeQuietly(region.fd);
-  return error ?? closeError;
+  return release(region, () => libc.munmap(region.mapBase, region.mapLength));
 }
 
 /**
@@ -101,8 +94,7 @@ export function unmapRegion(region: MappedRegion): Error | null {
  * given back. Errors are returned, not thrown.
  */
 export function retireRegion(region: MappedRegion): Error | null {
-  let error: Error | null = null;
-  try {
+  return release(region, () =>
     libc.mmap(
       region.mapLength,
       libc.PROT_READ | libc.PROT_WRITE,
@@ -110,7 +102,14 @@ export function retireRegion(region: MappedRegion): Error | null {
       -1,
       0n,
       region.mapBase,
-    );
+    ));
+}
+
+/** Runs `dropMapping`, then closes the region's fd whatever happened; the first error is returned. */
+function release(region: MappedRegion, dropMapping: () => unknown): Error | null {
+  let error: Error | null = null;
+  try {
+    dropMapping();
   } catch (e) {
     error = e as Error;
   }

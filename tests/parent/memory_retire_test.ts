@@ -20,14 +20,16 @@ import {
 } from "../../parent/vhost_user_messages.ts";
 import { LIBC_BACKEND_SYSTEM } from "../../parent/vhost_user_socket.ts";
 import { quietLogger, testConfig } from "../helpers.ts";
+import { makeMemfd, openFdsMatching, readAt, writeAt } from "./vhost_user_frontend.ts";
 
 const SIZE = 64 * 1024;
 
+const MEMFD_NAME = "vionet-retire-test";
+
 /** A memfd of SIZE bytes filled with `fill`; returns its fd. */
 function guestFile(fill: number): number {
-  const fd = libc.memfdCreate("vionet-retire-test", libc.MFD_CLOEXEC);
-  libc.ftruncate(fd, SIZE);
-  libc.write(fd, new Uint8Array(SIZE).fill(fill));
+  const fd = makeMemfd(SIZE, MEMFD_NAME);
+  writeAt(fd, 0, new Uint8Array(SIZE).fill(fill));
   return fd;
 }
 
@@ -39,13 +41,9 @@ function mapsLine(addr: bigint): string | undefined {
   );
 }
 
+/** Whether `fd` is (still) open on a guest file of this test. */
 function fdOpen(fd: number): boolean {
-  try {
-    libc.fstat(fd);
-    return true;
-  } catch {
-    return false;
-  }
+  return openFdsMatching(`memfd:${MEMFD_NAME}`).includes(fd);
 }
 
 Deno.test("retireRegion: a stale view reads zeros, the guest's file is let go", () => {
@@ -71,9 +69,7 @@ Deno.test("retireRegion: a stale view reads zeros, the guest's file is let go", 
     assert.doesNotMatch(line, /memfd/, line);
     assert.match(line, /^[0-9a-f]+-[0-9a-f]+ rw-p /, line);
     assert.equal(fdOpen(fd), false, "the region's fd is closed");
-    const file = new Uint8Array(SIZE);
-    libc.lseek(keep, 0, 0);
-    libc.read(keep, file);
+    const file = readAt(keep, 0, SIZE);
     assert.ok(file.every((b) => b === 0xab), "the guest's memory is untouched");
   } finally {
     libc.close(keep);
@@ -119,12 +115,7 @@ async function withHoarder(
 
 /** Reads the whole file twice, 100 ms apart: the guest's memory must have stopped changing. */
 async function assertFrozen(fd: number): Promise<void> {
-  const read = () => {
-    const bytes = new Uint8Array(SIZE);
-    libc.lseek(fd, 0, 0);
-    libc.read(fd, bytes);
-    return bytes;
-  };
+  const read = () => readAt(fd, 0, SIZE);
   const first = read();
   await new Promise((r) => setTimeout(r, 100));
   assert.deepEqual(read(), first, "the guest's memory no longer changes");
@@ -144,9 +135,7 @@ Deno.test("a device that took memory and wedged is ended; the memory is retired,
         await new Promise((r) => setTimeout(r, 10));
       }
       await new Promise((r) => setTimeout(r, 50));
-      const file = new Uint8Array(SIZE);
-      libc.lseek(keep, 0, 0);
-      libc.read(keep, file);
+      const file = readAt(keep, 0, SIZE);
       assert.notEqual(file[0], 0, "the device writes into its grant");
 
       // A new table: the device does not give the old one back.
