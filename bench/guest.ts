@@ -120,7 +120,8 @@ export function guestUnavailable(): string | undefined {
   return undefined;
 }
 
-function isVcpu(comm: string): boolean {
+/** A QEMU vCPU thread's name (`CPU 0/TCG`, `CPU 1/KVM`). */
+export function isVcpu(comm: string): boolean {
   return /^CPU \d+\/(TCG|KVM)/.test(comm);
 }
 

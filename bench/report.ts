@@ -7,7 +7,7 @@
  */
 
 import type { BackendName, BackendSample, BackendTest } from "./dpdk.ts";
-import type { Direction, GuestSample, IdleSample } from "./guest.ts";
+import { type Direction, type GuestSample, type IdleSample, isVcpu } from "./guest.ts";
 
 /** Where and how the bench ran. */
 export interface Machine {
@@ -114,7 +114,8 @@ function cpuSplit(x: GuestSample) {
     }
     return { cores, sys };
   };
-  const vcpu = (name: string) => /^\d+ CPU \d+\/(TCG|KVM)/.test(name);
+  // Keyed "tid comm".
+  const vcpu = (name: string) => isVcpu(name.slice(name.indexOf(" ") + 1));
   return {
     vcpu: sum(x.qemuThreads, vcpu).cores,
     qemuOther: sum(x.qemuThreads, (n) => !vcpu(n)),
