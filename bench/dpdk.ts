@@ -70,6 +70,8 @@ export interface BackendOptions {
   log: (line: string) => void;
   /** More Deno flags for the vionet daemon (e.g. `--cpu-prof`). */
   daemonFlags?: string[];
+  /** More vionet options (e.g. `--io-uring off`), after the bench's own. */
+  vionetArgs?: string[];
 }
 
 const TAP = "vb0";
@@ -228,6 +230,7 @@ async function startBackend(
       backend === "vionet" ? "auto" : "off",
       "--log-level",
       "warn",
+      ...(o.vionetArgs ?? []),
     ], { cpu: o.backendCpu, cwd: ROOT });
     r.daemon = daemon;
     r.backendPid = daemon.pid;

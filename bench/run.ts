@@ -6,6 +6,7 @@
  *
  * ```
  * deno task bench [--reps 3] [--seconds 4] [--guest-reps 5] [--guest-seconds 8] [--only backend|guest]
+ *                 [--tests tx64,tx1514,tso,rx64] [--vionet-args "--io-uring off"]
  *                 [--backend-cpu 0] [--frontend-cpu 1] [--out bench/results] [--report-only]
  * ```
  *
@@ -127,6 +128,7 @@ async function main(): Promise<void> {
       tests: { type: "string" },
       "backend-cpu": { type: "string", default: "0" },
       "frontend-cpu": { type: "string", default: "1" },
+      "vionet-args": { type: "string", default: "" },
       out: { type: "string", default: `${ROOT}bench/results` },
       "report-only": { type: "boolean", default: false },
     },
@@ -194,6 +196,7 @@ async function main(): Promise<void> {
       warmSeconds: 1.5,
       backendCpu,
       frontendCpu,
+      vionetArgs: values["vionet-args"].split(" ").filter((a) => a !== ""),
       log,
     };
     for (let rep = 0; rep < reps; rep++) {

@@ -929,11 +929,13 @@ function startEngine(c: Int32Array, mode: IoUringMode): void {
   if (mode === "auto") {
     try {
       uring = IoUring.setup(RX_BATCH);
+      const fixed = uring.useFixedFile(tapFd);
       Atomics.store(c, CTL.POLLER_ENGINE, POLLER_ENGINE_IO_URING);
       control.post({
         kind: "notice",
         message: `tap reads: io_uring, up to ${RX_BATCH} frames per system call into ` +
-          `buffers that take ${frameRoom} bytes; else one readv per frame`,
+          `buffers that take ${frameRoom} bytes; else one readv per frame` +
+          (fixed ? "" : " (the tap is not a registered file: the kernel refused)"),
       });
       return;
     } catch (e) {
@@ -1059,6 +1061,7 @@ const control = new WorkerControl("poller", {
     if (slot === "tap") {
       tapFd = fd;
       tapBroken = false;
+      uring?.useFixedFile(fd);
       if (txDrainer) txDrainer.tapFd = fd;
     } else if (slot === "callRx") {
       callRxFd = fd;

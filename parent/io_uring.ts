@@ -10,7 +10,11 @@
  * otherwise (tun's sendmsg batching is for vhost-net in the kernel only).
  *
  * Only what the writer needs: no SQPOLL (it would spin a core the guest
- * needs), no registered buffers, one batch in flight. {@link submitAndWait}
+ * needs), no registered buffers, one batch in flight. The tap is a
+ * registered file ({@link useFixedFile}): an SQE on a plain descriptor makes
+ * the kernel look it up and take and drop a reference per write, which cost
+ * 5 % of the 64 B write rate here (`IORING_OP_WRITEV` of header + frame, 64
+ * per io_uring_enter, one core: 1.21 Mpps plain, 1.28 Mpps registered). {@link submitAndWait}
  * returns only when the kernel has completed every queued write, so the
  * guest memory that the iovecs name is no longer read once it returns: the
  * writer may then release the records, and a revocation served after it is
@@ -37,6 +41,11 @@ import * as libc from "./libc.ts";
 
 const SYS_io_uring_setup = 425n;
 const SYS_io_uring_enter = 426n;
+const SYS_io_uring_register = 427n;
+const IORING_REGISTER_FILES = 2;
+const IORING_UNREGISTER_FILES = 3;
+/** SQE flag: `fd` is an index into the registered files. */
+const IOSQE_FIXED_FILE = 1;
 
 const IORING_OFF_SQ_RING = 0n;
 const IORING_OFF_CQ_RING = 0x8000000n;
@@ -113,6 +122,8 @@ export class IoUring {
   #cqes: number;
   /** SQEs written since the last submit. */
   #queued = 0;
+  /** The descriptor registered as fixed file 0, or -1. */
+  #fixedFd = -1;
   #closed = false;
 
   private constructor(fd: number, entries: number, flags: number, params: Uint32Array) {
@@ -182,6 +193,41 @@ export class IoUring {
     throw new libc.SyscallError("io_uring_setup", lastErrno, `${entries} entries`);
   }
 
+  /**
+   * Registers `fd` as the ring's one fixed file, in place of the one before
+   * (-1: none). Queued operations on `fd` then name the registered file.
+   * Returns false, with nothing registered, when the kernel refuses
+   * (registration is an optimisation: plain descriptors still work).
+   *
+   * The registration holds its own reference to the open file: call this
+   * again whenever the number `fd` may name another file (the tap was
+   * replaced), and {@link close} lets go of it. Only between batches.
+   */
+  useFixedFile(fd: number): boolean {
+    if (this.#closed) throw new Error("io_uring: the ring is closed");
+    if (this.#queued !== 0) throw new Error("io_uring: a batch is queued");
+    if (this.#fixedFd >= 0) {
+      this.#fixedFd = -1;
+      libc.sys.io_uring_register(SYS_io_uring_register, this.fd, IORING_UNREGISTER_FILES, null, 0);
+    }
+    if (fd < 0) return false;
+    const r = libc.sys.io_uring_register(
+      SYS_io_uring_register,
+      this.fd,
+      IORING_REGISTER_FILES,
+      new Int32Array([fd]),
+      1,
+    );
+    if (r < 0) return false;
+    this.#fixedFd = fd;
+    return true;
+  }
+
+  /** The descriptor registered by {@link useFixedFile}, or -1. */
+  get fixedFd(): number {
+    return this.#fixedFd;
+  }
+
   /** SQEs queued and not yet submitted. */
   get queued(): number {
     return this.#queued;
@@ -219,8 +265,9 @@ export class IoUring {
     const tail = this.#sq[this.#sqTail] + this.#queued;
     const w = (tail & this.#sqMask) * SQE_WORDS;
     const s = this.#sqes;
-    s[w] = opcode; // flags 0, ioprio 0
-    s[w + 1] = fd;
+    const fixed = fd >= 0 && fd === this.#fixedFd;
+    s[w] = opcode | (fixed ? IOSQE_FIXED_FILE << 8 : 0); // ioprio 0
+    s[w + 1] = fixed ? 0 : fd;
     s[w + 2] = 0; // off: the tap has no position
     s[w + 3] = 0;
     s[w + 4] = iovLo; // addr

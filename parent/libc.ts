@@ -126,6 +126,12 @@ export const LIBC_SYMBOLS = {
     parameters: ["i64", "i32", "u32", "u32", "u32", "pointer", "usize"],
     result: "i32",
   },
+  /** io_uring_register(2): ring fd, opcode, argument (NULL or an array), its count. */
+  io_uring_register: {
+    name: "syscall",
+    parameters: ["i64", "i32", "u32", "buffer", "u32"],
+    result: "i32",
+  },
 } as const;
 
 const lib = Deno.dlopen(LIBC_NAME, LIBC_SYMBOLS);

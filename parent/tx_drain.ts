@@ -176,8 +176,8 @@ export type DrainerNotice = InfoNotice | FaultNotice;
 export class TxDrainer {
   ring: SpscRing | null = null;
   regions: IoRegions = IoRegions.EMPTY;
-  tapFd = -1;
   callFd = -1;
+  #tapFd = -1;
   /** Records this drainer wrote or completed (both workers count into CTL separately). */
   drained = 0;
   #dead = false;
@@ -236,15 +236,28 @@ export class TxDrainer {
     }
   }
 
+  get tapFd(): number {
+    return this.#tapFd;
+  }
+
+  /** The tap to write to; with io_uring it becomes the ring's registered file. Only between batches. */
+  set tapFd(fd: number) {
+    this.#tapFd = fd;
+    this.#uring?.useFixedFile(fd);
+  }
+
   /** The engine: io_uring when allowed and the kernel agrees, else `writev`. Says which in a notice. */
   start(mode: IoUringMode): void {
     if (mode === "auto") {
       try {
-        this.#uring = IoUring.setup(TX_BATCH);
+        const uring = IoUring.setup(TX_BATCH);
+        this.#uring = uring;
+        const fixed = uring.useFixedFile(this.#tapFd);
         this.#showEngine(WRITER_ENGINE_IO_URING);
         this.#post({
           kind: "notice",
-          message: `${this.#what}: io_uring, up to ${TX_BATCH} frames per system call`,
+          message: `${this.#what}: io_uring, up to ${TX_BATCH} frames per system call` +
+            (fixed ? "" : " (the tap is not a registered file: the kernel refused)"),
         });
         return;
       } catch (e) {
@@ -368,10 +381,10 @@ export class TxDrainer {
       if (iovcnt === 0) {
         bad++;
       } else if (batcher === null) {
-        const r = sys.writev(this.tapFd, this.#slot0Bytes, iovcnt);
+        const r = sys.writev(this.#tapFd, this.#slot0Bytes, iovcnt);
         if (Number(r) !== this.#slotExpected[0]) Atomics.add(c, CTL.WRITER_ERRORS, 1);
       } else {
-        batcher.queueWritev(this.tapFd, this.#slotLo[slot], this.#slotHi[slot], iovcnt, slot);
+        batcher.queueWritev(this.#tapFd, this.#slotLo[slot], this.#slotHi[slot], iovcnt, slot);
         queued++;
       }
     }

@@ -103,3 +103,55 @@ Deno.test("io_uring: entries outside 1..4096 are refused before any system call"
   assert.throws(() => IoUring.setup(4097), RangeError);
   assert.throws(() => IoUring.setup(1.5), RangeError);
 });
+
+Deno.test({
+  name: "io_uring: a registered file takes the writes on its descriptor until another replaces it",
+  ignore: skip !== undefined,
+  fn() {
+    const ring = IoUring.setup(8);
+    const a = new Int32Array(2);
+    const b = new Int32Array(2);
+    assert.equal(libc.sys.pipe2(new Uint8Array(a.buffer), libc.O_CLOEXEC), 0);
+    assert.equal(libc.sys.pipe2(new Uint8Array(b.buffer), libc.O_CLOEXEC), 0);
+    const results = new Int32Array(2);
+    const drain = (fd: number) => {
+      const buf = new Uint8Array(64);
+      const n = Number(libc.sys.read(fd, buf, 64n));
+      return new TextDecoder().decode(buf.subarray(0, n));
+    };
+    try {
+      const x = iovFor("x");
+      const y = iovFor("yy");
+      assert.equal(ring.useFixedFile(a[1]), true);
+      assert.equal(ring.fixedFd, a[1]);
+      ring.queueWritev(a[1], x.iov.lo, x.iov.hi, 1, 0);
+      ring.queueWritev(b[1], y.iov.lo, y.iov.hi, 1, 1); // not registered: by descriptor
+      ring.submitAndWait(results);
+      assert.deepEqual([...results], [1, 2]);
+      assert.equal(drain(a[0]), "x");
+      assert.equal(drain(b[0]), "yy");
+      // Replacing the registration moves the fixed slot to the new file.
+      ring.queueWritev(a[1], x.iov.lo, x.iov.hi, 1, 0);
+      assert.throws(() => ring.useFixedFile(b[1]), /batch is queued/);
+      ring.submitAndWait(results);
+      assert.equal(drain(a[0]), "x");
+      assert.equal(ring.useFixedFile(b[1]), true);
+      assert.equal(ring.fixedFd, b[1]);
+      ring.queueWritev(b[1], y.iov.lo, y.iov.hi, 1, 0);
+      ring.queueWritev(a[1], x.iov.lo, x.iov.hi, 1, 1);
+      ring.submitAndWait(results);
+      assert.deepEqual([...results], [2, 1]);
+      assert.equal(drain(b[0]), "yy");
+      assert.equal(drain(a[0]), "x");
+      // -1 drops it; a queued -1 is still a bad descriptor, not fixed slot 0.
+      assert.equal(ring.useFixedFile(-1), false);
+      assert.equal(ring.fixedFd, -1);
+      ring.queueWritev(-1, x.iov.lo, x.iov.hi, 1, 0);
+      ring.submitAndWait(results);
+      assert.equal(results[0], -libc.Errno.EBADF);
+    } finally {
+      ring.close();
+      for (const fd of [...a, ...b]) libc.close(fd);
+    }
+  },
+});
