@@ -5,7 +5,7 @@
  * (one per isolate: the main thread and each worker).
  *
  * ```
- * deno run --unstable-worker-options -A bench/profile.ts [--test tx64] [--seconds 5]
+ * deno run --unstable-worker-options -A bench/profile.ts [--test tx64] [--seconds 5] [--offload off]
  * ```
  *
  * @module
@@ -45,10 +45,16 @@ async function main(): Promise<void> {
       test: { type: "string", default: "tx64" },
       seconds: { type: "string", default: "5" },
       top: { type: "string", default: "15" },
+      offload: { type: "string", default: "auto" },
     },
   });
   const dir = await Deno.makeTempDir({ prefix: "vionet-prof-" });
-  const s = await measureBackend(values.test as BackendTest, "vionet", 0, {
+  if (values.offload !== "auto" && values.offload !== "off") {
+    console.error(`profile: --offload must be auto or off, not ${values.offload}`);
+    Deno.exit(2);
+  }
+  const backend = values.offload === "off" ? "vionet-offload-off" : "vionet";
+  const s = await measureBackend(values.test as BackendTest, backend, 0, {
     seconds: Number(values.seconds),
     warmSeconds: 1.5,
     backendCpu: 0,
