@@ -108,6 +108,15 @@ export function sumBytes(b: Uint8Array, start: number, end: number, sum = 0): nu
   return sum + (((base + start) & 1) === 0 ? swap16(folded) : folded);
 }
 
+/**
+ * Adds `partial`, the sum ({@link sumBytes}) of a range that starts `offset`
+ * bytes into a longer one, to that longer range's `sum`: a range at an odd
+ * offset pairs its bytes the other way round (RFC 1071 §2(B)).
+ */
+export function addPartialSum(sum: number, partial: number, offset: number): number {
+  return sum + ((offset & 1) === 0 ? partial : swap16(foldSum(partial)));
+}
+
 /** `~fold(sum)`: the value stored in a checksum field. */
 export function finishChecksum(sum: number): number {
   return ~foldSum(sum) & 0xffff;

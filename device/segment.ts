@@ -79,6 +79,118 @@ function putBe32(b: Uint8Array, at: number, v: number): void {
 }
 
 /**
+ * What every segment of one TCP frame shares, read once from the frame's
+ * (private) headers by {@link planTcpSegments}; {@link writeSegmentHeaders}
+ * then makes each segment's headers from it.
+ */
+export interface TcpSegmentPlan {
+  l3: number;
+  l4: number;
+  /** Bytes of headers (Ethernet to the end of TCP options) each segment starts with. */
+  hlen: number;
+  /** End of the IP packet in the frame: payload runs from `hlen` to here. */
+  end: number;
+  isV4: boolean;
+  gsoSize: number;
+  count: number;
+  /** The driver's pseudo-header sum with the old L4 length taken out. */
+  pseudoWithoutLength: number;
+  flags: number;
+  seq: number;
+  id: number;
+}
+
+export function createTcpSegmentPlan(): TcpSegmentPlan {
+  return {
+    l3: 0,
+    l4: 0,
+    hlen: 0,
+    end: 0,
+    isV4: false,
+    gsoSize: 0,
+    count: 0,
+    pseudoWithoutLength: 0,
+    flags: 0,
+    seq: 0,
+    id: 0,
+  };
+}
+
+/**
+ * Fills `plan` for segmenting the TCP frame whose headers are in `headers`
+ * (at least `parsed.payloadOffset` bytes; parsed into `parsed`, from a
+ * private copy: see frame_parse.ts) into segments of at most `gsoSize`
+ * payload bytes. Bytes after `parsed.l3End` (L2 padding) belong to no
+ * segment. Returns NetDrop.OK, or why the frame cannot be segmented.
+ */
+export function planTcpSegments(
+  headers: Uint8Array,
+  parsed: ParsedFrame,
+  gsoSize: number,
+  plan: TcpSegmentPlan,
+): NetDropCode {
+  if (parsed.l4Proto !== IPPROTO_TCP) return NetDrop.GSO_L4_MISMATCH;
+  if (gsoSize <= 0) return NetDrop.GSO_SIZE_ZERO;
+  const l4 = parsed.l4Offset;
+  const isV4 = parsed.ethertype === ETH_P_IP;
+  plan.l3 = parsed.l3Offset;
+  plan.l4 = l4;
+  plan.hlen = parsed.payloadOffset;
+  plan.end = parsed.l3End;
+  plan.isV4 = isV4;
+  plan.gsoSize = gsoSize;
+  plan.count = segmentCount(parsed.l3End - parsed.payloadOffset, gsoSize);
+  // Ones' complement subtraction of the old length is adding its complement.
+  plan.pseudoWithoutLength = be16(headers, l4 + TCP_CSUM_OFFSET) +
+    (~(parsed.l3End - l4) & 0xffff);
+  plan.flags = headers[l4 + 13];
+  plan.seq = be32(headers, l4 + 4);
+  plan.id = isV4 ? be16(headers, plan.l3 + 4) : 0;
+  return NetDrop.OK;
+}
+
+/**
+ * Turns the copy of the frame's headers at `out[at..at+plan.hlen)` into
+ * segment `i`'s, for a segment carrying `n` payload bytes whose ones'
+ * complement sum (unfolded, big-endian pairing from the payload's first
+ * byte) is `payloadSum`: IP lengths, IPv4 ID and header checksum, sequence
+ * number, flags, and the TCP checksum over the TCP header and payload.
+ */
+export function writeSegmentHeaders(
+  plan: TcpSegmentPlan,
+  out: Uint8Array,
+  at: number,
+  i: number,
+  n: number,
+  payloadSum: number,
+): void {
+  const l3 = at + plan.l3;
+  const l4 = at + plan.l4;
+  const segEnd = plan.hlen + n; // relative to the segment's start
+  if (plan.isV4) {
+    // RFC 791: total length, identification, header checksum.
+    putBe16(out, l3 + 2, segEnd - plan.l3);
+    putBe16(out, l3 + 4, (plan.id + i) & 0xffff);
+    putBe16(out, l3 + 10, 0);
+    putBe16(out, l3 + 10, finishChecksum(sumBytes(out, l3, l4)));
+  } else {
+    // RFC 8200 §3: payload length counts extension headers too.
+    putBe16(out, l3 + 4, segEnd - plan.l3 - 40);
+  }
+  putBe32(out, l4 + 4, (plan.seq + i * plan.gsoSize) >>> 0);
+  let f = plan.flags;
+  if (i !== plan.count - 1) f &= ~(TCP_FLAG_FIN | TCP_FLAG_PSH);
+  if (i !== 0) f &= ~TCP_FLAG_CWR;
+  out[l4 + 13] = f;
+  putBe16(out, l4 + TCP_CSUM_OFFSET, 0);
+  // The TCP header is a whole number of 32-bit words, so the payload's
+  // pairing continues the header's.
+  const sum = sumBytes(out, l4, at + plan.hlen, plan.pseudoWithoutLength + (segEnd - plan.l4)) +
+    payloadSum;
+  putBe16(out, l4 + TCP_CSUM_OFFSET, finishChecksum(sum));
+}
+
+/**
  * Splits the TCP frame `frame` (already parsed into `parsed`, from a private
  * copy: see frame_parse.ts) into segments of at most `gsoSize` payload bytes.
  * Bytes after `parsed.l3End` (L2 padding) are not copied. `scratch` must hold
@@ -92,49 +204,22 @@ export function segmentTcp(
   scratch: Uint8Array,
   emit: SegmentSink,
 ): NetDropCode {
-  if (parsed.l4Proto !== IPPROTO_TCP) return NetDrop.GSO_L4_MISMATCH;
-  if (gsoSize <= 0) return NetDrop.GSO_SIZE_ZERO;
-  const l3 = parsed.l3Offset;
-  const l4 = parsed.l4Offset;
-  const hlen = parsed.payloadOffset;
-  const end = parsed.l3End;
-  const payloadLength = end - hlen;
-  if (scratch.length < hlen + Math.min(gsoSize, payloadLength)) return NetDrop.SCRATCH_TOO_SMALL;
-  const isV4 = parsed.ethertype === ETH_P_IP;
-
-  // The driver's pseudo-header sum with the old L4 length taken out
-  // (ones' complement subtraction is adding the complement).
-  const pseudoWithoutLength = be16(frame, l4 + TCP_CSUM_OFFSET) + (~(end - l4) & 0xffff);
-  const flags = frame[l4 + 13];
-  const seq = be32(frame, l4 + 4);
-  const id = isV4 ? be16(frame, l3 + 4) : 0;
-  const count = segmentCount(payloadLength, gsoSize);
-
+  const plan = sharedPlan;
+  const code = planTcpSegments(frame, parsed, gsoSize, plan);
+  if (code !== NetDrop.OK) return code;
+  const hlen = plan.hlen;
+  const end = plan.end;
+  if (scratch.length < hlen + Math.min(gsoSize, end - hlen)) return NetDrop.SCRATCH_TOO_SMALL;
   scratch.set(frame.subarray(0, hlen), 0);
-  for (let i = 0; i < count; i++) {
+  for (let i = 0; i < plan.count; i++) {
     const from = hlen + i * gsoSize;
     const n = Math.min(gsoSize, end - from);
     if (n > 0) scratch.set(frame.subarray(from, from + n), hlen);
-    const segEnd = hlen + n;
-    if (isV4) {
-      // RFC 791: total length, identification, header checksum.
-      putBe16(scratch, l3 + 2, segEnd - l3);
-      putBe16(scratch, l3 + 4, (id + i) & 0xffff);
-      putBe16(scratch, l3 + 10, 0);
-      putBe16(scratch, l3 + 10, finishChecksum(sumBytes(scratch, l3, l4)));
-    } else {
-      // RFC 8200 §3: payload length counts extension headers too.
-      putBe16(scratch, l3 + 4, segEnd - l3 - 40);
-    }
-    putBe32(scratch, l4 + 4, (seq + i * gsoSize) >>> 0);
-    let f = flags;
-    if (i !== count - 1) f &= ~(TCP_FLAG_FIN | TCP_FLAG_PSH);
-    if (i !== 0) f &= ~TCP_FLAG_CWR;
-    scratch[l4 + 13] = f;
-    putBe16(scratch, l4 + TCP_CSUM_OFFSET, 0);
-    const sum = sumBytes(scratch, l4, segEnd, pseudoWithoutLength + (segEnd - l4));
-    putBe16(scratch, l4 + TCP_CSUM_OFFSET, finishChecksum(sum));
-    emit(scratch, segEnd, i);
+    writeSegmentHeaders(plan, scratch, 0, i, n, sumBytes(scratch, hlen, hlen + n));
+    emit(scratch, hlen + n, i);
   }
   return NetDrop.OK;
 }
+
+/** segmentTcp's plan: it finishes with it before it returns. */
+const sharedPlan = createTcpSegmentPlan();

@@ -15,9 +15,19 @@
  * with IFF_VNET_HDR accepts on write; `off`: nothing):
  * - pass-through (zero copy): the header is copied out of guest memory once,
  *   validated against a copied prefix of the frame, and that validated copy
- *   is what the kernel sees; the frame itself goes from guest memory;
+ *   is what the kernel sees (all zero when the tap takes no offloads: a
+ *   frame that needs no checksum or segmentation); the frame itself goes
+ *   from guest memory;
+ * - segmented in place (TSO to a tap without it, `--offload off`): each
+ *   segment's headers are built in the bounce arena from the validated
+ *   header copy, and its payload goes from guest memory, as QEMU's software
+ *   segmentation does (hw/net/net_tx_pkt.c): no copy of the payload. The
+ *   TCP checksum is summed over guest memory; a guest that changes its
+ *   payload meanwhile only spoils the checksum of its own segments;
  * - software: the frame is copied, its checksum completed or its TCP stream
- *   segmented (device/offload.ts), and the results placed in the bounce arena.
+ *   segmented (device/offload.ts), and the results placed in the bounce arena
+ *   (checksum completion, and TSO frames that do not fit the in-place path:
+ *   more segments than the ring has room for, or a too fragmented chain).
  *
  * Failure policy: a bad frame is completed with used length 0 and counted by
  * reason (`drops`); a corrupt ring leaves the queue in needs-reset (see
@@ -42,6 +52,8 @@ import {
   writeNetHdr,
 } from "./net_header.ts";
 import { createNetOffloadContext, decideTx, processTx, TxAction } from "./offload.ts";
+import { addPartialSum, sumBytes } from "./checksum.ts";
+import { createTcpSegmentPlan, planTcpSegments, writeSegmentHeaders } from "./segment.ts";
 import { POP_CHAIN, POP_DROPPED, type Virtqueue } from "./virtqueue.ts";
 import {
   IOVEC_WORDS,
@@ -59,6 +71,12 @@ const HEADER_PREFIX = 256;
 const BOUNCE_LOW_WATER = 256 * 1024;
 /** Records handed to the writer at once while a long batch is still being walked. */
 const PUBLISH_BATCH = 32;
+/**
+ * Free TX records the pump waits for while the tap takes no offloads, so
+ * that a TSO frame's segments (45 at the usual 1448-byte MSS) fit the ring
+ * and can be segmented in place.
+ */
+const SEGMENT_RECORD_RESERVE = 64;
 
 /** Extra drop reasons of the TX path, counted beside NetDrop's. */
 export const TX_DROP_RUNT = "RUNT";
@@ -71,6 +89,8 @@ export class TxPath {
   /** Frames handed to the writer, and their bytes (without the net header). */
   frames = 0;
   bytes = 0;
+  /** TSO frames segmented in place (payload from guest memory); `segmented` counts all. */
+  segmentedInPlace = 0;
   /** Drops by reason name. */
   readonly drops: Record<string, number> = {};
 
@@ -87,6 +107,9 @@ export class TxPath {
   readonly #noPrefix = new Uint8Array(0);
   readonly #frame = new Uint8Array(MAX_FRAME_BYTES);
   readonly #ctx = createNetOffloadContext();
+  readonly #plan = createTcpSegmentPlan();
+  /** Free records the pump waits for without offloads (a quarter of a small ring). */
+  readonly #segmentReserve: number;
   /** Byte view of the TX ring's record words, for writing headers into records. */
   readonly #recBytes: Uint8Array;
 
@@ -118,6 +141,7 @@ export class TxPath {
     private readonly hostBase: Float64Array,
   ) {
     const cap = rings.tx.capacity;
+    this.#segmentReserve = Math.max(1, Math.min(SEGMENT_RECORD_RESERVE, cap >> 2));
     this.#inIdx = new Uint16Array(cap);
     this.#inMark = new Float64Array(cap);
     this.#confirmed = queue.usedIdx;
@@ -164,7 +188,10 @@ export class TxPath {
         blocked = true;
         break;
       }
-      if (this.sinkOffloads === 0 && this.#bounceFree() < BOUNCE_LOW_WATER) {
+      if (
+        this.sinkOffloads === 0 &&
+        (this.#bounceFree() < BOUNCE_LOW_WATER || ring.freeSpace() < this.#segmentReserve)
+      ) {
         blocked = true;
         break;
       }
@@ -238,6 +265,7 @@ export class TxPath {
     out.csumCompleted = s.csumCompleted;
     out.segmented = s.segmented;
     out.segments = s.segments;
+    out.segmentedInPlace = this.segmentedInPlace;
     return out;
   }
 
@@ -282,35 +310,35 @@ export class TxPath {
     }
     readNetHdr(this.#hdrBytes, 0, this.#hdr);
 
-    if (this.sinkOffloads !== 0) {
-      // Only GSO headers are checked against the frame's own headers; for the
-      // rest the frame's length is all validateTxHeader reads.
-      const prefixLen = (this.#hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0
-        ? Math.min(frameLen, HEADER_PREFIX)
-        : 0;
-      const prefix = prefixLen === 0 ? this.#noPrefix : this.#prefix.subarray(0, prefixLen);
-      if (
-        prefixLen > 0 && chainRead(this.memory, chain, NET_HDR_BYTES, prefix) !== prefixLen
-      ) {
+    // Only GSO headers are checked against the frame's own headers; for the
+    // rest the frame's length is all validateTxHeader reads.
+    const prefixLen = (this.#hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0
+      ? Math.min(frameLen, HEADER_PREFIX)
+      : 0;
+    const prefix = prefixLen === 0 ? this.#noPrefix : this.#prefix.subarray(0, prefixLen);
+    if (
+      prefixLen > 0 && chainRead(this.memory, chain, NET_HDR_BYTES, prefix) !== prefixLen
+    ) {
+      return this.#drop(TX_DROP_STALE);
+    }
+    let headers = prefix;
+    let v = validateTxHeader(this.#hdr, this.hostOffloads, prefix, frameLen, this.#ctx.parsed);
+    if (v === NetDrop.PREFIX_SHORT) {
+      // Unusual headers (long IPv6 extension chains): validate on a whole copy.
+      headers = this.#frame.subarray(0, frameLen);
+      if (chainRead(this.memory, chain, NET_HDR_BYTES, headers) !== frameLen) {
         return this.#drop(TX_DROP_STALE);
       }
-      let v = validateTxHeader(this.#hdr, this.hostOffloads, prefix, frameLen, this.#ctx.parsed);
-      if (v === NetDrop.PREFIX_SHORT) {
-        // Unusual headers (long IPv6 extension chains): validate on a whole copy.
-        const whole = this.#frame.subarray(0, frameLen);
-        if (chainRead(this.memory, chain, NET_HDR_BYTES, whole) !== frameLen) {
-          return this.#drop(TX_DROP_STALE);
-        }
-        v = validateTxHeader(this.#hdr, this.hostOffloads, whole, frameLen, this.#ctx.parsed);
-      }
-      if (v !== NetDrop.OK) return this.#dropCode(v);
-      const action = decideTx(this.#hdr, this.sinkOffloads);
-      if (action === TxAction.PASS_THROUGH && chain.readableCount <= TX_MAX_IOV) {
-        this.#passThrough(frameLen);
-        return;
-      }
-      if (action === TxAction.DROP) return this.#dropCode(NetDrop.OFFLOAD_UNSUPPORTED);
+      v = validateTxHeader(this.#hdr, this.hostOffloads, headers, frameLen, this.#ctx.parsed);
     }
+    if (v !== NetDrop.OK) return this.#dropCode(v);
+    const action = decideTx(this.#hdr, this.sinkOffloads);
+    if (action === TxAction.PASS_THROUGH && chain.readableCount <= TX_MAX_IOV) {
+      this.#passThrough(frameLen);
+      return;
+    }
+    if (action === TxAction.SEGMENT && this.#segmentInPlace(headers)) return;
+    if (action === TxAction.DROP) return this.#dropCode(NetDrop.OFFLOAD_UNSUPPORTED);
     this.#software(frameLen);
   }
 
@@ -339,11 +367,87 @@ export class TxPath {
     w[at + TX_REC.FRAME_LEN] = frameLen;
     w[at + TX_REC.TOKEN] = this.#token++ >>> 0;
     w[at + TX_REC.FLAGS] = 0;
-    writeNetHdr(this.#hdr, this.#recBytes, (at + TX_REC.HDR) * 4);
+    // A tap that takes no offloads gets an all-zero header (see #sink).
+    writeNetHdr(
+      this.sinkOffloads === 0 ? this.#zeroHdr : this.#hdr,
+      this.#recBytes,
+      (at + TX_REC.HDR) * 4,
+    );
     this.#track(at, chain.head, this.rings.bounceMark);
     this.#ctx.stats.passThrough++;
     this.frames++;
     this.bytes += frameLen;
+  }
+
+  /**
+   * Segments the TCP frame of the current chain, whose headers were
+   * validated on the private copy `headers` (parsed in the offload
+   * context), with each segment's headers in the bounce arena and its
+   * payload in guest memory. Returns false, having done nothing, when the
+   * frame does not fit this path; the copying path then takes it.
+   */
+  #segmentInPlace(headers: Uint8Array): boolean {
+    const plan = this.#plan;
+    if (planTcpSegments(headers, this.#ctx.parsed, this.#hdr.gsoSize, plan) !== NetDrop.OK) {
+      return false; // the copying path drops it with the reason
+    }
+    const chain = this.queue.chain;
+    const count = plan.count;
+    const hlen = plan.hlen;
+    const ring = this.rings.tx;
+    // Each record: its header piece, then at most every readable segment.
+    if (chain.readableCount >= TX_MAX_IOV || chain.epoch !== this.memory.epoch) return false;
+    if (count > ring.freeSpace() || this.#inCount + count > this.#inIdx.length) return false;
+    const base = this.rings.allocBounce(count * hlen);
+    if (base < 0) return false;
+    // Marks are absolute: segment i's headers end (count - 1 - i) * hlen before the head.
+    const endMark = this.rings.bounceMark;
+    const bounce = this.rings.bounce;
+    const proto = headers.subarray(0, hlen);
+    const w = ring.words;
+    const memory = this.memory;
+    // The payload cursor: readable segment `seg`, `segOff` bytes into it.
+    let seg = 0;
+    let segOff = NET_HDR_BYTES + hlen;
+    while (seg < chain.readableCount && segOff >= chain.length[seg]) segOff -= chain.length[seg++];
+    for (let i = 0; i < count; i++) {
+      const at = base + i * hlen;
+      const n = Math.min(plan.gsoSize, plan.end - hlen - i * plan.gsoSize);
+      bounce.set(proto, at);
+      const rec = ring.reserve(); // room checked above
+      let pieces = 0;
+      let sum = 0;
+      for (let done = 0; done < n;) {
+        const slot = chain.region[seg];
+        const take = Math.min(chain.length[seg] - segOff, n - done);
+        const start = chain.offset[seg] + segOff;
+        sum = addPartialSum(sum, sumBytes(memory.region(slot)!.bytes, start, start + take), done);
+        pieces++;
+        putIovec(w, rec + TX_REC.IOV + pieces * IOVEC_WORDS, this.hostBase[slot] + start, take);
+        done += take;
+        segOff += take;
+        if (segOff === chain.length[seg]) {
+          seg++;
+          segOff = 0;
+        }
+      }
+      writeSegmentHeaders(plan, bounce, at, i, n, sum);
+      putIovec(w, rec + TX_REC.IOV, this.rings.bounceHost + at, hlen);
+      w[rec + TX_REC.IOV_COUNT] = pieces + 1;
+      w[rec + TX_REC.FRAME_LEN] = hlen + n;
+      w[rec + TX_REC.TOKEN] = this.#token++ >>> 0;
+      w[rec + TX_REC.FLAGS] = 0;
+      // Segments carry an all-zero header, as the copying path's do.
+      writeNetHdr(this.#zeroHdr, this.#recBytes, (rec + TX_REC.HDR) * 4);
+      this.#track(rec, i === count - 1 ? chain.head : -1, endMark - (count - 1 - i) * hlen);
+      this.frames++;
+      this.bytes += hlen + n;
+    }
+    const stats = this.#ctx.stats;
+    stats.segmented++;
+    stats.segments += count;
+    this.segmentedInPlace++;
+    return true;
   }
 
   /** Checksum completion or segmentation on a private copy, output to the bounce arena. */

@@ -1141,6 +1141,7 @@ Deno.test({
       const tx = r.stats.tx0;
       assert.ok(tx.segmented > 0, "GSO frames segmented in software");
       assert.ok(tx.segments > tx.segmented, "into several segments each");
+      assert.ok(tx.segmentedInPlace > 0, "segments built around the payload in guest memory");
       assert.ok(tx.csumCompleted > 0, "NEEDS_CSUM frames completed in software");
       assert.equal(
         tx.frames,

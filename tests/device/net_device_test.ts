@@ -224,6 +224,60 @@ Deno.test("--offload off: the device completes checksums and segments TSO frames
   });
 });
 
+Deno.test("--offload off: a TSO frame is segmented in place from a fragmented chain, or copied when the ring cannot hold its segments", async () => {
+  await withRig(BASE | TX_OFFLOADS, "off", async ({ io, tx, dev }) => {
+    const rand = prng(11);
+    // Odd split points: payload pieces start at odd offsets of their segments,
+    // so their checksums pair bytes the other way round.
+    const cases = [
+      { v6: false, mss: 1448, cuts: [12, 40, 54, 55, 1000, 1503, 3001, 7777] },
+      { v6: true, mss: 1440, cuts: [5, 12, 75, 76, 2049, 2050, 9001] },
+      // 1201 segments: more than the 256-record TX ring holds, so the copying path.
+      { v6: false, mss: 50, cuts: [12] },
+    ];
+    let sentBefore = 0;
+    for (const [n, c] of cases.entries()) {
+      const payload = randomBytes(rand, c.mss === 50 ? 60_000 : 20_000);
+      const b = buildFrame({ ipVersion: c.v6 ? 6 : 4, payload, checksum: "partial", seq: 7 });
+      const all = concat(
+        netHdr({
+          flags: 1,
+          gsoType: c.v6 ? VIRTIO_NET_HDR_GSO_TCPV6 : VIRTIO_NET_HDR_GSO_TCPV4,
+          gsoSize: c.mss,
+          csumStart: b.l4Offset,
+          csumOffset: 16,
+        }),
+        b.frame,
+      );
+      const bounds = [0, ...c.cuts, all.length];
+      tx.post(bounds.slice(1).map((end, i) => ({ data: all.subarray(bounds[i], end) })));
+      io.kick("tx");
+      const count = Math.ceil(payload.length / c.mss);
+      await until(
+        io,
+        () => io.sent.length === sentBefore + count && tx.usedIdx() === n + 1,
+        `case ${n}: ${count} segments`,
+      );
+      const segs = io.sent.slice(sentBefore);
+      sentBefore = io.sent.length;
+      const l4 = b.l4Offset;
+      for (const [i, s] of segs.entries()) {
+        assert.deepEqual(s.hdr, new Uint8Array(12), "segments go out with a zero header");
+        assert.ok(s.frame.length - b.payloadOffset <= c.mss, `case ${n} segment ${i} size`);
+        assert.ok(
+          l4ChecksumOk(s.frame, b.l3Offset, l4, s.frame.length, 6),
+          `case ${n} segment ${i} TCP checksum`,
+        );
+        assert.equal(get32(s.frame, l4 + 4), 7 + i * c.mss, `case ${n} segment ${i} sequence`);
+      }
+      assert.deepEqual(concat(...segs.map((s) => s.frame.subarray(b.payloadOffset))), payload);
+    }
+    const t = dev.counters().tx0;
+    assert.equal(t.segmented, 3);
+    assert.equal(t.segmentedInPlace, 2, "the two that fit the ring were segmented in place");
+  });
+});
+
 Deno.test("RX without MRG_RXBUF: frame lands in one chain, num_buffers is exactly 1", async () => {
   await withRig(BASE | VIRTIO_NET_F_GUEST_CSUM, "auto", async ({ io, rx }) => {
     for (let i = 0; i < 4; i++) {
