@@ -189,7 +189,19 @@ export class VionetDevicePort implements DevicePort {
     try {
       await this.#grant([region]);
     } catch (e) {
-      if (dp !== null) await this.#toIoWorkers(dp, this.#regions, [region]);
+      if (dp !== null) {
+        try {
+          await this.#toIoWorkers(dp, this.#regions, [region]);
+        } catch (again) {
+          // The region is orphaned either way; the report keeps both causes.
+          throw new Error(
+            `${(e as Error).message}; taking the range back from the I/O workers failed too: ${
+              (again as Error).message
+            }`,
+            { cause: e },
+          );
+        }
+      }
       throw e;
     }
     this.#regions = all;
