@@ -263,6 +263,35 @@ export function targets(r: Results): TargetRow[] {
   return rows;
 }
 
+/**
+ * A TX test in which vionet's daemon left its CPU idle (a median below
+ * {@link DRIVER_BOUND_CORES} cores) measured the driver, not vionet: with
+ * frames to move, the daemon's threads would use the whole core they share.
+ * One line per such test, for the notes under the backend table.
+ */
+export function driverBound(samples: readonly BackendSample[]): string[] {
+  const out: string[] = [];
+  for (const test of ["tx64", "tx1514", "tso"] as BackendTest[]) {
+    for (const bk of ["vionet", "vionet-offload-off"] as BackendName[]) {
+      const c = spread(
+        samples.filter((x) => x.test === test && x.backend === bk && !x.error).map((x) =>
+          x.backendCores
+        ),
+      );
+      if (c.n > 0 && c.median < DRIVER_BOUND_CORES) {
+        out.push(
+          `Driver-bound: in ${test} the ${bk} daemon used ${fmt(c.median, 2)} of its core ` +
+            `(median): it waited for the driver, so its figure is a floor, not its ceiling.`,
+        );
+      }
+    }
+  }
+  return out;
+}
+
+/** Below this many cores a TX test's daemon was waiting (see {@link driverBound}). */
+export const DRIVER_BOUND_CORES = 0.9;
+
 /** The markdown tables: backend-bound, guest-bound, targets. */
 export function markdown(r: Results): string {
   const m = r.machine;
@@ -314,6 +343,7 @@ export function markdown(r: Results): string {
       `Backend CPU over the windows (cores, median): vionet ${fmt(cores("vionet").median, 2)}, ` +
         `DPDK ${fmt(cores("dpdk").median, 2)} (polls), raw ${fmt(cores("raw").median, 2)}.`,
     );
+    for (const line of driverBound(r.backend)) lines.push("", line);
     lines.push("");
   }
   if (r.guest.length) {
