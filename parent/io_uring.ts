@@ -18,8 +18,8 @@
  * registered file ({@link useFixedFile}): an SQE on a plain descriptor makes
  * the kernel look it up and take and drop a reference per write, which cost
  * 5 % of the 64 B write rate here (`IORING_OP_WRITEV` of header + frame, 64
- * per io_uring_enter, one core: 1.21 Mpps plain, 1.28 Mpps registered). {@link submitAndWait}
- * returns only when the kernel has completed every queued write, so the
+ * per io_uring_enter, one core: 1.21 Mpps plain, 1.28 Mpps registered).
+ * {@link submitAndWait} returns only when the kernel has completed every queued write, so the
  * guest memory that the iovecs name is no longer read once it returns: the
  * writer may then release the records, and a revocation served after it is
  * safe.
