@@ -21,6 +21,8 @@
  * @module
  */
 
+import { cpuSeconds } from "../../bench/proc.ts";
+
 const MARK_READY = "__VIONET_READY__";
 const MARK_OUT = "__VIONET_OUT__";
 const MARK_DONE = "__VIONET_DONE__";
@@ -341,9 +343,7 @@ export class Guest {
   /** QEMU's CPU time so far (utime+stime, seconds), or NaN if it cannot be read. */
   #cpuSeconds(): number {
     try {
-      const stat = Deno.readTextFileSync(`/proc/${this.pid}/stat`);
-      const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      return (Number(f[11]) + Number(f[12])) / 100;
+      return cpuSeconds(this.pid);
     } catch {
       return NaN;
     }
