@@ -23,6 +23,13 @@ const skip = typeof probe === "string" ? `io_uring unavailable here: ${probe}` :
 if (typeof probe !== "string") probe.close();
 if (skip) console.warn(`tests/parent/io_uring_test.ts skipped: ${skip}`);
 
+/** A pipe: [read end, write end]. */
+function pipe(): Int32Array {
+  const fds = new Int32Array(2);
+  assert.equal(libc.sys.pipe2(new Uint8Array(fds.buffer), libc.O_CLOEXEC), 0);
+  return fds;
+}
+
 /** One iovec per message, each message kept alive by its holder. */
 function iovFor(text: string) {
   const bytes = libc.addressed(new TextEncoder().encode(text));
@@ -35,8 +42,7 @@ Deno.test({
   ignore: skip !== undefined,
   fn() {
     const ring = IoUring.setup(8);
-    const fds = new Int32Array(2);
-    assert.equal(libc.sys.pipe2(new Uint8Array(fds.buffer), libc.O_CLOEXEC), 0);
+    const fds = pipe();
     try {
       const parts = ["one ", "two ", "three ", "four "].map(iovFor);
       parts.forEach((p, i) => ring.queueWritev(fds[1], p.iov.lo, p.iov.hi, 1, i));
@@ -71,8 +77,7 @@ Deno.test({
   ignore: skip !== undefined,
   fn() {
     const ring = IoUring.setup(8);
-    const fds = new Int32Array(2);
-    assert.equal(libc.sys.pipe2(new Uint8Array(fds.buffer), libc.O_CLOEXEC), 0);
+    const fds = pipe();
     try {
       const bufs = [0, 1].map(() => iovFor("........"));
       const results = new Int32Array(2).fill(7777);
@@ -109,10 +114,8 @@ Deno.test({
   ignore: skip !== undefined,
   fn() {
     const ring = IoUring.setup(8);
-    const a = new Int32Array(2);
-    const b = new Int32Array(2);
-    assert.equal(libc.sys.pipe2(new Uint8Array(a.buffer), libc.O_CLOEXEC), 0);
-    assert.equal(libc.sys.pipe2(new Uint8Array(b.buffer), libc.O_CLOEXEC), 0);
+    const a = pipe();
+    const b = pipe();
     const results = new Int32Array(2);
     const drain = (fd: number) => {
       const buf = new Uint8Array(64);
