@@ -8,6 +8,7 @@
 
 import type { BackendName, BackendSample, BackendTest } from "./dpdk.ts";
 import { type Direction, type GuestSample, type IdleSample, isVcpu } from "./guest.ts";
+import { type CeilingSample, ceilingTable } from "./tap_ceiling.ts";
 
 /** Where and how the bench ran. */
 export interface Machine {
@@ -30,6 +31,8 @@ export interface Results {
   backend: BackendSample[];
   guest: GuestSample[];
   idle: IdleSample[];
+  /** The kernel's tap write ceiling from one C thread (bench/tap_ceiling.ts); absent in older runs. */
+  ceiling?: CeilingSample[];
   notes: string[];
 }
 
@@ -344,6 +347,16 @@ export function markdown(r: Results): string {
         `DPDK ${fmt(cores("dpdk").median, 2)} (polls), raw ${fmt(cores("raw").median, 2)}.`,
     );
     for (const line of driverBound(r.backend)) lines.push("", line);
+    lines.push("");
+  }
+  if (r.ceiling?.length) {
+    lines.push(
+      "**The kernel's own ceiling** for the same frames: one C thread on the backend's CPU, " +
+        "one system call a frame, nothing else (`deno run -A bench/tap_ceiling.ts`). " +
+        "The raw column above is the same loop in Deno (one FFI call a frame, `write`, O_NONBLOCK):",
+    );
+    lines.push("");
+    lines.push(...ceilingTable(r.ceiling));
     lines.push("");
   }
   if (r.guest.length) {

@@ -40,6 +40,7 @@ import {
   measureGuest,
 } from "./guest.ts";
 import { sh } from "./proc.ts";
+import { ceilingUnavailable, measureTapCeiling } from "./tap_ceiling.ts";
 import { markdown, type Results, writeReport } from "./report.ts";
 
 const APT_PACKAGES: Record<string, string> = {
@@ -52,6 +53,7 @@ const APT_PACKAGES: Record<string, string> = {
   "librte-mempool-ring23": "",
   "qemu-system-x86": "/usr/bin/qemu-system-x86_64",
   "iperf3": "/usr/bin/iperf3",
+  "gcc": "/usr/bin/gcc", // bench/tap_ceiling.c
 };
 
 async function installed(pkg: string): Promise<boolean> {
@@ -176,6 +178,7 @@ async function main(): Promise<void> {
       const keptNote = (half: string) =>
         prev.notes?.find((n) => n.startsWith(`${half} figures kept from the run of `)) ??
           `${half} figures kept from the run of ${prev.machine.date}`;
+      if (only === "guest" && prev.ceiling?.length) results.ceiling = prev.ceiling;
       if (only === "backend" && prev.guest?.length) {
         results.guest = prev.guest;
         results.idle = prev.idle ?? [];
@@ -214,10 +217,21 @@ async function main(): Promise<void> {
       }
       await writeReport(results, values.out);
     }
+    const noCeiling = await ceilingUnavailable();
+    if (noCeiling) {
+      results.notes.push(`kernel ceiling not measured: ${noCeiling}`);
+    } else {
+      log("backend: the kernel's own tap write ceiling (bench/tap_ceiling.c)");
+      results.ceiling = await measureTapCeiling({
+        cpu: backendCpu,
+        seconds: Math.min(seconds, 2),
+        log,
+      });
+    }
     for (const test of BACKEND_TESTS) results.notes.push(`${test}: ${describeBackendTest(test)}`);
     results.notes.push(
       `CPUs: each backend process pinned to CPU ${o.backendCpu} (vionet: all its threads), the driver ` +
-        `and the RX injector to CPU ${o.frontendCpu}; the raw reader polls a non-blocking tap.`,
+        `and the RX injector to CPU ${o.frontendCpu}; the raw writer and reader use a non-blocking tap.`,
     );
   }
 

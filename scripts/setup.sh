@@ -28,7 +28,7 @@ fi
 
 apt_packages=(iproute2)
 if [ "$want_test" = 1 ]; then
-  apt_packages+=(ethtool tcpdump iperf3 qemu-system-x86 busybox-static cpio kmod)
+  apt_packages+=(ethtool tcpdump iperf3 qemu-system-x86 busybox-static cpio kmod gcc)
 fi
 missing=()
 for p in "${apt_packages[@]}"; do

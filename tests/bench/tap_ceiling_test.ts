@@ -1,0 +1,105 @@
+/**
+ * bench/tap_ceiling.ts: the C program's line is parsed strictly, the table
+ * has one row per frame, the bench report shows it only when measured, and
+ * the program builds and writes every frame kind to a real tap in a netns.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import {
+  type CeilingSample,
+  ceilingTable,
+  ceilingUnavailable,
+  measureTapCeiling,
+  parseCeilingLine,
+} from "../../bench/tap_ceiling.ts";
+import { markdown, type Results } from "../../bench/report.ts";
+
+Deno.test("parseCeilingLine() reads frames, seconds, errors and names a bad line", () => {
+  assert.deepEqual(parseCeilingLine("3300000 2.000417 0\n"), {
+    frames: 3300000,
+    seconds: 2.000417,
+    errors: 0,
+  });
+  assert.throws(
+    () => parseCeilingLine("tap_ceiling: TUNSETIFF: Operation not permitted"),
+    /not "frames seconds errors"/,
+  );
+  assert.throws(() => parseCeilingLine("10 0.000000 0"), /ran for 0.000000 s/);
+  assert.throws(() => parseCeilingLine("10 1.0 0 extra"), /not "frames seconds errors"/);
+});
+
+function sample(
+  frame: CeilingSample["frame"],
+  call: CeilingSample["call"],
+  nonBlocking: boolean,
+  mpps: number,
+): CeilingSample {
+  return { frame, call, nonBlocking, mpps, microseconds: 1 / mpps, errors: 0 };
+}
+
+Deno.test("ceilingTable() has a row per frame and a column per call and blocking mode", () => {
+  const lines = ceilingTable([
+    sample("64", "write", true, 1.646),
+    sample("64", "writev", false, 1.365),
+    sample("tso", "write", true, 0.488),
+  ]);
+  assert.equal(lines.length, 2 + 3);
+  assert.match(
+    lines[0],
+    /`write` header\+frame, O_NONBLOCK \| `write` header\+frame, blocking \| `writev` header, frame, O_NONBLOCK \| `writev` header, frame, blocking/,
+  );
+  assert.match(
+    lines[2],
+    /^\| 64 B \| 1\.646 Mpps \(0\.61 µs\) \| {2}\| {2}\| 1\.365 Mpps \(0\.73 µs\) \|$/,
+  );
+  assert.match(lines[3], /^\| 1514 B \|/);
+  assert.match(lines[4], /^\| 64 KiB TSO \| 0\.488 Mpps/);
+});
+
+function results(ceiling?: CeilingSample[]): Results {
+  return {
+    machine: {
+      cpus: 2,
+      cpuModel: "test",
+      kernel: "6",
+      accelerator: "TCG",
+      deno: "Deno 2",
+      dpdk: "22.11",
+      qemu: "7.2",
+      date: "2026-12-05 19:00 UTC",
+      loadBefore: "0 0 0",
+    },
+    command: "deno task bench",
+    options: {},
+    backend: [],
+    guest: [],
+    idle: [],
+    ...(ceiling ? { ceiling } : {}),
+    notes: [],
+  };
+}
+
+Deno.test("the bench report shows the kernel ceiling only when it was measured", () => {
+  assert.doesNotMatch(markdown(results()), /kernel's own ceiling/);
+  const md = markdown(results([sample("1514", "writev", true, 1.426)]));
+  assert.match(md, /\*\*The kernel's own ceiling\*\*/);
+  assert.match(md, /\| 1514 B \| {2}\| {2}\| 1\.426 Mpps \(0\.70 µs\) \| {2}\|/);
+});
+
+Deno.test({
+  name: "tap_ceiling.c builds and puts every frame kind on a real tap, whole",
+  ignore: Deno.uid() !== 0,
+  async fn() {
+    const why = await ceilingUnavailable();
+    assert.equal(why, undefined, `scripts/setup.sh --test installs gcc: ${why}`);
+    const samples = await measureTapCeiling({ cpu: 0, seconds: 0.05 });
+    assert.equal(samples.length, 3 * 2 * 2);
+    for (const s of samples) {
+      const what = `${s.frame} ${s.call} ${s.nonBlocking ? "non-blocking" : "blocking"}`;
+      assert.equal(s.errors, 0, `${what}: short or failed writes`);
+      assert.ok(s.mpps > 0.001, `${what}: ${s.mpps} Mpps`);
+    }
+  },
+});
