@@ -43,12 +43,21 @@ export interface GuestSample {
   backend: GuestBackend;
   offloads: "on" | "off";
   direction: Direction;
+  /** Which boot of this configuration (0-based; see GuestOptions.boot). */
+  boot: number;
+  /** The run's number within its boot. */
   rep: number;
   gbps: number;
   /** Host CPU of the backend over the run, in cores. */
   backendCores: number;
   /** The whole QEMU process over the run, in cores (guest emulation included). */
   qemuCores: number;
+  /**
+   * Interrupts the guest took on its virtio lines over the run, per second
+   * (from the guest's /proc/interrupts): what the device's notifications
+   * cost a guest whose one vCPU is the bottleneck.
+   */
+  guestIrqsPerSecond?: number;
   /**
    * vionet only: each daemon thread's CPU (cores, and the kernel's part)
    * and voluntary context switches per second over the run, by "tid comm".
@@ -69,6 +78,7 @@ export interface GuestSample {
 
 /** The daemon's CPU with an idle guest. */
 export interface IdleSample {
+  boot: number;
   rep: number;
   cores: number;
   seconds: number;
@@ -77,9 +87,28 @@ export interface IdleSample {
 /** Settings of the guest-bound bench. */
 export interface GuestOptions {
   seconds: number;
+  /** iperf3 runs each way per boot. */
   reps: number;
+  /**
+   * The number of this boot of the configuration. The bench boots each
+   * configuration several times, alternating backends, so a drift of the
+   * machine or of a long-running guest falls on both backends alike.
+   */
+  boot: number;
   idleSeconds: number;
+  /**
+   * Where the guest's vCPU runs and where everything else runs (the backend,
+   * QEMU's other threads, the iperf3 server), or undefined to let the
+   * scheduler place them.
+   */
+  pin?: GuestPinning;
   log: (line: string) => void;
+}
+
+/** CPUs of the guest-bound bench: the vCPU alone on one, the rest on the other. */
+export interface GuestPinning {
+  vcpu: number;
+  io: number;
 }
 
 const TAP = "vg0";
@@ -146,10 +175,10 @@ function perThread(
   return out;
 }
 
-/** Runs one backend × offload configuration: boots once, then `reps` iperf3 runs each way. */
 /** Seconds of iperf3 each way before the measured runs. */
 const WARMUP_SECONDS = 3;
 
+/** Runs one backend × offload configuration: boots once, then `reps` iperf3 runs each way. */
 export async function measureGuest(
   backend: GuestBackend,
   offloads: "on" | "off",
@@ -178,7 +207,7 @@ export async function measureGuest(
         TAP,
         "--log-level",
         "info", // for the SIGUSR2 counters at the end
-      ], { cwd: ROOT });
+      ], { cwd: ROOT, cpu: o.pin?.io });
       await waitForPath(sock, 30_000, `(vionet did not start:\n${daemon.tail()})`);
       netdev = [
         "-chardev",
@@ -208,10 +237,11 @@ export async function measureGuest(
     });
     const boot = await guest.waitForBoot(180_000);
     o.log(`  ${backend} offloads ${offloads}: guest up (${JSON.stringify(boot).slice(0, 200)})`);
+    if (o.pin) await pinQemu(guest.pid, o.pin);
     await waitForLink(ns.name, TAP, 10_000);
     await ns.exec(["ip", "addr", "add", `${HOST_IP}/24`, "dev", TAP]);
     await ns.exec(["ip", "link", "set", TAP, "up"]);
-    const server = ns.spawn(["iperf3", "-s", "-B", HOST_IP, "--forceflush"]);
+    const server = ns.spawn(["iperf3", "-s", "-B", HOST_IP, "--forceflush"], { cpu: o.pin?.io });
     await server.waitFor(/Server listening/, 0, 10_000, "iperf3 -s");
     const ping = await guest.run(`ping -c 3 -W 2 ${HOST_IP}`, 20_000);
     if (ping.status !== 0) throw new Error(`the guest cannot reach the host:\n${ping.output}`);
@@ -223,7 +253,7 @@ export async function measureGuest(
         const t0 = performance.now();
         await sleep(o.idleSeconds * 1000);
         const dt = (performance.now() - t0) / 1000;
-        idle.push({ rep, cores: (cpuSeconds(daemon.pid) - c0) / dt, seconds: dt });
+        idle.push({ boot: o.boot, rep, cores: (cpuSeconds(daemon.pid) - c0) / dt, seconds: dt });
       }
     }
 
@@ -251,7 +281,7 @@ export async function measureGuest(
       backend === "vionet" ? cpuSeconds(backendPid) : cpuSeconds(backendPid, (c) => !isVcpu(c));
     for (let rep = 0; rep < o.reps; rep++) {
       for (const direction of ["guest->host", "host->guest"] as Direction[]) {
-        const base = { backend, offloads, direction, rep };
+        const base = { backend, offloads, direction, boot: o.boot, rep };
         try {
           const th0 = daemon ? threadTimes(daemon.pid) : null;
           const qth0 = threadTimes(guest.pid);
@@ -259,7 +289,9 @@ export async function measureGuest(
           const q0 = cpuSeconds(guest.pid);
           const t0 = performance.now();
           const r = await guest.run(
-            `iperf3 -c ${HOST_IP} -t ${o.seconds} -J ${direction === "host->guest" ? "-R" : ""}`,
+            iperfWithIrqs(
+              `iperf3 -c ${HOST_IP} -t ${o.seconds} -J ${direction === "host->guest" ? "-R" : ""}`,
+            ),
             (o.seconds + 30) * 1000,
           );
           const dt = (performance.now() - t0) / 1000;
@@ -275,6 +307,7 @@ export async function measureGuest(
           const j = JSON.parse(r.output.slice(brace));
           if (j.error) throw new Error(`iperf3: ${j.error}`);
           const gbps = j.end.sum_received.bits_per_second / 1e9;
+          const irqs = irqDelta(r.output);
           const threads = th0 && daemon ? perThread(th0, threadTimes(daemon.pid), dt) : undefined;
           const qemuThreads = perThread(qth0, threadTimes(guest.pid), dt);
           out.push({
@@ -282,6 +315,9 @@ export async function measureGuest(
             gbps,
             backendCores: (b1 - b0) / dt,
             qemuCores: (q1 - q0) / dt,
+            ...(irqs !== undefined
+              ? { guestIrqsPerSecond: Math.round(irqs / j.end.sum_received.seconds) }
+              : {}),
             ...(threads ? { threads } : {}),
             qemuThreads,
           });
@@ -292,15 +328,18 @@ export async function measureGuest(
                 `(sys ${(100 * t.sysCores).toFixed(1)}) ${t.wakeupsPerSecond}/s`
               ).join(", ")
             : "";
+          const irqText = irqs === undefined
+            ? ""
+            : `; guest ${Math.round(irqs / j.end.sum_received.seconds)} irq/s`;
           o.log(
-            `  ${backend} offloads ${offloads} ${direction} rep ${rep}: ${
+            `  ${backend} offloads ${offloads} ${direction} boot ${o.boot} rep ${rep}: ${
               gbps.toFixed(3)
-            } Gbit/s${perThreadText}`,
+            } Gbit/s${irqText}${perThreadText}`,
           );
         } catch (e) {
           const why = (e as Error).message;
           o.log(
-            `  ${backend} offloads ${offloads} ${direction} rep ${rep}: FAILED: ${
+            `  ${backend} offloads ${offloads} ${direction} boot ${o.boot} rep ${rep}: FAILED: ${
               why.slice(0, 1500)
             }`,
           );
@@ -324,6 +363,7 @@ export async function measureGuest(
       backend,
       offloads,
       direction: "guest->host",
+      boot: o.boot,
       rep: -1,
       gbps: 0,
       backendCores: 0,
@@ -339,6 +379,65 @@ export async function measureGuest(
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
   return out;
+}
+
+/**
+ * A guest script that runs `iperf` (its JSON report last, alone) between two
+ * counts of the interrupts on the guest's virtio lines.
+ */
+export function iperfWithIrqs(iperf: string, interrupts = "/proc/interrupts"): string {
+  const count = "awk '/virtio/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i } " +
+    `END { print s + 0 }' ${interrupts}`;
+  return `echo "irqs-before $(${count})"; out=$(${iperf}); st=$?; ` +
+    `echo "irqs-after $(${count})"; printf '%s\\n' "$out"; exit $st`;
+}
+
+/** The interrupt count between the marks iperfWithIrqs() printed, or undefined. */
+export function irqDelta(output: string): number | undefined {
+  const before = /^irqs-before (\d+)$/m.exec(output);
+  const after = /^irqs-after (\d+)$/m.exec(output);
+  if (!before || !after) return undefined;
+  return Number(after[1]) - Number(before[1]);
+}
+
+/**
+ * Puts QEMU's vCPU threads on `pin.vcpu` and its other threads on `pin.io`;
+ * threads QEMU starts later inherit the affinity of the thread that starts
+ * them. Under TCG a vCPU thread uses a whole core, so where the scheduler
+ * puts it beside the backend and the iperf3 server decides the guest's speed.
+ */
+async function pinQemu(pid: number, pin: GuestPinning): Promise<void> {
+  let vcpus = 0;
+  for (const e of Deno.readDirSync(`/proc/${pid}/task`)) {
+    let comm: string;
+    try {
+      comm = Deno.readTextFileSync(`/proc/${pid}/task/${e.name}/comm`).trim();
+    } catch {
+      continue; // the thread ended meanwhile
+    }
+    const cpu = isVcpu(comm) ? pin.vcpu : pin.io;
+    if (isVcpu(comm)) vcpus++;
+    const r = await new Deno.Command("taskset", {
+      args: ["-pc", String(cpu), e.name],
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    if (!r.success && threadAlive(pid, e.name)) {
+      throw new Error(
+        `taskset -pc ${cpu} ${e.name} (${comm}): ${new TextDecoder().decode(r.stderr).trim()}`,
+      );
+    }
+  }
+  if (vcpus === 0) throw new Error(`QEMU (PID ${pid}) has no thread named like a vCPU`);
+}
+
+function threadAlive(pid: number, tid: string): boolean {
+  try {
+    Deno.statSync(`/proc/${pid}/task/${tid}`);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** The daemon's `kicksMissed` per queue, from the counters it logs on SIGUSR2. */

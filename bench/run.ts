@@ -5,7 +5,8 @@
  * builds the test guest if it is missing.
  *
  * ```
- * deno task bench [--reps 3] [--seconds 4] [--guest-reps 5] [--guest-seconds 8] [--only backend|guest]
+ * deno task bench [--reps 3] [--seconds 4] [--guest-boots 5] [--guest-reps 1] [--guest-seconds 8]
+ *                 [--guest-pin on|off] [--only backend|guest]
  *                 [--tests tx64,tx1514,tso,rx64] [--vionet-args "--io-uring off"]
  *                 [--backend-cpu 0] [--frontend-cpu 1] [--out bench/results] [--report-only]
  * ```
@@ -15,9 +16,14 @@
  *    virtio-user as the guest; repetitions interleaved so drift hits all alike.
  * 2. Guest-bound (bench/guest.ts): iperf3 both ways, offloads on and off,
  *    vionet vs QEMU's built-in backend; the daemon's CPU with an idle guest.
- *    More repetitions than the backend half: under TCG one TCP stream runs
- *    at one of two speeds, run by run, on either backend (vionet guest->host
- *    0.80-1.37 Gbit/s in one boot), so a median of three swings by ~30 %.
+ *    Under TCG one TCP stream's speed drifts by ±30 % over minutes, on
+ *    either backend (vionet guest->host 1.45 down to 0.87 Gbit/s in one
+ *    boot; QEMU's 1.20 down to 0.67 in another). So each configuration is
+ *    booted `--guest-boots` times, backends alternating (ABBA), `--guest-reps`
+ *    runs each way per boot; and the vCPU thread gets `--frontend-cpu` to
+ *    itself while the backend, QEMU's other threads and the iperf3 server
+ *    share `--backend-cpu` (`--guest-pin off` leaves placement to the
+ *    scheduler, which moved a run by up to 40 %).
  * 3. bench/results/{results.json, results.md, chart.svg} (bench/report.ts).
  *
  * @module
@@ -123,9 +129,11 @@ async function main(): Promise<void> {
     options: {
       reps: { type: "string", default: "3" },
       seconds: { type: "string", default: "4" },
-      "guest-reps": { type: "string", default: "5" },
+      "guest-boots": { type: "string", default: "5" },
+      "guest-reps": { type: "string", default: "1" },
       "guest-seconds": { type: "string", default: "8" },
       "idle-seconds": { type: "string", default: "10" },
+      "guest-pin": { type: "string", default: "on" },
       only: { type: "string" },
       tests: { type: "string" },
       "backend-cpu": { type: "string", default: "0" },
@@ -143,6 +151,7 @@ async function main(): Promise<void> {
     return;
   }
   const reps = wholeNumber(values.reps, "--reps");
+  const guestBoots = wholeNumber(values["guest-boots"], "--guest-boots");
   const guestReps = wholeNumber(values["guest-reps"], "--guest-reps");
   const seconds = wholeNumber(values.seconds, "--seconds");
   const guestSeconds = wholeNumber(values["guest-seconds"], "--guest-seconds");
@@ -151,6 +160,11 @@ async function main(): Promise<void> {
   const frontendCpu = wholeNumber(values["frontend-cpu"], "--frontend-cpu", 0);
   if (Deno.uid() !== 0) {
     console.error("bench: needs root (network namespaces, taps, apt-get)");
+    Deno.exit(2);
+  }
+  const guestPin = values["guest-pin"];
+  if (guestPin !== "on" && guestPin !== "off") {
+    console.error(`bench: --guest-pin must be on or off, not ${JSON.stringify(guestPin)}`);
     Deno.exit(2);
   }
   const only = values.only;
@@ -246,14 +260,22 @@ async function main(): Promise<void> {
         seconds: guestSeconds,
         reps: guestReps,
         idleSeconds,
+        // The vCPU alone on the frontend's CPU, everything else on the backend's.
+        pin: guestPin === "on" ? { vcpu: frontendCpu, io: backendCpu } : undefined,
         log,
       };
-      for (const offloads of ["on", "off"] as const) {
-        for (const backend of ["vionet", "qemu"] as const) {
-          log(`guest: ${backend}, offloads ${offloads}`);
-          const idle = backend === "vionet" && offloads === "on" ? results.idle : undefined;
-          results.guest.push(...await measureGuest(backend, offloads, o, idle));
-          await writeReport(results, values.out);
+      // Boot by boot, backends alternating (and their order too, boot by
+      // boot): a guest under TCG drifts between a fast and a slow mode over
+      // minutes, and so may the machine; interleaved, drift hits both alike.
+      for (let boot = 0; boot < guestBoots; boot++) {
+        for (const offloads of ["on", "off"] as const) {
+          const order = boot % 2 === 0 ? ["vionet", "qemu"] as const : ["qemu", "vionet"] as const;
+          for (const backend of order) {
+            log(`guest: ${backend}, offloads ${offloads}, boot ${boot + 1} of ${guestBoots}`);
+            const idle = backend === "vionet" && offloads === "on" ? results.idle : undefined;
+            results.guest.push(...await measureGuest(backend, offloads, { ...o, boot }, idle));
+            await writeReport(results, values.out);
+          }
         }
       }
     }
