@@ -59,6 +59,12 @@ export interface GuestSample {
    */
   guestIrqsPerSecond?: number;
   /**
+   * The guest kernel's clocksource after the run. Under TCG the watchdog
+   * can demote `tsc` to `hpet` or `acpi_pm`, whose every read is an
+   * emulated device access: a TCP stream reads the clock per packet.
+   */
+  guestClocksource?: string;
+  /**
    * vionet only: each daemon thread's CPU (cores, and the kernel's part)
    * and voluntary context switches per second over the run, by "tid comm".
    * Workers show as worker-N in creation order: the device first, then per
@@ -308,6 +314,7 @@ export async function measureGuest(
           if (j.error) throw new Error(`iperf3: ${j.error}`);
           const gbps = j.end.sum_received.bits_per_second / 1e9;
           const irqs = irqDelta(r.output);
+          const clocksource = clocksourceOf(r.output);
           const threads = th0 && daemon ? perThread(th0, threadTimes(daemon.pid), dt) : undefined;
           const qemuThreads = perThread(qth0, threadTimes(guest.pid), dt);
           out.push({
@@ -318,6 +325,7 @@ export async function measureGuest(
             ...(irqs !== undefined
               ? { guestIrqsPerSecond: Math.round(irqs / j.end.sum_received.seconds) }
               : {}),
+            ...(clocksource ? { guestClocksource: clocksource } : {}),
             ...(threads ? { threads } : {}),
             qemuThreads,
           });
@@ -330,7 +338,9 @@ export async function measureGuest(
             : "";
           const irqText = irqs === undefined
             ? ""
-            : `; guest ${Math.round(irqs / j.end.sum_received.seconds)} irq/s`;
+            : `; guest ${
+              Math.round(irqs / j.end.sum_received.seconds)
+            } irq/s, clock ${clocksource}`;
           o.log(
             `  ${backend} offloads ${offloads} ${direction} boot ${o.boot} rep ${rep}: ${
               gbps.toFixed(3)
@@ -389,7 +399,15 @@ export function iperfWithIrqs(iperf: string, interrupts = "/proc/interrupts"): s
   const count = "awk '/virtio/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i } " +
     `END { print s + 0 }' ${interrupts}`;
   return `echo "irqs-before $(${count})"; out=$(${iperf}); st=$?; ` +
-    `echo "irqs-after $(${count})"; printf '%s\\n' "$out"; exit $st`;
+    `echo "irqs-after $(${count})"; ` +
+    `echo "clocksource $(cat ${CLOCKSOURCE} 2>/dev/null)"; printf '%s\\n' "$out"; exit $st`;
+}
+
+const CLOCKSOURCE = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
+
+/** The clocksource iperfWithIrqs() printed, or undefined. */
+export function clocksourceOf(output: string): string | undefined {
+  return /^clocksource (\S+)$/m.exec(output)?.[1];
 }
 
 /** The interrupt count between the marks iperfWithIrqs() printed, or undefined. */
