@@ -7,7 +7,8 @@
  */
 
 import assert from "node:assert/strict";
-import { driverBound } from "../../bench/report.ts";
+import { driverBound, markdown, type Results } from "../../bench/report.ts";
+import type { GuestSample } from "../../bench/guest.ts";
 import type { BackendName, BackendSample, BackendTest } from "../../bench/dpdk.ts";
 
 function sample(
@@ -45,4 +46,47 @@ Deno.test("driverBound() names TX tests whose vionet daemon waited, by median", 
   ]);
   assert.equal(lines.length, 1, lines.join("\n"));
   assert.match(lines[0], /in tso the vionet daemon used 0\.83 of its core/);
+});
+
+Deno.test("the guest table gives the ratio of medians and of each backend's best run, and sums lost kicks over boots", () => {
+  const g = (backend: "vionet" | "qemu", boot: number, gbps: number): GuestSample => ({
+    backend,
+    offloads: "on",
+    direction: "guest->host",
+    boot,
+    rep: 0,
+    gbps,
+    backendCores: 0.2,
+    qemuCores: 1,
+    ...(backend === "vionet" ? { kicksMissed: { rx: 0, tx: boot } } : {}),
+  });
+  const r: Results = {
+    machine: {
+      cpus: 2,
+      cpuModel: "test",
+      kernel: "6.x",
+      accelerator: "TCG",
+      deno: "Deno x",
+      dpdk: "x",
+      qemu: "x",
+      date: "now",
+      loadBefore: "0 0 0",
+    },
+    command: "deno task bench --only guest",
+    options: {},
+    backend: [],
+    // vionet: one slow boot of three, median 1.2, best 1.8; QEMU: median 1.0, best 1.2.
+    guest: [g("vionet", 0, 0.6), g("vionet", 1, 1.2), g("vionet", 2, 1.8)].concat(
+      [g("qemu", 0, 1.0), g("qemu", 1, 1.2), g("qemu", 2, 0.5)],
+    ),
+    idle: [],
+    notes: [],
+  };
+  const text = markdown(r);
+  const row = text.split("\n").find((l) => l.startsWith("| guest->host | on "));
+  assert.ok(row, text);
+  const cells = row.split("|").map((c) => c.trim());
+  assert.equal(cells[5], "1.2"); // 1.2 / 1.0
+  assert.equal(cells[6], "1.5"); // 1.8 / 1.2
+  assert.match(text, /offloads on: TX 3, RX 0/); // boots 0 + 1 + 2
 });
