@@ -421,8 +421,9 @@ export function irqDelta(output: string): number | undefined {
 /**
  * Puts QEMU's vCPU threads on `pin.vcpu` and its other threads on `pin.io`;
  * threads QEMU starts later inherit the affinity of the thread that starts
- * them. Under TCG a vCPU thread uses a whole core, so where the scheduler
- * puts it beside the backend and the iperf3 server decides the guest's speed.
+ * them. Under TCG a vCPU thread uses a whole core; pinned, it has one of
+ * its own instead of taking turns with the backend and the iperf3 server
+ * wherever the scheduler puts them, the same way for both backends.
  */
 async function pinQemu(pid: number, pin: GuestPinning): Promise<void> {
   let vcpus = 0;

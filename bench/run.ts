@@ -16,14 +16,15 @@
  *    virtio-user as the guest; repetitions interleaved so drift hits all alike.
  * 2. Guest-bound (bench/guest.ts): iperf3 both ways, offloads on and off,
  *    vionet vs QEMU's built-in backend; the daemon's CPU with an idle guest.
- *    Under TCG one TCP stream's speed drifts by ±30 % over minutes, on
- *    either backend (vionet guest->host 1.45 down to 0.87 Gbit/s in one
- *    boot; QEMU's 1.20 down to 0.67 in another). So each configuration is
+ *    Under TCG a guest's TCP stream runs at one of two speeds, mostly one
+ *    per boot and sometimes sliding within one, on either backend (vionet
+ *    guest->host 1.45 down to 0.87 Gbit/s in one boot; host->guest 1.02 in
+ *    one boot and 1.73-1.78 in four others). So each configuration is
  *    booted `--guest-boots` times, backends alternating (ABBA), `--guest-reps`
  *    runs each way per boot; and the vCPU thread gets `--frontend-cpu` to
  *    itself while the backend, QEMU's other threads and the iperf3 server
  *    share `--backend-cpu` (`--guest-pin off` leaves placement to the
- *    scheduler, which moved a run by up to 40 %).
+ *    scheduler: one such run gave vionet guest->host 0.81-1.6 Gbit/s).
  * 3. bench/results/{results.json, results.md, chart.svg} (bench/report.ts).
  *
  * @module
