@@ -28,6 +28,7 @@ import {
   cpuSeconds,
   Netns,
   sleep,
+  threadsOf,
   threadTimes,
   waitForLink,
   waitForPath,
@@ -427,36 +428,23 @@ export function irqDelta(output: string): number | undefined {
  */
 async function pinQemu(pid: number, pin: GuestPinning): Promise<void> {
   let vcpus = 0;
-  for (const e of Deno.readDirSync(`/proc/${pid}/task`)) {
-    let comm: string;
-    try {
-      comm = Deno.readTextFileSync(`/proc/${pid}/task/${e.name}/comm`).trim();
-    } catch {
-      continue; // the thread ended meanwhile
-    }
-    const cpu = isVcpu(comm) ? pin.vcpu : pin.io;
-    if (isVcpu(comm)) vcpus++;
+  for (const { tid, comm } of threadsOf(pid)) {
+    const vcpu = isVcpu(comm);
+    if (vcpu) vcpus++;
+    const cpu = vcpu ? pin.vcpu : pin.io;
     const r = await new Deno.Command("taskset", {
-      args: ["-pc", String(cpu), e.name],
+      args: ["-pc", String(cpu), tid],
       stdout: "null",
       stderr: "piped",
     }).output();
-    if (!r.success && threadAlive(pid, e.name)) {
+    // A thread that ended meanwhile needs no CPU.
+    if (!r.success && threadsOf(pid).some((t) => t.tid === tid)) {
       throw new Error(
-        `taskset -pc ${cpu} ${e.name} (${comm}): ${new TextDecoder().decode(r.stderr).trim()}`,
+        `taskset -pc ${cpu} ${tid} (${comm}): ${new TextDecoder().decode(r.stderr).trim()}`,
       );
     }
   }
   if (vcpus === 0) throw new Error(`QEMU (PID ${pid}) has no thread named like a vCPU`);
-}
-
-function threadAlive(pid: number, tid: string): boolean {
-  try {
-    Deno.statSync(`/proc/${pid}/task/${tid}`);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** The daemon's `kicksMissed` per queue, from the counters it logs on SIGUSR2. */

@@ -292,13 +292,34 @@ export async function waitForPath(path: string, timeoutMs: number, why = ""): Pr
 
 const CLK_TCK = 100;
 
+/** A thread of a process: its id and its name (`comm`). */
+export interface ThreadName {
+  tid: string;
+  comm: string;
+}
+
+/** The threads of a process now, leaving out any that end while they are listed. */
+export function threadsOf(pid: number): ThreadName[] {
+  const out: ThreadName[] = [];
+  for (const e of Deno.readDirSync(`/proc/${pid}/task`)) {
+    try {
+      out.push({
+        tid: e.name,
+        comm: Deno.readTextFileSync(`/proc/${pid}/task/${e.name}/comm`).trim(),
+      });
+    } catch {
+      // the thread ended meanwhile
+    }
+  }
+  return out;
+}
+
 /** utime+stime of a process, or of some of its threads, in seconds. */
 export function cpuSeconds(pid: number, threadFilter?: (comm: string) => boolean): number {
   if (!threadFilter) return statTicks(`/proc/${pid}/stat`) / CLK_TCK;
   let ticks = 0;
-  for (const e of Deno.readDirSync(`/proc/${pid}/task`)) {
-    const comm = Deno.readTextFileSync(`/proc/${pid}/task/${e.name}/comm`).trim();
-    if (threadFilter(comm)) ticks += statTicks(`/proc/${pid}/task/${e.name}/stat`);
+  for (const t of threadsOf(pid)) {
+    if (threadFilter(t.comm)) ticks += statTicks(`/proc/${pid}/task/${t.tid}/stat`);
   }
   return ticks / CLK_TCK;
 }
@@ -316,14 +337,13 @@ export interface ThreadTime {
  */
 export function threadTimes(pid: number): Map<string, ThreadTime> {
   const out = new Map<string, ThreadTime>();
-  for (const e of Deno.readDirSync(`/proc/${pid}/task`)) {
+  for (const { tid, comm } of threadsOf(pid)) {
     try {
-      const dir = `/proc/${pid}/task/${e.name}`;
-      const comm = Deno.readTextFileSync(`${dir}/comm`).trim();
+      const dir = `/proc/${pid}/task/${tid}`;
       const status = Deno.readTextFileSync(`${dir}/status`);
       const switches = Number(/^voluntary_ctxt_switches:\s+(\d+)/m.exec(status)?.[1] ?? 0);
       const { user, sys } = statUserSys(`${dir}/stat`);
-      out.set(`${e.name} ${comm}`, {
+      out.set(`${tid} ${comm}`, {
         cpu: (user + sys) / CLK_TCK,
         sys: sys / CLK_TCK,
         switches,

@@ -266,8 +266,8 @@ async function main(): Promise<void> {
         log,
       };
       // Boot by boot, backends alternating (and their order too, boot by
-      // boot): a guest under TCG drifts between a fast and a slow mode over
-      // minutes, and so may the machine; interleaved, drift hits both alike.
+      // boot): a guest under TCG runs at one of two speeds, mostly one per
+      // boot, and the machine drifts; interleaved, both hit both alike.
       for (let boot = 0; boot < guestBoots; boot++) {
         for (const offloads of ["on", "off"] as const) {
           const order = boot % 2 === 0 ? ["vionet", "qemu"] as const : ["qemu", "vionet"] as const;
