@@ -145,9 +145,14 @@ export class DeviceIoRings {
     Atomics.store(this.ctl, CTL.TX_WANT_DONE, 1);
   }
 
-  /** TX used-buffer notifications the writer sent (it decides them: `ipc/datapath.ts`). */
+  /** TX call eventfd writes the I/O workers made (they decide them: `ipc/datapath.ts`). */
   get txInterrupts(): number {
     return Atomics.load(this.ctl, CTL.TX_INTERRUPTS);
+  }
+
+  /** RX call eventfd writes: the poller's, and the writer's for this device's requests. */
+  get rxInterrupts(): number {
+    return Atomics.load(this.ctl, CTL.RX_INTERRUPTS);
   }
 
   /** Wakes the device's own loop (used by control requests that need the loop's attention). */

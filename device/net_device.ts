@@ -331,7 +331,12 @@ export class NetDevice {
       return { ...out, ...vq.ringState() };
     };
     return {
-      rx0: { ...q(this.rxq), ...(this.#rx?.counters() ?? {}) },
+      rx0: {
+        ...q(this.rxq),
+        // Calls made, as for tx0 (the queue's own count is of decisions, which may merge).
+        ...(this.#rings ? { interrupts: this.#rings.rxInterrupts } : {}),
+        ...(this.#rx?.counters() ?? {}),
+      },
       tx0: {
         ...q(this.txq),
         ...(this.#rings ? { interrupts: this.#rings.txInterrupts } : {}),

@@ -133,7 +133,10 @@ export const CTL = {
   POLLER_ERRORS: 69,
   /** The writer's engine once it runs: {@link WRITER_ENGINE_IO_URING} or {@link WRITER_ENGINE_WRITEV}. */
   WRITER_ENGINE: 70,
-  /** TX call eventfd writes the writer made after publishing TX completions. */
+  /**
+   * TX call eventfd writes: after publishing TX completions (the writer or
+   * the poller), or for the device or parent (WEV_CALL_TX).
+   */
   TX_INTERRUPTS: 71,
   /** The poller's engine once it runs: {@link POLLER_ENGINE_IO_URING} or {@link POLLER_ENGINE_READV}. */
   POLLER_ENGINE: 72,
@@ -158,7 +161,11 @@ export const CTL = {
    * takes it back at stop.
    */
   RX_USED_IDX: 79,
-  /** RX used buffer notifications the poller sent (RX publication). */
+  /**
+   * RX call eventfd writes: the poller's (RX publication) and the writer's
+   * for the device or parent (WEV_CALL_RX). The device's own count is of
+   * its decisions, which the writer may merge into one write.
+   */
   RX_INTERRUPTS: 80,
   /** Guest kicks (available buffer notifications) the poller read, per queue. */
   RX_KICKS: 81,

@@ -58,8 +58,12 @@ async function loop(c: Int32Array): Promise<void> {
       if (control.stopId !== null) break;
     }
     const ev = Atomics.exchange(c, CTL.WRITER_EVENTS, 0);
-    if (ev & WEV_CALL_RX) writeEventfd(c, callFd[RX_QUEUE]);
-    if (ev & WEV_CALL_TX) writeEventfd(c, callFd[TX_QUEUE]);
+    if ((ev & WEV_CALL_RX) && writeEventfd(c, callFd[RX_QUEUE])) {
+      Atomics.add(c, CTL.RX_INTERRUPTS, 1);
+    }
+    if ((ev & WEV_CALL_TX) && writeEventfd(c, callFd[TX_QUEUE])) {
+      Atomics.add(c, CTL.TX_INTERRUPTS, 1);
+    }
     if (ev & WEV_WAKE_POLLER) {
       writeEventfd(c, wakeFd);
       Atomics.add(c, CTL.POLLER_WAKE_ASKED, 1);

@@ -398,10 +398,7 @@ export class TxDrainer {
     if (Atomics.load(c, CTL.TX_WANT_DONE) !== 0 && Atomics.exchange(c, CTL.TX_WANT_DONE, 0) !== 0) {
       bits |= EV_TX_DONE;
     }
-    if (call) {
-      writeEventfd(c, this.callFd);
-      Atomics.add(c, CTL.TX_INTERRUPTS, 1);
-    }
+    if (call && writeEventfd(c, this.callFd)) Atomics.add(c, CTL.TX_INTERRUPTS, 1);
     if (bad !== 0) {
       Atomics.add(c, CTL.IO_BAD_RECORD, bad);
       bits |= EV_IO_FAULT;
@@ -494,8 +491,13 @@ export class TxDrainer {
   }
 }
 
-/** Adds 1 to the eventfd `fd` (no-op for -1); a failed write counts in CTL.WRITER_ERRORS. */
-export function writeEventfd(c: Int32Array, fd: number): void {
-  if (fd < 0) return;
-  if (Number(sys.write(fd, eventfdOne, 8n)) !== 8) Atomics.add(c, CTL.WRITER_ERRORS, 1);
+/**
+ * Adds 1 to the eventfd `fd` (no-op for -1); a failed write counts in
+ * CTL.WRITER_ERRORS. Returns whether it was written.
+ */
+export function writeEventfd(c: Int32Array, fd: number): boolean {
+  if (fd < 0) return false;
+  if (Number(sys.write(fd, eventfdOne, 8n)) === 8) return true;
+  Atomics.add(c, CTL.WRITER_ERRORS, 1);
+  return false;
 }
