@@ -79,7 +79,14 @@ export interface GuestSample {
    * SIGUSR2 counters), per queue, since the daemon started: the same for
    * every sample of one configuration.
    */
-  kicksMissed?: { rx: number; tx: number };
+  kicksMissed?: PerQueue;
+  /**
+   * vionet only: the interrupts it asked the VMM for (writes to each
+   * queue's call eventfd) per second of the run. Under TCG QEMU's main loop
+   * wakes for each to inject it, so they cost host CPU that counts as the
+   * backend's.
+   */
+  callsPerSecond?: PerQueue;
   error?: string;
 }
 
@@ -290,6 +297,7 @@ export async function measureGuest(
       for (const direction of ["guest->host", "host->guest"] as Direction[]) {
         const base = { backend, offloads, direction, boot: o.boot, rep };
         try {
+          const k0 = daemon ? await daemonCounters(daemon) : undefined;
           const th0 = daemon ? threadTimes(daemon.pid) : null;
           const qth0 = threadTimes(guest.pid);
           const b0 = backendCpu();
@@ -304,6 +312,8 @@ export async function measureGuest(
           const dt = (performance.now() - t0) / 1000;
           const b1 = backendCpu();
           const q1 = cpuSeconds(guest.pid);
+          const th1 = daemon ? threadTimes(daemon.pid) : null;
+          const k1 = daemon && !daemon.done ? await daemonCounters(daemon) : undefined;
           if (daemon?.done) throw new Error(`the daemon exited:\n${daemon.tail(2000)}`);
           const brace = r.output.indexOf("{");
           if (brace < 0) {
@@ -316,7 +326,13 @@ export async function measureGuest(
           const gbps = j.end.sum_received.bits_per_second / 1e9;
           const irqs = irqDelta(r.output);
           const clocksource = clocksourceOf(r.output);
-          const threads = th0 && daemon ? perThread(th0, threadTimes(daemon.pid), dt) : undefined;
+          const threads = th0 && th1 ? perThread(th0, th1, dt) : undefined;
+          const calls = k0 && k1
+            ? {
+              rx: Math.round((field(k1, "interrupts").rx - field(k0, "interrupts").rx) / dt),
+              tx: Math.round((field(k1, "interrupts").tx - field(k0, "interrupts").tx) / dt),
+            }
+            : undefined;
           const qemuThreads = perThread(qth0, threadTimes(guest.pid), dt);
           out.push({
             ...base,
@@ -328,6 +344,7 @@ export async function measureGuest(
               : {}),
             ...(clocksource ? { guestClocksource: clocksource } : {}),
             ...(threads ? { threads } : {}),
+            ...(calls ? { callsPerSecond: calls } : {}),
             qemuThreads,
           });
           const perThreadText = threads
@@ -341,7 +358,8 @@ export async function measureGuest(
             ? ""
             : `; guest ${
               Math.round(irqs / j.end.sum_received.seconds)
-            } irq/s, clock ${clocksource}`;
+            } irq/s, clock ${clocksource}` +
+              (calls ? `; calls rx ${calls.rx}/s tx ${calls.tx}/s` : "");
           o.log(
             `  ${backend} offloads ${offloads} ${direction} boot ${o.boot} rep ${rep}: ${
               gbps.toFixed(3)
@@ -447,21 +465,40 @@ async function pinQemu(pid: number, pin: GuestPinning): Promise<void> {
   if (vcpus === 0) throw new Error(`QEMU (PID ${pid}) has no thread named like a vCPU`);
 }
 
-/** The daemon's `kicksMissed` per queue, from the counters it logs on SIGUSR2. */
-async function kicksMissed(daemon: Child): Promise<{ rx: number; tx: number } | undefined> {
+/** One field of the daemon's SIGUSR2 counters, per queue. */
+export interface PerQueue {
+  rx: number;
+  tx: number;
+}
+
+/** The daemon's counters of queues rx0 and tx0, as it logs them on SIGUSR2. */
+async function daemonCounters(
+  daemon: Child,
+): Promise<{ rx: Record<string, number>; tx: Record<string, number> } | undefined> {
   const mark = daemon.output.length;
   Deno.kill(daemon.pid, "SIGUSR2");
   const end = Date.now() + 3000;
-  const field = (q: string) => {
+  const queue = (q: string) => {
     const m = new RegExp(`info: ${q} (\\{.*\\})`).exec(daemon.output.slice(mark));
-    return m ? Number(JSON.parse(m[1]).kicksMissed ?? NaN) : undefined;
+    return m ? JSON.parse(m[1]) as Record<string, number> : undefined;
   };
   while (Date.now() < end) {
-    const rx = field("rx0"), tx = field("tx0");
+    const rx = queue("rx0"), tx = queue("tx0");
     if (rx !== undefined && tx !== undefined) return { rx, tx };
     await sleep(50);
   }
   return undefined;
+}
+
+/** `field` of both queues' counters (NaN where a queue lacks it). */
+function field(c: { rx: Record<string, number>; tx: Record<string, number> }, f: string): PerQueue {
+  return { rx: Number(c.rx[f] ?? NaN), tx: Number(c.tx[f] ?? NaN) };
+}
+
+/** The daemon's `kicksMissed` per queue. */
+async function kicksMissed(daemon: Child): Promise<PerQueue | undefined> {
+  const c = await daemonCounters(daemon);
+  return c && field(c, "kicksMissed");
 }
 
 /** The accelerator QEMU uses here. */

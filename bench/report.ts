@@ -108,14 +108,16 @@ function guestPick(g: GuestSample[], backend: string, offloads: string, dir: Dir
 /** A sample's CPU by where it ran: QEMU's vCPUs, QEMU's other threads, the vionet daemon. */
 function cpuSplit(x: GuestSample) {
   const sum = (
-    threads: Record<string, { cores: number; sysCores: number }> | undefined,
+    threads:
+      | Record<string, { cores: number; sysCores: number; wakeupsPerSecond: number }>
+      | undefined,
     keep: (name: string) => boolean,
   ) => {
-    let cores = 0, sys = 0;
+    let cores = 0, sys = 0, wakeups = 0;
     for (const [name, t] of Object.entries(threads ?? {})) {
-      if (keep(name)) cores += t.cores, sys += t.sysCores;
+      if (keep(name)) cores += t.cores, sys += t.sysCores, wakeups += t.wakeupsPerSecond;
     }
-    return { cores, sys };
+    return { cores, sys, wakeups };
   };
   // Keyed "tid comm".
   const vcpu = (name: string) => isVcpu(name.slice(name.indexOf(" ") + 1));
@@ -129,6 +131,12 @@ function cpuSplit(x: GuestSample) {
 /** The median of the guest's virtio interrupts per second, or "" where the samples lack it. */
 function irqs(s: GuestSample[]): string {
   const n = s.flatMap((x) => x.guestIrqsPerSecond === undefined ? [] : [x.guestIrqsPerSecond]);
+  return n.length ? String(Math.round(spread(n).median)) : "";
+}
+
+/** The median of vionet's call eventfd writes per second (RX + TX), or "" where the samples lack them. */
+function calls(s: GuestSample[]): string {
+  const n = s.flatMap((x) => x.callsPerSecond ? [x.callsPerSecond.rx + x.callsPerSecond.tx] : []);
   return n.length ? String(Math.round(spread(n).median)) : "";
 }
 
@@ -151,11 +159,11 @@ function cpuSplitRows(g: GuestSample[]): string[] {
             fmt(spread(s.map((x) => x.gbps)).median)
           } | ${med((p) => p.vcpu)} | ${med((p) => p.qemuOther.cores)} (${
             med((p) => p.qemuOther.sys)
-          }) | ${
+          }) | ${Math.round(spread(parts.map((p) => p.qemuOther.wakeups)).median)} | ${
             backend === "vionet"
               ? `${med((p) => p.daemon.cores)} (${med((p) => p.daemon.sys)})`
               : ""
-          } | ${irqs(s)} |`,
+          } | ${calls(s)} | ${irqs(s)} |`,
         );
       }
     }
@@ -402,13 +410,15 @@ export function markdown(r: Results): string {
     if (split.length) {
       lines.push(
         "Where the host CPU went (cores, medians; sys: the kernel's part, which includes the " +
-          "host TCP stack's work run in the tap write or read):",
+          "host TCP stack's work run in the tap write or read). vionet calls/s are its writes " +
+          "to the queues' call eventfds; without KVM's irqfd QEMU's main loop wakes to inject " +
+          "each as an interrupt, and that is most of QEMU's other threads' CPU beside vionet:",
       );
       lines.push("");
       lines.push(
-        "| direction | offloads | backend | Gbit/s | vCPU | QEMU other threads (sys) | vionet daemon (sys) | guest virtio irq/s |",
+        "| direction | offloads | backend | Gbit/s | vCPU | QEMU other threads (sys) | their wake-ups/s | vionet daemon (sys) | vionet calls/s | guest virtio irq/s |",
       );
-      lines.push("|---|---|---|---|---|---|---|---|");
+      lines.push("|---|---|---|---|---|---|---|---|---|---|");
       lines.push(...split);
       lines.push("");
     }

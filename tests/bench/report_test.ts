@@ -90,3 +90,63 @@ Deno.test("the guest table gives the ratio of medians and of each backend's best
   assert.equal(cells[6], "1.5"); // 1.8 / 1.2
   assert.match(text, /offloads on: TX 3, RX 0/); // boots 0 + 1 + 2
 });
+
+Deno.test("the CPU split table gives QEMU's other threads' wake-ups and vionet's calls, by median", () => {
+  const t = (cores: number, wakeupsPerSecond: number) => ({
+    cores,
+    sysCores: cores / 2,
+    wakeupsPerSecond,
+  });
+  const g = (backend: "vionet" | "qemu", boot: number, wakeups: number): GuestSample => ({
+    backend,
+    offloads: "on",
+    direction: "guest->host",
+    boot,
+    rep: 0,
+    gbps: 1,
+    backendCores: 0.2,
+    qemuCores: 1,
+    qemuThreads: {
+      "10 CPU 0/TCG": t(0.9, 100),
+      "11 qemu-system-x86": t(0.1, wakeups),
+      "12 call_rcu": t(0, 1),
+    },
+    ...(backend === "vionet"
+      ? {
+        threads: { "20 worker-1": t(0.2, 50) },
+        callsPerSecond: { rx: wakeups / 2, tx: wakeups / 2 - 10 },
+      }
+      : {}),
+  });
+  const r: Results = {
+    machine: {
+      cpus: 2,
+      cpuModel: "test",
+      kernel: "6.x",
+      accelerator: "TCG",
+      deno: "Deno x",
+      dpdk: "x",
+      qemu: "x",
+      date: "now",
+      loadBefore: "0 0 0",
+    },
+    command: "deno task bench --only guest",
+    options: {},
+    backend: [],
+    guest: [g("vionet", 0, 4000), g("vionet", 1, 3000), g("vionet", 2, 5000), g("qemu", 0, 900)],
+    idle: [],
+    notes: [],
+  };
+  const rows = markdown(r).split("\n").filter((l) => l.startsWith("| guest->host | on "));
+  const split = (name: string) => {
+    const row = rows.find((l) => l.split("|")[3].trim() === name);
+    assert.ok(row, rows.join("\n"));
+    return row.split("|").map((c) => c.trim());
+  };
+  const v = split("vionet");
+  assert.equal(v[7], "4001"); // QEMU's threads other than the vCPU: 4000 + 1
+  assert.equal(v[9], "3990"); // calls rx 2000 + tx 1990
+  const q = split("QEMU built-in");
+  assert.equal(q[7], "901");
+  assert.equal(q[9], "", "QEMU's own backend makes no calls");
+});
