@@ -325,23 +325,19 @@ export async function measureGuest(
           if (j.error) throw new Error(`iperf3: ${j.error}`);
           const gbps = j.end.sum_received.bits_per_second / 1e9;
           const irqs = irqDelta(r.output);
+          const irqRate = irqs === undefined
+            ? undefined
+            : Math.round(irqs / j.end.sum_received.seconds);
           const clocksource = clocksourceOf(r.output);
           const threads = th0 && th1 ? perThread(th0, th1, dt) : undefined;
-          const calls = k0 && k1
-            ? {
-              rx: Math.round((field(k1, "interrupts").rx - field(k0, "interrupts").rx) / dt),
-              tx: Math.round((field(k1, "interrupts").tx - field(k0, "interrupts").tx) / dt),
-            }
-            : undefined;
+          const calls = k0 && k1 ? perSecond(k0, k1, "interrupts", dt) : undefined;
           const qemuThreads = perThread(qth0, threadTimes(guest.pid), dt);
           out.push({
             ...base,
             gbps,
             backendCores: (b1 - b0) / dt,
             qemuCores: (q1 - q0) / dt,
-            ...(irqs !== undefined
-              ? { guestIrqsPerSecond: Math.round(irqs / j.end.sum_received.seconds) }
-              : {}),
+            ...(irqRate !== undefined ? { guestIrqsPerSecond: irqRate } : {}),
             ...(clocksource ? { guestClocksource: clocksource } : {}),
             ...(threads ? { threads } : {}),
             ...(calls ? { callsPerSecond: calls } : {}),
@@ -354,12 +350,9 @@ export async function measureGuest(
                 `(sys ${(100 * t.sysCores).toFixed(1)}) ${t.wakeupsPerSecond}/s`
               ).join(", ")
             : "";
-          const irqText = irqs === undefined
-            ? ""
-            : `; guest ${
-              Math.round(irqs / j.end.sum_received.seconds)
-            } irq/s, clock ${clocksource}` +
-              (calls ? `; calls rx ${calls.rx}/s tx ${calls.tx}/s` : "");
+          const irqText = (irqRate === undefined ? "" : `; guest ${irqRate} irq/s`) +
+            (clocksource ? `, clock ${clocksource}` : "") +
+            (calls ? `; calls rx ${calls.rx}/s tx ${calls.tx}/s` : "");
           o.log(
             `  ${backend} offloads ${offloads} ${direction} boot ${o.boot} rep ${rep}: ${
               gbps.toFixed(3)
@@ -472,9 +465,7 @@ export interface PerQueue {
 }
 
 /** The daemon's counters of queues rx0 and tx0, as it logs them on SIGUSR2. */
-async function daemonCounters(
-  daemon: Child,
-): Promise<{ rx: Record<string, number>; tx: Record<string, number> } | undefined> {
+async function daemonCounters(daemon: Child): Promise<QueueCounters | undefined> {
   const mark = daemon.output.length;
   Deno.kill(daemon.pid, "SIGUSR2");
   const end = Date.now() + 3000;
@@ -490,9 +481,17 @@ async function daemonCounters(
   return undefined;
 }
 
+type QueueCounters = { rx: Record<string, number>; tx: Record<string, number> };
+
 /** `field` of both queues' counters (NaN where a queue lacks it). */
-function field(c: { rx: Record<string, number>; tx: Record<string, number> }, f: string): PerQueue {
+function field(c: QueueCounters, f: string): PerQueue {
   return { rx: Number(c.rx[f] ?? NaN), tx: Number(c.tx[f] ?? NaN) };
+}
+
+/** How fast `f` grew per queue from `a` to `b`, `seconds` apart (rounded). */
+function perSecond(a: QueueCounters, b: QueueCounters, f: string, seconds: number): PerQueue {
+  const x = field(a, f), y = field(b, f);
+  return { rx: Math.round((y.rx - x.rx) / seconds), tx: Math.round((y.tx - x.tx) / seconds) };
 }
 
 /** The daemon's `kicksMissed` per queue. */

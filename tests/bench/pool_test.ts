@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { pool } from "../../bench/pool.ts";
 import { markdown, type Results } from "../../bench/report.ts";
+import { guestOnly } from "./fixtures.ts";
 import type { GuestSample } from "../../bench/guest.ts";
 
 function run(date: string, kernel: string, gbps: number[][]): Results {
@@ -24,19 +25,11 @@ function run(date: string, kernel: string, gbps: number[][]): Results {
     ...(backend === "vionet" ? { kicksMissed: { rx: 0, tx: 1 } } : {}),
   });
   return {
-    machine: {
-      cpus: 2,
-      cpuModel: "test",
+    ...guestOnly(
+      gbps.flatMap(([v, q], boot) => [g("vionet", boot, v), g("qemu", boot, q)]),
       kernel,
-      accelerator: "TCG",
-      deno: "Deno x",
-      dpdk: "x",
-      qemu: "x",
       date,
-      loadBefore: "0 0 0",
-    },
-    command: "deno task bench",
-    options: {},
+    ),
     backend: [{
       test: "tx64",
       backend: "vionet",
@@ -47,9 +40,7 @@ function run(date: string, kernel: string, gbps: number[][]): Results {
       tapDropped: 0,
       seconds: 4,
     }],
-    guest: gbps.flatMap(([v, q], boot) => [g("vionet", boot, v), g("qemu", boot, q)]),
     idle: [{ boot: 0, rep: 0, cores: 0.01, seconds: 10 }],
-    notes: [],
   };
 }
 

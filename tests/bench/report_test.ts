@@ -7,7 +7,8 @@
  */
 
 import assert from "node:assert/strict";
-import { driverBound, markdown, type Results } from "../../bench/report.ts";
+import { driverBound, markdown } from "../../bench/report.ts";
+import { guestOnly } from "./fixtures.ts";
 import type { GuestSample } from "../../bench/guest.ts";
 import type { BackendName, BackendSample, BackendTest } from "../../bench/dpdk.ts";
 
@@ -60,28 +61,15 @@ Deno.test("the guest table gives the ratio of medians and of each backend's best
     qemuCores: 1,
     ...(backend === "vionet" ? { kicksMissed: { rx: 0, tx: boot } } : {}),
   });
-  const r: Results = {
-    machine: {
-      cpus: 2,
-      cpuModel: "test",
-      kernel: "6.x",
-      accelerator: "TCG",
-      deno: "Deno x",
-      dpdk: "x",
-      qemu: "x",
-      date: "now",
-      loadBefore: "0 0 0",
-    },
-    command: "deno task bench --only guest",
-    options: {},
-    backend: [],
-    // vionet: one slow boot of three, median 1.2, best 1.8; QEMU: median 1.0, best 1.2.
-    guest: [g("vionet", 0, 0.6), g("vionet", 1, 1.2), g("vionet", 2, 1.8)].concat(
-      [g("qemu", 0, 1.0), g("qemu", 1, 1.2), g("qemu", 2, 0.5)],
-    ),
-    idle: [],
-    notes: [],
-  };
+  // vionet: one slow boot of three, median 1.2, best 1.8; QEMU: median 1.0, best 1.2.
+  const r = guestOnly([
+    g("vionet", 0, 0.6),
+    g("vionet", 1, 1.2),
+    g("vionet", 2, 1.8),
+    g("qemu", 0, 1.0),
+    g("qemu", 1, 1.2),
+    g("qemu", 2, 0.5),
+  ]);
   const text = markdown(r);
   const row = text.split("\n").find((l) => l.startsWith("| guest->host | on "));
   assert.ok(row, text);
@@ -118,25 +106,12 @@ Deno.test("the CPU split table gives QEMU's other threads' wake-ups and vionet's
       }
       : {}),
   });
-  const r: Results = {
-    machine: {
-      cpus: 2,
-      cpuModel: "test",
-      kernel: "6.x",
-      accelerator: "TCG",
-      deno: "Deno x",
-      dpdk: "x",
-      qemu: "x",
-      date: "now",
-      loadBefore: "0 0 0",
-    },
-    command: "deno task bench --only guest",
-    options: {},
-    backend: [],
-    guest: [g("vionet", 0, 4000), g("vionet", 1, 3000), g("vionet", 2, 5000), g("qemu", 0, 900)],
-    idle: [],
-    notes: [],
-  };
+  const r = guestOnly([
+    g("vionet", 0, 4000),
+    g("vionet", 1, 3000),
+    g("vionet", 2, 5000),
+    g("qemu", 0, 900),
+  ]);
   const rows = markdown(r).split("\n").filter((l) => l.startsWith("| guest->host | on "));
   const split = (name: string) => {
     const row = rows.find((l) => l.split("|")[3].trim() === name);
