@@ -27,6 +27,17 @@ import { markdown, type Results, writeReport } from "./report.ts";
  */
 export function pool(runs: readonly Results[], files: readonly string[] = []): Results {
   if (runs.length === 0) throw new Error("pool: no runs given");
+  runs.forEach((r, i) => {
+    if (
+      typeof r !== "object" || r === null || typeof r.machine !== "object" || r.machine === null ||
+      !Array.isArray(r.guest) || !Array.isArray(r.idle)
+    ) {
+      throw new Error(
+        `pool: ${files[i] ?? `run ${i + 1}`} is not a bench run's results.json ` +
+          "(it needs machine, guest and idle)",
+      );
+    }
+  });
   const first = runs[0].machine;
   const same = (r: Results) =>
     r.machine.cpuModel === first.cpuModel && r.machine.kernel === first.kernel &&

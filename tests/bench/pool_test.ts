@@ -67,4 +67,8 @@ Deno.test("pool() refuses runs from different machines, naming the file", () => 
     /b\.json ran on 2 × test, Linux 6\.y/,
   );
   assert.throws(() => pool([]), /no runs/);
+  assert.throws(
+    () => pool([{ targets: [] } as unknown as Results], ["targets.json"]),
+    /targets\.json is not a bench run's results\.json/,
+  );
 });
