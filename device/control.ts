@@ -132,8 +132,8 @@ export class DeviceControl {
         return { reply: { kind: "done" } };
       case "revoke-memory": {
         const buffers = this.#guard(
-          () => this.device.revoke(req.all ? undefined : req),
-          "guestPhysAddr",
+          () => this.device.revoke(req.regions),
+          "regions",
         );
         return { reply: { kind: "memory-returned", buffers }, transfer: buffers };
       }

@@ -33,6 +33,7 @@ import {
   WEV_CALL_RX,
 } from "../ipc/datapath.ts";
 import type { DatapathBuffers } from "../ipc/datapath.ts";
+import type { QueuePlacement, RegionGrant, RegionRef } from "../ipc/protocol.ts";
 import { macrotask } from "../ipc/macrotask.ts";
 import { VIRTIO_NET_F_MRG_RXBUF } from "../ipc/features.ts";
 import { CHAIN_DEVICE_READABLE, CHAIN_DEVICE_WRITABLE } from "./chain.ts";
@@ -51,27 +52,6 @@ import { takesGso } from "./offload.ts";
 import { RxPath } from "./rx_path.ts";
 import { TxPath } from "./tx_path.ts";
 import { Virtqueue } from "./virtqueue.ts";
-
-/** One granted region, as the parent describes it. */
-export interface RegionGrant {
-  guestPhysAddr: number;
-  size: number;
-  userAddr: number;
-  /** Host virtual address of the parent's mapping (goes into iovecs; the I/O side checks it). */
-  hostAddr: number;
-  buffer: ArrayBuffer;
-}
-
-/** Where a queue's rings are (vhost-user SET_VRING_NUM/ADDR/BASE). */
-export interface QueuePlacement {
-  size: number;
-  /** VMM user addresses of the descriptor table, avail ring and used ring. */
-  desc: number;
-  avail: number;
-  used: number;
-  /** last_avail_idx to resume from (SET_VRING_BASE). */
-  base: number;
-}
 
 /** What the device reports about a queue that went wrong. */
 export type FaultHandler = (queue: number, reason: string) => void;
@@ -164,20 +144,26 @@ export class NetDevice {
   }
 
   /**
-   * Gives back regions: all of them, or the one matching `which`. The queues
-   * must be stopped first (their rings may live there). Returns the buffers
-   * to transfer back to the parent.
+   * Gives back the named regions, in that order. The queues must be stopped
+   * first (their rings may live there). Checks every name before it removes
+   * anything: a region not granted, or named twice, throws RangeError and
+   * nothing is given back. Returns the buffers to transfer to the parent.
    */
-  revoke(which?: { guestPhysAddr: number; size: number; userAddr: number }): ArrayBuffer[] {
+  revoke(regions: readonly RegionRef[]): ArrayBuffer[] {
     if (this.#running) throw new RangeError("cannot revoke guest memory while the queues run");
-    if (!which) return this.memory.removeAll();
-    const slot = this.memory.findRegion(which.guestPhysAddr, which.size, which.userAddr);
-    if (slot < 0) {
-      throw new RangeError(
-        `no granted region at GPA 0x${which.guestPhysAddr.toString(16)} of ${which.size} bytes`,
-      );
+    const slots = regions.map((r) => {
+      const slot = this.memory.findRegion(r.guestPhysAddr, r.size, r.userAddr);
+      if (slot < 0) {
+        throw new RangeError(
+          `no granted region at GPA 0x${r.guestPhysAddr.toString(16)} of ${r.size} bytes`,
+        );
+      }
+      return slot;
+    });
+    if (new Set(slots).size !== slots.length) {
+      throw new RangeError("a region is named twice");
     }
-    return [this.memory.removeRegion(slot)];
+    return slots.map((slot) => this.memory.removeRegion(slot));
   }
 
   /** The driver's acknowledged features (already checked by negotiation.ts). */

@@ -22,7 +22,7 @@
  */
 
 /** Bumped on any incompatible change of a message below. */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 
 /** How the tap's offloads are used; see the `--offload` option. */
 export type OffloadMode = "auto" | "off";
@@ -134,17 +134,24 @@ export interface GrantMemoryRequest {
   regions: RegionGrant[];
 }
 
+/** Names one granted region, as its grant did. */
+export interface RegionRef {
+  guestPhysAddr: number;
+  size: number;
+  userAddr: number;
+}
+
 /**
- * Request: hand back every region (`all`), or the one at this address. The
- * queues must be stopped. Reply: `memory-returned` with the buffers transferred.
+ * Request: hand back these regions. The queues must be stopped. Reply:
+ * `memory-returned` with their buffers, transferred, in the order asked. The
+ * parent accepts a region as returned only if its buffer is the very one it
+ * lent (same backing address and length, transferred, so detached on the
+ * device's side); anything else ends the device.
  */
 export interface RevokeMemoryRequest {
   kind: "revoke-memory";
   id: number;
-  all: boolean;
-  guestPhysAddr: number;
-  size: number;
-  userAddr: number;
+  regions: RegionRef[];
 }
 
 /** Where one virtqueue's rings are, and where to resume (vhost-user SET_VRING_*). */
@@ -281,7 +288,7 @@ export interface PermissionsReply {
   states: Record<PermissionName, "granted" | "prompt" | "denied">;
 }
 
-/** Reply to `revoke-memory`: the buffers, transferred back. */
+/** Reply to `revoke-memory`: the buffers, transferred back, in the order asked. */
 export interface MemoryReturnedReply {
   kind: "memory-returned";
   id: number;

@@ -331,10 +331,11 @@ export function parseParentMessage(raw: unknown): ParentMessage {
       return {
         kind,
         id: r.uint("id", MAX_ID),
-        all: r.boolean("all"),
-        guestPhysAddr: r.address("guestPhysAddr"),
-        size: r.address("size"),
-        userAddr: r.address("userAddr"),
+        regions: r.list("regions", MAX_GRANT_REGIONS, (g) => ({
+          guestPhysAddr: g.address("guestPhysAddr"),
+          size: g.address("size"),
+          userAddr: g.address("userAddr"),
+        })),
       };
     case "start-queues":
       return {

@@ -454,7 +454,15 @@ function files(opts: AuditOptions): FileAudit[] {
       path: "/proc/self/status, /proc/self/task/*/{status,comm}, /proc/sys/kernel/cap_last_cap",
       access: "read-only",
       when: "drop",
-      source: "parent/privileges.ts",
+      source: "parent/proc_self.ts",
+    },
+    {
+      what: "worker threads (worker_census.ts)",
+      path: "/proc/self/task, /proc/self/task/*/comm",
+      access: "read-only: at each worker start, and while retired guest memory waits for " +
+        "the threads of ended workers to exit",
+      when: "serving",
+      source: "parent/proc_self.ts",
     },
     {
       what: "drop handler",

@@ -16,6 +16,7 @@ import type { Logger } from "./log.ts";
 import { adoptTap, createTap, type Tap, tunFlagNames } from "./tap.ts";
 import { applyTunscap } from "./tunscap.ts";
 import { dropPrivileges } from "./privileges.ts";
+import { retiredMemory } from "./retired_memory.ts";
 import * as libc from "./libc.ts";
 import { VionetDevicePort } from "./device_port.ts";
 import { VhostUserClient, VhostUserServer } from "./vhost_user_socket.ts";
@@ -76,6 +77,7 @@ export interface Daemon {
 
 /** Sets everything up; on failure, whatever was already set up is undone before it throws. */
 export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon> {
+  retiredMemory.configure({ logger });
   const tap = opts.tapFd !== null ? adoptTap(opts.tapFd) : createTap(opts.tap!);
   const config: DeviceConfig = {
     mac: opts.mac,
@@ -164,6 +166,18 @@ async function logStats(daemon: Daemon, logger: Logger): Promise<void> {
   }
   const io = daemon.port.datapathCounters();
   logger.log("info", "stats", `datapath ${io ? JSON.stringify(io) : "not running"}`);
+  logger.log(
+    "info",
+    "stats",
+    `retired memory ${
+      JSON.stringify({
+        reservedBytes: retiredMemory.reservedBytes,
+        ranges: retiredMemory.ranges().length,
+        retiredEver: retiredMemory.retiredCount,
+        reclaimedBytes: retiredMemory.reclaimedBytes,
+      })
+    }`,
+  );
 }
 
 function dirname(path: string): string {
@@ -191,6 +205,10 @@ function startDevice(
     },
   });
 }
+
+/** Exit status when a worker the daemon ended keeps running (`retired_memory.ts`). */
+export const EXIT_UNCONTAINED = 3;
+const UNCONTAINED = "uncontained";
 
 /** Runs until SIGINT or SIGTERM; returns the exit status. */
 export async function runDaemon(opts: Options, logger: Logger): Promise<number> {
@@ -250,11 +268,18 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
     for (const sig of ["SIGINT", "SIGTERM"] as const) {
       Deno.addSignalListener(sig, () => resolve(sig));
     }
+    // A worker the daemon ended and cannot stop (retired_memory.ts): only
+    // ending the process stops it; the supervisor starts a fresh one.
+    retiredMemory.configure({ onUncontained: () => resolve(UNCONTAINED) });
   });
   const signal = await stopped;
   Deno.removeSignalListener("SIGUSR2", dumpStats);
-  logger.log("info", "parent", `${signal}: shutting down`);
+  logger.log(
+    signal === UNCONTAINED ? "error" : "info",
+    "parent",
+    `${signal === UNCONTAINED ? "a worker that was ended still runs" : signal}: shutting down`,
+  );
   await daemon.stop();
   if (tap.created) logger.log("info", "parent", `tap ${tap.name} removed`);
-  return 0;
+  return signal === UNCONTAINED ? EXIT_UNCONTAINED : 0;
 }

@@ -55,6 +55,7 @@ import {
   type TxUsedPlace,
 } from "./io_protocol.ts";
 import type { Logger } from "./log.ts";
+import { workerCensus } from "./worker_census.ts";
 
 /** The modules the I/O workers run. */
 export const IO_WRITER_URL = new URL("./io_writer_worker.ts", import.meta.url);
@@ -215,7 +216,7 @@ class IoWorker {
     private readonly nudge: () => void,
     private readonly onFault: (message: string) => void,
   ) {
-    this.worker = new Worker(url, options);
+    this.worker = workerCensus.start(url, options, role);
     this.worker.onmessage = (e) => this.#reply(e.data);
     this.worker.onmessageerror = () => this.logger.log("warn", "datapath", `${role}: bad message`);
     this.worker.onerror = (e) => {
@@ -310,6 +311,7 @@ class IoWorker {
   terminate(): void {
     this.#die("terminated", false);
     this.worker.terminate();
+    workerCensus.end(this.worker);
   }
 }
 

@@ -22,11 +22,13 @@ import {
   type QueuePlacement,
   type ReadyMessage,
   type RegionGrant,
+  type RegionRef,
   REPLY_KIND,
   type StatsReply,
 } from "../ipc/protocol.ts";
 import { parseDeviceMessage } from "../ipc/validate.ts";
 import type { Logger } from "./log.ts";
+import { workerCensus } from "./worker_census.ts";
 
 /** The module the device worker runs. */
 export const DEVICE_WORKER_URL = new URL("../device/worker.ts", import.meta.url);
@@ -79,7 +81,11 @@ export class DeviceHost {
   #mailCtl: Int32Array | null = null;
 
   private constructor(private readonly opts: DeviceHostOptions) {
-    this.#worker = new Worker(opts.workerUrl ?? DEVICE_WORKER_URL, DEVICE_WORKER_OPTIONS);
+    this.#worker = workerCensus.start(
+      opts.workerUrl ?? DEVICE_WORKER_URL,
+      DEVICE_WORKER_OPTIONS,
+      "device",
+    );
     const worker = this.#worker;
     const port: MessagePortLike = {
       postMessage: (message: unknown, transfer?: Transferable[]) => this.#post(message, transfer),
@@ -230,18 +236,13 @@ export class DeviceHost {
     );
   }
 
-  /** Takes back every region (or the one named); resolves with the returned buffers. */
-  async revokeMemory(
-    which?: { guestPhysAddr: number; size: number; userAddr: number },
-  ): Promise<ArrayBuffer[]> {
+  /**
+   * Asks for `regions` back; resolves with the buffers the device returned,
+   * which the caller must check (`memory_return.ts`): the device may lie.
+   */
+  async revokeMemory(regions: RegionRef[]): Promise<ArrayBuffer[]> {
     const reply = await this.#ep.request<MemoryReturnedReply>(
-      {
-        kind: "revoke-memory",
-        all: which === undefined,
-        guestPhysAddr: which?.guestPhysAddr ?? 0,
-        size: which?.size ?? 0,
-        userAddr: which?.userAddr ?? 0,
-      },
+      { kind: "revoke-memory", regions },
       "memory-returned",
     );
     return reply.buffers;
@@ -325,5 +326,6 @@ export class DeviceHost {
     this.#dead = true;
     this.#ep.close("device worker terminated");
     this.#worker.terminate();
+    workerCensus.end(this.#worker);
   }
 }

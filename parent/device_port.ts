@@ -27,11 +27,13 @@
  */
 
 import { RX_QUEUE, TX_QUEUE } from "../ipc/datapath.ts";
-import type { QueuePlacement } from "../ipc/protocol.ts";
+import type { QueuePlacement, RegionGrant, RegionRef } from "../ipc/protocol.ts";
 import { createDatapathBuffers, DatapathHost, rxUsedPlace, txUsedPlace } from "./datapath_host.ts";
 import { NoAnswerError } from "../ipc/endpoint.ts";
 import type { DeviceHost } from "./device_host.ts";
 import type { MappedRegion } from "./guest_memory_map.ts";
+import { type LentRegion, returnedMemoryProblem } from "./memory_return.ts";
+import { describeRegion } from "./vhost_user_messages.ts";
 import * as libc from "./libc.ts";
 import type { Logger } from "./log.ts";
 import type { IoUringMode } from "./io_protocol.ts";
@@ -171,7 +173,7 @@ export class VionetDevicePort implements DevicePort {
   async setMemTable(regions: MappedRegion[]): Promise<void> {
     this.#debug(`SET_MEM_TABLE ${regions.map(describe).join(", ") || "(empty)"}`);
     const wasRunning = await this.#stopQueues();
-    await this.#revoke("all");
+    await this.#revoke([...this.#lent]);
     this.#regions = [];
     if (regions.length > 0) {
       await this.#grant(regions);
@@ -231,22 +233,29 @@ export class VionetDevicePort implements DevicePort {
     }
   }
 
-  /** Takes memory back from the device; a device that does not give it back is ended. */
-  async #revoke(which: MappedRegion | "all"): Promise<void> {
+  /**
+   * Takes `regions` back from the device (those it holds). A device that
+   * does not answer, or answers with anything but the very buffers lent, in
+   * order (`memory_return.ts`), is ended, and every region it held is
+   * orphaned (retired by the backend, never unmapped under it).
+   */
+  async #revoke(regions: readonly MappedRegion[]): Promise<void> {
+    const lent = regions.filter((r) => this.#lent.has(r));
+    if (lent.length === 0) return;
+    let returned: ArrayBuffer[];
     try {
-      await this.#device.revokeMemory(
-        which === "all" ? undefined : {
-          guestPhysAddr: num(which.guestPhysAddr, "guest address"),
-          size: num(which.size, "region size"),
-          userAddr: num(which.userAddr, "user address"),
-        },
-      );
+      returned = await this.#device.revokeMemory(lent.map(regionRef));
     } catch (e) {
       this.#abandonDevice(`revoke-memory: ${(e as Error).message}`);
       throw e;
     }
-    if (which === "all") this.#lent.clear();
-    else this.#lent.delete(which);
+    const problem = returnedMemoryProblem(lent.map(lentRegion), returned);
+    if (problem !== null) {
+      this.#logger.log("warn", "parent", `refused the device's memory-returned: ${problem}`);
+      this.#abandonDevice(`revoke-memory: ${problem}`);
+      throw new Error(`the device did not give back guest memory: ${problem}`);
+    }
+    for (const r of lent) this.#lent.delete(r);
   }
 
   /** Tells running I/O workers which ranges they may use; ones that do not answer orphan `at`. */
@@ -288,7 +297,7 @@ export class VionetDevicePort implements DevicePort {
     if (i < 0) throw new RangeError(`no region at GPA 0x${gpa.toString(16)} of ${size} bytes`);
     const r = this.#regions[i];
     const wasRunning = await this.#stopQueues();
-    await this.#revoke(r);
+    await this.#revoke([r]);
     this.#regions.splice(i, 1);
     if (wasRunning) await this.#maybeStart();
   }
@@ -365,14 +374,12 @@ export class VionetDevicePort implements DevicePort {
     await this.#device.reset();
   }
 
-  #grantOf(r: MappedRegion) {
-    const size = num(r.size, "region size");
+  #grantOf(r: MappedRegion): RegionGrant {
+    const ref = regionRef(r);
     return {
-      guestPhysAddr: num(r.guestPhysAddr, "guest address"),
-      size,
-      userAddr: num(r.userAddr, "user address"),
+      ...ref,
       hostAddr: Number(Deno.UnsafePointer.value(r.pointer)),
-      buffer: Deno.UnsafePointerView.getArrayBuffer(r.pointer, size),
+      buffer: Deno.UnsafePointerView.getArrayBuffer(r.pointer, ref.size),
     };
   }
 
@@ -454,6 +461,19 @@ export class VionetDevicePort implements DevicePort {
     this.#logger.log("info", "parent", `queues stopped at rx ${bases.rx}, tx ${bases.tx}`);
     return true;
   }
+}
+
+/** How the device names a region (its grant's addresses). */
+function regionRef(r: MappedRegion): RegionRef {
+  return {
+    guestPhysAddr: num(r.guestPhysAddr, "guest address"),
+    size: num(r.size, "region size"),
+    userAddr: num(r.userAddr, "user address"),
+  };
+}
+
+function lentRegion(r: MappedRegion): LentRegion {
+  return { pointer: r.pointer, size: num(r.size, "region size"), what: describeRegion(r) };
 }
 
 function describe(r: MappedRegion): string {

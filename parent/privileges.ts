@@ -50,6 +50,7 @@
  */
 
 import * as libc from "./libc.ts";
+import { listThreadIds, readProc, threadName } from "./proc_self.ts";
 
 /** Linux capability names by number (include/uapi/linux/capability.h, up to Linux 6.x). */
 export const CAP_NAMES = [
@@ -185,42 +186,6 @@ function maskOf(names: readonly CapName[]): bigint {
   return names.reduce((m, n) => m | capBit(n), 0n);
 }
 
-// ---------------------------------------------------------------------------
-// /proc through libc: Deno's own file API wants --allow-all for /proc.
-
-/** Reads a small /proc file; null if it does not exist (a thread that has exited). */
-function readProc(path: string): string | null {
-  let fd: number;
-  try {
-    fd = libc.open(path, libc.O_RDONLY | libc.O_CLOEXEC);
-  } catch (e) {
-    if (e instanceof libc.SyscallError && e.errno === libc.Errno.ENOENT) return null;
-    throw e;
-  }
-  try {
-    const chunks: Uint8Array[] = [];
-    const buf = new Uint8Array(4096);
-    for (let n; (n = libc.read(fd, buf)) > 0;) chunks.push(buf.slice(0, n));
-    return new TextDecoder().decode(concat(chunks));
-  } catch (e) {
-    // A thread that exits between open and read: its status reads as ESRCH.
-    if (e instanceof libc.SyscallError && e.errno === libc.Errno.ESRCH) return null;
-    throw e;
-  } finally {
-    libc.close(fd);
-  }
-}
-
-function concat(chunks: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
-  let at = 0;
-  for (const c of chunks) {
-    out.set(c, at);
-    at += c.length;
-  }
-  return out;
-}
-
 interface Masks {
   eff: bigint;
   prm: bigint;
@@ -263,36 +228,6 @@ function readMasks(path: string): Masks | null {
   return text === null ? null : parseStatus(text, path);
 }
 
-/** The thread ids in /proc/self/task, listed with getdents64(2). */
-export function listThreadIds(): number[] {
-  const fd = libc.open("/proc/self/task", libc.O_RDONLY | libc.O_CLOEXEC | O_DIRECTORY);
-  try {
-    const tids: number[] = [];
-    const buf = new Uint8Array(8192);
-    const view = new DataView(buf.buffer);
-    for (;;) {
-      const n = libc.checkSize(
-        libc.sys.getdents64(fd, buf, BigInt(buf.byteLength)),
-        "getdents64",
-        "/proc/self/task",
-      );
-      if (n === 0) return tids;
-      // struct linux_dirent64: u64 d_ino, i64 d_off, u16 d_reclen @16, u8 d_type, name @19.
-      for (let at = 0; at < n;) {
-        const reclen = view.getUint16(at + 16, true);
-        const end = buf.indexOf(0, at + 19);
-        const name = new TextDecoder().decode(buf.subarray(at + 19, end));
-        if (/^\d+$/.test(name)) tids.push(Number(name));
-        at += reclen;
-      }
-    }
-  } finally {
-    libc.close(fd);
-  }
-}
-
-const O_DIRECTORY = 0o200000;
-
 /** The main thread's capabilities (`/proc/self/status`). */
 export function currentCapabilities(): CapabilityState {
   const m = readMasks("/proc/self/status");
@@ -305,9 +240,9 @@ export function threadCapabilities(): ThreadCapabilityState[] {
   const out: ThreadCapabilityState[] = [];
   for (const tid of listThreadIds()) {
     const m = readMasks(`/proc/self/task/${tid}/status`);
-    const comm = readProc(`/proc/self/task/${tid}/comm`);
-    if (m === null || comm === null) continue; // exited meanwhile
-    out.push({ tid, name: comm.trim(), ...toState(m) });
+    const name = threadName(tid);
+    if (m === null || name === null) continue; // exited meanwhile
+    out.push({ tid, name, ...toState(m) });
   }
   return out;
 }

@@ -25,7 +25,8 @@
  */
 
 import * as libc from "./libc.ts";
-import { mapRegion, retireRegion, unmapRegion } from "./guest_memory_map.ts";
+import { mapRegion, unmapRegion } from "./guest_memory_map.ts";
+import { retiredMemory } from "./retired_memory.ts";
 import {
   type BackendLogger,
   type BackendSystem,
@@ -35,6 +36,7 @@ import {
 } from "./vhost_user_backend.ts";
 import {
   decodeHeader,
+  describeRegion,
   ProtocolError,
   requestName,
   VHOST_USER_HDR_SIZE,
@@ -203,7 +205,7 @@ export const LIBC_BACKEND_SYSTEM: BackendSystem = {
     if (error !== null) throw error;
   },
   retireRegion(region) {
-    const error = retireRegion(region);
+    const error = retiredMemory.retire(region, describeRegion(region));
     if (error !== null) throw error;
   },
   closeFd: closeQuietly,

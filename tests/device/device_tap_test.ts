@@ -869,7 +869,9 @@ async function withRig(opts: RigOptions, fn: (rig: Rig) => Promise<void>): Promi
       if (device?.alive) {
         if (queuesStarted) await step("stop the queues", () => device!.stopQueues());
         await step("take the memory back", async () => {
-          const bufs = await device!.revokeMemory();
+          const bufs = await device!.revokeMemory([
+            { guestPhysAddr: GPA, size: MEM_BYTES, userAddr: guestUser(GPA) },
+          ]);
           returned = bufs.length === 1;
         });
       }

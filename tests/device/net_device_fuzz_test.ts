@@ -1642,7 +1642,7 @@ Deno.test("the zero-permission device worker survives random traffic and garbage
     assert.ok(stats.txSent > 0 && stats.rxDelivered > 0, "frames flowed both ways");
     assert.ok(drops(counters.tx0) > 0, `TX drops counted: ${JSON.stringify(counters.tx0)}`);
     assert.ok(drops(counters.rx0) > 0, `RX drops counted: ${JSON.stringify(counters.rx0)}`);
-    const back = await h.revokeMemory();
+    const back = await h.revokeMemory([{ guestPhysAddr: gpa, size, userAddr: user }]);
     returned = back.length === 1;
     assert.equal(back.length, 1);
     assert.equal(back[0].byteLength, size, "the region came back");

@@ -543,8 +543,13 @@ Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains 
   await until(io2, () => io2.postedChains === 2, "the two chains posted again");
   assert.deepEqual((await dev.stop()).rx, 1);
   assert.equal(rx.readUsed().length, 0);
-  assert.throws(() => dev.revoke({ guestPhysAddr: 1, size: 1, userAddr: 1 }), /no granted region/);
-  assert.equal(dev.revoke().length, 1);
+  assert.throws(
+    () => dev.revoke([{ guestPhysAddr: 1, size: 1, userAddr: 1 }]),
+    /no granted region/,
+  );
+  const all = guest.regions.map((r) => ({ guestPhysAddr: r.gpa, size: r.size, userAddr: r.user }));
+  assert.throws(() => dev.revoke([all[0], all[0]]), /named twice/);
+  assert.equal(dev.revoke(all).length, 1);
 });
 
 function get16le(b: Uint8Array, at: number): number {

@@ -25,6 +25,27 @@ Deno.test("inside the device worker no permission is granted", async () => {
   }
 });
 
+Deno.test("the device worker cannot start a worker of its own (it would outlive terminate())", async () => {
+  const worker = new Worker(
+    new URL("./device_globals_probe.ts", import.meta.url),
+    DEVICE_WORKER_OPTIONS,
+  );
+  try {
+    const report = await new Promise<{ worker: string }>((resolve, reject) => {
+      worker.onmessage = (e) => {
+        if (e.data?.kind === "globals-probe") resolve(e.data);
+      };
+      worker.onerror = (e) => {
+        e.preventDefault();
+        reject(new Error(e.message));
+      };
+    });
+    assert.equal(report.worker, "undefined", "Worker is still reachable in the device");
+  } finally {
+    worker.terminate();
+  }
+});
+
 Deno.test({
   name: "under the daemon's own flags, every privileged operation in the device worker fails",
   ignore: Deno.uid() !== 0,
