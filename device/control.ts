@@ -139,14 +139,7 @@ export class DeviceControl {
       }
       case "start-queues":
         this.#guard(
-          () =>
-            this.device.start(
-              req.rx,
-              req.tx,
-              req.datapath,
-              req.datapath.bounceHost,
-              req.datapath.rxPublish === true,
-            ),
+          () => this.device.start(req.rx, req.tx, req.datapath, req.datapath.bounceHost),
           "rx",
         );
         return { reply: { kind: "done" } };

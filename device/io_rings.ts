@@ -16,6 +16,7 @@ import {
   CTL_BYTES,
   type DatapathBuffers,
   RX_DONE_RECORD_WORDS,
+  RX_LONG_RECORD_WORDS,
   RX_POST_RECORD_WORDS,
   signal,
   TX_RECORD_WORDS,
@@ -33,6 +34,8 @@ export class DeviceIoRings {
   readonly ctl: Int32Array;
   readonly tx: SpscRing;
   readonly rxPost: SpscRing;
+  /** The iovecs of RX chains of more than RX_MAX_IOV segments (`ipc/datapath.ts` RXF_LONG). */
+  readonly rxLong: SpscRing;
   readonly rxDone: SpscRing;
   /** The bounce arena, for frames the device builds itself. */
   readonly bounce: Uint8Array;
@@ -60,6 +63,7 @@ export class DeviceIoRings {
     this.ctl = new Int32Array(buffers.control);
     this.tx = attach(buffers.tx, TX_RECORD_WORDS, "tx");
     this.rxPost = attach(buffers.rxPost, RX_POST_RECORD_WORDS, "rx-post");
+    this.rxLong = attach(buffers.rxLong, RX_LONG_RECORD_WORDS, "rx-long");
     this.rxDone = attach(buffers.rxDone, RX_DONE_RECORD_WORDS, "rx-done");
     this.bounce = new Uint8Array(buffers.bounce);
     this.bounceHost = bounceHost;

@@ -30,10 +30,15 @@ import {
   RXT_ECN,
   RXT_MERGEABLE,
   TX_QUEUE,
-  WEV_CALL_RX,
 } from "../ipc/datapath.ts";
 import type { DatapathBuffers } from "../ipc/datapath.ts";
 import type { QueuePlacement, RegionGrant, RegionRef } from "../ipc/protocol.ts";
+import {
+  VIRTIO_NET_HDR_GSO_TCPV4,
+  VIRTIO_NET_HDR_GSO_TCPV6,
+  VIRTIO_NET_HDR_GSO_UDP,
+  VIRTIO_NET_HDR_GSO_UDP_L4,
+} from "../ipc/virtio_net_hdr.ts";
 import { macrotask } from "../ipc/macrotask.ts";
 import { VIRTIO_NET_F_MRG_RXBUF } from "../ipc/features.ts";
 import { CHAIN_DEVICE_READABLE, CHAIN_DEVICE_WRITABLE } from "./chain.ts";
@@ -180,35 +185,42 @@ export class NetDevice {
     }
     if (this.#rx) {
       this.#rx.mergeable = (this.features & VIRTIO_NET_F_MRG_RXBUF) !== 0n;
-      this.#rx.guestOffloads = guestOffloads(this.features);
-      // What the poller may hand the guest as the tap wrote it (RX publication).
-      if (this.#rx.publish) Atomics.store(this.rings.ctl, CTL.RX_TAKES, this.#rxTakes());
+      // What the poller may hand the guest as the tap wrote it.
+      Atomics.store(this.rings.ctl, CTL.RX_TAKES, this.#rxTakes());
     }
   }
 
   /** RX_TAKES bits (`ipc/datapath.ts`) of the negotiated features. */
   #rxTakes(): number {
-    const rx = this.#rx!;
+    const guest = guestOffloads(this.features);
     let t = 0;
-    for (const type of [1, 3, 4, 5]) if (takesGso(rx.guestOffloads, type)) t |= 1 << type;
-    if (rx.guestOffloads & NET_OFFLOAD_TSO_ECN) t |= RXT_ECN;
-    if (rx.guestOffloads & NET_OFFLOAD_CSUM) t |= RXT_CSUM;
-    if (rx.mergeable) t |= RXT_MERGEABLE;
+    for (
+      const type of [
+        VIRTIO_NET_HDR_GSO_TCPV4,
+        VIRTIO_NET_HDR_GSO_UDP,
+        VIRTIO_NET_HDR_GSO_TCPV6,
+        VIRTIO_NET_HDR_GSO_UDP_L4,
+      ]
+    ) {
+      if (takesGso(guest, type)) t |= 1 << type;
+    }
+    if (guest & NET_OFFLOAD_TSO_ECN) t |= RXT_ECN;
+    if (guest & NET_OFFLOAD_CSUM) t |= RXT_CSUM;
+    if ((this.features & VIRTIO_NET_F_MRG_RXBUF) !== 0n) t |= RXT_MERGEABLE;
     return t;
   }
 
   /**
    * Places both queues, attaches fresh data-path rings and starts the loop.
-   * With `rxPublish` (the parent gave the poller the RX used ring and call
-   * eventfd) the poller completes RX frames (RX publication, `ipc/datapath.ts`).
-   * Throws RangeError naming what was wrong (queues left stopped).
+   * The RX used ring is the poller's from here until `stop()` (RX
+   * publication, `ipc/datapath.ts`). Throws RangeError naming what was
+   * wrong (queues left stopped).
    */
   start(
     rx: QueuePlacement,
     tx: QueuePlacement,
     buffers: DatapathBuffers,
     bounceHost: number,
-    rxPublish = false,
   ): void {
     if (this.#running) throw new RangeError("queues are already running");
     const rings = new DeviceIoRings(buffers, bounceHost);
@@ -228,13 +240,12 @@ export class NetDevice {
       q.usedIdx = p.base;
     }
     this.#rings = rings;
-    this.#rx = new RxPath(this.memory, this.rxq, rings, this.hostBase);
-    this.#tx = new TxPath(this.memory, this.txq, rings, this.hostBase);
-    // RX publication: the poller completes RX frames from the used index the ring resumes at.
-    if (rxPublish) this.#rx.startPublishing();
+    // The poller completes RX chains from the used index the ring resumes at.
+    this.rxq.handOverUsed();
     Atomics.store(rings.ctl, CTL.RX_USED_IDX, rx.base & 0xffff);
+    this.#rx = new RxPath(this.rxq, rings, this.hostBase);
+    this.#tx = new TxPath(this.memory, this.txq, rings, this.hostBase);
     this.#applyFeatures();
-    Atomics.store(rings.ctl, CTL.RX_PUBLISH, this.#rx.publish ? 1 : 0);
     this.#faulted = [false, false];
     this.#txAgain = false;
     this.#rxAgain = false;
@@ -256,14 +267,12 @@ export class NetDevice {
     this.#running = false;
     this.#rings?.wakeSelf(0);
     await this.#loop;
-    // Take what the workers completed before they stopped; not from a poller
-    // that already broke the protocol (RX faulted): its records are not believed.
-    // Under RX publication the poller's records are retired whatever happened
-    // to the queue: the used elements they name are in the ring already.
-    const publish = this.#rx?.publish === true;
-    if (!this.#faulted[RX_QUEUE] || publish) this.#rx?.complete();
-    // The poller published RX used->idx; what the device writes from here on follows it.
-    if (publish) this.rxq.usedIdx = Atomics.load(this.rings.ctl, CTL.RX_USED_IDX) & 0xffff;
+    // Retire what the poller completed before it stopped, whatever happened
+    // to the queue: the used elements it names are in the ring already.
+    const rxFaulted = this.#rx?.ioFault !== null;
+    if (!rxFaulted) this.#rx?.complete();
+    // The used ring is the device's again, from the poller's last used->idx.
+    this.rxq.takeBackUsed(Atomics.load(this.rings.ctl, CTL.RX_USED_IDX) & 0xffff);
     this.#tx?.reap();
     this.#tx?.discardPending();
     // The writer published TX completions while it ran; it has ended, so the
@@ -284,7 +293,10 @@ export class NetDevice {
       }
     }
     this.rxq.onAvailIdx = null;
-    const rx = this.rxq.stop();
+    // A poller that broke the protocol may have published chains the device
+    // could not retire: completing them again would hand the driver a head
+    // twice. The queue needs a reset anyway; nothing more is written.
+    const rx = rxFaulted ? this.rxq.abandon() : this.rxq.stop();
     const tx = this.txq.stop();
     this.#rings = null;
     this.#rx = null;
@@ -302,8 +314,8 @@ export class NetDevice {
 
   /** Counters per queue, for `get-stats`. */
   counters(): Record<string, Record<string, number>> {
-    // Under RX publication the poller's RX_PUBLISHED records carry the RX counts: take them now.
-    if (this.#running && this.#rx?.publish && !this.#faulted[RX_QUEUE]) this.#rx.complete();
+    // The poller's RX_PUBLISHED records carry the RX counts: take them now.
+    if (this.#running && this.#rx && this.#rx.ioFault === null) this.#rx.complete();
     const q = (vq: Virtqueue) => {
       const c = vq.counters;
       const out: Record<string, number> = {
@@ -376,14 +388,11 @@ export class NetDevice {
     if (ev & EV_IO_FAULT) this.onFault(-1, "an I/O worker refused a record (see io counters)");
 
     if (!this.#faulted[RX_QUEUE]) {
-      if ((ev & EV_RX_DONE || rx.publish) && rx.complete() < 0) {
-        this.#fault(RX_QUEUE, rx.ioFault ?? "I/O fault");
-      }
+      if (rx.complete() < 0) this.#fault(RX_QUEUE, rx.ioFault ?? "I/O fault");
       if (ev & (EV_KICK_RX | EV_RX_DONE | EV_RX_STARVED) || rx.posted === 0 || this.#rxAgain) {
         rx.post();
-        if (rx.postFault !== null) this.#fault(RX_QUEUE, rx.postFault);
-        // Under RX publication post() takes rx-done records too (Virtqueue.onAvailIdx).
-        else if (rx.ioFault !== null) this.#fault(RX_QUEUE, rx.ioFault);
+        // post() takes rx-done records too (Virtqueue.onAvailIdx).
+        if (rx.ioFault !== null) this.#fault(RX_QUEUE, rx.ioFault);
         if (rx.posted >= 2 * rxSignalChains(this.rxq.size)) {
           // Plenty posted: the poller wakes us before it runs low (ipc/datapath.ts),
           // so the guest's refills need not kick (each kick wakes two threads).
@@ -416,10 +425,7 @@ export class NetDevice {
     // A poller that read the kick waits for this answer (records or not:
     // it writes what there is, and must not wait longer for nothing).
     if (ev & EV_KICK_TX) this.#rings!.answerPoller();
-    // TX used->idx and its interrupts are the writer's (ipc/datapath.ts): never flushed here.
-    if (this.rxq.flushUsed() > 0 && this.rxq.needsInterrupt()) {
-      this.#rings!.signalWriter(WEV_CALL_RX);
-    }
+    // Used rings and their interrupts are the I/O workers' (ipc/datapath.ts): never written here.
     for (const [i, q] of [[RX_QUEUE, this.rxq], [TX_QUEUE, this.txq]] as const) {
       if (q.needsReset && !this.#faulted[i]) this.#fault(i, q.resetReason ?? "needs reset");
     }
@@ -432,6 +438,8 @@ export class NetDevice {
 
   #fault(queue: number, reason: string): void {
     this.#faulted[queue] = true;
+    // The poller completes RX chains: it must stop too.
+    if (queue === RX_QUEUE && this.#rings) Atomics.store(this.#rings.ctl, CTL.RX_STOPPED, 1);
     this.onFault(queue, reason);
   }
 }

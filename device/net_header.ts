@@ -42,21 +42,31 @@ import {
   parseFrame,
 } from "./frame_parse.ts";
 
-/** virtio 1.2 §5.1.6: size of struct virtio_net_hdr with VERSION_1. */
-export const VIRTIO_NET_HDR_SIZE = 12;
+import {
+  VIRTIO_NET_HDR_F_DATA_VALID,
+  VIRTIO_NET_HDR_F_NEEDS_CSUM,
+  VIRTIO_NET_HDR_F_RSC_INFO,
+  VIRTIO_NET_HDR_GSO_ECN,
+  VIRTIO_NET_HDR_GSO_NONE,
+  VIRTIO_NET_HDR_GSO_TCPV4,
+  VIRTIO_NET_HDR_GSO_TCPV6,
+  VIRTIO_NET_HDR_GSO_UDP,
+  VIRTIO_NET_HDR_GSO_UDP_L4,
+  VIRTIO_NET_HDR_SIZE,
+} from "../ipc/virtio_net_hdr.ts";
 
-/** virtio 1.2 §5.1.6: flags. */
-export const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
-export const VIRTIO_NET_HDR_F_DATA_VALID = 2;
-export const VIRTIO_NET_HDR_F_RSC_INFO = 4;
-
-/** virtio 1.2 §5.1.6: gso_type. */
-export const VIRTIO_NET_HDR_GSO_NONE = 0;
-export const VIRTIO_NET_HDR_GSO_TCPV4 = 1;
-export const VIRTIO_NET_HDR_GSO_UDP = 3;
-export const VIRTIO_NET_HDR_GSO_TCPV6 = 4;
-export const VIRTIO_NET_HDR_GSO_UDP_L4 = 5;
-export const VIRTIO_NET_HDR_GSO_ECN = 0x80;
+export {
+  VIRTIO_NET_HDR_F_DATA_VALID,
+  VIRTIO_NET_HDR_F_NEEDS_CSUM,
+  VIRTIO_NET_HDR_F_RSC_INFO,
+  VIRTIO_NET_HDR_GSO_ECN,
+  VIRTIO_NET_HDR_GSO_NONE,
+  VIRTIO_NET_HDR_GSO_TCPV4,
+  VIRTIO_NET_HDR_GSO_TCPV6,
+  VIRTIO_NET_HDR_GSO_UDP,
+  VIRTIO_NET_HDR_GSO_UDP_L4,
+  VIRTIO_NET_HDR_SIZE,
+};
 
 /** RFC 9293 §3.1: offset of the checksum in the TCP header. */
 export const TCP_CSUM_OFFSET = 16;

@@ -9,11 +9,9 @@
  * - segment the TCP stream in software, each segment with a zero header.
  * UFO/USO have no software fallback here: such frames are dropped, counted.
  *
- * RX (tap → guest), by what the guest negotiated (`guestOffloads`): pass the
- * tap's header through; or complete a partial checksum and clear the flags
- * (no GUEST_CSUM); or, for a GSO frame the guest cannot take (TUNSETOFFLOAD
- * should have prevented it), segment TCP in software or drop UDP, counted.
- * The caller fills `num_buffers` of RX headers (it depends on MRG_RXBUF).
+ * RX (tap → guest) needs nothing here: TUNSCAP keeps the tap from writing
+ * what the guest did not negotiate, and the poller checks each header
+ * against what the guest takes (`parent/rx_publisher.ts`).
  *
  * Failure policy: a bad frame is dropped and `drops[reason]` counted; nothing
  * here throws on frame contents. Software work on a TX frame happens on a
@@ -24,13 +22,7 @@
  */
 
 import { completeChecksum } from "./checksum.ts";
-import {
-  createParsedFrame,
-  ETH_HLEN,
-  FrameParse,
-  type ParsedFrame,
-  parseFrame,
-} from "./frame_parse.ts";
+import { createParsedFrame, FrameParse, type ParsedFrame, parseFrame } from "./frame_parse.ts";
 import {
   clearNetHdr,
   createNetHdr,
@@ -44,7 +36,6 @@ import {
   type NetDropCode,
   validateGsoFrame,
   validateTxHeader,
-  VIRTIO_NET_HDR_F_DATA_VALID,
   VIRTIO_NET_HDR_F_NEEDS_CSUM,
   VIRTIO_NET_HDR_GSO_ECN,
   type VirtioNetHdr,
@@ -229,64 +220,5 @@ function segment(
   const r = segmentTcp(frame, ctx.parsed, hdr.gsoSize, ctx.scratch, ctx.segmentSink);
   if (r !== NetDrop.OK) return drop(ctx, r);
   ctx.stats.segmented++;
-  return NetDrop.OK;
-}
-
-/**
- * Tap RX: fits the tap's header `hdr` and `frame[0..length)` (writable, our
- * memory or the guest's RX buffer) to what the guest negotiated
- * (`guestOffloads`, from guestOffloads(features)) and hands the result to
- * `sink`: the frame itself with a possibly edited header, or its segments
- * with zero headers. Returns NetDrop.OK or the (counted) drop reason.
- */
-export function processRx(
-  ctx: NetOffloadContext,
-  hdr: VirtioNetHdr,
-  frame: Uint8Array,
-  length: number,
-  guestOffloads: number,
-  sink: NetSink,
-): NetDropCode {
-  if (length > frame.length) length = frame.length;
-  if ((hdr.flags & ~(VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID)) !== 0) {
-    return drop(ctx, NetDrop.RX_HDR_INVALID);
-  }
-  const need = gsoOffload(hdr.gsoType);
-  if (need < 0) return drop(ctx, NetDrop.GSO_TYPE_UNKNOWN);
-  const guestCsum = (guestOffloads & NET_OFFLOAD_CSUM) !== 0;
-  if (need !== 0) {
-    // virtio 1.2 §5.1.6.3: GSO only toward a driver that negotiated it.
-    if (takesGso(guestOffloads, hdr.gsoType)) {
-      ctx.stats.passThrough++;
-      sink(hdr, frame, length);
-      return NetDrop.OK;
-    }
-    if (!isTcpGso(hdr.gsoType)) return drop(ctx, NetDrop.OFFLOAD_UNSUPPORTED);
-    const v = validateGsoFrame(hdr, frame, length, ctx.parsed);
-    if (v !== NetDrop.OK) return drop(ctx, v);
-    return segment(ctx, hdr, frame, sink);
-  }
-  if ((hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0) {
-    if (hdr.csumStart < ETH_HLEN || hdr.csumStart + hdr.csumOffset + 2 > length) {
-      return drop(ctx, NetDrop.RX_HDR_INVALID);
-    }
-    if (!guestCsum) {
-      completeChecksum(
-        frame,
-        hdr.csumStart,
-        hdr.csumOffset,
-        checksumEnd(hdr, frame, length, ctx.parsed),
-      );
-      ctx.stats.csumCompleted++;
-      hdr.flags = 0;
-      hdr.csumStart = 0;
-      hdr.csumOffset = 0;
-    }
-  } else if (!guestCsum) {
-    // virtio 1.2 §5.1.6.3.1: without GUEST_CSUM the device MUST set flags to 0.
-    hdr.flags = 0;
-  }
-  ctx.stats.passThrough++;
-  sink(hdr, frame, length);
   return NetDrop.OK;
 }

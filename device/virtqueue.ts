@@ -33,7 +33,14 @@
  *   Loops and bad next indices inside an indirect table are per-chain: the
  *   table belongs to one request and the main ring stays consistent.
  * - A bug on our side (completing a head that is not in flight, bad config
- *   arguments) throws.
+ *   arguments, writing a used ring handed over to another publisher) throws.
+ *
+ * Another publisher: a queue whose used ring another thread writes (the
+ * poller for RX, `ipc/datapath.ts`) is handed over with `handOverUsed()`.
+ * From then on the device writes nothing in that ring: a bad chain stays in
+ * flight and `popAvail()` returns it as POP_DROPPED for the caller to hand
+ * to the publisher, and any attempt to write or publish a used element
+ * throws, until `takeBackUsed()`.
  *
  * @module
  */
@@ -206,6 +213,8 @@ export class Virtqueue {
   #inFlight: Uint8Array = new Uint8Array(0);
   #inFlightCount = 0;
   #lastDrop: QueueErrorReason | null = null;
+  /** The used ring is another publisher's (`handOverUsed()`). */
+  #usedByOther = false;
   /** Head popped at each avail position (by position & mask), -1 once completed or dropped. */
   #popped: Int32Array = new Int32Array(0);
   /** Avail position each in-flight head was popped at. */
@@ -556,6 +565,14 @@ export class Virtqueue {
     this.counters.errors[reason]++;
     this.counters.dropped++;
     this.#lastDrop = reason;
+    if (this.#usedByOther) {
+      // The publisher completes it (length 0): it stays in flight until retired.
+      this.#inFlight[head] = 1;
+      this.#inFlightCount++;
+      this.#popped[position & this.#mask] = head;
+      this.#positionOf[head] = position;
+      return POP_DROPPED;
+    }
     this.#popped[position & this.#mask] = -1;
     this.#writeUsed(head, 0);
     return POP_DROPPED;
@@ -603,6 +620,7 @@ export class Virtqueue {
    * not in flight or `len` is not a u32: that is a device bug.
    */
   pushUsed(head: number, len: number): boolean {
+    this.#mustOwnUsed("pushUsed");
     if (this.#state !== "ready") {
       if (head >= 0 && head < this.#inFlight.length && this.#inFlight[head] !== 0) {
         this.#inFlight[head] = 0;
@@ -651,7 +669,40 @@ export class Virtqueue {
     this.counters.used++;
   }
 
+  /**
+   * From now on another publisher writes this queue's used ring (the
+   * poller, RX publication): the device writes no used element and no
+   * used->idx; a chain it cannot use comes back from `popAvail()` as
+   * POP_DROPPED, still in flight, for the publisher to complete.
+   */
+  handOverUsed(): void {
+    if (this.#pending !== 0) {
+      throw new Error(`${this.name}: cannot hand over a used ring with unpublished entries`);
+    }
+    this.#usedByOther = true;
+  }
+
+  /** The used ring is the device's again, from used->idx `idx` (what the publisher stored last). */
+  takeBackUsed(idx: number): void {
+    this.#usedByOther = false;
+    this.usedIdx = idx;
+  }
+
+  /** Whether another publisher writes the used ring now. */
+  get usedByOther(): boolean {
+    return this.#usedByOther;
+  }
+
+  #mustOwnUsed(what: string): void {
+    if (this.#usedByOther) {
+      throw new Error(
+        `${what} on ${this.name}: its used ring is another publisher's (a device bug)`,
+      );
+    }
+  }
+
   #writeUsed(head: number, len: number): void {
+    this.#mustOwnUsed("writing a used element");
     // Never overwrite an unpublished entry (only a misbehaving driver gets here).
     if (this.#pending === this.#size) this.#publish();
     const used = this.#used!;
@@ -684,6 +735,7 @@ export class Virtqueue {
    * `storeUsedIdx()` takes publishing back.
    */
   handOffUsed(): number {
+    this.#mustOwnUsed("handOffUsed");
     const idx = (this.#usedIdx + this.#pending) & 0xffff;
     this.#usedIdx = idx;
     this.#pending = 0;
@@ -692,12 +744,14 @@ export class Virtqueue {
 
   /** Stores used->idx from the device's own count (after a hand-off ended, e.g. at stop). */
   storeUsedIdx(): void {
+    this.#mustOwnUsed("storeUsedIdx");
     if (!this.#usable()) return;
     Atomics.store(this.#usedU16, VIRTQ_USED_OFF_IDX >> 1, this.#usedIdx);
   }
 
   /** Publishes pending used entries with one used->idx store; returns how many. */
   flushUsed(): number {
+    this.#mustOwnUsed("flushUsed");
     if (this.#pending === 0 || !this.#usable()) return 0;
     return this.#publish();
   }
@@ -786,6 +840,7 @@ export class Virtqueue {
    * last_avail_idx. The caller must have stopped all I/O into those chains.
    */
   stop(): number {
+    this.#mustOwnUsed("stop");
     if (this.#usable()) {
       for (let h = 0; h < this.#size; h++) {
         if (this.#inFlight[h] !== 0) {
@@ -799,6 +854,20 @@ export class Virtqueue {
     this.#inFlight.fill(0);
     this.#inFlightCount = 0;
     this.#pending = 0;
+    this.#state = "disabled";
+    return this.#lastAvail;
+  }
+
+  /**
+   * Stops the queue without writing anything into its rings (a queue whose
+   * other publisher broke the protocol: what is in flight cannot be told
+   * from what was completed). Returns last_avail_idx.
+   */
+  abandon(): number {
+    this.#inFlight.fill(0);
+    this.#inFlightCount = 0;
+    this.#pending = 0;
+    this.#usedByOther = false;
     this.#state = "disabled";
     return this.#lastAvail;
   }
@@ -830,5 +899,6 @@ export class Virtqueue {
     this.#positionOf = new Uint16Array(0);
     this.#inFlightCount = 0;
     this.#lastDrop = null;
+    this.#usedByOther = false;
   }
 }

@@ -5,7 +5,7 @@
  *
  * Theory of operation
  *
- * Three threads share four SPSC rings (`ipc/spsc_ring.ts`) and one control
+ * Three threads share five SPSC rings (`ipc/spsc_ring.ts`) and one control
  * block, all in SharedArrayBuffers:
  *
  *   device (no permissions)  walks the virtqueues in guest memory, validates
@@ -19,22 +19,22 @@
  *                            the driver asked for it; writes the RX call
  *                            eventfd when the device asks, and wakes the
  *                            poller.
- *   poller (FFI)             blocks in `poll()` on the tap, the kick eventfds
- *                            and its own wake eventfd; reads frames from
- *                            the tap straight into the guest buffers the
- *                            device posted, and (RX publication) completes
- *                            them; turns kicks into device events.
+ *   poller (FFI)             blocks in `epoll_wait` on the tap, the kick
+ *                            eventfds and its own wake eventfd; reads frames
+ *                            from the tap straight into the guest buffers the
+ *                            device posted and completes them (RX
+ *                            publication); turns kicks into device events.
  *
  *   TX:  guest kick ─▶ poller ─EV_KICK_TX─▶ device ─tx ring─▶ writer ─writev─▶ tap
  *        writer, after the writes: used->idx, TX interrupt, releases the records
  *        (EV_TX_DONE ─▶ device only when it asked: ring or bounce arena full)
  *   RX:  device posts chains ─rx-post ring─▶ poller ─readv from tap─▶ guest buffers
- *        RX publication: the poller writes num_buffers, the used ring, used->idx
- *        and the RX interrupt itself; RX_PUBLISHED records tell the device later
- *        which chains to retire. Otherwise: poller ─rx-done, EV_RX_DONE─▶ device:
- *        num_buffers, csum, used ring, then WEV_CALL_RX ─▶ writer: interrupt.
- *   IRQ: TX: the writer decides and writes it itself (below); RX: the poller
- *        under RX publication, else the writer when the device asks.
+ *        the poller writes num_buffers, the used ring, used->idx and the RX
+ *        interrupt itself; RX_PUBLISHED records tell the device later which
+ *        chains to retire. A chain the device cannot use (bad descriptors,
+ *        shorter than the header, too fragmented) is posted as a discard
+ *        record, which the poller completes with length 0, in post order.
+ *   IRQ: TX: the writer decides and writes it itself (below); RX: the poller.
  *
  * TX completion without a round trip: when the device turns a chain into
  * records it already writes the chain's used element (id, len 0) into the
@@ -56,11 +56,12 @@
  * space.
  *
  * RX publication, the same idea for received frames: the poller, which
- * read the frame, completes it without waking anyone. The parent gives it
- * the RX used ring's place and the RX call eventfd (`rxUsed` in its init)
- * and tells the device (`rxPublish` at start-queues); the device then sets
- * CTL.RX_TAKES (what the guest accepts in a header), seeds CTL.RX_USED_IDX
- * and sets CTL.RX_PUBLISH before it posts a chain. Per frame the poller
+ * read the frame, completes it without waking anyone, and it is the only
+ * writer of the RX used ring while the queues run (the device's Virtqueue
+ * throws if asked to write it). The parent gives the poller the RX used
+ * ring's place and the RX call eventfd (`rxUsed` in its init); the device
+ * sets CTL.RX_TAKES (what the guest accepts in a header) and seeds
+ * CTL.RX_USED_IDX before it posts a chain. Per frame the poller
  * checks the tap's header against RX_TAKES (clears DATA_VALID for a guest
  * without GUEST_CSUM; drops, keeping the chains, a header the guest cannot
  * take, which TUNSCAP keeps the tap from writing), writes num_buffers and
@@ -149,16 +150,15 @@ export const CTL = {
   /** Times the poller found no posted RX buffer and stopped polling the tap. */
   POLLER_STARVATIONS: 76,
   /**
-   * 1: the poller completes RX frames itself (RX publication, below); set by
-   * the device at start, before it posts a chain, when the parent offered it.
+   * Discard records the device posted (monotonic): the poller looks for
+   * them in the rx-post ring only when this moved.
    */
-  RX_PUBLISH: 77,
-  /** What the guest takes in an RX header, RXT_* bits (RX publication); set with RX_PUBLISH. */
+  RX_DISCARDS: 77,
+  /** What the guest takes in an RX header, RXT_* bits; set by the device before it posts. */
   RX_TAKES: 78,
   /**
-   * RX used->idx: seeded by the device at start; while RX_PUBLISH is 1 the
-   * poller stores here every value it stores in the ring, and the device
-   * takes it back at stop.
+   * RX used->idx: seeded by the device at start; the poller stores here
+   * every value it stores in the ring, and the device takes it back at stop.
    */
   RX_USED_IDX: 79,
   /**
@@ -180,6 +180,12 @@ export const CTL = {
   POLLER_DOORBELL: 84,
   /** Batches of TX records the poller wrote (the writer wrote the rest). */
   POLLER_TX_BATCHES: 85,
+  /**
+   * 1: the device found the RX queue broken (needs-reset): the poller reads
+   * and completes nothing more on it (virtio 1.2 §2.1.2: a device that needs
+   * a reset does not go on using the queue).
+   */
+  RX_STOPPED: 86,
   /** 1: the device waits for TX ring or bounce space; the writer raises EV_TX_DONE after its next release and clears it. */
   TX_WANT_DONE: 96,
 } as const;
@@ -246,44 +252,72 @@ export const TX_RECORD_WORDS = TX_REC.IOV + TX_MAX_IOV * IOVEC_WORDS;
 /**
  * RX-post ring record (device → poller): one descriptor chain the guest made
  * available for receiving, all of it device-writable.
- *   word 0  iovCount   1..RX_MAX_IOV
- *   word 1  capacity   sum of the iovec lengths (>= 1)
- *   word 2  token      the chain's head index (the used element's id under RX publication)
- *   word 3  flags      RXF_MERGEABLE if this chain may be one of several for a frame
- *   words 4..          iovCount iovecs
+ *   word 0  iovCount   1..RX_MAX_IOV (RXF_LONG: up to RX_LONG_MAX_IOV; RXF_DISCARD: 0)
+ *   word 1  capacity   sum of the iovec lengths (>= 1; RXF_DISCARD: 0)
+ *   word 2  token      the chain's head index (its used element's id)
+ *   word 3  flags      RXF_* below
+ *   words 4..          iovCount iovecs (none with RXF_LONG or RXF_DISCARD)
  */
 export const RX_POST = { IOV_COUNT: 0, CAPACITY: 1, TOKEN: 2, FLAGS: 3, IOV: 4 } as const;
 export const RX_MAX_IOV = 32;
 export const RX_POST_RECORD_WORDS = RX_POST.IOV + RX_MAX_IOV * IOVEC_WORDS;
 /** The device negotiated MRG_RXBUF: a frame may fill several consecutive chains. */
 export const RXF_MERGEABLE = 1 << 0;
+/**
+ * A chain the device cannot use (virtio 1.2 §2.7.4 bad descriptors, shorter
+ * than the net header, more segments than a read takes): the poller
+ * completes it with used length 0 when it comes to the front, in post order
+ * with the others, so RX used->idx only ever moves forward.
+ */
+export const RXF_DISCARD = 1 << 1;
+/**
+ * A chain of more than RX_MAX_IOV segments (virtio 1.2 §2.7.4: the device
+ * must not assume a layout; a driver may spread even the net header over
+ * one-byte buffers): its iovecs are the next record of the rx-long ring.
+ */
+export const RXF_LONG = 1 << 2;
 
 /**
- * RX-done ring record (poller → device): one frame received, one dropped, or
- * chains given back unfilled.
- *   word 0  chains   how many posted chains (from the front, in order) it consumed; 0 for a drop
- *   word 1  bytes    bytes written into them, net header included
- *   word 2  status   RX_OK, RX_UNUSED, or the reason for a drop (parent/io_protocol.ts)
- *   word 3  0
+ * The rx-long ring (device → poller): the iovecs of each RXF_LONG chain, one
+ * record per chain, in the order of their rx-post records; released with
+ * them. readv takes UIO_MAXIOV (1024) iovecs and the poller adds one for
+ * overflow, so a chain may have up to RX_LONG_MAX_IOV segments.
  */
-export const RX_DONE = { CHAINS: 0, BYTES: 1, STATUS: 2 } as const;
+export const RX_LONG_MAX_IOV = 1023;
+export const RX_LONG_RECORD_WORDS = RX_LONG_MAX_IOV * IOVEC_WORDS;
+export const RX_LONG_RING_RECORDS = 16;
+
+/**
+ * RX-done ring record (poller → device): frames completed, a frame dropped,
+ * or chains given back unfilled.
+ *   word 0  chains   how many posted chains (from the front, in order) it consumed; 0 for a drop
+ *   word 1  bytes    RX_PUBLISHED: the frames' bytes without net headers; a drop: the frame's
+ *   word 2  status   RX_PUBLISHED, RX_UNUSED, or RX_STATUS_* (a drop, or a refused post)
+ *   word 3  RX_PUBLISHED: the frames in those chains; else 0
+ */
+export const RX_DONE = { CHAINS: 0, BYTES: 1, STATUS: 2, FRAMES: 3 } as const;
 export const RX_DONE_RECORD_WORDS = 4;
-export const RX_OK = 0;
+/** A frame longer than the chains it would fill: dropped, no chain consumed (chains 0). */
+export const RX_STATUS_TOO_BIG = 1;
+/** The poller refused a posted chain (bad iovec count, capacity or region); chains 1, bytes 0. */
+export const RX_STATUS_BAD_POST = 2;
 /**
  * `chains` (>= 1) posted chains come back unfilled, bytes = 0: in a batch of
  * reads one found no frame (or one too big for its chain) while a later one
- * found a frame. The device posts them again at the back; the guest sees
- * nothing (without VIRTIO_F_IN_ORDER buffers are used in any order, virtio
- * 1.2 §2.7.9). (Status 3: 1 and 2 are the drops of parent/io_protocol.ts.)
+ * found a frame, or they stood before a discard record. The device posts
+ * them again at the back; the guest sees nothing (without
+ * VIRTIO_F_IN_ORDER buffers are used in any order, virtio 1.2 §2.7.9).
  */
 export const RX_UNUSED = 3;
 /**
- * RX publication: the poller already completed `chains` (>= 1) posted
- * chains, in post order (used elements, num_buffers, used->idx, interrupt);
- * `bytes` is the sum of those frames' lengths without the net header and
- * word 3 their number. The device only retires the chains and counts.
+ * The poller completed `chains` (>= 1) posted chains, in post order (used
+ * elements, num_buffers, used->idx, interrupt), discards among them;
+ * `bytes` is the sum of the frames' lengths without the net header and word
+ * 3 their number. The device only retires the chains and counts.
  */
 export const RX_PUBLISHED = 4;
+/** A frame whose tap header the guest cannot take as it is (RX_TAKES): dropped, chains 0. */
+export const RX_STATUS_BAD_HEADER = 5;
 
 /**
  * RX_TAKES bits: what the guest accepts in a net header as the tap wrote it
@@ -309,7 +343,7 @@ export function rxSignalChains(queueSize: number): number {
   return Math.max(1, Math.min(128, queueSize >> 2));
 }
 
-/** Ring capacities (records). Powers of two. */
+/** Ring capacities (records). Powers of two (RX_LONG_RING_RECORDS above). */
 export const TX_RING_RECORDS = 256;
 export const RX_POST_RING_RECORDS = 1024;
 export const RX_DONE_RING_RECORDS = 1024;
@@ -322,6 +356,7 @@ export interface DatapathBuffers {
   control: SharedArrayBuffer;
   tx: SharedArrayBuffer;
   rxPost: SharedArrayBuffer;
+  rxLong: SharedArrayBuffer;
   rxDone: SharedArrayBuffer;
   bounce: SharedArrayBuffer;
 }

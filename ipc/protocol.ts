@@ -168,16 +168,11 @@ export interface DatapathGrant {
   control: SharedArrayBuffer;
   tx: SharedArrayBuffer;
   rxPost: SharedArrayBuffer;
+  rxLong: SharedArrayBuffer;
   rxDone: SharedArrayBuffer;
   bounce: SharedArrayBuffer;
   /** Host address of the bounce arena's first byte, for iovecs. */
   bounceHost: number;
-  /**
-   * The parent gave the poller the RX used ring and call eventfd: the device
-   * lets the poller complete RX frames (CTL.RX_PUBLISH, `ipc/datapath.ts`).
-   * Absent: false.
-   */
-  rxPublish?: boolean;
 }
 
 /** Request: place both queues on fresh data-path rings and run. Reply: `done`. */

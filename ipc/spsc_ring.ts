@@ -84,7 +84,7 @@ export const SPSC_RING_HEADER_BYTES = 384;
 /** Largest capacity accepted, in records (keeps u32 distances unambiguous). */
 export const SPSC_RING_MAX_CAPACITY = 1 << 24;
 /** Largest record accepted, in u32 words. */
-export const SPSC_RING_MAX_RECORD_WORDS = 1024;
+export const SPSC_RING_MAX_RECORD_WORDS = 4096;
 
 /** Header word indexes (Int32Array); see the layout table above. */
 export const SPSC_RING_WORD = {

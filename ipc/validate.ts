@@ -153,11 +153,6 @@ class Reader {
     });
   }
 
-  /** A boolean that may be absent (then false). */
-  optionalBoolean(key: string): boolean {
-    return Object.hasOwn(this.obj, key) && this.obj[key] !== undefined ? this.boolean(key) : false;
-  }
-
   boolean(key: string): boolean {
     const v = this.get(key);
     if (typeof v !== "boolean") this.fail(key, `must be true or false, got ${describe(v)}`);
@@ -284,10 +279,10 @@ function datapathGrant(r: Reader): DatapathGrant {
     control: r.sharedBuffer("control"),
     tx: r.sharedBuffer("tx"),
     rxPost: r.sharedBuffer("rxPost"),
+    rxLong: r.sharedBuffer("rxLong"),
     rxDone: r.sharedBuffer("rxDone"),
     bounce: r.sharedBuffer("bounce"),
     bounceHost: r.address("bounceHost"),
-    rxPublish: r.optionalBoolean("rxPublish"),
   };
 }
 

@@ -26,6 +26,8 @@ import {
   POLLER_ENGINE_READV,
   RX_DONE_RECORD_WORDS,
   RX_DONE_RING_RECORDS,
+  RX_LONG_RECORD_WORDS,
+  RX_LONG_RING_RECORDS,
   RX_POST_RECORD_WORDS,
   RX_POST_RING_RECORDS,
   RX_QUEUE,
@@ -117,6 +119,8 @@ export function createDatapathBuffers(): DatapathBuffers {
     tx: SpscRing.create({ capacity: TX_RING_RECORDS, recordWords: TX_RECORD_WORDS }).buffer,
     rxPost: SpscRing.create({ capacity: RX_POST_RING_RECORDS, recordWords: RX_POST_RECORD_WORDS })
       .buffer,
+    rxLong: SpscRing.create({ capacity: RX_LONG_RING_RECORDS, recordWords: RX_LONG_RECORD_WORDS })
+      .buffer,
     rxDone: SpscRing.create({ capacity: RX_DONE_RING_RECORDS, recordWords: RX_DONE_RECORD_WORDS })
       .buffer,
     bounce: new SharedArrayBuffer(BOUNCE_BYTES),
@@ -148,9 +152,7 @@ export interface DatapathCounters {
   pollerStarvations: number;
   /** Times the device had the writer wake the poller for new RX buffers. */
   pollerWakeAsked: number;
-  /** The poller completes RX frames itself (RX publication, `ipc/datapath.ts`). */
-  rxPublication: boolean;
-  /** RX used buffer notifications the poller sent under RX publication. */
+  /** RX used buffer notifications the poller sent. */
   rxInterrupts: number;
   /** Guest kicks the poller read on the RX and TX queues. */
   rxKicks: number;
@@ -184,7 +186,7 @@ export interface DatapathHostOptions {
   txUsed?: TxUsedPlace | null;
   /** The tap's longest frame, net header included (`rxFrameRoom` in io_protocol.ts; default the maximum). */
   rxFrameRoom?: number;
-  /** Where the poller completes RX frames (omitted: the device does; see io_protocol.ts). */
+  /** Where the poller completes RX frames (the poller refuses to start without it). */
   rxUsed?: RxUsedPlace | null;
   /** Other worker modules, for tests only. */
   writerUrl?: URL;
@@ -382,7 +384,9 @@ export class DatapathHost {
    */
   static async start(opts: DatapathHostOptions): Promise<DatapathHost> {
     const { buffers } = opts;
-    for (const ring of [buffers.tx, buffers.rxPost, buffers.rxDone]) SpscRing.attach(ring);
+    for (const ring of [buffers.tx, buffers.rxPost, buffers.rxLong, buffers.rxDone]) {
+      SpscRing.attach(ring);
+    }
     if (!(buffers.control instanceof SharedArrayBuffer) || buffers.control.byteLength < CTL_BYTES) {
       throw new TypeError(`control must be a SharedArrayBuffer of ${CTL_BYTES} bytes`);
     }
@@ -403,6 +407,7 @@ export class DatapathHost {
         control: buffers.control,
         tx: buffers.tx,
         rxPost: buffers.rxPost,
+        rxLong: buffers.rxLong,
         rxDone: buffers.rxDone,
         mailbox,
         tapFd: opts.tapFd,
@@ -518,7 +523,6 @@ export class DatapathHost {
       pollerUnused: Atomics.load(c, CTL.POLLER_UNUSED),
       pollerStarvations: Atomics.load(c, CTL.POLLER_STARVATIONS),
       pollerWakeAsked: Atomics.load(c, CTL.POLLER_WAKE_ASKED),
-      rxPublication: Atomics.load(c, CTL.RX_PUBLISH) === 1,
       rxInterrupts: Atomics.load(c, CTL.RX_INTERRUPTS),
       rxKicks: Atomics.load(c, CTL.RX_KICKS),
       txKicks: Atomics.load(c, CTL.TX_KICKS),

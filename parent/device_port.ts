@@ -432,7 +432,6 @@ export class VionetDevicePort implements DevicePort {
       await this.#device.startQueues(this.#placement(RX_QUEUE), this.#placement(TX_QUEUE), {
         ...buffers,
         bounceHost: Number(dp.bounceRange.base),
-        rxPublish: true,
       });
     } catch (e) {
       await this.#endIoWorkers(dp);

@@ -8,6 +8,14 @@
  * but the first touch of such a page raises SIGBUS and kills the daemon, so
  * the file's size is checked with fstat(2) before anything is mapped.
  *
+ * A file that stays that size is a promise of the front-end's: a memfd it
+ * shrinks (ftruncate) after we mapped it makes the next touch of a page past
+ * the new end SIGBUS the daemon just the same. QEMU seals its memfds against
+ * that by default (`memory-backend-memfd,seal=on`: F_SEAL_SHRINK|F_SEAL_GROW);
+ * {@link MappedRegion.shrinkSealed} says whether this one is, so that the
+ * backend can warn about one that is not (hugetlbfs files cannot be sealed,
+ * so refusing them would lock out real set-ups).
+ *
  * Lifetime: a {@link MappedRegion} owns its mapping and its descriptor until
  * {@link unmapRegion} or {@link retireRegion}. Anything that made an
  * ArrayBuffer over the mapping (the device worker) must have given it back
@@ -40,6 +48,17 @@ export interface MappedRegion extends MemoryRegionDesc {
   mapBase: Deno.PointerObject;
   /** Length of the whole mapping in bytes. */
   mapLength: number;
+  /** The file is sealed against shrinking (F_SEAL_SHRINK): the front-end cannot make a page SIGBUS. */
+  shrinkSealed: boolean;
+}
+
+/** Whether `fd`'s file carries F_SEAL_SHRINK (false for a file that cannot be sealed). */
+export function sealedAgainstShrinking(fd: number): boolean {
+  try {
+    return (libc.fcntl(fd, libc.F_GET_SEALS) & libc.F_SEAL_SHRINK) !== 0;
+  } catch {
+    return false; // EINVAL: not a file that takes seals (hugetlbfs, a regular file)
+  }
 }
 
 /**
@@ -72,7 +91,7 @@ export function mapRegion(desc: MemoryRegionDesc, fd: number): MappedRegion {
     );
     const pointer = Deno.UnsafePointer.offset(mapBase, Number(delta));
     if (pointer === null) throw new Error("mmap returned a mapping at address 0");
-    return { ...desc, pointer, fd, mapBase, mapLength };
+    return { ...desc, pointer, fd, mapBase, mapLength, shrinkSealed: sealedAgainstShrinking(fd) };
   } catch (e) {
     closeQuietly(fd);
     throw e;

@@ -32,20 +32,6 @@ import type { HostRange } from "./io_regions.ts";
 export const IO_PROTOCOL_VERSION = 1;
 
 /**
- * rx-done statuses besides `RX_OK` and `RX_UNUSED` (`ipc/datapath.ts`).
- * A drop never consumes chains (`chains` = 0) except {@link RX_STATUS_BAD_POST},
- * which consumes exactly the one refused chain, with 0 bytes.
- */
-export const RX_STATUS_TOO_BIG = 1;
-/**
- * RX publication: a frame whose tap header the guest cannot take as it is
- * (`ipc/datapath.ts` RX_TAKES) was dropped; chains = 0, bytes = its length.
- */
-export const RX_STATUS_BAD_HEADER = 5;
-/** The poller refused a posted chain (bad iovec count, capacity or region); chains = 1, bytes = 0. */
-export const RX_STATUS_BAD_POST = 2;
-
-/**
  * The most bytes one frame from the tap can take, its 12-byte net header
  * included: a 64 KiB GSO frame plus Ethernet and VLAN headers. What the
  * poller assumes until the parent says less (`rxFrameRoom`).
@@ -79,6 +65,7 @@ export interface InitRequest {
   control: SharedArrayBuffer;
   tx: SharedArrayBuffer;
   rxPost: SharedArrayBuffer;
+  rxLong: SharedArrayBuffer;
   rxDone: SharedArrayBuffer;
   /** This worker's mailbox (see the module comment). */
   mailbox: SharedArrayBuffer;
@@ -116,9 +103,9 @@ export interface InitRequest {
    */
   rxFrameRoom: number;
   /**
-   * Where the poller completes RX frames itself (RX publication,
-   * `ipc/datapath.ts`), computed by the parent from the RX vring addresses;
-   * null: it never does. The writer ignores it.
+   * Where the poller completes RX frames (RX publication, `ipc/datapath.ts`),
+   * computed by the parent from the RX vring addresses. The poller refuses
+   * an init without it; the writer ignores it.
    */
   rxUsed: RxUsedPlace | null;
 }
@@ -362,6 +349,7 @@ export function parseIoRequest(data: unknown): IoRequest {
         control: sab(data.control, "control", id),
         tx: sab(data.tx, "tx", id),
         rxPost: sab(data.rxPost, "rxPost", id),
+        rxLong: sab(data.rxLong, "rxLong", id),
         rxDone: sab(data.rxDone, "rxDone", id),
         mailbox: sab(data.mailbox, "mailbox", id),
         tapFd: fd(data.tapFd, "tapFd", id),

@@ -24,11 +24,32 @@ export interface HostRange {
   size: number | bigint;
 }
 
+/**
+ * What an I/O worker's checks and views need of the memory an iovec may
+ * name: {@link IoRegions} over real mappings; tests supply fakes.
+ */
+export interface HostMemory {
+  /** Whether `[base, base + len)` lies inside one range, with len > 0. */
+  contains(base: number, len: number): boolean;
+  /** The index of the range holding `[base, base + len)` (len > 0), or -1. */
+  find(base: number, len: number): number;
+  /** Where range `i` starts. */
+  start(i: number): number;
+  /** The bytes of range `i`. */
+  bytes(i: number): Uint8Array;
+  /**
+   * `len` bytes at `addr`, which must lie inside one range, for typed views:
+   * a buffer and the offset of `addr` in it.
+   * @throws {RangeError} when they do not.
+   */
+  window(addr: number, len: number): { buffer: ArrayBufferLike; byteOffset: number };
+}
+
 /** x86-64 user addresses are below 2^47 (4-level paging) or 2^56 (5-level); both fit 2^53. */
 export const MAX_HOST_ADDRESS = 2 ** 53;
 
 /** An immutable, validated table of ranges. */
-export class IoRegions {
+export class IoRegions implements HostMemory {
   /** Range starts, ascending. */
   readonly #starts: Float64Array;
   /** Range ends (exclusive), parallel to #starts. */
@@ -138,6 +159,14 @@ export class IoRegions {
       this.#views[i] = v;
     }
     return v;
+  }
+
+  window(addr: number, len: number): { buffer: ArrayBuffer; byteOffset: number } {
+    if (!this.contains(addr, len)) {
+      throw new RangeError(`0x${addr.toString(16)} (+${len}) is not in guest memory`);
+    }
+    const ptr = Deno.UnsafePointer.create(BigInt(addr))!;
+    return { buffer: Deno.UnsafePointerView.getArrayBuffer(ptr, len), byteOffset: 0 };
   }
 
   /** The ranges, for logs and tests. */

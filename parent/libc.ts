@@ -340,6 +340,12 @@ export const F_SETFD = 2;
 export const F_GETFL = 3;
 export const F_SETFL = 4;
 export const F_DUPFD_CLOEXEC = 1030;
+/** fcntl: memfd seals (include/uapi/linux/fcntl.h, F_LINUX_SPECIFIC_BASE + 9 / + 10). */
+export const F_ADD_SEALS = 1033;
+export const F_GET_SEALS = 1034;
+export const F_SEAL_SEAL = 0x1;
+export const F_SEAL_SHRINK = 0x2;
+export const F_SEAL_GROW = 0x4;
 export const FD_CLOEXEC = 1;
 
 export const SEEK_SET = 0;

@@ -492,12 +492,20 @@ export class TxDrainer {
 }
 
 /**
- * Adds 1 to the eventfd `fd` (no-op for -1); a failed write counts in
- * CTL.WRITER_ERRORS. Returns whether it was written.
+ * Adds 1 to the eventfd `fd` (no-op for -1); a failed write counts in the
+ * control block's `errorWord` (default CTL.WRITER_ERRORS). Returns whether
+ * it was written. A call fd may be a pipe (QEMU falls back to pipes) whose
+ * reader the front-end closed: that write fails with EPIPE only because Deno
+ * ignores SIGPIPE (its runtime sets SIG_IGN; tests/parent/vhost_user_socket_test.ts
+ * checks it); otherwise it would kill the daemon.
  */
-export function writeEventfd(c: Int32Array, fd: number): boolean {
+export function writeEventfd(
+  c: Int32Array,
+  fd: number,
+  errorWord: number = CTL.WRITER_ERRORS,
+): boolean {
   if (fd < 0) return false;
   if (Number(sys.write(fd, eventfdOne, 8n)) === 8) return true;
-  Atomics.add(c, CTL.WRITER_ERRORS, 1);
+  Atomics.add(c, errorWord, 1);
   return false;
 }

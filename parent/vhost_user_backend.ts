@@ -289,6 +289,8 @@ export class VhostUserBackend {
   #closed = false;
   #rings: RingState[];
   #regions: MappedRegion[] = [];
+  /** A region that is not sealed against shrinking was reported (once per connection). */
+  #unsealedReported = false;
   readonly #handlers: { [R in SupportedRequest]: Handler<R> };
 
   constructor(device: DevicePort, system: BackendSystem, options: VhostUserBackendOptions = {}) {
@@ -571,6 +573,7 @@ export class VhostUserBackend {
       for (let i = 0; i < regions.length; i++) {
         mapped.push(this.#system.mapRegion(regions[i], fds.take(i)));
       }
+      for (const r of mapped) this.#checkSealed(r);
       // Resolves only once the device gave back every buffer of the old table.
       await this.#device.setMemTable(mapped);
     } catch (e) {
@@ -595,6 +598,7 @@ export class VhostUserBackend {
       );
     }
     const region = this.#system.mapRegion(desc, fds.take(0));
+    this.#checkSealed(region);
     try {
       await this.#device.addMemRegion(region);
     } catch (e) {
@@ -622,6 +626,22 @@ export class VhostUserBackend {
     this.#regions.splice(i, 1);
     this.#unmapAll([region]);
     return null;
+  }
+
+  /**
+   * Warns, once per connection, about a region the front-end can still
+   * shrink under us: a page past a new end SIGBUSes the whole daemon.
+   */
+  #checkSealed(r: MappedRegion): void {
+    if (r.shrinkSealed || this.#unsealedReported) return;
+    this.#unsealedReported = true;
+    this.#log(
+      "warn",
+      `${describeRegion(r)}: the front-end's file is not sealed against shrinking ` +
+        `(F_SEAL_SHRINK); truncating it while mapped would kill this daemon with SIGBUS. ` +
+        `QEMU seals memfds unless memory-backend-memfd has seal=off; hugetlbfs files ` +
+        `cannot be sealed (this warning is given once per connection)`,
+    );
   }
 
   /** Lets go of regions: unmapped, or retired when a worker may still touch them. */

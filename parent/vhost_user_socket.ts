@@ -216,7 +216,9 @@ export const LIBC_BACKEND_SYSTEM: BackendSystem = {
     if (type !== 0 && type !== libc.S_IFIFO) {
       throw new Error(`fd ${fd} is neither an eventfd nor a pipe (mode 0o${st.mode.toString(8)})`);
     }
-    // Never block on it: a full pipe must not stall the control path.
+    // Never block on it: a full pipe must not stall the control path. A pipe
+    // with no reader fails with EPIPE (it ends the connection) rather than
+    // killing the daemon only because Deno ignores SIGPIPE; a test checks it.
     libc.setNonBlocking(fd, true);
     const one = new Uint8Array(8);
     one[0] = 1;

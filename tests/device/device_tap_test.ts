@@ -50,10 +50,14 @@ import { createHash } from "node:crypto";
 import * as libc from "../../parent/libc.ts";
 import { createTap, type Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 } from "../../parent/tap.ts";
 import { DeviceHost } from "../../parent/device_host.ts";
-import { createDatapathBuffers, DatapathHost, txUsedPlace } from "../../parent/datapath_host.ts";
+import {
+  createDatapathBuffers,
+  DatapathHost,
+  rxUsedPlace,
+  txUsedPlace,
+} from "../../parent/datapath_host.ts";
 import { allowedTapOffloads, tunscapHandler } from "../../parent/daemon.ts";
 import { RX_QUEUE, TX_QUEUE } from "../../ipc/datapath.ts";
-import { RX_STATUS_TOO_BIG } from "../../parent/io_protocol.ts";
 import {
   VIRTIO_F_VERSION_1,
   VIRTIO_NET_F_CSUM,
@@ -809,18 +813,25 @@ async function withRig(opts: RigOptions, fn: (rig: Rig) => Promise<void>): Promi
 
       const buffers = createDatapathBuffers();
       const txPlace = txDrv.config("user");
+      const rxPlace = rxDrv.config("user");
+      const maps = [{
+        userAddr: BigInt(guestUser(GPA)),
+        size: BigInt(MEM_BYTES),
+        hostAddr: BigInt(mem.hostAddr),
+      }];
       dp = await DatapathHost.start({
         tapFd: tap.fd,
         buffers,
         logger,
         ranges: [{ base: BigInt(mem.hostAddr), size: MEM_BYTES }],
         txUsed: txUsedPlace(
-          [{
-            userAddr: BigInt(guestUser(GPA)),
-            size: BigInt(MEM_BYTES),
-            hostAddr: BigInt(mem.hostAddr),
-          }],
+          maps,
           { num: QUEUE_SIZE, availUser: BigInt(txPlace.avail), usedUser: BigInt(txPlace.used) },
+          opts.features,
+        ),
+        rxUsed: rxUsedPlace(
+          maps,
+          { num: QUEUE_SIZE, availUser: BigInt(rxPlace.avail), usedUser: BigInt(rxPlace.used) },
           opts.features,
         ),
         onFault: (role, message) => faults.push(`${role}: ${message}`),
@@ -999,7 +1010,17 @@ async function exercise(rig: Rig, opts: RigOptions): Promise<RunReport> {
   const down = new MiniTcp(nic, { ...flow(4, 40010, SOURCE_PORT), remoteMac });
   await down.connect(5000);
   const rxBefore = { ...nic.rxLog };
-  const bytes = await down.readToEnd(60_000);
+  let bytes: Uint8Array;
+  try {
+    bytes = await down.readToEnd(60_000);
+  } catch (e) {
+    // A stall: say where everything stood (who waits on whom).
+    const stats = await device.getStats().catch((x) => `no stats: ${x}`);
+    (e as Error).message += `\n  device ${JSON.stringify(stats)}\n  datapath ${
+      JSON.stringify(dp.counters())
+    }\n  driver rx ${JSON.stringify(nic.rxLog)}\n  tcp ${JSON.stringify(down.stats)}`;
+    throw e;
+  }
   ms.download = Date.now() - t1;
   const src = await peer.waitFor((e) => e.event === "source", 10_000, "source result");
   assert.equal(bytes.length, SOURCE_BYTES, "download: byte count");
@@ -1055,10 +1076,10 @@ async function exercise(rig: Rig, opts: RigOptions): Promise<RunReport> {
   // when the driver has not refilled its ring within ROOM_WAIT_MS (5 ms; this
   // JS driver on a busy machine sometimes is that late): allowed only with
   // mergeable buffers, and then counted the same on both sides (TCP resends).
-  const tooBig = stats.rx0[`drop_io_status_${RX_STATUS_TOO_BIG}`] ?? 0;
+  const tooBig = stats.rx0.drop_FRAME_TOO_BIG ?? 0;
   for (const q of ["rx0", "tx0"]) {
     for (const [k, v] of Object.entries(stats[q])) {
-      if (q === "rx0" && k === `drop_io_status_${RX_STATUS_TOO_BIG}`) continue;
+      if (q === "rx0" && k === "drop_FRAME_TOO_BIG") continue;
       if (k.startsWith("drop_") || k.startsWith("error_")) assert.equal(v, 0, `${q}.${k}`);
     }
   }

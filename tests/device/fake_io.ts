@@ -21,13 +21,14 @@ import {
   RX_DONE,
   RX_DONE_RECORD_WORDS,
   RX_DONE_RING_RECORDS,
-  RX_OK,
+  RX_LONG_RECORD_WORDS,
+  RX_LONG_RING_RECORDS,
   RX_POST,
   RX_POST_RECORD_WORDS,
   RX_POST_RING_RECORDS,
   RX_PUBLISHED,
   RX_UNUSED,
-  RXF_MERGEABLE,
+  RXF_DISCARD,
   signal,
   TX_REC,
   TX_RECORD_WORDS,
@@ -38,13 +39,122 @@ import {
   WEV_WAKE_POLLER,
 } from "../../ipc/datapath.ts";
 import type { DatapathGrant } from "../../ipc/protocol.ts";
-import { SpscRing } from "../../ipc/spsc_ring.ts";
+import { SPSC_RING_WORD, SpscRing } from "../../ipc/spsc_ring.ts";
 import type { TestDriver, TestGuest } from "./driver.ts";
+import type { HostMemory } from "../../parent/io_regions.ts";
+import { RX_FRAME_ROOM_MAX } from "../../parent/io_protocol.ts";
+import { RxPublisher } from "../../parent/rx_publisher.ts";
+import {
+  BATCH_SLOT_WORDS,
+  RX_BATCH,
+  type RxBatchReader,
+  type RxReadEngine,
+  RxReceiver,
+} from "../../parent/rx_receiver.ts";
 import { usedNotifyWanted } from "../../ipc/vring_notify.ts";
 import { VIRTIO_RING_F_EVENT_IDX } from "../../ipc/features.ts";
 
 export const FAKE_HOST = 0x5000_0000_0000;
 export const FAKE_BOUNCE = 0x6000_0000_0000;
+/** Where the fake poller's overflow buffer is. */
+export const FAKE_OVERFLOW = 0x7000_0000_0000;
+
+/** {@link HostMemory} over fake host addresses: guest memory at FAKE_HOST + GPA, the bounce arena, the overflow. */
+export class FakeHostMemory implements HostMemory {
+  readonly #starts: number[] = [];
+  readonly #bytes: Uint8Array[] = [];
+  readonly overflow = new Uint8Array(RX_FRAME_ROOM_MAX);
+
+  constructor(guest: TestGuest, bounce: Uint8Array) {
+    const ranges: Array<[number, Uint8Array]> = [
+      ...guest.regions.map((r): [number, Uint8Array] => [FAKE_HOST + r.gpa, r.bytes]),
+      [FAKE_BOUNCE, bounce],
+      [FAKE_OVERFLOW, this.overflow],
+    ];
+    ranges.sort((x, y) => x[0] - y[0]);
+    for (const [start, bytes] of ranges) {
+      this.#starts.push(start);
+      this.#bytes.push(bytes);
+    }
+  }
+
+  find(base: number, len: number): number {
+    if (!(len > 0)) return -1;
+    for (let i = 0; i < this.#starts.length; i++) {
+      const s = this.#starts[i];
+      if (base >= s && base + len <= s + this.#bytes[i].length) return i;
+    }
+    return -1;
+  }
+  contains(base: number, len: number): boolean {
+    // The overflow buffer is the poller's own, never guest memory.
+    const i = this.find(base, len);
+    return i >= 0 && this.#bytes[i] !== this.overflow;
+  }
+  start(i: number): number {
+    return this.#starts[i];
+  }
+  bytes(i: number): Uint8Array {
+    return this.#bytes[i];
+  }
+  window(addr: number, len: number): { buffer: ArrayBufferLike; byteOffset: number } {
+    const i = this.find(addr, len);
+    if (i < 0) throw new RangeError(`0x${addr.toString(16)} is not in guest memory`);
+    const b = this.#bytes[i];
+    return { buffer: b.buffer, byteOffset: b.byteOffset + addr - this.#starts[i] };
+  }
+}
+
+/** A tap for the fake poller: frames queued by the test, read by `readv` as the kernel would. */
+export class FakeTap implements RxReadEngine {
+  readonly frames: Uint8Array[] = [];
+  batch: RxBatchReader | null = null;
+  readonly overflowLo = FAKE_OVERFLOW % 0x1_0000_0000;
+  readonly overflowHi = Math.floor(FAKE_OVERFLOW / 0x1_0000_0000);
+  readonly overflowLen = RX_FRAME_ROOM_MAX;
+
+  constructor(readonly memory: FakeHostMemory) {}
+
+  /** Scatters the next frame over `count` iovecs; -EAGAIN (-11) when none waits. */
+  readv(iov: Uint8Array, count: number): number {
+    const frame = this.frames.shift();
+    if (frame === undefined) return -11;
+    const w = new Uint32Array(iov.buffer, iov.byteOffset, count * IOVEC_WORDS);
+    let at = 0;
+    for (let i = 0; i < count && at < frame.length; i++) {
+      const addr = w[i * 4] + w[i * 4 + 1] * 0x1_0000_0000;
+      const len = w[i * 4 + 2];
+      const r = this.memory.find(addr, len);
+      if (r < 0) {
+        throw new Error(`the poller read into 0x${addr.toString(16)} (+${len}), outside memory`);
+      }
+      const n = Math.min(len, frame.length - at);
+      this.memory.bytes(r).set(frame.subarray(at, at + n), addr - this.memory.start(r));
+      at += n;
+    }
+    return at;
+  }
+}
+
+/** Batched reads on the fake tap: each queued read in order, as io_uring issues them. */
+class FakeBatch implements RxBatchReader {
+  readonly iov = new Uint32Array(RX_BATCH * BATCH_SLOT_WORDS);
+  readonly #counts = new Uint32Array(RX_BATCH);
+  #queued = 0;
+  constructor(private readonly tap: FakeTap) {}
+  queue(i: number, count: number): void {
+    this.#counts[i] = count;
+    this.#queued = Math.max(this.#queued, i + 1);
+  }
+  submit(results: Int32Array): void {
+    const bytes = new Uint8Array(this.iov.buffer);
+    for (let i = 0; i < this.#queued; i++) {
+      const slot = bytes.subarray(i * BATCH_SLOT_WORDS * 4);
+      results[i] = this.tap.readv(slot, this.#counts[i]);
+    }
+    this.#queued = 0;
+  }
+}
 
 /** A frame the fake writer took from the TX ring. */
 export interface SentFrame {
@@ -57,7 +167,17 @@ export class FakeIo {
   readonly ctl: Int32Array;
   readonly tx: SpscRing;
   readonly rxPost: SpscRing;
+  readonly rxLong: SpscRing;
   readonly rxDone: SpscRing;
+  /** Fake host addresses of guest memory, the bounce arena and the poller's overflow buffer. */
+  readonly hostMemory: FakeHostMemory;
+  /** The tap the fake poller reads. */
+  readonly tap: FakeTap;
+  /** The poller's real receive code, once `attachRx` was called. */
+  rx: RxReceiver | null = null;
+  /** What the receiver said to the operator, and its faults. */
+  readonly notices: string[] = [];
+  readonly faults: string[] = [];
   readonly bounce: Uint8Array;
   readonly sent: SentFrame[] = [];
   calls = { rx: 0, tx: 0 };
@@ -74,6 +194,10 @@ export class FakeIo {
       capacity: rxPostRecords,
       recordWords: RX_POST_RECORD_WORDS,
     });
+    this.rxLong = SpscRing.create({
+      capacity: RX_LONG_RING_RECORDS,
+      recordWords: RX_LONG_RECORD_WORDS,
+    });
     this.rxDone = SpscRing.create({
       capacity: RX_DONE_RING_RECORDS,
       recordWords: RX_DONE_RECORD_WORDS,
@@ -84,11 +208,14 @@ export class FakeIo {
       control,
       tx: this.tx.buffer,
       rxPost: this.rxPost.buffer,
+      rxLong: this.rxLong.buffer,
       rxDone: this.rxDone.buffer,
       bounce,
     };
     this.ctl = new Int32Array(control);
     this.bounce = new Uint8Array(bounce);
+    this.hostMemory = new FakeHostMemory(guest, this.bounce);
+    this.tap = new FakeTap(this.hostMemory);
   }
 
   /** What the device's `start-queues` carries. */
@@ -207,75 +334,99 @@ export class FakeIo {
   }
 
   /**
-   * Plays the poller for one frame (net header included): fills chains from
-   * the front of rx-post like readv would. Returns the chains used, or 0 when
-   * the frame did not fit (reported as a drop) or nothing was posted.
+   * Plays the poller with its real receive code (`parent/rx_receiver.ts`,
+   * `parent/rx_publisher.ts`) over fake host addresses, publishing into
+   * `driver`'s used ring. `batch`: read through a fake batch engine (as with
+   * io_uring). Call before the first {@link receive}.
    */
-  receive(hdrAndFrame: Uint8Array): number {
-    const w = this.rxPost.words;
-    const avail = this.rxPost.available();
-    if (avail === 0) return 0;
-    const mergeable = (w[this.rxPost.peek(0) + RX_POST.FLAGS] & RXF_MERGEABLE) !== 0;
-    let pos = 0;
-    let chains = 0;
-    const limit = mergeable ? avail : 1;
-    const targets: Uint8Array[][] = [];
-    let capacity = 0;
-    for (; chains < limit && capacity < hdrAndFrame.length; chains++) {
-      const at = this.rxPost.peek(chains);
-      const iovs: Uint8Array[] = [];
-      for (let k = 0; k < w[at + RX_POST.IOV_COUNT]; k++) {
-        const b = this.#iovec(w, at + RX_POST.IOV + k * IOVEC_WORDS);
-        if (!b) throw new Error("device posted an iovec outside guest memory");
-        iovs.push(b);
-        capacity += b.length;
-      }
-      targets.push(iovs);
-    }
-    if (capacity < hdrAndFrame.length) {
-      this.#pushDone(0, hdrAndFrame.length, 1);
-      return 0;
-    }
-    let used = 0;
-    for (const iovs of targets) {
-      if (pos >= hdrAndFrame.length) break;
-      for (const b of iovs) {
-        const n = Math.min(b.length, hdrAndFrame.length - pos);
-        b.set(hdrAndFrame.subarray(pos, pos + n));
-        pos += n;
-      }
-      used++;
-    }
-    this.rxPost.release(used);
-    this.#pushDone(used, hdrAndFrame.length, RX_OK);
-    return used;
+  attachRx(driver: TestDriver, opts: { batch?: boolean; frameRoom?: number } = {}): void {
+    const eventIdx = (driver.features & VIRTIO_RING_F_EVENT_IDX) !== 0n;
+    const place = {
+      ringAddr: BigInt(FAKE_HOST + driver.usedGpa),
+      size: driver.size,
+      eventAddr: BigInt(
+        FAKE_HOST + (eventIdx ? driver.availGpa + 4 + 2 * driver.size : driver.availGpa),
+      ),
+      eventIdx,
+    };
+    const publisher = new RxPublisher(this.ctl, place, this.hostMemory, () => {
+      this.calls.rx++;
+      return true;
+    });
+    this.tap.batch = opts.batch ? new FakeBatch(this.tap) : null;
+    this.rx = new RxReceiver({
+      ctl: this.ctl,
+      rxPost: this.rxPost,
+      rxLong: this.rxLong,
+      rxDone: this.rxDone,
+      memory: this.hostMemory,
+      publisher,
+      engine: this.tap,
+      frameRoom: opts.frameRoom ?? RX_FRAME_ROOM_MAX,
+      notice: (m) => this.notices.push(m),
+      fault: (m) => this.faults.push(m),
+    });
   }
 
   /**
-   * Plays the poller under RX publication for one frame of `len` bytes
-   * (header included) into the front posted chain: writes its used element
-   * into `driver`'s used ring at CTL.RX_USED_IDX, pushes the RX_PUBLISHED
-   * record (without waking the device, as the poller does), and only then
-   * stores used->idx. Returns the chain's token.
+   * One pass of the poller's loop: completes discards, then reads what the
+   * tap holds if there is room (or `force`), and raises the device events
+   * the real loop would.
    */
-  publishRx(driver: TestDriver, len: number): number {
-    const at = this.rxPost.peek(0);
-    const token = this.rxPost.words[at + RX_POST.TOKEN];
-    this.rxPost.release(1);
-    const idx = Atomics.load(this.ctl, CTL.RX_USED_IDX) & 0xffff;
-    const e = driver.usedGpa + 4 + 8 * (idx & (driver.size - 1));
-    this.guest.setU32(e, token);
-    this.guest.setU32(e + 4, len);
-    const rec = new Array(RX_DONE_RECORD_WORDS).fill(0);
-    rec[RX_DONE.CHAINS] = 1;
-    rec[RX_DONE.BYTES] = len - NET_HDR_BYTES;
-    rec[RX_DONE.STATUS] = RX_PUBLISHED;
-    rec[3] = 1;
-    if (!this.rxDone.tryPush(rec)) throw new Error("rx-done ring full");
-    const next = (idx + 1) & 0xffff;
-    this.guest.atomicSetU16(driver.usedGpa + 2, next);
-    Atomics.store(this.ctl, CTL.RX_USED_IDX, next);
-    return token;
+  pollerStep(force = false): void {
+    const rx = this.rx;
+    if (rx === null) throw new Error("FakeIo.attachRx first");
+    const look = rx.look(performance.now());
+    let bits = look.bits;
+    if ((look.watch || force) && this.tap.frames.length > 0) bits |= rx.receive();
+    if (bits !== 0) this.#signalDevice(bits);
+  }
+
+  /**
+   * A frame (net header included) arrives from the tap and the poller reads
+   * it at once. Returns the chains the frame went into, by token (none: it
+   * was dropped, `dropStatus` says why, or nothing was posted), read back
+   * from the rx-done records the poller pushed.
+   */
+  receiveFrame(hdrAndFrame: Uint8Array): { heads: number[]; dropStatus: number | null } {
+    const post = this.rxPost;
+    const posted: Array<{ token: number; discard: boolean }> = [];
+    for (let i = 0; i < post.available(); i++) {
+      const at = post.peek(i);
+      posted.push({
+        token: post.words[at + RX_POST.TOKEN],
+        discard: (post.words[at + RX_POST.FLAGS] & RXF_DISCARD) !== 0,
+      });
+    }
+    const done = this.rxDone;
+    const head0 = Atomics.load(new Int32Array(done.buffer, 0, 64), SPSC_RING_WORD.HEAD) >>> 0;
+    this.tap.frames.push(hdrAndFrame);
+    this.pollerStep(true);
+    this.tap.frames.length = 0; // a frame the poller did not take is lost, as in a full tap
+    const head1 = Atomics.load(new Int32Array(done.buffer, 0, 64), SPSC_RING_WORD.HEAD) >>> 0;
+    const heads: number[] = [];
+    let dropStatus: number | null = null;
+    let next = 0;
+    for (let i = head0; i !== head1; i = (i + 1) >>> 0) {
+      const at = (i & (done.capacity - 1)) * RX_DONE_RECORD_WORDS;
+      const chains = done.words[at + RX_DONE.CHAINS];
+      const status = done.words[at + RX_DONE.STATUS];
+      if (chains === 0) dropStatus = status;
+      else if (status === RX_PUBLISHED) {
+        for (let k = 0; k < chains; k++) {
+          const p = posted[next++];
+          if (p !== undefined && !p.discard) heads.push(p.token);
+        }
+      } else {
+        next += chains; // given back (RX_UNUSED) or refused
+      }
+    }
+    return { heads, dropStatus };
+  }
+
+  /** {@link receiveFrame}, counting the chains the frame went into. */
+  receive(hdrAndFrame: Uint8Array): number {
+    return this.receiveFrame(hdrAndFrame).heads.length;
   }
 
   /**

@@ -24,7 +24,7 @@ import {
 } from "../../device/net_header.ts";
 import { TestDriver, TestGuest } from "./driver.ts";
 import { FakeIo } from "./fake_io.ts";
-import { CTL, RX_UNUSED, RXT_MERGEABLE } from "../../ipc/datapath.ts";
+import { CTL, RX_PUBLISHED, RX_UNUSED, RXT_MERGEABLE } from "../../ipc/datapath.ts";
 import { buildFrame, get32, l4ChecksumOk, prng, randomBytes } from "./frames.ts";
 
 const BASE = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
@@ -54,6 +54,7 @@ async function withRig(
   const rx = new TestDriver(guest, { size: 256, features });
   const tx = new TestDriver(guest, { size: 256, features });
   io.publishTxTo(tx);
+  io.attachRx(rx);
   const place = (d: TestDriver) => {
     const c = d.config("user");
     return { size: c.size, desc: c.desc, avail: c.avail, used: c.used, base: 0 };
@@ -66,11 +67,12 @@ async function withRig(
   }
 }
 
-/** Runs the fake writer and waits until `cond` holds (the device loop runs meanwhile). */
+/** Runs the fake writer and poller and waits until `cond` holds (the device loop runs meanwhile). */
 async function until(io: FakeIo, cond: () => boolean, what: string): Promise<void> {
   const end = Date.now() + 3000;
   for (;;) {
     io.writerStep();
+    if (io.rx !== null) io.pollerStep();
     if (cond()) return;
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 1));
@@ -318,18 +320,78 @@ Deno.test("RX with MRG_RXBUF: a large frame spans several chains, num_buffers co
   });
 });
 
-Deno.test("RX without GUEST_CSUM: a partial checksum from the tap is completed and flags cleared", async () => {
-  await withRig(BASE, "auto", async ({ io, rx }) => {
+Deno.test("RX without GUEST_CSUM: a partial checksum the guest cannot finish is dropped, counted; DATA_VALID is cleared", async () => {
+  await withRig(BASE, "auto", async ({ io, rx, dev }) => {
     rx.post([{ len: 2048, writable: true }]);
     io.kick("rx");
     await until(io, () => io.postedChains === 1, "a chain posted");
+    // TUNSCAP keeps the tap from writing partial checksums to such a guest; one that comes is dropped.
     const b = buildFrame({ payload: randomBytes(prng(5), 700), checksum: "partial" });
-    io.receive(concat(netHdr({ flags: 1, csumStart: b.l4Offset, csumOffset: 16 }), b.frame));
+    const partial = netHdr({ flags: 1, csumStart: b.l4Offset, csumOffset: 16 });
+    assert.equal(io.receive(concat(partial, b.frame)), 0, "dropped, the chain kept");
+    const good = buildFrame({ payload: randomBytes(prng(6), 700) });
+    assert.equal(io.receive(concat(netHdr({ flags: 2 }), good.frame)), 1);
     await until(io, () => rx.usedIdx() === 1, "delivery");
     const [u] = rx.readUsed();
     const data = rx.readWritten(u.chain!, u.len);
-    assert.equal(data[0], 0, "flags cleared");
-    assert.ok(l4ChecksumOk(data.subarray(12), 14, 34, b.frame.length, 6));
+    assert.equal(data[0], 0, "§5.1.6.3.1: flags 0 without GUEST_CSUM");
+    assert.deepEqual(data.subarray(12), good.frame);
+    assert.equal(dev.counters().rx0.drop_HEADER_NOT_TAKEN, 1);
+  });
+});
+
+Deno.test("RX: any legal layout receives frames: the header over twelve one-byte buffers, more segments than an inline record takes, an indirect table of 300", async () => {
+  const f = BASE | VIRTIO_NET_F_GUEST_CSUM;
+  await withRig(f, "auto", async ({ io, rx, dev, faults }) => {
+    const { frame } = buildFrame({ payload: new Uint8Array(30).fill(0x5c) });
+    const need = 12 + frame.length;
+    const ones = (n: number) => Array.from({ length: n }, () => ({ len: 1, writable: true }));
+    // virtio 1.2 §2.7.4: the device must not assume a layout.
+    const a = rx.post([...ones(12), { len: 2048, writable: true }]);
+    const b = rx.post(ones(need + 8)); // one byte a descriptor: more than RX_MAX_IOV segments
+    const c = rx.post(ones(300), { indirect: true }); // an indirect table of 300 one-byte buffers
+    io.kick("rx");
+    await until(io, () => io.postedChains === 3, "three chains posted");
+    for (let i = 0; i < 3; i++) {
+      assert.equal(io.receive(concat(netHdr({}), frame)), 1, `frame ${i}`);
+    }
+    await until(io, () => rx.usedIdx() === 3, "three frames used");
+    const used = rx.readUsed();
+    assert.deepEqual(used.map((u) => u.id), [a, b, c]);
+    for (const u of used) {
+      assert.equal(u.len, need);
+      const data = rx.readWritten(u.chain!, u.len);
+      assert.equal(get16le(data, 10), 1, "num_buffers written across one-byte buffers");
+      assert.deepEqual(data.subarray(12), frame);
+    }
+    assert.deepEqual(faults, []);
+    assert.equal(dev.counters().rx0.frames, 3);
+  });
+});
+
+Deno.test("RX: a bad chain among good ones is completed empty, in order; used->idx only moves forward", async () => {
+  await withRig(BASE, "auto", async ({ io, rx, dev, faults }) => {
+    const good1 = rx.post([{ len: 2048, writable: true }]);
+    const bad = rx.post([{ len: 2048, writable: false }]); // device-readable on RX: §2.7.4.2
+    const short = rx.post([{ len: 8, writable: true }]); // shorter than the header: §5.1.6.3
+    const good2 = rx.post([{ len: 2048, writable: true }]);
+    io.kick("rx");
+    // The chain in front of the discards was given back and posted again behind them.
+    await until(io, () => rx.usedIdx() === 2, "the discards completed without any frame");
+    await until(io, () => io.postedChains === 2, "the two good chains posted");
+    const { frame } = buildFrame({ payload: new Uint8Array(100) });
+    assert.equal(io.receive(concat(netHdr({}), frame)), 1);
+    assert.equal(io.receive(concat(netHdr({}), frame)), 1);
+    await until(io, () => rx.usedIdx() === 4, "four used");
+    const used = rx.readUsed();
+    const byId = new Map(used.map((u) => [u.id, u.len]));
+    assert.equal(byId.get(bad), 0);
+    assert.equal(byId.get(short), 0);
+    assert.equal(byId.get(good1), 12 + frame.length);
+    assert.equal(byId.get(good2), 12 + frame.length);
+    assert.deepEqual(faults, []);
+    assert.equal(dev.counters().rx0.drop_CHAIN_SHORTER_THAN_HEADER, 1);
+    assert.equal(dev.counters().rx0.error_UNEXPECTED_READABLE, 1);
   });
 });
 
@@ -364,7 +426,7 @@ Deno.test("RX: a give-back of chains whose post records the poller still holds i
     await until(io, () => io.postedChains === 4, "four chains posted, the ring full");
     io.pushDoneRaw(1, 0, RX_UNUSED); // gives one back without releasing its record
     await until(io, () => faults.length > 0, "a queue fault");
-    assert.match(faults[0], /^0: rx-done returned chains whose rx-post records are still held/);
+    assert.match(faults[0], /^0: rx-done returned chains whose records are still held/);
   }, 4);
 });
 
@@ -405,11 +467,12 @@ Deno.test("RX kicks: the device stops asking for them while it has plenty posted
     // The poller says it ran out of room: the device posts what the guest added.
     io.starve();
     await until(io, () => io.postedChains === 160, "the 10 posted after a starvation signal");
-    // Frames take chains until fewer than 128 remain posted: kicks are asked for again.
+    // Frames take chains; the poller wakes the device every rxSignalChains(256) = 64
+    // published chains, and then fewer than 128 remain posted: kicks are asked for again.
     const { frame } = buildFrame({ payload: new Uint8Array(100) });
-    for (let i = 0; i < 40; i++) assert.equal(io.receive(concat(netHdr({}), frame)), 1);
+    for (let i = 0; i < 64; i++) assert.equal(io.receive(concat(netHdr({}), frame)), 1);
     let used = 0;
-    await until(io, () => (used += rx.readUsed().length) === 40, "40 frames used");
+    await until(io, () => (used += rx.readUsed().length) === 64, "64 frames used");
     await until(io, () => rx.kickNeeded(rx.availIdx, rx.availIdx + 1), "kicks asked for again");
     assert.deepEqual(faults, []);
   });
@@ -454,10 +517,11 @@ Deno.test("RX publication: the device retires what the poller published, takes r
   const rx = new TestDriver(guest, { size: 4, features: BASE });
   const tx = new TestDriver(guest, { size: 64, features: BASE });
   io.publishTxTo(tx);
+  io.attachRx(rx);
   const p = (d: TestDriver) => ({ ...d.config("user"), base: 0 });
-  dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000, true);
+  dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000);
+  const { frame } = buildFrame({ payload: new Uint8Array(100) });
   try {
-    assert.equal(Atomics.load(io.ctl, CTL.RX_PUBLISH), 1);
     assert.equal(Atomics.load(io.ctl, CTL.RX_TAKES) & RXT_MERGEABLE, RXT_MERGEABLE);
     const offer = () => rx.post([{ len: 2048, writable: true }]);
     for (let i = 0; i < 4; i++) offer();
@@ -466,11 +530,11 @@ Deno.test("RX publication: the device retires what the poller published, takes r
     let published = 0;
     for (let round = 0; round < 5; round++) {
       // The poller publishes all four; the driver takes them and offers the buffers again at once.
-      for (let i = 0; i < 4; i++) io.publishRx(rx, 100);
+      for (let i = 0; i < 4; i++) assert.equal(io.receive(concat(netHdr({}), frame)), 1);
       published += 4;
       const used = rx.readUsed();
       assert.equal(used.length, 4, `round ${round}: four used elements`);
-      assert.ok(used.every((u) => u.len === 100));
+      assert.ok(used.every((u) => u.len === 12 + frame.length));
       for (let i = 0; i < 4; i++) offer();
       io.kick("rx");
       await until(io, () => io.postedChains === 4, `round ${round}: the re-offered chains posted`);
@@ -485,17 +549,17 @@ Deno.test("RX publication: the device retires what the poller published, takes r
     assert.equal(rx.usedIdx(), 20);
     assert.equal(rx.readUsed().length, 0);
   }
-  // RX_OK under RX publication is the poller's fault.
+  // A record that neither publishes nor gives back chains is the poller's fault.
   const io2 = new FakeIo(guest);
   io2.publishTxTo(tx);
-  dev.start({ ...rx.config("user"), base: 20 }, p(tx), io2.buffers, 0x6000_0000_0000, true);
+  io2.attachRx(rx);
+  dev.start({ ...rx.config("user"), base: 20 }, p(tx), io2.buffers, 0x6000_0000_0000);
   try {
     io2.kick("rx");
     await until(io2, () => io2.postedChains === 4, "posted again after the restart");
-    const { frame } = buildFrame({ payload: new Uint8Array(100) });
-    io2.receive(concat(netHdr({}), frame));
+    io2.pushDoneRaw(1, 100, 0);
     await until(io2, () => faults.length > 0, "a queue fault");
-    assert.match(faults[0], /RX_OK under RX publication/);
+    assert.match(faults[0], /rx-done status 0 with 1 chains/);
   } finally {
     await dev.stop();
   }
@@ -506,9 +570,9 @@ Deno.test("RX: a poller that claims more chains than were posted faults the queu
     rx.post([{ len: 2048, writable: true }]);
     io.kick("rx");
     await until(io, () => io.postedChains === 1, "a chain posted");
-    io.pushDoneRaw(5, 100, 0);
+    io.pushDoneRaw(5, 100, RX_PUBLISHED);
     await until(io, () => faults.length > 0, "a queue fault");
-    assert.match(faults[0], /^0: rx-done names 5 chains, 1 were posted/);
+    assert.match(faults[0], /^0: rx-done publishes 5 chains, 1 were posted/);
     assert.equal(rx.usedIdx(), 0, "nothing was written to the guest");
     assert.ok(dev.running);
   });
@@ -523,6 +587,7 @@ Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains 
   const rx = new TestDriver(guest, { size: 64, features: BASE });
   const tx = new TestDriver(guest, { size: 64, features: BASE });
   io.publishTxTo(tx);
+  io.attachRx(rx);
   const p = (d: TestDriver) => ({ ...d.config("user"), base: 0 });
   dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000);
   for (let i = 0; i < 3; i++) rx.post([{ len: 2048, writable: true }]);
@@ -538,6 +603,7 @@ Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains 
   // Restarted from that base, the device takes the same two chains again.
   const io2 = new FakeIo(guest); // fresh data-path rings, as every start gets
   io2.publishTxTo(tx);
+  io2.attachRx(rx);
   dev.start({ ...rx.config("user"), base: 1 }, p(tx), io2.buffers, 0x6000_0000_0000);
   io2.kick("rx");
   await until(io2, () => io2.postedChains === 2, "the two chains posted again");
@@ -585,10 +651,12 @@ Deno.test("RX drops tap headers no driver may take: flags beyond NEEDS_CSUM/DATA
       csumStart: gso.l4Offset,
       csumOffset: 16,
     };
-    io.receive(concat(netHdr({ ...gsoHdr, flags: VIRTIO_NET_HDR_F_NEEDS_CSUM | 4 }), gso.frame));
+    const rsc = concat(netHdr({ ...gsoHdr, flags: VIRTIO_NET_HDR_F_NEEDS_CSUM | 4 }), gso.frame);
+    assert.equal(io.receive(rsc), 0);
     const plain = buildFrame({ payload: new Uint8Array(100) });
-    io.receive(concat(netHdr({ gsoType: 0x80 }), plain.frame));
-    io.receive(concat(netHdr({ ...gsoHdr, flags: VIRTIO_NET_HDR_F_NEEDS_CSUM }), gso.frame));
+    assert.equal(io.receive(concat(netHdr({ gsoType: 0x80 }), plain.frame)), 0);
+    const ok = concat(netHdr({ ...gsoHdr, flags: VIRTIO_NET_HDR_F_NEEDS_CSUM }), gso.frame);
+    assert.equal(io.receive(ok), 1);
     await until(io, () => rx.usedIdx() === 1, "the valid GSO frame");
     const used = rx.readUsed();
     assert.equal(used.length, 1);
@@ -596,11 +664,11 @@ Deno.test("RX drops tap headers no driver may take: flags beyond NEEDS_CSUM/DATA
     const h = rx.readWritten(used[0].chain!, 12);
     assert.equal(h[0], VIRTIO_NET_HDR_F_NEEDS_CSUM);
     assert.equal(h[1], VIRTIO_NET_HDR_GSO_TCPV4);
-    assert.equal(dev.counters().rx0.drop_RX_HDR_INVALID, 2);
+    assert.equal(dev.counters().rx0.drop_HEADER_NOT_TAKEN, 2);
   });
 });
 
-Deno.test("stop() after an RX I/O fault hands the chains back unused instead of believing the poller's later records", async () => {
+Deno.test("after an RX I/O fault the device writes nothing more into the RX used ring: nothing is completed twice", async () => {
   // Found by net_device_fuzz_test.ts: stop() delivered a frame into the wrong chain with the wrong length.
   const guest = new TestGuest([{ gpa: 0x100000, size: 4 << 20 }]);
   const io = new FakeIo(guest);
@@ -611,17 +679,21 @@ Deno.test("stop() after an RX I/O fault hands the chains back unused instead of 
   const rx = new TestDriver(guest, { size: 64, features: BASE });
   const tx = new TestDriver(guest, { size: 64, features: BASE });
   io.publishTxTo(tx);
+  io.attachRx(rx);
   const p = (d: TestDriver) => ({ ...d.config("user"), base: 0 });
   dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000);
   for (let i = 0; i < 2; i++) rx.post([{ len: 2048, writable: true }]);
   io.kick("rx");
   await until(io, () => io.postedChains === 2, "posted");
-  io.pushDoneRaw(1, 100, 7); // a status that is not RX_OK with a chain: the poller broke the protocol
-  await until(io, () => faults.length > 0, "an RX fault");
   const { frame } = buildFrame({ payload: new Uint8Array(300) });
-  assert.equal(io.receive(concat(netHdr({}), frame)), 1);
+  assert.equal(io.receive(concat(netHdr({}), frame)), 1, "before the fault: delivered");
+  await until(io, () => rx.usedIdx() === 1, "one used");
+  io.pushDoneRaw(1, 100, 7); // a status no poller sends with a chain: it broke the protocol
+  await until(io, () => faults.length > 0, "an RX fault");
+  // The queue needs a reset: the poller stops too (CTL.RX_STOPPED).
+  assert.equal(io.receive(concat(netHdr({}), frame)), 0, "after the fault: nothing read");
   await dev.stop();
   const used = rx.readUsed();
-  assert.equal(used.length, 2, "both chains came back");
-  assert.deepEqual(used.map((u) => u.len), [0, 0]);
+  assert.deepEqual(used.map((u) => u.len), [12 + frame.length], "the one publication");
+  assert.equal(rx.usedIdx(), 1, "and nothing from the device or the poller after the fault");
 });

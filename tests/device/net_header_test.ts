@@ -34,7 +34,6 @@ import {
   VIRTIO_NET_HDR_F_NEEDS_CSUM,
   VIRTIO_NET_HDR_F_RSC_INFO,
   VIRTIO_NET_HDR_GSO_ECN,
-  VIRTIO_NET_HDR_GSO_NONE,
   VIRTIO_NET_HDR_GSO_TCPV4,
   VIRTIO_NET_HDR_GSO_TCPV6,
   VIRTIO_NET_HDR_GSO_UDP,
@@ -42,18 +41,11 @@ import {
   type VirtioNetHdr,
   writeNetHdr,
 } from "../../device/net_header.ts";
-import {
-  createNetOffloadContext,
-  decideTx,
-  processRx,
-  processTx,
-  TxAction,
-} from "../../device/offload.ts";
+import { createNetOffloadContext, decideTx, processTx, TxAction } from "../../device/offload.ts";
 import {
   buildFrame,
   type BuiltFrame,
   type FrameSpec,
-  get16,
   l4ChecksumOk,
   prng,
   randomBytes,
@@ -415,7 +407,7 @@ Deno.test("parseFrame() never throws and never reports offsets outside the frame
   }
 });
 
-/** Collects what processTx/processRx hand to the sink. */
+/** Collects what processTx hands to the sink. */
 function collect(): {
   out: { hdr: VirtioNetHdr; bytes: Uint8Array }[];
   sink: (h: VirtioNetHdr, b: Uint8Array, n: number) => void;
@@ -527,102 +519,4 @@ Deno.test("processTx() counts a drop per reason and sends nothing", () => {
     );
   }
   assert.equal(ctx.drops[NetDrop.GSO_SIZE_ZERO], 3);
-});
-
-Deno.test("processRx() completes a partial checksum and clears flags for a guest without GUEST_CSUM", () => {
-  const b = partial({});
-  const ctx = createNetOffloadContext();
-  const { out, sink } = collect();
-  const hdr = hdrOf({ flags: VIRTIO_NET_HDR_F_NEEDS_CSUM, csumStart: b.l4Offset, csumOffset: 16 });
-  assert.equal(processRx(ctx, hdr, b.frame, b.frame.length, 0, sink), NetDrop.OK);
-  assert.equal(out[0].hdr.flags, 0);
-  assert.ok(l4ChecksumOk(out[0].bytes, b.l3Offset, b.l4Offset, b.l3End, 6));
-});
-
-Deno.test("processRx() passes NEEDS_CSUM and DATA_VALID through to a guest with GUEST_CSUM", () => {
-  const b = partial({});
-  const ctx = createNetOffloadContext();
-  const { out, sink } = collect();
-  const hdr = hdrOf({ flags: VIRTIO_NET_HDR_F_NEEDS_CSUM, csumStart: b.l4Offset, csumOffset: 16 });
-  processRx(ctx, hdr, b.frame, b.frame.length, NET_OFFLOAD_CSUM, sink);
-  processRx(
-    ctx,
-    hdrOf({ flags: VIRTIO_NET_HDR_F_DATA_VALID }),
-    b.frame,
-    b.frame.length,
-    NET_OFFLOAD_CSUM,
-    sink,
-  );
-  processRx(ctx, hdrOf({ flags: VIRTIO_NET_HDR_F_DATA_VALID }), b.frame, b.frame.length, 0, sink);
-  assert.deepEqual(out.map((o) => o.hdr.flags), [
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_F_DATA_VALID,
-    0,
-  ]);
-  assert.equal(get16(out[0].bytes, b.l4Offset + 16), get16(b.frame, b.l4Offset + 16));
-});
-
-Deno.test("processRx() passes GSO to a guest with GUEST_TSO* and segments it for one without", () => {
-  for (const ipVersion of [4, 6] as const) {
-    const b = partial({ ipVersion });
-    const guestTso = NET_OFFLOAD_CSUM | (ipVersion === 4 ? NET_OFFLOAD_TSO4 : NET_OFFLOAD_TSO6);
-    const ctx = createNetOffloadContext();
-    const pass = collect();
-    assert.equal(
-      processRx(ctx, gsoHdr(b, 1448), b.frame, b.frame.length, guestTso, pass.sink),
-      NetDrop.OK,
-    );
-    assert.equal(pass.out.length, 1);
-    assert.notEqual(pass.out[0].hdr.gsoType, VIRTIO_NET_HDR_GSO_NONE);
-    const seg = collect();
-    assert.equal(
-      processRx(ctx, gsoHdr(b, 1448), b.frame, b.frame.length, NET_OFFLOAD_CSUM, seg.sink),
-      NetDrop.OK,
-    );
-    assert.equal(seg.out.length, 3);
-    for (const s of seg.out) {
-      assert.equal(s.hdr.gsoType, VIRTIO_NET_HDR_GSO_NONE);
-      assert.ok(l4ChecksumOk(s.bytes, b.l3Offset, b.l4Offset, s.bytes.length, 6));
-    }
-    // ECN GSO needs GUEST_ECN as well.
-    const ecn = collect();
-    processRx(
-      ctx,
-      gsoHdr(b, 1448, { gsoType: pass.out[0].hdr.gsoType | VIRTIO_NET_HDR_GSO_ECN }),
-      b.frame,
-      b.frame.length,
-      guestTso,
-      ecn.sink,
-    );
-    assert.equal(ecn.out.length, 3);
-  }
-});
-
-Deno.test("processRx() drops USO for a guest without GUEST_USO and an unknown gso_type, counted", () => {
-  const b = partial({ l4: "udp" });
-  const ctx = createNetOffloadContext();
-  const hdr = gsoHdr(b, 1000, { gsoType: VIRTIO_NET_HDR_GSO_UDP_L4, csumOffset: 6 });
-  assert.equal(
-    processRx(ctx, hdr, b.frame, b.frame.length, NET_OFFLOAD_CSUM, () => assert.fail()),
-    NetDrop.OFFLOAD_UNSUPPORTED,
-  );
-  const pass = collect();
-  assert.equal(
-    processRx(ctx, hdr, b.frame, b.frame.length, NET_OFFLOAD_CSUM | NET_OFFLOAD_USO4, pass.sink),
-    NetDrop.OK,
-  );
-  assert.equal(pass.out.length, 1);
-  assert.equal(
-    processRx(
-      ctx,
-      hdrOf({ gsoType: 2 }),
-      b.frame,
-      b.frame.length,
-      NET_OFFLOAD_ALL,
-      () => assert.fail(),
-    ),
-    NetDrop.GSO_TYPE_UNKNOWN,
-  );
-  assert.equal(ctx.drops[NetDrop.OFFLOAD_UNSUPPORTED], 1);
-  assert.equal(ctx.drops[NetDrop.GSO_TYPE_UNKNOWN], 1);
 });

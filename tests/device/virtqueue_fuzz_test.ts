@@ -15,7 +15,16 @@
  * - the device never completes more chains than the driver offered;
  * - every guest byte that changes during a device step lies in the used ring
  *   or in a device-writable buffer that the descriptors described;
- * - a queue that reports needs-reset writes nothing more.
+ * - a queue that reports needs-reset writes nothing more;
+ * - used->idx only ever moves forward, and never past what was offered.
+ *
+ * Half the cases run the queue as the daemon runs its RX queue: the used
+ * ring handed over to another publisher (the poller, `ipc/datapath.ts`),
+ * played here by the test, which completes the chains the device popped
+ * (dropped ones with length 0) in pop order, stores used->idx, and has the
+ * device retire them when it next reads avail->idx. Then the device must
+ * never write the used ring itself (a write throws) and must hand every bad
+ * chain to the publisher instead.
  *
  * Seeds that once broke something live in tests/testdata/virtqueue_fuzz_seeds.json
  * and run first. VIONET_FUZZ_CASES raises the number of random cases.
@@ -196,6 +205,8 @@ interface Stats {
   chains: number;
   dropped: number;
   resets: number;
+  /** Cases run with the used ring handed over to another publisher (the daemon's RX mode). */
+  external: number;
   /** Drop and reset reasons seen, by name. */
   reasons: Record<string, number>;
 }
@@ -275,6 +286,23 @@ function runCase(seed: number, stats: Stats): void {
   });
   q.lastAvailIdx = startIdx & 0xffff;
   q.configure(drv.config(r.chance(0.5) ? "user" : "guest-physical"));
+  // The daemon's RX mode: another publisher owns the used ring.
+  const external = r.chance(0.5);
+  if (external) stats.external++;
+  /** Chains the device popped and the publisher has not completed, in pop order. */
+  let toPublish: [number, number][] = [];
+  /** Heads the publisher completed that the device has not retired yet. */
+  let toRetire: number[] = [];
+  let pubIdx = startIdx & 0xffff;
+  const handOver = () => {
+    if (!external) return;
+    q.handOverUsed();
+    q.onAvailIdx = () => {
+      for (const h of toRetire) q.retireUsed(h);
+      toRetire = [];
+    };
+  };
+  handOver();
   const ref: RefConfig = {
     guest,
     regions,
@@ -433,9 +461,42 @@ function runCase(seed: number, stats: Stats): void {
   };
 
   const complete = (head: number, len: number) => {
+    if (external) {
+      assert.throws(() => q.pushUsed(head, len), /another publisher's/, where("pushUsed"));
+      toPublish.push([head, len]);
+      return;
+    }
     const ready = q.state === "ready";
     assert.equal(q.pushUsed(head, len), ready, where(`pushUsed in state ${q.state}`));
     if (ready) pushLog.push([head, len]);
+  };
+
+  /** The other publisher: completes a prefix of what was popped, in order, then used->idx. */
+  const publish = () => {
+    if (!external || q.needsReset) return;
+    const n = r.int(toPublish.length + 1);
+    for (const [head, len] of toPublish.splice(0, n)) {
+      const e = drv.usedGpa + 4 + 8 * (pubIdx & (size - 1));
+      guest.setU32(e, head);
+      guest.setU32(e + 4, len);
+      pushLog.push([head, len]);
+      toRetire.push(head);
+      pubIdx = (pubIdx + 1) & 0xffff;
+    }
+    if (n > 0) guest.setU16(drv.usedGpa + 2, pubIdx);
+  };
+
+  /** used->idx only moves forward, and never past what was made available. */
+  let lastUsedIdx = startIdx & 0xffff;
+  const checkUsedIdx = () => {
+    const now = drv.usedIdx();
+    const moved = (now - lastUsedIdx) & 0xffff;
+    const outstanding = (publishedIdx - lastUsedIdx) & 0xffff;
+    assert.ok(
+      moved <= outstanding,
+      where(`used->idx went from ${lastUsedIdx} to ${now} with avail->idx ${publishedIdx}`),
+    );
+    lastUsedIdx = now;
   };
 
   const deviceStep = () => {
@@ -447,7 +508,8 @@ function runCase(seed: number, stats: Stats): void {
       const last = q.lastAvailIdx;
       const head = guest.u16(drv.availGpa + VIRTQ_AVAIL_OFF_RING + 2 * (last & (size - 1)));
       const expect = refWalk(ref, head);
-      const outstanding = q.inFlight + q.pendingUsed;
+      // What the device still holds once it retired what the publisher completed.
+      const outstanding = q.inFlight + q.pendingUsed - toRetire.length;
       const res = q.popAvail();
       if (res === POP_EMPTY) break;
       if (res === POP_NEEDS_RESET) {
@@ -459,7 +521,10 @@ function runCase(seed: number, stats: Stats): void {
             assert.ok(ahead + outstanding > size, where(`AVAIL_IDX_CORRUPT with ${ahead} ahead`));
           } else if (reason === "AVAIL_HEAD_IN_USE") {
             assert.ok(
-              held.some((h) => h.head === head),
+              // A head the publisher completed stays the device's until it next reads
+              // avail->idx (retired then): an entry rewritten before that names it.
+              held.some((h) => h.head === head) || toPublish.some(([h]) => h === head) ||
+                toRetire.includes(head),
               where("AVAIL_HEAD_IN_USE for a free head"),
             );
           } else {
@@ -472,7 +537,9 @@ function runCase(seed: number, stats: Stats): void {
       if (res === POP_DROPPED) {
         assert.equal(q.lastDropReason, expect.code, where(`drop reason for head ${head}`));
         stats.dropped++;
-        pushLog.push([head, 0]);
+        // The device wrote its used element; with another publisher, that one completes it.
+        if (external) toPublish.push([head, 0]);
+        else pushLog.push([head, 0]);
         stats.reasons[expect.code] = (stats.reasons[expect.code] ?? 0) + 1;
         continue;
       }
@@ -518,7 +585,7 @@ function runCase(seed: number, stats: Stats): void {
         }
       }
       const len = Math.min(written, c.writableBytes);
-      if (r.chance(0.7)) complete(c.head, len);
+      if (external || r.chance(0.7)) complete(c.head, len);
       else held.push({ head: c.head, len });
     }
     // Complete some held chains, out of order.
@@ -526,11 +593,15 @@ function runCase(seed: number, stats: Stats): void {
       const h = held.splice(r.int(held.length), 1)[0];
       complete(h.head, h.len);
     }
-    if (r.chance(0.7)) q.flushUsed();
-    q.needsInterrupt();
+    if (external) {
+      if (r.chance(0.1)) assert.throws(() => q.flushUsed(), /another publisher's/);
+    } else {
+      if (r.chance(0.7)) q.flushUsed();
+      q.needsInterrupt();
+    }
     if (r.chance(0.2)) q.disableNotifications();
     if (r.chance(0.2)) q.enableNotifications();
-    const completed = q.counters.used;
+    const completed = q.counters.used + (external ? toRetire.length : 0);
     assert.ok(completed <= offered, where(`completed ${completed} > offered ${offered}`));
     assert.ok(q.counters.chains + q.counters.dropped <= offered, where("consumed > offered"));
     checkPublished();
@@ -558,14 +629,21 @@ function runCase(seed: number, stats: Stats): void {
     const driverOps = 1 + r.int(4);
     for (let i = 0; i < driverOps; i++) driverStep();
     deviceStep();
+    publish();
+    checkPublished();
+    checkUsedIdx();
     if (q.needsReset && r.chance(0.3)) {
       // Recovery: reset, re-place the same rings, continue from the ring state.
       q.reset();
       held.length = 0;
       pushLog = [];
-      checkedUsed = drv.usedIdx();
+      toPublish = [];
+      toRetire = [];
+      checkedUsed = pubIdx = lastUsedIdx = drv.usedIdx();
       q.lastAvailIdx = publishedIdx;
       q.configure(drv.config());
+      q.usedIdx = drv.usedIdx();
+      handOver();
       // Chains offered before the reset are gone from the device's view.
       offered = 0;
       q.counters.used = 0;
@@ -582,13 +660,13 @@ const seedsFile = new URL("../testdata/virtqueue_fuzz_seeds.json", import.meta.u
 Deno.test("fuzz: regression seeds from tests/testdata run clean", () => {
   const seeds = JSON.parse(Deno.readTextFileSync(seedsFile)).seeds as number[];
   assert.ok(Array.isArray(seeds));
-  const stats: Stats = { chains: 0, dropped: 0, resets: 0, reasons: {} };
+  const stats: Stats = { chains: 0, dropped: 0, resets: 0, external: 0, reasons: {} };
   for (const seed of seeds) runCase(seed, stats);
 });
 
 Deno.test("fuzz: random rings and descriptors never break the device's invariants", () => {
   const cases = Number(Deno.env.get("VIONET_FUZZ_CASES") ?? "300");
-  const stats: Stats = { chains: 0, dropped: 0, resets: 0, reasons: {} };
+  const stats: Stats = { chains: 0, dropped: 0, resets: 0, external: 0, reasons: {} };
   const t0 = performance.now();
   for (let seed = 1; seed <= cases; seed++) runCase(seed * 2654435761 >>> 0, stats);
   const ms = performance.now() - t0;
@@ -596,6 +674,7 @@ Deno.test("fuzz: random rings and descriptors never break the device's invariant
   assert.ok(stats.chains > cases, `only ${stats.chains} good chains`);
   assert.ok(stats.dropped > cases / 4, `only ${stats.dropped} dropped chains`);
   assert.ok(stats.resets > cases / 10, `only ${stats.resets} ring errors`);
+  assert.ok(stats.external > cases / 4, `only ${stats.external} cases in the daemon's RX mode`);
   const unseen = QUEUE_ERROR_REASONS.filter((n) => n !== "RING_UNMAPPED" && !stats.reasons[n]);
   assert.deepEqual(
     unseen,

@@ -1053,3 +1053,22 @@ Deno.test("another publisher's completions: onAvailIdx retires them before re-of
   for (let i = 0; i < 2; i++) s2.drv.post([{ len: 64, writable: true }]);
   assert.equal(s2.q.popAvail(), POP_NEEDS_RESET);
 });
+
+Deno.test("a queue whose used ring another publisher owns refuses to write it (a device bug throws); a bad chain stays in flight for that publisher", () => {
+  const { drv, q } = setup({ size: 8, direction: CHAIN_DEVICE_WRITABLE });
+  q.handOverUsed();
+  const head = drv.post([{ len: 64, writable: true }]);
+  assert.equal(q.popAvail(), POP_CHAIN);
+  assert.throws(() => q.pushUsed(head, 64), /used ring is another publisher's/);
+  assert.throws(() => q.flushUsed(), /used ring is another publisher's/);
+  assert.throws(() => q.stop(), /used ring is another publisher's/);
+  // A bad chain stays in flight for the publisher to complete: nothing is written.
+  drv.post([{ len: 64, writable: false }]);
+  assert.equal(q.popAvail(), POP_DROPPED);
+  assert.equal(q.inFlight, 2);
+  assert.equal(drv.usedIdx(), 0);
+  q.retireUsed(head);
+  q.takeBackUsed(0);
+  q.stop();
+  assert.equal(drv.readUsed().length, 1, "taken back, the device completes what is in flight");
+});

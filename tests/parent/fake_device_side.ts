@@ -20,6 +20,9 @@ import {
   RX_POST_RECORD_WORDS,
   RX_PUBLISHED,
   RX_QUEUE,
+  RXT_CSUM,
+  RXT_ECN,
+  RXT_MERGEABLE,
   signal,
   TX_REC,
   TX_RECORD_WORDS,
@@ -30,6 +33,9 @@ import {
 } from "../../ipc/datapath.ts";
 
 /** A memfd of `size` bytes mapped shared into this process: guest memory for tests. */
+/** RX_TAKES of a guest that takes every header the tap may write. */
+const RXT_ALL = (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | RXT_ECN | RXT_CSUM | RXT_MERGEABLE;
+
 export class GuestMemory {
   readonly fd: number;
   readonly size: number;
@@ -111,6 +117,28 @@ export interface RxDoneRecord {
   frames?: number;
 }
 
+/**
+ * What the poller did, one entry per frame or drop, in chain order: an
+ * RX_PUBLISHED record is read back from the used ring as its frames
+ * (`bytes` = header + frame, the used lengths' sum; `chains` = num_buffers).
+ */
+export interface RxEvent {
+  chains: number;
+  bytes: number;
+  status: number;
+}
+
+/** An {@link RxEvent}'s status for a chain completed empty (a discard). */
+export const RX_DISCARDED = -1;
+
+/** Where the poller publishes RX frames: a used ring inside the test's guest memory. */
+export interface RxUsedSpec {
+  guest: GuestMemory;
+  /** Byte offset of the used ring (flags, idx, elements) in guest memory. */
+  ringOffset: number;
+  size: number;
+}
+
 /** The device's end of the four rings and the control block. */
 export class FakeDeviceSide {
   readonly ctl: Int32Array;
@@ -121,11 +149,25 @@ export class FakeDeviceSide {
   readonly #txHeader: Int32Array;
   readonly #deviceRings: DeviceIoRings;
 
-  constructor(buffers: DatapathBuffers) {
+  readonly #rxUsed: RxUsedSpec | null;
+  /** Each token's chain, for reading published frames back. */
+  readonly #chainOf = new Map<number, { addr: number }>();
+  #nextToken = 1;
+  /** The next used element to read back. */
+  #usedNext = 0;
+
+  /**
+   * `rxUsed`: where the poller publishes (the rig gives the same place to the
+   * poller); the device's start is played here: RX_TAKES says the guest
+   * takes everything (num_buffers always written), RX_USED_IDX starts at 0.
+   */
+  constructor(buffers: DatapathBuffers, rxUsed: RxUsedSpec | null = null) {
     this.ctl = new Int32Array(buffers.control);
     this.tx = SpscRing.attach(buffers.tx);
     this.rxPost = SpscRing.attach(buffers.rxPost);
     this.rxDone = SpscRing.attach(buffers.rxDone);
+    this.#rxUsed = rxUsed;
+    Atomics.store(this.ctl, CTL.RX_TAKES, RXT_ALL);
     this.#txHeader = new Int32Array(buffers.tx, 0, 96);
     // The device's own signalling code (the bounce arena is not used here).
     this.#deviceRings = new DeviceIoRings(buffers, 1);
@@ -195,7 +237,9 @@ export class FakeDeviceSide {
       w.fill(0, off, off + RX_POST_RECORD_WORDS);
       w[off + RX_POST.IOV_COUNT] = spec.iovCount ?? spec.iovs.length;
       w[off + RX_POST.CAPACITY] = spec.capacity ?? spec.iovs.reduce((s, v) => s + v.len, 0);
-      w[off + RX_POST.TOKEN] = spec.token ?? 0;
+      const token = spec.token ?? (this.#nextToken++ & 0x7fff_ffff);
+      this.#chainOf.set(token, { addr: spec.iovs[0]?.addr ?? 0 });
+      w[off + RX_POST.TOKEN] = token;
       w[off + RX_POST.FLAGS] = spec.flags ?? 0;
       writeIovs(w, off + RX_POST.IOV, spec.iovs, RX_POST_RECORD_WORDS - RX_POST.IOV);
       n++;
@@ -229,6 +273,47 @@ export class FakeDeviceSide {
       out.push(rec);
     }
     if (n !== 0) this.rxDone.release(n);
+    return out;
+  }
+
+  /**
+   * Takes every rx-done record, RX_PUBLISHED ones read back from the used
+   * ring as their frames (see {@link RxEvent}).
+   */
+  takeRx(): RxEvent[] {
+    const out: RxEvent[] = [];
+    for (const rec of this.takeRxDone()) {
+      if (rec.status !== RX_PUBLISHED) {
+        out.push({ chains: rec.chains, bytes: rec.bytes, status: rec.status });
+        continue;
+      }
+      const u = this.#rxUsed;
+      if (u === null) throw new Error("RX_PUBLISHED, but the test gave no used ring");
+      const view = new DataView(u.guest.bytes.buffer, u.ringOffset);
+      const elem = (i: number) => {
+        const e = 4 + 8 * (i & (u.size - 1));
+        return { id: view.getUint32(e, true), len: view.getUint32(e + 4, true) };
+      };
+      for (let left = rec.chains; left > 0;) {
+        const first = elem(this.#usedNext);
+        if (first.len === 0) {
+          // A discard: one chain, nothing in it.
+          out.push({ chains: 1, bytes: 0, status: RX_DISCARDED });
+          this.#usedNext = (this.#usedNext + 1) & 0xffff;
+          left--;
+          continue;
+        }
+        const chain = this.#chainOf.get(first.id);
+        if (!chain) throw new Error(`used element names token ${first.id}, never posted`);
+        const at = chain.addr - Number(u.guest.base);
+        const nb = u.guest.bytes[at + 10] | (u.guest.bytes[at + 11] << 8);
+        let bytes = 0;
+        for (let i = 0; i < nb; i++) bytes += elem(this.#usedNext + i).len;
+        this.#usedNext = (this.#usedNext + nb) & 0xffff;
+        left -= nb;
+        out.push({ chains: nb, bytes, status: RX_PUBLISHED });
+      }
+    }
     return out;
   }
 

@@ -52,8 +52,14 @@ try {
     logger,
     ranges: [guest.range()],
     pollerUrl: new URL("./poller_gc_worker.ts", import.meta.url),
+    rxUsed: {
+      ringAddr: guest.base + 0x8000n,
+      size: 256,
+      eventAddr: guest.base + 0x9000n,
+      eventIdx: true,
+    },
   });
-  const dev = new FakeDeviceSide(buffers);
+  const dev = new FakeDeviceSide(buffers, { guest, ringOffset: 0x8000, size: 256 });
   dev.postRx([{ iovs: [{ addr: guest.addr(0x1000), len: 256 }] }]);
 
   const fd = libc.socket(libc.AF_INET, libc.SOCK_DGRAM);

@@ -13,7 +13,7 @@
 import { tapTestsUnavailable } from "../net_ns.ts";
 import assert from "node:assert/strict";
 import { withNetns } from "../net_ns.ts";
-import { RX_STATUS_TOO_BIG } from "../../parent/io_protocol.ts";
+import { RX_STATUS_TOO_BIG } from "../../ipc/datapath.ts";
 
 const LIBC_MODULE = new URL("../../parent/libc.ts", import.meta.url).href;
 const PROBE = new URL("./poller_gc_probe.ts", import.meta.url).pathname;

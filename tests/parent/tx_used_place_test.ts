@@ -49,6 +49,7 @@ Deno.test("init: a txUsed that is not two aligned host addresses and a boolean i
     control: new SharedArrayBuffer(8),
     tx: new SharedArrayBuffer(8),
     rxPost: new SharedArrayBuffer(8),
+    rxLong: new SharedArrayBuffer(8),
     rxDone: new SharedArrayBuffer(8),
     mailbox: new SharedArrayBuffer(64),
     tapFd: 3,

@@ -73,7 +73,14 @@ class FakeSystem implements BackendSystem {
     }
     this.events.push(`map ${fd}`);
     const pointer = Deno.UnsafePointer.create(0x1000n + desc.guestPhysAddr)!;
-    return { ...desc, fd, pointer, mapBase: pointer, mapLength: Number(desc.size) };
+    return {
+      ...desc,
+      fd,
+      pointer,
+      mapBase: pointer,
+      mapLength: Number(desc.size),
+      shrinkSealed: true,
+    };
   }
   unmapRegion(region: MappedRegion): void {
     this.events.push(`unmap ${region.fd}`);

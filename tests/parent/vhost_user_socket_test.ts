@@ -27,6 +27,7 @@ import {
   VHOST_USER_SET_VRING_NUM,
 } from "../../parent/vhost_user_messages.ts";
 import { VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC } from "../../ipc/features.ts";
+import { quietLogger } from "../helpers.ts";
 import { accelArgs, guestAssets, guestAssetsMissing } from "../e2e/guest.ts";
 import {
   makeMemfd,
@@ -675,4 +676,61 @@ Deno.test({
       Deno.removeSync(dir, { recursive: true });
     }
   },
+});
+
+/** A memfd of `size` bytes; with `seals`, those seals added (F_ADD_SEALS). */
+function memfdWithSeals(size: number, seals: number | null): number {
+  const fd = libc.memfdCreate(
+    "vhost-test",
+    libc.MFD_CLOEXEC | (seals === null ? 0 : libc.MFD_ALLOW_SEALING),
+  );
+  libc.ftruncate(fd, size);
+  if (seals !== null) libc.fcntl(fd, libc.F_ADD_SEALS, seals);
+  return fd;
+}
+
+Deno.test("memory a front-end could shrink under us is mapped, with one warning a connection; a sealed memfd is not warned about", async () => {
+  for (
+    const [what, seals, warned] of [
+      ["sealed like QEMU's (seal=on)", libc.F_SEAL_SHRINK | libc.F_SEAL_GROW, false],
+      ["unsealed", null, true],
+    ] as const
+  ) {
+    const { dir, path } = tempSocketPath();
+    const device = new RecordingDevice();
+    const { options } = serveOptions(device);
+    const logger = quietLogger();
+    const server = VhostUserServer.listen(path, { ...options, logger });
+    const fe = TestFrontend.connect(path);
+    try {
+      await fe.send(VHOST_USER_SET_PROTOCOL_FEATURES, encodeU64(VIONET_PROTOCOL_FEATURES));
+      const fds = [memfdWithSeals(0x4000, seals), memfdWithSeals(0x4000, seals)];
+      const table = encodeMemTable([
+        { guestPhysAddr: 0n, size: 0x4000n, userAddr: 0n, mmapOffset: 0n },
+        { guestPhysAddr: 0x10000n, size: 0x4000n, userAddr: 0x10000n, mmapOffset: 0n },
+      ]);
+      await fe.send(VHOST_USER_SET_MEM_TABLE, table, { fds });
+      for (const fd of fds) libc.close(fd);
+      await fe.requestU64(VHOST_USER_GET_FEATURES); // the table has been handled
+      assert.equal(device.regions.length, 2, `${what}: mapped`);
+      assert.deepEqual(device.regions.map((r) => r.shrinkSealed), [!warned, !warned]);
+      const warnings = logger.lines.filter((l) => /not sealed against shrinking/.test(l));
+      assert.equal(warnings.length, warned ? 1 : 0, `${what}: ${logger.lines.join("\n")}`);
+    } finally {
+      fe.close();
+      await server.stop();
+      Deno.removeSync(dir, { recursive: true });
+    }
+  }
+});
+
+Deno.test("Deno ignores SIGPIPE, which the call-fd writes rely on (a pipe with no reader gives EPIPE)", () => {
+  // /proc/self/status SigIgn: bit (signal - 1); SIGPIPE is 13.
+  const status = Deno.readTextFileSync("/proc/self/status");
+  const ignored = BigInt(`0x${/^SigIgn:\s*([0-9a-f]+)/m.exec(status)![1]}`);
+  assert.equal((ignored >> 12n) & 1n, 1n, "SIGPIPE is ignored");
+  const [r, w] = libc.pipe2(libc.O_CLOEXEC);
+  libc.close(r);
+  assert.throws(() => libc.write(w, new Uint8Array(8)), /EPIPE/);
+  libc.close(w);
 });
