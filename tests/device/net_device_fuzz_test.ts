@@ -605,7 +605,7 @@ interface RxFed {
   kind: string;
 }
 
-interface Stats {
+export interface Stats {
   cases: number;
   refusedFeatureSets: number;
   txChains: number;
@@ -625,7 +625,7 @@ interface Stats {
   rounds: number;
 }
 
-function newStats(): Stats {
+export function newStats(): Stats {
   return {
     cases: 0,
     refusedFeatureSets: 0,
@@ -1518,7 +1518,7 @@ function randomQueues(r: Rand): { sizes: [number, number]; start: [number, numbe
   return { sizes: [size(), size()], start: [start(), start()] };
 }
 
-async function runCase(seed: number, stats: Stats): Promise<void> {
+export async function runCase(seed: number, stats: Stats): Promise<void> {
   const r = new Rand(seed);
   const { features, refused } = randomFeatures(r);
   if (refused) stats.refusedFeatureSets++;

@@ -201,7 +201,7 @@ function refWalk(c: RefConfig, head: number): RefResult {
 
 // ---------------------------------------------------------------- one case
 
-interface Stats {
+export interface Stats {
   chains: number;
   dropped: number;
   resets: number;
@@ -263,7 +263,7 @@ function interestingLength(r: Rand): number {
   }
 }
 
-function runCase(seed: number, stats: Stats): void {
+export function runCase(seed: number, stats: Stats): void {
   const r = new Rand(seed);
   const size = 1 << r.int(9); // 1..256
   const features = (r.chance(0.5) ? VIRTIO_RING_F_EVENT_IDX : 0n) |
