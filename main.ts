@@ -9,8 +9,14 @@
  * @module
  */
 
-import { capabilities, type Options, parseOptions, usage, UsageError } from "./parent/cli.ts";
-import { stderrLogger } from "./parent/log.ts";
+import {
+  capabilities,
+  type Options,
+  parseOptions,
+  usage,
+  UsageError,
+} from "./parent/control/cli.ts";
+import { stderrLogger } from "./parent/control/log.ts";
 
 /** The Deno permissions the parent needs, and what for (the `start` task grants exactly these). */
 const NEEDED: ReadonlyArray<[Deno.PermissionDescriptor, string, string]> = [
@@ -56,14 +62,14 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   }
   if (opts.printPermissions) {
-    const { buildAudit, formatAudit } = await import("./parent/audit.ts");
+    const { buildAudit, formatAudit } = await import("./parent/host/audit.ts");
     const audit = buildAudit(opts, { observe: true });
     console.log(Deno.stdout.isTerminal() ? formatAudit(audit) : JSON.stringify(audit, null, 2));
     return 0;
   }
   const logger = stderrLogger(opts.logLevel);
   try {
-    const { runDaemon } = await import("./parent/daemon.ts");
+    const { runDaemon } = await import("./parent/control/daemon.ts");
     return await runDaemon(opts, logger);
   } catch (e) {
     logger.log("error", "parent", (e as Error).message);

@@ -1,7 +1,7 @@
 /**
  * The raw tap ceiling: one thread, one tap, nothing else. Creates tap
- * `--tap` (with a 12-byte vnet header, through parent/tap.ts and
- * parent/libc.ts), prints `ready`, then loops until killed:
+ * `--tap` (with a 12-byte vnet header, through parent/host/tap.ts and
+ * parent/host/libc.ts), prints `ready`, then loops until killed:
  *
  * - `--mode write`: `write()`s the same frame the backends carry (vnet header
  *   first) as fast as it can; the bench counts the tap's rx counters. The fd
@@ -22,8 +22,8 @@
  */
 
 import { parseArgs } from "node:util";
-import * as libc from "../parent/libc.ts";
-import { createTap } from "../parent/tap.ts";
+import * as libc from "../parent/host/libc.ts";
+import { createTap } from "../parent/host/tap.ts";
 import { tsoFrame, udpFrame, VNET_HDR_LEN, vnetHeader } from "./frames.ts";
 
 /** The bytes one `write()` hands the tap for frame kind `kind`. */

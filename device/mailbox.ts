@@ -13,7 +13,7 @@
  * `postMessage`) and rings the device's doorbell; the worker counts what it
  * receives; while the two differ, the loop yields to the event loop instead
  * of working or sleeping. (The I/O workers do the same with their own
- * mailbox word: `parent/io_protocol.ts`.)
+ * mailbox word: `parent/io/protocol.ts`.)
  *
  * The parent starts counting with the first message after `start-queues`,
  * so the count here starts again when the device accepts one

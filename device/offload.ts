@@ -11,7 +11,7 @@
  *
  * RX (tap → guest) needs nothing here: TUNSCAP keeps the tap from writing
  * what the guest did not negotiate, and the poller checks each header
- * against what the guest takes (`parent/rx_publisher.ts`).
+ * against what the guest takes (`parent/io/rx_publisher.ts`).
  *
  * Failure policy: a bad frame is dropped and `drops[reason]` counted; nothing
  * here throws on frame contents. Software work on a TX frame happens on a

@@ -431,7 +431,7 @@ export class SpscRing {
   /**
    * Consumer: continues from `tail`, where another consumer of this ring
    * left it, for a consumer end that threads take turns on under a lock
-   * (`parent/tx_drain.ts`). The next `available()` checks the producer's
+   * (`parent/io/tx_drain.ts`). The next `available()` checks the producer's
    * head against it.
    */
   adoptTail(tail: number): void {

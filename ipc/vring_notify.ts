@@ -2,7 +2,7 @@
  * Used buffer notifications (virtio 1.2 §2.7.7, §2.7.10), shared by the two
  * threads that decide them: the device for its queues (`device/virtqueue.ts`)
  * and the writer for the TX completions it publishes
- * (`parent/io_writer_worker.ts`). Pure functions and one barrier; no
+ * (`parent/io/writer_worker.ts`). Pure functions and one barrier; no
  * guest-memory access of its own.
  *
  * @module

@@ -1,7 +1,7 @@
 /** Small helpers shared by tests. */
 
 import type { DeviceConfig } from "../ipc/protocol.ts";
-import type { Logger } from "../parent/log.ts";
+import type { Logger } from "../parent/control/log.ts";
 
 /** A device configuration for tests. */
 export function testConfig(overrides: Partial<DeviceConfig> = {}): DeviceConfig {
@@ -27,7 +27,7 @@ export function quietLogger(): Logger & { lines: string[] } {
 }
 
 /** The Deno flags of the `start` task in deno.json: tests run the daemon's code under them. */
-export { startTaskFlags } from "../parent/audit.ts";
+export { startTaskFlags } from "../parent/host/audit.ts";
 
 /** Absolute path of the repository's root. */
 export const ROOT = new URL("..", import.meta.url).pathname;

@@ -9,7 +9,7 @@
  *                                        198.18.0.1, 2001:2::1        (deno eval)
  *     guest: 52:54:00:12:34:56, 198.18.0.2, 2001:2::2 (static neighbour entries)
  *
- * The set-up follows the daemon (parent/device_port.ts): grant memory → set
+ * The set-up follows the daemon (parent/control/device_port.ts): grant memory → set
  * features (TUNSCAP applied through the daemon's own handler) → start the
  * I/O workers → kick/call eventfds → start the queues; and the reverse on
  * the way out, even on failure: stop the I/O workers, stop the queues, take
@@ -47,16 +47,16 @@
 
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import * as libc from "../../parent/libc.ts";
-import { createTap, type Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 } from "../../parent/tap.ts";
-import { DeviceHost } from "../../parent/device_host.ts";
+import * as libc from "../../parent/host/libc.ts";
+import { createTap, type Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 } from "../../parent/host/tap.ts";
+import { DeviceHost } from "../../parent/control/device_host.ts";
 import {
   createDatapathBuffers,
   DatapathHost,
   rxUsedPlace,
   txUsedPlace,
-} from "../../parent/datapath_host.ts";
-import { allowedTapOffloads, tunscapHandler } from "../../parent/daemon.ts";
+} from "../../parent/control/datapath_host.ts";
+import { allowedTapOffloads, tunscapHandler } from "../../parent/control/daemon.ts";
 import { RX_QUEUE, TX_QUEUE } from "../../ipc/datapath.ts";
 import {
   VIRTIO_F_VERSION_1,
@@ -797,7 +797,7 @@ async function withRig(opts: RigOptions, fn: (rig: Rig) => Promise<void>): Promi
         "the device offers every feature the test negotiates",
       );
 
-      // The daemon's order (parent/device_port.ts): grant → features → I/O workers → fds → queues.
+      // The daemon's order (parent/control/device_port.ts): grant → features → I/O workers → fds → queues.
       await device.grantMemory([{
         guestPhysAddr: GPA,
         size: MEM_BYTES,

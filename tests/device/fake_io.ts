@@ -41,16 +41,16 @@ import {
 import type { DatapathGrant } from "../../ipc/protocol.ts";
 import { SPSC_RING_WORD, SpscRing } from "../../ipc/spsc_ring.ts";
 import type { TestDriver, TestGuest } from "./driver.ts";
-import type { HostMemory } from "../../parent/io_regions.ts";
-import { RX_FRAME_ROOM_MAX } from "../../parent/io_protocol.ts";
-import { RxPublisher } from "../../parent/rx_publisher.ts";
+import type { HostMemory } from "../../parent/io/regions.ts";
+import { RX_FRAME_ROOM_MAX } from "../../parent/io/protocol.ts";
+import { RxPublisher } from "../../parent/io/rx_publisher.ts";
 import {
   BATCH_SLOT_WORDS,
   RX_BATCH,
   type RxBatchReader,
   type RxReadEngine,
   RxReceiver,
-} from "../../parent/rx_receiver.ts";
+} from "../../parent/io/rx_receiver.ts";
 import { usedNotifyWanted } from "../../ipc/vring_notify.ts";
 import { VIRTIO_RING_F_EVENT_IDX } from "../../ipc/features.ts";
 
@@ -334,8 +334,8 @@ export class FakeIo {
   }
 
   /**
-   * Plays the poller with its real receive code (`parent/rx_receiver.ts`,
-   * `parent/rx_publisher.ts`) over fake host addresses, publishing into
+   * Plays the poller with its real receive code (`parent/io/rx_receiver.ts`,
+   * `parent/io/rx_publisher.ts`) over fake host addresses, publishing into
    * `driver`'s used ring. `batch`: read through a fake batch engine (as with
    * io_uring). Call before the first {@link receive}.
    */

@@ -77,7 +77,7 @@ import {
   RX_UNUSED,
   rxSignalChains,
 } from "../../ipc/datapath.ts";
-import { RX_FRAME_ROOM_MAX } from "../../parent/io_protocol.ts";
+import { RX_FRAME_ROOM_MAX } from "../../parent/io/protocol.ts";
 import {
   VIRTIO_F_VERSION_1,
   VIRTIO_NET_F_CSUM,
@@ -95,8 +95,8 @@ import {
   VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../../ipc/features.ts";
-import { DeviceHost } from "../../parent/device_host.ts";
-import * as libc from "../../parent/libc.ts";
+import { DeviceHost } from "../../parent/control/device_host.ts";
+import * as libc from "../../parent/host/libc.ts";
 import { quietLogger, testConfig } from "../helpers.ts";
 import { type PostedChain, TestDriver, TestGuest, type TestRegionSpec } from "./driver.ts";
 import { FAKE_BOUNCE, FAKE_HOST, FakeIo } from "./fake_io.ts";

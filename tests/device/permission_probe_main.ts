@@ -3,7 +3,7 @@
  * creates a worker exactly as the daemon creates the device, runs the probe
  * in it, and prints the results as JSON.
  */
-import { DEVICE_WORKER_OPTIONS } from "../../parent/device_host.ts";
+import { DEVICE_WORKER_OPTIONS } from "../../parent/control/device_host.ts";
 
 const worker = new Worker(new URL("./permission_probe.ts", import.meta.url), DEVICE_WORKER_OPTIONS);
 worker.onmessage = (e) => {

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { DEVICE_WORKER_OPTIONS, DeviceHost } from "../../parent/device_host.ts";
+import { DEVICE_WORKER_OPTIONS, DeviceHost } from "../../parent/control/device_host.ts";
 import { PERMISSION_NAMES } from "../../ipc/protocol.ts";
 import { quietLogger, startTaskFlags, testConfig } from "../helpers.ts";
 import { withNetns } from "../net_ns.ts";

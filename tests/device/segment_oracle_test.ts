@@ -23,7 +23,7 @@
  */
 
 import assert from "node:assert/strict";
-import { createTap, type Tap, VNET_HDR_LEN } from "../../parent/tap.ts";
+import { createTap, type Tap, VNET_HDR_LEN } from "../../parent/host/tap.ts";
 import { exec, type Netns, tapTestsUnavailable, withNetns } from "../net_ns.ts";
 import { createNetOffloadContext, processTx } from "../../device/offload.ts";
 import {

@@ -4,7 +4,7 @@
  * the receiver, and a well-formed request afterwards is still served.
  */
 import assert from "node:assert/strict";
-import { DeviceHost } from "../../parent/device_host.ts";
+import { DeviceHost } from "../../parent/control/device_host.ts";
 import { RefusedError } from "../../ipc/endpoint.ts";
 import { PROTOCOL_VERSION } from "../../ipc/protocol.ts";
 import { DEVICE_FEATURES } from "../../device/negotiation.ts";

@@ -1,0 +1,281 @@
+/**
+ * The command line, following the "Backend program conventions" of QEMU's
+ * docs/interop/vhost-user.rst (`--socket-path`, `--fd`, `--print-capabilities`)
+ * so that VMMs and libvirt can start vionet like any other vhost-user backend.
+ *
+ * Parsing is complete before anything is created: a bad option leaves no tap
+ * and no socket behind.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import type { LogLevel, OffloadMode } from "../../ipc/protocol.ts";
+import { LOG_LEVELS } from "./log.ts";
+import type { IoUringMode } from "../io/protocol.ts";
+
+/** A command line that cannot be run; main prints the message and exits 2. */
+export class UsageError extends Error {
+  override name = "UsageError";
+}
+
+/** What the daemon was asked to do. */
+export interface Options {
+  help: boolean;
+  printCapabilities: boolean;
+  printPermissions: boolean;
+  /** Where to listen (or, with `client`, connect); null when `listenFd` is used. */
+  socketPath: string | null;
+  /** A listening socket inherited from the supervisor (`--fd`). */
+  listenFd: number | null;
+  /** Connect to a VMM that listens on `socketPath`, and reconnect when it goes. */
+  client: boolean;
+  /** The tap to create or attach to; null when `tapFd` is used. */
+  tap: string | null;
+  /** A tap descriptor inherited from the supervisor (`--tap-fd`). */
+  tapFd: number | null;
+  /** The guest's MAC address, six octets. */
+  mac: number[];
+  mtu: number;
+  offload: OffloadMode;
+  /** Whether the I/O workers may batch tap writes and reads through io_uring. */
+  ioUring: IoUringMode;
+  logLevel: LogLevel;
+}
+
+interface OptionSpec {
+  type: "string" | "boolean";
+  arg?: string;
+  help: string;
+  /** The default as shown in --help. */
+  shown?: string;
+}
+
+/** Every option, in --help order. */
+export const OPTIONS: Record<string, OptionSpec> = {
+  "socket-path": {
+    type: "string",
+    arg: "PATH",
+    help: "vhost-user socket to listen on (or connect to, with --client)",
+    shown: "$XDG_RUNTIME_DIR/vionet/<tap>.sock, or /run/vionet/<tap>.sock",
+  },
+  "fd": {
+    type: "string",
+    arg: "N",
+    help: "use the inherited listening socket N instead of --socket-path",
+  },
+  "client": {
+    type: "boolean",
+    help: "connect to a VMM that listens on --socket-path; reconnect when it goes",
+  },
+  "tap": {
+    type: "string",
+    arg: "IFNAME",
+    help: "tap interface to create (or attach to)",
+    shown: "vionet0",
+  },
+  "tap-fd": {
+    type: "string",
+    arg: "N",
+    help: "use the inherited tap descriptor N (opened with IFF_VNET_HDR)",
+  },
+  "mac": {
+    type: "string",
+    arg: "MAC",
+    help: "the guest's MAC address",
+    shown: "52:54:00:xx:xx:xx, derived from the tap name",
+  },
+  "mtu": { type: "string", arg: "N", help: "MTU offered to the guest (68..65535)", shown: "1500" },
+  "offload": {
+    type: "string",
+    arg: "auto|off",
+    help: "auto: use the tap's offloads; off: never, checksum and segment in software",
+    shown: "auto",
+  },
+  "io-uring": {
+    type: "string",
+    arg: "auto|off",
+    help: "auto: batch tap writes and reads through io_uring when the kernel allows; " +
+      "off: one writev/readv each",
+    shown: "auto",
+  },
+  "log-level": { type: "string", arg: "LEVEL", help: LOG_LEVELS.join("|"), shown: "info" },
+  "print-capabilities": {
+    type: "boolean",
+    help: "print the backend's capabilities as JSON and exit",
+  },
+  "print-permissions": {
+    type: "boolean",
+    help: "print what each part of vionet may do (JSON, or a table on a terminal) and exit",
+  },
+  "help": { type: "boolean", help: "show this help and exit" },
+};
+
+/** The --help text. */
+export function usage(): string {
+  const lines = [
+    "vionet: a virtio-net device backend (vhost-user) on a Linux tap",
+    "",
+    "usage: deno task start [--socket-path PATH | --fd N] [--client] [--tap IFNAME | --tap-fd N]",
+    "                       [--mac MAC] [--mtu N] [--offload auto|off] [--io-uring auto|off]",
+    "                       [--log-level LEVEL]",
+    "                       [--print-capabilities] [--print-permissions] [--help]",
+    "",
+    "options:",
+  ];
+  for (const [name, spec] of Object.entries(OPTIONS)) {
+    const left = `  --${name}${spec.arg ? ` ${spec.arg}` : ""}`;
+    lines.push(`${left.padEnd(28)} ${spec.help}`);
+    if (spec.shown) lines.push(`${"".padEnd(28)} (default: ${spec.shown})`);
+  }
+  return lines.join("\n");
+}
+
+/** The JSON the vhost-user backend conventions ask for from --print-capabilities. */
+export function capabilities(): string {
+  return JSON.stringify({ type: "net" });
+}
+
+/** An interface name the kernel accepts (dev_valid_name): 1..15 bytes, no '/', ':' or space. */
+export function validIfname(name: string): boolean {
+  return /^[A-Za-z0-9_.@+-]{1,15}$/.test(name) && name !== "." && name !== "..";
+}
+
+/** Parses `AA:BB:CC:DD:EE:FF` into octets; null if it is not a unicast MAC. */
+export function parseMac(text: string): number[] | null {
+  const m = /^([0-9a-fA-F]{2})(?::([0-9a-fA-F]{2})){5}$/.test(text) ? text.split(":") : null;
+  if (!m) return null;
+  const octets = m.map((h) => parseInt(h, 16));
+  if ((octets[0] & 1) !== 0 || octets.every((b) => b === 0)) return null;
+  return octets;
+}
+
+/** Formats six octets as `aa:bb:cc:dd:ee:ff`. */
+export function formatMac(mac: readonly number[]): string {
+  return mac.map((b) => b.toString(16).padStart(2, "0")).join(":");
+}
+
+/** A stable, locally administered MAC for a tap name: the same tap, the same guest MAC. */
+export function defaultMac(tap: string): number[] {
+  let h = 0x811c9dc5; // FNV-1a
+  for (const c of new TextEncoder().encode(tap)) h = Math.imul(h ^ c, 0x01000193) >>> 0;
+  return [0x52, 0x54, 0x00, (h >>> 16) & 0xff, (h >>> 8) & 0xff, h & 0xff];
+}
+
+/** The socket path used when none is given. */
+export function defaultSocketPath(tap: string, env: { XDG_RUNTIME_DIR?: string }): string {
+  return `${env.XDG_RUNTIME_DIR || "/run"}/vionet/${tap}.sock`;
+}
+
+function parseFd(flag: string, text: string): number {
+  if (!/^\d{1,9}$/.test(text)) {
+    throw new UsageError(`--${flag} wants a descriptor number, got "${text}"`);
+  }
+  const fd = Number(text);
+  if (fd < 3) throw new UsageError(`--${flag} ${fd}: descriptors 0-2 are stdin, stdout and stderr`);
+  return fd;
+}
+
+/** Parses argv; throws UsageError naming the first thing wrong. */
+export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } = {}): Options {
+  let values: Record<string, string | boolean | undefined>;
+  try {
+    const spec = Object.fromEntries(
+      Object.entries(OPTIONS).map(([k, v]) => [k, { type: v.type }]),
+    ) as Record<string, { type: "string" | "boolean" }>;
+    ({ values } = parseArgs({ args: argv, options: spec, strict: true, allowPositionals: false }));
+  } catch (e) {
+    throw new UsageError(describeParseError(e as Error));
+  }
+  const str = (k: string) => values[k] as string | undefined;
+  const flag = (k: string) => values[k] === true;
+
+  if (str("socket-path") !== undefined && str("fd") !== undefined) {
+    throw new UsageError("--socket-path and --fd are mutually exclusive");
+  }
+  if (str("tap") !== undefined && str("tap-fd") !== undefined) {
+    throw new UsageError("--tap and --tap-fd are mutually exclusive");
+  }
+  if (flag("client") && str("fd") !== undefined) {
+    throw new UsageError("--client connects to --socket-path; it cannot use an inherited --fd");
+  }
+
+  const tapFd = str("tap-fd") === undefined ? null : parseFd("tap-fd", str("tap-fd")!);
+  const tap = tapFd === null ? str("tap") ?? "vionet0" : null;
+  if (tap !== null && !validIfname(tap)) {
+    throw new UsageError(
+      `--tap "${tap}" is not a valid interface name (1-15 of A-Z a-z 0-9 _ . @ + -)`,
+    );
+  }
+
+  const listenFd = str("fd") === undefined ? null : parseFd("fd", str("fd")!);
+  let socketPath = str("socket-path") ?? null;
+  if (socketPath === "") throw new UsageError("--socket-path is empty");
+  if (socketPath !== null && new TextEncoder().encode(socketPath).length > 107) {
+    throw new UsageError(`--socket-path is longer than the 107 bytes a unix socket address holds`);
+  }
+  if (socketPath === null && listenFd === null) {
+    socketPath = defaultSocketPath(tap ?? `fd${tapFd}`, env);
+  }
+
+  const macText = str("mac");
+  const mac = macText === undefined ? defaultMac(tap ?? `fd${tapFd}`) : parseMac(macText);
+  if (mac === null) {
+    throw new UsageError(`--mac "${macText}" is not a unicast MAC address like 52:54:00:12:34:56`);
+  }
+
+  const mtuText = str("mtu") ?? "1500";
+  const mtu = /^\d{1,5}$/.test(mtuText) ? Number(mtuText) : NaN;
+  if (!(mtu >= 68 && mtu <= 65535)) throw new UsageError(`--mtu "${mtuText}" is not in 68..65535`);
+
+  const offload = str("offload") ?? "auto";
+  if (offload !== "auto" && offload !== "off") {
+    throw new UsageError(`--offload "${offload}" must be auto or off`);
+  }
+  const ioUring = str("io-uring") ?? "auto";
+  if (ioUring !== "auto" && ioUring !== "off") {
+    throw new UsageError(`--io-uring "${ioUring}" must be auto or off`);
+  }
+  const logLevel = str("log-level") ?? "info";
+  if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) {
+    throw new UsageError(`--log-level "${logLevel}" must be one of ${LOG_LEVELS.join(", ")}`);
+  }
+
+  return {
+    help: flag("help"),
+    printCapabilities: flag("print-capabilities"),
+    printPermissions: flag("print-permissions"),
+    socketPath,
+    listenFd,
+    client: flag("client"),
+    tap,
+    tapFd,
+    mac,
+    mtu,
+    offload,
+    ioUring,
+    logLevel: logLevel as LogLevel,
+  };
+}
+
+/** Turns node:util's parseArgs messages into one line naming the option. */
+function describeParseError(e: Error): string {
+  const code = (e as { code?: string }).code;
+  const opt = /'(-[^' ]+)/.exec(e.message)?.[1];
+  switch (code) {
+    case "ERR_PARSE_ARGS_UNKNOWN_OPTION":
+      return `unknown option ${opt ?? e.message} (see --help)`;
+    case "ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL":
+      return `unexpected argument ${
+        /'([^']*)'/.exec(e.message)?.[1] ?? ""
+      } (options start with --)`;
+    case "ERR_PARSE_ARGS_INVALID_OPTION_VALUE":
+      return opt
+        ? `option ${opt.split(" ")[0]} ${
+          /argument missing/.test(e.message) ? "needs a value" : "takes no value"
+        }`
+        : e.message.split("\n")[0];
+    default:
+      return e.message.split("\n")[0];
+  }
+}

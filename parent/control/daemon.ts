@@ -1,0 +1,285 @@
+/**
+ * The daemon: opens or adopts the tap, starts the device worker, serves the
+ * device's requests (TUNSCAP) under the operator's policy, and shuts down
+ * cleanly on SIGINT/SIGTERM. It never daemonizes itself (vhost-user backend
+ * program conventions): a supervisor or a terminal owns it.
+ *
+ * @module
+ */
+
+import { featureNames, GUEST_OFFLOAD_FEATURES } from "../../ipc/features.ts";
+import type { DeviceConfig } from "../../ipc/protocol.ts";
+import { RefusedError } from "../../ipc/endpoint.ts";
+import { formatMac, type Options } from "./cli.ts";
+import { DeviceHost } from "./device_host.ts";
+import type { Logger } from "./log.ts";
+import { adoptTap, createTap, type Tap, tunFlagNames } from "../host/tap.ts";
+import { applyTunscap } from "../host/tunscap.ts";
+import { dropPrivileges } from "../host/privileges.ts";
+import { retiredMemory } from "./retired_memory.ts";
+import * as libc from "../host/libc.ts";
+import { VionetDevicePort } from "./device_port.ts";
+import { VhostUserClient, VhostUserServer } from "./vhost_user_socket.ts";
+
+/** The guest offloads the parent lets TUNSCAP put on the tap, by `--offload` mode. */
+export function allowedTapOffloads(mode: Options["offload"]): bigint {
+  return mode === "auto" ? GUEST_OFFLOAD_FEATURES : 0n;
+}
+
+/** Serves TUNSCAP against `tap` under `allowed`; a refusal becomes a typed error. */
+export function tunscapHandler(
+  tap: Tap,
+  allowed: bigint,
+  logger: Logger,
+  onApplied: () => void = () => {},
+) {
+  return (offloads: bigint): bigint => {
+    const result = applyTunscap(tap, offloads, allowed);
+    if (!result.ok) {
+      logger.log("warn", "parent", result.message);
+      throw new RefusedError(result.message, "offloads");
+    }
+    onApplied();
+    logger.log(
+      "info",
+      "parent",
+      `TUNSCAP: tap ${tap.name} offloads now ${tunFlagNames(result.tunFlags).join(" ") || "none"}` +
+        (result.dropped ? ` (kernel lacks ${featureNames(result.dropped).join(" ")})` : ""),
+    );
+    return result.inForce;
+  };
+}
+
+/** The QEMU options that attach a VM to this backend. */
+export function qemuOptions(socketPath: string, mac: readonly number[], server = false): string {
+  return [
+    "-object memory-backend-memfd,id=mem0,size=1G,share=on -numa node,memdev=mem0",
+    `-chardev socket,id=vionet0,path=${socketPath}${
+      server ? ",server=on,wait=off" : ",reconnect=1"
+    }`,
+    "-netdev vhost-user,id=net0,chardev=vionet0",
+    `-device virtio-net-pci,netdev=net0,mac=${formatMac(mac)}`,
+  ].join(" \\\n  ");
+}
+
+/** A running daemon; `stop()` undoes everything it set up. */
+export interface Daemon {
+  tap: Tap;
+  device: DeviceHost;
+  config: DeviceConfig;
+  port: VionetDevicePort;
+  /** The vhost-user service (null until `serve()`). */
+  service: VhostUserServer | VhostUserClient | null;
+  /** Starts serving vhost-user as the options say. */
+  serve(): void;
+  stop(): Promise<void>;
+}
+
+/** Sets everything up; on failure, whatever was already set up is undone before it throws. */
+export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon> {
+  retiredMemory.configure({ logger });
+  const tap = opts.tapFd !== null ? adoptTap(opts.tapFd) : createTap(opts.tap!);
+  const config: DeviceConfig = {
+    mac: opts.mac,
+    mtu: opts.mtu,
+    offloadMode: opts.offload,
+    logLevel: opts.logLevel,
+  };
+  let device: DeviceHost;
+  // The port exists only once the device does; a queue fault reaches it through this.
+  const late: { port?: VionetDevicePort } = {};
+  const onQueueFault = (queue: number) => late.port?.queueFault(queue);
+  const onOffloads = () => late.port?.tapOffloadsChanged();
+  try {
+    device = await startDevice(tap, config, opts, logger, onQueueFault, onOffloads);
+  } catch (e) {
+    tap.close();
+    throw e;
+  }
+  const port = new VionetDevicePort({
+    device,
+    tapFd: tap.fd,
+    logger,
+    ioUring: opts.ioUring,
+    tapReadRoom: () => tap.readRoom(),
+  });
+  late.port = port;
+  let stopping = false;
+  const daemon: Daemon = {
+    tap,
+    device,
+    config,
+    port,
+    service: null,
+    serve() {
+      const serveOpts = {
+        device: port,
+        logger,
+        onDisconnect: (info: { reason: string; error?: Error; messages: number }) =>
+          logger.log(
+            info.reason === "eof" || info.reason === "stopped" ? "info" : "warn",
+            "vhost-user",
+            `front-end disconnected (${info.reason}${
+              info.error ? `: ${info.error.message}` : ""
+            }); ` +
+              `waiting for the next one`,
+          ),
+        onRefused: () =>
+          logger.log("warn", "vhost-user", "refused a second front-end: one is connected"),
+      };
+      if (opts.listenFd !== null) {
+        daemon.service = VhostUserServer.fromFd(opts.listenFd, serveOpts);
+      } else if (opts.client) {
+        daemon.service = VhostUserClient.connect(opts.socketPath!, serveOpts);
+      } else {
+        libc.mkdirs(dirname(opts.socketPath!), 0o700);
+        daemon.service = VhostUserServer.listen(opts.socketPath!, serveOpts);
+      }
+    },
+    async stop() {
+      stopping = true;
+      // The server removes its own socket file as it stops.
+      await daemon.service?.stop();
+      daemon.device.terminate();
+      tap.close();
+    },
+  };
+  // A device worker that dies (a bug: it never throws on guest input) ends the
+  // connection, since every request to it now fails; a new one serves the next.
+  device.onDeath = (reason) => {
+    if (stopping) return;
+    logger.log("error", "parent", `${reason}; starting a new device worker`);
+    startDevice(tap, config, opts, logger, onQueueFault, onOffloads).then((d) => {
+      daemon.device = d;
+      d.onDeath = device.onDeath;
+      port.replaceDevice(d);
+    }, (e) => logger.log("error", "parent", `cannot restart the device: ${(e as Error).message}`));
+  };
+  return daemon;
+}
+
+/** Logs the device's counters per queue and the data path's, one line each. */
+async function logStats(daemon: Daemon, logger: Logger): Promise<void> {
+  const queues = await daemon.device.getStats();
+  for (const [name, counters] of Object.entries(queues)) {
+    logger.log("info", "stats", `${name} ${JSON.stringify(counters)}`);
+  }
+  const io = daemon.port.datapathCounters();
+  logger.log("info", "stats", `datapath ${io ? JSON.stringify(io) : "not running"}`);
+  logger.log(
+    "info",
+    "stats",
+    `retired memory ${
+      JSON.stringify({
+        reservedBytes: retiredMemory.reservedBytes,
+        ranges: retiredMemory.ranges().length,
+        retiredEver: retiredMemory.retiredCount,
+        reclaimedBytes: retiredMemory.reclaimedBytes,
+      })
+    }`,
+  );
+}
+
+function dirname(path: string): string {
+  const i = path.lastIndexOf("/");
+  return i <= 0 ? "/" : path.slice(0, i);
+}
+
+function startDevice(
+  tap: Tap,
+  config: DeviceConfig,
+  opts: Options,
+  logger: Logger,
+  onQueueFault: (queue: number) => void,
+  onOffloads: () => void,
+) {
+  return DeviceHost.start({
+    config,
+    handlers: {
+      tunscap: tunscapHandler(tap, allowedTapOffloads(opts.offload), logger, onOffloads),
+    },
+    logger,
+    onQueueFault: (queue, reason) => {
+      logger.log("error", "device", `queue ${queue} needs a reset: ${reason}`);
+      onQueueFault(queue);
+    },
+  });
+}
+
+/** Exit status when a worker the daemon ended keeps running (`retired_memory.ts`). */
+export const EXIT_UNCONTAINED = 3;
+const UNCONTAINED = "uncontained";
+
+/** Runs until SIGINT or SIGTERM; returns the exit status. */
+export async function runDaemon(opts: Options, logger: Logger): Promise<number> {
+  const daemon = await startDaemon(opts, logger);
+  const { tap } = daemon;
+  try {
+    daemon.serve();
+    // Set-up is done: the tap is open and up, the socket exists. Nothing after
+    // this needs a capability (TUNSETOFFLOAD works on the open tap without
+    // CAP_NET_ADMIN), so every thread gives them all up, for good.
+    const drop = dropPrivileges();
+    logger.log(
+      "info",
+      "parent",
+      `dropped ${drop.dropped.length} capabilities on ${drop.threads} threads` +
+        (drop.kept.length ? `; kept ${drop.kept.join(" ")}` : "; kept none") +
+        "; no_new_privs set",
+    );
+  } catch (e) {
+    await daemon.stop();
+    throw e;
+  }
+  logger.log(
+    "info",
+    "parent",
+    `tap ${tap.name} ${tap.created ? "created" : "attached"}; kernel offloads: ${
+      tunFlagNames(tap.kernelOffloads).join(" ") || "none"
+    }; --offload ${opts.offload}`,
+  );
+  logger.log("info", "parent", "device worker started with no permissions");
+  if (opts.listenFd !== null) {
+    logger.log("info", "parent", `serving vhost-user on inherited fd ${opts.listenFd}`);
+  } else {
+    logger.log(
+      "info",
+      "parent",
+      `${opts.client ? "connecting to" : "listening on"} ${opts.socketPath}`,
+    );
+    console.log(
+      `vionet: tap ${tap.name}, vhost-user socket ${opts.socketPath}\n` +
+        `Attach a VM with these QEMU options:\n  ${
+          qemuOptions(opts.socketPath!, opts.mac, opts.client)
+        }`,
+    );
+  }
+
+  // SIGUSR2: log every counter (per queue, and the I/O side's), e.g. for a
+  // stalled guest: `kill -USR2 <pid>`. Not SIGUSR1: Deno (2.9.6, measured)
+  // opens its inspector on 127.0.0.1:9229 at SIGUSR1, listener or not.
+  const dumpStats = () => {
+    logStats(daemon, logger).catch((e) =>
+      logger.log("warn", "parent", `SIGUSR2: no stats: ${(e as Error).message}`)
+    );
+  };
+  Deno.addSignalListener("SIGUSR2", dumpStats);
+  const stopped = new Promise<string>((resolve) => {
+    for (const sig of ["SIGINT", "SIGTERM"] as const) {
+      Deno.addSignalListener(sig, () => resolve(sig));
+    }
+    // A worker the daemon ended and cannot stop (retired_memory.ts): only
+    // ending the process stops it; the supervisor starts a fresh one.
+    retiredMemory.configure({ onUncontained: () => resolve(UNCONTAINED) });
+  });
+  const signal = await stopped;
+  Deno.removeSignalListener("SIGUSR2", dumpStats);
+  logger.log(
+    signal === UNCONTAINED ? "error" : "info",
+    "parent",
+    `${signal === UNCONTAINED ? "a worker that was ended still runs" : signal}: shutting down`,
+  );
+  await daemon.stop();
+  if (tap.created) logger.log("info", "parent", `tap ${tap.name} removed`);
+  return signal === UNCONTAINED ? EXIT_UNCONTAINED : 0;
+}

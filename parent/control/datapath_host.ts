@@ -1,0 +1,653 @@
+/**
+ * The parent's side of the data path: allocates the shared buffers of
+ * `ipc/datapath.ts`, starts the two privileged I/O workers (writer and
+ * poller) and configures them over the control protocol of `io/protocol.ts`.
+ *
+ * Revocation: every change that takes something away (a region, a
+ * descriptor) resolves only after both workers that could use it
+ * acknowledged it; only then may the caller unmap the region or close the
+ * old descriptor. The poller, blocked in `poll()`, cannot see a message:
+ * the host bumps the worker's mailbox count, posts, then writes the poller's
+ * wake eventfd, and writes it again every {@link WAKE_RETRY_MS} until the ack
+ * arrives (a safety net; the mailbox makes the first wake-up enough).
+ *
+ * @module
+ */
+
+import * as libc from "../host/libc.ts";
+import { VIRTIO_RING_F_EVENT_IDX } from "../../ipc/features.ts";
+import { SpscRing } from "../../ipc/spsc_ring.ts";
+import {
+  BOUNCE_BYTES,
+  CTL,
+  CTL_BYTES,
+  type DatapathBuffers,
+  POLLER_ENGINE_IO_URING,
+  POLLER_ENGINE_READV,
+  RX_DONE_RECORD_WORDS,
+  RX_DONE_RING_RECORDS,
+  RX_LONG_RECORD_WORDS,
+  RX_LONG_RING_RECORDS,
+  RX_POST_RECORD_WORDS,
+  RX_POST_RING_RECORDS,
+  RX_QUEUE,
+  signal,
+  TX_QUEUE,
+  TX_RECORD_WORDS,
+  TX_RING_RECORDS,
+  WEV_CALL_RX,
+  WEV_CALL_TX,
+  WRITER_ENGINE_IO_URING,
+  WRITER_ENGINE_WRITEV,
+} from "../../ipc/datapath.ts";
+import { type HostRange, IoRegions } from "../io/regions.ts";
+import {
+  createTxShared,
+  type FdSlot,
+  IO_PROTOCOL_VERSION,
+  type IoReply,
+  type IoRequest,
+  type IoRole,
+  type IoUringMode,
+  MAILBOX,
+  MAILBOX_BYTES,
+  parseIoReply,
+  RX_FRAME_ROOM_MAX,
+  type RxUsedPlace,
+  type TxUsedPlace,
+} from "../io/protocol.ts";
+import type { Logger } from "./log.ts";
+import { workerCensus } from "./worker_census.ts";
+
+/** The modules the I/O workers run. */
+export const IO_WRITER_URL = new URL("../io/writer_worker.ts", import.meta.url);
+export const IO_POLLER_URL = new URL("../io/poller_worker.ts", import.meta.url);
+
+/**
+ * Permissions of both I/O workers: FFI and nothing else, written once here so
+ * the permission audit prints what the code uses.
+ *
+ * FFI cannot be narrowed further in Deno 2.9.6 (measured): a path list
+ * (`ffi: ["/lib/x86_64-linux-gnu/libc.so.6"]`) lets `Deno.dlopen` of that
+ * absolute path through, but `Deno.UnsafePointer.*` and
+ * `Deno.UnsafePointerView` (errno in `libc.ts`, the private buffers'
+ * addresses) then fail with NotCapable "Requires ffi access": they demand
+ * unscoped FFI. `ffi: ["libc.so.6"]` is resolved against the working
+ * directory and matches nothing. And FFI to libc is all of the process's
+ * authority anyway; what the workers do is bounded by their code, which is
+ * why it is small and checks every record.
+ */
+export const IO_WORKER_PERMISSIONS = {
+  ffi: true,
+  env: false,
+  import: false,
+  net: false,
+  read: false,
+  run: false,
+  sys: false,
+  write: false,
+} as const;
+
+/** Worker options of the writer. */
+export const IO_WRITER_OPTIONS = {
+  type: "module",
+  name: "vionet-io-writer",
+  deno: { permissions: IO_WORKER_PERMISSIONS },
+} as const satisfies WorkerOptions;
+
+/** Worker options of the poller. */
+export const IO_POLLER_OPTIONS = {
+  type: "module",
+  name: "vionet-io-poller",
+  deno: { permissions: IO_WORKER_PERMISSIONS },
+} as const satisfies WorkerOptions;
+
+/** How long a worker has to acknowledge a request (default). */
+const DEFAULT_TIMEOUT_MS = 5000;
+/** How long a worker has to load and acknowledge init (default). */
+const DEFAULT_START_TIMEOUT_MS = 30_000;
+/** The poller's wake eventfd is written again at this interval until the ack. */
+const WAKE_RETRY_MS = 20;
+
+/**
+ * Allocates the data path's SharedArrayBuffers and initialises the three
+ * rings with the sizes and record words of `ipc/datapath.ts`.
+ */
+export function createDatapathBuffers(): DatapathBuffers {
+  return {
+    control: new SharedArrayBuffer(CTL_BYTES),
+    tx: SpscRing.create({ capacity: TX_RING_RECORDS, recordWords: TX_RECORD_WORDS }).buffer,
+    rxPost: SpscRing.create({ capacity: RX_POST_RING_RECORDS, recordWords: RX_POST_RECORD_WORDS })
+      .buffer,
+    rxLong: SpscRing.create({ capacity: RX_LONG_RING_RECORDS, recordWords: RX_LONG_RECORD_WORDS })
+      .buffer,
+    rxDone: SpscRing.create({ capacity: RX_DONE_RING_RECORDS, recordWords: RX_DONE_RECORD_WORDS })
+      .buffer,
+    bounce: new SharedArrayBuffer(BOUNCE_BYTES),
+  };
+}
+
+/** The data path's counters (from the control block). */
+export interface DatapathCounters {
+  /** The poller has no posted RX buffers (and so does not poll the tap). */
+  pollerStarved: boolean;
+  pollerNoBuffer: number;
+  /** Frames larger than the posted chains, dropped. */
+  pollerTooBig: number;
+  /** Records refused by either worker (bad iovec, count, length, header). */
+  ioBadRecord: number;
+  /** writev (and call/wake eventfd write) failures. */
+  writerErrors: number;
+  /** How the writer puts frames on the tap: batched io_uring writes or one writev each. */
+  writerEngine: "io_uring" | "writev" | "starting";
+  /** readv/poll failures other than EAGAIN/EINTR, and invalid polled descriptors. */
+  pollerErrors: number;
+  /** How the poller reads the tap: batches through io_uring (where chains allow) or one readv each. */
+  pollerEngine: "io_uring" | "readv" | "starting";
+  /** Batches of reads (io_uring_enter calls) the poller made. */
+  pollerBatches: number;
+  /** Posted chains a batch gave back unfilled (posted again by the device). */
+  pollerUnused: number;
+  /** Times the poller ran out of posted RX buffers (and stopped polling the tap). */
+  pollerStarvations: number;
+  /** Times the device had the writer wake the poller for new RX buffers. */
+  pollerWakeAsked: number;
+  /** RX used buffer notifications the poller sent. */
+  rxInterrupts: number;
+  /** Guest kicks the poller read on the RX and TX queues. */
+  rxKicks: number;
+  txKicks: number;
+  /** Times the device worker woke from waiting for work. */
+  deviceWakes: number;
+  /** Batches of TX records the poller wrote after kicks it read (the writer wrote the rest). */
+  pollerTxBatches: number;
+}
+
+export interface DatapathHostOptions {
+  /** The tap's descriptor (IFF_VNET_HDR, 12-byte header). Set to O_NONBLOCK here. */
+  tapFd: number;
+  /** From {@link createDatapathBuffers}; the device gets the same buffers. */
+  buffers: DatapathBuffers;
+  logger: Logger;
+  /** Initial guest ranges (the bounce arena is always added). Default none. */
+  ranges?: HostRange[];
+  /** Milliseconds a worker has to acknowledge a request (default 5000). */
+  timeoutMs?: number;
+  /**
+   * Milliseconds each worker has to load and acknowledge `init` (default
+   * 30000: under `deno test` a worker module is type-checked when it loads).
+   */
+  startTimeoutMs?: number;
+  /** Called when a worker reports a corrupt ring or dies. */
+  onFault?: (role: IoRole, message: string) => void;
+  /** Whether the writer may batch through io_uring (`--io-uring`; default "auto"). */
+  ioUring?: IoUringMode;
+  /** Where the writer publishes TX completions (omitted: nowhere, for tests of the workers alone). */
+  txUsed?: TxUsedPlace | null;
+  /** The tap's longest frame, net header included (`rxFrameRoom` in io/protocol.ts; default the maximum). */
+  rxFrameRoom?: number;
+  /** Where the poller completes RX frames (the poller refuses to start without it). */
+  rxUsed?: RxUsedPlace | null;
+  /** Other worker modules, for tests only. */
+  writerUrl?: URL;
+  pollerUrl?: URL;
+}
+
+interface Pending {
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+/** One worker and its request/ack bookkeeping. */
+class IoWorker {
+  readonly worker: Worker;
+  /** Word MAILBOX.POSTED: messages posted to this worker (io/protocol.ts). */
+  readonly mailbox = new SharedArrayBuffer(MAILBOX_BYTES);
+  readonly #posted = new Int32Array(this.mailbox);
+  readonly #pending = new Map<number, Pending>();
+  #nextId = 1;
+  #dead: string | undefined;
+
+  constructor(
+    readonly role: IoRole,
+    url: URL,
+    options: WorkerOptions,
+    private readonly logger: Logger,
+    private readonly timeoutMs: number,
+    /** Called after each post: the poller's host writes the wake eventfd here. */
+    private readonly nudge: () => void,
+    private readonly onFault: (message: string) => void,
+  ) {
+    this.worker = workerCensus.start(url, options, role);
+    this.worker.onmessage = (e) => this.#reply(e.data);
+    this.worker.onmessageerror = () => this.logger.log("warn", "datapath", `${role}: bad message`);
+    this.worker.onerror = (e) => {
+      e.preventDefault();
+      this.#die(`${role} worker failed: ${e.message}`);
+    };
+  }
+
+  get dead(): string | undefined {
+    return this.#dead;
+  }
+
+  /** Posts a request and resolves on its ack; rejects on error, timeout or death. */
+  request(msg: DistributiveOmit<IoRequest, "id">, timeoutMs = this.timeoutMs): Promise<void> {
+    if (this.#dead !== undefined) {
+      return Promise.reject(new Error(`${this.role} is not running: ${this.#dead}`));
+    }
+    const id = this.#nextId++;
+    return new Promise<void>((resolve, reject) => {
+      let retry: ReturnType<typeof setInterval> | undefined;
+      const settle = () => {
+        clearTimeout(timer);
+        if (retry !== undefined) clearInterval(retry);
+        this.#pending.delete(id);
+      };
+      const timer = setTimeout(() => {
+        settle();
+        reject(new Error(`${this.role} did not acknowledge ${msg.kind} in ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.#pending.set(id, {
+        resolve: () => {
+          settle();
+          resolve();
+        },
+        reject: (e) => {
+          settle();
+          reject(e);
+        },
+      });
+      Atomics.add(this.#posted, MAILBOX.POSTED, 1);
+      this.worker.postMessage({ ...msg, id });
+      this.nudge();
+      if (this.role === "poller") retry = setInterval(this.nudge, WAKE_RETRY_MS);
+    });
+  }
+
+  #reply(data: unknown): void {
+    let reply: IoReply;
+    try {
+      reply = parseIoReply(data);
+    } catch (e) {
+      this.logger.log("warn", "datapath", `${this.role} sent a bad reply: ${(e as Error).message}`);
+      return;
+    }
+    switch (reply.kind) {
+      case "ack":
+        this.#pending.get(reply.id)?.resolve();
+        return;
+      case "error": {
+        const error = new Error(`${this.role} refused: ${reply.message}`);
+        if (reply.id !== null && this.#pending.has(reply.id)) {
+          this.#pending.get(reply.id)!.reject(error);
+        } else {
+          this.logger.log("warn", "datapath", error.message);
+        }
+        return;
+      }
+      case "fault":
+        this.logger.log("error", "datapath", `${this.role}: ${reply.message}`);
+        this.onFault(reply.message);
+        return;
+      case "notice":
+        this.logger.log("info", "datapath", `${this.role}: ${reply.message}`);
+        return;
+      default: {
+        const never: never = reply;
+        throw new Error(`unhandled ${(never as IoReply).kind}`);
+      }
+    }
+  }
+
+  #die(reason: string, fault = true): void {
+    if (this.#dead !== undefined) return;
+    this.#dead = reason;
+    for (const p of [...this.#pending.values()]) p.reject(new Error(reason));
+    if (fault) {
+      this.logger.log("error", "datapath", reason);
+      this.onFault(reason);
+    }
+  }
+
+  terminate(): void {
+    this.#die("terminated", false);
+    this.worker.terminate();
+    workerCensus.end(this.worker);
+  }
+}
+
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
+
+/** Whether `fd` is an eventfd (its /proc link names the anon inode). */
+function isEventfd(fd: number): boolean {
+  try {
+    // libc, not Deno.readLinkSync: the daemon's --allow-read does not reach /proc/self.
+    return libc.readlink(`/proc/self/fd/${fd}`) === "anon_inode:[eventfd]";
+  } catch {
+    return false;
+  }
+}
+
+/** The running data path, seen from the parent's main thread. */
+export class DatapathHost {
+  readonly buffers: DatapathBuffers;
+  /** The bounce arena as a host range (always granted). */
+  readonly bounceRange: HostRange;
+  readonly #ctl: Int32Array;
+  readonly #wakeFd: number;
+  readonly #wakeValue = new Uint8Array(new BigUint64Array([1n]).buffer);
+  readonly #writer: IoWorker;
+  readonly #poller: IoWorker;
+  readonly #logger: Logger;
+  #stopped = false;
+
+  private constructor(opts: DatapathHostOptions, wakeFd: number) {
+    this.buffers = opts.buffers;
+    this.#ctl = new Int32Array(opts.buffers.control);
+    this.#wakeFd = wakeFd;
+    this.#logger = opts.logger;
+    const bounce = new Uint8Array(opts.buffers.bounce);
+    this.bounceRange = {
+      base: Deno.UnsafePointer.value(Deno.UnsafePointer.of(bounce)),
+      size: bounce.byteLength,
+    };
+    const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    const onFault = opts.onFault ?? (() => {});
+    this.#writer = new IoWorker(
+      "writer",
+      opts.writerUrl ?? IO_WRITER_URL,
+      IO_WRITER_OPTIONS,
+      opts.logger,
+      timeoutMs,
+      // The writer blocks in Atomics.wait on its doorbell: ring it so that it serves the message.
+      () => signal(this.#ctl, CTL.WRITER_EVENTS, 0, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING),
+      (m) => onFault("writer", m),
+    );
+    this.#poller = new IoWorker(
+      "poller",
+      opts.pollerUrl ?? IO_POLLER_URL,
+      IO_POLLER_OPTIONS,
+      opts.logger,
+      timeoutMs,
+      () => this.#wakePoller(),
+      (m) => onFault("poller", m),
+    );
+  }
+
+  /**
+   * Starts both workers and waits until each acknowledged its configuration.
+   * @throws {TypeError} if a buffer does not have the datapath.ts layout.
+   * @throws {RangeError} if a range is invalid.
+   * @throws SyscallError when the tap's flags cannot be set.
+   * @throws Error if a worker refuses or does not answer in time.
+   */
+  static async start(opts: DatapathHostOptions): Promise<DatapathHost> {
+    const { buffers } = opts;
+    for (const ring of [buffers.tx, buffers.rxPost, buffers.rxLong, buffers.rxDone]) {
+      SpscRing.attach(ring);
+    }
+    if (!(buffers.control instanceof SharedArrayBuffer) || buffers.control.byteLength < CTL_BYTES) {
+      throw new TypeError(`control must be a SharedArrayBuffer of ${CTL_BYTES} bytes`);
+    }
+    if (!(buffers.bounce instanceof SharedArrayBuffer)) {
+      throw new TypeError("bounce must be a SharedArrayBuffer");
+    }
+    libc.setNonBlocking(opts.tapFd, true);
+    const wakeFd = libc.eventfd(0, libc.EFD_NONBLOCK | libc.EFD_CLOEXEC);
+    const host = new DatapathHost(opts, wakeFd);
+    try {
+      const ranges = host.#grant(opts.ranges ?? []);
+      // The workers' turns on the TX ring (tx_drain.ts); the device never sees it.
+      const txShared = createTxShared();
+      const init = (role: IoRole, mailbox: SharedArrayBuffer) => ({
+        kind: "init" as const,
+        version: IO_PROTOCOL_VERSION,
+        role,
+        control: buffers.control,
+        tx: buffers.tx,
+        rxPost: buffers.rxPost,
+        rxLong: buffers.rxLong,
+        rxDone: buffers.rxDone,
+        mailbox,
+        tapFd: opts.tapFd,
+        wakeFd,
+        ranges,
+        ioUring: opts.ioUring ?? "auto",
+        txUsed: opts.txUsed ?? null,
+        txShared,
+        rxFrameRoom: opts.rxFrameRoom ?? RX_FRAME_ROOM_MAX,
+        rxUsed: opts.rxUsed ?? null,
+      });
+      const startMs = opts.startTimeoutMs ?? DEFAULT_START_TIMEOUT_MS;
+      await Promise.all([
+        host.#writer.request(init("writer", host.#writer.mailbox), startMs),
+        host.#poller.request(init("poller", host.#poller.mailbox), startMs),
+      ]);
+      return host;
+    } catch (e) {
+      host.#writer.terminate();
+      host.#poller.terminate();
+      libc.close(wakeFd);
+      throw e;
+    }
+  }
+
+  /** The ranges the workers get: the caller's plus the bounce arena; validated here. */
+  #grant(ranges: readonly HostRange[]): HostRange[] {
+    const all = [...ranges, this.bounceRange];
+    IoRegions.from(all); // throws a RangeError naming the bad range
+    return all;
+  }
+
+  #wakePoller(): void {
+    // A failed write (counter at its maximum) still leaves the poller readable.
+    libc.sys.write(this.#wakeFd, this.#wakeValue, 8n);
+  }
+
+  #both(msg: DistributiveOmit<IoRequest, "id">): Promise<void> {
+    return Promise.all([this.#writer.request(msg), this.#poller.request(msg)]).then(() => {});
+  }
+
+  /**
+   * Replaces the guest ranges iovecs may point into (the bounce arena stays).
+   * Resolves when both workers acknowledged: from then on neither touches a
+   * range that is not in `ranges`, and the caller may unmap it.
+   */
+  setRegions(ranges: readonly HostRange[]): Promise<void> {
+    return this.#both({ kind: "setRegions", ranges: this.#grant(ranges) });
+  }
+
+  /**
+   * Sets (or with null, clears) the kick eventfd of `queue` (RX_QUEUE or
+   * TX_QUEUE), made O_NONBLOCK. Resolves when the poller no longer uses the
+   * old one (the caller may close it then).
+   * @throws {TypeError} if `fd` is not an eventfd.
+   */
+  setKickFd(queue: number, fd: number | null): Promise<void> {
+    return this.#poller.request({ kind: "setFd", slot: kickSlot(queue), fd: this.#eventfd(fd) });
+  }
+
+  /**
+   * Sets (or clears) the call eventfd of `queue`. Resolves when no worker
+   * uses the old one (both: the writer signals either queue; the poller
+   * signals RX under RX publication and TX when it writes TX frames).
+   * @throws {TypeError} if `fd` is not an eventfd.
+   */
+  setCallFd(queue: number, fd: number | null): Promise<void> {
+    return this.#both({ kind: "setFd", slot: callSlot(queue), fd: this.#eventfd(fd) });
+  }
+
+  /**
+   * Tells the poller the longest frame the tap can now hand it, net header
+   * included. Resolves once the poller reads with that room.
+   */
+  setRxFrameRoom(bytes: number): Promise<void> {
+    return this.#poller.request({ kind: "setRxFrameRoom", bytes });
+  }
+
+  /** Replaces the tap descriptor in both workers (made O_NONBLOCK). */
+  setTap(fd: number): Promise<void> {
+    libc.setNonBlocking(fd, true);
+    return this.#both({ kind: "setFd", slot: "tap", fd });
+  }
+
+  /** Asks the writer to signal `queue`'s call eventfd (as the device does with WEV_CALL_*). */
+  signalCall(queue: number): void {
+    const bit = queue === RX_QUEUE ? WEV_CALL_RX : queue === TX_QUEUE ? WEV_CALL_TX : 0;
+    if (bit === 0) throw new RangeError(`Queue ${queue} is neither RX_QUEUE nor TX_QUEUE`);
+    signal(this.#ctl, CTL.WRITER_EVENTS, bit, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING);
+  }
+
+  /** The control block's counters, read now. */
+  counters(): DatapathCounters {
+    const c = this.#ctl;
+    return {
+      pollerStarved: Atomics.load(c, CTL.POLLER_STARVED) !== 0,
+      pollerNoBuffer: Atomics.load(c, CTL.POLLER_NO_BUFFER),
+      pollerTooBig: Atomics.load(c, CTL.POLLER_TOO_BIG),
+      ioBadRecord: Atomics.load(c, CTL.IO_BAD_RECORD),
+      writerErrors: Atomics.load(c, CTL.WRITER_ERRORS),
+      writerEngine: Atomics.load(c, CTL.WRITER_ENGINE) === WRITER_ENGINE_IO_URING
+        ? "io_uring"
+        : Atomics.load(c, CTL.WRITER_ENGINE) === WRITER_ENGINE_WRITEV
+        ? "writev"
+        : "starting",
+      pollerErrors: Atomics.load(c, CTL.POLLER_ERRORS),
+      pollerEngine: Atomics.load(c, CTL.POLLER_ENGINE) === POLLER_ENGINE_IO_URING
+        ? "io_uring"
+        : Atomics.load(c, CTL.POLLER_ENGINE) === POLLER_ENGINE_READV
+        ? "readv"
+        : "starting",
+      pollerBatches: Atomics.load(c, CTL.POLLER_BATCHES),
+      pollerUnused: Atomics.load(c, CTL.POLLER_UNUSED),
+      pollerStarvations: Atomics.load(c, CTL.POLLER_STARVATIONS),
+      pollerWakeAsked: Atomics.load(c, CTL.POLLER_WAKE_ASKED),
+      rxInterrupts: Atomics.load(c, CTL.RX_INTERRUPTS),
+      rxKicks: Atomics.load(c, CTL.RX_KICKS),
+      txKicks: Atomics.load(c, CTL.TX_KICKS),
+      deviceWakes: Atomics.load(c, CTL.DEVICE_WAKES),
+      pollerTxBatches: Atomics.load(c, CTL.POLLER_TX_BATCHES),
+    };
+  }
+
+  /**
+   * Ends both loops (each acknowledges as its last act), terminates the
+   * workers and closes the wake eventfd. A worker that does not answer in
+   * time is terminated anyway; the error is logged. Idempotent. Resolves
+   * false when one did not answer: its thread may still be inside a system
+   * call on guest memory.
+   */
+  async stop(): Promise<boolean> {
+    if (this.#stopped) return true;
+    this.#stopped = true;
+    const results = await Promise.allSettled([
+      this.#writer.request({ kind: "stop" }),
+      this.#poller.request({ kind: "stop" }),
+    ]);
+    let clean = true;
+    for (const r of results) {
+      if (r.status === "rejected") {
+        clean = false;
+        this.#logger.log("warn", "datapath", `stop: ${(r.reason as Error).message}`);
+      }
+    }
+    this.#writer.terminate();
+    this.#poller.terminate();
+    libc.close(this.#wakeFd);
+    return clean;
+  }
+
+  #eventfd(fd: number | null): number | null {
+    if (fd === null) return null;
+    if (!isEventfd(fd)) throw new TypeError(`Descriptor ${fd} is not an eventfd`);
+    libc.setNonBlocking(fd, true);
+    return fd;
+  }
+}
+
+/** A region of guest memory as the parent maps it: where a VMM user address lives here. */
+export interface UserMapping {
+  userAddr: bigint;
+  size: bigint;
+  hostAddr: bigint;
+}
+
+/**
+ * Where the writer publishes TX completions (`ipc/datapath.ts`): the TX used
+ * ring's idx, and the avail ring's used_event (with EVENT_IDX) or flags, as
+ * host addresses in this process's mappings of guest memory.
+ * @throws {RangeError} if a word is not inside one mapped region.
+ */
+export function txUsedPlace(
+  maps: readonly UserMapping[],
+  ring: { num: number; availUser: bigint; usedUser: bigint },
+  features: bigint,
+): TxUsedPlace {
+  const v = ringWords(maps, ring, features, "TX");
+  return {
+    // virtio 1.2 §2.7.8 used ring: le16 flags, le16 idx, ...
+    idxAddr: v.host(ring.usedUser + 2n, 2n, "TX used->idx"),
+    eventAddr: v.eventAddr,
+    eventIdx: v.eventIdx,
+  };
+}
+
+/**
+ * Where the poller completes RX frames (RX publication): the RX used ring
+ * and the driver's word it reads after publishing, as host addresses, from
+ * the ring's user addresses (SET_VRING_ADDR) and the mapped regions. The
+ * used ring must lie inside one mapping.
+ * @throws {RangeError} naming what is not in guest memory.
+ */
+export function rxUsedPlace(
+  maps: readonly UserMapping[],
+  ring: { num: number; availUser: bigint; usedUser: bigint },
+  features: bigint,
+): RxUsedPlace {
+  const v = ringWords(maps, ring, features, "RX");
+  return {
+    ringAddr: v.host(ring.usedUser, 4n + 8n * BigInt(ring.num), "RX used ring"),
+    size: ring.num,
+    eventAddr: v.eventAddr,
+    eventIdx: v.eventIdx,
+  };
+}
+
+/**
+ * What both used-ring places share: translating a user range that must lie
+ * inside one mapping, and the driver's word read after publishing
+ * (§2.7.6 avail ring: le16 flags, le16 idx, le16 ring[num], le16 used_event).
+ */
+function ringWords(
+  maps: readonly UserMapping[],
+  ring: { num: number; availUser: bigint },
+  features: bigint,
+  queue: string,
+) {
+  const host = (user: bigint, bytes: bigint, what: string): bigint => {
+    for (const m of maps) {
+      if (user >= m.userAddr && user + bytes <= m.userAddr + m.size) {
+        return m.hostAddr + (user - m.userAddr);
+      }
+    }
+    throw new RangeError(`${what} at user address 0x${user.toString(16)} is not in guest memory`);
+  };
+  const eventIdx = (features & VIRTIO_RING_F_EVENT_IDX) !== 0n;
+  const eventAddr = eventIdx
+    ? host(ring.availUser + 4n + 2n * BigInt(ring.num), 2n, `${queue} avail->used_event`)
+    : host(ring.availUser, 2n, `${queue} avail->flags`);
+  return { host, eventIdx, eventAddr };
+}
+
+function kickSlot(queue: number): FdSlot {
+  if (queue === RX_QUEUE) return "kickRx";
+  if (queue === TX_QUEUE) return "kickTx";
+  throw new RangeError(`Queue ${queue} is neither RX_QUEUE nor TX_QUEUE`);
+}
+
+function callSlot(queue: number): FdSlot {
+  if (queue === RX_QUEUE) return "callRx";
+  if (queue === TX_QUEUE) return "callTx";
+  throw new RangeError(`Queue ${queue} is neither RX_QUEUE nor TX_QUEUE`);
+}

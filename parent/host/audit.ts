@@ -1,0 +1,604 @@
+/**
+ * The permission audit: what every part of vionet may do, built from the
+ * definitions the code itself uses, never from a separate list:
+ *
+ * - the parent's main thread: the Deno flags of deno.json's `start` task
+ *   (imported here, so the audit and the task cannot disagree);
+ * - each worker: the Worker options it is started with
+ *   (`DEVICE_WORKER_OPTIONS`, `IO_WRITER_OPTIONS`, `IO_POLLER_OPTIONS`);
+ * - the library and every symbol of libc.ts's `Deno.dlopen` table;
+ * - every ioctl in tap.ts's `TAP_IOCTLS`;
+ * - the Linux capabilities kept after set-up (privileges.ts).
+ *
+ * The files and sockets the parent opens have no single table in the code:
+ * {@link buildAudit} lists them per source file, and a test scans `parent/`
+ * for the calls that open something and fails when a file that opens
+ * something is missing from the list.
+ *
+ * @module
+ */
+
+import denoConfig from "../../deno.json" with { type: "json" };
+import { PERMISSION_NAMES, type PermissionName } from "../../ipc/protocol.ts";
+import type { Options } from "../control/cli.ts";
+import {
+  IO_POLLER_OPTIONS,
+  IO_POLLER_URL,
+  IO_WRITER_OPTIONS,
+  IO_WRITER_URL,
+} from "../control/datapath_host.ts";
+import { DEVICE_WORKER_OPTIONS, DEVICE_WORKER_URL } from "../control/device_host.ts";
+import { LIBC_NAME, LIBC_SYMBOLS } from "./libc.ts";
+import {
+  CAPABILITIES_KEPT_AFTER_SETUP,
+  CAPABILITIES_NOT_NEEDED_AFTER_SETUP,
+  type CapabilityState,
+  currentCapabilities,
+} from "./privileges.ts";
+import { TAP_IOCTLS } from "./tap.ts";
+
+/** A Deno permission: not granted, granted for everything, or for these paths/hosts/names. */
+export type Grant = boolean | string[];
+
+/** One Deno permission set, all {@link PERMISSION_NAMES} present. */
+export type PermissionSet = Record<PermissionName, Grant>;
+
+/** The Worker options a part is started with (the `deno.permissions` part matters here). */
+interface WorkerOptionsLike {
+  readonly name?: string;
+  readonly deno?: { readonly permissions?: unknown };
+}
+
+/** A worker the audit covers: its module and the exported options it is started with. */
+export interface AuditedWorker {
+  url: URL;
+  options: WorkerOptionsLike;
+  /** Where the options are defined, e.g. "DEVICE_WORKER_OPTIONS in parent/control/device_host.ts". */
+  source: string;
+  /** What the worker does, one line. */
+  role: string;
+}
+
+/** Every worker vionet starts. A new worker belongs here (the audit test checks the options). */
+export const AUDITED_WORKERS: readonly AuditedWorker[] = [
+  {
+    url: DEVICE_WORKER_URL,
+    options: DEVICE_WORKER_OPTIONS,
+    source: "DEVICE_WORKER_OPTIONS in parent/control/device_host.ts",
+    role: "virtio-net device: parses everything the guest controls",
+  },
+  {
+    url: IO_WRITER_URL,
+    options: IO_WRITER_OPTIONS,
+    source: "IO_WRITER_OPTIONS in parent/control/datapath_host.ts",
+    role: "TX: writev of validated records from guest memory to the tap, those the poller " +
+      "left; TX call eventfd",
+  },
+  {
+    url: IO_POLLER_URL,
+    options: IO_POLLER_OPTIONS,
+    source: "IO_POLLER_OPTIONS in parent/control/datapath_host.ts",
+    role: "RX: readv from the tap into posted guest buffers, RX used ring and call; " +
+      "waits on kicks, tap and wake (epoll); writes the TX records of the kicks it reads",
+  },
+];
+
+/** One part of the process: a thread running JavaScript. */
+export interface PartAudit {
+  name: string;
+  kind: "main thread" | "worker";
+  /** Its module, relative to the repository root. */
+  module: string;
+  role: string;
+  /** Where its permissions come from. */
+  source: string;
+  permissions: PermissionSet;
+  /** For the main thread: every flag of the start task, permission flags or not. */
+  flags?: string[];
+  notes: string[];
+}
+
+/** One FFI symbol: the key code calls, the C symbol, its signature. */
+export interface SymbolAudit {
+  key: string;
+  symbol: string;
+  parameters: string[];
+  result: string;
+  nonblocking: boolean;
+}
+
+export interface LibraryAudit {
+  name: string;
+  /** The parts that load it (those holding FFI). */
+  loadedBy: string[];
+  symbols: SymbolAudit[];
+}
+
+export interface IoctlAudit {
+  name: string;
+  /** The request number, hex. */
+  number: string;
+  /** The descriptor it is issued on. */
+  on: string;
+  purpose: string;
+}
+
+/** A file, socket or descriptor the parent opens, receives or maps. */
+export interface FileAudit {
+  what: string;
+  /** A path, or how the descriptor arrives. */
+  path: string;
+  access: string;
+  /** "set-up" (before the drop), "serving" (after), or "drop" (during it). */
+  when: "set-up" | "serving" | "drop";
+  /** The source file that does it. */
+  source: string;
+}
+
+export interface CapabilityAudit {
+  /** Capabilities the set-up itself uses (before the drop), with the reason. */
+  neededForSetup: { name: string; why: string }[];
+  /** Kept after set-up, with the justification (empty: none). */
+  keptAfterSetup: { name: string; why: string }[];
+  /** Considered and not kept, with the reason. */
+  notKept: { name: string; why: string }[];
+  /** What else the drop does. */
+  drop: string[];
+  /** The main thread's sets when the audit was built, if observed. */
+  now?: CapabilityState;
+}
+
+/** The whole audit. JSON-able: numbers as hex strings, no bigints. */
+export interface Audit {
+  program: "vionet";
+  auditVersion: 1;
+  parts: PartAudit[];
+  libraries: LibraryAudit[];
+  ioctls: IoctlAudit[];
+  files: FileAudit[];
+  capabilities: CapabilityAudit;
+}
+
+/** The options that decide what the parent opens. */
+export type AuditOptions = Pick<Options, "socketPath" | "listenFd" | "client" | "tap" | "tapFd">;
+
+// ---------------------------------------------------------------------------
+// The main thread's flags
+
+/** The `start` task of deno.json, split into words. */
+export function startTaskWords(): string[] {
+  return denoConfig.tasks.start.trim().split(/\s+/);
+}
+
+/** The Deno flags of the start task: the words between `run` and the main module. */
+export function startTaskFlags(): string[] {
+  const words = startTaskWords();
+  const run = words.indexOf("run");
+  const main = words.findIndex((w, i) => i > run && !w.startsWith("-"));
+  if (words[0] !== "deno" || run < 0 || main < 0) {
+    throw new Error(`deno.json: cannot read Deno flags from the start task "${words.join(" ")}"`);
+  }
+  return words.slice(run + 1, main);
+}
+
+/** The main module the start task runs, relative to the repository root. */
+export function startTaskModule(): string {
+  const words = startTaskWords();
+  return words[words.indexOf("run") + 1 + startTaskFlags().length];
+}
+
+function noPermissions(): PermissionSet {
+  return Object.fromEntries(PERMISSION_NAMES.map((n) => [n, false])) as PermissionSet;
+}
+
+function isPermissionName(s: string): s is PermissionName {
+  return (PERMISSION_NAMES as readonly string[]).includes(s);
+}
+
+/**
+ * The permission set that `deno run` flags grant the main thread.
+ * `--deny-*` wins over `--allow-*`: a bare deny removes the permission, a
+ * scoped one is kept as a note. Without `--allow-import`, Deno 2 grants the
+ * main thread import permission (measured: `Deno.permissions.query` says
+ * "granted" for any host), so it is reported as granted.
+ */
+export function permissionsFromFlags(flags: readonly string[]): {
+  permissions: PermissionSet;
+  notes: string[];
+} {
+  const permissions = noPermissions();
+  const notes: string[] = [];
+  let importGiven = false;
+  const denies: [PermissionName, string | undefined][] = [];
+  for (const flag of flags) {
+    if (flag === "-A" || flag === "--allow-all") {
+      for (const n of PERMISSION_NAMES) permissions[n] = true;
+      importGiven = true;
+      continue;
+    }
+    const m = /^--(allow|deny)-([a-z]+)(?:=(.*))?$/.exec(flag);
+    if (!m || !isPermissionName(m[2])) continue;
+    const [, verb, name, value] = m;
+    if (verb === "deny") {
+      denies.push([name, value]);
+      continue;
+    }
+    if (name === "import") importGiven = true;
+    permissions[name] = value === undefined ? true : value.split(",").filter((v) => v !== "");
+  }
+  if (!importGiven) {
+    permissions.import = true;
+    notes.push(
+      "import: Deno's default without --allow-import grants it; " +
+        (flags.includes("--cached-only")
+          ? "--cached-only keeps any module not already cached from being fetched"
+          : "nothing stops a remote import from being fetched"),
+    );
+  }
+  for (const [name, value] of denies) {
+    if (value === undefined) permissions[name] = false;
+    else notes.push(`${name}: denied for ${value.split(",").join(", ")}`);
+  }
+  return { permissions, notes };
+}
+
+/**
+ * A worker's permission set from its options. `"none"` grants nothing, an
+ * object grants what it lists (an omitted key is not granted: measured on Deno
+ * 2.9.6), `"inherit"` (anywhere) takes the main thread's.
+ */
+export function permissionsFromWorkerOptions(
+  options: WorkerOptionsLike,
+  parent: PermissionSet,
+): PermissionSet {
+  const p = options.deno?.permissions ?? "inherit";
+  if (p === "none") return noPermissions();
+  if (p === "inherit") return { ...parent };
+  if (typeof p !== "object" || p === null) {
+    throw new TypeError(`Worker ${options.name}: deno.permissions ${String(p)} is not understood`);
+  }
+  const set = noPermissions();
+  for (const [key, value] of Object.entries(p)) {
+    if (!isPermissionName(key)) {
+      throw new TypeError(`Worker ${options.name}: unknown permission ${key}`);
+    }
+    if (value === "inherit") set[key] = parent[key];
+    else if (typeof value === "boolean") set[key] = value;
+    else if (Array.isArray(value)) set[key] = value.map(String);
+    else throw new TypeError(`Worker ${options.name}: permission ${key} is ${String(value)}`);
+  }
+  return set;
+}
+
+// ---------------------------------------------------------------------------
+// Building it
+
+const ROOT = new URL("../../", import.meta.url);
+
+function relative(url: URL): string {
+  return url.href.startsWith(ROOT.href) ? url.href.slice(ROOT.href.length) : url.href;
+}
+
+function hex(n: bigint | number): string {
+  return `0x${n.toString(16)}`;
+}
+
+function hasFfi(p: PermissionSet): boolean {
+  return p.ffi !== false;
+}
+
+function libraries(parts: PartAudit[]): LibraryAudit[] {
+  const symbols = Object.entries(LIBC_SYMBOLS).map(([key, def]): SymbolAudit => {
+    const d = def as {
+      name?: string;
+      parameters: readonly string[];
+      result: string;
+      nonblocking?: boolean;
+    };
+    return {
+      key,
+      symbol: d.name ?? key,
+      parameters: [...d.parameters],
+      result: d.result,
+      nonblocking: d.nonblocking ?? false,
+    };
+  });
+  return [{
+    name: LIBC_NAME,
+    loadedBy: parts.filter((p) => hasFfi(p.permissions)).map((p) => p.name),
+    symbols,
+  }];
+}
+
+function ioctls(): IoctlAudit[] {
+  return Object.entries(TAP_IOCTLS).map(([name, d]) => ({
+    name,
+    number: hex(d.number),
+    on: d.on === "tun" ? "the tap's /dev/net/tun descriptor" : d.on,
+    purpose: d.purpose,
+  }));
+}
+
+/** What the parent opens, receives and maps, for these options. */
+function files(opts: AuditOptions): FileAudit[] {
+  const out: FileAudit[] = [];
+  if (opts.tapFd !== null) {
+    out.push(
+      {
+        what: "tap (inherited)",
+        path: `descriptor ${opts.tapFd} (--tap-fd)`,
+        access: "ioctl TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD; read, write",
+        when: "set-up",
+        source: "parent/host/tap.ts",
+      },
+      {
+        what: "own network namespace",
+        path: "/proc/thread-self/ns/net",
+        access: "read-only open, compared by inode with TUNGETDEVNETNS",
+        when: "set-up",
+        source: "parent/host/tap.ts",
+      },
+    );
+  } else {
+    out.push(
+      {
+        what: "tap",
+        path: "/dev/net/tun",
+        access: `read-write; TUNSETIFF creates or attaches tap ${opts.tap}`,
+        when: "set-up",
+        source: "parent/host/tap.ts",
+      },
+      {
+        what: "link flags socket",
+        path: "socket(AF_INET, SOCK_DGRAM), closed at once",
+        access: "ioctl SIOCGIFFLAGS, SIOCSIFFLAGS (link up)",
+        when: "set-up",
+        source: "parent/host/tap.ts",
+      },
+    );
+  }
+  out.push({
+    what: "tap flags",
+    path: `/sys/class/net/${opts.tap ?? "<tap>"}/{ifindex,tun_flags}`,
+    access: "read-only",
+    when: "set-up",
+    source: "parent/host/tap.ts",
+  });
+  if (opts.listenFd !== null) {
+    out.push({
+      what: "vhost-user socket (inherited)",
+      path: `descriptor ${opts.listenFd} (--fd)`,
+      access: "accept4, recvmsg/sendmsg with SCM_RIGHTS",
+      when: "serving",
+      source: "parent/control/vhost_user_socket.ts",
+    });
+  } else if (opts.client) {
+    out.push({
+      what: "vhost-user socket (client)",
+      path: opts.socketPath ?? "<socket>",
+      access: "socket(AF_UNIX, SOCK_STREAM), connect, reconnect after each disconnect",
+      when: "serving",
+      source: "parent/control/vhost_user_socket.ts",
+    });
+  } else {
+    const path = opts.socketPath ?? "<socket>";
+    out.push(
+      {
+        what: "vhost-user socket directory",
+        path: path.slice(0, Math.max(1, path.lastIndexOf("/"))),
+        access: "created with mode 0700 if missing",
+        when: "set-up",
+        source: "parent/control/daemon.ts",
+      },
+      {
+        what: "vhost-user socket",
+        path,
+        access: "socket(AF_UNIX, SOCK_STREAM), bind, listen 4, accept4; " +
+          "a stale socket there is probed with connect and unlinked; removed at exit",
+        when: "set-up",
+        source: "parent/control/vhost_user_socket.ts",
+      },
+    );
+  }
+  out.push(
+    {
+      what: "guest memory",
+      path: "memfds received from the VMM (SET_MEM_TABLE, ADD_MEM_REG, SCM_RIGHTS)",
+      access: "fstat, mmap MAP_SHARED read-write, munmap",
+      when: "serving",
+      source: "parent/control/guest_memory_map.ts",
+    },
+    {
+      what: "queue eventfds",
+      path: "kick, call and err eventfds received from the VMM (SCM_RIGHTS)",
+      access: "checked through readlink /proc/self/fd/N; kicks waited on by the poller " +
+        "(epoll) and read once when let go; calls written by the writer and the poller",
+      when: "serving",
+      source: "parent/control/datapath_host.ts",
+    },
+    {
+      what: "poller wake eventfd",
+      path: "eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)",
+      access: "written by the main thread and the writer, waited on by the poller (epoll)",
+      when: "serving",
+      source: "parent/control/datapath_host.ts",
+    },
+    {
+      what: "epoll instance (poller)",
+      path: "epoll_create1(EPOLL_CLOEXEC): an anonymous descriptor, per queue start",
+      access: "epoll_ctl ADD/DEL of the wake eventfd, the kick eventfds and the tap; " +
+        "epoll_wait, nothing else",
+      when: "serving",
+      source: "parent/io/wait_set.ts",
+    },
+    {
+      what: "io_uring instances for TX (tx_drain.ts: one in the writer, one in the poller)",
+      path: "io_uring_setup(64): an anonymous descriptor, per queue start " +
+        "(none with --io-uring off)",
+      access: "mmap of its submission ring, completion ring and entries (MAP_SHARED read-write); " +
+        "io_uring_enter to submit IORING_OP_WRITEV to the tap, nothing else",
+      when: "serving",
+      source: "parent/io/io_uring.ts",
+    },
+    {
+      what: "io_uring instance for RX (io/poller_worker.ts)",
+      path: "io_uring_setup(64): an anonymous descriptor, per queue start " +
+        "(none with --io-uring off)",
+      access: "mmap of its rings as above; io_uring_enter to submit " +
+        "IORING_OP_READV (RWF_NOWAIT) from the tap, nothing else",
+      when: "serving",
+      source: "parent/io/io_uring.ts",
+    },
+    {
+      what: "capability state",
+      path: "/proc/self/status, /proc/self/task/*/{status,comm}, /proc/sys/kernel/cap_last_cap",
+      access: "read-only",
+      when: "drop",
+      source: "parent/host/proc_self.ts",
+    },
+    {
+      what: "worker threads (worker_census.ts)",
+      path: "/proc/self/task, /proc/self/task/*/comm",
+      access: "read-only: at each worker start, and while retired guest memory waits for " +
+        "the threads of ended workers to exit",
+      when: "serving",
+      source: "parent/host/proc_self.ts",
+    },
+    {
+      what: "drop handler",
+      path: 'memfd "vionet-capdrop" (one page of code) and one anonymous page',
+      access: "code mapped read+exec, never writable; arguments read-write, private",
+      when: "drop",
+      source: "parent/host/privileges.ts",
+    },
+  );
+  return out;
+}
+
+function capabilities(opts: AuditOptions, observe: boolean): CapabilityAudit {
+  const neededForSetup = opts.tapFd === null
+    ? [{
+      name: "CAP_NET_ADMIN",
+      why: `create tap ${opts.tap} (TUNSETIFF) and bring it up (SIOCSIFFLAGS); ` +
+        "none at all with --tap-fd and --fd",
+    }]
+    : [];
+  const audit: CapabilityAudit = {
+    neededForSetup,
+    keptAfterSetup: CAPABILITIES_KEPT_AFTER_SETUP.map((c) => ({ name: c.name, why: c.why })),
+    notKept: Object.entries(CAPABILITIES_NOT_NEEDED_AFTER_SETUP).map(([name, why]) => ({
+      name,
+      why: why!,
+    })),
+    drop: [
+      "once the tap is open and up and the socket exists, before any guest connects",
+      "in every thread: signalled one by one, then each /proc/self/task/<tid>/status checked",
+      "PR_SET_NO_NEW_PRIVS: execve can grant nothing",
+      "ambient and inheritable sets cleared; effective and permitted cut to the kept set",
+      "bounding set cut to the kept set (when CAP_SETPCAP is held at the drop)",
+    ],
+  };
+  if (observe) audit.now = currentCapabilities();
+  return audit;
+}
+
+/**
+ * The audit for a daemon started with `opts`.
+ * `observe: true` adds the main thread's capabilities as they are now.
+ */
+export function buildAudit(opts: AuditOptions, options: { observe?: boolean } = {}): Audit {
+  const flags = startTaskFlags();
+  const main = permissionsFromFlags(flags);
+  const parts: PartAudit[] = [{
+    name: "parent",
+    kind: "main thread",
+    module: startTaskModule(),
+    role: "set-up, vhost-user, guest memory mapping, TUNSCAP; starts the workers",
+    source: "deno.json tasks.start",
+    permissions: main.permissions,
+    flags,
+    notes: main.notes,
+  }];
+  for (const w of AUDITED_WORKERS) {
+    parts.push({
+      name: w.options.name ?? relative(w.url),
+      kind: "worker",
+      module: relative(w.url),
+      role: w.role,
+      source: w.source,
+      permissions: permissionsFromWorkerOptions(w.options, main.permissions),
+      notes: [],
+    });
+  }
+  return {
+    program: "vionet",
+    auditVersion: 1,
+    parts,
+    libraries: libraries(parts),
+    ioctls: ioctls(),
+    files: files(opts),
+    capabilities: capabilities(opts, options.observe ?? false),
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Rendering
+
+function grantText(g: Grant): string {
+  return g === true ? "all" : g === false ? "-" : g.join(", ");
+}
+
+/** A readable rendering of the audit for a terminal. */
+export function formatAudit(audit: Audit): string {
+  const lines: string[] = [];
+  const section = (title: string) => lines.push("", title, "-".repeat(title.length));
+  lines.push("vionet permission audit");
+  section("Parts and their Deno permissions");
+  for (const part of audit.parts) {
+    lines.push(`${part.name} (${part.kind}, ${part.module})`);
+    lines.push(`  ${part.role}`);
+    lines.push(`  from: ${part.source}`);
+    const granted = PERMISSION_NAMES.filter((n) => part.permissions[n] !== false);
+    if (granted.length === 0) lines.push("  permissions: none");
+    for (const n of granted) lines.push(`  ${n.padEnd(7)} ${grantText(part.permissions[n])}`);
+    if (part.flags) lines.push(`  flags: ${part.flags.join(" ")}`);
+    for (const note of part.notes) lines.push(`  note: ${note}`);
+  }
+  section("Libraries and FFI symbols");
+  for (const lib of audit.libraries) {
+    lines.push(`${lib.name}, loaded by ${lib.loadedBy.join(", ") || "nobody"}:`);
+    for (const s of lib.symbols) {
+      const alias = s.symbol === s.key ? "" : ` (as ${s.key})`;
+      const nb = s.nonblocking ? " nonblocking" : "";
+      lines.push(`  ${s.symbol}(${s.parameters.join(", ")}) -> ${s.result}${alias}${nb}`);
+    }
+  }
+  section("ioctls");
+  for (const i of audit.ioctls) {
+    lines.push(`  ${i.name.padEnd(16)} ${i.number.padEnd(11)} on ${i.on}: ${i.purpose}`);
+  }
+  section("Files, sockets and descriptors");
+  for (const f of audit.files) {
+    lines.push(`  [${f.when}] ${f.what}: ${f.path}`);
+    lines.push(`      ${f.access} (${f.source})`);
+  }
+  section("Linux capabilities");
+  const caps = audit.capabilities;
+  const list = (title: string, items: { name: string; why: string }[]) => {
+    lines.push(`${title}:${items.length === 0 ? " none" : ""}`);
+    for (const c of items) lines.push(`  ${c.name}: ${c.why}`);
+  };
+  list("needed for set-up", caps.neededForSetup);
+  list("kept after set-up", caps.keptAfterSetup);
+  list("not kept", caps.notKept);
+  lines.push("the drop:");
+  for (const d of caps.drop) lines.push(`  ${d}`);
+  if (caps.now) {
+    lines.push("now (main thread):");
+    lines.push(`  effective: ${caps.now.effective.join(" ") || "none"}`);
+    lines.push(`  permitted: ${caps.now.permitted.join(" ") || "none"}`);
+    lines.push(`  bounding:  ${caps.now.bounding.join(" ") || "none"}`);
+    lines.push(`  NoNewPrivs: ${caps.now.noNewPrivs ? "1" : "0"}`);
+  }
+  return lines.join("\n").trimStart();
+}

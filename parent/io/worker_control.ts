@@ -1,0 +1,142 @@
+/**
+ * The control side that both I/O workers (`io/writer_worker.ts`,
+ * `io/poller_worker.ts`) share: the handler of the parent's control messages
+ * (`io/protocol.ts`). It counts each message against the mailbox, validates
+ * it, refuses everything once a stop was asked for, checks the role and the
+ * descriptor slots, and answers any failure with an `error` carrying the
+ * request's id, so the worker keeps running whatever it is sent.
+ *
+ * Each worker supplies only what is its own ({@link WorkerHooks}): what
+ * `init` attaches, which descriptor a slot sets, how its loop is woken for a
+ * stop. The handler runs only while the worker's loop is suspended at an
+ * `await` (never inside a batch), so its effects are complete before the
+ * loop touches memory or a descriptor again: an ack is a true revocation.
+ *
+ * @module
+ */
+
+/// <reference lib="deno.worker" />
+
+import { IoRegions } from "./regions.ts";
+import {
+  errorReply,
+  type FdSlot,
+  type InitRequest,
+  type IoReply,
+  type IoRequest,
+  type IoRole,
+  MAILBOX,
+  parseIoRequest,
+  ROLE_SLOTS,
+} from "./protocol.ts";
+
+/** What a worker does with each control message; each may throw to refuse it. */
+export interface WorkerHooks {
+  /** Attaches the rings and descriptors of `init`; returns the loop to start once acked. */
+  init(msg: InitRequest, ctl: Int32Array): () => Promise<void>;
+  setRegions(regions: IoRegions): void;
+  /** Sets (or, with -1, clears) the descriptor of one of the role's slots. */
+  setFd(slot: FdSlot, fd: number): void;
+  /** The poller only: the longest frame the tap can hand it changed. */
+  setRxFrameRoom?(bytes: number): void;
+  /** A stop was asked for: make the loop notice soon (it acks as its last act). */
+  wake(): void;
+}
+
+export class WorkerControl {
+  #mailbox: Int32Array | null = null;
+  #served = 0;
+  #ctl: Int32Array | null = null;
+  #stopId: number | null = null;
+
+  constructor(readonly role: IoRole, private readonly hooks: WorkerHooks) {
+    self.onmessage = (e: MessageEvent) => this.#receive(e.data);
+  }
+
+  /** Posts a reply or notice to the parent. */
+  post(reply: IoReply): void {
+    self.postMessage(reply);
+  }
+
+  /** The id of the stop request, once one came; the loop ends when it is set. */
+  get stopId(): number | null {
+    return this.#stopId;
+  }
+
+  /** Whether the parent posted a message this worker has not served yet. */
+  mailPending(): boolean {
+    const m = this.#mailbox;
+    return m !== null && this.#served !== Atomics.load(m, MAILBOX.POSTED);
+  }
+
+  /** The loop's last act: acknowledge the stop and end the worker. */
+  finish(): void {
+    this.post({ kind: "ack", id: this.#stopId ?? 0 });
+    self.close();
+  }
+
+  #receive(data: unknown): void {
+    this.#served++;
+    let id: number | null = null;
+    try {
+      const msg = parseIoRequest(data);
+      id = msg.id;
+      if (this.#stopId !== null) throw new Error("stopping");
+      this.#serve(msg);
+    } catch (err) {
+      this.post(errorReply(err, id ?? (err as { id?: number | null }).id ?? null));
+    }
+  }
+
+  #serve(msg: IoRequest): void {
+    const role = this.role;
+    switch (msg.kind) {
+      case "init": {
+        if (this.#ctl !== null) throw new Error("init: already initialised");
+        if (msg.role !== role) throw new Error(`init: this is the ${role}, not the ${msg.role}`);
+        const ctl = new Int32Array(msg.control);
+        const loop = this.hooks.init(msg, ctl);
+        this.#mailbox = new Int32Array(msg.mailbox);
+        this.#ctl = ctl;
+        this.post({ kind: "ack", id: msg.id });
+        loop().catch((e) => {
+          this.post({ kind: "fault", message: `${role} loop died: ${String(e)}` });
+          throw e;
+        });
+        return;
+      }
+      case "setRegions":
+        this.hooks.setRegions(IoRegions.from(msg.ranges));
+        this.post({ kind: "ack", id: msg.id });
+        return;
+      case "setFd":
+        if (!ROLE_SLOTS[role].includes(msg.slot)) {
+          throw new Error(`setFd: the ${role} has no ${msg.slot} slot`);
+        }
+        this.hooks.setFd(msg.slot, msg.fd ?? -1);
+        this.post({ kind: "ack", id: msg.id });
+        return;
+      case "setRxFrameRoom": {
+        if (this.hooks.setRxFrameRoom === undefined) {
+          throw new Error(`setRxFrameRoom: the ${role} reads no frames`);
+        }
+        this.hooks.setRxFrameRoom(msg.bytes);
+        this.post({ kind: "ack", id: msg.id });
+        return;
+      }
+      case "stop":
+        if (this.#ctl === null) {
+          this.post({ kind: "ack", id: msg.id });
+          self.close();
+          return;
+        }
+        this.#stopId = msg.id;
+        this.hooks.wake();
+        return;
+      default: {
+        const never: never = msg;
+        throw new Error(`unhandled ${(never as { kind: string }).kind}`);
+      }
+    }
+  }
+}

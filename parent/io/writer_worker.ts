@@ -1,0 +1,129 @@
+/// <reference lib="deno.worker" />
+/**
+ * The writer: the privileged I/O worker that writes the device's TX records
+ * to the tap straight from guest memory and publishes their TX completions
+ * (`tx_drain.ts`), writes the RX call eventfd when the device asks, and
+ * wakes the poller (`ipc/datapath.ts`). The poller writes TX records too when
+ * it waits for the device's answer to a kick it read; the two take turns on
+ * the ring.
+ *
+ * Runs with FFI only (`IO_WRITER_OPTIONS` in `datapath_host.ts`).
+ *
+ * Loop: announce WRITER_SLEEPING, load the doorbell, re-check events, the
+ * TX ring and the mailbox, and only then block in `Atomics.wait` on
+ * CTL.WRITER_DOORBELL (a futex wake-up; `waitAsync` costs several times
+ * more and does not keep Deno's event loop turning). The parent bumps the
+ * mailbox before each control message and rings the doorbell after it, and
+ * the loop yields to the event loop whenever its mailbox says a message is
+ * waiting (`io/protocol.ts`), busy or not.
+ *
+ * Trust, engines and completions: `tx_drain.ts`.
+ *
+ * @module
+ */
+
+import { macrotask } from "../../ipc/macrotask.ts";
+import { SpscRing } from "../../ipc/spsc_ring.ts";
+import {
+  CTL,
+  RX_QUEUE,
+  signal,
+  TX_QUEUE,
+  WEV_CALL_RX,
+  WEV_CALL_TX,
+  WEV_WAKE_POLLER,
+} from "../../ipc/datapath.ts";
+import { IoRegions } from "./regions.ts";
+import { TxDrainer, writeEventfd } from "./tx_drain.ts";
+import { createTxShared } from "./protocol.ts";
+import { WorkerControl } from "./worker_control.ts";
+
+// ---- state (set by control messages, read by the loop) -----------------------
+
+let drainer: TxDrainer | null = null;
+const callFd = [-1, -1]; // indexed by RX_QUEUE / TX_QUEUE
+let wakeFd = -1;
+
+/**
+ * How long one blocking wait lasts at most (ms); the event loop turns after
+ * it even when nothing came (the parent rings the doorbell with each message).
+ */
+const WAIT_SLICE_MS = 1000;
+
+async function loop(c: Int32Array): Promise<void> {
+  while (control.stopId === null) {
+    // Serve waiting control messages first (a revocation must not wait).
+    if (control.mailPending()) {
+      await macrotask();
+      if (control.stopId !== null) break;
+    }
+    const ev = Atomics.exchange(c, CTL.WRITER_EVENTS, 0);
+    if ((ev & WEV_CALL_RX) && writeEventfd(c, callFd[RX_QUEUE])) {
+      Atomics.add(c, CTL.RX_INTERRUPTS, 1);
+    }
+    if ((ev & WEV_CALL_TX) && writeEventfd(c, callFd[TX_QUEUE])) {
+      Atomics.add(c, CTL.TX_INTERRUPTS, 1);
+    }
+    if (ev & WEV_WAKE_POLLER) {
+      writeEventfd(c, wakeFd);
+      Atomics.add(c, CTL.POLLER_WAKE_ASKED, 1);
+    }
+    // WEV_TX only says "look"; the ring itself says how much.
+    const bits = drainer!.drain();
+    if (bits !== 0) signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
+    if (ev !== 0 || bits !== 0 || drainer!.lastCount !== 0) continue;
+    // Sleep (Dekker with signal()): announce, load the doorbell, re-check, wait.
+    // A blocking wait: a futex wake-up is several times cheaper than waitAsync's,
+    // and the mailbox tells when the event loop must turn instead.
+    Atomics.store(c, CTL.WRITER_SLEEPING, 1);
+    const seen = Atomics.load(c, CTL.WRITER_DOORBELL);
+    if (
+      Atomics.load(c, CTL.WRITER_EVENTS) === 0 && !drainer!.pending() && !control.mailPending() &&
+      control.stopId === null
+    ) {
+      if (Atomics.wait(c, CTL.WRITER_DOORBELL, seen, WAIT_SLICE_MS) === "timed-out") {
+        Atomics.store(c, CTL.WRITER_SLEEPING, 0);
+        await macrotask(); // timers and anything else the event loop holds
+        continue;
+      }
+    }
+    Atomics.store(c, CTL.WRITER_SLEEPING, 0);
+  }
+  drainer?.close();
+  control.finish();
+}
+
+const control = new WorkerControl("writer", {
+  init(msg, c) {
+    const d = new TxDrainer(
+      c,
+      msg.txShared ?? createTxShared(),
+      (n) => control.post(n),
+      CTL.WRITER_ENGINE,
+      "tap writes",
+    );
+    d.ring = SpscRing.attach(msg.tx);
+    d.regions = IoRegions.from(msg.ranges);
+    d.tapFd = msg.tapFd;
+    d.setTxUsed(msg.txUsed);
+    d.callFd = callFd[TX_QUEUE];
+    d.start(msg.ioUring);
+    drainer = d;
+    wakeFd = msg.wakeFd;
+    return () => loop(c);
+  },
+  setRegions(r) {
+    drainer?.setRegions(r);
+  },
+  setFd(slot, fd) {
+    if (slot === "tap") {
+      if (drainer) drainer.tapFd = fd;
+    } else {
+      callFd[slot === "callRx" ? RX_QUEUE : TX_QUEUE] = fd;
+      if (slot === "callTx" && drainer) drainer.callFd = fd;
+    }
+  },
+  // The parent rings the writer's doorbell after every message (datapath_host.ts),
+  // and the loop checks for a stop after each turn of the event loop.
+  wake() {},
+});

@@ -1,0 +1,191 @@
+import assert from "node:assert/strict";
+import {
+  capabilities,
+  defaultMac,
+  OPTIONS,
+  parseMac,
+  parseOptions,
+  usage,
+  UsageError,
+} from "../../../parent/control/cli.ts";
+import { ROOT, startTaskFlags } from "../../helpers.ts";
+import { withNetns } from "../../net_ns.ts";
+
+Deno.test("no arguments: tap vionet0, a socket path, offload auto, a stable MAC", () => {
+  const o = parseOptions([], {});
+  assert.equal(o.tap, "vionet0");
+  assert.equal(o.socketPath, "/run/vionet/vionet0.sock");
+  assert.equal(o.offload, "auto");
+  assert.equal(o.ioUring, "auto");
+  assert.equal(o.logLevel, "info");
+  assert.deepEqual(o.mac, defaultMac("vionet0"));
+  assert.equal(o.mac[0] & 3, 2, "locally administered unicast");
+  assert.equal(
+    parseOptions([], { XDG_RUNTIME_DIR: "/run/user/7" }).socketPath,
+    "/run/user/7/vionet/vionet0.sock",
+  );
+});
+
+Deno.test("options take both --opt value and --opt=value", () => {
+  const o = parseOptions([
+    "--socket-path=/tmp/s.sock",
+    "--tap",
+    "tapx",
+    "--mac=02:00:00:00:00:01",
+    "--offload",
+    "off",
+    "--mtu=9000",
+    "--io-uring=off",
+    "--log-level=debug",
+  ]);
+  assert.equal(o.socketPath, "/tmp/s.sock");
+  assert.equal(o.tap, "tapx");
+  assert.deepEqual(o.mac, [2, 0, 0, 0, 0, 1]);
+  assert.equal(o.offload, "off");
+  assert.equal(o.mtu, 9000);
+  assert.equal(o.ioUring, "off");
+  assert.equal(o.logLevel, "debug");
+});
+
+Deno.test("inherited descriptors: --fd and --tap-fd", () => {
+  const o = parseOptions(["--fd", "3", "--tap-fd", "4"]);
+  assert.equal(o.listenFd, 3);
+  assert.equal(o.socketPath, null);
+  assert.equal(o.tapFd, 4);
+  assert.equal(o.tap, null);
+});
+
+Deno.test("each bad command line is a UsageError that names what is wrong", async (t) => {
+  const cases: [string[], RegExp][] = [
+    [["--bogus"], /unknown option --bogus/],
+    [["-x"], /unknown option -x/],
+    [["stray"], /unexpected argument stray/],
+    [["--tap"], /--tap needs a value/],
+    [["--help=yes"], /--help takes no value/],
+    [["--socket-path", "/a", "--fd", "3"], /--socket-path and --fd are mutually exclusive/],
+    [["--tap", "a", "--tap-fd", "3"], /--tap and --tap-fd are mutually exclusive/],
+    [["--client", "--fd", "3"], /--client/],
+    [["--fd", "1"], /--fd 1: descriptors 0-2/],
+    [["--tap-fd", "x"], /--tap-fd wants a descriptor number, got "x"/],
+    [["--tap", "way-too-long-name0"], /--tap "way-too-long-name0" is not a valid interface name/],
+    [["--tap", "a/b"], /not a valid interface name/],
+    [["--mac", "01:00:5e:00:00:01"], /--mac "01:00:5e:00:00:01" is not a unicast MAC/],
+    [["--mac", "52:54:00:12:34"], /is not a unicast MAC/],
+    [["--mac", "00:00:00:00:00:00"], /is not a unicast MAC/],
+    [["--offload", "on"], /--offload "on" must be auto or off/],
+    [["--io-uring", "yes"], /--io-uring "yes" must be auto or off/],
+    [["--mtu", "20"], /--mtu "20" is not in 68..65535/],
+    [["--mtu", "1e3"], /--mtu "1e3"/],
+    [["--log-level", "loud"], /--log-level "loud" must be one of error, warn, info, debug/],
+    [["--socket-path", ""], /--socket-path is empty/],
+    [["--socket-path", "/" + "x".repeat(120)], /107 bytes/],
+  ];
+  for (const [argv, re] of cases) {
+    await t.step(argv.join(" ") || "(empty)", () => {
+      assert.throws(
+        () => parseOptions(argv),
+        (e: unknown) => e instanceof UsageError && re.test(e.message),
+      );
+    });
+  }
+});
+
+Deno.test("parseMac accepts either case and rejects group addresses", () => {
+  assert.deepEqual(parseMac("52:54:00:AB:cd:EF"), [0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
+  assert.equal(parseMac("53:54:00:00:00:01"), null);
+  assert.equal(parseMac("52-54-00-00-00-01"), null);
+});
+
+Deno.test("--help lists every option, and --print-capabilities is the convention's JSON", () => {
+  const text = usage();
+  for (const name of Object.keys(OPTIONS)) assert.match(text, new RegExp(`--${name}\\b`));
+  assert.match(text, /default: vionet0/);
+  assert.match(text, /default: auto/);
+  assert.deepEqual(JSON.parse(capabilities()), { type: "net" });
+});
+
+async function runMain(args: string[], netns?: string) {
+  const cmd = [Deno.execPath(), "run", ...startTaskFlags(), `${ROOT}main.ts`, ...args];
+  const full = netns ? ["ip", "netns", "exec", netns, ...cmd] : cmd;
+  const out = await new Deno.Command(full[0], {
+    args: full.slice(1),
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  })
+    .output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+Deno.test({
+  name: "main: a bad option is one line on stderr, exit status 2, and no tap left behind",
+  ignore: Deno.uid() !== 0,
+  fn: () =>
+    withNetns(async (ns) => {
+      for (
+        const args of [["--bogus"], ["--tap", "vbad0", "--mac", "zz"], [
+          "--tap",
+          "vbad0",
+          "--offload",
+        ]]
+      ) {
+        const r = await runMain(args, ns.name);
+        assert.equal(r.code, 2, r.stderr);
+        assert.equal(r.stdout, "");
+        assert.equal(r.stderr.trimEnd().split("\n").length, 1, r.stderr);
+        assert.match(r.stderr, /^vionet: /);
+        const links = await ns.exec(["ip", "-o", "link"]);
+        assert.doesNotMatch(links, /vionet0|vbad0/);
+      }
+    }),
+});
+
+Deno.test("main: --help and --print-capabilities print to stdout and exit 0", async () => {
+  const help = await runMain(["--help"]);
+  assert.equal(help.code, 0);
+  assert.match(help.stdout, /--socket-path PATH/);
+  const caps = await runMain(["--print-capabilities"]);
+  assert.equal(caps.code, 0);
+  assert.deepEqual(JSON.parse(caps.stdout), { type: "net" });
+});
+
+Deno.test({
+  name: "main: with no arguments it creates vionet0, and SIGTERM removes it",
+  ignore: Deno.uid() !== 0,
+  fn: () =>
+    withNetns(async (ns) => {
+      const child = ns.spawn(
+        [Deno.execPath(), "run", ...startTaskFlags(), `${ROOT}main.ts`],
+        { stdout: "piped", stderr: "piped", env: { XDG_RUNTIME_DIR: await Deno.makeTempDir() } },
+      );
+      const stderr = collect(child.stderr);
+      const stdout = collect(child.stdout);
+      try {
+        const end = Date.now() + 15_000;
+        while (!/ready|listening|device worker started/.test(stderr.text()) && Date.now() < end) {
+          await new Promise((r) => setTimeout(r, 50));
+        }
+        assert.match(await ns.exec(["ip", "-o", "link", "show", "vionet0"]), /vionet0.*UP/);
+        child.kill("SIGTERM");
+        const status = await child.status;
+        assert.equal(status.code, 0, stderr.text());
+        assert.match(stderr.text(), /SIGTERM: shutting down/);
+        assert.doesNotMatch(await ns.exec(["ip", "-o", "link"]), /vionet0/);
+        void stdout;
+      } finally {
+        try {
+          child.kill("SIGKILL");
+        } catch { /* already gone */ }
+      }
+    }),
+});
+
+function collect(stream: ReadableStream<Uint8Array>) {
+  let buf = "";
+  const dec = new TextDecoder();
+  (async () => {
+    for await (const chunk of stream) buf += dec.decode(chunk, { stream: true });
+  })();
+  return { text: () => buf };
+}
