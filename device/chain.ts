@@ -1,8 +1,9 @@
 /**
  * Descriptor chains: the one function that walks a chain in guest memory
  * (`walkChain`), the validated segments it produces (`DescriptorChain`), and
- * the copy helpers that are the only way data moves between a chain and the
- * device.
+ * `chainRead`, the only way the device copies data out of a chain. (It
+ * writes none into one: received frames go straight from the tap into guest
+ * buffers through the poller.)
  *
  * Trust boundary: everything read here from the descriptor table or an
  * indirect table is guest-controlled. Each descriptor is read exactly once
@@ -10,8 +11,8 @@
  * each one lies inside one granted region, device-readable segments come
  * before device-writable ones, the total is below `maxChainBytes` (< 2^32),
  * and the directions match what the queue allows. Segments are only valid
- * under the memory epoch recorded in the chain; the copy helpers refuse a
- * stale chain.
+ * under the memory epoch recorded in the chain; `chainRead` refuses a stale
+ * chain.
  *
  * Failure policy (the caller, `Virtqueue`, applies it; see virtqueue.ts):
  * codes below FIRST_RING_ERROR are per-chain: the head is known and sound, so
@@ -361,39 +362,6 @@ export function chainRead(
     const start = chain.offset[i] + skip;
     const bytes = memory.region(chain.region[i])!.bytes;
     dst.set(bytes.subarray(start, start + n), done);
-    done += n;
-    skip = 0;
-  }
-  return done;
-}
-
-/**
- * Copies `src` into the device-writable part of `chain`, starting `to` bytes
- * into it. Returns the number of bytes written (short when the writable part
- * ends first), or -1 when the chain is stale or `to` is not a non-negative
- * integer. The only way the device writes
- * packet data into guest memory: it never writes outside writable segments.
- */
-export function chainWrite(
-  memory: GuestMemory,
-  chain: DescriptorChain,
-  to: number,
-  src: Uint8Array,
-): number {
-  if (chain.epoch !== memory.epoch) return -1;
-  if (!(Number.isSafeInteger(to) && to >= 0)) return -1;
-  let skip = to;
-  let done = 0;
-  for (let i = chain.readableCount; i < chain.count && done < src.length; i++) {
-    const len = chain.length[i];
-    if (skip >= len) {
-      skip -= len;
-      continue;
-    }
-    const n = Math.min(len - skip, src.length - done);
-    const start = chain.offset[i] + skip;
-    const bytes = memory.region(chain.region[i])!.bytes;
-    bytes.set(src.subarray(done, done + n), start);
     done += n;
     skip = 0;
   }

@@ -19,6 +19,7 @@
  * @module
  */
 
+import { hex } from "../ipc/hex.ts";
 /** Guest addresses are used as JS numbers; anything at or above this is rejected. */
 export const MAX_GUEST_ADDRESS = Number.MAX_SAFE_INTEGER; // 2^53 - 1
 
@@ -76,10 +77,6 @@ export function readLe64Address(view: DataView, offset: number): number {
 
 function isAddress(n: unknown): n is number {
   return typeof n === "number" && Number.isSafeInteger(n) && n >= 0;
-}
-
-function hex(n: number): string {
-  return "0x" + n.toString(16);
 }
 
 /**

@@ -4,9 +4,9 @@
  * for good: the driver, having published past avail_event without kicking,
  * never meets avail_event again, and the device never looks again.
  *
- * Such a kick has been lost here (issue 5's guest bench, 2026-12-05: the
- * guest's TX queue stopped with avail->idx 65 past avail_event ==
- * last_avail_idx and no kick on the eventfd). A known cause: QEMU before 8.1
+ * Such a kick is lost in practice (a guest's TX queue stopped with avail->idx
+ * past avail_event == last_avail_idx and no kick on the eventfd). A known
+ * cause: QEMU before 8.1
  * under TCG with one vCPU drops the guest's memory barriers (QEMU commit
  * "tcg: Do not elide memory barriers for !CF_PARALLEL in system mode"), so
  * the guest can load a stale avail_event after its avail->idx store, the

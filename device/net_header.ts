@@ -53,6 +53,13 @@ import {
   VIRTIO_NET_HDR_GSO_UDP,
   VIRTIO_NET_HDR_GSO_UDP_L4,
   VIRTIO_NET_HDR_SIZE,
+  VNH_CSUM_OFFSET,
+  VNH_CSUM_START,
+  VNH_FLAGS,
+  VNH_GSO_SIZE,
+  VNH_GSO_TYPE,
+  VNH_HDR_LEN,
+  VNH_NUM_BUFFERS,
 } from "../ipc/virtio_net_hdr.ts";
 
 export {
@@ -167,13 +174,13 @@ function le16(b: Uint8Array, at: number): number {
  */
 export function readNetHdr(src: Uint8Array, offset: number, out: VirtioNetHdr): boolean {
   if (offset < 0 || src.length - offset < VIRTIO_NET_HDR_SIZE) return false;
-  out.flags = src[offset];
-  out.gsoType = src[offset + 1];
-  out.hdrLen = le16(src, offset + 2);
-  out.gsoSize = le16(src, offset + 4);
-  out.csumStart = le16(src, offset + 6);
-  out.csumOffset = le16(src, offset + 8);
-  out.numBuffers = le16(src, offset + 10);
+  out.flags = src[offset + VNH_FLAGS];
+  out.gsoType = src[offset + VNH_GSO_TYPE];
+  out.hdrLen = le16(src, offset + VNH_HDR_LEN);
+  out.gsoSize = le16(src, offset + VNH_GSO_SIZE);
+  out.csumStart = le16(src, offset + VNH_CSUM_START);
+  out.csumOffset = le16(src, offset + VNH_CSUM_OFFSET);
+  out.numBuffers = le16(src, offset + VNH_NUM_BUFFERS);
   return true;
 }
 
@@ -184,13 +191,13 @@ export function writeNetHdr(hdr: VirtioNetHdr, dst: Uint8Array, offset: number):
       `Cannot write virtio_net_hdr at ${offset}: buffer holds ${dst.length} bytes`,
     );
   }
-  dst[offset] = hdr.flags;
-  dst[offset + 1] = hdr.gsoType;
-  putLe16(dst, offset + 2, hdr.hdrLen);
-  putLe16(dst, offset + 4, hdr.gsoSize);
-  putLe16(dst, offset + 6, hdr.csumStart);
-  putLe16(dst, offset + 8, hdr.csumOffset);
-  putLe16(dst, offset + 10, hdr.numBuffers);
+  dst[offset + VNH_FLAGS] = hdr.flags;
+  dst[offset + VNH_GSO_TYPE] = hdr.gsoType;
+  putLe16(dst, offset + VNH_HDR_LEN, hdr.hdrLen);
+  putLe16(dst, offset + VNH_GSO_SIZE, hdr.gsoSize);
+  putLe16(dst, offset + VNH_CSUM_START, hdr.csumStart);
+  putLe16(dst, offset + VNH_CSUM_OFFSET, hdr.csumOffset);
+  putLe16(dst, offset + VNH_NUM_BUFFERS, hdr.numBuffers);
 }
 
 function putLe16(b: Uint8Array, at: number, v: number): void {

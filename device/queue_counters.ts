@@ -29,7 +29,7 @@ export const QUEUE_ERROR_REASONS = [
 /** One of QUEUE_ERROR_REASONS. */
 export type QueueErrorReason = typeof QUEUE_ERROR_REASONS[number];
 
-/** Counters of one virtqueue. All are monotonic until `resetQueueCounters()`. */
+/** Counters of one virtqueue. All are monotonic. */
 export interface QueueCounters {
   /** Valid chains handed to the device by `popAvail()`. */
   chains: number;
@@ -69,22 +69,4 @@ export function createQueueCounters(): QueueCounters {
     kicksMissed: 0,
     errors,
   };
-}
-
-/** Zeroes every counter in place. */
-export function resetQueueCounters(c: QueueCounters): void {
-  c.chains = 0;
-  c.bytes = 0;
-  c.chainBytes = 0;
-  c.used = 0;
-  c.dropped = 0;
-  c.interrupts = 0;
-  c.ringErrors = 0;
-  c.kicksMissed = 0;
-  for (const name of QUEUE_ERROR_REASONS) c.errors[name] = 0;
-}
-
-/** A deep copy, for snapshots and stats messages. */
-export function copyQueueCounters(c: QueueCounters): QueueCounters {
-  return { ...c, errors: { ...c.errors } };
 }

@@ -4,8 +4,8 @@
  * Trust: the descriptor table, the avail ring and the used ring live in guest
  * memory, and the guest may change any of it at any time. Ring indices are
  * read with `Atomics.load` and the used index published with `Atomics.store`
- * (guest memory is an ordinary ArrayBuffer; see notes/deno-limits.md,
- * Pitfall 6), so the JIT cannot reorder or hoist them. Chains are walked and
+ * (guest memory is an ordinary, non-shared ArrayBuffer, on which Atomics
+ * still order accesses), so the JIT cannot reorder or hoist them. Chains are walked and
  * validated by `walkChain()` (chain.ts) only.
  *
  * Failure policy (STYLE.md habit 5):
@@ -45,6 +45,7 @@
  * @module
  */
 
+import { hex } from "../ipc/hex.ts";
 import {
   CHAIN_ERROR_NAMES,
   CHAIN_OK,
@@ -157,10 +158,6 @@ interface RingPlace {
   view: DataView;
   offset: number;
   buffer: ArrayBuffer;
-}
-
-function hex(n: number): string {
-  return "0x" + n.toString(16);
 }
 
 /**

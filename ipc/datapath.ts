@@ -84,11 +84,13 @@
  * Wake-ups are batched: a side sets event bits with `Atomics.or`, then bumps
  * the peer's doorbell and notifies it only if the peer announced that it
  * sleeps (the same Dekker pattern as the rings). The poller cannot see
- * Atomics while blocked in `poll()`; whoever needs it awake asks the writer
+ * Atomics while blocked in `epoll_wait`; whoever needs it awake asks the writer
  * (WEV_WAKE_POLLER) or, from the parent, writes its wake eventfd.
  *
  * @module
  */
+
+import { VIRTIO_NET_HDR_SIZE } from "./virtio_net_hdr.ts";
 
 /** Queue indices of a single-pair virtio-net device (virtio 1.2 §5.1.2). */
 export const RX_QUEUE = 0;
@@ -97,7 +99,7 @@ export const TX_QUEUE = 1;
 /** Longest frame the tap may hand us or take: a 64 KiB GSO frame plus Ethernet and VLAN. */
 export const MAX_FRAME_BYTES = 65_550;
 /** The virtio 1.0 net header, which the tap reads and writes (TUNSETVNETHDRSZ 12). */
-export const NET_HDR_BYTES = 12;
+export const NET_HDR_BYTES = VIRTIO_NET_HDR_SIZE;
 
 // ---------------------------------------------------------------------------
 // The control block: an Int32Array over a SharedArrayBuffer.
@@ -134,10 +136,7 @@ export const CTL = {
   POLLER_ERRORS: 69,
   /** The writer's engine once it runs: {@link WRITER_ENGINE_IO_URING} or {@link WRITER_ENGINE_WRITEV}. */
   WRITER_ENGINE: 70,
-  /**
-   * TX call eventfd writes: after publishing TX completions (the writer or
-   * the poller), or for the device or parent (WEV_CALL_TX).
-   */
+  /** TX call eventfd writes, after publishing TX completions (the writer or the poller). */
   TX_INTERRUPTS: 71,
   /** The poller's engine once it runs: {@link POLLER_ENGINE_IO_URING} or {@link POLLER_ENGINE_READV}. */
   POLLER_ENGINE: 72,
@@ -161,11 +160,7 @@ export const CTL = {
    * every value it stores in the ring, and the device takes it back at stop.
    */
   RX_USED_IDX: 79,
-  /**
-   * RX call eventfd writes: the poller's (RX publication) and the writer's
-   * for the device or parent (WEV_CALL_RX). The device's own count is of
-   * its decisions, which the writer may merge into one write.
-   */
+  /** RX call eventfd writes, after the poller published RX completions. */
   RX_INTERRUPTS: 80,
   /** Guest kicks (available buffer notifications) the poller read, per queue. */
   RX_KICKS: 81,
@@ -210,11 +205,7 @@ export const EV_RX_STARVED = 1 << 5;
 
 /** Writer events (bits of CTL.WRITER_EVENTS). */
 export const WEV_TX = 1 << 0;
-/** Signal the RX queue's call eventfd. */
-export const WEV_CALL_RX = 1 << 1;
-/** Signal the TX queue's call eventfd (the parent's own requests; the device's TX interrupts follow USED_IDX). */
-export const WEV_CALL_TX = 1 << 2;
-/** Write the poller's wake eventfd (new RX buffers after starvation). */
+/** Write the poller's wake eventfd (new RX buffers after starvation). (Bits 1, 2: unused.) */
 export const WEV_WAKE_POLLER = 1 << 3;
 
 // ---------------------------------------------------------------------------

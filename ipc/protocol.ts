@@ -21,6 +21,8 @@
  * @module
  */
 
+import type { DatapathBuffers } from "./datapath.ts";
+
 /** Bumped on any incompatible change of a message below. */
 export const PROTOCOL_VERSION = 2;
 
@@ -163,14 +165,8 @@ export interface QueuePlacement {
   base: number;
 }
 
-/** The shared memory of the data path (`ipc/datapath.ts`). */
-export interface DatapathGrant {
-  control: SharedArrayBuffer;
-  tx: SharedArrayBuffer;
-  rxPost: SharedArrayBuffer;
-  rxLong: SharedArrayBuffer;
-  rxDone: SharedArrayBuffer;
-  bounce: SharedArrayBuffer;
+/** The shared memory of the data path (`ipc/datapath.ts`), as the device gets it. */
+export interface DatapathGrant extends DatapathBuffers {
   /** Host address of the bounce arena's first byte, for iovecs. */
   bounceHost: number;
 }

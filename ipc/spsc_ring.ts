@@ -75,6 +75,7 @@
  * @module
  */
 
+import { hex } from "./hex.ts";
 /** Header word 0: the bytes "SPSC" read as a little-endian u32. */
 export const SPSC_RING_MAGIC = 0x43535053;
 /** Header word 1: bumped on any incompatible change of the layout. */
@@ -111,9 +112,6 @@ const {
   CONSUMER_SLEEPING,
 } = SPSC_RING_WORD;
 
-/** setTimeout's largest delay; longer async waits are taken in slices. */
-const MAX_TIMER_MS = 0x7fff_ffff;
-
 /**
  * The peer broke the ring: a bad header at attach time, or an index that
  * moved where the protocol does not allow. Callers catch this one to stop the
@@ -146,10 +144,6 @@ export interface SpscRingStats {
 
 function isPowerOfTwo(n: number): boolean {
   return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
-}
-
-function hex(n: number): string {
-  return "0x" + (n >>> 0).toString(16);
 }
 
 /** Total SharedArrayBuffer size of a ring. */
@@ -357,29 +351,6 @@ export class SpscRing {
   }
 
   /**
-   * Copies one record in and publishes it. For tests and cold paths.
-   * @returns false when the ring is full.
-   * @throws {RangeError} if `record` is not exactly `recordWords` long, or a
-   *   `reserve()` batch is still unpublished.
-   */
-  tryPush(record: ArrayLike<number>): boolean {
-    if (record.length !== this.recordWords) {
-      throw new RangeError(
-        `Cannot push a record of ${record.length} words into a ring of ${this.recordWords}-word records`,
-      );
-    }
-    if (this.#reserved !== this.#head) {
-      throw new RangeError("Cannot tryPush() while a reserve() batch is unpublished");
-    }
-    const offset = this.reserve();
-    if (offset < 0) return false;
-    const words = this.words;
-    for (let i = 0; i < record.length; i++) words[offset + i] = record[i];
-    this.commit(1);
-    return true;
-  }
-
-  /**
    * Blocks (with `Atomics.wait`) until `minFree` slots are free or
    * `timeoutMs` passes. Only where `Atomics.wait` is allowed (workers; Deno's
    * main thread). Publish first: slots reserved but unpublished count as
@@ -390,14 +361,6 @@ export class SpscRing {
    */
   waitForSpace(timeoutMs = Infinity, minFree = 1): number {
     return this.#wait(false, timeoutMs, minFree);
-  }
-
-  /**
-   * Like {@link waitForSpace} but with `Atomics.waitAsync`, for the main
-   * thread. Keeps the event loop alive while it waits.
-   */
-  waitAsyncForSpace(timeoutMs = Infinity, minFree = 1): Promise<number> {
-    return this.#waitAsync(false, timeoutMs, minFree);
   }
 
   // ---- consumer ----------------------------------------------------------
@@ -471,26 +434,6 @@ export class SpscRing {
   }
 
   /**
-   * Copies the oldest record into `out` and releases it. For tests and cold
-   * paths.
-   * @returns false when the ring is empty.
-   * @throws {RangeError} if `out` is shorter than `recordWords`.
-   */
-  tryPop(out: { [i: number]: number; length: number }): boolean {
-    if (out.length < this.recordWords) {
-      throw new RangeError(
-        `Cannot pop a ${this.recordWords}-word record into ${out.length} words`,
-      );
-    }
-    if (this.available() === 0) return false;
-    const offset = this.peek(0);
-    const words = this.words;
-    for (let i = 0; i < this.recordWords; i++) out[i] = words[offset + i];
-    this.release(1);
-    return true;
-  }
-
-  /**
    * Blocks (with `Atomics.wait`) until `minRecords` records are ready or
    * `timeoutMs` passes. Only where `Atomics.wait` is allowed (workers; Deno's
    * main thread).
@@ -500,14 +443,6 @@ export class SpscRing {
    */
   waitForData(timeoutMs = Infinity, minRecords = 1): number {
     return this.#wait(true, timeoutMs, minRecords);
-  }
-
-  /**
-   * Like {@link waitForData} but with `Atomics.waitAsync`, for the main
-   * thread. Keeps the event loop alive while it waits.
-   */
-  waitAsyncForData(timeoutMs = Infinity, minRecords = 1): Promise<number> {
-    return this.#waitAsync(true, timeoutMs, minRecords);
   }
 
   // ---- internals ---------------------------------------------------------
@@ -548,45 +483,6 @@ export class SpscRing {
       }
     } finally {
       Atomics.store(header, sleeping, 0);
-    }
-  }
-
-  /** {@link #wait} with `Atomics.waitAsync`. */
-  async #waitAsync(data: boolean, timeoutMs: number, want: number): Promise<number> {
-    this.#checkWant(want, data ? "records" : "free slots");
-    let n = this.#count(data);
-    if (n >= want) return n;
-    const header = this.#header;
-    const sleeping = data ? CONSUMER_SLEEPING : PRODUCER_SLEEPING;
-    const index = data ? HEAD : TAIL;
-    const deadline = performance.now() + timeoutMs;
-    Atomics.store(header, sleeping, want);
-    try {
-      for (;;) {
-        n = this.#count(data);
-        if (n >= want) return n;
-        const remaining = deadline - performance.now();
-        if (remaining <= 0) return n;
-        await this.#sleepAsync(index, data ? this.#headSeen : this.#tailSeen, remaining);
-      }
-    } finally {
-      Atomics.store(header, sleeping, 0);
-    }
-  }
-
-  /** One `Atomics.waitAsync` on `word` while it still holds `seen`. */
-  async #sleepAsync(word: number, seen: number, remaining: number): Promise<void> {
-    const slice = Math.min(remaining, MAX_TIMER_MS - 1000);
-    const result = Atomics.waitAsync(this.#header, word, seen | 0, slice);
-    if (!result.async) return; // "not-equal" or "timed-out" at once
-    this.#sleeps++;
-    // Deno does not count a pending waitAsync as work that keeps the event
-    // loop running, so without this timer its timeout would never fire.
-    const keepAlive = setTimeout(() => {}, slice + 1000);
-    try {
-      await result.value;
-    } finally {
-      clearTimeout(keepAlive);
     }
   }
 

@@ -6,7 +6,7 @@
  * Revocation: every change that takes something away (a region, a
  * descriptor) resolves only after both workers that could use it
  * acknowledged it; only then may the caller unmap the region or close the
- * old descriptor. The poller, blocked in `poll()`, cannot see a message:
+ * old descriptor. The poller, blocked in `epoll_wait`, cannot see a message:
  * the host bumps the worker's mailbox count, posts, then writes the poller's
  * wake eventfd, and writes it again every {@link WAKE_RETRY_MS} until the ack
  * arrives (a safety net; the mailbox makes the first wake-up enough).
@@ -35,8 +35,6 @@ import {
   TX_QUEUE,
   TX_RECORD_WORDS,
   TX_RING_RECORDS,
-  WEV_CALL_RX,
-  WEV_CALL_TX,
   WRITER_ENGINE_IO_URING,
   WRITER_ENGINE_WRITEV,
 } from "../../ipc/datapath.ts";
@@ -336,7 +334,6 @@ export class DatapathHost {
   readonly bounceRange: HostRange;
   readonly #ctl: Int32Array;
   readonly #wakeFd: number;
-  readonly #wakeValue = new Uint8Array(new BigUint64Array([1n]).buffer);
   readonly #writer: IoWorker;
   readonly #poller: IoWorker;
   readonly #logger: Logger;
@@ -442,7 +439,7 @@ export class DatapathHost {
 
   #wakePoller(): void {
     // A failed write (counter at its maximum) still leaves the poller readable.
-    libc.sys.write(this.#wakeFd, this.#wakeValue, 8n);
+    libc.eventfdSignal(this.#wakeFd);
   }
 
   #both(msg: DistributiveOmit<IoRequest, "id">): Promise<void> {
@@ -470,12 +467,13 @@ export class DatapathHost {
 
   /**
    * Sets (or clears) the call eventfd of `queue`. Resolves when no worker
-   * uses the old one (both: the writer signals either queue; the poller
-   * signals RX under RX publication and TX when it writes TX frames).
+   * uses the old one: RX's the poller alone signals (it publishes RX); TX's
+   * both (each writes TX frames and publishes their completions).
    * @throws {TypeError} if `fd` is not an eventfd.
    */
   setCallFd(queue: number, fd: number | null): Promise<void> {
-    return this.#both({ kind: "setFd", slot: callSlot(queue), fd: this.#eventfd(fd) });
+    const msg = { kind: "setFd", slot: callSlot(queue), fd: this.#eventfd(fd) } as const;
+    return queue === RX_QUEUE ? this.#poller.request(msg) : this.#both(msg);
   }
 
   /**
@@ -490,13 +488,6 @@ export class DatapathHost {
   setTap(fd: number): Promise<void> {
     libc.setNonBlocking(fd, true);
     return this.#both({ kind: "setFd", slot: "tap", fd });
-  }
-
-  /** Asks the writer to signal `queue`'s call eventfd (as the device does with WEV_CALL_*). */
-  signalCall(queue: number): void {
-    const bit = queue === RX_QUEUE ? WEV_CALL_RX : queue === TX_QUEUE ? WEV_CALL_TX : 0;
-    if (bit === 0) throw new RangeError(`Queue ${queue} is neither RX_QUEUE nor TX_QUEUE`);
-    signal(this.#ctl, CTL.WRITER_EVENTS, bit, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING);
   }
 
   /** The control block's counters, read now. */

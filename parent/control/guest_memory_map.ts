@@ -93,7 +93,7 @@ export function mapRegion(desc: MemoryRegionDesc, fd: number): MappedRegion {
     if (pointer === null) throw new Error("mmap returned a mapping at address 0");
     return { ...desc, pointer, fd, mapBase, mapLength, shrinkSealed: sealedAgainstShrinking(fd) };
   } catch (e) {
-    closeQuietly(fd);
+    libc.closeQuietly(fd);
     throw e;
   }
 }
@@ -132,15 +132,6 @@ function release(region: MappedRegion, dropMapping: () => unknown): Error | null
   } catch (e) {
     error = e as Error;
   }
-  const closeError = closeQuietly(region.fd);
+  const closeError = libc.closeQuietly(region.fd);
   return error ?? closeError;
-}
-
-function closeQuietly(fd: number): Error | null {
-  try {
-    libc.close(fd);
-    return null;
-  } catch (e) {
-    return e as Error;
-  }
 }

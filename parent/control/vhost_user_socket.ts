@@ -186,12 +186,9 @@ export function sockaddrUn(path: string): Uint8Array<ArrayBuffer> {
   return out;
 }
 
+/** close(2), errors ignored: the descriptor is being let go of. */
 function closeQuietly(fd: number): void {
-  try {
-    libc.close(fd);
-  } catch {
-    // Already closed or never valid: nothing left to release.
-  }
+  libc.closeQuietly(fd);
 }
 
 // ---------------------------------------------------------------------------
@@ -217,17 +214,13 @@ export const LIBC_BACKEND_SYSTEM: BackendSystem = {
       throw new Error(`fd ${fd} is neither an eventfd nor a pipe (mode 0o${st.mode.toString(8)})`);
     }
     // Never block on it: a full pipe must not stall the control path. A pipe
-    // with no reader fails with EPIPE (it ends the connection) rather than
-    // killing the daemon only because Deno ignores SIGPIPE; a test checks it.
+    // with no reader fails with EPIPE (it ends the connection; see
+    // libc.eventfdSignal on SIGPIPE).
     libc.setNonBlocking(fd, true);
-    const one = new Uint8Array(8);
-    one[0] = 1;
-    try {
-      libc.write(fd, one);
-    } catch (e) {
-      // A full counter or pipe is already signalled.
-      if (!(e instanceof libc.SyscallError && e.errno === libc.Errno.EAGAIN)) throw e;
-    }
+    if (libc.eventfdSignal(fd)) return;
+    const errno = libc.errno();
+    // A full counter or pipe is already signalled.
+    if (errno !== libc.Errno.EAGAIN) throw new libc.SyscallError("write", errno, `fd ${fd}`);
   },
 };
 

@@ -18,6 +18,7 @@
  * @module
  */
 
+import { hex } from "../../ipc/hex.ts";
 import denoConfig from "../../deno.json" with { type: "json" };
 import { PERMISSION_NAMES, type PermissionName } from "../../ipc/protocol.ts";
 import type { Options } from "../control/cli.ts";
@@ -277,10 +278,6 @@ const ROOT = new URL("../../", import.meta.url);
 
 function relative(url: URL): string {
   return url.href.startsWith(ROOT.href) ? url.href.slice(ROOT.href.length) : url.href;
-}
-
-function hex(n: bigint | number): string {
-  return `0x${n.toString(16)}`;
 }
 
 function hasFfi(p: PermissionSet): boolean {

@@ -424,6 +424,40 @@ export function close(fd: number): void {
   check(sys.close(fd), "close", `fd ${fd}`);
 }
 
+/**
+ * close(2) for releasing: never throws. Returns the error (an fd already
+ * closed, or never valid), or null.
+ */
+export function closeQuietly(fd: number): Error | null {
+  try {
+    close(fd);
+    return null;
+  } catch (e) {
+    return e as Error;
+  }
+}
+
+/** The u64 1 an eventfd write adds (read-only; shared by every write). */
+const EVENTFD_ONE = new Uint8Array(new BigUint64Array([1n]).buffer);
+/** Where an eventfd read puts the counter (its value is not needed). */
+const eventfdCounter = new Uint8Array(8);
+
+/**
+ * Adds 1 to eventfd `fd` (8 bytes into a pipe, which QEMU may give instead);
+ * returns whether it was written, never throws (errno() says why not). A
+ * pipe whose reader is gone fails with EPIPE rather than killing the process
+ * only because Deno ignores SIGPIPE (tests/parent/control/vhost_user_socket_test.ts
+ * checks it).
+ */
+export function eventfdSignal(fd: number): boolean {
+  return Number(sys.write(fd, EVENTFD_ONE, 8n)) === 8;
+}
+
+/** Reads, and so clears, the counter of O_NONBLOCK eventfd `fd`; true if it was non-zero. */
+export function eventfdDrain(fd: number): boolean {
+  return Number(sys.read(fd, eventfdCounter, 8n)) === 8;
+}
+
 /** read(2) into `buf`; returns the byte count (0 at end of file). */
 export function read(fd: number, buf: Uint8Array): number {
   return checkSize(sys.read(fd, buf, BigInt(buf.byteLength)), "read", `fd ${fd}`);

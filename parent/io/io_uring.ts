@@ -2,23 +2,15 @@
  * A minimal io_uring for the I/O workers: many `writev`s to the tap (writer)
  * or `readv`s from it (poller) per system call instead of one.
  *
- * Why: on this kind of machine a system call costs more than the tap's own
- * work. Measured here (C, one core, 12-byte vnet header + frame): a `writev`
- * loop moves 0.56 Mpps whatever the frame size; 64 IORING_OP_WRITEV per
- * io_uring_enter move 3.3 Mpps of 64 B and 3.1 Mpps of 1514 B frames, every
- * one counted in the tap's rx_packets. There is no batched write for a tap
- * otherwise (tun's sendmsg batching is for vhost-net in the kernel only).
- * On a later machine with cheaper system calls (a `write` loop of 64 B
- * frames at 1.34 Mpps) the batch still wins, by less: vionet's TX 64 B
- * 0.96 Mpps against 0.85 with `--io-uring off` (`deno task bench --only
- * backend --tests tx64`, 2026-12-05).
+ * Why: a system call can cost more than the tap's own work on a frame, and
+ * there is no batched write for a tap otherwise (tun's sendmsg batching is
+ * for vhost-net in the kernel only); `bench/tap_ceiling.ts` measures both
+ * ways on the machine at hand.
  *
- * Only what the writer needs: no SQPOLL (it would spin a core the guest
+ * Only what the I/O workers need: no SQPOLL (it would spin a core the guest
  * needs), no registered buffers, one batch in flight. The tap is a
- * registered file ({@link useFixedFile}): an SQE on a plain descriptor makes
- * the kernel look it up and take and drop a reference per write, which cost
- * 5 % of the 64 B write rate here (`IORING_OP_WRITEV` of header + frame, 64
- * per io_uring_enter, one core: 1.21 Mpps plain, 1.28 Mpps registered).
+ * registered file ({@link useFixedFile}), which spares the kernel a
+ * descriptor lookup and reference per request.
  * {@link submitAndWait} returns only when the kernel has completed every queued write, so the
  * guest memory that the iovecs name is no longer read once it returns: the
  * writer may then release the records, and a revocation served after it is

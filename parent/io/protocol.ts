@@ -17,7 +17,7 @@
  * memory or blocking in FFI again. (A worker that resumes after a macrotask
  * cannot tell whether a message arrived in the same event-loop turn and is
  * still waiting for its own microtask: measured, the poller otherwise went
- * back into `poll()` and answered only after ~280 ms of retries.)
+ * back into its wait and answered only after ~280 ms of retries.)
  *
  * The data path itself (records, event bits) is `ipc/datapath.ts`; this file
  * is only the slow control channel beside it.
@@ -27,6 +27,7 @@
 
 import { MAX_FRAME_BYTES, NET_HDR_BYTES } from "../../ipc/datapath.ts";
 import type { HostRange } from "./regions.ts";
+import { describe, isRecord, MAX_TEXT, Reader, ValidationError } from "../../ipc/reader.ts";
 
 /** Bumped on any incompatible change of these messages. */
 export const IO_PROTOCOL_VERSION = 1;
@@ -52,7 +53,7 @@ export type FdSlot = "tap" | "kickRx" | "kickTx" | "callRx" | "callTx";
 export const FD_SLOTS: readonly FdSlot[] = ["tap", "kickRx", "kickTx", "callRx", "callTx"];
 /** Slots each role accepts in `setFd`. */
 export const ROLE_SLOTS: Readonly<Record<IoRole, readonly FdSlot[]>> = {
-  writer: ["tap", "callRx", "callTx"],
+  writer: ["tap", "callTx"],
   poller: ["tap", "kickRx", "kickTx", "callRx", "callTx"],
 };
 
@@ -203,36 +204,7 @@ export interface InfoNotice {
 
 export type IoReply = AckReply | ErrorReply | FaultNotice | InfoNotice;
 
-/** A control message did not have the required shape. */
-export class IoProtocolError extends Error {
-  override name = "IoProtocolError";
-  constructor(message: string, readonly id: number | null) {
-    super(message);
-  }
-}
-
 const MAX_RANGES = 1024;
-const MAX_TEXT = 4096;
-
-function isObject(v: unknown): v is Record<string, unknown> {
-  return typeof v === "object" && v !== null && !Array.isArray(v);
-}
-
-function readId(msg: Record<string, unknown>): number | null {
-  const id = msg.id;
-  return typeof id === "number" && Number.isSafeInteger(id) && id > 0 ? id : null;
-}
-
-function fail(what: string, id: number | null): never {
-  throw new IoProtocolError(what, id);
-}
-
-function fd(v: unknown, field: string, id: number | null): number {
-  if (typeof v !== "number" || !Number.isInteger(v) || v < 0 || v > 0x7fff_ffff) {
-    fail(`${field} must be a descriptor (integer in [0, 2^31)), got ${String(v)}`, id);
-  }
-  return v;
-}
 
 /** Size of `txShared` (its words: TX_SHARED in `tx_drain.ts`). */
 export const TX_SHARED_BYTES = 16;
@@ -242,182 +214,165 @@ export function createTxShared(): SharedArrayBuffer {
   return new SharedArrayBuffer(TX_SHARED_BYTES);
 }
 
-function txSharedBuffer(v: unknown, id: number | null): SharedArrayBuffer {
-  const b = sab(v, "txShared", id);
-  if (b.byteLength !== TX_SHARED_BYTES) fail(`txShared must be ${TX_SHARED_BYTES} bytes`, id);
-  return b;
+/** A request id: a positive safe integer, or null when the message has none. */
+function readId(msg: Record<string, unknown>): number | null {
+  const id = msg.id;
+  return typeof id === "number" && Number.isSafeInteger(id) && id > 0 ? id : null;
 }
 
-function sab(v: unknown, field: string, id: number | null): SharedArrayBuffer {
-  if (!(v instanceof SharedArrayBuffer)) fail(`${field} must be a SharedArrayBuffer`, id);
-  if (field === "mailbox" && v.byteLength !== MAILBOX_BYTES) {
-    fail(`mailbox must be ${MAILBOX_BYTES} bytes`, id);
+/** Opens a message from the other side: an object with a usable id (`needId`) and a kind. */
+function open(data: unknown, needId: boolean): { r: Reader; kind: unknown; id: number | null } {
+  if (!isRecord(data)) {
+    throw new ValidationError(
+      "malformed",
+      undefined,
+      `message must be an object, got ${describe(data)}`,
+    );
   }
-  return v;
+  const id = readId(data);
+  if (needId && id === null) {
+    throw new ValidationError(
+      "malformed",
+      "id",
+      `id must be a positive safe integer, got ${describe(data.id)}`,
+    );
+  }
+  return { r: new Reader(data, "", id), kind: data.kind, id };
 }
 
-function ranges(v: unknown, id: number | null): HostRange[] {
-  if (!Array.isArray(v) || v.length > MAX_RANGES) {
-    fail(`ranges must be an array of at most ${MAX_RANGES} ranges`, id);
-  }
-  return v.map((r, i): HostRange => {
-    if (!isObject(r)) fail(`ranges[${i}] must be an object`, id);
-    if (typeof r.base !== "bigint") fail(`ranges[${i}].base must be a bigint`, id);
-    const size = r.size;
-    if (typeof size !== "bigint" && !(typeof size === "number" && Number.isSafeInteger(size))) {
-      fail(`ranges[${i}].size must be a bigint or a safe integer`, id);
-    }
-    return { base: r.base, size };
-  });
+function unknownKind(kind: unknown, id: number | null): never {
+  throw new ValidationError("unknown-kind", "kind", `unknown kind ${describe(kind)}`, id);
 }
 
-function parseTxUsed(v: unknown, id: number | null): TxUsedPlace | null {
-  if (v === null || v === undefined) return null;
-  if (!isObject(v)) fail("txUsed must be an object or null", id);
-  for (const f of ["idxAddr", "eventAddr"] as const) {
-    const a = v[f];
-    if (typeof a !== "bigint" || a <= 0n || a >= 1n << 64n || (a & 1n) !== 0n) {
-      fail(`txUsed.${f} must be a 2-byte aligned host address (bigint)`, id);
-    }
-  }
-  if (typeof v.eventIdx !== "boolean") fail("txUsed.eventIdx must be a boolean", id);
+function ranges(r: Reader): HostRange[] {
+  return r.list(
+    "ranges",
+    MAX_RANGES,
+    (g) => ({ base: g.bigint("base"), size: g.bigintOrSafe("size") }),
+  );
+}
+
+function txUsed(r: Reader): TxUsedPlace {
   return {
-    idxAddr: v.idxAddr as bigint,
-    eventAddr: v.eventAddr as bigint,
-    eventIdx: v.eventIdx,
+    idxAddr: r.hostAddress("idxAddr", 2),
+    eventAddr: r.hostAddress("eventAddr", 2),
+    eventIdx: r.boolean("eventIdx"),
   };
 }
 
-function parseRxUsed(v: unknown, id: number | null): RxUsedPlace | null {
-  if (v === null || v === undefined) return null;
-  if (!isObject(v)) fail("rxUsed must be an object or null", id);
-  const size = v.size;
-  if (
-    typeof size !== "number" || !Number.isInteger(size) || size < 1 || size > 32768 ||
-    (size & (size - 1)) !== 0
-  ) {
-    fail("rxUsed.size must be a power of 2 in 1..32768", id);
+function rxUsed(r: Reader): RxUsedPlace {
+  const size = r.uint("size", 32768);
+  if (size < 1 || (size & (size - 1)) !== 0) {
+    throw new ValidationError(
+      "malformed",
+      "rxUsed.size",
+      `rxUsed.size must be a power of 2 in 1..32768, got ${size}`,
+    );
   }
-  const ring = v.ringAddr;
-  if (typeof ring !== "bigint" || ring <= 0n || ring >= 1n << 64n || (ring & 3n) !== 0n) {
-    fail("rxUsed.ringAddr must be a 4-byte aligned host address (bigint)", id);
-  }
-  const event = v.eventAddr;
-  if (typeof event !== "bigint" || event <= 0n || event >= 1n << 64n || (event & 1n) !== 0n) {
-    fail("rxUsed.eventAddr must be a 2-byte aligned host address (bigint)", id);
-  }
-  if (typeof v.eventIdx !== "boolean") fail("rxUsed.eventIdx must be a boolean", id);
-  return { ringAddr: ring, size, eventAddr: event, eventIdx: v.eventIdx };
+  return {
+    ringAddr: r.hostAddress("ringAddr", 4),
+    size,
+    eventAddr: r.hostAddress("eventAddr", 2),
+    eventIdx: r.boolean("eventIdx"),
+  };
 }
 
-function frameRoom(v: unknown, id: number | null): number {
-  if (
-    typeof v !== "number" || !Number.isInteger(v) || v < RX_FRAME_ROOM_MIN ||
-    v > RX_FRAME_ROOM_MAX
-  ) {
-    fail(`rxFrameRoom must be an integer in ${RX_FRAME_ROOM_MIN}..${RX_FRAME_ROOM_MAX}`, id);
+function frameRoom(r: Reader, key: string): number {
+  const v = r.uint(key, RX_FRAME_ROOM_MAX);
+  if (v < RX_FRAME_ROOM_MIN) {
+    throw new ValidationError(
+      "malformed",
+      key,
+      `${key} must be an integer in ${RX_FRAME_ROOM_MIN}..${RX_FRAME_ROOM_MAX}, got ${v}`,
+    );
   }
-  return v;
-}
-
-function ioUringMode(v: unknown, id: number | null): IoUringMode {
-  if (v !== "auto" && v !== "off") fail(`ioUring must be "auto" or "off"`, id);
   return v;
 }
 
 /**
  * Validates a request from the parent (worker side).
- * @throws {IoProtocolError} naming the first wrong field.
+ * @throws {ValidationError} naming the first wrong field.
  */
 export function parseIoRequest(data: unknown): IoRequest {
-  if (!isObject(data)) fail("message must be an object", null);
-  const id = readId(data);
-  if (id === null) fail("id must be a positive safe integer", null);
-  switch (data.kind) {
+  const { r, kind, id: readIdOrNull } = open(data, true);
+  const id = readIdOrNull!;
+  switch (kind) {
     case "init": {
-      if (data.version !== IO_PROTOCOL_VERSION) {
-        fail(`version ${String(data.version)} is not ${IO_PROTOCOL_VERSION}`, id);
-      }
-      if (data.role !== "writer" && data.role !== "poller") {
-        fail(`role must be "writer" or "poller"`, id);
+      const version = r.uint("version", 0x7fff_ffff);
+      if (version !== IO_PROTOCOL_VERSION) {
+        throw new ValidationError(
+          "version",
+          "version",
+          `version ${version} is not ${IO_PROTOCOL_VERSION}`,
+          id,
+        );
       }
       return {
         kind: "init",
         id,
         version: IO_PROTOCOL_VERSION,
-        role: data.role,
-        control: sab(data.control, "control", id),
-        tx: sab(data.tx, "tx", id),
-        rxPost: sab(data.rxPost, "rxPost", id),
-        rxLong: sab(data.rxLong, "rxLong", id),
-        rxDone: sab(data.rxDone, "rxDone", id),
-        mailbox: sab(data.mailbox, "mailbox", id),
-        tapFd: fd(data.tapFd, "tapFd", id),
-        wakeFd: fd(data.wakeFd, "wakeFd", id),
-        ranges: ranges(data.ranges, id),
-        ioUring: data.ioUring === undefined ? "auto" : ioUringMode(data.ioUring, id),
-        txUsed: parseTxUsed(data.txUsed, id),
-        txShared: data.txShared === undefined || data.txShared === null
-          ? null
-          : txSharedBuffer(data.txShared, id),
-        rxFrameRoom: data.rxFrameRoom === undefined
-          ? RX_FRAME_ROOM_MAX
-          : frameRoom(data.rxFrameRoom, id),
-        rxUsed: parseRxUsed(data.rxUsed, id),
+        role: r.oneOf("role", ["writer", "poller"] as const),
+        control: r.sharedBuffer("control"),
+        tx: r.sharedBuffer("tx"),
+        rxPost: r.sharedBuffer("rxPost"),
+        rxLong: r.sharedBuffer("rxLong"),
+        rxDone: r.sharedBuffer("rxDone"),
+        mailbox: r.sharedBuffer("mailbox", MAILBOX_BYTES),
+        tapFd: r.fd("tapFd"),
+        wakeFd: r.fd("wakeFd"),
+        ranges: ranges(r),
+        ioUring: r.optional("ioUring", "auto", (k) => r.oneOf(k, ["auto", "off"] as const)),
+        txUsed: r.nullable("txUsed", (k) => txUsed(r.object(k))),
+        txShared: r.nullable("txShared", (k) => r.sharedBuffer(k, TX_SHARED_BYTES)),
+        rxFrameRoom: r.optional("rxFrameRoom", RX_FRAME_ROOM_MAX, (k) => frameRoom(r, k)),
+        rxUsed: r.nullable("rxUsed", (k) => rxUsed(r.object(k))),
       };
     }
     case "setRegions":
-      return { kind: "setRegions", id, ranges: ranges(data.ranges, id) };
-    case "setFd": {
-      const slot = data.slot;
-      if (typeof slot !== "string" || !(FD_SLOTS as readonly string[]).includes(slot)) {
-        fail(`slot must be one of ${FD_SLOTS.join(", ")}`, id);
-      }
+      return { kind, id, ranges: ranges(r) };
+    case "setFd":
       return {
-        kind: "setFd",
+        kind,
         id,
-        slot: slot as FdSlot,
-        fd: data.fd === null ? null : fd(data.fd, "fd", id),
+        slot: r.oneOf("slot", FD_SLOTS),
+        fd: r.nullable("fd", (k) => r.fd(k)),
       };
-    }
     case "setRxFrameRoom":
-      return { kind: "setRxFrameRoom", id, bytes: frameRoom(data.bytes, id) };
+      return { kind, id, bytes: frameRoom(r, "bytes") };
     case "stop":
-      return { kind: "stop", id };
+      return { kind, id };
     default:
-      fail(`unknown kind ${JSON.stringify(String(data.kind)).slice(0, 64)}`, id);
+      return unknownKind(kind, id);
   }
 }
 
 /**
  * Validates a reply from a worker (parent side).
- * @throws {IoProtocolError} naming the first wrong field.
+ * @throws {ValidationError} naming the first wrong field.
  */
 export function parseIoReply(data: unknown): IoReply {
-  if (!isObject(data)) fail("reply must be an object", null);
-  const text = (v: unknown, field: string): string => {
-    if (typeof v !== "string" || v.length > MAX_TEXT) {
-      fail(`${field} must be a string of at most ${MAX_TEXT} characters`, readId(data));
-    }
-    return v;
-  };
-  switch (data.kind) {
-    case "ack": {
-      const id = readId(data);
-      if (id === null) fail("ack.id must be a positive safe integer", null);
-      return { kind: "ack", id };
-    }
-    case "error":
-      if (data.id !== null && readId(data) === null) {
-        fail("error.id must be null or a positive safe integer", null);
+  const { r, kind, id } = open(data, false);
+  switch (kind) {
+    case "ack":
+      if (id === null) {
+        throw new ValidationError("malformed", "id", "ack.id must be a positive safe integer");
       }
-      return { kind: "error", id: readId(data), message: text(data.message, "error.message") };
+      return { kind, id };
+    case "error":
+      if (id === null && r.has("id") && (data as Record<string, unknown>).id !== null) {
+        throw new ValidationError(
+          "malformed",
+          "id",
+          "error.id must be null or a positive safe integer",
+        );
+      }
+      return { kind, id, message: r.text("message") };
     case "fault":
-      return { kind: "fault", message: text(data.message, "fault.message") };
+      return { kind, message: r.text("message") };
     case "notice":
-      return { kind: "notice", message: text(data.message, "notice.message") };
+      return { kind, message: r.text("message") };
     default:
-      fail(`unknown reply kind ${JSON.stringify(String(data.kind)).slice(0, 64)}`, null);
+      return unknownKind(kind, null);
   }
 }
 

@@ -45,6 +45,33 @@ export interface HostMemory {
   window(addr: number, len: number): { buffer: ArrayBufferLike; byteOffset: number };
 }
 
+/**
+ * The one copy-and-check between a data-path record and a system call:
+ * copies `count` iovecs ([base lo, base hi, len lo, len hi] words) from
+ * `src[from]` into the private `dst[to]`, then checks the copies (never the
+ * shared words again): each length's high word 0 and each iovec inside one
+ * range of `memory`. Returns the sum of the lengths, or -1 for a bad iovec.
+ */
+export function copyCheckedIovecs(
+  src: Uint32Array,
+  from: number,
+  dst: Uint32Array,
+  to: number,
+  count: number,
+  memory: HostMemory,
+): number {
+  const n = count * 4;
+  for (let i = 0; i < n; i++) dst[to + i] = src[from + i];
+  let sum = 0;
+  for (let w = to; w < to + n; w += 4) {
+    const len = dst[w + 2];
+    if (dst[w + 3] !== 0) return -1;
+    if (!memory.contains(dst[w + 1] * 0x1_0000_0000 + dst[w], len)) return -1;
+    sum += len;
+  }
+  return sum;
+}
+
 /** x86-64 user addresses are below 2^47 (4-level paging) or 2^56 (5-level); both fit 2^53. */
 export const MAX_HOST_ADDRESS = 2 ** 53;
 

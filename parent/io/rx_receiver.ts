@@ -21,9 +21,8 @@
  * per chain ({@link RxReceiver.receive}); reads run in order and each one
  * finds the tap's next frame or nothing. A chain whose read found nothing
  * while a later read found a frame is given back (rx-done {k, 0, RX_UNUSED};
- * the device posts it again). Measured (RX of 64 B frames from DPDK's
- * virtio-user with 2 KiB mergeable buffers): the poller's CPU for the same
- * 0.15 Mpps fell from 0.32 to 0.11 of a core against one `readv` a frame.
+ * the device posts it again). One system call then carries a batch of
+ * frames instead of one.
  *
  * Discards (RXF_DISCARD): a chain the device could not use is completed
  * with length 0 when it reaches the front, in post order. So that one never

@@ -14,7 +14,7 @@
  */
 
 import { IOVEC_WORDS, RX_LONG_MAX_IOV, RX_MAX_IOV, RX_POST, RXF_LONG } from "../../ipc/datapath.ts";
-import type { HostMemory } from "./regions.ts";
+import { copyCheckedIovecs, type HostMemory } from "./regions.ts";
 
 /** UIO_MAXIOV: readv takes at most this many iovecs. */
 export const UIO_MAXIOV = 1024;
@@ -71,20 +71,14 @@ export class RxStage {
     }
     if (long && longOff < 0) return STAGE_BAD;
     if (this.iovs + count > STAGE_MAX_IOV) return STAGE_FULL;
-    const iov = this.iov;
-    const dst = this.iovs * IOVEC_WORDS;
-    const src = long ? longWords : words;
-    const from = long ? longOff : off + RX_POST.IOV;
-    const n = count * IOVEC_WORDS;
-    for (let i = 0; i < n; i++) iov[dst + i] = src[from + i];
-    let sum = 0;
-    const memory = this.memory;
-    for (let w = dst; w < dst + n; w += IOVEC_WORDS) {
-      const len = iov[w + 2];
-      if (iov[w + 3] !== 0) return STAGE_BAD; // the high word of the u64 length
-      if (!memory.contains(iov[w + 1] * 0x1_0000_0000 + iov[w], len)) return STAGE_BAD;
-      sum += len;
-    }
+    const sum = copyCheckedIovecs(
+      long ? longWords : words,
+      long ? longOff : off + RX_POST.IOV,
+      this.iov,
+      this.iovs * IOVEC_WORDS,
+      count,
+      this.memory,
+    );
     if (sum !== capacity) return STAGE_BAD;
     const c = this.chains;
     this.count[c] = count;

@@ -50,6 +50,20 @@
 import * as libc from "../host/libc.ts";
 import { IoUring } from "./io_uring.ts";
 import { fullBarrier, usedNotifyWanted } from "../../ipc/vring_notify.ts";
+import {
+  VIRTIO_NET_HDR_F_NEEDS_CSUM,
+  VIRTIO_NET_HDR_GSO_ECN,
+  VIRTIO_NET_HDR_GSO_NONE,
+  VIRTIO_NET_HDR_GSO_TCPV4,
+  VIRTIO_NET_HDR_GSO_TCPV6,
+  VIRTIO_NET_HDR_GSO_UDP,
+  VIRTIO_NET_HDR_GSO_UDP_L4,
+  VNH_CSUM_OFFSET,
+  VNH_CSUM_START,
+  VNH_FLAGS,
+  VNH_GSO_SIZE,
+  VNH_GSO_TYPE,
+} from "../../ipc/virtio_net_hdr.ts";
 import { CorruptRingError, SpscRing } from "../../ipc/spsc_ring.ts";
 import {
   CTL,
@@ -64,7 +78,7 @@ import {
   WRITER_ENGINE_IO_URING,
   WRITER_ENGINE_WRITEV,
 } from "../../ipc/datapath.ts";
-import { IoRegions } from "./regions.ts";
+import { copyCheckedIovecs, IoRegions } from "./regions.ts";
 import {
   type FaultNotice,
   type InfoNotice,
@@ -121,26 +135,16 @@ function txUsedViews(place: TxUsedPlace, granted: IoRegions): TxUsedViews {
   };
 }
 
-// virtio 1.2 §5.1.6: struct virtio_net_hdr; flags @0, gso_type @1, hdr_len @2,
-// gso_size @4, csum_start @6, csum_offset @8, num_buffers @10 (le16).
-const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
-const VIRTIO_NET_HDR_GSO_NONE = 0;
-const VIRTIO_NET_HDR_GSO_TCPV4 = 1;
-const VIRTIO_NET_HDR_GSO_UDP = 3;
-const VIRTIO_NET_HDR_GSO_TCPV6 = 4;
-const VIRTIO_NET_HDR_GSO_UDP_L4 = 5;
-const VIRTIO_NET_HDR_GSO_ECN = 0x80;
-
 /**
  * A light second look at the header the device validated (`device/net_header.ts`
  * does the real check); the kernel checks it again in virtio_net_hdr_to_skb().
  */
 function checkTxHeader(h: Uint8Array, at: number, frameLen: number): boolean {
-  const flags = h[at];
+  const flags = h[at + VNH_FLAGS];
   // §5.1.6.2: the driver MUST NOT set DATA_VALID or RSC_INFO on transmit.
   if ((flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0) return false;
-  const gsoType = h[at + 1];
-  const gsoSize = h[at + 4] | (h[at + 5] << 8);
+  const gsoType = h[at + VNH_GSO_TYPE];
+  const gsoSize = h[at + VNH_GSO_SIZE] | (h[at + VNH_GSO_SIZE + 1] << 8);
   const base = gsoType & ~VIRTIO_NET_HDR_GSO_ECN;
   if (gsoType === VIRTIO_NET_HDR_GSO_NONE) {
     // no GSO: nothing more to say about gso_size
@@ -155,8 +159,8 @@ function checkTxHeader(h: Uint8Array, at: number, frameLen: number): boolean {
   }
   if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
     // §5.1.6.2: the checksum field lies at csum_start + csum_offset, inside the frame.
-    const csumStart = h[at + 6] | (h[at + 7] << 8);
-    const csumOffset = h[at + 8] | (h[at + 9] << 8);
+    const csumStart = h[at + VNH_CSUM_START] | (h[at + VNH_CSUM_START + 1] << 8);
+    const csumOffset = h[at + VNH_CSUM_OFFSET] | (h[at + VNH_CSUM_OFFSET + 1] << 8);
     if (csumStart + csumOffset + 2 > frameLen) return false;
   }
   return true;
@@ -166,9 +170,6 @@ function checkTxHeader(h: Uint8Array, at: number, frameLen: number): boolean {
 const SLOT_WORDS = (TX_MAX_IOV + 1) * IOVEC_WORDS;
 /** Bytes reserved per slot for the header copy (12 used). */
 const HDR_SLOT_BYTES = 16;
-
-/** The u64 1 an eventfd write adds. */
-const eventfdOne = new Uint8Array(new BigUint64Array([1n]).buffer);
 
 export type DrainerNotice = InfoNotice | FaultNotice;
 
@@ -422,20 +423,15 @@ export class TxDrainer {
     hw[h] = words[off + TX_REC.HDR];
     hw[h + 1] = words[off + TX_REC.HDR + 1];
     hw[h + 2] = words[off + TX_REC.HDR + 2];
-    const iov = this.#iovs.view;
-    const base = slot * SLOT_WORDS;
-    const src = off + TX_REC.IOV;
-    const n = count * IOVEC_WORDS;
-    for (let i = 0; i < n; i++) iov[base + IOVEC_WORDS + i] = words[src + i];
-    let sum = 0;
-    const regions = this.regions;
-    for (let w = base + IOVEC_WORDS; w <= base + n; w += IOVEC_WORDS) {
-      const len = iov[w + 2];
-      // The iovec's length is a u64: its high word must be 0.
-      if (iov[w + 3] !== 0) return 0;
-      if (!regions.contains(iov[w + 1] * 0x1_0000_0000 + iov[w], len)) return 0;
-      sum += len;
-    }
+    // iov[0] of the slot is the header copy; the record's iovecs follow it.
+    const sum = copyCheckedIovecs(
+      words,
+      off + TX_REC.IOV,
+      this.#iovs.view,
+      slot * SLOT_WORDS + IOVEC_WORDS,
+      count,
+      this.regions,
+    );
     if (sum !== frameLen) return 0;
     if (!checkTxHeader(this.#hdrs.view, slot * HDR_SLOT_BYTES, frameLen)) return 0;
     this.#slotExpected[slot] = NET_HDR_BYTES + frameLen;
@@ -494,10 +490,8 @@ export class TxDrainer {
 /**
  * Adds 1 to the eventfd `fd` (no-op for -1); a failed write counts in the
  * control block's `errorWord` (default CTL.WRITER_ERRORS). Returns whether
- * it was written. A call fd may be a pipe (QEMU falls back to pipes) whose
- * reader the front-end closed: that write fails with EPIPE only because Deno
- * ignores SIGPIPE (its runtime sets SIG_IGN; tests/parent/control/vhost_user_socket_test.ts
- * checks it); otherwise it would kill the daemon.
+ * it was written (libc.eventfdSignal: a pipe whose reader is gone fails, it
+ * does not kill the process).
  */
 export function writeEventfd(
   c: Int32Array,
@@ -505,7 +499,7 @@ export function writeEventfd(
   errorWord: number = CTL.WRITER_ERRORS,
 ): boolean {
   if (fd < 0) return false;
-  if (Number(sys.write(fd, eventfdOne, 8n)) === 8) return true;
+  if (libc.eventfdSignal(fd)) return true;
   Atomics.add(c, errorWord, 1);
   return false;
 }

@@ -2,8 +2,7 @@
 /**
  * The writer: the privileged I/O worker that writes the device's TX records
  * to the tap straight from guest memory and publishes their TX completions
- * (`tx_drain.ts`), writes the RX call eventfd when the device asks, and
- * wakes the poller (`ipc/datapath.ts`). The poller writes TX records too when
+ * (`tx_drain.ts`), and wakes the poller for the device (`ipc/datapath.ts`). The poller writes TX records too when
  * it waits for the device's answer to a kick it read; the two take turns on
  * the ring.
  *
@@ -24,15 +23,7 @@
 
 import { macrotask } from "../../ipc/macrotask.ts";
 import { SpscRing } from "../../ipc/spsc_ring.ts";
-import {
-  CTL,
-  RX_QUEUE,
-  signal,
-  TX_QUEUE,
-  WEV_CALL_RX,
-  WEV_CALL_TX,
-  WEV_WAKE_POLLER,
-} from "../../ipc/datapath.ts";
+import { CTL, signal, WEV_WAKE_POLLER } from "../../ipc/datapath.ts";
 import { IoRegions } from "./regions.ts";
 import { TxDrainer, writeEventfd } from "./tx_drain.ts";
 import { createTxShared } from "./protocol.ts";
@@ -41,8 +32,9 @@ import { WorkerControl } from "./worker_control.ts";
 // ---- state (set by control messages, read by the loop) -----------------------
 
 let drainer: TxDrainer | null = null;
-const callFd = [-1, -1]; // indexed by RX_QUEUE / TX_QUEUE
 let wakeFd = -1;
+/** The TX call eventfd, kept for a drainer that starts later. */
+let callTxFd = -1;
 
 /**
  * How long one blocking wait lasts at most (ms); the event loop turns after
@@ -58,12 +50,6 @@ async function loop(c: Int32Array): Promise<void> {
       if (control.stopId !== null) break;
     }
     const ev = Atomics.exchange(c, CTL.WRITER_EVENTS, 0);
-    if ((ev & WEV_CALL_RX) && writeEventfd(c, callFd[RX_QUEUE])) {
-      Atomics.add(c, CTL.RX_INTERRUPTS, 1);
-    }
-    if ((ev & WEV_CALL_TX) && writeEventfd(c, callFd[TX_QUEUE])) {
-      Atomics.add(c, CTL.TX_INTERRUPTS, 1);
-    }
     if (ev & WEV_WAKE_POLLER) {
       writeEventfd(c, wakeFd);
       Atomics.add(c, CTL.POLLER_WAKE_ASKED, 1);
@@ -106,7 +92,7 @@ const control = new WorkerControl("writer", {
     d.regions = IoRegions.from(msg.ranges);
     d.tapFd = msg.tapFd;
     d.setTxUsed(msg.txUsed);
-    d.callFd = callFd[TX_QUEUE];
+    d.callFd = callTxFd;
     d.start(msg.ioUring);
     drainer = d;
     wakeFd = msg.wakeFd;
@@ -118,10 +104,10 @@ const control = new WorkerControl("writer", {
   setFd(slot, fd) {
     if (slot === "tap") {
       if (drainer) drainer.tapFd = fd;
-    } else {
-      callFd[slot === "callRx" ? RX_QUEUE : TX_QUEUE] = fd;
-      if (slot === "callTx" && drainer) drainer.callFd = fd;
+      return;
     }
+    callTxFd = fd; // callTx, the writer's only other slot
+    if (drainer) drainer.callFd = fd;
   },
   // The parent rings the writer's doorbell after every message (datapath_host.ts),
   // and the loop checks for a stop after each turn of the event loop.

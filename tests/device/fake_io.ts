@@ -6,6 +6,7 @@
  * writer and poller must).
  */
 
+import { tryPush } from "../ipc/spsc_ring_helpers.ts";
 import {
   BOUNCE_BYTES,
   CTL,
@@ -34,8 +35,6 @@ import {
   TX_RECORD_WORDS,
   TX_RING_RECORDS,
   TXF_COMPLETE_ONLY,
-  WEV_CALL_RX,
-  WEV_CALL_TX,
   WEV_WAKE_POLLER,
 } from "../../ipc/datapath.ts";
 import type { DatapathGrant } from "../../ipc/protocol.ts";
@@ -286,8 +285,6 @@ export class FakeIo {
   /** Plays the writer once: sends every TX record, answers call and wake requests. */
   writerStep(): number {
     const ev = Atomics.exchange(this.ctl, CTL.WRITER_EVENTS, 0);
-    if (ev & WEV_CALL_RX) this.calls.rx++;
-    if (ev & WEV_CALL_TX) this.calls.tx++;
     if (ev & WEV_WAKE_POLLER) this.pollerWakes++;
     const w = this.tx.words;
     const n = this.tx.available();
@@ -453,7 +450,7 @@ export class FakeIo {
     rec[RX_DONE.CHAINS] = chains;
     rec[RX_DONE.BYTES] = bytes;
     rec[RX_DONE.STATUS] = status;
-    if (!this.rxDone.tryPush(rec)) throw new Error("rx-done ring full");
+    if (!tryPush(this.rxDone, rec)) throw new Error("rx-done ring full");
     this.#signalDevice(EV_RX_DONE);
   }
 }

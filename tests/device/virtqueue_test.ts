@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { chainWrite } from "./chain_write.ts";
 import {
   ADDRESS_HI_LIMIT,
   GuestMemory,
@@ -11,7 +12,6 @@ import {
   CHAIN_DEVICE_WRITABLE,
   type ChainDirection,
   chainRead,
-  chainWrite,
   DescriptorChain,
   MAX_CHAIN_BYTES,
   VIRTQ_DESC_F_INDIRECT,

@@ -19,6 +19,7 @@
  * @module
  */
 
+import { tryPop, tryPush } from "./spsc_ring_helpers.ts";
 import { SpscRing } from "../../ipc/spsc_ring.ts";
 
 /** Word `k` of record `seq`: every word depends on both. */
@@ -91,12 +92,12 @@ function echo(requests: SpscRing, responses: SpscRing, rounds: number): void {
     if (requests.waitForData(WAIT_MS) === 0) {
       throw new Error(`echo: no request for ${WAIT_MS} ms in round ${round}`);
     }
-    requests.tryPop(record);
+    tryPop(requests, record);
     record[0] = record[0] + 1;
     if (responses.waitForSpace(WAIT_MS) === 0) {
       throw new Error(`echo: no space for ${WAIT_MS} ms in round ${round}`);
     }
-    responses.tryPush(record);
+    tryPush(responses, record);
   }
 }
 

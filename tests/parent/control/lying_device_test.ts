@@ -17,11 +17,10 @@ import { RetiredMemory, retiredMemory } from "../../../parent/control/retired_me
 import { VhostUserBackend } from "../../../parent/control/vhost_user_backend.ts";
 import {
   decodeHeader,
-  encodeMemTable,
-  encodeRequest,
   type MemoryRegionDesc,
   VHOST_USER_SET_MEM_TABLE,
 } from "../../../parent/control/vhost_user_messages.ts";
+import { encodeMemTable, encodeRequest } from "./vhost_user_encode.ts";
 import { LIBC_BACKEND_SYSTEM } from "../../../parent/control/vhost_user_socket.ts";
 import { workerCensus } from "../../../parent/control/worker_census.ts";
 import { quietLogger, testConfig } from "../../helpers.ts";

@@ -14,10 +14,9 @@ import * as libc from "../../../parent/host/libc.ts";
 import { VhostUserBackend } from "../../../parent/control/vhost_user_backend.ts";
 import {
   decodeHeader,
-  encodeMemTable,
-  encodeRequest,
   VHOST_USER_SET_MEM_TABLE,
 } from "../../../parent/control/vhost_user_messages.ts";
+import { encodeMemTable, encodeRequest } from "./vhost_user_encode.ts";
 import { LIBC_BACKEND_SYSTEM } from "../../../parent/control/vhost_user_socket.ts";
 import { quietLogger, testConfig } from "../../helpers.ts";
 import { makeMemfd, openFdsMatching, readAt, writeAt } from "./vhost_user_frontend.ts";

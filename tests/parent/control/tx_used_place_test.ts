@@ -4,13 +4,10 @@
  * writer's check of what it is given (parent/io/protocol.ts).
  */
 
+import { ValidationError } from "../../../ipc/reader.ts";
 import assert from "node:assert/strict";
 import { txUsedPlace } from "../../../parent/control/datapath_host.ts";
-import {
-  IO_PROTOCOL_VERSION,
-  IoProtocolError,
-  parseIoRequest,
-} from "../../../parent/io/protocol.ts";
+import { IO_PROTOCOL_VERSION, parseIoRequest } from "../../../parent/io/protocol.ts";
 import { VIRTIO_RING_F_EVENT_IDX } from "../../../ipc/features.ts";
 
 const MAPS = [
@@ -81,7 +78,7 @@ Deno.test("init: a txUsed that is not two aligned host addresses and a boolean i
     ] as const
   ) {
     assert.throws(() => parseIoRequest(init(bad)), (e: unknown) => {
-      assert.ok(e instanceof IoProtocolError);
+      assert.ok(e instanceof ValidationError);
       assert.match(e.message, re);
       assert.equal(e.id, 1);
       return true;

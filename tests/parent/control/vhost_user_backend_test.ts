@@ -11,13 +11,7 @@ import {
 } from "../../../parent/control/vhost_user_backend.ts";
 import {
   decodeHeader,
-  decodeReplyHeader,
-  encodeMemRegion,
-  encodeMemTable,
-  encodeRequest,
   encodeU64,
-  encodeVringAddr,
-  encodeVringFd,
   encodeVringState,
   type MemoryRegionDesc,
   ProtocolError,
@@ -46,6 +40,14 @@ import {
   VHOST_USER_SET_VRING_KICK,
   VHOST_USER_SET_VRING_NUM,
 } from "../../../parent/control/vhost_user_messages.ts";
+import {
+  decodeReplyHeader,
+  encodeMemRegion,
+  encodeMemTable,
+  encodeRequest,
+  encodeVringAddr,
+  encodeVringFd,
+} from "./vhost_user_encode.ts";
 import { VIRTIO_F_VERSION_1, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MAC } from "../../../ipc/features.ts";
 
 const DEVICE_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_MAC;

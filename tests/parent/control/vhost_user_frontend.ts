@@ -11,12 +11,11 @@
 import * as libc from "../../../parent/host/libc.ts";
 import { recvWithFds, sendWithFds, sockaddrUn } from "../../../parent/control/vhost_user_socket.ts";
 import {
-  decodeReplyHeader,
-  encodeRequest,
   encodeVringState,
   VHOST_USER_GET_VRING_BASE,
   VHOST_USER_HDR_SIZE,
 } from "../../../parent/control/vhost_user_messages.ts";
+import { decodeReplyHeader, encodeRequest } from "./vhost_user_encode.ts";
 
 /** A reply: its payload, and any descriptors that came with it. */
 export interface Reply {

@@ -2,16 +2,10 @@ import assert from "node:assert/strict";
 import {
   checkRegionWithinFile,
   decodeHeader,
-  decodeReplyHeader,
   decodeRequest,
-  encodeMemRegion,
-  encodeMemTable,
   encodeMessage,
   encodeReply,
-  encodeRequest,
   encodeU64,
-  encodeVringAddr,
-  encodeVringFd,
   encodeVringState,
   type MemoryRegionDesc,
   ProtocolError,
@@ -36,6 +30,14 @@ import {
   VHOST_USER_VERSION,
   type VhostUserRequest,
 } from "../../../parent/control/vhost_user_messages.ts";
+import {
+  decodeReplyHeader,
+  encodeMemRegion,
+  encodeMemTable,
+  encodeRequest,
+  encodeVringAddr,
+  encodeVringFd,
+} from "./vhost_user_encode.ts";
 
 /** Splits an encoded message and runs both decode stages, as the backend does. */
 function decode(bytes: Uint8Array, fds: number[] = []): VhostUserRequest {

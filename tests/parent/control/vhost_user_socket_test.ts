@@ -13,10 +13,8 @@ import {
   VhostUserServer,
 } from "../../../parent/control/vhost_user_socket.ts";
 import {
-  encodeMemTable,
   encodeMessage,
   encodeU64,
-  encodeVringFd,
   encodeVringState,
   type MemoryRegionDesc,
   VHOST_USER_F_PROTOCOL_FEATURES,
@@ -30,6 +28,7 @@ import {
   VHOST_USER_SET_VRING_KICK,
   VHOST_USER_SET_VRING_NUM,
 } from "../../../parent/control/vhost_user_messages.ts";
+import { encodeMemTable, encodeVringFd } from "./vhost_user_encode.ts";
 import { VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC } from "../../../ipc/features.ts";
 import { quietLogger } from "../../helpers.ts";
 import { accelArgs, guestAssets, guestAssetsMissing } from "../../e2e/guest.ts";

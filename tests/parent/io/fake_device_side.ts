@@ -19,15 +19,12 @@ import {
   RX_POST,
   RX_POST_RECORD_WORDS,
   RX_PUBLISHED,
-  RX_QUEUE,
   RXT_CSUM,
   RXT_ECN,
   RXT_MERGEABLE,
   signal,
   TX_REC,
   TX_RECORD_WORDS,
-  WEV_CALL_RX,
-  WEV_CALL_TX,
   WEV_TX,
   WEV_WAKE_POLLER,
 } from "../../../ipc/datapath.ts";
@@ -211,12 +208,6 @@ export class FakeDeviceSide {
   handOverTx(): boolean {
     this.tx.publish();
     return this.#deviceRings.signalTx();
-  }
-
-  /** Asks the writer to signal a queue's call eventfd. */
-  requestCall(queue: number): void {
-    const bit = queue === RX_QUEUE ? WEV_CALL_RX : WEV_CALL_TX;
-    signal(this.ctl, CTL.WRITER_EVENTS, bit, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING);
   }
 
   /** The TX ring's tail: records the writer released. */

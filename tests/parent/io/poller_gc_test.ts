@@ -56,7 +56,7 @@ Deno.test("libc.addressed() keeps a module-level buffer alive through GC; a bare
       self.postMessage({ use, held: refs.held.deref() !== undefined, bare: refs.bare.deref() !== undefined });
     };`;
   const main = `
-    const w = new Worker(new URL("../worker.ts", import.meta.url), { type: "module" });
+    const w = new Worker(new URL("./worker.ts", import.meta.url), { type: "module" });
     await new Promise((r) => setTimeout(r, 200));
     w.postMessage(0);
     const r = await new Promise((res) => (w.onmessage = (e) => res(e.data)));
