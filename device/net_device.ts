@@ -283,8 +283,9 @@ export class NetDevice {
       }
       this.#quiesced = done;
       this.#quiescing = true;
-      this.#txAgain = true; // look at once
-      this.#rings?.wakeSelf(0);
+      // Look at once, as if the writer had released records (an idle loop
+      // otherwise sleeps until the next kick, or its slice ends).
+      this.#rings?.wakeSelf(EV_TX_DONE);
     });
   }
 
