@@ -208,12 +208,22 @@ export class VionetDevicePort implements DevicePort {
    * to start its queues, or will start them again after a stop).
    */
   #spawnSpare(): void {
-    if (this.#spare?.usable) return;
-    this.#spare?.terminate();
-    this.#spare = IoWorkerPair.spawn({ logger: this.#logger });
+    // After the reply: starting two workers takes tens of ms (more on a
+    // busy machine), which must not delay the message that asked for this
+    // (GET_VRING_BASE is a migration's downtime).
+    if (this.#spareSoon !== null) return;
+    this.#spareSoon = setTimeout(() => {
+      this.#spareSoon = null;
+      if (this.#spare?.usable || this.#datapath !== null) return;
+      this.#spare?.terminate();
+      this.#spare = IoWorkerPair.spawn({ logger: this.#logger });
+    }, 0);
   }
+  #spareSoon: ReturnType<typeof setTimeout> | null = null;
 
   #dropSpare(): void {
+    if (this.#spareSoon !== null) clearTimeout(this.#spareSoon);
+    this.#spareSoon = null;
     this.#spare?.terminate();
     this.#spare = null;
   }

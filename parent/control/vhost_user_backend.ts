@@ -526,8 +526,10 @@ export class VhostUserBackend {
     }
     const own = VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL;
     // QEMU turns logging on and off with SET_FEATURES while the rings run,
-    // the device's features unchanged: the device need not hear of it.
-    if (!this.#featuresSet || ((value ^ this.#ackedFeatures) & ~own) !== 0n) {
+    // nothing else changed: the device need not hear of that. Anything else
+    // (a driver that loaded again, new features) is the device's.
+    const changed = value ^ this.#ackedFeatures;
+    if (!this.#featuresSet || changed !== VHOST_F_LOG_ALL) {
       await this.#device.setFeatures(value & ~own);
     }
     await this.#device.setLogAll((value & VHOST_F_LOG_ALL) !== 0n);

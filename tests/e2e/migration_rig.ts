@@ -201,7 +201,8 @@ export class MigrationRig {
     for (;;) {
       const st = await from.qmp.execute<Record<string, unknown>>("query-migrate");
       const status = String(st.status);
-      if (!["setup", "active", "pre-switchover", "device", "wait-unplug"].includes(status)) {
+      const underWay = ["setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"];
+      if (!underWay.includes(status)) {
         return {
           status,
           downtimeMs: Number(st.downtime ?? NaN),

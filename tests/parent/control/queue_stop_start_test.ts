@@ -138,7 +138,9 @@ Deno.test({
         rig.postRx(64);
         rig.sendUdp(10);
         await reap(rig, 10);
+        const s0 = performance.now();
         const bases = await rig.stop();
+        const stopMs = performance.now() - s0;
         await new Promise((r) => setTimeout(r, 500)); // the front-end's own pause
         const againMs = await rig.restart(bases);
         const t0 = performance.now();
@@ -147,7 +149,8 @@ Deno.test({
         const frameMs = performance.now() - t0;
         console.log(
           `queue start: ${firstMs.toFixed(1)} ms first, ${againMs.toFixed(1)} ms again; ` +
-            `first frame after it ${frameMs.toFixed(1)} ms`,
+            `first frame after it ${frameMs.toFixed(1)} ms; stop (GET_VRING_BASE both) ` +
+            `${stopMs.toFixed(1)} ms`,
         );
         // Was ~1000 ms (the device answered start-queues from its blocked loop
         // only when its 1 s slice ended), plus 100-300 ms to start two workers.
