@@ -1577,6 +1577,9 @@ export async function runCase(seed: number, stats: Stats): Promise<void> {
     for (let n = 0; n < rounds; n++) await c.round(n);
     await c.finish();
     assert.deepEqual(ioFaults, [], "the fake I/O never reports a fault");
+    for (const q of [0, 1] as const) {
+      assert.ok(faults[q].length <= 1, `queue ${q}'s fault is reported once: ${faults[q]}`);
+    }
   } catch (e) {
     // Say what the device counted: it usually names the reason at once.
     (e as Error).message += `\ndevice counters: ${JSON.stringify(dev.counters())}`;
