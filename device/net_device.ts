@@ -432,8 +432,11 @@ export class NetDevice {
     if (ev & EV_IO_FAULT) this.onFault(-1, "an I/O worker refused a record (see io counters)");
 
     const quiescing = this.#quiescing;
+    if (!this.#faulted[RX_QUEUE] && rx.complete() < 0) {
+      this.#fault(RX_QUEUE, rx.ioFault ?? "I/O fault");
+    }
+    // A queue the records just faulted takes no more of the guest's chains.
     if (!this.#faulted[RX_QUEUE]) {
-      if (rx.complete() < 0) this.#fault(RX_QUEUE, rx.ioFault ?? "I/O fault");
       if (
         !quiescing &&
         (ev & (EV_KICK_RX | EV_RX_DONE | EV_RX_STARVED) || rx.posted === 0 || this.#rxAgain)
