@@ -16,7 +16,7 @@ import {
   usage,
   UsageError,
 } from "./parent/control/cli.ts";
-import { stderrLogger } from "./parent/control/log.ts";
+import { logStyleFor, stderrLogger } from "./parent/control/log.ts";
 
 /** The Deno permissions the parent needs, and what for (the `start` task grants exactly these). */
 const NEEDED: ReadonlyArray<[Deno.PermissionDescriptor, string, string]> = [
@@ -26,7 +26,16 @@ const NEEDED: ReadonlyArray<[Deno.PermissionDescriptor, string, string]> = [
     "--allow-read=.",
     "loading the workers' modules",
   ],
-  [{ name: "env", variable: "XDG_RUNTIME_DIR" }, "--allow-env=XDG_RUNTIME_DIR", "the socket path"],
+  [
+    { name: "env", variable: "XDG_RUNTIME_DIR" },
+    "--allow-env=XDG_RUNTIME_DIR,JOURNAL_STREAM",
+    "the socket path",
+  ],
+  [
+    { name: "env", variable: "JOURNAL_STREAM" },
+    "--allow-env=XDG_RUNTIME_DIR,JOURNAL_STREAM",
+    "whether the log goes to systemd's journal",
+  ],
 ];
 
 /** The first needed permission not granted, as an error line, or null. */
@@ -67,7 +76,10 @@ async function main(argv: string[]): Promise<number> {
     console.log(Deno.stdout.isTerminal() ? formatAudit(audit) : JSON.stringify(audit, null, 2));
     return 0;
   }
-  const logger = stderrLogger(opts.logLevel);
+  const logger = stderrLogger(
+    opts.logLevel,
+    logStyleFor({ JOURNAL_STREAM: Deno.env.get("JOURNAL_STREAM") }),
+  );
   try {
     const { runDaemon } = await import("./parent/control/daemon.ts");
     return await runDaemon(opts, logger);
