@@ -102,6 +102,7 @@ export class DeviceControl {
       return;
     }
     this.state.config = msg.config;
+    this.device.configure(msg.config);
     this.#ep.send({ kind: "ready", version: PROTOCOL_VERSION, features: DEVICE_FEATURES });
   }
 

@@ -54,6 +54,7 @@ import {
   NET_OFFLOAD_TSO_ECN,
 } from "./net_header.ts";
 import { takesGso } from "./offload.ts";
+import { ETH_HLEN, VLAN_HLEN } from "./frame_parse.ts";
 import { RxPath } from "./rx_path.ts";
 import { TxPath } from "./tx_path.ts";
 import { Virtqueue } from "./virtqueue.ts";
@@ -79,6 +80,10 @@ export class NetDevice {
   readonly txq: Virtqueue;
   features = 0n;
   offloadMode: "auto" | "off" = "auto";
+  /** `--mac`: the only source MAC the guest may send from, or null. */
+  sourceMac: Uint8Array | null = null;
+  /** The tap's MTU: longer frames without GSO are dropped on TX. */
+  mtu = 65535;
 
   #rings: DeviceIoRings | null = null;
   #rx: RxPath | null = null;
@@ -179,6 +184,13 @@ export class NetDevice {
     return slots.map((slot) => this.memory.removeRegion(slot));
   }
 
+  /** The operator's policy from `hello` (`DeviceConfig`, validated): source MAC and MTU. */
+  configure(config: { mac: readonly number[] | null; mtu: number }): void {
+    this.sourceMac = config.mac === null ? null : Uint8Array.from(config.mac);
+    this.mtu = config.mtu;
+    this.#applyFeatures();
+  }
+
   /** The driver's acknowledged features (already checked by negotiation.ts). */
   setFeatures(features: bigint, offloadMode: "auto" | "off"): void {
     this.features = features;
@@ -190,6 +202,8 @@ export class NetDevice {
     if (this.#tx) {
       this.#tx.hostOffloads = hostOffloads(this.features);
       this.#tx.sinkOffloads = this.offloadMode === "auto" ? NET_OFFLOAD_ALL : 0;
+      this.#tx.sourceMac = this.sourceMac;
+      this.#tx.maxPlainFrame = this.mtu + ETH_HLEN + 2 * VLAN_HLEN;
     }
     if (this.#rx) {
       this.#rx.mergeable = (this.features & VIRTIO_NET_F_MRG_RXBUF) !== 0n;

@@ -29,6 +29,19 @@
  *   (checksum completion, and TSO frames that do not fit the in-place path:
  *   more segments than the ring has room for, or a too fragmented chain).
  *
+ * Source MAC (`--mac`, `sourceMac`): every frame's destination and source
+ * addresses are copied out of guest memory once, and a source other than
+ * `sourceMac` drops the frame (`SPOOFED_MAC`; a group or all-zero source
+ * never equals it). What reaches the tap carries that checked copy: the
+ * pass-through path writes the 12 address bytes from the bounce arena and
+ * the rest from guest memory, and every private copy of the frame's start
+ * (the header prefix, the software path's frame) is overwritten with it, so
+ * a guest that rewrites its frame after the check cannot get another source
+ * out. libvirt's `clean-traffic` filter gives the same guarantee.
+ *
+ * MTU (`maxPlainFrame`): a frame without GSO longer than the tap's MTU plus
+ * an Ethernet header and two VLAN tags is dropped (`OVER_MTU`).
+ *
  * Failure policy: a bad frame is completed with used length 0 and counted by
  * reason (`drops`); a corrupt ring leaves the queue in needs-reset (see
  * virtqueue.ts). Nothing here throws on guest input.
@@ -83,6 +96,15 @@ export const TX_DROP_RUNT = "RUNT";
 export const TX_DROP_TOO_BIG = "TOO_BIG";
 export const TX_DROP_STALE = "STALE_MEMORY";
 export const TX_DROP_BOUNCE_FULL = "BOUNCE_FULL";
+/** A source MAC other than `--mac`'s (`sourceMac`). */
+export const TX_DROP_SPOOFED_MAC = "SPOOFED_MAC";
+/** A frame without GSO longer than the MTU allows (`maxPlainFrame`). */
+export const TX_DROP_OVER_MTU = "OVER_MTU";
+
+/** IEEE 802.3: destination and source address, the bytes the MAC check copies. */
+const ETH_ADDRS = 12;
+/** Where the source address starts in a frame. */
+const ETH_SOURCE = 6;
 
 /** One transmit queue's data path. Single-threaded: the device loop calls it. */
 export class TxPath {
@@ -98,10 +120,16 @@ export class TxPath {
   hostOffloads = 0;
   /** NET_OFFLOAD_* the tap takes on write: all (auto) or none (off). */
   sinkOffloads = 0;
+  /** The only source MAC a frame may carry (6 bytes), or null: not checked. */
+  sourceMac: Uint8Array | null = null;
+  /** The longest frame without GSO that passes (the MTU plus Ethernet and VLAN headers). */
+  maxPlainFrame = MAX_FRAME_BYTES;
 
   readonly #hdr: VirtioNetHdr = createNetHdr();
   readonly #zeroHdr: VirtioNetHdr = createNetHdr();
   readonly #hdrBytes = new Uint8Array(NET_HDR_BYTES);
+  /** The current frame's addresses as checked against `sourceMac`: what the tap gets. */
+  readonly #eth = new Uint8Array(ETH_ADDRS);
   readonly #prefix = new Uint8Array(HEADER_PREFIX);
   /** The empty prefix non-GSO frames are validated with: no view made per frame. */
   readonly #noPrefix = new Uint8Array(0);
@@ -190,10 +218,15 @@ export class TxPath {
         blocked = true;
         break;
       }
+      // Software work and checked MAC addresses (12 bytes a frame) take bounce space.
       if (
-        this.sinkOffloads === 0 &&
-        (this.#bounceFree() < BOUNCE_LOW_WATER || ring.freeSpace() < this.#segmentReserve)
+        (this.sinkOffloads === 0 || this.sourceMac !== null) &&
+        this.#bounceFree() < BOUNCE_LOW_WATER
       ) {
+        blocked = true;
+        break;
+      }
+      if (this.sinkOffloads === 0 && ring.freeSpace() < this.#segmentReserve) {
         blocked = true;
         break;
       }
@@ -266,6 +299,8 @@ export class TxPath {
   /** Counters for `get-stats`. */
   counters(): Record<string, number> {
     const out: Record<string, number> = { frames: this.frames, bytes: this.bytes };
+    // With --mac the counter is there from the start: it shows the check is on.
+    if (this.sourceMac !== null) out[`drop_${TX_DROP_SPOOFED_MAC}`] = 0;
     for (const [k, v] of Object.entries(this.drops)) out[`drop_${k}`] = v;
     const s = this.#ctx.stats;
     out.passThrough = s.passThrough;
@@ -310,24 +345,40 @@ export class TxPath {
     const frameLen = chain.readableBytes - NET_HDR_BYTES;
     if (frameLen < ETH_HLEN) return this.#drop(TX_DROP_RUNT);
     if (frameLen > MAX_FRAME_BYTES) return this.#drop(TX_DROP_TOO_BIG);
+    const mac = this.sourceMac;
+    if (mac !== null) {
+      // The addresses are read once; this copy is what the tap will get.
+      const eth = this.#eth;
+      if (chainRead(this.memory, chain, NET_HDR_BYTES, eth) !== ETH_ADDRS) {
+        return this.#drop(TX_DROP_STALE);
+      }
+      if (
+        eth[ETH_SOURCE] !== mac[0] || eth[ETH_SOURCE + 1] !== mac[1] ||
+        eth[ETH_SOURCE + 2] !== mac[2] || eth[ETH_SOURCE + 3] !== mac[3] ||
+        eth[ETH_SOURCE + 4] !== mac[4] || eth[ETH_SOURCE + 5] !== mac[5]
+      ) {
+        return this.#drop(TX_DROP_SPOOFED_MAC);
+      }
+    }
     // The header is read from guest memory exactly once; everything after
     // works on this copy (no double fetch the guest could race).
     if (chainRead(this.memory, chain, 0, this.#hdrBytes) !== NET_HDR_BYTES) {
       return this.#drop(TX_DROP_STALE);
     }
     readNetHdr(this.#hdrBytes, 0, this.#hdr);
+    const gso = (this.#hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0;
+    if (!gso && frameLen > this.maxPlainFrame) return this.#drop(TX_DROP_OVER_MTU);
 
     // Only GSO headers are checked against the frame's own headers; for the
     // rest the frame's length is all validateTxHeader reads.
-    const prefixLen = (this.#hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0
-      ? Math.min(frameLen, HEADER_PREFIX)
-      : 0;
+    const prefixLen = gso ? Math.min(frameLen, HEADER_PREFIX) : 0;
     const prefix = prefixLen === 0 ? this.#noPrefix : this.#prefix.subarray(0, prefixLen);
     if (
       prefixLen > 0 && chainRead(this.memory, chain, NET_HDR_BYTES, prefix) !== prefixLen
     ) {
       return this.#drop(TX_DROP_STALE);
     }
+    if (prefixLen > 0 && mac !== null) prefix.set(this.#eth);
     let headers = prefix;
     let v = validateTxHeader(this.#hdr, this.hostOffloads, prefix, frameLen, this.#ctx.parsed);
     if (v === NetDrop.PREFIX_SHORT) {
@@ -336,11 +387,14 @@ export class TxPath {
       if (chainRead(this.memory, chain, NET_HDR_BYTES, headers) !== frameLen) {
         return this.#drop(TX_DROP_STALE);
       }
+      if (mac !== null) headers.set(this.#eth);
       v = validateTxHeader(this.#hdr, this.hostOffloads, headers, frameLen, this.#ctx.parsed);
     }
     if (v !== NetDrop.OK) return this.#dropCode(v);
     const action = decideTx(this.#hdr, this.sinkOffloads);
-    if (action === TxAction.PASS_THROUGH && chain.readableCount <= TX_MAX_IOV) {
+    // With the MAC check the addresses take one more iovec, from the bounce arena.
+    const iovs = chain.readableCount + (mac !== null ? 1 : 0);
+    if (action === TxAction.PASS_THROUGH && iovs <= TX_MAX_IOV) {
       this.#passThrough(frameLen);
       return;
     }
@@ -349,14 +403,29 @@ export class TxPath {
     this.#software(frameLen);
   }
 
-  /** One record whose iovecs point straight into guest memory. */
+  /**
+   * One record whose iovecs point straight into guest memory; with the MAC
+   * check, the first iovec is the checked address copy in the bounce arena.
+   */
   #passThrough(frameLen: number): void {
     const chain = this.queue.chain;
     const ring = this.rings.tx;
     const w = ring.words;
-    const at = ring.reserve(); // pump() checked there is room
     let n = 0;
     let skip = NET_HDR_BYTES;
+    let addrs = -1;
+    if (this.sourceMac !== null) {
+      addrs = this.rings.allocBounce(ETH_ADDRS);
+      // pump() keeps BOUNCE_LOW_WATER free while the MAC is checked.
+      if (addrs < 0) return this.#drop(TX_DROP_BOUNCE_FULL);
+      this.rings.bounce.set(this.#eth, addrs);
+    }
+    const at = ring.reserve(); // pump() checked there is room
+    if (addrs >= 0) {
+      putIovec(w, at + TX_REC.IOV, this.rings.bounceHost + addrs, ETH_ADDRS);
+      n = 1;
+      skip += ETH_ADDRS;
+    }
     for (let i = 0; i < chain.readableCount; i++) {
       let len = chain.length[i];
       let off = chain.offset[i];
@@ -464,6 +533,7 @@ export class TxPath {
     if (chainRead(this.memory, chain, NET_HDR_BYTES, frame) !== frameLen) {
       return this.#drop(TX_DROP_STALE);
     }
+    if (this.sourceMac !== null) frame.set(this.#eth);
     const before = this.#pendCount;
     this.#head = -1;
     const code = processTx(

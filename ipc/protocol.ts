@@ -24,7 +24,7 @@
 import type { DatapathBuffers } from "./datapath.ts";
 
 /** Bumped on any incompatible change of a message below. */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 
 /** How the tap's offloads are used; see the `--offload` option. */
 export type OffloadMode = "auto" | "off";
@@ -34,9 +34,17 @@ export type LogLevel = "error" | "warn" | "info" | "debug";
 
 /** Everything the device is told at start. */
 export interface DeviceConfig {
-  /** The MAC address the guest sees, as six octets. */
-  mac: number[];
-  /** The MTU offered with VIRTIO_NET_F_MTU. */
+  /**
+   * The only Ethernet source address the guest may send from (`--mac`, a
+   * unicast address): the TX path drops and counts every other frame
+   * (`drop_SPOOFED_MAC`). Null: not enforced.
+   */
+  mac: number[] | null;
+  /**
+   * The tap's MTU (68..65535): the TX path drops a frame without GSO that is
+   * longer than the MTU plus an Ethernet header and two VLAN tags
+   * (`drop_OVER_MTU`); 65535 when the tap's MTU is unknown.
+   */
   mtu: number;
   /** `off`: TUNSCAP asks for nothing and the device does all offload work itself. */
   offloadMode: OffloadMode;

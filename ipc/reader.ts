@@ -104,6 +104,11 @@ export class Reader {
     });
   }
 
+  /** `length` octets, or null; the field must be there either way. */
+  bytesOrNull(key: string, length: number): number[] | null {
+    return this.get(key) === null ? null : this.bytes(key, length);
+  }
+
   /** A non-negative integer that is exactly representable (an address or a size). */
   address(key: string): number {
     const v = this.get(key);

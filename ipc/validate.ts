@@ -110,9 +110,18 @@ function datapathGrant(r: Reader): DatapathGrant {
 }
 
 function deviceConfig(r: Reader): DeviceConfig {
+  const mac = r.bytesOrNull("mac", 6);
+  // IEEE 802: a source address is an individual one (I/G bit clear), and never all zeros.
+  if (mac !== null && ((mac[0] & 1) !== 0 || mac.every((b) => b === 0))) {
+    throw new ValidationError(
+      "malformed",
+      "config.mac",
+      `config.mac must be a unicast address, got ${mac.join(",")}`,
+    );
+  }
   return {
-    mac: r.bytes("mac", 6),
-    mtu: r.uint("mtu", 65535),
+    mac,
+    mtu: r.int("mtu", 68, 65535),
     offloadMode: r.oneOf("offloadMode", ["auto", "off"] as const),
     logLevel: r.oneOf("logLevel", LOG_LEVELS),
   };

@@ -717,3 +717,149 @@ Deno.test("after an RX I/O fault the device writes nothing more into the RX used
   assert.deepEqual(used.map((u) => u.len), [12 + frame.length], "the one publication");
   assert.equal(rx.usedIdx(), 1, "and nothing from the device or the poller after the fault");
 });
+
+const GUEST_MAC = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+Deno.test("TX with --mac: frames from that source pass; any other source, a group or all-zero one, is dropped as SPOOFED_MAC", async (t) => {
+  for (const mode of ["auto", "off"] as const) {
+    await t.step(
+      `--offload ${mode}`,
+      () =>
+        withRig(BASE | TX_OFFLOADS, mode, async ({ io, tx, dev }) => {
+          dev.configure({ mac: GUEST_MAC, mtu: 1500 });
+          assert.equal(dev.counters().tx0.drop_SPOOFED_MAC, 0, "the counter shows the check is on");
+          const rand = prng(5);
+          const good = buildFrame({ srcMac: GUEST_MAC, payload: new Uint8Array(64).fill(1) });
+          const tso = buildFrame({
+            srcMac: GUEST_MAC,
+            payload: randomBytes(rand, 5000),
+            checksum: "partial",
+          });
+          const gsoHdr = netHdr({
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gsoType: VIRTIO_NET_HDR_GSO_TCPV4,
+            gsoSize: 1448,
+            hdrLen: tso.payloadOffset,
+            csumStart: tso.l4Offset,
+            csumOffset: 16,
+          });
+          const spoofed = [
+            [0x52, 0x54, 0, 0x12, 0x34, 0x57], // one bit off
+            [0x02, 0, 0, 0, 0, 0x0a],
+            [0xff, 0xff, 0xff, 0xff, 0xff, 0xff], // broadcast
+            [0x53, 0x54, 0, 0x12, 0x34, 0x56], // the guest's MAC with the group bit
+            [0, 0, 0, 0, 0, 0],
+          ];
+          tx.post([{ data: netHdr({}) }, { data: good.frame }]);
+          for (const srcMac of spoofed) {
+            tx.post([{ data: netHdr({}) }, { data: buildFrame({ srcMac }).frame }]);
+          }
+          // A TSO frame (segmented in software or in place with --offload off) from a spoofed source.
+          const bad = buildFrame({ srcMac: spoofed[1], payload: randomBytes(rand, 5000) });
+          tx.post([{ data: gsoHdr }, { data: bad.frame }]);
+          tx.post([{ data: concat(gsoHdr, tso.frame) }]);
+          io.kick("tx");
+          const segments = mode === "off" ? Math.ceil(5000 / 1448) : 1;
+          await until(
+            io,
+            () => tx.usedIdx() === 2 + spoofed.length + 1 && io.sent.length === 1 + segments,
+            "every chain used, the good frames sent",
+          );
+          for (const s of io.sent) assert.deepEqual([...s.frame.subarray(6, 12)], GUEST_MAC);
+          assert.deepEqual(io.sent[0].frame, good.frame);
+          const c = dev.counters().tx0;
+          assert.equal(c.drop_SPOOFED_MAC, spoofed.length + 1, JSON.stringify(c));
+          assert.equal(c.frames, 1 + segments);
+        }),
+    );
+  }
+});
+
+Deno.test("TX with --mac: a guest that rewrites its source after the check still gets only the checked one out", async (t) => {
+  for (const mode of ["auto", "off"] as const) {
+    await t.step(
+      `--offload ${mode}`,
+      () =>
+        withRig(BASE | TX_OFFLOADS, mode, async ({ io, tx, dev, guest }) => {
+          dev.configure({ mac: GUEST_MAC, mtu: 1500 });
+          const rand = prng(8);
+          const plain = buildFrame({ srcMac: GUEST_MAC, payload: new Uint8Array(200).fill(3) });
+          const tso = buildFrame({
+            srcMac: GUEST_MAC,
+            payload: randomBytes(rand, 4000),
+            checksum: "partial",
+          });
+          const heads = [
+            tx.post([{ data: netHdr({}) }, { data: plain.frame }]),
+            tx.post([
+              {
+                data: netHdr({
+                  flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                  gsoType: VIRTIO_NET_HDR_GSO_TCPV4,
+                  gsoSize: 1448,
+                  hdrLen: tso.payloadOffset,
+                  csumStart: tso.l4Offset,
+                  csumOffset: 16,
+                }),
+              },
+              { data: tso.frame },
+            ]),
+          ];
+          io.kick("tx");
+          // The device makes its records; the writer has not run yet.
+          const end = Date.now() + 3000;
+          while (io.tx.available() < (mode === "off" ? 4 : 2)) {
+            if (Date.now() > end) throw new Error("the device made no records");
+            await new Promise((r) => setTimeout(r, 1));
+          }
+          // Now the guest rewrites both frames' source in its memory.
+          for (const h of heads) {
+            guest.write(tx.posted.get(h)!.buffers[1].gpa + 6, new Uint8Array(6));
+          }
+          await until(io, () => tx.usedIdx() === 2, "both chains used");
+          assert.ok(io.sent.length >= 2);
+          for (const s of io.sent) {
+            assert.deepEqual(
+              [...s.frame.subarray(6, 12)],
+              GUEST_MAC,
+              "the checked source went out",
+            );
+          }
+        }),
+    );
+  }
+});
+
+Deno.test("TX: a frame without GSO longer than the MTU allows is dropped as OVER_MTU; a GSO frame is not", async () => {
+  await withRig(BASE | TX_OFFLOADS, "auto", async ({ io, tx, dev }) => {
+    dev.configure({ mac: null, mtu: 1000 });
+    // 1000 + 14 + 8 (two VLAN tags) = 1022 bytes pass; 1023 do not.
+    const fits = buildFrame({ payload: new Uint8Array(1022 - 54) });
+    const over = buildFrame({ payload: new Uint8Array(1023 - 54) });
+    assert.equal(fits.frame.length, 1022);
+    assert.equal(over.frame.length, 1023);
+    const tso = buildFrame({ payload: new Uint8Array(3000), checksum: "partial" });
+    tx.post([{ data: netHdr({}) }, { data: fits.frame }]);
+    tx.post([{ data: netHdr({}) }, { data: over.frame }]);
+    tx.post([{
+      data: concat(
+        netHdr({
+          flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+          gsoType: VIRTIO_NET_HDR_GSO_TCPV4,
+          gsoSize: 900,
+          hdrLen: tso.payloadOffset,
+          csumStart: tso.l4Offset,
+          csumOffset: 16,
+        }),
+        tso.frame,
+      ),
+    }]);
+    io.kick("tx");
+    await until(io, () => tx.usedIdx() === 3 && io.sent.length === 2, "two sent, one dropped");
+    assert.equal(io.sent[0].frame.length, 1022);
+    assert.equal(io.sent[1].frame.length, tso.frame.length);
+    const c = dev.counters().tx0;
+    assert.equal(c.drop_OVER_MTU, 1);
+    assert.equal(c.drop_SPOOFED_MAC, undefined, "no MAC check without --mac");
+  });
+});

@@ -22,6 +22,8 @@ const hello = {
 
 Deno.test("parseParentMessage accepts a well-formed hello", () => {
   assert.deepEqual(parseParentMessage(hello), hello);
+  const open = { ...hello, config: { ...hello.config, mac: null } };
+  assert.deepEqual(parseParentMessage(open), open);
 });
 
 Deno.test("parseParentMessage names the bad field of a nested config", async (t) => {
@@ -29,6 +31,10 @@ Deno.test("parseParentMessage names the bad field of a nested config", async (t)
     ["mac octet over 255", { ...hello.config, mac: [1, 2, 3, 4, 5, 256] }, "config.mac[5]"],
     ["mac too short", { ...hello.config, mac: [1, 2, 3] }, "config.mac"],
     ["mtu not an integer", { ...hello.config, mtu: 1500.5 }, "config.mtu"],
+    ["mtu below 68", { ...hello.config, mtu: 67 }, "config.mtu"],
+    ["mac missing (null means: not enforced)", { ...hello.config, mac: undefined }, "config.mac"],
+    ["mac a group address", { ...hello.config, mac: [1, 2, 3, 4, 5, 6] }, "config.mac"],
+    ["mac all zeros", { ...hello.config, mac: [0, 0, 0, 0, 0, 0] }, "config.mac"],
     ["unknown offload mode", { ...hello.config, offloadMode: "maybe" }, "config.offloadMode"],
     ["log level missing", { ...hello.config, logLevel: undefined }, "config.logLevel"],
   ];
