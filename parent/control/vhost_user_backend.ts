@@ -64,9 +64,11 @@ import {
   VHOST_USER_GET_PROTOCOL_FEATURES,
   VHOST_USER_GET_QUEUE_NUM,
   VHOST_USER_GET_VRING_BASE,
+  VHOST_USER_NET_SET_MTU,
   VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
   VHOST_USER_PROTOCOL_F_LOG_SHMFD,
   VHOST_USER_PROTOCOL_F_MQ,
+  VHOST_USER_PROTOCOL_F_MTU,
   VHOST_USER_PROTOCOL_F_RARP,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_PROTOCOL_F_RESET_DEVICE,
@@ -101,14 +103,29 @@ export const VIRTQUEUE_MAX_SIZE = 32768;
 /**
  * Protocol features vionet offers by default: REPLY_ACK (QEMU uses need_reply),
  * MQ (the spec asks every back-end to implement it), CONFIGURE_MEM_SLOTS (more
- * than 8 memory regions, memory hotplug), RESET_DEVICE, and for live
- * migration LOG_SHMFD (the dirty log in shared memory; with it vionet offers
- * VHOST_F_LOG_ALL) and RARP (announce a guest that cannot announce itself).
+ * than 8 memory regions, memory hotplug), RESET_DEVICE, MTU (QEMU's
+ * `host_mtu=` reaches the back-end as NET_SET_MTU, which it may refuse), and
+ * for live migration LOG_SHMFD (the dirty log in shared memory; with it
+ * vionet offers VHOST_F_LOG_ALL) and RARP (announce a guest that cannot
+ * announce itself).
  */
 export const VIONET_PROTOCOL_FEATURES = VHOST_USER_PROTOCOL_F_REPLY_ACK |
   VHOST_USER_PROTOCOL_F_MQ | VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS |
-  VHOST_USER_PROTOCOL_F_RESET_DEVICE | VHOST_USER_PROTOCOL_F_LOG_SHMFD |
-  VHOST_USER_PROTOCOL_F_RARP;
+  VHOST_USER_PROTOCOL_F_RESET_DEVICE | VHOST_USER_PROTOCOL_F_MTU |
+  VHOST_USER_PROTOCOL_F_LOG_SHMFD | VHOST_USER_PROTOCOL_F_RARP;
+
+/** RFC 791 / Linux ETH_MIN_MTU: the smallest MTU an IPv4 host must take. */
+export const MIN_NET_MTU = 68;
+
+/**
+ * A well-formed request the back-end will not carry out (a policy said no).
+ * With REPLY_ACK negotiated and need_reply set the front-end hears a failure
+ * (reply 1) and the connection goes on; otherwise the connection ends, the
+ * only refusal the front-end would notice.
+ */
+export class RequestRefusedError extends Error {
+  override name = "RequestRefusedError";
+}
 
 /** Protocol features this module can honour; options may offer a subset. */
 const SUPPORTED_PROTOCOL_FEATURES = VIONET_PROTOCOL_FEATURES;
@@ -249,6 +266,13 @@ export interface VhostUserBackendOptions {
   maxMemSlots?: number;
   /** Protocol features to offer, a subset of {@link VIONET_PROTOCOL_FEATURES}. */
   protocolFeatures?: bigint;
+  /**
+   * The largest MTU NET_SET_MTU may set (the tap's, `--mtu`), 68..65535;
+   * default 65535. A larger one is refused.
+   */
+  maxMtu?: number;
+  /** What `maxMtu` is, for the refusal's message (default "the back-end's limit"). */
+  maxMtuSource?: string;
   logger?: BackendLogger;
 }
 
@@ -308,6 +332,9 @@ export class VhostUserBackend {
   readonly #queuePairs: number;
   readonly #maxMemSlots: number;
   readonly #offeredProtocol: bigint;
+  readonly #maxMtu: number;
+  readonly #maxMtuSource: string;
+  #mtu: number | null = null;
   #offeredFeatures: bigint | null = null;
   #ackedFeatures = 0n;
   #ackedProtocol = 0n;
@@ -337,6 +364,11 @@ export class VhostUserBackend {
     if (!Number.isInteger(this.#maxMemSlots) || this.#maxMemSlots < 1) {
       throw new RangeError(`maxMemSlots is ${this.#maxMemSlots}, must be a positive integer`);
     }
+    this.#maxMtu = options.maxMtu ?? 65535;
+    if (!Number.isInteger(this.#maxMtu) || this.#maxMtu < MIN_NET_MTU || this.#maxMtu > 65535) {
+      throw new RangeError(`maxMtu is ${this.#maxMtu}, must be ${MIN_NET_MTU} to 65535`);
+    }
+    this.#maxMtuSource = options.maxMtuSource ?? "the back-end's limit";
     this.#offeredProtocol = options.protocolFeatures ?? VIONET_PROTOCOL_FEATURES;
     if ((this.#offeredProtocol & ~SUPPORTED_PROTOCOL_FEATURES) !== 0n) {
       throw new RangeError(
@@ -377,6 +409,7 @@ export class VhostUserBackend {
       [VHOST_USER_GET_MAX_MEM_SLOTS]: () => this.#getMaxMemSlots(),
       [VHOST_USER_ADD_MEM_REG]: (m, fds) => this.#addMemReg(m.body.region, fds),
       [VHOST_USER_REM_MEM_REG]: (m) => this.#remMemReg(m.body.region),
+      [VHOST_USER_NET_SET_MTU]: (m) => this.#setMtu(m.body.mtu),
     };
   }
 
@@ -390,6 +423,10 @@ export class VhostUserBackend {
   /** Protocol features the front-end acked. */
   get ackedProtocolFeatures(): bigint {
     return this.#ackedProtocol;
+  }
+  /** The MTU the front-end gave the guest (NET_SET_MTU), or null. */
+  get mtu(): number | null {
+    return this.#mtu;
   }
   /** SET_OWNER was received. */
   get owned(): boolean {
@@ -443,6 +480,15 @@ export class VhostUserBackend {
       return { ok: true, reply: this.#reply(msg, body, 0n) };
     } catch (e) {
       const error = e instanceof Error ? e : new Error(String(e));
+      // A refusal the front-end can hear (REPLY_ACK asked for): say no, serve on.
+      if (
+        error instanceof RequestRefusedError && msg !== null && msg.needReply &&
+        replyKind(msg.request) === "none" &&
+        (this.#ackedProtocol & VHOST_USER_PROTOCOL_F_REPLY_ACK) !== 0n
+      ) {
+        this.#log("error", `${requestName(msg.request)} refused: ${error.message}`);
+        return { ok: true, reply: this.#reply(msg, null, 1n) };
+      }
       let reply: Uint8Array | null = null;
       // vhost-user.rst REPLY_ACK: "non-zero on failure". Requests with their
       // own reply body have no way to say so; the connection just ends.
@@ -569,6 +615,37 @@ export class VhostUserBackend {
     }
     // QEMU's vhost-user net compares this with its queue *pairs*.
     return Promise.resolve(encodeU64(BigInt(this.#queuePairs)));
+  }
+
+  /**
+   * vhost-user.rst NET_SET_MTU: the MTU QEMU gives the guest (`host_mtu=`),
+   * sent before the device starts. One above `maxMtu` would let the guest
+   * send frames the tap (`--mtu`) does not take: refused, and QEMU then does
+   * not start the device ("MTU not supported by the backend").
+   */
+  #setMtu(value: bigint): Promise<null> {
+    this.#requireProtocol(VHOST_USER_PROTOCOL_F_MTU, "NET_SET_MTU");
+    if (value < BigInt(MIN_NET_MTU) || value > BigInt(this.#maxMtu)) {
+      throw new RequestRefusedError(
+        `the front-end asks for guest MTU ${value} (QEMU: host_mtu), ${
+          value < BigInt(MIN_NET_MTU)
+            ? `below the minimum of ${MIN_NET_MTU}`
+            : `above ${this.#maxMtuSource}, ${this.#maxMtu}`
+        }; give the VMM host_mtu=${this.#maxMtu} or less${
+          value > BigInt(this.#maxMtu) ? `, or start vionet with --mtu ${value}` : ""
+        }`,
+      );
+    }
+    this.#mtu = Number(value);
+    this.#log(
+      "info",
+      `guest MTU ${value} (NET_SET_MTU)${
+        this.#mtu < this.#maxMtu
+          ? `; the tap's is ${this.#maxMtu}: frames the host sends longer than the guest's MTU are its to drop`
+          : ""
+      }`,
+    );
+    return Promise.resolve(null);
   }
 
   #getMaxMemSlots(): Promise<Uint8Array> {

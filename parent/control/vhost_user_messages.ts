@@ -280,6 +280,7 @@ export interface RequestBodies {
   [VHOST_USER_GET_MAX_MEM_SLOTS]: Record<never, never>;
   [VHOST_USER_ADD_MEM_REG]: { region: MemoryRegionDesc };
   [VHOST_USER_REM_MEM_REG]: { region: MemoryRegionDesc };
+  [VHOST_USER_NET_SET_MTU]: { mtu: bigint };
 }
 
 /** A request number vionet handles. */
@@ -440,6 +441,14 @@ const SPECS: { [R in SupportedRequest]: RequestSpec<R> } = {
     fds: "one",
     reply: "none",
     decode: (v) => ({ region: readRegion(v, 8, "region") }),
+  },
+  [VHOST_USER_NET_SET_MTU]: {
+    // vhost-user.rst NET_SET_MTU: "Set host MTU value exposed to the guest",
+    // a u64; its range is the handler's policy.
+    size: U64_SIZE,
+    fds: "none",
+    reply: "none",
+    decode: (v) => ({ mtu: v.getBigUint64(0, true) }),
   },
   [VHOST_USER_REM_MEM_REG]: {
     size: SINGLE_MEMORY_REGION_SIZE,

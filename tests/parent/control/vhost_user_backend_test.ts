@@ -25,9 +25,11 @@ import {
   VHOST_USER_GET_QUEUE_NUM,
   VHOST_USER_GET_VRING_BASE,
   VHOST_USER_HDR_SIZE,
+  VHOST_USER_NET_SET_MTU,
   VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
   VHOST_USER_PROTOCOL_F_LOG_SHMFD,
   VHOST_USER_PROTOCOL_F_MQ,
+  VHOST_USER_PROTOCOL_F_MTU,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_REM_MEM_REG,
   VHOST_USER_RESET_DEVICE,
@@ -882,4 +884,59 @@ Deno.test("close() unmaps and logs when the device fails to answer the reset", a
   assert.equal(system.open.size, 0);
   assert.equal(logged.length, 1);
   assert.match(logged[0], /^warn: device reset on disconnect failed: fake device refuses reset/);
+});
+
+Deno.test("NET_SET_MTU (QEMU host_mtu): up to --mtu accepted, above it or below 68 refused with a failure ack while the connection goes on", async (t) => {
+  const logger = {
+    lines: [] as string[],
+    log(_l: string, _s: string, m: string) {
+      this.lines.push(m);
+    },
+  };
+  const { ok, send, backend } = setup({ maxMtu: 9000, maxMtuSource: "--mtu", logger });
+  await negotiate(ok, true);
+  const setMtu = (mtu: bigint, needReply = true) =>
+    send(encodeRequest(VHOST_USER_NET_SET_MTU, encodeU64(mtu), needReply));
+  await t.step("GET_PROTOCOL_FEATURES offers VHOST_USER_PROTOCOL_F_MTU", async () => {
+    const p = replyU64(await ok(encodeRequest(VHOST_USER_GET_PROTOCOL_FEATURES)), 15);
+    assert.notEqual(p & VHOST_USER_PROTOCOL_F_MTU, 0n);
+  });
+  await t.step("9000 and 68 are accepted with a zero ack", async () => {
+    for (const mtu of [9000n, 68n]) {
+      const r = await setMtu(mtu);
+      assert.ok(r.ok);
+      assert.equal(replyU64(r.reply, VHOST_USER_NET_SET_MTU), 0n);
+      assert.equal(backend.mtu, Number(mtu));
+    }
+  });
+  await t.step(
+    "9001, 67 and 2^40 get a non-zero ack, a logged reason, and the connection stays",
+    async () => {
+      for (const mtu of [9001n, 67n, 1n << 40n]) {
+        const r = await setMtu(mtu);
+        assert.ok(r.ok, "the connection goes on");
+        assert.equal(replyU64(r.reply, VHOST_USER_NET_SET_MTU), 1n);
+        assert.equal(backend.mtu, 68, "the refused MTU was not taken");
+      }
+      assert.match(
+        logger.lines.find((l) => /guest MTU 9001/.test(l)) ?? "",
+        /NET_SET_MTU \(20\) refused: .*guest MTU 9001 \(QEMU: host_mtu\), above --mtu, 9000; give the VMM host_mtu=9000 or less, or start vionet with --mtu 9001/,
+      );
+      assert.ok(logger.lines.some((l) => /guest MTU 67 .*below the minimum of 68/.test(l)));
+    },
+  );
+  await t.step(
+    "a refusal the front-end would not hear (no need_reply) ends the connection",
+    async () => {
+      const r = await setMtu(9001n, false);
+      assert.equal(r.ok, false);
+    },
+  );
+  await t.step("without PROTOCOL_F_MTU negotiated it is a protocol error", async () => {
+    const other = setup({ maxMtu: 9000 });
+    await negotiate(other.ok, true, VIONET_PROTOCOL_FEATURES & ~VHOST_USER_PROTOCOL_F_MTU);
+    const r = await other.send(encodeRequest(VHOST_USER_NET_SET_MTU, encodeU64(1500n), true));
+    assert.equal(r.ok, false);
+    if (!r.ok) assert.match(r.error.message, /NET_SET_MTU needs a protocol feature/);
+  });
 });
