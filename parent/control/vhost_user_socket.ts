@@ -509,9 +509,15 @@ export class VhostUserServer extends Service {
   /**
    * Listens at `path` (vhost-user.rst `--socket-path`). A stale socket there
    * (nobody accepts on it) is removed first; a live one, or anything that is
-   * not a socket, is an error and is left alone.
+   * not a socket, is an error and is left alone. `beforeListen` runs between
+   * bind(2) and listen(2) (the socket's owner and mode); if it throws, the
+   * socket is removed and the error passed on.
    */
-  static listen(path: string, options: VhostUserServeOptions): VhostUserServer {
+  static listen(
+    path: string,
+    options: VhostUserServeOptions,
+    beforeListen: (path: string) => void = () => {},
+  ): VhostUserServer {
     const addr = sockaddrUn(path);
     removeStaleSocket(path, addr);
     const fd = libc.socket(
@@ -520,6 +526,13 @@ export class VhostUserServer extends Service {
     );
     try {
       libc.bind(fd, addr);
+      try {
+        // The socket's group and mode: nobody can connect before listen().
+        beforeListen(path);
+      } catch (e) {
+        libc.unlink(path);
+        throw e;
+      }
       libc.listen(fd, 4);
       return new VhostUserServer(options, fd, null, path);
     } catch (e) {

@@ -104,6 +104,17 @@ export const LIBC_SYMBOLS = {
   /** struct stat as for fstat; the path is not followed if it is a symbolic link. */
   lstat: { parameters: ["buffer", "buffer"], result: "i32" },
   mkdir: { parameters: ["buffer", "u32"], result: "i32" },
+  /** The vhost-user socket's and its directory's permissions (after bind, before listen). */
+  chmod: { parameters: ["buffer", "u32"], result: "i32" },
+  /** Their group (--socket-group); -1 (0xffffffff) leaves the owner as it is. */
+  lchown: { parameters: ["buffer", "u32", "u32"], result: "i32" },
+  /**
+   * --socket-group NAME to a gid: name, struct group (32 bytes), its string
+   * buffer and length, struct group ** (8 bytes). Returns 0 or an errno value.
+   */
+  getgrnam_r: { parameters: ["buffer", "buffer", "buffer", "usize", "buffer"], result: "i32" },
+  /** The path an inherited --fd socket is bound to, for the QEMU line. */
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
   readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
   /** Returns 0 (not -1) on failure, with errno set. */
   if_nametoindex: { parameters: ["buffer"], result: "u32" },
@@ -410,6 +421,7 @@ export const S_IFREG = 0o100000;
 export const S_IFCHR = 0o020000;
 export const S_IFIFO = 0o010000;
 export const S_IFSOCK = 0o140000;
+export const S_IFDIR = 0o040000;
 
 // ---------------------------------------------------------------------------
 // Checked wrappers. Each throws SyscallError; `detail` names the object in the message.
@@ -603,6 +615,9 @@ export function ftruncate(fd: number, length: number | bigint): void {
 export interface FileStat {
   /** st_mode: type (S_IFMT bits) and permissions. */
   mode: number;
+  /** st_uid and st_gid. */
+  uid: number;
+  gid: number;
   /** st_size in bytes (for a memfd or file: what may be mapped). */
   size: number;
   /** st_ino, as a bigint. */
@@ -632,17 +647,21 @@ export function lstat(path: string): FileStat | null {
   return statFields(buf);
 }
 
-/** mkdir -p: creates `path` and its missing parents with `mode`; existing ones are fine. */
-export function mkdirs(path: string, mode: number): void {
+/**
+ * mkdir -p: creates `path` and its missing parents with `mode` (less the
+ * umask); existing ones are fine. Returns the directories it created, outermost first.
+ */
+export function mkdirs(path: string, mode: number): string[] {
+  const created: string[] = [];
   let at = 0;
   while (at >= 0) {
     at = path.indexOf("/", at + 1);
     const part = at < 0 ? path : path.slice(0, at);
     if (part === "" || part === "/") continue;
-    if (sys.mkdir(cstr(part), mode) !== 0 && errno() !== Errno.EEXIST) {
-      throw new SyscallError("mkdir", errno(), part);
-    }
+    if (sys.mkdir(cstr(part), mode) === 0) created.push(part);
+    else if (errno() !== Errno.EEXIST) throw new SyscallError("mkdir", errno(), part);
   }
+  return created;
 }
 
 function statFields(buf: Uint8Array): FileStat {
@@ -651,6 +670,8 @@ function statFields(buf: Uint8Array): FileStat {
     dev: v.getBigUint64(0, true),
     ino: v.getBigUint64(8, true),
     mode: v.getUint32(24, true),
+    uid: v.getUint32(28, true),
+    gid: v.getUint32(32, true),
     size: Number(v.getBigInt64(48, true)),
   };
 }
@@ -741,6 +762,51 @@ export function capget(header: Uint8Array, data: Uint8Array): void {
 /** capset(2), same layouts as {@link capget}. */
 export function capset(header: Uint8Array, data: Uint8Array): void {
   check(sys.capset(header, data), "capset");
+}
+
+/** chmod(2). */
+export function chmod(path: string, mode: number): void {
+  check(sys.chmod(cstr(path), mode), "chmod", path);
+}
+
+/** lchown(2) of the group only (a symbolic link itself, never what it points to). */
+export function lchgrp(path: string, gid: number): void {
+  check(sys.lchown(cstr(path), 0xffff_ffff, gid), "lchown", path);
+}
+
+/**
+ * getgrnam_r(3): the gid of group `name`, or null when there is no such
+ * group. Through NSS, as `chgrp` would resolve it (/etc/group, or whatever
+ * nsswitch.conf names).
+ */
+export function groupId(name: string): number | null {
+  const grp = new Uint8Array(32); // struct group: name, passwd, gid (at 16), members
+  const result = new BigUint64Array(1);
+  for (let size = 1024; size <= 1 << 20; size *= 4) {
+    const strings = new Uint8Array(size);
+    const r = sys.getgrnam_r(
+      cstr(name),
+      grp,
+      strings,
+      BigInt(size),
+      new Uint8Array(result.buffer),
+    );
+    if (r === Errno.ERANGE) continue;
+    if (r !== 0) throw new SyscallError("getgrnam_r", r, name);
+    return result[0] === 0n ? null : new DataView(grp.buffer).getUint32(16, true);
+  }
+  throw new SyscallError("getgrnam_r", Errno.ERANGE, name);
+}
+
+/** The filesystem path a unix socket is bound to; null for an unnamed or abstract one. */
+export function socketPath(fd: number): string | null {
+  const addr = new Uint8Array(110); // struct sockaddr_un: family, then 108 bytes of path
+  const len = new Uint32Array([addr.length]);
+  check(sys.getsockname(fd, addr, new Uint8Array(len.buffer)), "getsockname", `fd ${fd}`);
+  const family = new DataView(addr.buffer).getUint16(0, true);
+  if (family !== AF_UNIX || len[0] <= 2 || addr[2] === 0) return null;
+  const end = addr.indexOf(0, 2);
+  return new TextDecoder().decode(addr.subarray(2, end < 0 ? Math.min(len[0], 110) : end));
 }
 
 /** unlink(2). */

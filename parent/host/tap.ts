@@ -111,6 +111,7 @@ export const TAP_IOCTLS = {
     on: "AF_INET socket",
     purpose: "read the MTU: how long the frames the poller reads can be",
   },
+  SIOCSIFMTU: { number: 0x8922n, on: "AF_INET socket", purpose: "set the MTU (--mtu), at set-up" },
 } as const;
 const TUNSETIFF = TAP_IOCTLS.TUNSETIFF.number;
 const TUNGETFEATURES = TAP_IOCTLS.TUNGETFEATURES.number;
@@ -123,6 +124,7 @@ const SIOCGIFFLAGS = TAP_IOCTLS.SIOCGIFFLAGS.number;
 const SIOCSIFFLAGS = TAP_IOCTLS.SIOCSIFFLAGS.number;
 const SIOCGIFHWADDR = TAP_IOCTLS.SIOCGIFHWADDR.number;
 const SIOCGIFMTU = TAP_IOCTLS.SIOCGIFMTU.number;
+const SIOCSIFMTU = TAP_IOCTLS.SIOCSIFMTU.number;
 /** net/if.h IFF_UP: a *link* flag (ifr_flags of SIOC[GS]IFFLAGS), not a TUNSETIFF flag. */
 const LINK_IFF_UP = 0x1;
 
@@ -416,6 +418,38 @@ export class Tap {
       }
     } catch {
       return null;
+    }
+  }
+
+  /**
+   * Sets the tap's MTU (SIOCSIFMTU by name, on a socket; needs CAP_NET_ADMIN
+   * over the tap's network namespace, so only at set-up). Throws TapError
+   * saying why not: the tap lives in another namespace or was renamed, the
+   * kernel refused the value, or permission was denied.
+   */
+  setMtu(mtu: number): void {
+    this.#open();
+    if (this.ifindex === 0 || libc.ifNametoindex(this.name) !== this.ifindex) {
+      throw new TapError(
+        `cannot set tap ${this.name}'s MTU to ${mtu}: it is not in this network namespace ` +
+          `under that name; set it where it lives (ip link set ${this.name} mtu ${mtu})`,
+      );
+    }
+    const sock = libc.socket(libc.AF_INET, libc.SOCK_DGRAM | libc.SOCK_CLOEXEC);
+    try {
+      const req = ifreq(this.name);
+      new DataView(req.buffer).setInt32(IFR_MTU, mtu, true);
+      libc.ioctl(sock, SIOCSIFMTU, req, "SIOCSIFMTU");
+    } catch (e) {
+      const code = e instanceof libc.SyscallError ? e.code : String(e);
+      throw new TapError(
+        `cannot set tap ${this.name}'s MTU to ${mtu} (SIOCSIFMTU: ${code}${
+          code === "EPERM" ? ", needs CAP_NET_ADMIN" : ""
+        })`,
+        { cause: e },
+      );
+    } finally {
+      libc.close(sock);
     }
   }
 
