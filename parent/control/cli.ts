@@ -26,6 +26,11 @@ export interface Options {
   printPermissions: boolean;
   /** Where to listen (or, with `client`, connect); null when `listenFd` is used. */
   socketPath: string | null;
+  /**
+   * The socket's directory is vionet's own (`<runtime dir>/vionet`, from the
+   * default socket path): its mode and group are set at every start.
+   */
+  ownSocketDir: boolean;
   /** A listening socket inherited from the supervisor (`--fd`). */
   listenFd: number | null;
   /** Connect to a VMM that listens on `socketPath`, and reconnect when it goes. */
@@ -34,9 +39,22 @@ export interface Options {
   tap: string | null;
   /** A tap descriptor inherited from the supervisor (`--tap-fd`). */
   tapFd: number | null;
-  /** The guest's MAC address, six octets. */
-  mac: number[];
-  mtu: number;
+  /**
+   * `--mac`: the only Ethernet source address the guest may send from (the
+   * device drops and counts every other frame); null when not given, and
+   * then nothing is enforced.
+   */
+  mac: number[] | null;
+  /**
+   * `--mtu`: the tap's MTU, set at start, and the largest MTU a front-end may
+   * give the guest (VHOST_USER_NET_SET_MTU); null when not given: the tap's
+   * MTU as found (1500 for a tap vionet creates).
+   */
+  mtu: number | null;
+  /** `--socket-group`: the group (name or number) the listening socket is given; null: root's. */
+  socketGroup: string | null;
+  /** `--socket-mode`: the listening socket's permission bits; null: 0600, or 0660 with a group. */
+  socketMode: number | null;
   offload: OffloadMode;
   /** Whether the I/O workers may batch tap writes and reads through io_uring. */
   ioUring: IoUringMode;
@@ -79,13 +97,31 @@ export const OPTIONS: Record<string, OptionSpec> = {
     arg: "N",
     help: "use the inherited tap descriptor N (opened with IFF_VNET_HDR)",
   },
+  "socket-group": {
+    type: "string",
+    arg: "GROUP",
+    help: "give the listening socket (and a socket directory vionet creates) this group, " +
+      "e.g. libvirt-qemu",
+    shown: "none: root's",
+  },
+  "socket-mode": {
+    type: "string",
+    arg: "MODE",
+    help: "the listening socket's permissions, octal (0600..0777)",
+    shown: "0600, or 0660 with --socket-group",
+  },
   "mac": {
     type: "string",
     arg: "MAC",
-    help: "the guest's MAC address",
-    shown: "52:54:00:xx:xx:xx, derived from the tap name",
+    help: "the guest's MAC: frames from any other source MAC are dropped (give the VMM the same)",
+    shown: "none enforced; the QEMU line suggests 52:54:00:xx:xx:xx from the tap name",
   },
-  "mtu": { type: "string", arg: "N", help: "MTU offered to the guest (68..65535)", shown: "1500" },
+  "mtu": {
+    type: "string",
+    arg: "N",
+    help: "set the tap's MTU to N (68..65521), the most a VMM's host_mtu may be",
+    shown: "the tap's MTU as found, 1500 for a new tap",
+  },
   "offload": {
     type: "string",
     arg: "auto|off",
@@ -117,6 +153,7 @@ export function usage(): string {
     "vionet: a virtio-net device backend (vhost-user) on a Linux tap",
     "",
     "usage: deno task start [--socket-path PATH | --fd N] [--client] [--tap IFNAME | --tap-fd N]",
+    "                       [--socket-group GROUP] [--socket-mode MODE]",
     "                       [--mac MAC] [--mtu N] [--offload auto|off] [--io-uring auto|off]",
     "                       [--log-level LEVEL]",
     "                       [--print-capabilities] [--print-permissions] [--help]",
@@ -148,6 +185,33 @@ export function parseMac(text: string): number[] | null {
   const octets = m.map((h) => parseInt(h, 16));
   if ((octets[0] & 1) !== 0 || octets.every((b) => b === 0)) return null;
   return octets;
+}
+
+/**
+ * The MTUs `--mtu` accepts: Linux's ETH_MIN_MTU (RFC 791's 68 bytes every
+ * IPv4 host must take) up to 65521, the most a tap takes (tun's max_mtu:
+ * 65535 less its 14-byte Ethernet header; the kernel answers EINVAL above).
+ * Both paths carry such frames: the poller reads up to the MTU plus 22
+ * bytes (Ethernet header, two VLAN tags) and the TX path passes frames of
+ * up to MAX_FRAME_BYTES (65550).
+ */
+export const MIN_MTU = 68;
+export const MAX_MTU = 65521;
+
+/** A group as getgrnam(3) or a number takes it: POSIX portable name characters, or digits. */
+export function validGroup(text: string): boolean {
+  return /^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$/.test(text) || /^\d{1,9}$/.test(text);
+}
+
+/**
+ * An octal socket mode, `0660` or `660`: the owner keeps read and write
+ * (0600 at least, or vionet's own supervisor could not reach it), nothing
+ * beyond 0777 (no setuid, setgid or sticky bits on a socket). Null when not.
+ */
+export function parseMode(text: string): number | null {
+  if (!/^0?[0-7]{3}$/.test(text)) return null;
+  const mode = parseInt(text, 8);
+  return (mode & 0o600) === 0o600 ? mode : null;
 }
 
 /** Formats six octets as `aa:bb:cc:dd:ee:ff`. */
@@ -214,19 +278,42 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
   if (socketPath !== null && new TextEncoder().encode(socketPath).length > 107) {
     throw new UsageError(`--socket-path is longer than the 107 bytes a unix socket address holds`);
   }
-  if (socketPath === null && listenFd === null) {
-    socketPath = defaultSocketPath(tap ?? `fd${tapFd}`, env);
-  }
+  const ownSocketDir = socketPath === null && listenFd === null;
+  if (ownSocketDir) socketPath = defaultSocketPath(tap ?? `fd${tapFd}`, env);
 
   const macText = str("mac");
-  const mac = macText === undefined ? defaultMac(tap ?? `fd${tapFd}`) : parseMac(macText);
-  if (mac === null) {
+  const mac = macText === undefined ? null : parseMac(macText);
+  if (macText !== undefined && mac === null) {
     throw new UsageError(`--mac "${macText}" is not a unicast MAC address like 52:54:00:12:34:56`);
   }
 
-  const mtuText = str("mtu") ?? "1500";
-  const mtu = /^\d{1,5}$/.test(mtuText) ? Number(mtuText) : NaN;
-  if (!(mtu >= 68 && mtu <= 65535)) throw new UsageError(`--mtu "${mtuText}" is not in 68..65535`);
+  const mtuText = str("mtu");
+  let mtu: number | null = null;
+  if (mtuText !== undefined) {
+    mtu = /^\d{1,5}$/.test(mtuText) ? Number(mtuText) : NaN;
+    if (!(mtu >= MIN_MTU && mtu <= MAX_MTU)) {
+      throw new UsageError(`--mtu "${mtuText}" is not in ${MIN_MTU}..${MAX_MTU}`);
+    }
+  }
+
+  const socketGroup = str("socket-group") ?? null;
+  if (socketGroup !== null && !validGroup(socketGroup)) {
+    throw new UsageError(`--socket-group "${socketGroup}" is not a group name or number`);
+  }
+  const modeText = str("socket-mode");
+  const socketMode = modeText === undefined ? null : parseMode(modeText);
+  if (socketMode === null && modeText !== undefined) {
+    throw new UsageError(
+      `--socket-mode "${modeText}" is not an octal mode from 0600 to 0777 (e.g. 0660)`,
+    );
+  }
+  const notOurSocket = listenFd !== null || flag("client");
+  if (notOurSocket && (socketGroup !== null || socketMode !== null)) {
+    throw new UsageError(
+      `--socket-group and --socket-mode apply to the socket vionet listens on; ` +
+        `with ${listenFd !== null ? "--fd" : "--client"} it makes none`,
+    );
+  }
 
   const offload = str("offload") ?? "auto";
   if (offload !== "auto" && offload !== "off") {
@@ -246,12 +333,15 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     printCapabilities: flag("print-capabilities"),
     printPermissions: flag("print-permissions"),
     socketPath,
+    ownSocketDir,
     listenFd,
     client: flag("client"),
     tap,
     tapFd,
     mac,
     mtu,
+    socketGroup,
+    socketMode,
     offload,
     ioUring,
     logLevel: logLevel as LogLevel,

@@ -10,16 +10,23 @@
 import { featureNames, GUEST_OFFLOAD_FEATURES } from "../../ipc/features.ts";
 import type { DeviceConfig } from "../../ipc/protocol.ts";
 import { RefusedError } from "../../ipc/endpoint.ts";
-import { formatMac, type Options } from "./cli.ts";
+import { defaultMac, formatMac, type Options } from "./cli.ts";
 import { DeviceHost } from "./device_host.ts";
 import type { Logger } from "./log.ts";
-import { adoptTap, createTap, type Tap, tunFlagNames } from "../host/tap.ts";
+import { adoptTap, createTap, type Tap, TapError, tunFlagNames } from "../host/tap.ts";
 import { applyTunscap } from "../host/tunscap.ts";
 import { dropPrivileges } from "../host/privileges.ts";
 import { retiredMemory } from "./retired_memory.ts";
 import * as libc from "../host/libc.ts";
 import { VionetDevicePort } from "./device_port.ts";
 import { VhostUserClient, VhostUserServer } from "./vhost_user_socket.ts";
+import {
+  applySocketAccess,
+  describeSocketAccess,
+  prepareSocketDir,
+  resolveSocketAccess,
+  type SocketAccess,
+} from "./socket_access.ts";
 
 /** The guest offloads the parent lets TUNSCAP put on the tap, by `--offload` mode. */
 export function allowedTapOffloads(mode: Options["offload"]): bigint {
@@ -50,17 +57,46 @@ export function tunscapHandler(
   };
 }
 
-/** The QEMU options that attach a VM to this backend. */
-export function qemuOptions(socketPath: string, mac: readonly number[], server = false): string {
+/** Where the VMM finds vionet's socket, for {@link qemuOptions}. */
+export type QemuSocket =
+  /** vionet listens at this path (QEMU is the client and reconnects). */
+  | { listen: string }
+  /** vionet connects (`--client`): QEMU listens at this path. */
+  | { connect: string };
+
+/**
+ * The QEMU options that attach a VM to this backend: shared guest memory of
+ * the VM's size (a placeholder: QEMU must be told its -m), the chardev with
+ * the reconnect option of QEMU before 9.2 (`reconnect=1`; 9.2 renamed it
+ * `reconnect-ms=1000`, see {@link QEMU_RECONNECT_NOTE}), the vhost-user
+ * netdev, and the NIC with `mac` and, when it is not 1500, `host_mtu`.
+ */
+export function qemuOptions(
+  socket: QemuSocket,
+  mac: readonly number[],
+  mtu: number | null = null,
+): string {
+  const chardev = "listen" in socket
+    ? `path=${socket.listen},reconnect=1`
+    : `path=${socket.connect},server=on,wait=off`;
   return [
-    "-object memory-backend-memfd,id=mem0,size=1G,share=on -numa node,memdev=mem0",
-    `-chardev socket,id=vionet0,path=${socketPath}${
-      server ? ",server=on,wait=off" : ",reconnect=1"
-    }`,
+    "-object memory-backend-memfd,id=mem0,size=<guest RAM>,share=on -numa node,memdev=mem0",
+    `-chardev socket,id=vionet0,${chardev}`,
     "-netdev vhost-user,id=net0,chardev=vionet0",
-    `-device virtio-net-pci,netdev=net0,mac=${formatMac(mac)}`,
+    `-device virtio-net-pci,netdev=net0,mac=${formatMac(mac)}${
+      mtu !== null && mtu !== 1500 ? `,host_mtu=${mtu}` : ""
+    }`,
   ].join(" \\\n  ");
 }
+
+/** What the QEMU line's reader must know that one line cannot say. */
+export const QEMU_RECONNECT_NOTE = "QEMU 9.2 and later: reconnect-ms=1000 in place of reconnect=1.";
+
+/**
+ * The MTU limit when the tap's MTU cannot be read (an inherited tap in
+ * another network namespace): virtio's 16-bit `mtu` field, QEMU's host_mtu.
+ */
+const UNKNOWN_MTU_LIMIT = 65535;
 
 /** A running daemon; `stop()` undoes everything it set up. */
 export interface Daemon {
@@ -68,6 +104,10 @@ export interface Daemon {
   device: DeviceHost;
   config: DeviceConfig;
   port: VionetDevicePort;
+  /** The socket's group and mode (listening at --socket-path), else null. */
+  socketAccess: SocketAccess | null;
+  /** The tap's MTU as set or found: the most NET_SET_MTU may ask; null when unknown. */
+  mtu: number | null;
   /** The vhost-user service (null until `serve()`). */
   service: VhostUserServer | VhostUserClient | null;
   /** Starts serving vhost-user as the options say. */
@@ -78,10 +118,20 @@ export interface Daemon {
 /** Sets everything up; on failure, whatever was already set up is undone before it throws. */
 export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon> {
   retiredMemory.configure({ logger });
+  // The group is resolved before anything exists: an unknown one leaves nothing behind.
+  const listening = opts.listenFd === null && !opts.client;
+  const socketAccess = listening ? resolveSocketAccess(opts.socketGroup, opts.socketMode) : null;
   const tap = opts.tapFd !== null ? adoptTap(opts.tapFd) : createTap(opts.tap!);
+  let mtu: number | null;
+  try {
+    mtu = settleMtu(tap, opts.mtu, logger);
+  } catch (e) {
+    tap.close();
+    throw e;
+  }
   const config: DeviceConfig = {
     mac: opts.mac,
-    mtu: opts.mtu,
+    mtu: mtu ?? UNKNOWN_MTU_LIMIT,
     offloadMode: opts.offload,
     logLevel: opts.logLevel,
   };
@@ -110,10 +160,18 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     device,
     config,
     port,
+    socketAccess,
+    mtu,
     service: null,
     serve() {
       const serveOpts = {
         device: port,
+        backendOptions: {
+          maxMtu: mtu ?? UNKNOWN_MTU_LIMIT,
+          maxMtuSource: mtu === null
+            ? "the largest a tap takes"
+            : `tap ${tap.name}'s MTU${opts.mtu !== null ? " (--mtu)" : ""}`,
+        },
         logger,
         onDisconnect: (info: { reason: string; error?: Error; messages: number }) =>
           logger.log(
@@ -132,8 +190,13 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
       } else if (opts.client) {
         daemon.service = VhostUserClient.connect(opts.socketPath!, serveOpts);
       } else {
-        libc.mkdirs(dirname(opts.socketPath!), 0o700);
-        daemon.service = VhostUserServer.listen(opts.socketPath!, serveOpts);
+        const access = socketAccess!;
+        prepareSocketDir(dirname(opts.socketPath!), access, opts.ownSocketDir, logger);
+        daemon.service = VhostUserServer.listen(
+          opts.socketPath!,
+          serveOpts,
+          (path) => applySocketAccess(path, access),
+        );
       }
     },
     async stop() {
@@ -180,6 +243,36 @@ async function logStats(daemon: Daemon, logger: Logger): Promise<void> {
   );
 }
 
+/**
+ * `--mtu`: sets the tap's MTU (at set-up, while vionet holds CAP_NET_ADMIN)
+ * and returns it. Without `--mtu`, the tap's MTU as found (1500 for a tap
+ * vionet creates; a persistent or inherited tap keeps the MTU its owner
+ * gave it), or null when it cannot be read (an inherited tap in another
+ * network namespace). Throws TapError when `--mtu` cannot be applied: an
+ * inherited tap elsewhere, or without the capability, is refused rather
+ * than left at an MTU that differs from what the operator asked.
+ */
+function settleMtu(tap: Tap, wanted: number | null, logger: Logger): number | null {
+  const found = tap.mtu();
+  if (wanted === null) {
+    if (found === null) {
+      logger.log(
+        "warn",
+        "parent",
+        `tap ${tap.name}'s MTU cannot be read from here (it lives in another network ` +
+          `namespace): a VMM may ask for any MTU up to ${UNKNOWN_MTU_LIMIT}`,
+      );
+    }
+    return found;
+  }
+  if (found !== wanted) tap.setMtu(wanted);
+  const now = tap.mtu();
+  if (now !== wanted) {
+    throw new TapError(`tap ${tap.name}'s MTU is ${now} after setting it to ${wanted}`);
+  }
+  return wanted;
+}
+
 function dirname(path: string): string {
   const i = path.lastIndexOf("/");
   return i <= 0 ? "/" : path.slice(0, i);
@@ -210,6 +303,50 @@ function startDevice(
 export const EXIT_UNCONTAINED = 3;
 const UNCONTAINED = "uncontained";
 
+/**
+ * What the daemon prints on stdout at start: where it serves, and the QEMU
+ * options that attach a VM (with `--fd`, at the path the inherited socket is
+ * bound to; a socket without one is the supervisor's to attach). The MAC is
+ * `--mac`'s, which the device enforces, else a stable one for the tap.
+ */
+export function attachText(
+  opts: Pick<Options, "listenFd" | "client" | "socketPath" | "mac" | "mtu">,
+  tapName: string,
+  tapMtu: number | null,
+  fdPath: string | null,
+): string {
+  const mac = opts.mac ?? defaultMac(tapName);
+  let socket: QemuSocket;
+  if (opts.listenFd !== null) {
+    if (fdPath === null) {
+      return `vionet: tap ${tapName}, vhost-user on inherited fd ${opts.listenFd}, ` +
+        `a socket with no path: whoever passed it attaches the VM ` +
+        `(virtio-net-pci mac=${formatMac(mac)}${
+          tapMtu !== null && tapMtu !== 1500 ? `,host_mtu=${tapMtu}` : ""
+        })`;
+    }
+    socket = { listen: fdPath };
+  } else {
+    socket = opts.client ? { connect: opts.socketPath! } : { listen: opts.socketPath! };
+  }
+  const where = "listen" in socket ? socket.listen : socket.connect;
+  return `vionet: tap ${tapName}, vhost-user socket ${where}` +
+    `${opts.listenFd !== null ? ` (inherited fd ${opts.listenFd})` : ""}\n` +
+    `Attach a VM with these QEMU options (<guest RAM>: the same size as its -m):\n  ${
+      qemuOptions(socket, mac, tapMtu)
+    }` +
+    ("listen" in socket ? `\n${QEMU_RECONNECT_NOTE}` : "");
+}
+
+/** The path an inherited listening socket is bound to, or null (unnamed, or not a socket we can ask). */
+function boundPath(fd: number): string | null {
+  try {
+    return libc.socketPath(fd);
+  } catch {
+    return null;
+  }
+}
+
 /** Runs until SIGINT or SIGTERM; returns the exit status. */
 export async function runDaemon(opts: Options, logger: Logger): Promise<number> {
   const daemon = await startDaemon(opts, logger);
@@ -234,26 +371,45 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
   logger.log(
     "info",
     "parent",
-    `tap ${tap.name} ${tap.created ? "created" : "attached"}; kernel offloads: ${
+    `tap ${tap.name} ${tap.created ? "created" : "attached"}; MTU ${daemon.mtu ?? "unknown"}${
+      opts.mtu !== null ? " (--mtu)" : ""
+    }; kernel offloads: ${
       tunFlagNames(tap.kernelOffloads).join(" ") || "none"
     }; --offload ${opts.offload}`,
   );
-  logger.log("info", "parent", "device worker started with no permissions");
+  logger.log(
+    "info",
+    "parent",
+    `device worker started with no permissions; ${
+      opts.mac !== null
+        ? `it drops frames whose source MAC is not ${formatMac(opts.mac)} (--mac)`
+        : "source MACs are not checked (no --mac)"
+    }`,
+  );
   if (opts.listenFd !== null) {
-    logger.log("info", "parent", `serving vhost-user on inherited fd ${opts.listenFd}`);
+    const path = boundPath(opts.listenFd);
+    logger.log(
+      "info",
+      "parent",
+      `serving vhost-user on inherited fd ${opts.listenFd}${path ? ` (${path})` : ""}`,
+    );
   } else {
     logger.log(
       "info",
       "parent",
-      `${opts.client ? "connecting to" : "listening on"} ${opts.socketPath}`,
-    );
-    console.log(
-      `vionet: tap ${tap.name}, vhost-user socket ${opts.socketPath}\n` +
-        `Attach a VM with these QEMU options:\n  ${
-          qemuOptions(opts.socketPath!, opts.mac, opts.client)
-        }`,
+      opts.client
+        ? `connecting to ${opts.socketPath}`
+        : `listening on ${opts.socketPath}, ${describeSocketAccess(daemon.socketAccess!)}`,
     );
   }
+  console.log(
+    attachText(
+      opts,
+      tap.name,
+      daemon.mtu,
+      opts.listenFd !== null ? boundPath(opts.listenFd) : null,
+    ),
+  );
 
   // SIGUSR2: log every counter (per queue, and the I/O side's), e.g. for a
   // stalled guest: `kill -USR2 <pid>`. Not SIGUSR1: Deno (2.9.6, measured)

@@ -37,6 +37,7 @@ import {
   currentCapabilities,
 } from "./privileges.ts";
 import { TAP_IOCTLS } from "./tap.ts";
+import { defaultSocketMode, socketDirMode } from "../control/socket_access.ts";
 
 /** A Deno permission: not granted, granted for everything, or for these paths/hosts/names. */
 export type Grant = boolean | string[];
@@ -161,7 +162,9 @@ export interface Audit {
 }
 
 /** The options that decide what the parent opens. */
-export type AuditOptions = Pick<Options, "socketPath" | "listenFd" | "client" | "tap" | "tapFd">;
+export type AuditOptions =
+  & Pick<Options, "socketPath" | "listenFd" | "client" | "tap" | "tapFd">
+  & Partial<Pick<Options, "mtu" | "socketGroup" | "socketMode">>;
 
 // ---------------------------------------------------------------------------
 // The main thread's flags
@@ -355,6 +358,15 @@ function files(opts: AuditOptions): FileAudit[] {
     );
   }
   out.push({
+    what: "link MTU socket",
+    path: "socket(AF_INET, SOCK_DGRAM), closed at once",
+    access: `ioctl SIOCGIFMTU${
+      opts.mtu != null ? `, SIOCSIFMTU (--mtu ${opts.mtu}, at set-up)` : ""
+    }; SIOCGIFMTU again whenever the tap's longest frame is asked`,
+    when: opts.mtu != null ? "set-up" : "serving",
+    source: "parent/host/tap.ts",
+  });
+  out.push({
     what: "tap flags",
     path: `/sys/class/net/${opts.tap ?? "<tap>"}/{ifindex,tun_flags}`,
     access: "read-only",
@@ -379,19 +391,28 @@ function files(opts: AuditOptions): FileAudit[] {
     });
   } else {
     const path = opts.socketPath ?? "<socket>";
+    const group = opts.socketGroup ?? null;
+    const mode = opts.socketMode ?? defaultSocketMode(group);
+    const modeText = (m: number) => `0${m.toString(8)}`;
     out.push(
       {
         what: "vhost-user socket directory",
         path: path.slice(0, Math.max(1, path.lastIndexOf("/"))),
-        access: "created with mode 0700 if missing",
+        access:
+          `created with mode ${modeText(socketDirMode(mode))}${
+            group !== null ? ` and group ${group}` : ""
+          } if missing (vionet's default directory: set so at every start); ` +
+          "else left alone, lstat to warn when it keeps the socket's group out",
         when: "set-up",
-        source: "parent/control/daemon.ts",
+        source: "parent/control/socket_access.ts",
       },
       {
         what: "vhost-user socket",
         path,
-        access: "socket(AF_UNIX, SOCK_STREAM), bind, listen 4, accept4; " +
-          "a stale socket there is probed with connect and unlinked; removed at exit",
+        access: "socket(AF_UNIX, SOCK_STREAM), bind, " +
+          `${group !== null ? `lchown to group ${group}, ` : ""}chmod ${modeText(mode)}, ` +
+          "listen 4, accept4; a stale socket there is probed with connect and unlinked; " +
+          "removed at exit",
         when: "set-up",
         source: "parent/control/vhost_user_socket.ts",
       },
@@ -473,13 +494,22 @@ function files(opts: AuditOptions): FileAudit[] {
 }
 
 function capabilities(opts: AuditOptions, observe: boolean): CapabilityAudit {
-  const neededForSetup = opts.tapFd === null
+  const neededForSetup = opts.tapFd === null || opts.mtu != null
     ? [{
       name: "CAP_NET_ADMIN",
-      why: `create tap ${opts.tap} (TUNSETIFF) and bring it up (SIOCSIFFLAGS); ` +
-        "none at all with --tap-fd and --fd",
+      why: opts.tapFd === null
+        ? `create tap ${opts.tap} (TUNSETIFF), bring it up (SIOCSIFFLAGS)` +
+          `${opts.mtu != null ? ` and set its MTU (SIOCSIFMTU)` : ""}; ` +
+          "none at all with --tap-fd and --fd (and no --mtu)"
+        : `set the inherited tap's MTU (SIOCSIFMTU, --mtu ${opts.mtu}) when it differs`,
     }]
     : [];
+  if (opts.socketGroup != null && opts.listenFd === null && !opts.client) {
+    neededForSetup.push({
+      name: "CAP_CHOWN",
+      why: `give the socket (and a directory vionet creates) group ${opts.socketGroup}`,
+    });
+  }
   const audit: CapabilityAudit = {
     neededForSetup,
     keptAfterSetup: CAPABILITIES_KEPT_AFTER_SETUP.map((c) => ({ name: c.name, why: c.why })),

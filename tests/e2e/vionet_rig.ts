@@ -237,6 +237,17 @@ export class VionetDaemon extends NetnsProcess {
     return json === undefined ? null : JSON.parse(json);
   }
 
+  /**
+   * One queue's device counters now (`rx0`, `tx0`): asks with SIGUSR2 and
+   * parses the "<name> {...}" line it logs.
+   */
+  async queueCounters(name: "rx0" | "tx0"): Promise<Record<string, number>> {
+    const from = this.lines().length;
+    this.signal("SIGUSR2");
+    const line = await this.waitFor(new RegExp(` ${name} \\{.*\\}$`), 5000, from);
+    return JSON.parse(line.slice(line.indexOf("{")));
+  }
+
   /** The feature names of the last "negotiated ..." log line at or after line `from`. */
   negotiated(from = 0): string[] | undefined {
     const line = this.lines().slice(from).findLast((l) => / negotiated /.test(l));
@@ -433,8 +444,24 @@ export class Rig {
    * log when it does not boot; the guest is then killed.
    */
   async bootGuest(opts: GuestOptions = {}): Promise<RigGuest> {
-    const assets = guestAssets();
     const logFrom = this.daemon.lines().length;
+    const guest = await this.startGuest(opts);
+    try {
+      const boot = await guest.waitForBoot(opts.bootTimeoutMs ?? 120_000);
+      return { guest, boot, logFrom };
+    } catch (e) {
+      guest.kill();
+      await guest.closed;
+      throw new Error(`${(e as Error).message}\n--- daemon log ---\n${this.daemon.log()}`);
+    }
+  }
+
+  /**
+   * Starts QEMU with a guest on the daemon's socket and returns at once (it
+   * may not boot, e.g. when the daemon refuses it); close() kills it.
+   */
+  async startGuest(opts: GuestOptions = {}): Promise<Guest> {
+    const assets = guestAssets();
     const mac = opts.mac ?? nthMac(this.#nextMac++);
     const guest = await bootGuest({
       kernel: assets.kernel,
@@ -446,14 +473,7 @@ export class Rig {
       kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24`, gw: HOST_IP }),
     });
     this.#guests.push(guest);
-    try {
-      const boot = await guest.waitForBoot(opts.bootTimeoutMs ?? 120_000);
-      return { guest, boot, logFrom };
-    } catch (e) {
-      guest.kill();
-      await guest.closed;
-      throw new Error(`${(e as Error).message}\n--- daemon log ---\n${this.daemon.log()}`);
-    }
+    return guest;
   }
 
   /** Starts a helper process in the namespace; close() kills it if it still runs. */

@@ -11,15 +11,24 @@ import {
 import { ROOT, startTaskFlags } from "../../helpers.ts";
 import { withNetns } from "../../net_ns.ts";
 
-Deno.test("no arguments: tap vionet0, a socket path, offload auto, a stable MAC", () => {
+Deno.test("no arguments: tap vionet0, a socket path, offload auto, no MAC enforced, the tap's MTU", () => {
   const o = parseOptions([], {});
   assert.equal(o.tap, "vionet0");
   assert.equal(o.socketPath, "/run/vionet/vionet0.sock");
+  assert.equal(o.ownSocketDir, true);
   assert.equal(o.offload, "auto");
   assert.equal(o.ioUring, "auto");
   assert.equal(o.logLevel, "info");
-  assert.deepEqual(o.mac, defaultMac("vionet0"));
-  assert.equal(o.mac[0] & 3, 2, "locally administered unicast");
+  assert.equal(o.mac, null);
+  assert.equal(o.mtu, null);
+  assert.equal(o.socketGroup, null);
+  assert.equal(o.socketMode, null);
+  assert.deepEqual(defaultMac("vionet0"), defaultMac("vionet0"));
+  assert.equal(
+    defaultMac("vionet0")[0] & 3,
+    2,
+    "the suggested MAC is locally administered unicast",
+  );
   assert.equal(
     parseOptions([], { XDG_RUNTIME_DIR: "/run/user/7" }).socketPath,
     "/run/user/7/vionet/vionet0.sock",
@@ -37,8 +46,15 @@ Deno.test("options take both --opt value and --opt=value", () => {
     "--mtu=9000",
     "--io-uring=off",
     "--log-level=debug",
+    "--socket-group=libvirt-qemu",
+    "--socket-mode",
+    "0666",
   ]);
   assert.equal(o.socketPath, "/tmp/s.sock");
+  assert.equal(o.ownSocketDir, false);
+  assert.equal(o.socketGroup, "libvirt-qemu");
+  assert.equal(o.socketMode, 0o666);
+  assert.equal(parseOptions(["--socket-mode", "660", "--socket-group", "64055"]).socketMode, 0o660);
   assert.equal(o.tap, "tapx");
   assert.deepEqual(o.mac, [2, 0, 0, 0, 0, 1]);
   assert.equal(o.offload, "off");
@@ -74,10 +90,22 @@ Deno.test("each bad command line is a UsageError that names what is wrong", asyn
     [["--mac", "00:00:00:00:00:00"], /is not a unicast MAC/],
     [["--offload", "on"], /--offload "on" must be auto or off/],
     [["--io-uring", "yes"], /--io-uring "yes" must be auto or off/],
-    [["--mtu", "20"], /--mtu "20" is not in 68..65535/],
+    [["--mtu", "20"], /--mtu "20" is not in 68..65521/],
+    [["--mtu", "65522"], /--mtu "65522" is not in 68..65521/],
     [["--mtu", "1e3"], /--mtu "1e3"/],
     [["--log-level", "loud"], /--log-level "loud" must be one of error, warn, info, debug/],
     [["--socket-path", ""], /--socket-path is empty/],
+    [["--socket-mode", "0666x"], /--socket-mode "0666x" is not an octal mode/],
+    [["--socket-mode", "0460"], /--socket-mode "0460" is not an octal mode from 0600 to 0777/],
+    [["--socket-mode", "04660"], /--socket-mode "04660"/],
+    [["--socket-mode", "0800"], /--socket-mode "0800"/],
+    [["--socket-group", "a b"], /--socket-group "a b" is not a group name or number/],
+    [["--socket-group", ""], /--socket-group "" is not a group name/],
+    [
+      ["--fd", "3", "--socket-mode", "0660"],
+      /--socket-group and --socket-mode apply to the socket vionet listens on; with --fd/,
+    ],
+    [["--client", "--socket-group", "kvm"], /with --client it makes none/],
     [["--socket-path", "/" + "x".repeat(120)], /107 bytes/],
   ];
   for (const [argv, re] of cases) {
