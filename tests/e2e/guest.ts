@@ -154,6 +154,48 @@ interface Pending {
   chunks: string[];
 }
 
+/**
+ * The process that runs a guest's QEMU, as a {@link Guest} uses it: a
+ * `Deno.ChildProcess` for a QEMU the test started, or a stand-in for one a
+ * VMM manager started (tests/e2e/libvirt.ts). `stdout` and `stderr` are
+ * kept as the guest's console.
+ */
+export interface GuestProcess {
+  readonly pid: number;
+  readonly status: Promise<Deno.CommandStatus>;
+  readonly stdout: ReadableStream<Uint8Array>;
+  readonly stderr: ReadableStream<Uint8Array>;
+  kill(signal?: Deno.Signal): void;
+}
+
+/** The unix socket a guest's control serial port (ttyS1) connects to, and the directory it is in. */
+export interface ControlChannel {
+  path: string;
+  listener: Deno.Listener;
+  tmpDir: string;
+}
+
+/**
+ * Listens for a guest's control channel in a fresh temporary directory.
+ * `anyUser`: directory 0755 and socket 0777, for a QEMU that runs as
+ * another user (libvirt's); else as mkdtemp makes them (root only).
+ */
+export async function openControlChannel(anyUser = false): Promise<ControlChannel> {
+  const tmpDir = await Deno.makeTempDir({ prefix: "vionet-guest-" });
+  const path = `${tmpDir}/control.sock`;
+  const listener = Deno.listen({ transport: "unix", path });
+  if (anyUser) {
+    await Deno.chmod(tmpDir, 0o755);
+    await Deno.chmod(path, 0o777);
+  }
+  return { path, listener, tmpDir };
+}
+
+/** A Guest for a QEMU someone else started, its ttyS1 on `control`. */
+export function attachGuest(process: GuestProcess, control: ControlChannel): Guest {
+  return new Guest(process, control.listener, control.tmpDir, Date.now());
+}
+
 /** A running guest. Call shutdown() or kill() when done; both clean up everything. */
 export class Guest {
   /** PID of the QEMU process (of `ip netns exec`, which execs QEMU). */
@@ -161,7 +203,7 @@ export class Guest {
   /** Resolves when QEMU has exited and every resource of this guest is released. */
   readonly closed: Promise<Deno.CommandStatus>;
 
-  #child: Deno.ChildProcess;
+  #child: GuestProcess;
   #listener!: Deno.Listener;
   #conn: Deno.Conn | undefined;
   #tmpDir!: string;
@@ -181,7 +223,7 @@ export class Guest {
 
   /** @internal use bootGuest(). */
   constructor(
-    child: Deno.ChildProcess,
+    child: GuestProcess,
     listener: Deno.Listener,
     tmpDir: string,
     started: number,
@@ -389,22 +431,20 @@ export class Guest {
   }
 }
 
+/** The guest kernel's command line: console on ttyS0, no reboot on panic, then `extra`. */
+export function guestKernelCommandLine(extra: readonly string[] = []): string {
+  return ["console=ttyS0", "panic=-1", "loglevel=4", "edd=off", ...extra].join(" ");
+}
+
 /**
  * Starts QEMU with the test guest. Returns at once; call waitForBoot() next.
  * The guest's console is ttyS0, its control channel ttyS1 (see Guest).
  */
 export async function bootGuest(opts: BootOptions): Promise<Guest> {
   const memoryMiB = opts.memoryMiB ?? 512;
-  const tmpDir = await Deno.makeTempDir({ prefix: "vionet-guest-" });
-  const socketPath = `${tmpDir}/control.sock`;
-  const listener = Deno.listen({ transport: "unix", path: socketPath });
-  const append = [
-    "console=ttyS0",
-    "panic=-1",
-    "loglevel=4",
-    "edd=off",
-    ...(opts.kernelArgs ?? []),
-  ].join(" ");
+  const control = await openControlChannel();
+  const { tmpDir, listener, path: socketPath } = control;
+  const append = guestKernelCommandLine(opts.kernelArgs);
   const qemuArgs = [
     "-nodefaults",
     "-nographic",

@@ -342,6 +342,13 @@ export interface RigOptions {
   logLevel?: DaemonOptions["logLevel"];
   /** More daemon options. */
   daemonArgs?: string[];
+  /**
+   * Put the socket in this subdirectory of the rig's temporary directory,
+   * which the daemon creates (and the temporary directory is opened to
+   * everyone, 0755, so that a QEMU running as another user can pass).
+   * Default: the socket sits in the temporary directory itself (root only).
+   */
+  socketDir?: string;
 }
 
 /** Options of {@link Rig.bootGuest}. */
@@ -419,10 +426,13 @@ export class Rig {
     try {
       await sh(["ip", "-n", netns, "link", "set", "lo", "up"]);
       tmpDir = await Deno.makeTempDir({ prefix: "vionet-e2e-" });
+      if (opts.socketDir !== undefined) await Deno.chmod(tmpDir, 0o755);
       daemon = await startDaemon({
         netns,
         tap,
-        socketPath: `${tmpDir}/vionet.sock`,
+        socketPath: opts.socketDir !== undefined
+          ? `${tmpDir}/${opts.socketDir}/vionet.sock`
+          : `${tmpDir}/vionet.sock`,
         offload: opts.offload,
         logLevel: opts.logLevel,
         extraArgs: opts.daemonArgs,
