@@ -429,7 +429,13 @@ export class Tap {
    */
   setMtu(mtu: number): void {
     this.#open();
-    if (this.ifindex === 0 || libc.ifNametoindex(this.name) !== this.ifindex) {
+    let here = false;
+    try {
+      here = this.ifindex !== 0 && libc.ifNametoindex(this.name) === this.ifindex;
+    } catch {
+      // ENODEV: no such name here (moved to another namespace, or renamed)
+    }
+    if (!here) {
       throw new TapError(
         `cannot set tap ${this.name}'s MTU to ${mtu}: it is not in this network namespace ` +
           `under that name; set it where it lives (ip link set ${this.name} mtu ${mtu})`,

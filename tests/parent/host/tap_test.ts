@@ -168,6 +168,43 @@ Deno.test({
 });
 
 Deno.test({
+  name: "setMtu() sets the MTU ip link shows, and readRoom() follows; the kernel's EINVAL and a " +
+    "tap elsewhere are TapErrors saying why",
+  ignore: skip !== undefined,
+  fn: () =>
+    withNetns(async (ns) => {
+      const r = await evalInNs(
+        ns,
+        `const tap = createTap("vmtu0");
+         tap.setMtu(4000);
+         const shown = JSON.parse((await sh("ip", "-j", "link", "show", "vmtu0")).out)[0].mtu;
+         const room = tap.readRoom();
+         let refused = "";
+         try { tap.setMtu(65522); } catch (e) { refused = e.name + ": " + e.message; }
+         const after = tap.mtu();
+         tap.close();
+         return { shown, room, refused, after };`,
+      ) as { shown: number; room: number; refused: string; after: number };
+      assert.equal(r.shown, 4000);
+      assert.equal(r.room, VNET_HDR_LEN + 14 + 8 + 4000);
+      assert.match(
+        r.refused,
+        /^TapError: cannot set tap vmtu0's MTU to 65522 \(SIOCSIFMTU: EINVAL\)/,
+      );
+      assert.equal(r.after, 4000, "a refused MTU changes nothing");
+      await withTapIn(ns, (tap) => {
+        assert.throws(
+          () => tap.setMtu(1400),
+          (e: unknown) =>
+            e instanceof TapError &&
+            /not in this network namespace under that name/.test(e.message),
+        );
+        return Promise.resolve();
+      });
+    }),
+});
+
+Deno.test({
   name:
     "readRoom(): the MTU plus Ethernet and two VLAN tags, until a GSO offload is on; the largest for a tap elsewhere",
   ignore: skip !== undefined,
