@@ -3,10 +3,10 @@
 import type { DeviceConfig } from "../ipc/protocol.ts";
 import type { Logger } from "../parent/control/log.ts";
 
-/** A device configuration for tests. */
+/** A device configuration for tests: no source MAC enforced (as without `--mac`). */
 export function testConfig(overrides: Partial<DeviceConfig> = {}): DeviceConfig {
   return {
-    mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+    mac: null,
     mtu: 1500,
     offloadMode: "auto",
     logLevel: "debug",
