@@ -31,7 +31,14 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../ipc/features.ts";
 
-/** Every feature this device implements and offers to the driver. */
+/**
+ * Every feature this device implements and offers to the driver. Under
+ * QEMU's vhost-user, MAC and MTU are QEMU's to give (its mac= and host_mtu=,
+ * in the config space it keeps): QEMU passes through only the bits in its
+ * hw/net/vhost_net.c user_feature_bits, which has MTU and not MAC, and
+ * (x-mtu-bypass-backend, on by default) offers MTU to the guest even when a
+ * back-end does not; the back-end hears the MTU as VHOST_USER_NET_SET_MTU.
+ */
 export const DEVICE_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS |
   VIRTIO_NET_F_MTU | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM |
   VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_HOST_ECN |
