@@ -152,6 +152,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     logger,
     ioUring: opts.ioUring,
     tapReadRoom: () => tap.readRoom(),
+    sourceMac: opts.mac,
   });
   late.port = port;
   let stopping = false;

@@ -92,6 +92,11 @@ export interface DevicePortOptions {
    * {@link VionetDevicePort.tapOffloadsChanged}. Default: the largest.
    */
   tapReadRoom?: () => number;
+  /**
+   * `--mac`: the only source MAC the tap may get from this VM, the VMM's
+   * RARP included (SEND_RARP for another MAC is not sent). Default: any.
+   */
+  sourceMac?: readonly number[] | null;
 }
 
 /** DevicePort over the device worker and the I/O workers. */
@@ -116,6 +121,7 @@ export class VionetDevicePort implements DevicePort {
   #log: MappedRegion | null = null;
   #logAll = false;
   readonly #tapReadRoom: (() => number) | undefined;
+  readonly #sourceMac: readonly number[] | null;
 
   constructor(opts: DevicePortOptions) {
     this.#device = opts.device;
@@ -123,6 +129,7 @@ export class VionetDevicePort implements DevicePort {
     this.#logger = opts.logger;
     this.#ioUring = opts.ioUring ?? "auto";
     this.#tapReadRoom = opts.tapReadRoom;
+    this.#sourceMac = opts.sourceMac ?? null;
   }
 
   /**
@@ -425,6 +432,16 @@ export class VionetDevicePort implements DevicePort {
   }
 
   async sendRarp(mac: Uint8Array): Promise<void> {
+    const only = this.#sourceMac;
+    if (only !== null && only.some((b, i) => mac[i] !== b)) {
+      // The device drops the guest's frames from any other source; the VMM's too.
+      this.#logger.log(
+        "warn",
+        "parent",
+        `RARP for ${macText(mac)} not sent: --mac is ${macText(Uint8Array.from(only))}`,
+      );
+      return;
+    }
     const frame = rarpFrame(mac);
     const n = libc.write(this.#tapFd, frame);
     if (n !== frame.byteLength) {

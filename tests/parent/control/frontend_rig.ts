@@ -82,6 +82,8 @@ export interface FrontendRigOptions {
   queueSize?: number;
   /** The daemon's `--offload` (default auto). */
   offload?: "auto" | "off";
+  /** The daemon's `--mac`, as the port gets it (default: none). */
+  sourceMac?: number[];
 }
 
 /** One vhost-user session against the real daemon parts (see the module comment). */
@@ -161,7 +163,12 @@ export class FrontendRig {
         logger: rig.logger,
         timeoutMs: 30_000,
       });
-      rig.port = new VionetDevicePort({ device: rig.device, tapFd: tap.fd, logger: rig.logger });
+      rig.port = new VionetDevicePort({
+        device: rig.device,
+        tapFd: tap.fd,
+        logger: rig.logger,
+        sourceMac: opts.sourceMac ?? null,
+      });
       rig.backend = new VhostUserBackend(rig.port, LIBC_BACKEND_SYSTEM, { logger: rig.logger });
       return rig;
     } catch (e) {

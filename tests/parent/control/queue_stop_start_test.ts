@@ -185,6 +185,39 @@ Deno.test({
     }),
 });
 
+Deno.test({
+  name: "with --mac, SEND_RARP for another MAC is not sent: the VMM cannot spoof either",
+  ignore,
+  fn: () =>
+    withNetns(async (ns) => {
+      const rig = await FrontendRig.open(ns, { sourceMac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56] });
+      try {
+        await rig.start();
+        const before = Number(
+          await ns.exec(["cat", `/sys/class/net/${rig.tap.name}/statistics/rx_packets`]),
+        );
+        const payload = new Uint8Array(8);
+        payload.set([0x52, 0x54, 0x00, 0xab, 0xcd, 0xef]);
+        await rig.send(VHOST_USER_SEND_RARP, payload);
+        payload.set([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+        await rig.send(VHOST_USER_SEND_RARP, payload);
+        const after = Number(
+          await ns.exec(["cat", `/sys/class/net/${rig.tap.name}/statistics/rx_packets`]),
+        );
+        assert.equal(after - before, 1, "only the RARP from --mac reached the tap");
+        assert.ok(
+          rig.logger.lines.some((l) =>
+            /RARP for 52:54:00:ab:cd:ef not sent: --mac is 52:54:00:12:34:56/.test(l)
+          ),
+          rig.logger.lines.join("\n"),
+        );
+        assert.ok(rig.logger.lines.some((l) => /sent a RARP for 52:54:00:12:34:56/.test(l)));
+      } finally {
+        await rig.close();
+      }
+    }),
+});
+
 Deno.test("rarpFrame(): a broadcast RARP request-reverse from the MAC, padded to 60 bytes", () => {
   const mac = new Uint8Array([2, 0, 0, 0, 0, 9]);
   const out = rarpFrame(mac);
