@@ -50,6 +50,8 @@ Deno.test({
         "the printed QEMU line has the enforced MAC, host_mtu and both reconnect spellings",
         () =>
           withLog(async () => {
+            // Printed once set-up is done, just after the socket appears.
+            await d.waitFor(/reconnect-ms=1000 in place of reconnect=1/, 15_000);
             const out = d.output();
             assert.match(
               out,
