@@ -45,7 +45,10 @@ async function withMain(
   const stderr = collect(child.stderr);
   try {
     const end = Date.now() + 30_000;
-    while (!/listening on|serving vhost-user/.test(stderr.text())) {
+    // Set-up is done when it logged where it serves and printed how to attach.
+    while (
+      !/listening on|serving vhost-user/.test(stderr.text()) || !/^vionet: tap /.test(stdout.text())
+    ) {
       if (Date.now() > end) assert.fail(`the daemon did not start:\n${stderr.text()}`);
       const done = await Promise.race([child.status, new Promise((r) => setTimeout(r, 50))]);
       if (done) assert.fail(`the daemon exited:\n${stderr.text()}`);
