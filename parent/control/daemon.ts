@@ -13,7 +13,7 @@ import { RefusedError } from "../../ipc/endpoint.ts";
 import { formatMac, type Options } from "./cli.ts";
 import { DeviceHost } from "./device_host.ts";
 import type { Logger } from "./log.ts";
-import { adoptTap, createTap, type Tap, tunFlagNames } from "../host/tap.ts";
+import { adoptTap, createTap, type Tap, TapError, tunFlagNames } from "../host/tap.ts";
 import { applyTunscap } from "../host/tunscap.ts";
 import { dropPrivileges } from "../host/privileges.ts";
 import { retiredMemory } from "./retired_memory.ts";
@@ -78,7 +78,7 @@ export interface Daemon {
 /** Sets everything up; on failure, whatever was already set up is undone before it throws. */
 export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon> {
   retiredMemory.configure({ logger });
-  const tap = opts.tapFd !== null ? adoptTap(opts.tapFd) : createTap(opts.tap!);
+  const tap = openTap(opts, logger);
   const config: DeviceConfig = {
     mac: opts.mac,
     mtu: opts.mtu,
@@ -86,12 +86,36 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     logLevel: opts.logLevel,
   };
   let device: DeviceHost;
-  // The port exists only once the device does; a queue fault reaches it through this.
+  // The port exists only once the device does; queue faults and deaths reach it through this.
   const late: { port?: VionetDevicePort } = {};
-  const onQueueFault = (queue: number) => late.port?.queueFault(queue);
   const onOffloads = () => late.port?.tapOffloadsChanged();
+  let stopping = false;
+  /** Pair `pair`'s device worker; one that dies is replaced (its connection has ended then). */
+  const pairDevice = async (pair: number): Promise<DeviceHost> => {
+    const d = await startDevice(
+      tap,
+      config,
+      opts,
+      logger,
+      pair,
+      (queue) => late.port?.queueFault(pair, queue),
+      onOffloads,
+    );
+    d.onDeath = (reason) => {
+      if (stopping) return;
+      logger.log("error", "parent", `${reason}; starting a new device worker`);
+      pairDevice(pair).then(
+        (next) => {
+          if (pair === 0) daemon.device = next;
+          late.port?.replaceDevice(pair, next);
+        },
+        (e) => logger.log("error", "parent", `cannot restart the device: ${(e as Error).message}`),
+      );
+    };
+    return d;
+  };
   try {
-    device = await startDevice(tap, config, opts, logger, onQueueFault, onOffloads);
+    device = await pairDevice(0);
   } catch (e) {
     tap.close();
     throw e;
@@ -102,9 +126,12 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     logger,
     ioUring: opts.ioUring,
     tapReadRoom: () => tap.readRoom(),
+    queuePairs: tap.queues,
+    tapQueueFd: (pair) => tap.queueFd(pair),
+    setTapQueueAttached: (pair, on) => tap.setQueueAttached(pair, on),
+    startDevice: pairDevice,
   });
   late.port = port;
-  let stopping = false;
   const daemon: Daemon = {
     tap,
     device,
@@ -115,6 +142,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
       const serveOpts = {
         device: port,
         logger,
+        backendOptions: { queuePairs: tap.queues },
         onDisconnect: (info: { reason: string; error?: Error; messages: number }) =>
           logger.log(
             info.reason === "eof" || info.reason === "stopped" ? "info" : "warn",
@@ -140,27 +168,39 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
       stopping = true;
       // The server removes its own socket file as it stops.
       await daemon.service?.stop();
-      daemon.device.terminate();
+      for (const p of port.pairs()) p.device.terminate();
       tap.close();
     },
   };
   // A device worker that dies (a bug: it never throws on guest input) ends the
   // connection, since every request to it now fails; a new one serves the next.
-  device.onDeath = (reason) => {
-    if (stopping) return;
-    logger.log("error", "parent", `${reason}; starting a new device worker`);
-    startDevice(tap, config, opts, logger, onQueueFault, onOffloads).then((d) => {
-      daemon.device = d;
-      d.onDeath = device.onDeath;
-      port.replaceDevice(d);
-    }, (e) => logger.log("error", "parent", `cannot restart the device: ${(e as Error).message}`));
-  };
   return daemon;
+}
+
+/**
+ * Opens the tap `--tap` names (with `--queues` queues) or adopts the
+ * `--tap-fd` descriptors. A persistent tap made single-queue cannot take
+ * more queues: with `--queues` not given, the daemon then serves one pair.
+ */
+function openTap(opts: Options, logger: Logger): Tap {
+  if (opts.tapFd !== null) return adoptTap(opts.tapFds);
+  try {
+    return createTap(opts.tap!, { queues: opts.queues });
+  } catch (e) {
+    if (opts.queuesExplicit || opts.queues === 1 || !(e instanceof TapError)) throw e;
+    const tap = createTap(opts.tap!, { queues: 1 });
+    logger.log(
+      "info",
+      "parent",
+      `tap ${tap.name} takes one queue (a persistent single-queue tap?): serving one queue pair`,
+    );
+    return tap;
+  }
 }
 
 /** Logs the device's counters per queue and the data path's, one line each. */
 async function logStats(daemon: Daemon, logger: Logger): Promise<void> {
-  const queues = await daemon.device.getStats();
+  const queues = await daemon.port.stats();
   for (const [name, counters] of Object.entries(queues)) {
     logger.log("info", "stats", `${name} ${JSON.stringify(counters)}`);
   }
@@ -190,6 +230,7 @@ function startDevice(
   config: DeviceConfig,
   opts: Options,
   logger: Logger,
+  pair: number,
   onQueueFault: (queue: number) => void,
   onOffloads: () => void,
 ) {
@@ -199,8 +240,9 @@ function startDevice(
       tunscap: tunscapHandler(tap, allowedTapOffloads(opts.offload), logger, onOffloads),
     },
     logger,
+    label: pair === 0 ? "device" : `device ${pair}`,
     onQueueFault: (queue, reason) => {
-      logger.log("error", "device", `queue ${queue} needs a reset: ${reason}`);
+      logger.log("error", "device", `pair ${pair} queue ${queue} needs a reset: ${reason}`);
       onQueueFault(queue);
     },
   });

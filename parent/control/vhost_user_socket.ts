@@ -207,6 +207,14 @@ export const LIBC_BACKEND_SYSTEM: BackendSystem = {
     if (error !== null) throw error;
   },
   closeFd: closeQuietly,
+  fileId(fd) {
+    try {
+      const st = libc.fstat(fd);
+      return `${st.dev}:${st.ino}`;
+    } catch {
+      return null;
+    }
+  },
   signalCall(fd) {
     const st = libc.fstat(fd);
     const type = st.mode & libc.S_IFMT;
