@@ -270,21 +270,23 @@ export async function startDaemon(opts: DaemonOptions): Promise<VionetDaemon> {
 /** QEMU's -chardev, -netdev and -device arguments for a virtio-net-pci NIC on a vhost-user socket. */
 export function vhostUserNetdevArgs(
   socketPath: string,
-  opts: { mac?: string; nicProps?: readonly string[] } = {},
+  opts: { mac?: string; nicProps?: readonly string[]; queues?: number } = {},
 ): string[] {
+  const queues = opts.queues ?? 1;
   // vectors=0: QEMU 7.2 under TCG crashes when a vhost-user device's driver enables MSI-X.
   const props = [
     "netdev=n0",
     "vectors=0",
     "romfile=",
     `mac=${opts.mac ?? GUEST_MAC}`,
+    ...(queues > 1 ? ["mq=on"] : []),
     ...(opts.nicProps ?? []),
   ];
   return [
     "-chardev",
     `socket,id=c0,path=${socketPath}`,
     "-netdev",
-    "vhost-user,id=n0,chardev=c0",
+    `vhost-user,id=n0,chardev=c0${queues > 1 ? `,queues=${queues}` : ""}`,
     "-device",
     `virtio-net-pci,${props.join(",")}`,
   ];
@@ -340,6 +342,8 @@ export interface GuestOptions {
   mac?: string;
   memoryMiB?: number;
   cpus?: number;
+  /** Queue pairs of the NIC (`queues=N` on the netdev, `mq=on`); default 1. */
+  queues?: number;
   /** How long to wait for the guest's ready line (default 120 s). */
   bootTimeoutMs?: number;
 }
@@ -442,7 +446,11 @@ export class Rig {
       netns: this.netns,
       memoryMiB: opts.memoryMiB ?? 512,
       cpus: opts.cpus,
-      netdevArgs: vhostUserNetdevArgs(this.socketPath, { mac, nicProps: opts.nicProps }),
+      netdevArgs: vhostUserNetdevArgs(this.socketPath, {
+        mac,
+        nicProps: opts.nicProps,
+        queues: opts.queues,
+      }),
       kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24`, gw: HOST_IP }),
     });
     this.#guests.push(guest);
@@ -503,7 +511,7 @@ export class Rig {
    */
   async iperf3(
     guest: Guest,
-    opts: { reverse: boolean; seconds?: number },
+    opts: { reverse: boolean; seconds?: number; parallel?: number },
   ): Promise<IperfResult> {
     const seconds = opts.seconds ?? 3;
     const port = this.port();
@@ -520,7 +528,8 @@ export class Rig {
     try {
       await server.waitFor(/Server listening/, 10_000);
       const r = await guest.run(
-        `iperf3 -c ${HOST_IP} -p ${port} -t ${seconds} -i 0 -J ${opts.reverse ? "-R" : ""}`,
+        `iperf3 -c ${HOST_IP} -p ${port} -t ${seconds} -i 0 -J ${opts.reverse ? "-R" : ""}` +
+          (opts.parallel ? ` -P ${opts.parallel}` : ""),
         seconds * 1000 + 30_000,
       );
       let report;
