@@ -88,6 +88,8 @@ export const AUDITED_WORKERS: readonly AuditedWorker[] = [
 export interface PartAudit {
   name: string;
   kind: "main thread" | "worker";
+  /** How many run: "1", or one per queue pair in use (up to `--queues`). */
+  count: string;
   /** Its module, relative to the repository root. */
   module: string;
   role: string;
@@ -161,7 +163,9 @@ export interface Audit {
 }
 
 /** The options that decide what the parent opens. */
-export type AuditOptions = Pick<Options, "socketPath" | "listenFd" | "client" | "tap" | "tapFd">;
+export type AuditOptions =
+  & Pick<Options, "socketPath" | "listenFd" | "client" | "tap" | "tapFd">
+  & Partial<Pick<Options, "queues">>;
 
 // ---------------------------------------------------------------------------
 // The main thread's flags
@@ -509,6 +513,7 @@ export function buildAudit(opts: AuditOptions, options: { observe?: boolean } = 
   const parts: PartAudit[] = [{
     name: "parent",
     kind: "main thread",
+    count: "1",
     module: startTaskModule(),
     role: "set-up, vhost-user, guest memory mapping, TUNSCAP; starts the workers",
     source: "deno.json tasks.start",
@@ -520,6 +525,11 @@ export function buildAudit(opts: AuditOptions, options: { observe?: boolean } = 
     parts.push({
       name: w.options.name ?? relative(w.url),
       kind: "worker",
+      count: (w.options.name ?? "").startsWith("vionet-io-")
+        ? `one per queue pair the VMM uses, and one started ahead per pair while a front-end ` +
+          `is connected (it holds nothing until its pair starts); at most --queues pairs, ` +
+          `here ${opts.queues ?? 1}`
+        : `one per queue pair the VMM uses (at most --queues, here ${opts.queues ?? 1})`,
       module: relative(w.url),
       role: w.role,
       source: w.source,
@@ -552,7 +562,7 @@ export function formatAudit(audit: Audit): string {
   lines.push("vionet permission audit");
   section("Parts and their Deno permissions");
   for (const part of audit.parts) {
-    lines.push(`${part.name} (${part.kind}, ${part.module})`);
+    lines.push(`${part.name} (${part.kind}, ${part.module}; ${part.count})`);
     lines.push(`  ${part.role}`);
     lines.push(`  from: ${part.source}`);
     const granted = PERMISSION_NAMES.filter((n) => part.permissions[n] !== false);

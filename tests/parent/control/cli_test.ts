@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import {
   capabilities,
   defaultMac,
+  defaultQueues,
   OPTIONS,
   parseMac,
   parseOptions,
@@ -53,6 +54,24 @@ Deno.test("inherited descriptors: --fd and --tap-fd", () => {
   assert.equal(o.socketPath, null);
   assert.equal(o.tapFd, 4);
   assert.equal(o.tap, null);
+  assert.deepEqual(o.tapFds, [4]);
+  assert.equal(o.queues, 1, "one descriptor: one queue pair");
+  const mq = parseOptions(["--tap-fd", "4,5,6"]);
+  assert.deepEqual(mq.tapFds, [4, 5, 6]);
+  assert.equal(mq.tapFd, 4);
+  assert.equal(mq.queues, 3, "one queue pair per descriptor");
+});
+
+Deno.test("--queues: the default is one pair per host CPU, at most 8; explicit values are kept", () => {
+  assert.equal(defaultQueues(1), 1);
+  assert.equal(defaultQueues(2), 2);
+  assert.equal(defaultQueues(64), 8);
+  const d = parseOptions([]);
+  assert.equal(d.queues, defaultQueues());
+  assert.equal(d.queuesExplicit, false);
+  const o = parseOptions(["--queues", "4"]);
+  assert.equal(o.queues, 4);
+  assert.equal(o.queuesExplicit, true);
 });
 
 Deno.test("each bad command line is a UsageError that names what is wrong", async (t) => {
@@ -78,6 +97,11 @@ Deno.test("each bad command line is a UsageError that names what is wrong", asyn
     [["--mtu", "1e3"], /--mtu "1e3"/],
     [["--log-level", "loud"], /--log-level "loud" must be one of error, warn, info, debug/],
     [["--socket-path", ""], /--socket-path is empty/],
+    [["--queues", "0"], /--queues "0" is not in 1..64/],
+    [["--queues", "65"], /--queues "65" is not in 1..64/],
+    [["--queues", "two"], /--queues "two"/],
+    [["--tap-fd", "4,5", "--queues", "3"], /--queues 3 with 2 --tap-fd descriptor\(s\)/],
+    [["--tap-fd", "4,4"], /--tap-fd 4,4 names a descriptor twice/],
     [["--socket-path", "/" + "x".repeat(120)], /107 bytes/],
   ];
   for (const [argv, re] of cases) {
