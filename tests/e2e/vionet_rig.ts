@@ -26,6 +26,7 @@
 
 import { bootGuest, type BootInfo, type Guest, guestAssets, netKernelArgs } from "./guest.ts";
 import { ROOT, startTaskFlags } from "../helpers.ts";
+import { type PacedStream, streamFromGuest, streamToGuest } from "./paced_streams.ts";
 
 /** The tap's address in the rig's namespace. */
 export const HOST_IP = "198.18.0.1";
@@ -270,7 +271,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<VionetDaemon> {
 /** QEMU's -chardev, -netdev and -device arguments for a virtio-net-pci NIC on a vhost-user socket. */
 export function vhostUserNetdevArgs(
   socketPath: string,
-  opts: { mac?: string; nicProps?: readonly string[]; queues?: number } = {},
+  opts: { mac?: string; nicProps?: readonly string[]; queues?: number; reconnect?: number } = {},
 ): string[] {
   const queues = opts.queues ?? 1;
   // vectors=0: QEMU 7.2 under TCG crashes when a vhost-user device's driver enables MSI-X.
@@ -284,7 +285,7 @@ export function vhostUserNetdevArgs(
   ];
   return [
     "-chardev",
-    `socket,id=c0,path=${socketPath}`,
+    `socket,id=c0,path=${socketPath}${opts.reconnect ? `,reconnect=${opts.reconnect}` : ""}`,
     "-netdev",
     `vhost-user,id=n0,chardev=c0${queues > 1 ? `,queues=${queues}` : ""}`,
     "-device",
@@ -333,6 +334,11 @@ export interface RigOptions {
   logLevel?: DaemonOptions["logLevel"];
   /** More daemon options. */
   daemonArgs?: string[];
+  /**
+   * Create the tap persistent (`ip tuntap add`) before the daemon starts,
+   * so that it attaches to it and the tap outlives the daemon (a restart).
+   */
+  persistentTap?: boolean;
 }
 
 /** Options of {@link Rig.bootGuest}. */
@@ -344,6 +350,8 @@ export interface GuestOptions {
   cpus?: number;
   /** Queue pairs of the NIC (`queues=N` on the netdev, `mq=on`); default 1. */
   queues?: number;
+  /** QEMU reconnects to the daemon's socket every this many seconds when it goes (`reconnect=`). */
+  reconnect?: number;
   /** How long to wait for the guest's ready line (default 120 s). */
   bootTimeoutMs?: number;
 }
@@ -385,13 +393,22 @@ export class Rig {
   readonly tap: string;
   readonly tmpDir: string;
   readonly socketPath: string;
-  readonly daemon: VionetDaemon;
+  /** The daemon (a new one after {@link restartDaemon}). */
+  daemon: VionetDaemon;
+  readonly #opts: RigOptions;
   #guests: Guest[] = [];
   #procs: NetnsProcess[] = [];
   #nextPort = 5201;
   #nextMac = 0;
 
-  private constructor(netns: string, tap: string, tmpDir: string, daemon: VionetDaemon) {
+  private constructor(
+    netns: string,
+    tap: string,
+    tmpDir: string,
+    daemon: VionetDaemon,
+    opts: RigOptions,
+  ) {
+    this.#opts = opts;
     this.netns = netns;
     this.tap = tap;
     this.tmpDir = tmpDir;
@@ -412,6 +429,9 @@ export class Rig {
     try {
       await sh(["ip", "-n", netns, "link", "set", "lo", "up"]);
       tmpDir = await Deno.makeTempDir({ prefix: "vionet-e2e-" });
+      if (opts.persistentTap) {
+        await sh(["ip", "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
+      }
       daemon = await startDaemon({
         netns,
         tap,
@@ -422,7 +442,7 @@ export class Rig {
       });
       await sh(["ip", "-n", netns, "addr", "add", `${HOST_IP}/24`, "dev", tap]);
       await sh(["ip", "-n", netns, "link", "set", tap, "up"]);
-      return new Rig(netns, tap, tmpDir, daemon);
+      return new Rig(netns, tap, tmpDir, daemon, opts);
     } catch (e) {
       await daemon?.stop().catch(() => {});
       if (tmpDir) await Deno.remove(tmpDir, { recursive: true }).catch(() => {});
@@ -450,6 +470,7 @@ export class Rig {
         mac,
         nicProps: opts.nicProps,
         queues: opts.queues,
+        reconnect: opts.reconnect,
       }),
       kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24`, gw: HOST_IP }),
     });
@@ -462,6 +483,38 @@ export class Rig {
       await guest.closed;
       throw new Error(`${(e as Error).message}\n--- daemon log ---\n${this.daemon.log()}`);
     }
+  }
+
+  /**
+   * Ends the daemon (`SIGKILL`: a crash; `SIGTERM`: a graceful stop) and
+   * starts it again with the same options. Resolves once the new one
+   * listens; returns when the old one was gone (Date.now()).
+   */
+  async restartDaemon(signal: "SIGKILL" | "SIGTERM"): Promise<number> {
+    if (signal === "SIGKILL") await this.daemon.kill();
+    else await this.daemon.stop(10_000);
+    const gone = Date.now();
+    // A killed daemon leaves its socket file: wait for the new one's, not the stale one.
+    await Deno.remove(this.socketPath).catch(() => {});
+    this.daemon = await startDaemon({
+      netns: this.netns,
+      tap: this.tap,
+      socketPath: this.socketPath,
+      offload: this.#opts.offload,
+      logLevel: this.#opts.logLevel,
+      extraArgs: this.#opts.daemonArgs,
+    });
+    return gone;
+  }
+
+  /** A host -> guest paced stream (`paced_streams.ts`). */
+  streamToGuest(guest: Guest, mib: number, mibPerSecond: number): Promise<PacedStream> {
+    return streamToGuest((a) => this.spawn(a), guest, HOST_IP, this.port(), mib, mibPerSecond);
+  }
+
+  /** A guest -> host paced stream (`paced_streams.ts`). */
+  streamFromGuest(guest: Guest, mib: number, mibPerSecond: number): Promise<PacedStream> {
+    return streamFromGuest((a) => this.spawn(a), guest, HOST_IP, this.port(), mib, mibPerSecond);
   }
 
   /** Starts a helper process in the namespace; close() kills it if it still runs. */
