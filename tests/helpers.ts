@@ -27,7 +27,7 @@ export function quietLogger(): Logger & { lines: string[] } {
 }
 
 /** The Deno flags of the `start` task in deno.json: tests run the daemon's code under them. */
-export { startTaskFlags } from "../parent/host/audit.ts";
+export { startTaskEnv, startTaskFlags } from "../parent/host/audit.ts";
 
 /** Absolute path of the repository's root. */
 export const ROOT = new URL("..", import.meta.url).pathname;

@@ -166,9 +166,30 @@ export type AuditOptions = Pick<Options, "socketPath" | "listenFd" | "client" | 
 // ---------------------------------------------------------------------------
 // The main thread's flags
 
-/** The `start` task of deno.json, split into words. */
+const ENV_WORD = /^([A-Z_][A-Z0-9_]*)=(.*)$/;
+
+/** The `start` task of deno.json, split into words, without its leading `NAME=value` words. */
 export function startTaskWords(): string[] {
-  return denoConfig.tasks.start.trim().split(/\s+/);
+  const words = denoConfig.tasks.start.trim().split(/\s+/);
+  return words.slice(words.findIndex((w) => !ENV_WORD.test(w)));
+}
+
+/**
+ * The environment the start task sets for Deno (its leading `NAME=value`
+ * words): `DENO_DIR` where nothing can be created, so the daemon keeps no
+ * cache on disk and holds no descriptor to a cache file that other Deno
+ * processes, root's among them, would later trust; `DENO_NO_UPDATE_CHECK`,
+ * so Deno never looks up and fetches its release list from the daemon.
+ * Whoever starts the daemon another way sets the same (the tests do).
+ */
+export function startTaskEnv(): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const word of denoConfig.tasks.start.trim().split(/\s+/)) {
+    const m = ENV_WORD.exec(word);
+    if (!m) break;
+    env[m[1]] = m[2];
+  }
+  return env;
 }
 
 /** The Deno flags of the start task: the words between `run` and the main module. */

@@ -25,7 +25,7 @@
  */
 
 import { bootGuest, type BootInfo, type Guest, guestAssets, netKernelArgs } from "./guest.ts";
-import { ROOT, startTaskFlags } from "../helpers.ts";
+import { ROOT, startTaskEnv, startTaskFlags } from "../helpers.ts";
 
 /** The tap's address in the rig's namespace. */
 export const HOST_IP = "198.18.0.1";
@@ -68,11 +68,12 @@ export class NetnsProcess {
    * Starts `argv` with `ip netns exec <netns>` (which execs it: the PID is
    * argv[0]'s), in directory `cwd` (default: this process's).
    */
-  constructor(netns: string, argv: string[], cwd?: string) {
+  constructor(netns: string, argv: string[], cwd?: string, env?: Record<string, string>) {
     this.argv = argv;
     this.#child = new Deno.Command("ip", {
       args: ["netns", "exec", netns, ...argv],
       cwd,
+      env,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
@@ -202,20 +203,27 @@ export class VionetDaemon extends NetnsProcess {
 
   /** @internal use startDaemon(). */
   constructor(opts: DaemonOptions) {
-    super(opts.netns, [
-      Deno.execPath(),
-      "run",
-      ...startTaskFlags(),
-      MAIN_TS,
-      "--socket-path",
-      opts.socketPath,
-      "--tap",
-      opts.tap,
-      "--log-level",
-      opts.logLevel ?? "info",
-      ...(opts.offload ? ["--offload", opts.offload] : []),
-      ...(opts.extraArgs ?? []),
-    ], ROOT); // the start task runs from the repository's root (its --allow-read=. means that)
+    // As the start task: from the repository's root (its --allow-read=. means
+    // that), with the environment it sets.
+    super(
+      opts.netns,
+      [
+        Deno.execPath(),
+        "run",
+        ...startTaskFlags(),
+        MAIN_TS,
+        "--socket-path",
+        opts.socketPath,
+        "--tap",
+        opts.tap,
+        "--log-level",
+        opts.logLevel ?? "info",
+        ...(opts.offload ? ["--offload", opts.offload] : []),
+        ...(opts.extraArgs ?? []),
+      ],
+      ROOT,
+      startTaskEnv(),
+    );
     this.socketPath = opts.socketPath;
     this.tap = opts.tap;
   }

@@ -8,7 +8,7 @@ import {
   usage,
   UsageError,
 } from "../../../parent/control/cli.ts";
-import { ROOT, startTaskFlags } from "../../helpers.ts";
+import { ROOT, startTaskEnv, startTaskFlags } from "../../helpers.ts";
 import { withNetns } from "../../net_ns.ts";
 
 Deno.test("no arguments: tap vionet0, a socket path, offload auto, a stable MAC", () => {
@@ -109,6 +109,7 @@ async function runMain(args: string[], netns?: string) {
   const full = netns ? ["ip", "netns", "exec", netns, ...cmd] : cmd;
   const out = await new Deno.Command(full[0], {
     args: full.slice(1),
+    env: startTaskEnv(),
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
@@ -157,7 +158,11 @@ Deno.test({
     withNetns(async (ns) => {
       const child = ns.spawn(
         [Deno.execPath(), "run", ...startTaskFlags(), `${ROOT}main.ts`],
-        { stdout: "piped", stderr: "piped", env: { XDG_RUNTIME_DIR: await Deno.makeTempDir() } },
+        {
+          stdout: "piped",
+          stderr: "piped",
+          env: { ...startTaskEnv(), XDG_RUNTIME_DIR: await Deno.makeTempDir() },
+        },
       );
       const stderr = collect(child.stderr);
       const stdout = collect(child.stdout);
