@@ -27,6 +27,8 @@ import {
   rigUnavailable,
   type TransferResult,
 } from "./vionet_rig.ts";
+import { assertSandboxed } from "../helpers.ts";
+import { resolveUser } from "../../parent/host/users.ts";
 
 const skip = rigUnavailable();
 if (skip) console.warn(`tests/e2e/vionet_e2e_test.ts skipped: ${skip}`);
@@ -274,6 +276,10 @@ Deno.test({
               await rig.sendToGuest(second.guest, SMALL_MIB),
               "second VM: host -> guest",
             );
+            // Every thread, those of the workers started for the second VM
+            // included, runs as the daemon's user under the one filter.
+            const user = resolveUser(null);
+            assertSandboxed(rig.daemon.pid, user.uid, user.gid, "after the second VM");
           }),
       );
     });

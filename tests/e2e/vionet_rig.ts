@@ -416,10 +416,13 @@ export class Rig {
     try {
       await sh(["ip", "-n", netns, "link", "set", "lo", "up"]);
       tmpDir = await Deno.makeTempDir({ prefix: "vionet-e2e-" });
+      // Like /run: others may pass through. The daemon creates run/ itself
+      // and hands it to the user it becomes, which can then remove its socket.
+      await Deno.chmod(tmpDir, 0o755);
       daemon = await startDaemon({
         netns,
         tap,
-        socketPath: `${tmpDir}/vionet.sock`,
+        socketPath: `${tmpDir}/run/vionet.sock`,
         offload: opts.offload,
         logLevel: opts.logLevel,
         extraArgs: opts.daemonArgs,

@@ -18,6 +18,8 @@ Deno.test("no arguments: tap vionet0, a socket path, offload auto, a stable MAC"
   assert.equal(o.offload, "auto");
   assert.equal(o.ioUring, "auto");
   assert.equal(o.logLevel, "info");
+  assert.equal(o.user, null, "the default user is chosen at set-up (vionet, else nobody)");
+  assert.equal(o.seccomp, "on");
   assert.deepEqual(o.mac, defaultMac("vionet0"));
   assert.equal(o.mac[0] & 3, 2, "locally administered unicast");
   assert.equal(
@@ -37,6 +39,9 @@ Deno.test("options take both --opt value and --opt=value", () => {
     "--mtu=9000",
     "--io-uring=off",
     "--log-level=debug",
+    "--user=nobody",
+    "--seccomp",
+    "log",
   ]);
   assert.equal(o.socketPath, "/tmp/s.sock");
   assert.equal(o.tap, "tapx");
@@ -45,6 +50,9 @@ Deno.test("options take both --opt value and --opt=value", () => {
   assert.equal(o.mtu, 9000);
   assert.equal(o.ioUring, "off");
   assert.equal(o.logLevel, "debug");
+  assert.equal(o.user, "nobody");
+  assert.equal(o.seccomp, "log");
+  assert.equal(parseOptions(["--user", "65534:65534"]).user, "65534:65534");
 });
 
 Deno.test("inherited descriptors: --fd and --tap-fd", () => {
@@ -78,6 +86,9 @@ Deno.test("each bad command line is a UsageError that names what is wrong", asyn
     [["--mtu", "1e3"], /--mtu "1e3"/],
     [["--log-level", "loud"], /--log-level "loud" must be one of error, warn, info, debug/],
     [["--socket-path", ""], /--socket-path is empty/],
+    [["--seccomp", "strict"], /--seccomp "strict" must be on, off or log/],
+    [["--user", "a b"], /--user "a b" is not a user name or UID:GID/],
+    [["--user", "1:"], /--user "1:" is not a user name or UID:GID/],
     [["--socket-path", "/" + "x".repeat(120)], /107 bytes/],
   ];
   for (const [argv, re] of cases) {
