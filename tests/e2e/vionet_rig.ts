@@ -392,6 +392,8 @@ export class Rig {
   readonly daemon: VionetDaemon;
   #guests: Guest[] = [];
   #procs: NetnsProcess[] = [];
+  /** `strace -c` attached to the daemon after its set-up (VIONET_TEST_STRACE), or null. */
+  #strace: Deno.ChildProcess | null = null;
   #nextPort = 5201;
   #nextMac = 0;
 
@@ -425,11 +427,18 @@ export class Rig {
         socketPath: `${tmpDir}/run/vionet.sock`,
         offload: opts.offload,
         logLevel: opts.logLevel,
-        extraArgs: opts.daemonArgs,
+        // VIONET_TEST_DAEMON_ARGS: more options for every daemon of a run, e.g.
+        // "--seccomp log" to find calls the allowlist lacks (scripts/syscalls.ts).
+        extraArgs: [
+          ...(opts.daemonArgs ?? []),
+          ...(Deno.env.get("VIONET_TEST_DAEMON_ARGS")?.split(/\s+/).filter((a) => a) ?? []),
+        ],
       });
       await sh(["ip", "-n", netns, "addr", "add", `${HOST_IP}/24`, "dev", tap]);
       await sh(["ip", "-n", netns, "link", "set", tap, "up"]);
-      return new Rig(netns, tap, tmpDir, daemon);
+      const rig = new Rig(netns, tap, tmpDir, daemon);
+      rig.#strace = await attachStrace(daemon);
+      return rig;
     } catch (e) {
       await daemon?.stop().catch(() => {});
       if (tmpDir) await Deno.remove(tmpDir, { recursive: true }).catch(() => {});
@@ -692,10 +701,40 @@ export class Rig {
     await Promise.allSettled(this.#guests.map((g) => g.closed));
     await Promise.allSettled(this.#procs.map((p) => p.kill()));
     const status = await this.daemon.stop(10_000);
+    await this.#strace?.status;
     await sh(["ip", "netns", "del", this.netns]).catch(() => {});
     await Deno.remove(this.tmpDir, { recursive: true }).catch(() => {});
     return status;
   }
+}
+
+/**
+ * Measuring what the daemon asks of the kernel once it serves: with
+ * `VIONET_TEST_STRACE=DIR` in the environment, `strace -f -c` is attached to
+ * each daemon the rig starts once its set-up is over (its sandbox line), and
+ * writes the count of every system call it makes from then on, on any thread
+ * (threads started later included), to `DIR/daemon-<pid>.txt`.
+ * `scripts/syscalls.ts` merges these files and compares them with the
+ * seccomp allowlist. With `VIONET_TEST_STRACE_CALLS=ioctl,socket,...` it
+ * writes those calls with their arguments instead (`-e trace=`), to see
+ * which requests, families and flags the argument rules must let through.
+ * Off (null) without the variable.
+ */
+async function attachStrace(daemon: VionetDaemon): Promise<Deno.ChildProcess | null> {
+  const dir = Deno.env.get("VIONET_TEST_STRACE");
+  if (!dir) return null;
+  await daemon.waitFor(/sandbox|dropped \d+ capabilities/, 30_000);
+  await Deno.mkdir(dir, { recursive: true });
+  const calls = Deno.env.get("VIONET_TEST_STRACE_CALLS");
+  const what = calls ? ["-yy", "-e", `trace=${calls}`] : ["-c"];
+  const strace = new Deno.Command("strace", {
+    args: ["-f", ...what, "-o", `${dir}/daemon-${daemon.pid}.txt`, "-p", String(daemon.pid)],
+    stdin: "null",
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  await sleep(1000); // strace attaches to every thread before it counts
+  return strace;
 }
 
 /** A TCP receiver for `deno eval`: prints "listening", then {"bytes","sha256"} of one connection. */
