@@ -89,7 +89,8 @@ async function negotiate(vmm: TestFrontend, guestOffloads: boolean): Promise<voi
 
 Deno.test({
   name: "the daemon runs as nobody under seccomp on every thread, before and after a VMM " +
-    "reconnects; TUNSCAP still reaches the tap; at SIGTERM its socket and tap are removed",
+    "reconnects; TUNSCAP still reaches the tap; SIGUSR1 opens no inspector; at SIGTERM its " +
+    "socket and tap are removed",
   ignore: unavailable !== undefined,
   async fn() {
     const nobody = lookupUser("nobody")!;
@@ -109,6 +110,12 @@ Deno.test({
           const st = Deno.statSync(d);
           assert.deepEqual([st.uid, st.gid], [nobody.uid, nobody.gid], `${d} handed over`);
         }
+
+        // SIGUSR1 makes Deno open its inspector on 127.0.0.1:9229 (README): in
+        // the sandbox it cannot make the socket, and the daemon keeps serving.
+        daemon.child.kill("SIGUSR1");
+        await daemon.waitFor(/Failed to start inspector server/, 10_000);
+        assert.doesNotMatch(await ns.exec(["ss", "-Hltn"]), /9229/, "nothing listens");
 
         const vmm = TestFrontend.connect(socket);
         await negotiate(vmm, true);
