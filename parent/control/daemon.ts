@@ -15,7 +15,8 @@ import { DeviceHost } from "./device_host.ts";
 import type { Logger } from "./log.ts";
 import { adoptTap, createTap, type Tap, tunFlagNames } from "../host/tap.ts";
 import { applyTunscap } from "../host/tunscap.ts";
-import { enterSandbox } from "../host/sandbox.ts";
+import { enterSandbox, planUser } from "../host/sandbox.ts";
+import { currentCapabilities } from "../host/privileges.ts";
 import { type DaemonUser, resolveUser } from "../host/users.ts";
 import { retiredMemory } from "./retired_memory.ts";
 import * as libc from "../host/libc.ts";
@@ -263,8 +264,9 @@ export function removableBy(dir: string, user: DaemonUser): string | null {
 
 /** Runs until SIGINT or SIGTERM; returns the exit status. */
 export async function runDaemon(opts: Options, logger: Logger): Promise<number> {
-  // Before anything exists: an unknown --user creates nothing.
+  // Before anything exists: an unknown --user, or one this process cannot become, creates nothing.
   const user = resolveUser(opts.user);
+  const userPlan = planUser(user, currentCapabilities().uids[1]);
   const daemon = await startDaemon(opts, logger);
   const { tap } = daemon;
   try {
@@ -274,8 +276,10 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
     // CAP_NET_ADMIN) nor uid 0, so every thread gives them up, for good, and
     // takes on the Landlock ruleset and the seccomp filter.
     const socketDir = opts.listenFd === null && !opts.client ? dirname(opts.socketPath!) : null;
-    if (user.uid !== 0) handDirectories(daemon.createdDirs, user);
-    const unremovable = socketDir === null ? null : removableBy(socketDir, user);
+    if ("switchTo" in userPlan) handDirectories(daemon.createdDirs, user);
+    const unremovable = socketDir === null || !("switchTo" in userPlan)
+      ? null
+      : removableBy(socketDir, user);
     if (unremovable !== null) {
       logger.log(
         "warn",

@@ -20,7 +20,12 @@
  * @module
  */
 
-import { CAPABILITIES_KEPT_AFTER_SETUP, dropPrivileges, type DropResult } from "./privileges.ts";
+import {
+  CAPABILITIES_KEPT_AFTER_SETUP,
+  currentCapabilities,
+  dropPrivileges,
+  type DropResult,
+} from "./privileges.ts";
 import {
   createRuleset,
   type LandlockPlan,
@@ -63,6 +68,31 @@ export interface SandboxReport {
   log: SandboxLogLine[];
 }
 
+/** Whether the sandbox switches the ids, and to what; or why it keeps them. */
+export type UserPlan =
+  | { switchTo: { uid: number; gid: number } }
+  | { keep: "root" | "unprivileged"; uid: number };
+
+/**
+ * What `--user` means for a process whose effective uid is `euid`: started
+ * as root, switch to the user (or keep uid 0 for a root user, loudly);
+ * started unprivileged (a supervisor handing over the tap and the socket),
+ * there is nothing to give up and no right to switch: keep the ids when the
+ * user was the default or is this very uid, and refuse a different one.
+ * @throws {Error} for a different `--user` when the process cannot switch.
+ */
+export function planUser(user: DaemonUser, euid: number): UserPlan {
+  if (euid === 0) {
+    return user.uid === 0
+      ? { keep: "root", uid: 0 }
+      : { switchTo: { uid: user.uid, gid: user.gid } };
+  }
+  if (user.chosen === "default" || user.uid === euid) return { keep: "unprivileged", uid: euid };
+  throw new Error(
+    `--user ${user.name}: switching users needs root at set-up; this process runs as uid ${euid}`,
+  );
+}
+
 /** The seccomp policy context for these options. */
 export function policyContext(opts: Omit<SandboxOptions, "user">): PolicyContext {
   return {
@@ -87,21 +117,27 @@ export function enterSandbox(opts: SandboxOptions): SandboxReport {
   );
   let ruleset: { fd: number; skipped: SkippedRule[] } | null = null;
   if (plan.abi > 0) ruleset = createRuleset(plan);
-  const keepRoot = opts.user.uid === 0;
+  const who = planUser(opts.user, currentCapabilities().uids[1]);
   let drop: DropResult;
   try {
     drop = dropPrivileges(CAPABILITIES_KEPT_AFTER_SETUP.map((c) => c.name), {
-      user: keepRoot ? undefined : { uid: opts.user.uid, gid: opts.user.gid },
+      user: "switchTo" in who ? who.switchTo : undefined,
       landlockFd: ruleset?.fd,
     });
   } finally {
     if (ruleset) libc.closeQuietly(ruleset.fd);
   }
-  if (keepRoot) {
+  if ("keep" in who && who.keep === "root") {
     log.push({
       level: "warn",
       message: `--user ${opts.user.name}: KEEPING UID 0. Capabilities are dropped and the ` +
         "filters below apply, but every file root may reach stays reachable",
+    });
+  } else if ("keep" in who) {
+    log.push({
+      level: "info",
+      message: `started unprivileged: keeps uid ${who.uid} on all ${drop.threads} threads ` +
+        `(${opts.user.chosen === "default" ? "no --user" : `--user ${opts.user.name}`})`,
     });
   } else {
     log.push({
