@@ -21,6 +21,7 @@ import { type DaemonUser, resolveUser } from "../host/users.ts";
 import { retiredMemory } from "./retired_memory.ts";
 import * as libc from "../host/libc.ts";
 import { VionetDevicePort } from "./device_port.ts";
+import { RingPool } from "./ring_pool.ts";
 import { VhostUserClient, VhostUserServer } from "./vhost_user_socket.ts";
 
 /** The guest offloads the parent lets TUNSCAP put on the tap, by `--offload` mode. */
@@ -100,12 +101,26 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     tap.close();
     throw e;
   }
+  // The I/O workers' io_uring rings, made now: after set-up the seccomp
+  // filter allows no io_uring_setup (ring_pool.ts).
+  const rings = opts.ioUring === "auto" ? RingPool.prepare() : null;
+  if (rings?.refused) {
+    logger.log("info", "parent", `no io_uring rings (${rings.refused}): writev and readv`);
+  } else if (rings) {
+    logger.log(
+      "info",
+      "parent",
+      `made ${rings.pool.made} io_uring rings for the I/O workers, each restricted by the ` +
+        "kernel to READV and WRITEV",
+    );
+  }
   const port = new VionetDevicePort({
     device,
     tapFd: tap.fd,
     logger,
     ioUring: opts.ioUring,
     tapReadRoom: () => tap.readRoom(),
+    rings: rings?.pool,
   });
   late.port = port;
   let stopping = false;
@@ -146,6 +161,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
       // The server removes its own socket file as it stops.
       await daemon.service?.stop();
       daemon.device.terminate();
+      rings?.pool.close();
       tap.close();
     },
   };

@@ -26,6 +26,7 @@
  * @module
  */
 
+import type { RingPool } from "./ring_pool.ts";
 import { RX_QUEUE, TX_QUEUE } from "../../ipc/datapath.ts";
 import type { QueuePlacement, RegionGrant, RegionRef } from "../../ipc/protocol.ts";
 import { createDatapathBuffers, DatapathHost, rxUsedPlace, txUsedPlace } from "./datapath_host.ts";
@@ -82,6 +83,8 @@ export interface DevicePortOptions {
    * {@link VionetDevicePort.tapOffloadsChanged}. Default: the largest.
    */
   tapReadRoom?: () => number;
+  /** Restricted io_uring rings made during set-up, lent to each data path (`ring_pool.ts`). */
+  rings?: RingPool;
 }
 
 /** DevicePort over the device worker and the I/O workers. */
@@ -101,8 +104,10 @@ export class VionetDevicePort implements DevicePort {
   #features = 0n;
   #datapath: DatapathHost | null = null;
   readonly #tapReadRoom: (() => number) | undefined;
+  readonly #ringPool: RingPool | undefined;
 
   constructor(opts: DevicePortOptions) {
+    this.#ringPool = opts.rings;
     this.#device = opts.device;
     this.#tapFd = opts.tapFd;
     this.#logger = opts.logger;
@@ -421,6 +426,7 @@ export class VionetDevicePort implements DevicePort {
       logger: this.#logger,
       ranges: this.#regions.map(hostRange),
       ioUring: this.#ioUring,
+      rings: this.#ringPool,
       rxFrameRoom: this.#tapReadRoom?.(),
       onFault: (role, message) => this.#logger.log("error", "datapath", `${role}: ${message}`),
     });

@@ -517,22 +517,23 @@ function files(opts: AuditOptions): FileAudit[] {
       source: "parent/io/wait_set.ts",
     },
     {
-      what: "io_uring instances for TX (tx_drain.ts: one in the writer, one in the poller)",
-      path: "io_uring_setup(64): an anonymous descriptor, per queue start " +
-        "(none with --io-uring off)",
-      access: "mmap of its submission ring, completion ring and entries (MAP_SHARED read-write); " +
-        "io_uring_enter to submit IORING_OP_WRITEV to the tap, nothing else",
-      when: "serving",
+      what: "io_uring rings, made",
+      path: "io_uring_setup(64), six times during set-up (none with --io-uring off): each " +
+        "created disabled, restricted by the kernel (IORING_REGISTER_RESTRICTIONS) to READV, " +
+        "WRITEV and registering a file, then enabled. No ring can be made after set-up",
+      access: "descriptors kept by the parent's ring pool, closed at exit",
+      when: "set-up",
       source: "parent/io/io_uring.ts",
     },
     {
-      what: "io_uring instance for RX (io/poller_worker.ts)",
-      path: "io_uring_setup(64): an anonymous descriptor, per queue start " +
-        "(none with --io-uring off)",
-      access: "mmap of its rings as above; io_uring_enter to submit " +
-        "IORING_OP_READV (RWF_NOWAIT) from the tap, nothing else",
+      what: "io_uring rings, lent",
+      path: "three rings of the pool per data path: the writer's TX ring, the poller's TX and " +
+        "RX rings",
+      access: "mapped by the worker (mmap MAP_SHARED read-write), the tap registered, " +
+        "IORING_OP_WRITEV to the tap or IORING_OP_READV (RWF_NOWAIT) from it; taken back at a " +
+        "clean stop, closed otherwise",
       when: "serving",
-      source: "parent/io/io_uring.ts",
+      source: "parent/control/ring_pool.ts",
     },
     {
       what: "capability state",

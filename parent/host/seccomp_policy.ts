@@ -159,7 +159,8 @@ export function seccompPolicy(ctx: PolicyContext): SeccompPolicy {
         name: "io_uring_enter",
         nr: 426,
         rule: allow,
-        why: "batches of tap writes and nowait reads (--io-uring auto)",
+        why: "batches of tap writes and nowait reads on the rings made during set-up " +
+          "(--io-uring auto)",
       },
     ]),
     {
@@ -282,16 +283,11 @@ export function seccompPolicy(ctx: PolicyContext): SeccompPolicy {
     { name: "unlink", nr: 87, rule: allow, why: "removing the daemon's own socket at exit" },
     ...(ctx.ioUring === "off" ? [] : [
       {
-        name: "io_uring_setup",
-        nr: 425,
-        rule: allow,
-        why: "a ring per I/O worker and queue start (--io-uring auto; none with off)",
-      },
-      {
         name: "io_uring_register",
         nr: 427,
         rule: allow,
-        why: "the tap as the ring's registered file",
+        why: "the tap as the registered file of the rings made during set-up, each of which " +
+          "the kernel restricts to registering and unregistering files (--io-uring auto)",
       },
     ]),
     // Threads: a new worker (device restart, I/O workers per queue start) and
@@ -402,6 +398,11 @@ export const NOTABLY_DENIED: Readonly<Record<string, { nr: number; why: string }
   process_vm_writev: { nr: 311, why: "no other process's memory" },
   open: { nr: 2, why: "openat only, read-only" },
   pwrite64: { nr: 18, why: "Deno's on-disk caches wrote with it; the start task keeps none" },
+  io_uring_setup: {
+    nr: 425,
+    why: "a ring's operations escape seccomp: the rings are made during set-up, restricted to " +
+      "READV and WRITEV, and lent to the workers (ring_pool.ts)",
+  },
   openat2: { nr: 437, why: "its flags are in memory the filter cannot read" },
   creat: { nr: 85, why: "no file can be created" },
   rename: { nr: 82, why: "nothing can be renamed" },

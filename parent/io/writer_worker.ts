@@ -93,7 +93,7 @@ const control = new WorkerControl("writer", {
     d.tapFd = msg.tapFd;
     d.setTxUsed(msg.txUsed);
     d.callFd = callTxFd;
-    d.start(msg.ioUring);
+    d.start(msg.ioUring, msg.rings[0] ?? null);
     drainer = d;
     wakeFd = msg.wakeFd;
     return () => loop(c);

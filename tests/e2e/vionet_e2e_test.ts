@@ -422,6 +422,11 @@ Deno.test({
               const down = await rig.iperf3(guest, { reverse: true, seconds: 3 });
               assert.ok(up.bytes > 10e6, `guest -> host moved ${up.bytes} bytes`);
               assert.ok(down.bytes > 10e6, `host -> guest moved ${down.bytes} bytes`);
+              // Each boot's workers batch through io_uring rings made during set-up:
+              // the daemon makes two sets, so the third boot's came back from the first.
+              const c = await rig.daemon.datapathCounters();
+              assert.equal(c?.writerEngine, "io_uring", JSON.stringify(c));
+              assert.equal(c?.pollerEngine, "io_uring", JSON.stringify(c));
               console.log(
                 `  boot ${boot}: ${(up.bitsPerSecond / 1e9).toFixed(2)} / ` +
                   `${(down.bitsPerSecond / 1e9).toFixed(2)} Gbit/s`,

@@ -175,6 +175,7 @@ Deno.test({
               "ioctlTunsetiff",
               "ioctlTcgets",
               "memfd",
+              "ioUringSetup",
               "mount",
               "setuid0",
               "fork",
@@ -238,6 +239,7 @@ Deno.test({
           assert.equal(r.abstractConnect, "EPERM", `${where}: abstract sockets are scoped`);
           assert.equal(r.readOutsideRules, "EACCES", `${where}`);
           assert.equal(r.memfd, "ok", `${where}: what only the filter stops`);
+          assert.equal(r.ioUringSetup, "ok", `${where}: the same`);
           assert.equal(r.readModule, "ok", `${where}`);
         }
         assert.match(

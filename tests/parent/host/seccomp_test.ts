@@ -183,10 +183,14 @@ Deno.test("prctl only names threads; tgkill reaches only the daemon's own thread
   assert.equal(run(p, "tgkill", [1, 1, 9]), EPERM);
 });
 
-Deno.test("--io-uring off leaves io_uring out of the filter; --seccomp log only logs the rest", () => {
+Deno.test("io_uring_setup is never allowed (rings are made during set-up); --io-uring off leaves enter and register out; --seccomp log only logs the rest", () => {
   const off = program(NO_URING);
   for (const n of [425, 426, 427]) {
     assert.equal(evaluate(off, { nr: n, arch: AUDIT_ARCH_X86_64 }), EPERM, `io_uring ${n}`);
+  }
+  const IO_URING_SETUP = 425;
+  assert.equal(evaluate(program(), { nr: IO_URING_SETUP, arch: AUDIT_ARCH_X86_64 }), EPERM);
+  for (const n of [426, 427]) {
     assert.equal(evaluate(program(), { nr: n, arch: AUDIT_ARCH_X86_64 }), SECCOMP_RET_ALLOW);
   }
   const logging = program({ ...SERVER, logOnly: true });
