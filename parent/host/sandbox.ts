@@ -167,9 +167,10 @@ export function enterSandbox(opts: SandboxOptions): SandboxReport {
           ).map((r) => r.path).join(", ")
       }` +
         (opts.socketDir ? `; may remove its socket from ${opts.socketDir}` : "") +
-        `; no TCP (${plan.handledNet.length ? "handled" : "not handled"}); scoped: ${
-          plan.scoped.join(", ") || "nothing"
-        }` + (plan.notes.length ? ` (${plan.notes.join("; ")})` : ""),
+        `; ${
+          plan.handledNet.length ? "no TCP bind or connect" : "TCP not restricted (ABI < 4)"
+        }; scoped: ${plan.scoped.join(", ") || "nothing"}` +
+        (plan.notes.length ? ` (${plan.notes.join("; ")})` : ""),
     });
     for (const s of ruleset.skipped) {
       log.push({
@@ -191,11 +192,14 @@ export function enterSandbox(opts: SandboxOptions): SandboxReport {
     seccomp = { installed: true, entries: policy.entries.length, threads };
     log.push({
       level: opts.seccomp === "log" ? "warn" : "info",
-      message: `seccomp filter on all ${threads} threads: ${policy.entries.length} system ` +
-        "calls allowlisted (some by argument), " + (opts.seccomp === "log"
-          ? "AND ANYTHING ELSE ONLY LOGGED (--seccomp log): allowed, and reported by the " +
-            "kernel as audit type=1326"
-          : "anything else fails with EPERM"),
+      message: `seccomp filter on all ${threads} threads: ${
+        policy.entries.filter((e) => e.rule.action !== "errno").length
+      } system calls allowed (${
+        policy.entries.filter((e) => e.rule.action === "allow-if").length
+      } only with allowed arguments), ` + (opts.seccomp === "log"
+        ? "AND ANYTHING ELSE ONLY LOGGED (--seccomp log): allowed, and reported by the " +
+          "kernel as audit type=1326"
+        : "anything else fails with EPERM"),
     });
   } else {
     log.push({
