@@ -9,6 +9,7 @@
 import type { BackendName, BackendSample, BackendTest } from "./dpdk.ts";
 import { type Direction, type GuestSample, type IdleSample, isVcpu } from "./guest.ts";
 import { type CeilingSample, ceilingTable } from "./tap_ceiling.ts";
+import type { MigrationSample } from "./migration.ts";
 
 /** Where and how the bench ran. */
 export interface Machine {
@@ -33,6 +34,8 @@ export interface Results {
   idle: IdleSample[];
   /** The kernel's tap write ceiling from one C thread (bench/tap_ceiling.ts); absent in older runs. */
   ceiling?: CeilingSample[];
+  /** Live migrations, vionet and QEMU's own tap backend (bench/migration.ts); absent in older runs. */
+  migration?: MigrationSample[];
   notes: string[];
 }
 
@@ -462,11 +465,56 @@ export function markdown(r: Results): string {
       : `${t.ratio.toFixed(2)}×`;
     lines.push(`| ${t.name.trim()} | ${got} | ${want} | ${t.met ? "yes" : "**no**"} |`);
   }
+  if (r.migration?.length) {
+    lines.push("");
+    lines.push(...migrationTable(r.migration));
+  }
   if (r.notes.length) {
     lines.push("");
     for (const n of r.notes) lines.push(`- ${n}`);
   }
   return lines.join("\n") + "\n";
+}
+
+/**
+ * Live migration, vionet against QEMU's own tap backend on the same bridge
+ * (issue 23's target: vionet's downtime and stalls at most 1.0× the other's).
+ */
+export function migrationTable(samples: readonly MigrationSample[]): string[] {
+  const ok = (b: string) => samples.filter((x) => x.backend === b && x.status === "completed");
+  const col = (b: string, key: keyof MigrationSample) =>
+    spread(ok(b).map((x) => Number(x[key])).filter(Number.isFinite));
+  const failed = (b: string) => samples.filter((x) => x.backend === b && x.status !== "completed");
+  const lines = [
+    "**Live migration** (the guest moves between two hosts on one bridge; paced TCP streams " +
+    "both ways across the switch-over; ms, medians [min–max]):",
+    "",
+    "| figure | vionet | QEMU tap backend | vionet / QEMU (≤ 1.0) |",
+    "|---|---|---|---|",
+  ];
+  const rows: Array<[string, keyof MigrationSample]> = [
+    ["downtime QEMU reports", "downtimeMs"],
+    ["longest stall, host → guest", "stallToGuestMs"],
+    ["longest stall, guest → host", "stallFromGuestMs"],
+    ["bridge forwards to the new tap after", "bridgeMs"],
+    ["whole migration", "totalMs"],
+  ];
+  for (const [name, key] of rows) {
+    const v = col("vionet", key), q = col("qemu", key);
+    lines.push(
+      `| ${name} | ${fmtSpread(v, 1, 0)} | ${fmtSpread(q, 1, 0)} | ${
+        fmt(v.median / q.median, 2)
+      } |`,
+    );
+  }
+  const broken = samples.filter((x) => x.status === "completed" && !x.intact).length;
+  lines.push("");
+  lines.push(
+    `Migrations: vionet ${ok("vionet").length} completed, ${failed("vionet").length} not; ` +
+      `QEMU ${ok("qemu").length} completed, ${failed("qemu").length} not; ` +
+      `streams not intact: ${broken}.`,
+  );
+  return lines;
 }
 
 function esc(s: string): string {

@@ -6,7 +6,7 @@
  *
  * ```
  * deno task bench [--reps 3] [--seconds 4] [--guest-boots 5] [--guest-reps 1] [--guest-seconds 8]
- *                 [--guest-pin on|off] [--only backend|guest]
+ *                 [--guest-pin on|off] [--only backend|guest|migration] [--migrations 3]
  *                 [--tests tx64,tx1514,tso,rx64] [--vionet-args "--io-uring off"]
  *                 [--backend-cpu 0] [--frontend-cpu 1] [--out bench/results] [--report-only]
  * ```
@@ -25,7 +25,11 @@
  *    itself while the backend, QEMU's other threads and the iperf3 server
  *    share `--backend-cpu` (`--guest-pin off` leaves placement to the
  *    scheduler: one such run gave vionet guest->host 0.81-1.6 Gbit/s).
- * 3. bench/results/{results.json, results.md, chart.svg} (bench/report.ts).
+ * 3. Migration (bench/migration.ts): a guest migrated between two hosts on
+ *    one bridge, vionet's daemons against QEMU's own tap backend,
+ *    `--migrations` times each, alternating: QEMU's downtime, the longest
+ *    stall of a TCP stream each way, when the bridge learned the new port.
+ * 4. bench/results/{results.json, results.md, chart.svg} (bench/report.ts).
  *
  * @module
  */
@@ -46,6 +50,7 @@ import {
   type IdleSample,
   measureGuest,
 } from "./guest.ts";
+import { measureMigration, type MigrationSample } from "./migration.ts";
 import { sh } from "./proc.ts";
 import { ceilingUnavailable, measureTapCeiling } from "./tap_ceiling.ts";
 import { markdown, type Results, writeReport } from "./report.ts";
@@ -134,6 +139,7 @@ async function main(): Promise<void> {
       "guest-reps": { type: "string", default: "1" },
       "guest-seconds": { type: "string", default: "8" },
       "idle-seconds": { type: "string", default: "10" },
+      migrations: { type: "string", default: "3" },
       "guest-pin": { type: "string", default: "on" },
       only: { type: "string" },
       tests: { type: "string" },
@@ -168,9 +174,10 @@ async function main(): Promise<void> {
     console.error(`bench: --guest-pin must be on or off, not ${JSON.stringify(guestPin)}`);
     Deno.exit(2);
   }
+  const migrations = wholeNumber(values.migrations, "--migrations", 0);
   const only = values.only;
-  if (only !== undefined && only !== "backend" && only !== "guest") {
-    console.error(`bench: --only must be backend or guest, not ${only}`);
+  if (only !== undefined && !["backend", "guest", "migration"].includes(only)) {
+    console.error(`bench: --only must be backend, guest or migration, not ${only}`);
     Deno.exit(2);
   }
   const log = (s: string) => console.log(s);
@@ -203,10 +210,21 @@ async function main(): Promise<void> {
         results.backend = prev.backend;
         results.notes.push(keptNote("backend-bound"));
       }
+      if (only === "migration") {
+        results.backend = prev.backend ?? [];
+        results.guest = prev.guest ?? [];
+        results.idle = prev.idle ?? [];
+        if (prev.ceiling?.length) results.ceiling = prev.ceiling;
+        results.notes.push(keptNote("backend- and guest-bound"));
+      }
+      if (only !== "migration" && prev.migration?.length) {
+        results.migration = prev.migration;
+        results.notes.push(keptNote("migration"));
+      }
     } catch { /* no previous run */ }
   }
 
-  if (only !== "guest") {
+  if (only === undefined || only === "backend") {
     results.backend = [];
     const tests = values.tests ? values.tests.split(",") : [...BACKEND_TESTS];
     const o = {
@@ -250,7 +268,7 @@ async function main(): Promise<void> {
     );
   }
 
-  if (only !== "backend") {
+  if (only === undefined || only === "guest") {
     results.guest = [];
     results.idle = [];
     const why = guestUnavailable();
@@ -277,6 +295,28 @@ async function main(): Promise<void> {
             results.guest.push(...await measureGuest(backend, offloads, { ...o, boot }, idle));
             await writeReport(results, values.out);
           }
+        }
+      }
+    }
+  }
+  if ((only === undefined || only === "migration") && migrations > 0) {
+    const why = guestUnavailable();
+    if (why) {
+      results.notes.push(`migration bench skipped: ${why}`);
+    } else {
+      results.migration = [] as MigrationSample[];
+      for (let rep = 0; rep < migrations; rep++) {
+        const order = rep % 2 === 0 ? ["vionet", "qemu"] as const : ["qemu", "vionet"] as const;
+        for (const backend of order) {
+          log(`migration: ${backend}, ${rep + 1} of ${migrations}`);
+          const m = await measureMigration(backend, rep, { log });
+          results.migration.push(m);
+          log(
+            `migration ${backend}: ${m.status}, downtime ${m.downtimeMs} ms, stalls ` +
+              `${m.stallToGuestMs.toFixed(0)} / ${m.stallFromGuestMs.toFixed(0)} ms, ` +
+              `bridge ${m.bridgeMs} ms, intact ${m.intact}`,
+          );
+          await writeReport(results, values.out);
         }
       }
     }

@@ -66,6 +66,7 @@ export class DeviceControl {
         "grant-memory",
         "revoke-memory",
         "start-queues",
+        "quiesce-queues",
         "stop-queues",
       ]),
       replyKinds: new Set(["tunscap-result"]),
@@ -142,6 +143,9 @@ export class DeviceControl {
           () => this.device.start(req.rx, req.tx, req.datapath, req.datapath.bounceHost),
           "rx",
         );
+        return { reply: { kind: "done" } };
+      case "quiesce-queues":
+        await this.device.quiesce();
         return { reply: { kind: "done" } };
       case "stop-queues": {
         const bases = await this.device.stop();

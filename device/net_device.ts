@@ -63,6 +63,8 @@ export type FaultHandler = (queue: number, reason: string) => void;
 
 /** How long the loop sleeps with nothing to do before it looks again anyway (ms). */
 const IDLE_WAIT_MS = 1000;
+/** How long `quiesce()` waits for the writer to take every TX record (ms). */
+const QUIESCE_MAX_MS = 1000;
 /**
  * With a mailbox the loop blocks the worker's thread; it lets the event loop
  * turn at least this often (ms), for timers, even when no message came.
@@ -92,6 +94,12 @@ export class NetDevice {
   #txBlocked = false;
   /** Lost-kick recovery (`kick_watch.ts`). */
   readonly #kicks: KickWatch;
+  /** Since quiesce(): take nothing new (until stop() or start()). */
+  #quiescing = false;
+  /** quiesce()'s caller, waiting for every TX frame taken to be written. */
+  #quiesced: (() => void) | null = null;
+  /** A reply waits for the event loop (quiesce resolved): yield before blocking again. */
+  #yieldNow = false;
 
   /**
    * `mailbox`: the worker's message count (`mailbox.ts`). With it the loop
@@ -247,6 +255,7 @@ export class NetDevice {
     this.#tx = new TxPath(this.memory, this.txq, rings, this.hostBase);
     this.#applyFeatures();
     this.#faulted = [false, false];
+    this.#quiescing = false;
     this.#txAgain = false;
     this.#rxAgain = false;
     this.#txBlocked = false;
@@ -254,6 +263,30 @@ export class NetDevice {
     this.mailbox?.markStart();
     this.#running = true;
     this.#loop = this.#run();
+  }
+
+  /**
+   * Finishes what is in flight before a stop (`quiesce-queues`): from now on
+   * no chain is popped and no RX buffer posted; TX frames already taken go
+   * to the writer. Resolves once it released every TX record, or after
+   * {@link QUIESCE_MAX_MS} (a writer that does not move: `stop()` completes
+   * the rest). The queues keep their state; only `stop()` or `start()` ends
+   * the pause.
+   */
+  quiesce(): Promise<void> {
+    if (!this.#running || this.#tx === null) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const timer = setTimeout(done, QUIESCE_MAX_MS);
+      function done() {
+        clearTimeout(timer);
+        resolve();
+      }
+      this.#quiesced = done;
+      this.#quiescing = true;
+      // Look at once, as if the writer had released records (an idle loop
+      // otherwise sleeps until the next kick, or its slice ends).
+      this.#rings?.wakeSelf(EV_TX_DONE);
+    });
   }
 
   /**
@@ -265,6 +298,9 @@ export class NetDevice {
   async stop(): Promise<{ rx: number; tx: number }> {
     if (!this.#running) return { rx: this.rxq.lastAvailIdx, tx: this.txq.lastAvailIdx };
     this.#running = false;
+    this.#quiesced?.();
+    this.#quiesced = null;
+    this.#quiescing = false;
     this.#rings?.wakeSelf(0);
     await this.#loop;
     // Retire what the poller completed before it stopped, whatever happened
@@ -345,6 +381,13 @@ export class NetDevice {
   }
 
   async #run(): Promise<void> {
+    // start() runs inside the start-queues handler: let its reply go out
+    // first. The loop below blocks the thread (Atomics.wait) until a message
+    // or its slice ends, so without this turn the parent heard of the start
+    // only up to BLOCKING_SLICE_MS later (a second of downtime on every
+    // connection and every migration's switch-over).
+    await macrotask();
+    if (!this.#running) return;
     const rings = this.#rings!;
     const mail = this.mailbox;
     const mailPending = mail ? () => mail.pending(rings.ctl) : () => false;
@@ -360,7 +403,8 @@ export class NetDevice {
         // Let the event loop deliver what the parent posted, and run timers now and then.
         // (Then work on regardless: were the counts ever out of step, the data
         // path would spin here but keep moving, not stall.)
-        if (mailPending() || now - turned > BLOCKING_SLICE_MS) {
+        if (mailPending() || now - turned > BLOCKING_SLICE_MS || this.#yieldNow) {
+          this.#yieldNow = false;
           await macrotask();
           now = turned = performance.now();
           if (!this.#running) break;
@@ -387,9 +431,16 @@ export class NetDevice {
     let more = false;
     if (ev & EV_IO_FAULT) this.onFault(-1, "an I/O worker refused a record (see io counters)");
 
+    const quiescing = this.#quiescing;
+    if (!this.#faulted[RX_QUEUE] && rx.complete() < 0) {
+      this.#fault(RX_QUEUE, rx.ioFault ?? "I/O fault");
+    }
+    // A queue the records just faulted takes no more of the guest's chains.
     if (!this.#faulted[RX_QUEUE]) {
-      if (rx.complete() < 0) this.#fault(RX_QUEUE, rx.ioFault ?? "I/O fault");
-      if (ev & (EV_KICK_RX | EV_RX_DONE | EV_RX_STARVED) || rx.posted === 0 || this.#rxAgain) {
+      if (
+        !quiescing &&
+        (ev & (EV_KICK_RX | EV_RX_DONE | EV_RX_STARVED) || rx.posted === 0 || this.#rxAgain)
+      ) {
         rx.post();
         // post() takes rx-done records too (Virtqueue.onAvailIdx).
         if (rx.ioFault !== null) this.#fault(RX_QUEUE, rx.ioFault);
@@ -411,8 +462,20 @@ export class NetDevice {
       tx.reap();
       if (ev & (EV_KICK_TX | EV_TX_DONE) || tx.pending > 0 || this.#txAgain) {
         this.#txAgain = false;
-        this.#txBlocked = tx.pump();
-        if (this.#txBlocked) {
+        this.#txBlocked = tx.pump(!quiescing);
+        if (quiescing) {
+          // Wake when the writer releases records; done once it released them all.
+          if (tx.pending === 0 && tx.inFlight === 0) {
+            if (this.#quiesced !== null) {
+              this.#quiesced();
+              this.#quiesced = null;
+              this.#yieldNow = true; // its reply goes out from the event loop
+              more = true;
+            }
+          } else {
+            this.#txAgain = tx.waitForWriter();
+          }
+        } else if (this.#txBlocked) {
           // Out of ring or bounce space: go on once the writer released some.
           this.#txAgain = tx.waitForWriter();
         } else {

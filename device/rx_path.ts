@@ -115,7 +115,8 @@ export class RxPath {
     const post = this.rings.rxPost;
     let n = 0;
     let discards = 0;
-    while (this.#count < this.#head.length && post.freeSpace() > 0) {
+    // A bad record found meanwhile (popAvail() retires first) ends the posting.
+    while (this.ioFault === null && this.#count < this.#head.length && post.freeSpace() > 0) {
       const r = this.queue.popAvail();
       if (r !== POP_CHAIN && r !== POP_DROPPED) break;
       const chain = this.queue.chain;

@@ -169,7 +169,7 @@ export class TxPath {
    * or bounce arena is full; wakes the writer once. Returns true if it
    * stopped for lack of space (call again after `reap()`).
    */
-  pump(): boolean {
+  pump(popNew = true): boolean {
     const ring = this.rings.tx;
     let blocked = false;
     let published = 0;
@@ -178,6 +178,8 @@ export class TxPath {
         blocked = true;
         break;
       }
+      // Quiescing (NetDevice.quiesce): what was taken goes out, nothing new is taken.
+      if (!popNew) break;
       if (ring.freeSpace() < 1 || this.#inCount >= this.#inIdx.length) {
         blocked = true;
         break;
@@ -244,6 +246,11 @@ export class TxPath {
       this.#inCount--;
     }
     return n;
+  }
+
+  /** Records on the TX ring the writer has not released yet. */
+  get inFlight(): number {
+    return this.#inCount;
   }
 
   /** Drops every software frame not yet handed to the writer (queue stop). */

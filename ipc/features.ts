@@ -40,6 +40,12 @@ export const VIRTIO_NET_F_MRG_RXBUF = 1n << 15n;
 export const VIRTIO_NET_F_STATUS = 1n << 16n;
 /** Control channel is available. */
 export const VIRTIO_NET_F_CTRL_VQ = 1n << 17n;
+/**
+ * Driver can send gratuitous packets when asked (virtio 1.2 §5.1.6.5.4):
+ * QEMU then announces a migrated guest through the guest's own driver
+ * instead of asking the back-end for a RARP (VHOST_USER_SEND_RARP).
+ */
+export const VIRTIO_NET_F_GUEST_ANNOUNCE = 1n << 21n;
 /** Device supports multiqueue with automatic receive steering. */
 export const VIRTIO_NET_F_MQ = 1n << 22n;
 /** Driver can receive USOv4 packets. */
@@ -85,6 +91,7 @@ export const FEATURE_NAMES: ReadonlyMap<bigint, string> = new Map([
   [VIRTIO_NET_F_MRG_RXBUF, "MRG_RXBUF"],
   [VIRTIO_NET_F_STATUS, "STATUS"],
   [VIRTIO_NET_F_CTRL_VQ, "CTRL_VQ"],
+  [VIRTIO_NET_F_GUEST_ANNOUNCE, "GUEST_ANNOUNCE"],
   [VIRTIO_NET_F_MQ, "MQ"],
   [VIRTIO_NET_F_GUEST_USO4, "GUEST_USO4"],
   [VIRTIO_NET_F_GUEST_USO6, "GUEST_USO6"],

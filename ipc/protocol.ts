@@ -181,6 +181,19 @@ export interface StartQueuesRequest {
 }
 
 /**
+ * Request: finish what is in flight and take nothing new, before the parent
+ * stops the queues (GET_VRING_BASE, a migration's switch-over): no more
+ * chains popped, no more RX buffers posted, every TX frame already taken
+ * handed to the I/O workers and written by them. Reply: `done` once the TX
+ * ring is empty (or after the device's own bound: then `stop-queues`
+ * completes what is left as today). The queues keep running otherwise.
+ */
+export interface QuiesceQueuesRequest {
+  kind: "quiesce-queues";
+  id: number;
+}
+
+/**
  * Request: stop both queues (the parent has quiesced its I/O workers).
  * Reply: `queue-bases` with each queue's last_avail_idx (GET_VRING_BASE).
  */
@@ -206,6 +219,7 @@ export type ParentRequest =
   | GrantMemoryRequest
   | RevokeMemoryRequest
   | StartQueuesRequest
+  | QuiesceQueuesRequest
   | StopQueuesRequest;
 
 export type ParentMessage = HelloMessage | ParentRequest | TunscapReply | ErrorMessage;
@@ -330,6 +344,7 @@ export const REPLY_KIND = {
   "grant-memory": "done",
   "revoke-memory": "memory-returned",
   "start-queues": "done",
+  "quiesce-queues": "done",
   "stop-queues": "queue-bases",
   "tunscap": "tunscap-result",
 } as const satisfies Record<ParentRequest["kind"] | DeviceRequest["kind"], string>;

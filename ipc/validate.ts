@@ -157,6 +157,7 @@ export function parseParentMessage(raw: unknown): ParentMessage {
         tx: placement(r.object("tx")),
         datapath: datapathGrant(r.object("datapath")),
       };
+    case "quiesce-queues":
     case "stop-queues":
       return { kind, id: r.uint("id", MAX_ID) };
     case "error":

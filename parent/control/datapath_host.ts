@@ -48,6 +48,7 @@ import {
   type IoRequest,
   type IoRole,
   type IoUringMode,
+  type LogConfig,
   MAILBOX,
   MAILBOX_BYTES,
   parseIoReply,
@@ -162,16 +163,18 @@ export interface DatapathCounters {
   pollerTxBatches: number;
 }
 
-export interface DatapathHostOptions {
+export interface DatapathHostOptions extends IoWorkerPairOptions {
+  /**
+   * Workers spawned ahead ({@link IoWorkerPair.spawn}); they become this
+   * data path's (fresh ones are spawned when absent or no longer usable).
+   */
+  workers?: IoWorkerPair;
   /** The tap's descriptor (IFF_VNET_HDR, 12-byte header). Set to O_NONBLOCK here. */
   tapFd: number;
   /** From {@link createDatapathBuffers}; the device gets the same buffers. */
   buffers: DatapathBuffers;
-  logger: Logger;
   /** Initial guest ranges (the bounce arena is always added). Default none. */
   ranges?: HostRange[];
-  /** Milliseconds a worker has to acknowledge a request (default 5000). */
-  timeoutMs?: number;
   /**
    * Milliseconds each worker has to load and acknowledge `init` (default
    * 30000: under `deno test` a worker module is type-checked when it loads).
@@ -192,9 +195,15 @@ export interface DatapathHostOptions {
   rxFrameRoom?: number;
   /** Where the poller completes RX frames (the poller refuses to start without it). */
   rxUsed?: RxUsedPlace | null;
-  /** Other worker modules, for tests only. */
-  writerUrl?: URL;
-  pollerUrl?: URL;
+  /** The dirty log, when the front-end logs from the start (`io/dirty_log.ts`). */
+  log?: LogConfig | null;
+  /**
+   * The queues' kick and call eventfds (indexed by RX_QUEUE/TX_QUEUE; null:
+   * none), made O_NONBLOCK; the workers take them with `init`. The caller
+   * keeps owning them, as with {@link DatapathHost.setKickFd}.
+   */
+  kickFds?: readonly (number | null)[];
+  callFds?: readonly (number | null)[];
 }
 
 interface Pending {
@@ -204,6 +213,11 @@ interface Pending {
 
 /** One worker and its request/ack bookkeeping. */
 class IoWorker {
+  /** Called after each post: the host that uses the worker rings its doorbell here. */
+  nudge: () => void = () => {};
+  /** Told of a fault the worker reports, or of its death. */
+  onFault: (message: string) => void = () => {};
+
   readonly worker: Worker;
   /** Word MAILBOX.POSTED: messages posted to this worker (io/protocol.ts). */
   readonly mailbox = new SharedArrayBuffer(MAILBOX_BYTES);
@@ -218,9 +232,6 @@ class IoWorker {
     options: WorkerOptions,
     private readonly logger: Logger,
     private readonly timeoutMs: number,
-    /** Called after each post: the poller's host writes the wake eventfd here. */
-    private readonly nudge: () => void,
-    private readonly onFault: (message: string) => void,
   ) {
     this.worker = workerCensus.start(url, options, role);
     this.worker.onmessage = (e) => this.#reply(e.data);
@@ -265,7 +276,7 @@ class IoWorker {
       Atomics.add(this.#posted, MAILBOX.POSTED, 1);
       this.worker.postMessage({ ...msg, id });
       this.nudge();
-      if (this.role === "poller") retry = setInterval(this.nudge, WAKE_RETRY_MS);
+      if (this.role === "poller") retry = setInterval(() => this.nudge(), WAKE_RETRY_MS);
     });
   }
 
@@ -333,6 +344,63 @@ function isEventfd(fd: number): boolean {
   }
 }
 
+/** What {@link IoWorkerPair.spawn} needs. */
+export interface IoWorkerPairOptions {
+  logger: Logger;
+  /** Milliseconds a worker has to acknowledge a request (default 5000). */
+  timeoutMs?: number;
+  /** Other worker modules, for tests only. */
+  writerUrl?: URL;
+  pollerUrl?: URL;
+}
+
+/**
+ * A writer and a poller started ahead of the queues they will serve: their
+ * threads exist and their modules load while the front-end is still
+ * setting up, so starting the queues only sends `init` (a few ms, where
+ * starting two workers took 100-300 ms here: downtime at every connection
+ * and at every migration's switch-over). They hold nothing until `init`.
+ */
+export class IoWorkerPair {
+  readonly writer: IoWorker;
+  readonly poller: IoWorker;
+
+  private constructor(writer: IoWorker, poller: IoWorker) {
+    this.writer = writer;
+    this.poller = poller;
+  }
+
+  static spawn(opts: IoWorkerPairOptions): IoWorkerPair {
+    const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    return new IoWorkerPair(
+      new IoWorker(
+        "writer",
+        opts.writerUrl ?? IO_WRITER_URL,
+        IO_WRITER_OPTIONS,
+        opts.logger,
+        timeoutMs,
+      ),
+      new IoWorker(
+        "poller",
+        opts.pollerUrl ?? IO_POLLER_URL,
+        IO_POLLER_OPTIONS,
+        opts.logger,
+        timeoutMs,
+      ),
+    );
+  }
+
+  /** Neither worker has died or been terminated. */
+  get usable(): boolean {
+    return this.writer.dead === undefined && this.poller.dead === undefined;
+  }
+
+  terminate(): void {
+    this.writer.terminate();
+    this.poller.terminate();
+  }
+}
+
 /** The running data path, seen from the parent's main thread. */
 export class DatapathHost {
   readonly buffers: DatapathBuffers;
@@ -371,27 +439,17 @@ export class DatapathHost {
       base: Deno.UnsafePointer.value(Deno.UnsafePointer.of(bounce)),
       size: bounce.byteLength,
     };
-    const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     const onFault = opts.onFault ?? (() => {});
-    this.#writer = new IoWorker(
-      "writer",
-      opts.writerUrl ?? IO_WRITER_URL,
-      IO_WRITER_OPTIONS,
-      opts.logger,
-      timeoutMs,
-      // The writer blocks in Atomics.wait on its doorbell: ring it so that it serves the message.
-      () => signal(this.#ctl, CTL.WRITER_EVENTS, 0, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING),
-      (m) => onFault("writer", m),
-    );
-    this.#poller = new IoWorker(
-      "poller",
-      opts.pollerUrl ?? IO_POLLER_URL,
-      IO_POLLER_OPTIONS,
-      opts.logger,
-      timeoutMs,
-      () => this.#wakePoller(),
-      (m) => onFault("poller", m),
-    );
+    const pair = opts.workers?.usable ? opts.workers : IoWorkerPair.spawn(opts);
+    if (opts.workers && pair !== opts.workers) opts.workers.terminate();
+    this.#writer = pair.writer;
+    this.#poller = pair.poller;
+    // The writer blocks in Atomics.wait on its doorbell: ring it so that it serves the message.
+    this.#writer.nudge = () =>
+      signal(this.#ctl, CTL.WRITER_EVENTS, 0, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING);
+    this.#poller.nudge = () => this.#wakePoller();
+    this.#writer.onFault = (m) => onFault("writer", m);
+    this.#poller.onFault = (m) => onFault("poller", m);
   }
 
   /**
@@ -419,6 +477,14 @@ export class DatapathHost {
       const ranges = host.#grant(opts.ranges ?? []);
       // The workers' turns on the TX ring (tx_drain.ts); the device never sees it.
       const txShared = createTxShared();
+      const fd = (list: readonly (number | null)[] | undefined, q: number) =>
+        host.#eventfd(list?.[q] ?? null);
+      const queueFds = {
+        kickRx: fd(opts.kickFds, RX_QUEUE),
+        kickTx: fd(opts.kickFds, TX_QUEUE),
+        callRx: fd(opts.callFds, RX_QUEUE),
+        callTx: fd(opts.callFds, TX_QUEUE),
+      };
       const init = (role: IoRole, mailbox: SharedArrayBuffer) => ({
         kind: "init" as const,
         version: IO_PROTOCOL_VERSION,
@@ -438,6 +504,8 @@ export class DatapathHost {
         txShared,
         rxFrameRoom: opts.rxFrameRoom ?? RX_FRAME_ROOM_MAX,
         rxUsed: opts.rxUsed ?? null,
+        log: opts.log ?? null,
+        queueFds,
       });
       const startMs = opts.startTimeoutMs ?? DEFAULT_START_TIMEOUT_MS;
       await Promise.all([
@@ -499,6 +567,15 @@ export class DatapathHost {
   setCallFd(queue: number, fd: number | null): Promise<void> {
     const msg = { kind: "setFd", slot: callSlot(queue), fd: this.#eventfd(fd) } as const;
     return queue === RX_QUEUE ? this.#poller.request(msg) : this.#both(msg);
+  }
+
+  /**
+   * Starts, changes or ends (null) dirty logging in both workers. Resolves
+   * when both log every later write in the new bitmap and no longer touch
+   * the old one (the caller may unmap it then).
+   */
+  setLog(log: LogConfig | null): Promise<void> {
+    return this.#both({ kind: "setLog", log });
   }
 
   /**

@@ -271,6 +271,25 @@ export class DeviceHost {
     }
   }
 
+  /**
+   * Asks the device to finish what is in flight and take nothing new
+   * (`quiesce-queues`). Resolves when it says so, or after `waitMs` (the
+   * device is untrusted: the stop that follows does not depend on this).
+   * Returns whether the device answered in time.
+   */
+  async quiesceQueues(waitMs = 1500): Promise<boolean> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<false>((resolve) => timer = setTimeout(() => resolve(false), waitMs));
+    try {
+      return await Promise.race([
+        this.#ep.request<DoneReply>({ kind: "quiesce-queues" }, "done").then(() => true as const),
+        late,
+      ]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   /** Stops both queues; resolves with each queue's last_avail_idx. */
   async stopQueues(): Promise<{ rx: number; tx: number }> {
     try {

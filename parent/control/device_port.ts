@@ -29,7 +29,13 @@
 import type { RingPool } from "./ring_pool.ts";
 import { RX_QUEUE, TX_QUEUE } from "../../ipc/datapath.ts";
 import type { QueuePlacement, RegionGrant, RegionRef } from "../../ipc/protocol.ts";
-import { createDatapathBuffers, DatapathHost, rxUsedPlace, txUsedPlace } from "./datapath_host.ts";
+import {
+  createDatapathBuffers,
+  DatapathHost,
+  IoWorkerPair,
+  rxUsedPlace,
+  txUsedPlace,
+} from "./datapath_host.ts";
 import { NoAnswerError } from "../../ipc/endpoint.ts";
 import type { DeviceHost } from "./device_host.ts";
 import type { MappedRegion } from "./guest_memory_map.ts";
@@ -39,6 +45,10 @@ import * as libc from "../host/libc.ts";
 import type { Logger } from "./log.ts";
 import type { IoUringMode } from "../io/protocol.ts";
 import type { DevicePort, VringAddrFields } from "./vhost_user_backend.ts";
+import { VHOST_VRING_F_LOG } from "./vhost_user_messages.ts";
+import type { LogConfig, UsedRingLog } from "../io/protocol.ts";
+import { DirtyLog } from "../io/dirty_log.ts";
+import { VIRTIO_NET_HDR_SIZE } from "../../ipc/virtio_net_hdr.ts";
 
 interface RingConfig {
   num: number;
@@ -103,6 +113,11 @@ export class VionetDevicePort implements DevicePort {
   /** The driver's acknowledged features (EVENT_IDX decides how the writer reads the TX ring). */
   #features = 0n;
   #datapath: DatapathHost | null = null;
+  /** I/O workers started ahead for the next start of the queues (while a front-end is set up). */
+  #spare: IoWorkerPair | null = null;
+  /** The dirty log's bitmap (SET_LOG_BASE), and whether VHOST_F_LOG_ALL is on. */
+  #log: MappedRegion | null = null;
+  #logAll = false;
   readonly #tapReadRoom: (() => number) | undefined;
   readonly #ringPool: RingPool | undefined;
 
@@ -161,10 +176,13 @@ export class VionetDevicePort implements DevicePort {
   }
 
   getFeatures(): Promise<bigint> {
+    // A front-end is setting up: its queues will start soon.
+    if (this.#datapath === null) this.#spawnSpare();
     return this.#device.getFeatures();
   }
 
   async setFeatures(features: bigint): Promise<void> {
+    if (this.#datapath === null) this.#spawnSpare();
     await this.#device.setFeatures(features);
     this.#features = features;
     this.#featuresSet = true;
@@ -177,14 +195,42 @@ export class VionetDevicePort implements DevicePort {
 
   async setMemTable(regions: MappedRegion[]): Promise<void> {
     this.#debug(`SET_MEM_TABLE ${regions.map(describe).join(", ") || "(empty)"}`);
+    if (regions.length === 0) this.#dropSpare();
     const wasRunning = await this.#stopQueues();
     await this.#revoke([...this.#lent]);
     this.#regions = [];
     if (regions.length > 0) {
       await this.#grant(regions);
       this.#regions = [...regions];
+      this.#spawnSpare();
     }
     if (wasRunning) await this.#maybeStart();
+  }
+
+  /**
+   * Starts the I/O workers of the next start of the queues now, so that
+   * the start itself only configures them (a front-end with memory is about
+   * to start its queues, or will start them again after a stop).
+   */
+  #spawnSpare(): void {
+    // After the reply: starting two workers takes tens of ms (more on a
+    // busy machine), which must not delay the message that asked for this
+    // (GET_VRING_BASE is a migration's downtime).
+    if (this.#spareSoon !== null) return;
+    this.#spareSoon = setTimeout(() => {
+      this.#spareSoon = null;
+      if (this.#spare?.usable || this.#datapath !== null) return;
+      this.#spare?.terminate();
+      this.#spare = IoWorkerPair.spawn({ logger: this.#logger });
+    }, 0);
+  }
+  #spareSoon: ReturnType<typeof setTimeout> | null = null;
+
+  #dropSpare(): void {
+    if (this.#spareSoon !== null) clearTimeout(this.#spareSoon);
+    this.#spareSoon = null;
+    this.#spare?.terminate();
+    this.#spare = null;
   }
 
   async addMemRegion(region: MappedRegion): Promise<void> {
@@ -212,6 +258,7 @@ export class VionetDevicePort implements DevicePort {
       throw e;
     }
     this.#regions = all;
+    if (this.#datapath === null) this.#spawnSpare();
   }
 
   /**
@@ -288,7 +335,9 @@ export class VionetDevicePort implements DevicePort {
    * inside a system call on guest memory now: every region they had is orphaned.
    */
   async #endIoWorkers(dp: DatapathHost): Promise<void> {
-    if (!await dp.stop()) { for (const r of this.#regions) this.#orphaned.add(r); }
+    if (await dp.stop()) return;
+    for (const r of this.#regions) this.#orphaned.add(r);
+    if (this.#log !== null) this.#orphaned.add(this.#log);
   }
 
   #orphanLent(): void {
@@ -312,9 +361,86 @@ export class VionetDevicePort implements DevicePort {
     return Promise.resolve();
   }
 
-  setVringAddr(index: number, addr: VringAddrFields): Promise<void> {
-    this.#ring(index).addr = addr;
-    return Promise.resolve();
+  async setVringAddr(index: number, addr: VringAddrFields): Promise<void> {
+    const ring = this.#ring(index);
+    const before = ring.addr;
+    ring.addr = addr;
+    // QEMU turns used-ring logging on and off with SET_VRING_ADDR on running rings.
+    const logChanged = before === null || before.flags !== addr.flags ||
+      before.logGuest !== addr.logGuest;
+    if (this.#datapath !== null && logChanged) await this.#applyLog(this.#log);
+  }
+
+  async setLogAll(on: boolean): Promise<void> {
+    if (on === this.#logAll) return;
+    this.#logAll = on;
+    this.#logger.log("info", "parent", `dirty logging ${on ? "on" : "off"}`);
+    if (this.#datapath !== null) await this.#applyLog(this.#log);
+  }
+
+  async setLogBase(log: MappedRegion): Promise<void> {
+    const old = this.#log;
+    this.#log = log;
+    if (this.#datapath !== null) await this.#applyLog(old);
+  }
+
+  /**
+   * Gives the running I/O workers the log as it is now. When they do not
+   * acknowledge, `previous` (the bitmap they may still write) is orphaned:
+   * the backend retires it rather than unmapping it.
+   */
+  async #applyLog(previous: MappedRegion | null): Promise<void> {
+    try {
+      await this.#datapath!.setLog(this.#logConfig());
+    } catch (e) {
+      if (previous !== null) this.#orphaned.add(previous);
+      throw e;
+    }
+  }
+
+  /** What the I/O workers log into, or null while the front-end does not log. */
+  #logConfig(): LogConfig | null {
+    const log = this.#log;
+    if (!this.#logAll || log === null) return null;
+    const used = (i: number): UsedRingLog | null => {
+      const r = this.#rings[i];
+      if (r.addr === null || (r.addr.flags & VHOST_VRING_F_LOG) === 0 || r.num === 0) return null;
+      // virtio 1.2 §2.7.8: flags, idx, ring[num], avail_event.
+      return { gpa: num(r.addr.logGuest, "used ring log address"), bytes: 6 + 8 * r.num };
+    };
+    return {
+      base: Deno.UnsafePointer.value(log.pointer),
+      size: num(log.size, "log size"),
+      rxUsed: used(RX_QUEUE),
+      txUsed: used(TX_QUEUE),
+    };
+  }
+
+  /**
+   * After the queues stopped: what the device wrote in the used rings last
+   * (the TX used index, ring flags, avail_event) is marked here, so that the
+   * log is complete when GET_VRING_BASE is answered (QEMU syncs it then).
+   */
+  #logStoppedRings(): void {
+    const cfg = this.#logConfig();
+    if (cfg === null) return;
+    const log = new DirtyLog(cfg);
+    log.markUsed(cfg.rxUsed);
+    log.markUsed(cfg.txUsed);
+  }
+
+  async sendRarp(mac: Uint8Array): Promise<void> {
+    const frame = rarpFrame(mac);
+    const n = libc.write(this.#tapFd, frame);
+    if (n !== frame.byteLength) {
+      this.#logger.log(
+        "warn",
+        "parent",
+        `RARP for ${macText(mac)} not sent (errno ${libc.errno()})`,
+      );
+      return;
+    }
+    this.#logger.log("info", "parent", `sent a RARP for ${macText(mac)} (a migrated guest)`);
   }
 
   setVringBase(index: number, base: number): Promise<void> {
@@ -327,6 +453,8 @@ export class VionetDevicePort implements DevicePort {
     await this.#stopQueues();
     ring.started = false;
     await this.#setKick(index, null);
+    // The front-end starts the rings again (a VM that resumes, a migration cancelled).
+    this.#spawnSpare();
     return ring.base;
   }
 
@@ -368,6 +496,7 @@ export class VionetDevicePort implements DevicePort {
 
   async reset(): Promise<void> {
     await this.#stopQueues();
+    this.#dropSpare();
     for (const i of [RX_QUEUE, TX_QUEUE]) {
       const r = this.#rings[i];
       if (r.kickFd !== null) libc.sys.close(r.kickFd);
@@ -376,6 +505,7 @@ export class VionetDevicePort implements DevicePort {
     }
     this.#featuresSet = false;
     this.#features = 0n;
+    this.#logAll = false;
     await this.#device.reset();
   }
 
@@ -418,7 +548,10 @@ export class VionetDevicePort implements DevicePort {
       availUser: rx.addr!.availUser,
       usedUser: rx.addr!.usedUser,
     }, this.#features);
+    const workers = this.#spare ?? undefined;
+    this.#spare = null;
     const dp = await DatapathHost.start({
+      workers,
       txUsed,
       rxUsed,
       tapFd: this.#tapFd,
@@ -428,13 +561,12 @@ export class VionetDevicePort implements DevicePort {
       ioUring: this.#ioUring,
       rings: this.#ringPool,
       rxFrameRoom: this.#tapReadRoom?.(),
+      log: this.#logConfig(),
+      kickFds: this.#rings.map((r) => r.kickFd),
+      callFds: this.#rings.map((r) => r.callFd),
       onFault: (role, message) => this.#logger.log("error", "datapath", `${role}: ${message}`),
     });
     try {
-      for (const i of [RX_QUEUE, TX_QUEUE]) {
-        await dp.setKickFd(i, this.#rings[i].kickFd);
-        await dp.setCallFd(i, this.#rings[i].callFd);
-      }
       await this.#device.startQueues(this.#placement(RX_QUEUE), this.#placement(TX_QUEUE), {
         ...buffers,
         bounceHost: Number(dp.bounceRange.base),
@@ -452,7 +584,16 @@ export class VionetDevicePort implements DevicePort {
     const dp = this.#datapath;
     if (!dp) return false;
     this.#datapath = null;
-    // The I/O workers end first: after this no system call touches guest memory.
+    // What the device took goes out first (the writer still runs): a TX frame
+    // in flight is sent, not completed unsent, and nothing new is taken.
+    try {
+      if (!await this.#device.quiesceQueues()) {
+        this.#logger.log("warn", "parent", "the device did not finish its TX frames in time");
+      }
+    } catch (e) {
+      this.#logger.log("warn", "parent", `quiesce-queues: ${(e as Error).message}`);
+    }
+    // The I/O workers end next: after this no system call touches guest memory.
     await this.#endIoWorkers(dp);
     let bases: { rx: number; tx: number };
     try {
@@ -463,6 +604,7 @@ export class VionetDevicePort implements DevicePort {
     }
     this.#rings[RX_QUEUE].base = bases.rx;
     this.#rings[TX_QUEUE].base = bases.tx;
+    this.#logStoppedRings();
     this.#logger.log("info", "parent", `queues stopped at rx ${bases.rx}, tx ${bases.tx}`);
     return true;
   }
@@ -496,5 +638,37 @@ function userMapping(r: MappedRegion) {
 }
 
 function hostRange(r: MappedRegion) {
-  return { base: Deno.UnsafePointer.value(r.pointer), size: r.size };
+  return { base: Deno.UnsafePointer.value(r.pointer), size: r.size, gpa: r.guestPhysAddr };
+}
+
+/** ARP's hardware and protocol types, and RARP's "request reverse" (RFC 903). */
+const ETH_P_RARP = 0x8035;
+const ARPHRD_ETHER = 1;
+const ETH_P_IP = 0x0800;
+const RARP_REQUEST_REVERSE = 3;
+
+/**
+ * The frame a switch learns a migrated guest's port from: a broadcast RARP
+ * "request reverse" from `mac` (RFC 903), padded to the Ethernet minimum, as
+ * QEMU announces guests itself; behind a zeroed virtio-net header.
+ */
+export function rarpFrame(mac: Uint8Array): Uint8Array {
+  const out = new Uint8Array(VIRTIO_NET_HDR_SIZE + 60);
+  const f = out.subarray(VIRTIO_NET_HDR_SIZE);
+  const v = new DataView(f.buffer, f.byteOffset);
+  f.fill(0xff, 0, 6);
+  f.set(mac.subarray(0, 6), 6);
+  v.setUint16(12, ETH_P_RARP);
+  v.setUint16(14, ARPHRD_ETHER);
+  v.setUint16(16, ETH_P_IP);
+  f[18] = 6;
+  f[19] = 4;
+  v.setUint16(20, RARP_REQUEST_REVERSE);
+  f.set(mac.subarray(0, 6), 22); // sender hardware address; sender IP 0.0.0.0
+  f.set(mac.subarray(0, 6), 32); // target hardware address; target IP 0.0.0.0
+  return out;
+}
+
+function macText(mac: Uint8Array): string {
+  return Array.from(mac.subarray(0, 6), (b) => b.toString(16).padStart(2, "0")).join(":");
 }

@@ -31,6 +31,7 @@ import * as libc from "../host/libc.ts";
 import {
   checkRegionWithinFile,
   describeRegion,
+  type LogDesc,
   type MemoryRegionDesc,
   ProtocolError,
 } from "./vhost_user_messages.ts";
@@ -95,6 +96,32 @@ export function mapRegion(desc: MemoryRegionDesc, fd: number): MappedRegion {
   } catch (e) {
     libc.closeQuietly(fd);
     throw e;
+  }
+}
+
+/**
+ * Maps a dirty log bitmap (VHOST_USER_SET_LOG_BASE) as a region: `mmapSize`
+ * bytes of `fd` from `mmapOffset`, shared and writable, after the same check
+ * of the file's size (a bitmap past the end of its file would SIGBUS the
+ * first worker that marks a page there). The region's guest address is 0:
+ * the bitmap is not guest memory, only released like it. Takes ownership of `fd`.
+ * @throws ProtocolError naming the log when the file is too small or not a file.
+ */
+export function mapLog(desc: LogDesc, fd: number): MappedRegion {
+  try {
+    return mapRegion({
+      guestPhysAddr: 0n,
+      size: desc.mmapSize,
+      userAddr: 0n,
+      mmapOffset: desc.mmapOffset,
+    }, fd);
+  } catch (e) {
+    if (!(e instanceof ProtocolError)) throw e;
+    throw new ProtocolError(
+      `SET_LOG_BASE: the log (0x${desc.mmapSize.toString(16)} bytes at offset 0x${
+        desc.mmapOffset.toString(16)
+      }) does not fit its file: ${e.message}`,
+    );
   }
 }
 

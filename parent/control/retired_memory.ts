@@ -82,6 +82,8 @@ export class RetiredMemory {
   /** Bytes unmapped so far, and ranges retired so far (for tests and the stats dump). */
   reclaimedBytes = 0;
   retiredCount = 0;
+  /** When ranges were last unmapped (Date.now()); 0: never. */
+  lastReclaimAt = 0;
 
   constructor(opts: RetiredMemoryOptions = {}) {
     this.#limit = opts.limitBytes ?? DEFAULT_RETIRED_LIMIT_BYTES;
@@ -165,6 +167,7 @@ export class RetiredMemory {
       }
     }
     this.reclaimedBytes += freed;
+    if (freed > 0) this.lastReclaimAt = Date.now();
     this.#reported.clear();
     if (freed > 0) {
       this.#log("info", `${freed} bytes of retired guest memory unmapped: no ended worker is left`);

@@ -48,6 +48,7 @@ import {
   encodeReply,
   encodeU64,
   encodeVringState,
+  type LogDesc,
   type MemoryRegionDesc,
   ProtocolError,
   rangesOverlap,
@@ -64,13 +65,18 @@ import {
   VHOST_USER_GET_QUEUE_NUM,
   VHOST_USER_GET_VRING_BASE,
   VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
+  VHOST_USER_PROTOCOL_F_LOG_SHMFD,
   VHOST_USER_PROTOCOL_F_MQ,
+  VHOST_USER_PROTOCOL_F_RARP,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_PROTOCOL_F_RESET_DEVICE,
   VHOST_USER_REM_MEM_REG,
   VHOST_USER_RESET_DEVICE,
   VHOST_USER_RESET_OWNER,
+  VHOST_USER_SEND_RARP,
   VHOST_USER_SET_FEATURES,
+  VHOST_USER_SET_LOG_BASE,
+  VHOST_USER_SET_LOG_FD,
   VHOST_USER_SET_MEM_TABLE,
   VHOST_USER_SET_OWNER,
   VHOST_USER_SET_PROTOCOL_FEATURES,
@@ -95,11 +101,14 @@ export const VIRTQUEUE_MAX_SIZE = 32768;
 /**
  * Protocol features vionet offers by default: REPLY_ACK (QEMU uses need_reply),
  * MQ (the spec asks every back-end to implement it), CONFIGURE_MEM_SLOTS (more
- * than 8 memory regions, memory hotplug) and RESET_DEVICE.
+ * than 8 memory regions, memory hotplug), RESET_DEVICE, and for live
+ * migration LOG_SHMFD (the dirty log in shared memory; with it vionet offers
+ * VHOST_F_LOG_ALL) and RARP (announce a guest that cannot announce itself).
  */
 export const VIONET_PROTOCOL_FEATURES = VHOST_USER_PROTOCOL_F_REPLY_ACK |
   VHOST_USER_PROTOCOL_F_MQ | VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS |
-  VHOST_USER_PROTOCOL_F_RESET_DEVICE;
+  VHOST_USER_PROTOCOL_F_RESET_DEVICE | VHOST_USER_PROTOCOL_F_LOG_SHMFD |
+  VHOST_USER_PROTOCOL_F_RARP;
 
 /** Protocol features this module can honour; options may offer a subset. */
 const SUPPORTED_PROTOCOL_FEATURES = VIONET_PROTOCOL_FEATURES;
@@ -173,9 +182,24 @@ export interface DevicePort {
   setVringEnable(index: number, enabled: boolean): Promise<void>;
   /**
    * Back to the initial state: rings stopped and disabled, kick and call fds
-   * closed, features cleared. Memory grants are left alone (see setMemTable).
+   * closed, features cleared, logging off. Memory grants and the log mapping
+   * are left alone (see setMemTable, setLogBase).
    */
   reset(): Promise<void>;
+  /**
+   * VHOST_F_LOG_ALL was acked (on) or dropped (off): while on, and while a
+   * log is set, every guest page written is marked in it (vhost-user.rst
+   * "Migration"). Resolves once that holds for every later write.
+   */
+  setLogAll(on: boolean): Promise<void>;
+  /**
+   * The dirty log's new bitmap (SET_LOG_BASE), mapped by the backend.
+   * Resolves once nothing writes the previous one any more; the backend
+   * then lets go of it (asking {@link DevicePort.forgetRegion}).
+   */
+  setLogBase(log: MappedRegion): Promise<void>;
+  /** Puts a RARP frame from `mac` on the host network (SEND_RARP, after a migration). */
+  sendRarp(mac: Uint8Array): Promise<void>;
   /**
    * Where the device reports a ring that entered needs-reset (its index; -1
    * for both, when the fault is the I/O side's). The backend sets it while a
@@ -195,6 +219,11 @@ export interface DevicePort {
 export interface BackendSystem {
   /** mmap a region after checking the fd's size; takes ownership of `fd` (closed on failure). */
   mapRegion(desc: MemoryRegionDesc, fd: number): MappedRegion;
+  /**
+   * mmap a dirty log bitmap (SET_LOG_BASE) after checking the fd's size;
+   * takes ownership of `fd`. Released like a region (unmapRegion, retireRegion).
+   */
+  mapLog(desc: LogDesc, fd: number): MappedRegion;
   /** munmap and close the region's fd. */
   unmapRegion(region: MappedRegion): void;
   /**
@@ -289,6 +318,8 @@ export class VhostUserBackend {
   #closed = false;
   #rings: RingState[];
   #regions: MappedRegion[] = [];
+  /** The dirty log's bitmap (SET_LOG_BASE), while one is set. */
+  #dirtyLog: MappedRegion | null = null;
   /** A region that is not sealed against shrinking was reported (once per connection). */
   #unsealedReported = false;
   readonly #handlers: { [R in SupportedRequest]: Handler<R> };
@@ -326,6 +357,11 @@ export class VhostUserBackend {
       },
       [VHOST_USER_RESET_OWNER]: () => this.#resetOwner(),
       [VHOST_USER_SET_MEM_TABLE]: (m, fds) => this.#setMemTable(m.body.regions, fds),
+      [VHOST_USER_SET_LOG_BASE]: (m, fds) => this.#setLogBase(m.body, fds),
+      // An eventfd to tell the front-end the log changed: optional, and not used.
+      // (Not taken: closed when the message is done.)
+      [VHOST_USER_SET_LOG_FD]: () => Promise.resolve(null),
+      [VHOST_USER_SEND_RARP]: (m) => this.#sendRarp(m.body.mac),
       [VHOST_USER_SET_VRING_NUM]: (m) => this.#setVringNum(m.body.index, m.body.num),
       [VHOST_USER_SET_VRING_ADDR]: (m) => this.#setVringAddr(m.body),
       [VHOST_USER_SET_VRING_BASE]: (m) => this.#setVringBase(m.body.index, m.body.num),
@@ -454,6 +490,8 @@ export class VhostUserBackend {
     }
     this.#unmapAll(this.#regions);
     this.#regions = [];
+    if (this.#dirtyLog !== null) this.#unmapAll([this.#dirtyLog]);
+    this.#dirtyLog = null;
     for (const ring of this.#rings) this.#closeErrFd(ring);
     this.#rings = this.#rings.map(initialRing);
   }
@@ -464,9 +502,13 @@ export class VhostUserBackend {
   async #offered(): Promise<bigint> {
     if (this.#offeredFeatures === null) {
       const device = await this.#device.getFeatures();
-      // Bit 30 is vhost-user's own; the device never offers it, nor dirty logging.
+      // Bit 30 is vhost-user's own; dirty logging is the back-end's (with the
+      // log in shared memory), not the device's.
+      const logAll = (this.#offeredProtocol & VHOST_USER_PROTOCOL_F_LOG_SHMFD) !== 0n
+        ? VHOST_F_LOG_ALL
+        : 0n;
       this.#offeredFeatures = (device & ~(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)) |
-        VHOST_USER_F_PROTOCOL_FEATURES;
+        VHOST_USER_F_PROTOCOL_FEATURES | logAll;
     }
     return this.#offeredFeatures;
   }
@@ -482,7 +524,15 @@ export class VhostUserBackend {
         `SET_FEATURES acks 0x${(value & ~offered).toString(16)}, which the back-end did not offer`,
       );
     }
-    await this.#device.setFeatures(value & ~VHOST_USER_F_PROTOCOL_FEATURES);
+    const own = VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL;
+    // QEMU turns logging on and off with SET_FEATURES while the rings run,
+    // nothing else changed: the device need not hear of that. Anything else
+    // (a driver that loaded again, new features) is the device's.
+    const changed = value ^ this.#ackedFeatures;
+    if (!this.#featuresSet || changed !== VHOST_F_LOG_ALL) {
+      await this.#device.setFeatures(value & ~own);
+    }
+    await this.#device.setLogAll((value & VHOST_F_LOG_ALL) !== 0n);
     this.#ackedFeatures = value;
     this.#featuresSet = true;
     // vhost-user.rst "Ring states": "upon receiving a VHOST_USER_SET_FEATURES
@@ -664,6 +714,39 @@ export class VhostUserBackend {
         this.#log("error", `${what} ${describeRegion(r)} failed: ${(e as Error).message}`);
       }
     }
+  }
+
+  // -------------------------------------------------------------------------
+  // Live migration.
+
+  async #setLogBase(desc: LogDesc, fds: MessageFds): Promise<Uint8Array> {
+    // vhost-user.rst "Migration": the log fd comes with LOG_SHMFD, the only way vionet takes one.
+    this.#requireProtocol(VHOST_USER_PROTOCOL_F_LOG_SHMFD, "SET_LOG_BASE");
+    const log = this.#system.mapLog(desc, fds.take(0));
+    try {
+      // Resolves once nothing writes the old bitmap.
+      await this.#device.setLogBase(log);
+    } catch (e) {
+      this.#unmapAll([log]);
+      throw e;
+    }
+    const old = this.#dirtyLog;
+    this.#dirtyLog = log;
+    if (old !== null) this.#unmapAll([old]);
+    this.#log(
+      "info",
+      `dirty log: ${desc.mmapSize} bytes (guest memory up to 0x${
+        (desc.mmapSize * 8n * 0x1000n).toString(16)
+      })`,
+    );
+    // QEMU reads a reply to SET_LOG_BASE when LOG_SHMFD is negotiated (its payload unused).
+    return encodeU64(0n);
+  }
+
+  async #sendRarp(mac: Uint8Array): Promise<null> {
+    this.#requireProtocol(VHOST_USER_PROTOCOL_F_RARP, "SEND_RARP");
+    await this.#device.sendRarp(mac);
+    return null;
   }
 
   // -------------------------------------------------------------------------

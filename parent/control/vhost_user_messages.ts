@@ -67,8 +67,10 @@ export const VHOST_USER_VRING_NOFD_MASK = 0x1n << 8n;
 
 /** vring address flags: log used-ring writes (only with VHOST_F_LOG_ALL). */
 export const VHOST_VRING_F_LOG = 0x1;
-/** virtio feature bit for dirty logging during migration (vionet does not offer it). */
+/** virtio feature bit for dirty logging during migration (vhost-user.rst "Migration"). */
 export const VHOST_F_LOG_ALL = 1n << 26n;
+/** vhost-user.rst "Migration": one log bit stands for a page of this many bytes. */
+export const VHOST_LOG_PAGE = 0x1000;
 /** virtio feature bit 30, reused by vhost-user for protocol-feature negotiation. */
 export const VHOST_USER_F_PROTOCOL_FEATURES = 1n << 30n;
 
@@ -212,6 +214,10 @@ export const MEMORY_REGION_SIZE = 32;
 export const MEMORY_TABLE_HEADER_SIZE = 8;
 /** single memory region description: u64 padding, then one region. */
 export const SINGLE_MEMORY_REGION_SIZE = 8 + MEMORY_REGION_SIZE;
+/** log description: u64 log size, u64 log offset. */
+export const LOG_DESC_SIZE = 16;
+/** MAC address bytes at the start of SEND_RARP's u64. */
+export const MAC_BYTES = 6;
 
 const U64_MAX = (1n << 64n) - 1n;
 
@@ -228,6 +234,14 @@ export interface MemoryRegionDesc {
   guestPhysAddr: bigint;
   size: bigint;
   userAddr: bigint;
+  mmapOffset: bigint;
+}
+
+/** A log description (VHOST_USER_SET_LOG_BASE): where in the fd the bitmap lies. */
+export interface LogDesc {
+  /** Bytes of bitmap (one bit per VHOST_LOG_PAGE of guest-physical memory). */
+  mmapSize: bigint;
+  /** Where in the file the bitmap starts (the bit of guest address 0). */
   mmapOffset: bigint;
 }
 
@@ -248,6 +262,8 @@ export interface RequestBodies {
   [VHOST_USER_SET_OWNER]: Record<never, never>;
   [VHOST_USER_RESET_OWNER]: Record<never, never>;
   [VHOST_USER_SET_MEM_TABLE]: { regions: MemoryRegionDesc[] };
+  [VHOST_USER_SET_LOG_BASE]: LogDesc;
+  [VHOST_USER_SET_LOG_FD]: Record<never, never>;
   [VHOST_USER_SET_VRING_NUM]: { index: number; num: number };
   [VHOST_USER_SET_VRING_ADDR]: VringAddr;
   [VHOST_USER_SET_VRING_BASE]: { index: number; num: number };
@@ -259,6 +275,7 @@ export interface RequestBodies {
   [VHOST_USER_SET_PROTOCOL_FEATURES]: { value: bigint };
   [VHOST_USER_GET_QUEUE_NUM]: Record<never, never>;
   [VHOST_USER_SET_VRING_ENABLE]: { index: number; enable: boolean };
+  [VHOST_USER_SEND_RARP]: { mac: Uint8Array };
   [VHOST_USER_RESET_DEVICE]: Record<never, never>;
   [VHOST_USER_GET_MAX_MEM_SLOTS]: Record<never, never>;
   [VHOST_USER_ADD_MEM_REG]: { region: MemoryRegionDesc };
@@ -315,6 +332,28 @@ const SPECS: { [R in SupportedRequest]: RequestSpec<R> } = {
     reply: "none",
     decode: readMemTable,
   },
+  [VHOST_USER_SET_LOG_BASE]: {
+    size: LOG_DESC_SIZE,
+    // vhost-user.rst SET_LOG_BASE: the log fd comes "when the back-end has
+    // VHOST_USER_PROTOCOL_F_LOG_SHMFD", the only way vionet takes a log; and
+    // with that feature the request "require[s] replies" ("Communication").
+    fds: "one",
+    reply: "u64",
+    decode(v) {
+      const log = { mmapSize: v.getBigUint64(0, true), mmapOffset: v.getBigUint64(8, true) };
+      if (log.mmapSize === 0n) throw new ProtocolError("log size is 0");
+      if (log.mmapOffset + log.mmapSize > U64_MAX) {
+        throw new ProtocolError(
+          `log offset 0x${log.mmapOffset.toString(16)} + size 0x${
+            log.mmapSize.toString(16)
+          } wraps past 2^64`,
+        );
+      }
+      return log;
+    },
+  },
+  // vhost-user.rst SET_LOG_FD: "request payload: N/A"; an eventfd vionet has no use for.
+  [VHOST_USER_SET_LOG_FD]: { size: 0, fds: "one", reply: "none", decode: noBody },
   [VHOST_USER_SET_VRING_NUM]: {
     size: VRING_STATE_SIZE,
     fds: "none",
@@ -384,6 +423,15 @@ const SPECS: { [R in SupportedRequest]: RequestSpec<R> } = {
       }
       return { index: s.index, enable: s.num === 1 };
     },
+  },
+  [VHOST_USER_SEND_RARP]: {
+    size: U64_SIZE,
+    fds: "none",
+    reply: "none",
+    // vhost-user.rst SEND_RARP: "The first 6 bytes of the payload contain the mac address".
+    decode: (v) => ({
+      mac: new Uint8Array(v.buffer.slice(v.byteOffset, v.byteOffset + MAC_BYTES)),
+    }),
   },
   [VHOST_USER_RESET_DEVICE]: { size: 0, fds: "none", reply: "none", decode: noBody },
   [VHOST_USER_GET_MAX_MEM_SLOTS]: { size: 0, fds: "none", reply: "u64", decode: noBody },

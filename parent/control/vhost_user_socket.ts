@@ -25,7 +25,7 @@
  */
 
 import * as libc from "../host/libc.ts";
-import { mapRegion, unmapRegion } from "./guest_memory_map.ts";
+import { mapLog, mapRegion, unmapRegion } from "./guest_memory_map.ts";
 import { retiredMemory } from "./retired_memory.ts";
 import {
   type BackendLogger,
@@ -197,6 +197,7 @@ function closeQuietly(fd: number): void {
 /** {@link BackendSystem} over libc: mmap with the fstat check, eventfd signalling. */
 export const LIBC_BACKEND_SYSTEM: BackendSystem = {
   mapRegion,
+  mapLog,
   unmapRegion(region) {
     const error = unmapRegion(region);
     if (error !== null) throw error;

@@ -52,6 +52,7 @@ import { WaitSet } from "./wait_set.ts";
 import type { FaultNotice, InfoNotice, InitRequest } from "./protocol.ts";
 import { RX_BATCH, RxReceiver } from "./rx_receiver.ts";
 import { RxPublisher } from "./rx_publisher.ts";
+import { DirtyLog } from "./dirty_log.ts";
 import { TapReadEngine } from "./rx_engine.ts";
 
 const { EINTR } = libc.Errno;
@@ -95,6 +96,7 @@ export class PairPoller {
   /** The wait set reported the tap invalid; cleared by a new tap. */
   #tapBroken = false;
   readonly #rx: RxReceiver;
+  readonly #publisher: RxPublisher;
   /** Writes TX records after the kicks this poller read (null: the writer alone does). */
   readonly #tx: TxDrainer | null;
   readonly #kickFd: [number, number] = [-1, -1];
@@ -121,6 +123,8 @@ export class PairPoller {
       if (this.#callRxFd < 0) return false;
       return writeEventfd(ctl, this.#callRxFd, CTL.POLLER_ERRORS);
     });
+    publisher.log = msg.log === null ? null : new DirtyLog(msg.log);
+    this.#publisher = publisher;
     this.#rx = new RxReceiver({
       ctl,
       rxPost: SpscRing.attach(msg.rxPost),
@@ -147,6 +151,7 @@ export class PairPoller {
       t.regions = regions;
       t.tapFd = msg.tapFd;
       t.setTxUsed(msg.txUsed);
+      t.log = publisher.log;
       t.start(msg.ioUring, msg.rings[0] ?? null);
       this.#tx = t;
     }
@@ -156,6 +161,12 @@ export class PairPoller {
   /** The longest frame the tap can hand us now. */
   set frameRoom(bytes: number) {
     this.#rx.frameRoom = bytes;
+  }
+
+  /** Dirty logging starts, changes or ends (null). */
+  setLog(log: DirtyLog | null): void {
+    this.#publisher.log = log;
+    if (this.#tx) this.#tx.log = log;
   }
 
   /** New ranges iovecs may point into. */

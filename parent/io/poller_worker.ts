@@ -32,6 +32,10 @@ const hooks: WorkerHooks = {
   setRegions(r) {
     poller?.setRegions(r);
   },
+  setLog(log) {
+    if (!poller) throw new Error("setLog: not initialised");
+    poller.setLog(log);
+  },
   setFd(slot, fd) {
     if (!poller) throw new Error(`setFd ${slot}: not initialised`);
     poller.setFd(slot, fd);

@@ -117,6 +117,47 @@ export interface InitRequest {
    * an init without it; the writer ignores it.
    */
   rxUsed: RxUsedPlace | null;
+  /** The dirty log, while the front-end logs (`dirty_log.ts`); null (or absent) otherwise. */
+  log: LogConfig | null;
+  /**
+   * The queues' kick and call eventfds as `setFd` would set them, so that a
+   * start takes one round trip per worker; each worker takes its own
+   * slots ({@link ROLE_SLOTS}) and ignores the rest. Absent: none yet.
+   */
+  queueFds: QueueFds;
+}
+
+/** Kick and call eventfds by slot (null: none). */
+export interface QueueFds {
+  kickRx: number | null;
+  kickTx: number | null;
+  callRx: number | null;
+  callTx: number | null;
+}
+
+/** The queue fd slots, in the order a start sets them. */
+export const QUEUE_FD_SLOTS = ["kickRx", "kickTx", "callRx", "callTx"] as const;
+
+/**
+ * A live migration's dirty log (`dirty_log.ts`): the bitmap the parent
+ * mapped from the front-end's log fd, and the used rings to mark with each
+ * publication.
+ */
+export interface LogConfig {
+  /** Host address of the bitmap's first byte (the bit of guest page 0). */
+  base: bigint;
+  /** Bytes of bitmap: it covers `size * 8` pages. */
+  size: number;
+  /** The RX used ring's guest address and length (VHOST_VRING_F_LOG), or null. */
+  rxUsed: UsedRingLog | null;
+  /** The TX used ring's, or null. */
+  txUsed: UsedRingLog | null;
+}
+
+/** Where a used ring is logged: `log_guest_addr` of SET_VRING_ADDR, and the ring's bytes. */
+export interface UsedRingLog {
+  gpa: number;
+  bytes: number;
 }
 
 /** The RX virtqueue's words the poller writes and reads, as host addresses inside `ranges`. */
@@ -187,6 +228,16 @@ export interface SetRxFrameRoomRequest {
   bytes: number;
 }
 
+/**
+ * Start, change or end dirty logging. The ack means: every write from now
+ * on is logged in the new bitmap, and the old one is no longer touched.
+ */
+export interface SetLogRequest {
+  kind: "setLog";
+  id: number;
+  log: LogConfig | null;
+}
+
 /** End the loop; the ack is the last message. */
 export interface StopRequest {
   kind: "stop";
@@ -198,6 +249,7 @@ export type IoRequest =
   | SetRegionsRequest
   | SetFdRequest
   | SetRxFrameRoomRequest
+  | SetLogRequest
   | StopRequest;
 
 export interface AckReply {
@@ -270,8 +322,35 @@ function ranges(r: Reader): HostRange[] {
   return r.list(
     "ranges",
     MAX_RANGES,
-    (g) => ({ base: g.bigint("base"), size: g.bigintOrSafe("size") }),
+    (g) => ({
+      base: g.bigint("base"),
+      size: g.bigintOrSafe("size"),
+      ...(g.has("gpa") ? { gpa: g.bigint("gpa") } : {}),
+    }),
   );
+}
+
+const NO_QUEUE_FDS: QueueFds = { kickRx: null, kickTx: null, callRx: null, callTx: null };
+
+function queueFds(r: Reader): QueueFds {
+  const fd = (k: string) => r.nullable(k, (k2) => r.fd(k2));
+  return { kickRx: fd("kickRx"), kickTx: fd("kickTx"), callRx: fd("callRx"), callTx: fd("callTx") };
+}
+
+/** The largest log bitmap a worker takes: 2^40 bytes cover 2^55 bytes of guest memory. */
+const MAX_LOG_BYTES = 2 ** 40;
+
+function usedRingLog(r: Reader): UsedRingLog {
+  return { gpa: r.address("gpa"), bytes: r.int("bytes", 1, 6 + 8 * 32768) };
+}
+
+function logConfig(r: Reader): LogConfig {
+  return {
+    base: r.hostAddress("base", 1),
+    size: r.int("size", 1, MAX_LOG_BYTES),
+    rxUsed: r.nullable("rxUsed", (k) => usedRingLog(r.object(k))),
+    txUsed: r.nullable("txUsed", (k) => usedRingLog(r.object(k))),
+  };
 }
 
 function txUsed(r: Reader): TxUsedPlace {
@@ -358,8 +437,12 @@ export function parseIoRequest(data: unknown): IoRequest {
         txShared: r.nullable("txShared", (k) => r.sharedBuffer(k, TX_SHARED_BYTES)),
         rxFrameRoom: r.optional("rxFrameRoom", RX_FRAME_ROOM_MAX, (k) => frameRoom(r, k)),
         rxUsed: r.nullable("rxUsed", (k) => rxUsed(r.object(k))),
+        log: r.optional("log", null, (k) => r.nullable(k, (k2) => logConfig(r.object(k2)))),
+        queueFds: r.optional("queueFds", NO_QUEUE_FDS, (k) => queueFds(r.object(k))),
       };
     }
+    case "setLog":
+      return { kind, id, log: r.nullable("log", (k) => logConfig(r.object(k))) };
     case "setRegions":
       return { kind, id, ranges: ranges(r) };
     case "setFd":

@@ -22,6 +22,8 @@ export interface HostRange {
   base: bigint;
   /** Bytes. */
   size: number | bigint;
+  /** Guest-physical address of the first byte, for guest memory (dirty logging); absent otherwise. */
+  gpa?: bigint;
 }
 
 /**
@@ -35,6 +37,8 @@ export interface HostMemory {
   find(base: number, len: number): number;
   /** Where range `i` starts. */
   start(i: number): number;
+  /** The guest-physical address of range `i`'s first byte, or -1 when it is not guest memory. */
+  guestAddress(i: number): number;
   /** The bytes of range `i`. */
   bytes(i: number): Uint8Array;
   /**
@@ -81,23 +85,31 @@ export class IoRegions implements HostMemory {
   readonly #starts: Float64Array;
   /** Range ends (exclusive), parallel to #starts. */
   readonly #ends: Float64Array;
+  /** Guest-physical addresses of the starts, parallel to #starts; -1: not guest memory. */
+  readonly #gpas: Float64Array;
 
-  private constructor(starts: Float64Array, ends: Float64Array) {
+  private constructor(starts: Float64Array, ends: Float64Array, gpas: Float64Array) {
     this.#starts = starts;
     this.#ends = ends;
+    this.#gpas = gpas;
   }
 
   /** The table that grants nothing. */
-  static readonly EMPTY: IoRegions = new IoRegions(new Float64Array(0), new Float64Array(0));
+  static readonly EMPTY: IoRegions = new IoRegions(
+    new Float64Array(0),
+    new Float64Array(0),
+    new Float64Array(0),
+  );
 
   /**
    * Builds a table from the parent's ranges.
    * @throws {RangeError} naming the range if one is empty, starts at 0, ends
-   *   beyond {@link MAX_HOST_ADDRESS}, or overlaps another.
+   *   beyond {@link MAX_HOST_ADDRESS}, overlaps another, or has a guest
+   *   address whose range ends beyond 2^53.
    * @throws {TypeError} if a field has the wrong type.
    */
   static from(ranges: readonly HostRange[]): IoRegions {
-    const list: Array<[number, number]> = [];
+    const list: Array<[number, number, number]> = [];
     ranges.forEach((r, i) => {
       if (typeof r.base !== "bigint") {
         throw new TypeError(`Range ${i}: base must be a bigint, got ${typeof r.base}`);
@@ -112,7 +124,16 @@ export class IoRegions implements HostMemory {
             `or ends beyond 2^53`,
         );
       }
-      list.push([Number(r.base), Number(r.base + size)]);
+      let gpa = -1;
+      if (r.gpa !== undefined) {
+        if (typeof r.gpa !== "bigint" || r.gpa < 0n || r.gpa + size > BigInt(MAX_HOST_ADDRESS)) {
+          throw new RangeError(
+            `Range ${i}: guest address must be a bigint whose range ends below 2^53`,
+          );
+        }
+        gpa = Number(r.gpa);
+      }
+      list.push([Number(r.base), Number(r.base + size), gpa]);
     });
     list.sort((a, b) => a[0] - b[0]);
     for (let i = 1; i < list.length; i++) {
@@ -127,6 +148,7 @@ export class IoRegions implements HostMemory {
     return new IoRegions(
       Float64Array.from(list, (r) => r[0]),
       Float64Array.from(list, (r) => r[1]),
+      Float64Array.from(list, (r) => r[2]),
     );
   }
 
@@ -169,6 +191,10 @@ export class IoRegions implements HostMemory {
   /** Where range `i` starts. */
   start(i: number): number {
     return this.#starts[i];
+  }
+
+  guestAddress(i: number): number {
+    return this.#gpas[i];
   }
 
   /**

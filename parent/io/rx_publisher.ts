@@ -26,6 +26,7 @@
 
 import {
   CTL,
+  IOVEC_WORDS,
   NET_HDR_BYTES,
   RX_DONE,
   RX_PUBLISHED,
@@ -44,6 +45,7 @@ import {
   VNH_NUM_BUFFERS,
 } from "../../ipc/virtio_net_hdr.ts";
 import { fullBarrier, usedNotifyWanted } from "../../ipc/vring_notify.ts";
+import type { DirtyLog } from "./dirty_log.ts";
 import type { HostMemory } from "./regions.ts";
 import type { RxUsedPlace } from "./protocol.ts";
 import type { RxStage } from "./rx_stage.ts";
@@ -96,6 +98,8 @@ export class RxPublisher {
   #runBytes = 0;
   /** Chains published since the device was last woken for RX_PUBLISHED records. */
   unsignalled = 0;
+  /** The dirty log while the front-end migrates the guest (`dirty_log.ts`), else null. */
+  log: DirtyLog | null = null;
 
   /**
    * @param signalCall writes the RX call eventfd; returns whether it was written
@@ -174,6 +178,7 @@ export class RxPublisher {
     const iHi = stage.byteAt(iovw, count, VNH_NUM_BUFFERS + 1);
     if (iHi < 0) return false;
     stage.at[iHi] = nb >>> 8;
+    if (this.log !== null) logFrame(this.log, stage, iovw, bytes);
     let left = bytes;
     let idx = this.#next;
     const elems = this.#views.elems;
@@ -234,6 +239,8 @@ export class RxPublisher {
     const c = this.#ctl;
     if (idx === (Atomics.load(c, CTL.RX_USED_IDX) & 0xffff)) return;
     const v = this.#views;
+    // The elements and the device's words in the ring are logged before the index shows them.
+    this.log?.markUsed(this.log.rxUsed);
     Atomics.store(v.idx, 0, idx);
     Atomics.store(c, CTL.RX_USED_IDX, idx);
     fullBarrier();
@@ -242,5 +249,16 @@ export class RxPublisher {
     if (usedNotifyWanted(this.#place.eventIdx, Atomics.load(v.event, 0), idx, old)) {
       if (this.#signalCall()) Atomics.add(c, CTL.RX_INTERRUPTS, 1);
     }
+  }
+}
+
+/** Marks the guest pages a frame of `bytes` read into the iovecs from word `iovw` of `stage` covers. */
+function logFrame(log: DirtyLog, stage: RxStage, iovw: number, bytes: number): void {
+  const iov = stage.iov;
+  let left = bytes;
+  for (let w = iovw; left > 0 && w + 3 < iov.length; w += IOVEC_WORDS) {
+    const len = Math.min(iov[w + 2], left);
+    log.markHost(stage.memory, iov[w + 1] * 0x1_0000_0000 + iov[w], len);
+    left -= len;
   }
 }

@@ -48,6 +48,7 @@
  */
 
 import * as libc from "../host/libc.ts";
+import type { DirtyLog } from "./dirty_log.ts";
 import { IoUring, type PreparedRing } from "./io_uring.ts";
 import { fullBarrier, usedNotifyWanted } from "../../ipc/vring_notify.ts";
 import {
@@ -181,6 +182,8 @@ export class TxDrainer {
   #tapFd = -1;
   /** Records this drainer wrote or completed (both workers count into CTL separately). */
   drained = 0;
+  /** The dirty log while the front-end migrates the guest (`dirty_log.ts`), else null. */
+  log: DirtyLog | null = null;
   #dead = false;
   #used: TxUsedViews | null = null;
   #uring: IoUring | null = null;
@@ -483,6 +486,8 @@ export class TxDrainer {
     const last = Atomics.load(s, TX_SHARED.PUBLISHED);
     const old = last === 0 ? -1 : last & 0xffff;
     if (idx === old) return false;
+    // The device's elements (written ahead) become visible with the index: log the ring first.
+    this.log?.markUsed(this.log.txUsed);
     Atomics.store(u.idx, 0, idx);
     Atomics.store(s, TX_SHARED.PUBLISHED, idx | 0x10000);
     // The load of the driver's word must not pass this store (§2.7.10).

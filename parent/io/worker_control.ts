@@ -17,6 +17,7 @@
 
 /// <reference lib="deno.worker" />
 
+import { DirtyLog } from "./dirty_log.ts";
 import { IoRegions } from "./regions.ts";
 import {
   errorReply,
@@ -27,6 +28,7 @@ import {
   type IoRole,
   MAILBOX,
   parseIoRequest,
+  QUEUE_FD_SLOTS,
   ROLE_SLOTS,
 } from "./protocol.ts";
 
@@ -39,6 +41,8 @@ export interface WorkerHooks {
   setFd(slot: FdSlot, fd: number): void;
   /** The poller only: the longest frame the tap can hand it changed. */
   setRxFrameRoom?(bytes: number): void;
+  /** Dirty logging starts, changes or ends (null): every later write uses the new log. */
+  setLog(log: DirtyLog | null): void;
   /** A stop was asked for: make the loop notice soon (it acks as its last act). */
   wake(): void;
 }
@@ -96,6 +100,10 @@ export class WorkerControl {
         if (msg.role !== role) throw new Error(`init: this is the ${role}, not the ${msg.role}`);
         const ctl = new Int32Array(msg.control);
         const loop = this.hooks.init(msg, ctl);
+        for (const slot of QUEUE_FD_SLOTS) {
+          const fd = msg.queueFds[slot];
+          if (fd !== null && ROLE_SLOTS[role].includes(slot)) this.hooks.setFd(slot, fd);
+        }
         this.#mailbox = new Int32Array(msg.mailbox);
         this.#ctl = ctl;
         this.post({ kind: "ack", id: msg.id });
@@ -124,6 +132,10 @@ export class WorkerControl {
         this.post({ kind: "ack", id: msg.id });
         return;
       }
+      case "setLog":
+        this.hooks.setLog(msg.log === null ? null : new DirtyLog(msg.log));
+        this.post({ kind: "ack", id: msg.id });
+        return;
       case "stop":
         if (this.#ctl === null) {
           this.post({ kind: "ack", id: msg.id });

@@ -28,6 +28,7 @@ import { IoRegions } from "./regions.ts";
 import { TxDrainer, writeEventfd } from "./tx_drain.ts";
 import { createTxShared } from "./protocol.ts";
 import { WorkerControl } from "./worker_control.ts";
+import { DirtyLog } from "./dirty_log.ts";
 
 // ---- state (set by control messages, read by the loop) -----------------------
 
@@ -92,6 +93,7 @@ const control = new WorkerControl("writer", {
     d.regions = IoRegions.from(msg.ranges);
     d.tapFd = msg.tapFd;
     d.setTxUsed(msg.txUsed);
+    d.log = msg.log === null ? null : new DirtyLog(msg.log);
     d.callFd = callTxFd;
     d.start(msg.ioUring, msg.rings[0] ?? null);
     drainer = d;
@@ -100,6 +102,10 @@ const control = new WorkerControl("writer", {
   },
   setRegions(r) {
     drainer?.setRegions(r);
+  },
+  setLog(log) {
+    if (!drainer) throw new Error("setLog: not initialised");
+    drainer.log = log;
   },
   setFd(slot, fd) {
     if (slot === "tap") {

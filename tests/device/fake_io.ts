@@ -93,6 +93,10 @@ export class FakeHostMemory implements HostMemory {
   start(i: number): number {
     return this.#starts[i];
   }
+  guestAddress(i: number): number {
+    const s = this.#starts[i];
+    return s < FAKE_BOUNCE ? s - FAKE_HOST : -1;
+  }
   bytes(i: number): Uint8Array {
     return this.#bytes[i];
   }

@@ -578,6 +578,26 @@ Deno.test("RX: a poller that claims more chains than were posted faults the queu
   });
 });
 
+Deno.test("an RX queue faulted by a bad rx-done record takes no more chains from the guest and is reported once", async () => {
+  // Seen while replaying net_device_fuzz_test.ts seed 41529250: the pass that found the
+  // bad record went on to pop and post the guest's next chains, and reported the fault twice.
+  await withRig(BASE, "auto", async ({ io, rx, dev, faults }) => {
+    rx.post([{ len: 2048, writable: true }]);
+    io.kick("rx");
+    await until(io, () => io.postedChains === 1, "a chain posted");
+    rx.post([{ len: 2048, writable: true }]); // offered; the device looks at it on its next pass
+    io.pushDoneRaw(5, 100, RX_PUBLISHED); // more chains than were posted: the poller is broken
+    await until(io, () => faults.length > 0, "a queue fault");
+    for (let i = 0; i < 20; i++) {
+      io.kick("rx");
+      io.writerStep();
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    assert.deepEqual(faults, ["0: rx-done publishes 5 chains, 1 were posted"]);
+    assert.equal(dev.rxq.lastAvailIdx, 1, "the second chain is still the guest's");
+  });
+});
+
 Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains stay available", async () => {
   const guest = new TestGuest([{ gpa: 0x100000, size: 4 << 20 }]);
   const io = new FakeIo(guest);

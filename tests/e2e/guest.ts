@@ -122,6 +122,12 @@ export interface BootOptions {
   qemu?: string;
   /** More QEMU arguments, appended last. */
   extraArgs?: string[];
+  /**
+   * Start as a live migration's destination (`-incoming <uri>`): the guest
+   * has booted elsewhere, so it is ready once QEMU connects the control
+   * channel (the guest's /init keeps serving it after the switch-over).
+   */
+  incoming?: string;
 }
 
 /** The result of one command run in the guest. */
@@ -170,8 +176,18 @@ export class Guest {
   #nextId = 1;
   #encoder = new TextEncoder();
 
+  /** Ready once the control channel connects (a migration's destination): see BootOptions.incoming. */
+  readonly #incoming: boolean;
+
   /** @internal use bootGuest(). */
-  constructor(child: Deno.ChildProcess, listener: Deno.Listener, tmpDir: string, started: number) {
+  constructor(
+    child: Deno.ChildProcess,
+    listener: Deno.Listener,
+    tmpDir: string,
+    started: number,
+    incoming = false,
+  ) {
+    this.#incoming = incoming;
     this.#child = child;
     this.pid = child.pid;
     this.#listener = listener;
@@ -298,6 +314,9 @@ export class Guest {
     try {
       this.#listener.close();
     } catch { /* closed */ }
+    if (this.#incoming) {
+      this.#resolveReady({ netStatus: "incoming", bootMs: Date.now() - this.#started });
+    }
     let buffered = "";
     const decoder = new TextDecoder();
     try {
@@ -414,6 +433,7 @@ export async function bootGuest(opts: BootOptions): Promise<Guest> {
     "-serial",
     "chardev:ctl",
     ...opts.netdevArgs,
+    ...(opts.incoming ? ["-incoming", opts.incoming] : []),
     ...(opts.extraArgs ?? []),
   ];
   const qemu = opts.qemu ?? "qemu-system-x86_64";
@@ -429,7 +449,7 @@ export async function bootGuest(opts: BootOptions): Promise<Guest> {
     await Deno.remove(tmpDir, { recursive: true }).catch(() => {});
     throw new Error(`Cannot start ${qemu}: ${(e as Error).message}`);
   }
-  return new Guest(child, listener, tmpDir, Date.now());
+  return new Guest(child, listener, tmpDir, Date.now(), opts.incoming !== undefined);
 }
 
 function withTimeout<T>(p: Promise<T>, ms: number, why: () => string): Promise<T> {

@@ -35,8 +35,11 @@ const nestedCode = `self.onmessage = (e) => {
   const views = e.data.buffers.map((b) => new Uint8Array(b));
   const end = Date.now() + e.data.ms;
   for (let n = 1; Date.now() < end; n++) for (const v of views) v.fill(n & 0xff);
+  if (e.data.clock) new Float64Array(e.data.clock)[0] = Date.now();
   self.close();
 };`;
+/** Where the last write into kept memory is timed (Date.now()), for the test to compare. */
+let clock: SharedArrayBuffer | null = null;
 
 function take(names: Array<{ guestPhysAddr: number; size: number; userAddr: number }>): Region[] {
   return names.map((n) => {
@@ -69,7 +72,7 @@ function answer(id: number, regions: Region[]): ArrayBuffer[] {
     case "nested": {
       const url = "data:application/javascript," + encodeURIComponent(nestedCode);
       const w = new Worker(url, { type: "module" });
-      w.postMessage({ buffers: real, ms: NESTED_MS }, real);
+      w.postMessage({ buffers: real, ms: NESTED_MS, clock }, real);
       send(fresh());
       return [];
     }
@@ -84,6 +87,7 @@ function hold(kept: ArrayBuffer[], ms: number): void {
   const views = kept.map((b) => new Uint8Array(b));
   const end = Date.now() + ms;
   for (let n = 1; Date.now() < end; n++) for (const v of views) v.fill(n & 0xff);
+  if (clock !== null && views.length > 0) new Float64Array(clock)[0] = Date.now();
 }
 
 self.onmessage = (e: MessageEvent) => {
@@ -94,6 +98,7 @@ self.onmessage = (e: MessageEvent) => {
       return;
     case "lie":
       how = m.how;
+      clock = m.clock ?? null;
       return;
     case "grant-memory":
       held.push(...m.regions);

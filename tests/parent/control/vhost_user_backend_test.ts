@@ -13,8 +13,10 @@ import {
   decodeHeader,
   encodeU64,
   encodeVringState,
+  type LogDesc,
   type MemoryRegionDesc,
   ProtocolError,
+  VHOST_F_LOG_ALL,
   VHOST_USER_ADD_MEM_REG,
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_GET_FEATURES,
@@ -24,6 +26,7 @@ import {
   VHOST_USER_GET_VRING_BASE,
   VHOST_USER_HDR_SIZE,
   VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
+  VHOST_USER_PROTOCOL_F_LOG_SHMFD,
   VHOST_USER_PROTOCOL_F_MQ,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_REM_MEM_REG,
@@ -81,6 +84,21 @@ class FakeSystem implements BackendSystem {
       pointer,
       mapBase: pointer,
       mapLength: Number(desc.size),
+      shrinkSealed: true,
+    };
+  }
+  mapLog(desc: LogDesc, fd: number): MappedRegion {
+    this.events.push(`map log ${fd}`);
+    const pointer = Deno.UnsafePointer.create(0x4000_0000n)!;
+    return {
+      guestPhysAddr: 0n,
+      size: desc.mmapSize,
+      userAddr: 0n,
+      mmapOffset: desc.mmapOffset,
+      fd,
+      pointer,
+      mapBase: pointer,
+      mapLength: Number(desc.mmapSize),
       shrinkSealed: true,
     };
   }
@@ -225,6 +243,24 @@ class FakeDevice implements DevicePort {
     this.ring(index).enabled = enabled;
     return Promise.resolve();
   }
+  logAll = false;
+  log: MappedRegion | null = null;
+  rarps: string[] = [];
+  setLogAll(on: boolean): Promise<void> {
+    this.#check(`setLogAll ${on}`);
+    this.logAll = on;
+    return Promise.resolve();
+  }
+  setLogBase(log: MappedRegion): Promise<void> {
+    this.#check("setLogBase");
+    this.log = log;
+    return Promise.resolve();
+  }
+  sendRarp(mac: Uint8Array): Promise<void> {
+    this.#check("sendRarp");
+    this.rarps.push(Array.from(mac, (b) => b.toString(16).padStart(2, "0")).join(":"));
+    return Promise.resolve();
+  }
   /** A region the device still lists was never given back (a refused release). */
   forgetRegion(region: MappedRegion): boolean {
     const held = this.regions.includes(region);
@@ -299,8 +335,18 @@ async function negotiate(
 }
 
 Deno.test("feature negotiation", async (t) => {
-  await t.step("GET_FEATURES adds VHOST_USER_F_PROTOCOL_FEATURES to the device's", async () => {
-    const { ok } = setup();
+  await t.step(
+    "GET_FEATURES adds VHOST_USER_F_PROTOCOL_FEATURES and VHOST_F_LOG_ALL to the device's",
+    async () => {
+      const { ok } = setup();
+      const features = replyU64(await ok(encodeRequest(VHOST_USER_GET_FEATURES)), 1);
+      assert.equal(features, DEVICE_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL);
+    },
+  );
+  await t.step("without LOG_SHMFD offered there is no VHOST_F_LOG_ALL", async () => {
+    const { ok } = setup({
+      protocolFeatures: VIONET_PROTOCOL_FEATURES & ~VHOST_USER_PROTOCOL_F_LOG_SHMFD,
+    });
     const features = replyU64(await ok(encodeRequest(VHOST_USER_GET_FEATURES)), 1);
     assert.equal(features, DEVICE_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES);
   });
@@ -317,7 +363,11 @@ Deno.test("feature negotiation", async (t) => {
     const { ok, device, backend } = setup();
     await negotiate(ok, true);
     assert.equal(device.features, DEVICE_FEATURES);
-    assert.equal(backend.ackedFeatures, DEVICE_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES);
+    assert.equal(
+      backend.ackedFeatures,
+      DEVICE_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL,
+    );
+    assert.equal(device.logAll, true);
   });
   await t.step("SET_FEATURES with a bit that was not offered ends the connection", async () => {
     const { send, device } = setup();
@@ -334,9 +384,9 @@ Deno.test("feature negotiation", async (t) => {
   });
   await t.step("SET_PROTOCOL_FEATURES with an unoffered bit is refused", async () => {
     const { send } = setup();
-    const r = await send(encodeRequest(VHOST_USER_SET_PROTOCOL_FEATURES, encodeU64(1n << 1n)));
+    const r = await send(encodeRequest(VHOST_USER_SET_PROTOCOL_FEATURES, encodeU64(1n << 8n)));
     assert.equal(r.ok, false);
-    if (!r.ok) assert.match(r.error.message, /SET_PROTOCOL_FEATURES acks 0x2/);
+    if (!r.ok) assert.match(r.error.message, /SET_PROTOCOL_FEATURES acks 0x100/);
   });
   await t.step("GET_QUEUE_NUM answers the queue pairs", async () => {
     const { ok } = setup({ queuePairs: 4 });

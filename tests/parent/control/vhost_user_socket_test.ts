@@ -17,6 +17,7 @@ import {
   encodeU64,
   encodeVringState,
   type MemoryRegionDesc,
+  VHOST_F_LOG_ALL,
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_GET_FEATURES,
   VHOST_USER_SET_FEATURES,
@@ -103,6 +104,15 @@ class RecordingDevice implements DevicePort {
   forgetRegion(_region: MappedRegion): boolean {
     return false; // setMemTable and removeMemRegion always release
   }
+  setLogAll(_on: boolean): Promise<void> {
+    return Promise.resolve();
+  }
+  setLogBase(_log: MappedRegion): Promise<void> {
+    return Promise.resolve();
+  }
+  sendRarp(_mac: Uint8Array): Promise<void> {
+    return Promise.resolve();
+  }
   reset(): Promise<void> {
     this.resets++;
     for (const [i] of this.kick) this.#replace(this.kick, i, null);
@@ -157,7 +167,7 @@ Deno.test("memfd regions passed with SCM_RIGHTS are mapped and visible both ways
   const fe = TestFrontend.connect(path);
   try {
     const features = await fe.requestU64(VHOST_USER_GET_FEATURES);
-    assert.equal(features, DEVICE_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES);
+    assert.equal(features, DEVICE_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL);
     await fe.send(VHOST_USER_SET_PROTOCOL_FEATURES, encodeU64(VIONET_PROTOCOL_FEATURES));
     await fe.send(VHOST_USER_SET_OWNER);
     await fe.send(VHOST_USER_SET_FEATURES, encodeU64(features));
@@ -303,7 +313,7 @@ Deno.test("a bad message closes the connection and its fds; the server accepts t
       const fe = TestFrontend.connect(path);
       assert.equal(
         await fe.requestU64(VHOST_USER_GET_FEATURES),
-        DEVICE_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES,
+        DEVICE_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL,
       );
       fe.close();
       assert.equal((await nextDisconnect()).reason, "eof");
@@ -421,7 +431,7 @@ Deno.test("client mode retries until the VMM listens and reconnects after a disc
       const vmm = await vmmSocket.accept();
       assert.equal(
         await vmm.requestU64(VHOST_USER_GET_FEATURES),
-        DEVICE_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES,
+        DEVICE_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL,
       );
       assert.equal(client.connections, i);
       vmm.close(); // the VMM drops the connection; the back-end comes back

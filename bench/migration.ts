@@ -1,0 +1,93 @@
+/**
+ * The bench's migration part: the same guest migrated between two hosts on
+ * one bridge (tests/e2e/migration_rig.ts) with vionet (two daemons) and
+ * with QEMU's own tap backend (`-netdev tap,vhost=off`, two taps on the same
+ * bridge), in the same run, alternating. Per migration: the downtime QEMU
+ * reports, and the longest stall each of two paced TCP streams running
+ * across the switch-over saw (host -> guest measured in the guest, guest ->
+ * host at the receiver), and how long after QEMU said `completed` the
+ * bridge forwarded the guest's MAC to the new tap.
+ *
+ * @module
+ */
+
+import { MigrationRig, type Vm } from "../tests/e2e/migration_rig.ts";
+
+export type MigrationBackend = "vionet" | "qemu";
+
+/** One migration. */
+export interface MigrationSample {
+  backend: MigrationBackend;
+  rep: number;
+  status: string;
+  /** The downtime QEMU reports (query-migrate `downtime`), ms. */
+  downtimeMs: number;
+  totalMs: number;
+  /** The longest time each stream's receiver got nothing, ms. */
+  stallToGuestMs: number;
+  stallFromGuestMs: number;
+  /** From QEMU's `completed` to the bridge forwarding to the new tap, ms. */
+  bridgeMs: number;
+  /** Both streams arrived intact (sha256). */
+  intact: boolean;
+  error?: string;
+}
+
+export interface MigrationOptions {
+  log: (s: string) => void;
+  /** MiB each stream carries, and its pace (MiB/s). */
+  mib?: number;
+  rate?: number;
+}
+
+/** One migration with `backend`, streams both ways across it. */
+export async function measureMigration(
+  backend: MigrationBackend,
+  rep: number,
+  o: MigrationOptions,
+): Promise<MigrationSample> {
+  const rig = await MigrationRig.create({ qemuTapHosts: 2 });
+  const [from, to] = backend === "vionet" ? [0, 1] : [2, 3];
+  const base: MigrationSample = {
+    backend,
+    rep,
+    status: "not started",
+    downtimeMs: NaN,
+    totalMs: NaN,
+    stallToGuestMs: NaN,
+    stallFromGuestMs: NaN,
+    bridgeMs: NaN,
+    intact: false,
+  };
+  try {
+    const a: Vm = await rig.startVm(from);
+    const b = await rig.startVm(to, true);
+    const mib = o.mib ?? 36;
+    const rate = o.rate ?? 6;
+    const up = await rig.streamFromGuest(a, mib, rate);
+    const down = await rig.streamToGuest(a, mib, rate);
+    await new Promise((r) => setTimeout(r, 1000)); // both streams under way
+    const m = await rig.migrate(a, b);
+    const bridgeMs = await rig.fdbMovesTo(rig.taps[to], m.endedAt).catch(() => NaN);
+    await rig.kill(a);
+    const toGuest = await down.finish(b);
+    const fromGuest = await up.finish(b);
+    const intact = toGuest.receivedSha256 === toGuest.sentSha256 &&
+      fromGuest.receivedSha256 === fromGuest.sentSha256;
+    return {
+      ...base,
+      status: m.status,
+      downtimeMs: m.downtimeMs,
+      totalMs: m.totalMs,
+      stallToGuestMs: toGuest.longestStallMs,
+      stallFromGuestMs: fromGuest.longestStallMs,
+      bridgeMs,
+      intact,
+    };
+  } catch (e) {
+    o.log(`migration ${backend} rep ${rep} failed: ${(e as Error).message}`);
+    return { ...base, status: "error", error: (e as Error).message.slice(0, 2000) };
+  } finally {
+    await rig.close();
+  }
+}

@@ -1,0 +1,436 @@
+/**
+ * Two "hosts" in one network namespace for live-migration tests: a bridge
+ * (br0, 198.18.0.1/24, where the test's TCP peers run) with one tap per
+ * host, each served by its own vionet daemon; QEMUs boot the test guest on
+ * one host's daemon and migrate it (QMP, over a unix socket) to a fresh
+ * QEMU started with `-incoming` on the other's. Also used by the bench's
+ * migration part, against QEMU's own tap backend on the same bridge.
+ *
+ * Streams that span a switch-over are paced (so they last), and record
+ * when data arrived, for the longest stall: host -> guest, the guest
+ * samples the size of the file it receives into every 10 ms (busybox
+ * `usleep`, /proc/uptime); guest -> host, the receiver in the namespace
+ * notes each chunk's arrival.
+ *
+ * Cleanup is by PID and complete even after a failure: every QEMU and
+ * helper is killed, the daemons stopped, the namespace and temporary
+ * directory removed.
+ *
+ * @module
+ */
+
+import { bootGuest, type BootInfo, type Guest, guestAssets, netKernelArgs } from "./guest.ts";
+import { NetnsProcess, startDaemon, vhostUserNetdevArgs, type VionetDaemon } from "./vionet_rig.ts";
+import { Qmp } from "./qmp.ts";
+
+export const BRIDGE_IP = "198.18.0.1";
+export const GUEST_IP = "198.18.0.2";
+export const MIGRATING_MAC = "52:54:00:12:34:56";
+
+/** One QEMU running (or waiting for) the migrating guest. */
+export interface Vm {
+  guest: Guest;
+  qmp: Qmp;
+  /** Index of the host (daemon/tap) its NIC is on; -1 for QEMU's own tap backend. */
+  host: number;
+  boot: BootInfo;
+  /** Where a migration to it goes, when it was started to receive one. */
+  incomingUri?: string;
+}
+
+/** What QEMU's query-migrate said once the migration ended. */
+export interface MigrationResult {
+  status: string;
+  /** Downtime QEMU reports (ms). */
+  downtimeMs: number;
+  totalMs: number;
+  /** Date.now() when the test saw it completed. */
+  endedAt: number;
+}
+
+export interface MigrationRigOptions {
+  /** Options for both daemons (e.g. ["--offload", "off"]). */
+  daemonArgs?: string[];
+  /** More virtio-net-pci properties (the same on both sides, as migration requires). */
+  nicProps?: readonly string[];
+  memoryMiB?: number;
+  /** Hosts served by vionet (default 2); `qemuTapHosts` more taps for QEMU's own backend. */
+  qemuTapHosts?: number;
+}
+
+let nextRig = 0;
+
+export class MigrationRig {
+  readonly netns: string;
+  readonly tmpDir: string;
+  readonly daemons: VionetDaemon[] = [];
+  /** Tap names: one per vionet host, then the ones for QEMU's own backend. */
+  readonly taps: string[] = [];
+  readonly #vms: Vm[] = [];
+  readonly #procs: NetnsProcess[] = [];
+  readonly #opts: MigrationRigOptions;
+  #nextPort = 5300;
+  #nextVm = 0;
+
+  private constructor(netns: string, tmpDir: string, opts: MigrationRigOptions) {
+    this.netns = netns;
+    this.tmpDir = tmpDir;
+    this.#opts = opts;
+  }
+
+  static async create(opts: MigrationRigOptions = {}): Promise<MigrationRig> {
+    const netns = `vionet-mig-${crypto.randomUUID().slice(0, 8)}`;
+    await sh(["ip", "netns", "add", netns]);
+    const tmpDir = await Deno.makeTempDir({ prefix: "vionet-mig-" });
+    const rig = new MigrationRig(netns, tmpDir, opts);
+    try {
+      await rig.exec(["ip", "link", "set", "lo", "up"]);
+      await rig.exec(["ip", "link", "add", "br0", "type", "bridge"]);
+      await rig.exec(["ip", "addr", "add", `${BRIDGE_IP}/24`, "dev", "br0"]);
+      await rig.exec(["ip", "link", "set", "br0", "up"]);
+      for (let i = 0; i < 2; i++) {
+        const tap = `vmig${nextRig}h${i}`;
+        const daemon = await startDaemon({
+          netns,
+          tap,
+          socketPath: `${tmpDir}/host${i}.sock`,
+          extraArgs: opts.daemonArgs,
+        });
+        rig.daemons.push(daemon);
+        rig.taps.push(tap);
+        await rig.#enslave(tap);
+      }
+      for (let i = 0; i < (opts.qemuTapHosts ?? 0); i++) {
+        const tap = `vmig${nextRig}q${i}`;
+        await rig.exec(["ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
+        rig.taps.push(tap);
+        await rig.#enslave(tap);
+      }
+      nextRig++;
+      return rig;
+    } catch (e) {
+      await rig.close();
+      throw e;
+    }
+  }
+
+  async #enslave(tap: string): Promise<void> {
+    await this.exec(["ip", "link", "set", tap, "master", "br0"]);
+    await this.exec(["ip", "link", "set", tap, "up"]);
+  }
+
+  async exec(argv: string[]): Promise<string> {
+    return await sh(["ip", "netns", "exec", this.netns, ...argv]);
+  }
+
+  spawn(argv: string[]): NetnsProcess {
+    const p = new NetnsProcess(this.netns, argv);
+    this.#procs.push(p);
+    return p;
+  }
+
+  port(): number {
+    return this.#nextPort++;
+  }
+
+  /**
+   * Starts a QEMU for the guest on `host`: booting it, or with `incoming`
+   * waiting for a migration. Host indices past the vionet hosts are taps of
+   * QEMU's own backend (`-netdev tap,vhost=off`).
+   */
+  async startVm(host: number, incoming = false): Promise<Vm> {
+    const n = this.#nextVm++;
+    const qmpPath = `${this.tmpDir}/qmp${n}.sock`;
+    const assets = guestAssets();
+    const nicProps = this.#opts.nicProps ?? [];
+    const netdevArgs = host < this.daemons.length
+      ? vhostUserNetdevArgs(`${this.tmpDir}/host${host}.sock`, { mac: MIGRATING_MAC, nicProps })
+      : [
+        "-netdev",
+        `tap,id=n0,ifname=${this.taps[host]},script=no,downscript=no,vhost=off`,
+        "-device",
+        [
+          "virtio-net-pci",
+          "netdev=n0",
+          "vectors=0",
+          "romfile=",
+          `mac=${MIGRATING_MAC}`,
+          ...nicProps,
+        ]
+          .join(","),
+      ];
+    const guest = await bootGuest({
+      kernel: assets.kernel,
+      initrd: assets.initrd,
+      netns: this.netns,
+      memoryMiB: this.#opts.memoryMiB ?? 256,
+      netdevArgs,
+      kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24`, gw: BRIDGE_IP }),
+      incoming: incoming ? `unix:${this.tmpDir}/migrate${n}.sock` : undefined,
+      extraArgs: ["-qmp", `unix:${qmpPath},server=on,wait=off`],
+    });
+    const incomingUri = incoming ? `unix:${this.tmpDir}/migrate${n}.sock` : undefined;
+    const vm: Vm = {
+      guest,
+      host,
+      qmp: null as unknown as Qmp,
+      boot: null as unknown as BootInfo,
+      incomingUri,
+    };
+    this.#vms.push(vm);
+    try {
+      vm.qmp = await Qmp.connect(qmpPath);
+      vm.boot = await guest.waitForBoot(120_000);
+    } catch (e) {
+      guest.kill();
+      throw new Error(`${(e as Error).message}\n${this.logs()}`);
+    }
+    return vm;
+  }
+
+  /** Migrates `from` to `to` (started with incoming); resolves when QEMU says it ended. */
+  async migrate(from: Vm, to: Vm, timeoutMs = 120_000): Promise<MigrationResult> {
+    if (to.incomingUri === undefined) throw new Error("the destination was not started incoming");
+    await from.qmp.execute("migrate", { uri: to.incomingUri });
+    return await this.waitMigration(from, timeoutMs);
+  }
+
+  /** Polls query-migrate on the source until the migration is no longer under way. */
+  async waitMigration(from: Vm, timeoutMs = 120_000): Promise<MigrationResult> {
+    const end = Date.now() + timeoutMs;
+    for (;;) {
+      const st = await from.qmp.execute<Record<string, unknown>>("query-migrate");
+      const status = String(st.status);
+      const underWay = ["setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"];
+      if (!underWay.includes(status)) {
+        return {
+          status,
+          downtimeMs: Number(st.downtime ?? NaN),
+          totalMs: Number(st["total-time"] ?? NaN),
+          endedAt: Date.now(),
+        };
+      }
+      if (Date.now() > end) throw new Error(`migration still ${status} after ${timeoutMs} ms`);
+      await sleep(20);
+    }
+  }
+
+  /** The tap the bridge forwards `mac` to now, or null. */
+  async fdbTap(mac = MIGRATING_MAC): Promise<string | null> {
+    const out = await this.exec(["bridge", "fdb", "show", "br", "br0"]);
+    const line = out.split("\n").find((l) => l.startsWith(`${mac} dev `));
+    return line?.split(" ")[2] ?? null;
+  }
+
+  /** Waits until the bridge forwards `mac` to `tap`; returns how long after `since` (ms). */
+  async fdbMovesTo(tap: string, since: number, timeoutMs = 5000): Promise<number> {
+    const end = since + timeoutMs;
+    for (;;) {
+      if (await this.fdbTap() === tap) return Date.now() - since;
+      if (Date.now() > end) {
+        throw new Error(`the bridge does not forward to ${tap} (it says ${await this.fdbTap()})`);
+      }
+      await sleep(20);
+    }
+  }
+
+  /**
+   * Host -> guest: a paced sender in the namespace (`mib` MiB of random
+   * data, `mibPerSecond`), the guest receiving it with nc into a tmpfs file
+   * in the background while sampling the file's size. `finish()` waits for
+   * both ends (on whichever QEMU runs the guest then) and compares.
+   */
+  async streamToGuest(vm: Vm, mib: number, mibPerSecond: number): Promise<PacedStream> {
+    const port = this.port();
+    const sender = this.spawn([
+      Deno.execPath(),
+      "eval",
+      pacedSender(BRIDGE_IP, port, mib, mibPerSecond),
+    ]);
+    await sender.waitFor(/^listening$/, 30_000);
+    const r = await vm.guest.run(
+      `rm -f /tmp/rx.blob /tmp/rx.samples; (nc ${BRIDGE_IP} ${port} >/tmp/rx.blob; echo done >/tmp/rx.done) </dev/null >/dev/null 2>&1 &\n` +
+        `(while [ ! -e /tmp/rx.done ]; do echo "$(cut -d' ' -f1 /proc/uptime) $(stat -c %s /tmp/rx.blob 2>/dev/null || echo 0)"; usleep 10000; done >/tmp/rx.samples) </dev/null >/dev/null 2>&1 &`,
+      30_000,
+    );
+    if (r.status !== 0) throw new Error(`the guest could not start receiving: ${r.output}`);
+    return {
+      finish: async (now: Vm) => {
+        const sent = JSON.parse(await sender.waitFor(/^\{/, 240_000));
+        const done = await now.guest.run(
+          "while [ ! -e /tmp/rx.done ]; do usleep 50000; done; stat -c %s /tmp/rx.blob; " +
+            "sha256sum /tmp/rx.blob; cat /tmp/rx.samples",
+          240_000,
+        );
+        const [count, sha, , ...samples] = done.output.trim().split(/\s+/);
+        return {
+          sentBytes: sent.bytes,
+          sentSha256: sent.sha256,
+          receivedBytes: Number(count),
+          receivedSha256: sha,
+          longestStallMs: longestStall(samples, 1000),
+        };
+      },
+    };
+  }
+
+  /**
+   * Guest -> host: the guest makes `mib` MiB of random data, then sends it
+   * paced (a MiB every 1/mibPerSecond s) with nc in the background; a
+   * receiver in the namespace hashes it and notes when data arrived.
+   */
+  async streamFromGuest(vm: Vm, mib: number, mibPerSecond: number): Promise<PacedStream> {
+    const port = this.port();
+    const receiver = this.spawn([Deno.execPath(), "eval", stampedReceiver(BRIDGE_IP, port)]);
+    await receiver.waitFor(/^listening$/, 30_000);
+    const prep = await vm.guest.run(
+      `dd if=/dev/urandom of=/tmp/tx.blob bs=1M count=${mib} 2>/dev/null && sha256sum /tmp/tx.blob`,
+      120_000,
+    );
+    if (prep.status !== 0) throw new Error(`the guest could not make its data: ${prep.output}`);
+    const sentSha256 = prep.output.trim().split(/\s+/)[0];
+    const pause = Math.max(1, Math.round(1_000_000 / mibPerSecond));
+    const r = await vm.guest.run(
+      `(i=0; while [ $i -lt ${mib} ]; do dd if=/tmp/tx.blob bs=1M skip=$i count=1 2>/dev/null; ` +
+        `i=$((i+1)); usleep ${pause}; done | nc ${BRIDGE_IP} ${port}) </dev/null >/dev/null 2>&1 &`,
+      30_000,
+    );
+    if (r.status !== 0) throw new Error(`the guest could not start sending: ${r.output}`);
+    return {
+      finish: async () => {
+        const got = JSON.parse(await receiver.waitFor(/^\{/, 240_000));
+        return {
+          sentBytes: mib * 1024 * 1024,
+          sentSha256,
+          receivedBytes: got.bytes,
+          receivedSha256: got.sha256,
+          longestStallMs: got.longestGapMs,
+        };
+      },
+    };
+  }
+
+  /** The daemons' logs, for failure messages. */
+  logs(): string {
+    return this.daemons.map((d, i) => `--- daemon ${i} ---\n${d.log()}`).join("\n");
+  }
+
+  /** Kills a QEMU (by PID) and waits for it. */
+  async kill(vm: Vm): Promise<void> {
+    vm.guest.kill();
+    await vm.qmp.close().catch(() => {});
+    await vm.guest.closed;
+  }
+
+  async close(): Promise<void> {
+    for (const vm of this.#vms) vm.guest.kill();
+    await Promise.allSettled(this.#vms.map((vm) => vm.qmp?.close()));
+    await Promise.allSettled(this.#vms.map((vm) => vm.guest.closed));
+    await Promise.allSettled(this.#procs.map((p) => p.kill()));
+    await Promise.allSettled(this.daemons.map((d) => d.stop(10_000)));
+    await sh(["ip", "netns", "del", this.netns]).catch(() => {});
+    await Deno.remove(this.tmpDir, { recursive: true }).catch(() => {});
+  }
+}
+
+/** What a paced stream delivered. */
+export interface StreamResult {
+  sentBytes: number;
+  sentSha256: string;
+  receivedBytes: number;
+  receivedSha256: string;
+  /** The longest time the receiver got nothing while the stream ran (ms). */
+  longestStallMs: number;
+}
+
+export interface PacedStream {
+  /** Waits for both ends; `now` is the QEMU running the guest at the end. */
+  finish(now: Vm): Promise<StreamResult>;
+}
+
+/** From "uptime size" samples: the longest time the size stood still before the end. */
+export function longestStall(words: string[], scale: number): number {
+  let longest = 0;
+  let since = NaN;
+  let last = -1;
+  for (let i = 0; i + 1 < words.length; i += 2) {
+    const t = Number(words[i]) * scale;
+    const size = Number(words[i + 1]);
+    if (!Number.isFinite(t) || !Number.isFinite(size)) continue;
+    if (size !== last) {
+      if (last > 0 && Number.isFinite(since)) longest = Math.max(longest, t - since);
+      since = t;
+      last = size;
+    }
+  }
+  return longest;
+}
+
+/** A sender for `deno eval`: `mib` MiB of random data at `rate` MiB/s to one connection. */
+function pacedSender(host: string, port: number, mib: number, rate: number): string {
+  return `
+import { createHash } from "node:crypto";
+const listener = Deno.listen({ hostname: "${host}", port: ${port} });
+console.log("listening");
+const conn = await listener.accept();
+listener.close();
+const hash = createHash("sha256");
+const chunk = new Uint8Array(64 * 1024);
+const total = ${mib} * 1024 * 1024;
+const started = performance.now();
+let sent = 0;
+while (sent < total) {
+  const due = started + (sent / (${rate} * 1024 * 1024)) * 1000;
+  const wait = due - performance.now();
+  if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+  crypto.getRandomValues(chunk);
+  hash.update(chunk);
+  let off = 0;
+  while (off < chunk.length) off += await conn.write(chunk.subarray(off));
+  sent += chunk.length;
+}
+conn.close();
+console.log(JSON.stringify({ bytes: total, sha256: hash.digest("hex") }));
+`;
+}
+
+/** A receiver for `deno eval`: hashes one connection and notes the longest gap between reads. */
+function stampedReceiver(host: string, port: number): string {
+  return `
+import { createHash } from "node:crypto";
+const listener = Deno.listen({ hostname: "${host}", port: ${port} });
+console.log("listening");
+const conn = await listener.accept();
+listener.close();
+const hash = createHash("sha256");
+let bytes = 0;
+let last = NaN;
+let longestGapMs = 0;
+for await (const chunk of conn.readable) {
+  const now = performance.now();
+  if (Number.isFinite(last)) longestGapMs = Math.max(longestGapMs, now - last);
+  last = now;
+  hash.update(chunk);
+  bytes += chunk.length;
+}
+console.log(JSON.stringify({ bytes, sha256: hash.digest("hex"), longestGapMs }));
+`;
+}
+
+async function sh(argv: string[]): Promise<string> {
+  const out = await new Deno.Command(argv[0], {
+    args: argv.slice(1),
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const dec = new TextDecoder();
+  if (!out.success) {
+    throw new Error(`${argv.join(" ")} exited ${out.code}: ${dec.decode(out.stderr).trim()}`);
+  }
+  return dec.decode(out.stdout);
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
