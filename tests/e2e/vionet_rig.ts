@@ -220,6 +220,9 @@ export class VionetDaemon extends NetnsProcess {
         opts.logLevel ?? "info",
         ...(opts.offload ? ["--offload", opts.offload] : []),
         ...(opts.extraArgs ?? []),
+        // VIONET_TEST_DAEMON_ARGS: more options for every daemon of a run (any
+        // rig), e.g. "--seccomp log" to find calls the allowlist lacks.
+        ...(Deno.env.get("VIONET_TEST_DAEMON_ARGS")?.split(/\s+/).filter((a) => a) ?? []),
       ],
       ROOT,
       startTaskEnv(),
@@ -427,12 +430,7 @@ export class Rig {
         socketPath: `${tmpDir}/run/vionet.sock`,
         offload: opts.offload,
         logLevel: opts.logLevel,
-        // VIONET_TEST_DAEMON_ARGS: more options for every daemon of a run, e.g.
-        // "--seccomp log" to find calls the allowlist lacks (scripts/syscalls.ts).
-        extraArgs: [
-          ...(opts.daemonArgs ?? []),
-          ...(Deno.env.get("VIONET_TEST_DAEMON_ARGS")?.split(/\s+/).filter((a) => a) ?? []),
-        ],
+        extraArgs: opts.daemonArgs,
       });
       await sh(["ip", "-n", netns, "addr", "add", `${HOST_IP}/24`, "dev", tap]);
       await sh(["ip", "-n", netns, "link", "set", tap, "up"]);
