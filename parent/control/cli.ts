@@ -47,6 +47,13 @@ export interface Options {
   /** Whether the I/O workers may batch tap writes and reads through io_uring. */
   ioUring: IoUringMode;
   logLevel: LogLevel;
+  /** `--user`: the user to become after set-up; null: the default (`users.ts`). */
+  user: string | null;
+  /**
+   * `--seccomp`: whether every thread runs the seccomp allowlist after
+   * set-up (`log`: it runs, but a call outside it is only logged by the kernel).
+   */
+  seccomp: "on" | "off" | "log";
 }
 
 interface OptionSpec {
@@ -126,6 +133,20 @@ export const OPTIONS: Record<string, OptionSpec> = {
       "off: one writev/readv each",
     shown: "auto",
   },
+  "user": {
+    type: "string",
+    arg: "NAME",
+    help: "become this user once the tap and the socket exist (a name, or UID:GID); " +
+      "root keeps uid 0 and says so",
+    shown: "vionet if it exists, else nobody",
+  },
+  "seccomp": {
+    type: "string",
+    arg: "on|off|log",
+    help: "on: every thread runs the system-call allowlist after set-up; off: no filter; " +
+      "log: calls outside the list are allowed and logged by the kernel (both said loudly)",
+    shown: "on",
+  },
   "log-level": { type: "string", arg: "LEVEL", help: LOG_LEVELS.join("|"), shown: "info" },
   "print-capabilities": {
     type: "boolean",
@@ -146,7 +167,7 @@ export function usage(): string {
     "usage: deno task start [--socket-path PATH | --fd N] [--client]",
     "                       [--tap IFNAME | --tap-fd N[,N...]] [--queues N]",
     "                       [--mac MAC] [--mtu N] [--offload auto|off] [--io-uring auto|off]",
-    "                       [--log-level LEVEL]",
+    "                       [--user NAME] [--seccomp on|off|log] [--log-level LEVEL]",
     "                       [--print-capabilities] [--print-permissions] [--help]",
     "",
     "options:",
@@ -283,6 +304,14 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
   if (ioUring !== "auto" && ioUring !== "off") {
     throw new UsageError(`--io-uring "${ioUring}" must be auto or off`);
   }
+  const user = str("user") ?? null;
+  if (user !== null && !/^([a-z_][a-z0-9_.-]{0,31}\$?|\d{1,10}:\d{1,10})$/i.test(user)) {
+    throw new UsageError(`--user "${user}" is not a user name or UID:GID`);
+  }
+  const seccomp = str("seccomp") ?? "on";
+  if (seccomp !== "on" && seccomp !== "off" && seccomp !== "log") {
+    throw new UsageError(`--seccomp "${seccomp}" must be on, off or log`);
+  }
   const logLevel = str("log-level") ?? "info";
   if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) {
     throw new UsageError(`--log-level "${logLevel}" must be one of ${LOG_LEVELS.join(", ")}`);
@@ -305,6 +334,8 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     offload,
     ioUring,
     logLevel: logLevel as LogLevel,
+    user,
+    seccomp,
   };
 }
 

@@ -15,10 +15,13 @@ import { DeviceHost } from "./device_host.ts";
 import type { Logger } from "./log.ts";
 import { adoptTap, createTap, type Tap, TapError, tunFlagNames } from "../host/tap.ts";
 import { applyTunscap } from "../host/tunscap.ts";
-import { dropPrivileges } from "../host/privileges.ts";
+import { enterSandbox, planUser } from "../host/sandbox.ts";
+import { currentCapabilities } from "../host/privileges.ts";
+import { type DaemonUser, resolveUser } from "../host/users.ts";
 import { retiredMemory } from "./retired_memory.ts";
 import * as libc from "../host/libc.ts";
 import { VionetDevicePort } from "./device_port.ts";
+import { RingPool } from "./ring_pool.ts";
 import { VhostUserClient, VhostUserServer } from "./vhost_user_socket.ts";
 
 /** The guest offloads the parent lets TUNSCAP put on the tap, by `--offload` mode. */
@@ -70,6 +73,8 @@ export interface Daemon {
   port: VionetDevicePort;
   /** The vhost-user service (null until `serve()`). */
   service: VhostUserServer | VhostUserClient | null;
+  /** Directories `serve()` created for the socket, outermost first. */
+  createdDirs: string[];
   /** Starts serving vhost-user as the options say. */
   serve(): void;
   stop(): Promise<void>;
@@ -120,6 +125,20 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     tap.close();
     throw e;
   }
+  // The I/O workers' io_uring rings, made now: after set-up the seccomp
+  // filter allows no io_uring_setup (ring_pool.ts). A set per queue pair,
+  // and one more, so that a pair can start while another set comes back.
+  const rings = opts.ioUring === "auto" ? RingPool.prepare(tap.queues + 1) : null;
+  if (rings?.refused) {
+    logger.log("info", "parent", `no io_uring rings (${rings.refused}): writev and readv`);
+  } else if (rings) {
+    logger.log(
+      "info",
+      "parent",
+      `made ${rings.pool.made} io_uring rings for the I/O workers, each restricted by the ` +
+        "kernel to READV and WRITEV",
+    );
+  }
   const port = new VionetDevicePort({
     device,
     tapFd: tap.fd,
@@ -130,6 +149,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     tapQueueFd: (pair) => tap.queueFd(pair),
     setTapQueueAttached: (pair, on) => tap.setQueueAttached(pair, on),
     startDevice: pairDevice,
+    rings: rings?.pool,
   });
   late.port = port;
   const daemon: Daemon = {
@@ -138,6 +158,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     config,
     port,
     service: null,
+    createdDirs: [],
     serve() {
       const serveOpts = {
         device: port,
@@ -160,7 +181,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
       } else if (opts.client) {
         daemon.service = VhostUserClient.connect(opts.socketPath!, serveOpts);
       } else {
-        libc.mkdirs(dirname(opts.socketPath!), 0o700);
+        daemon.createdDirs = libc.mkdirs(dirname(opts.socketPath!), 0o700);
         daemon.service = VhostUserServer.listen(opts.socketPath!, serveOpts);
       }
     },
@@ -169,6 +190,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
       // The server removes its own socket file as it stops.
       await daemon.service?.stop();
       for (const p of port.pairs()) p.device.terminate();
+      rings?.pool.close();
       tap.close();
     },
   };
@@ -252,23 +274,86 @@ function startDevice(
 export const EXIT_UNCONTAINED = 3;
 const UNCONTAINED = "uncontained";
 
+/**
+ * Hands the directories the daemon created for its socket to `user`, so that
+ * it can still remove the socket at exit once it runs as that user. Opened
+ * without following a symbolic link, so a name swapped meanwhile is not
+ * followed elsewhere.
+ */
+export function handDirectories(dirs: readonly string[], user: DaemonUser): void {
+  for (const dir of dirs) {
+    const fd = libc.open(dir, libc.O_RDONLY | libc.O_DIRECTORY | libc.O_NOFOLLOW | libc.O_CLOEXEC);
+    try {
+      libc.fchown(fd, user.uid, user.gid);
+    } finally {
+      libc.close(fd);
+    }
+  }
+}
+
+/**
+ * Why `user` could not remove the daemon's socket (root's) from directory
+ * `dir` at exit, or null when it can: search permission on every directory
+ * above it, write and search permission on it (by the mode bits; ACLs are
+ * not read), and in a sticky directory (/tmp) the directory must be the
+ * user's.
+ */
+export function removableBy(dir: string, user: DaemonUser): string | null {
+  if (user.uid === 0) return null;
+  const allows = (path: string, want: number): boolean | null => {
+    const st = libc.lstat(path);
+    if (st === null) return null;
+    const bits = st.uid === user.uid ? st.mode >> 6 : st.gid === user.gid ? st.mode >> 3 : st.mode;
+    return (bits & want) === want;
+  };
+  const parts = dir.split("/").filter((p) => p !== "");
+  for (let i = 0; i < parts.length; i++) {
+    const above = `/${parts.slice(0, i).join("/")}`;
+    if (allows(above, 0o1) === false) return `${above} is not searchable by ${user.name}`;
+  }
+  const ok = allows(dir, 0o3);
+  if (ok === null) return `${dir} does not exist`;
+  if (!ok) return `${dir} is not writable by ${user.name}`;
+  const st = libc.lstat(dir)!;
+  if ((st.mode & 0o1000) !== 0 && st.uid !== user.uid) {
+    return `${dir} is sticky and not ${user.name}'s`;
+  }
+  return null;
+}
+
 /** Runs until SIGINT or SIGTERM; returns the exit status. */
 export async function runDaemon(opts: Options, logger: Logger): Promise<number> {
+  // Before anything exists: an unknown --user, or one this process cannot become, creates nothing.
+  const user = resolveUser(opts.user);
+  const userPlan = planUser(user, currentCapabilities().uids[1]);
   const daemon = await startDaemon(opts, logger);
   const { tap } = daemon;
   try {
     daemon.serve();
     // Set-up is done: the tap is open and up, the socket exists. Nothing after
     // this needs a capability (TUNSETOFFLOAD works on the open tap without
-    // CAP_NET_ADMIN), so every thread gives them all up, for good.
-    const drop = dropPrivileges();
-    logger.log(
-      "info",
-      "parent",
-      `dropped ${drop.dropped.length} capabilities on ${drop.threads} threads` +
-        (drop.kept.length ? `; kept ${drop.kept.join(" ")}` : "; kept none") +
-        "; no_new_privs set",
-    );
+    // CAP_NET_ADMIN) nor uid 0, so every thread gives them up, for good, and
+    // takes on the Landlock ruleset and the seccomp filter.
+    const socketDir = opts.listenFd === null && !opts.client ? dirname(opts.socketPath!) : null;
+    if ("switchTo" in userPlan) handDirectories(daemon.createdDirs, user);
+    const unremovable = socketDir === null || !("switchTo" in userPlan)
+      ? null
+      : removableBy(socketDir, user);
+    if (unremovable !== null) {
+      logger.log(
+        "warn",
+        "parent",
+        `the socket will stay behind at exit: ${unremovable} (the next start replaces it)`,
+      );
+    }
+    const sandbox = enterSandbox({
+      user,
+      seccomp: opts.seccomp,
+      ioUring: opts.ioUring,
+      client: opts.client,
+      socketDir,
+    });
+    for (const line of sandbox.log) logger.log(line.level, "parent", line.message);
   } catch (e) {
     await daemon.stop();
     throw e;

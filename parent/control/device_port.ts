@@ -18,6 +18,7 @@
  * @module
  */
 
+import type { RingPool } from "./ring_pool.ts";
 import { RX_QUEUE, TX_QUEUE } from "../../ipc/datapath.ts";
 import { VIRTIO_NET_HDR_SIZE } from "../../ipc/virtio_net_hdr.ts";
 import * as libc from "../host/libc.ts";
@@ -50,6 +51,8 @@ export interface DevicePortOptions {
   setTapQueueAttached?: (pair: number, on: boolean) => void;
   /** Starts the device worker of pair `pair` > 0. */
   startDevice?: (pair: number) => Promise<DeviceHost>;
+  /** Restricted io_uring rings made during set-up, lent to each pair's data path (`ring_pool.ts`). */
+  rings?: RingPool;
 }
 
 /** DevicePort over the queue pairs (see the module comment). */
@@ -87,6 +90,7 @@ export class VionetDevicePort implements DevicePort {
       logger: o.logger,
       ioUring: o.ioUring,
       tapReadRoom: o.tapReadRoom,
+      rings: o.rings,
       setTapQueueAttached: pair === 0 || o.setTapQueueAttached === undefined
         ? undefined
         : (on) => o.setTapQueueAttached!(pair, on),

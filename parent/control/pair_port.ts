@@ -29,6 +29,7 @@
  * @module
  */
 
+import type { RingPool } from "./ring_pool.ts";
 import { RX_QUEUE, TX_QUEUE } from "../../ipc/datapath.ts";
 import type { QueuePlacement, RegionGrant, RegionRef } from "../../ipc/protocol.ts";
 import {
@@ -102,6 +103,8 @@ export interface PairPortOptions {
    * {@link VionetDevicePort.tapOffloadsChanged}. Default: the largest.
    */
   tapReadRoom?: () => number;
+  /** Restricted io_uring rings made during set-up, lent to each data path (`ring_pool.ts`). */
+  rings?: RingPool;
 }
 
 /** One queue pair over its device worker and I/O workers (see the module comment). */
@@ -128,9 +131,11 @@ export class PairPort {
   #log: MappedRegion | null = null;
   #logAll = false;
   readonly #tapReadRoom: (() => number) | undefined;
+  readonly #ringPool: RingPool | undefined;
 
   constructor(opts: PairPortOptions) {
     this.pair = opts.pair;
+    this.#ringPool = opts.rings;
     this.#setTapQueueAttached = opts.setTapQueueAttached;
     this.#device = opts.device;
     this.#tapFd = opts.tapFd;
@@ -566,6 +571,7 @@ export class PairPort {
       logger: this.#logger,
       ranges: this.#regions.map(hostRange),
       ioUring: this.#ioUring,
+      rings: this.#ringPool,
       rxFrameRoom: this.#tapReadRoom?.(),
       log: this.#logConfig(),
       kickFds: this.#rings.map((r) => r.kickFd),

@@ -116,8 +116,13 @@ export const TAP_IOCTLS = {
   SIOCGIFHWADDR: { number: 0x8927n, on: "tun", purpose: "read the tap's MAC" },
   SIOCGIFMTU: {
     number: 0x8921n,
-    on: "AF_INET socket",
+    on: "AF_UNIX socket",
     purpose: "read the MTU: how long the frames the poller reads can be",
+  },
+  SIOCGIFINDEX: {
+    number: 0x8933n,
+    on: "AF_UNIX socket",
+    purpose: "check that the tap's name still names it (its ifindex) before asking its MTU",
   },
 } as const;
 const TUNSETIFF = TAP_IOCTLS.TUNSETIFF.number;
@@ -132,6 +137,7 @@ const SIOCGIFFLAGS = TAP_IOCTLS.SIOCGIFFLAGS.number;
 const SIOCSIFFLAGS = TAP_IOCTLS.SIOCSIFFLAGS.number;
 const SIOCGIFHWADDR = TAP_IOCTLS.SIOCGIFHWADDR.number;
 const SIOCGIFMTU = TAP_IOCTLS.SIOCGIFMTU.number;
+const SIOCGIFINDEX = TAP_IOCTLS.SIOCGIFINDEX.number;
 /** net/if.h IFF_UP: a *link* flag (ifr_flags of SIOC[GS]IFFLAGS), not a TUNSETIFF flag. */
 const LINK_IFF_UP = 0x1;
 
@@ -139,6 +145,7 @@ const LINK_IFF_UP = 0x1;
 const IFREQ_SIZE = 40;
 const IFR_FLAGS = 16;
 const IFR_MTU = 16;
+const IFR_IFINDEX = 16;
 const IFR_HWADDR_DATA = 18;
 const IFNAMSIZ = 16;
 
@@ -468,9 +475,14 @@ export class Tap {
     this.#open();
     if (this.ifindex === 0) return null;
     try {
-      if (libc.ifNametoindex(this.name) !== this.ifindex) return null;
-      const sock = libc.socket(libc.AF_INET, libc.SOCK_DGRAM | libc.SOCK_CLOEXEC);
+      // Interface ioctls work on any socket; an AF_UNIX stream socket is the
+      // one kind the seccomp filter lets the daemon create after set-up
+      // (glibc's if_nametoindex would try netlink and datagram sockets).
+      const sock = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC);
       try {
+        const index = ifreq(this.name);
+        libc.ioctl(sock, SIOCGIFINDEX, index, "SIOCGIFINDEX");
+        if (new DataView(index.buffer).getInt32(IFR_IFINDEX, true) !== this.ifindex) return null;
         const req = ifreq(this.name);
         libc.ioctl(sock, SIOCGIFMTU, req, "SIOCGIFMTU");
         return new DataView(req.buffer).getInt32(IFR_MTU, true);

@@ -25,7 +25,7 @@
  */
 
 import { bootGuest, type BootInfo, type Guest, guestAssets, netKernelArgs } from "./guest.ts";
-import { ROOT, startTaskFlags } from "../helpers.ts";
+import { ROOT, startTaskEnv, startTaskFlags } from "../helpers.ts";
 import { type PacedStream, streamFromGuest, streamToGuest } from "./paced_streams.ts";
 
 /** The tap's address in the rig's namespace. */
@@ -69,11 +69,12 @@ export class NetnsProcess {
    * Starts `argv` with `ip netns exec <netns>` (which execs it: the PID is
    * argv[0]'s), in directory `cwd` (default: this process's).
    */
-  constructor(netns: string, argv: string[], cwd?: string) {
+  constructor(netns: string, argv: string[], cwd?: string, env?: Record<string, string>) {
     this.argv = argv;
     this.#child = new Deno.Command("ip", {
       args: ["netns", "exec", netns, ...argv],
       cwd,
+      env,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
@@ -203,20 +204,30 @@ export class VionetDaemon extends NetnsProcess {
 
   /** @internal use startDaemon(). */
   constructor(opts: DaemonOptions) {
-    super(opts.netns, [
-      Deno.execPath(),
-      "run",
-      ...startTaskFlags(),
-      MAIN_TS,
-      "--socket-path",
-      opts.socketPath,
-      "--tap",
-      opts.tap,
-      "--log-level",
-      opts.logLevel ?? "info",
-      ...(opts.offload ? ["--offload", opts.offload] : []),
-      ...(opts.extraArgs ?? []),
-    ], ROOT); // the start task runs from the repository's root (its --allow-read=. means that)
+    // As the start task: from the repository's root (its --allow-read=. means
+    // that), with the environment it sets.
+    super(
+      opts.netns,
+      [
+        Deno.execPath(),
+        "run",
+        ...startTaskFlags(),
+        MAIN_TS,
+        "--socket-path",
+        opts.socketPath,
+        "--tap",
+        opts.tap,
+        "--log-level",
+        opts.logLevel ?? "info",
+        ...(opts.offload ? ["--offload", opts.offload] : []),
+        ...(opts.extraArgs ?? []),
+        // VIONET_TEST_DAEMON_ARGS: more options for every daemon of a run (any
+        // rig), e.g. "--seccomp log" to find calls the allowlist lacks.
+        ...(Deno.env.get("VIONET_TEST_DAEMON_ARGS")?.split(/\s+/).filter((a) => a) ?? []),
+      ],
+      ROOT,
+      startTaskEnv(),
+    );
     this.socketPath = opts.socketPath;
     this.tap = opts.tap;
   }
@@ -398,6 +409,8 @@ export class Rig {
   readonly #opts: RigOptions;
   #guests: Guest[] = [];
   #procs: NetnsProcess[] = [];
+  /** `strace -c` attached to the daemon after its set-up (VIONET_TEST_STRACE), or null. */
+  #strace: Deno.ChildProcess | null = null;
   #nextPort = 5201;
   #nextMac = 0;
 
@@ -429,20 +442,25 @@ export class Rig {
     try {
       await sh(["ip", "-n", netns, "link", "set", "lo", "up"]);
       tmpDir = await Deno.makeTempDir({ prefix: "vionet-e2e-" });
+      // Like /run: others may pass through. The daemon creates run/ itself
+      // and hands it to the user it becomes, which can then remove its socket.
+      await Deno.chmod(tmpDir, 0o755);
       if (opts.persistentTap) {
         await sh(["ip", "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
       }
       daemon = await startDaemon({
         netns,
         tap,
-        socketPath: `${tmpDir}/vionet.sock`,
+        socketPath: `${tmpDir}/run/vionet.sock`,
         offload: opts.offload,
         logLevel: opts.logLevel,
         extraArgs: opts.daemonArgs,
       });
       await sh(["ip", "-n", netns, "addr", "add", `${HOST_IP}/24`, "dev", tap]);
       await sh(["ip", "-n", netns, "link", "set", tap, "up"]);
-      return new Rig(netns, tap, tmpDir, daemon, opts);
+      const rig = new Rig(netns, tap, tmpDir, daemon, opts);
+      rig.#strace = await attachStrace(daemon);
+      return rig;
     } catch (e) {
       await daemon?.stop().catch(() => {});
       if (tmpDir) await Deno.remove(tmpDir, { recursive: true }).catch(() => {});
@@ -743,10 +761,40 @@ export class Rig {
     await Promise.allSettled(this.#guests.map((g) => g.closed));
     await Promise.allSettled(this.#procs.map((p) => p.kill()));
     const status = await this.daemon.stop(10_000);
+    await this.#strace?.status;
     await sh(["ip", "netns", "del", this.netns]).catch(() => {});
     await Deno.remove(this.tmpDir, { recursive: true }).catch(() => {});
     return status;
   }
+}
+
+/**
+ * Measuring what the daemon asks of the kernel once it serves: with
+ * `VIONET_TEST_STRACE=DIR` in the environment, `strace -f -c` is attached to
+ * each daemon the rig starts once its set-up is over (its sandbox line), and
+ * writes the count of every system call it makes from then on, on any thread
+ * (threads started later included), to `DIR/daemon-<pid>.txt`.
+ * `scripts/syscalls.ts` merges these files and compares them with the
+ * seccomp allowlist. With `VIONET_TEST_STRACE_CALLS=ioctl,socket,...` it
+ * writes those calls with their arguments instead (`-e trace=`), to see
+ * which requests, families and flags the argument rules must let through.
+ * Off (null) without the variable.
+ */
+async function attachStrace(daemon: VionetDaemon): Promise<Deno.ChildProcess | null> {
+  const dir = Deno.env.get("VIONET_TEST_STRACE");
+  if (!dir) return null;
+  await daemon.waitFor(/sandbox|dropped \d+ capabilities/, 30_000);
+  await Deno.mkdir(dir, { recursive: true });
+  const calls = Deno.env.get("VIONET_TEST_STRACE_CALLS");
+  const what = calls ? ["-yy", "-e", `trace=${calls}`] : ["-c"];
+  const strace = new Deno.Command("strace", {
+    args: ["-f", ...what, "-o", `${dir}/daemon-${daemon.pid}.txt`, "-p", String(daemon.pid)],
+    stdin: "null",
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  await sleep(1000); // strace attaches to every thread before it counts
+  return strace;
 }
 
 /** A TCP receiver for `deno eval`: prints "listening", then {"bytes","sha256"} of one connection. */

@@ -9,7 +9,7 @@ import {
   usage,
   UsageError,
 } from "../../../parent/control/cli.ts";
-import { ROOT, startTaskFlags } from "../../helpers.ts";
+import { ROOT, startTaskEnv, startTaskFlags } from "../../helpers.ts";
 import { withNetns } from "../../net_ns.ts";
 
 Deno.test("no arguments: tap vionet0, a socket path, offload auto, a stable MAC", () => {
@@ -19,6 +19,8 @@ Deno.test("no arguments: tap vionet0, a socket path, offload auto, a stable MAC"
   assert.equal(o.offload, "auto");
   assert.equal(o.ioUring, "auto");
   assert.equal(o.logLevel, "info");
+  assert.equal(o.user, null, "the default user is chosen at set-up (vionet, else nobody)");
+  assert.equal(o.seccomp, "on");
   assert.deepEqual(o.mac, defaultMac("vionet0"));
   assert.equal(o.mac[0] & 3, 2, "locally administered unicast");
   assert.equal(
@@ -38,6 +40,9 @@ Deno.test("options take both --opt value and --opt=value", () => {
     "--mtu=9000",
     "--io-uring=off",
     "--log-level=debug",
+    "--user=nobody",
+    "--seccomp",
+    "log",
   ]);
   assert.equal(o.socketPath, "/tmp/s.sock");
   assert.equal(o.tap, "tapx");
@@ -46,6 +51,9 @@ Deno.test("options take both --opt value and --opt=value", () => {
   assert.equal(o.mtu, 9000);
   assert.equal(o.ioUring, "off");
   assert.equal(o.logLevel, "debug");
+  assert.equal(o.user, "nobody");
+  assert.equal(o.seccomp, "log");
+  assert.equal(parseOptions(["--user", "65534:65534"]).user, "65534:65534");
 });
 
 Deno.test("inherited descriptors: --fd and --tap-fd", () => {
@@ -102,6 +110,9 @@ Deno.test("each bad command line is a UsageError that names what is wrong", asyn
     [["--queues", "two"], /--queues "two"/],
     [["--tap-fd", "4,5", "--queues", "3"], /--queues 3 with 2 --tap-fd descriptor\(s\)/],
     [["--tap-fd", "4,4"], /--tap-fd 4,4 names a descriptor twice/],
+    [["--seccomp", "strict"], /--seccomp "strict" must be on, off or log/],
+    [["--user", "a b"], /--user "a b" is not a user name or UID:GID/],
+    [["--user", "1:"], /--user "1:" is not a user name or UID:GID/],
     [["--socket-path", "/" + "x".repeat(120)], /107 bytes/],
   ];
   for (const [argv, re] of cases) {
@@ -133,6 +144,7 @@ async function runMain(args: string[], netns?: string) {
   const full = netns ? ["ip", "netns", "exec", netns, ...cmd] : cmd;
   const out = await new Deno.Command(full[0], {
     args: full.slice(1),
+    env: startTaskEnv(),
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
@@ -181,7 +193,11 @@ Deno.test({
     withNetns(async (ns) => {
       const child = ns.spawn(
         [Deno.execPath(), "run", ...startTaskFlags(), `${ROOT}main.ts`],
-        { stdout: "piped", stderr: "piped", env: { XDG_RUNTIME_DIR: await Deno.makeTempDir() } },
+        {
+          stdout: "piped",
+          stderr: "piped",
+          env: { ...startTaskEnv(), XDG_RUNTIME_DIR: await Deno.makeTempDir() },
+        },
       );
       const stderr = collect(child.stderr);
       const stdout = collect(child.stdout);
