@@ -12,7 +12,10 @@
  * - `raw`: the ceiling, one thread `write()`ing the same frames (vnet header
  *   first) to a tap, or `read()`ing what is injected (bench/raw_tap.ts).
  *
- * Tests: `tx64`, `tx1514` (txonly, counted on the tap's rx counters), `tso`
+ * Tests: `tx64`, `tx1514` (txonly, counted on the tap's rx counters),
+ * `tx64q2` and `tx1514q2` (the same with two queue pairs: the driver sends
+ * on both, vionet runs `--queues 2` on a multi-queue tap, DPDK's vhost and
+ * net_tap two queues each; backend still on one core), `tso`
  * (csum engine with `tso set 1448 0`, fed by net_pcap replaying one 64 KiB TCP
  * frame), `rx64` (64 B frames injected into the tap from the namespace by a
  * testpmd on `net_af_packet`, counted by the rxonly driver).
@@ -39,7 +42,7 @@ import {
 import { Testpmd } from "./testpmd.ts";
 
 /** The backend-bound tests. */
-export const BACKEND_TESTS = ["tx64", "tx1514", "tso", "rx64"] as const;
+export const BACKEND_TESTS = ["tx64", "tx1514", "tso", "rx64", "tx64q2", "tx1514q2"] as const;
 export type BackendTest = typeof BACKEND_TESTS[number];
 /** The backends compared. */
 export type BackendName = "vionet" | "vionet-offload-off" | "dpdk" | "raw";
@@ -79,9 +82,19 @@ const TSO_FRAME_BYTES = tsoFrame().byteLength;
 
 /** Which backends a test compares. */
 export function backendsFor(test: BackendTest): BackendName[] {
-  return test === "tso"
-    ? ["vionet", "vionet-offload-off", "dpdk", "raw"]
-    : ["vionet", "dpdk", "raw"];
+  if (test === "tso") return ["vionet", "vionet-offload-off", "dpdk", "raw"];
+  if (queuePairsOf(test) > 1) return ["vionet", "dpdk"];
+  return ["vionet", "dpdk", "raw"];
+}
+
+/** The queue pairs a test runs with. */
+export function queuePairsOf(test: BackendTest): number {
+  return test.endsWith("q2") ? 2 : 1;
+}
+
+/** The frame size of a TX test ("64" of tx64 and tx64q2). */
+function txFrame(test: BackendTest): string {
+  return /^tx(\d+)/.exec(test)![1];
 }
 
 /** The command lines a test runs, for the report (placeholders for paths). */
@@ -92,7 +105,12 @@ export function describeBackendTest(test: BackendTest): string {
   switch (test) {
     case "tx64":
     case "tx1514":
-      return `${fe} -- -i: set fwd txonly retry; set txpkts ${test.slice(2)}; start`;
+      return `${fe} -- -i: set fwd txonly retry; set txpkts ${txFrame(test)}; start`;
+    case "tx64q2":
+    case "tx1514q2":
+      return `${fe.replace("queues=1", "queues=2")} -- -i --rxq=2 --txq=2: set fwd txonly retry; ` +
+        `set txpkts ${txFrame(test)}; start; vionet --queues 2; DPDK backend: ` +
+        "--vdev net_vhost0,iface=SOCK,queues=2 --vdev net_tap0,iface=TAP -- -i --rxq=2 --txq=2";
     case "tso":
       return `${fe} --vdev net_pcap0,rx_pcap=tso.pcap,infinite_rx=1 -- -i --mbuf-size=65535: ` +
         "(--disable-device-start) csum set ip sw 0; csum set tcp hw 0; tso set 1448 0; port start all; set fwd csum; start" +
@@ -214,6 +232,8 @@ async function startBackend(
 ): Promise<void> {
   const sock = `${r.dir}/vhost.sock`;
   const prefix = `vb${r.ns.name.slice(-8)}`;
+  const pairs = queuePairsOf(test);
+  const queueArgs = pairs > 1 ? [`--rxq=${pairs}`, `--txq=${pairs}`] : [];
   if (backend === "vionet" || backend === "vionet-offload-off") {
     const main = `${ROOT}main.ts`;
     const daemon = r.ns.spawn([
@@ -230,6 +250,8 @@ async function startBackend(
       backend === "vionet" ? "auto" : "off",
       "--log-level",
       "warn",
+      "--queues",
+      String(pairs),
       ...(o.vionetArgs ?? []),
     ], { cpu: o.backendCpu, cwd: ROOT });
     r.daemon = daemon;
@@ -241,12 +263,15 @@ async function startBackend(
     const vhost = await Testpmd.start(r.ns, {
       cpu: o.backendCpu,
       prefix: `${prefix}v`,
-      vdevs: [`net_vhost0,iface=${sock},queues=1${tso ? ",tso=1" : ""}`, `net_tap0,iface=${TAP}`],
+      vdevs: [
+        `net_vhost0,iface=${sock},queues=${pairs}${tso ? ",tso=1" : ""}`,
+        `net_tap0,iface=${TAP}`,
+      ],
       mbufSize: tso ? 65535 : undefined,
       mbufs: tso ? 2048 : undefined,
       // net_tap refuses a TSO mbuf whose tso_segsz + headers exceed its MTU (1448 + 54 > 1500):
       // net_tap allows at most 1522 B frames, so an MTU of 1504 from the first configure on.
-      appArgs: tso ? ["--disable-device-start", "--max-pkt-len=1522"] : [],
+      appArgs: tso ? ["--disable-device-start", "--max-pkt-len=1522"] : queueArgs,
     });
     r.parts.push(vhost);
     r.testpmds.push(vhost);
@@ -285,7 +310,7 @@ async function startBackend(
     await waitForPath(sock, 10_000, "(net_vhost0 did not create it)");
   } else {
     const mode = test === "rx64" ? "read" : "write";
-    const frame = test === "tso" ? "tso" : test === "rx64" ? "64" : test.slice(2);
+    const frame = test === "tso" ? "tso" : test === "rx64" ? "64" : txFrame(test);
     const raw = r.ns.spawn([
       Deno.execPath(),
       "run",
@@ -314,7 +339,8 @@ async function startFrontend(
   const sock = `${r.dir}/vhost.sock`;
   const prefix = `vb${r.ns.name.slice(-8)}`;
   if (backend !== "raw") {
-    const virtio = `net_virtio_user0,path=${sock},queues=1,queue_size=256`;
+    const pairs = queuePairsOf(test);
+    const virtio = `net_virtio_user0,path=${sock},queues=${pairs},queue_size=256`;
     if (test === "tso") {
       const pcap = `${r.dir}/tso.pcap`;
       await Deno.writeFile(pcap, pcapFile([tsoFrame()]));
@@ -343,6 +369,7 @@ async function startFrontend(
         cpu: o.frontendCpu,
         prefix: `${prefix}f`,
         vdevs: [virtio],
+        appArgs: pairs > 1 ? [`--rxq=${pairs}`, `--txq=${pairs}`] : [],
       });
       r.parts.push(fe);
       r.testpmds.push(fe);
@@ -350,7 +377,7 @@ async function startFrontend(
       if (test === "rx64") {
         await fe.cmds(["set fwd rxonly", "start"]);
       } else {
-        await fe.cmds(["set fwd txonly retry", `set txpkts ${test.slice(2)}`, "start"]);
+        await fe.cmds(["set fwd txonly retry", `set txpkts ${txFrame(test)}`, "start"]);
       }
     }
   }

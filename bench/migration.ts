@@ -70,8 +70,8 @@ export async function measureMigration(
     const m = await rig.migrate(a, b);
     const bridgeMs = await rig.fdbMovesTo(rig.taps[to], m.endedAt).catch(() => NaN);
     await rig.kill(a);
-    const toGuest = await down.finish(b);
-    const fromGuest = await up.finish(b);
+    const toGuest = await down.finish(b.guest);
+    const fromGuest = await up.finish(b.guest);
     const intact = toGuest.receivedSha256 === toGuest.sentSha256 &&
       fromGuest.receivedSha256 === fromGuest.sentSha256;
     return {

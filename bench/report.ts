@@ -284,6 +284,33 @@ export function targets(r: Results): TargetRow[] {
 }
 
 /**
+ * Two queue pairs against one, each backend on one core (issue 24's target:
+ * vionet with 2 pairs at least 0.95× of 1 pair: being multiqueue costs
+ * nothing). Empty when the run had no two-pair test.
+ */
+export function queuePairTable(samples: BackendSample[]): string[] {
+  const tests = [["tx64", "tx64q2", "TX 64 B"], ["tx1514", "tx1514q2", "TX 1514 B"]] as const;
+  if (!samples.some((x) => x.test === "tx64q2" || x.test === "tx1514q2")) return [];
+  const lines = [
+    "**Two queue pairs** on the same one backend core (Mpps; the driver sends on both):",
+    "",
+    "| test | vionet, 1 pair | vionet, 2 pairs | 2 / 1 (≥ 0.95) | DPDK, 1 queue | DPDK, 2 queues | 2 / 1 |",
+    "|---|---|---|---|---|---|---|",
+  ];
+  for (const [one, two, name] of tests) {
+    const s = (t: BackendTest, bk: BackendName) => pick(samples, t, bk, "pps");
+    lines.push(
+      `| ${name} | ${fmtSpread(s(one, "vionet"), 1e-6)} | ${fmtSpread(s(two, "vionet"), 1e-6)} | ` +
+        `${fmt(s(two, "vionet").median / s(one, "vionet").median, 2)} | ` +
+        `${fmtSpread(s(one, "dpdk"), 1e-6)} | ${fmtSpread(s(two, "dpdk"), 1e-6)} | ` +
+        `${fmt(s(two, "dpdk").median / s(one, "dpdk").median, 2)} |`,
+    );
+  }
+  lines.push("");
+  return lines;
+}
+
+/**
  * A TX test in which vionet's daemon left its CPU idle (a median below
  * {@link DRIVER_BOUND_CORES} cores) measured the driver, not vionet: with
  * frames to move, the daemon's threads would use the whole core they share.
@@ -332,7 +359,7 @@ export function markdown(r: Results): string {
       "| test | unit | vionet | vionet --offload off | DPDK vhost + tap | raw tap (1 thread) | vionet / DPDK | vionet / raw |",
     );
     lines.push("|---|---|---|---|---|---|---|---|");
-    for (const test of ["tx64", "tx1514", "tso", "rx64"] as BackendTest[]) {
+    for (const test of ["tx64", "tx1514", "tso", "rx64"] as const) {
       const key = test === "tso" ? "gbps" : "pps";
       const scale = test === "tso" ? 1 : 1e-6;
       const unit = test === "tso" ? "Gbit/s" : "Mpps";
@@ -365,6 +392,7 @@ export function markdown(r: Results): string {
     );
     for (const line of driverBound(r.backend)) lines.push("", line);
     lines.push("");
+    lines.push(...queuePairTable(r.backend));
   }
   if (r.ceiling?.length) {
     lines.push(

@@ -24,6 +24,7 @@ import {
   VIRTIO_NET_F_HOST_UFO,
   VIRTIO_NET_F_HOST_USO,
   VIRTIO_NET_F_MAC,
+  VIRTIO_NET_F_MQ,
   VIRTIO_NET_F_MRG_RXBUF,
   VIRTIO_NET_F_MTU,
   VIRTIO_NET_F_STATUS,
@@ -47,7 +48,12 @@ export const DEVICE_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NE
   // Needs nothing of the device: QEMU serves the announce request on the
   // control queue, which it keeps (the device never sees CTRL_VQ, so §5.1.3.1's
   // "GUEST_ANNOUNCE requires CTRL_VQ" is QEMU's to check).
-  VIRTIO_NET_F_GUEST_ANNOUNCE;
+  VIRTIO_NET_F_GUEST_ANNOUNCE |
+  // Each queue pair is its own device worker (the parent routes rings 2i,
+  // 2i + 1 to pair i's): nothing for one pair's device to do. QEMU serves
+  // VIRTIO_NET_CTRL_MQ on the control queue and enables pairs with
+  // SET_VRING_ENABLE; the back-end offers MQ only with more than one pair.
+  VIRTIO_NET_F_MQ;
 
 /**
  * virtio 1.2 §5.1.3.1: "The driver MUST NOT negotiate <feature> without <one of these>".

@@ -28,7 +28,8 @@ fi
 
 apt_packages=(iproute2)
 if [ "$want_test" = 1 ]; then
-  apt_packages+=(ethtool tcpdump iperf3 qemu-system-x86 busybox-static cpio kmod gcc iputils-ping)
+  # linux-libc-dev: asm/unistd_64.h, against which a test checks the seccomp table's numbers
+  apt_packages+=(ethtool tcpdump iperf3 qemu-system-x86 busybox-static cpio kmod gcc linux-libc-dev iputils-ping)
   # The libvirt recipe's test runs a private libvirtd that starts QEMU as libvirt-qemu.
   apt_packages+=(libvirt-daemon-system libvirt-clients)
 fi

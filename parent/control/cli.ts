@@ -37,8 +37,14 @@ export interface Options {
   client: boolean;
   /** The tap to create or attach to; null when `tapFd` is used. */
   tap: string | null;
-  /** A tap descriptor inherited from the supervisor (`--tap-fd`). */
+  /** A tap descriptor inherited from the supervisor (`--tap-fd`): the first queue's. */
   tapFd: number | null;
+  /** Every `--tap-fd` descriptor, one per queue pair (empty without `--tap-fd`). */
+  tapFds: number[];
+  /** Queue pairs the VMM may use (`--queues`): GET_QUEUE_NUM's answer, the tap's queues. */
+  queues: number;
+  /** `--queues` was given (else a single-queue persistent tap lowers the default to 1). */
+  queuesExplicit: boolean;
   /**
    * `--mac`: the only Ethernet source address the guest may send from (the
    * device drops and counts every other frame); null when not given, and
@@ -59,6 +65,13 @@ export interface Options {
   /** Whether the I/O workers may batch tap writes and reads through io_uring. */
   ioUring: IoUringMode;
   logLevel: LogLevel;
+  /** `--user`: the user to become after set-up; null: the default (`users.ts`). */
+  user: string | null;
+  /**
+   * `--seccomp`: whether every thread runs the seccomp allowlist after
+   * set-up (`log`: it runs, but a call outside it is only logged by the kernel).
+   */
+  seccomp: "on" | "off" | "log";
 }
 
 interface OptionSpec {
@@ -67,6 +80,20 @@ interface OptionSpec {
   help: string;
   /** The default as shown in --help. */
   shown?: string;
+}
+
+/** The largest default `--queues`: more pairs than this rarely help one NIC. */
+export const DEFAULT_MAX_QUEUES = 8;
+/** vhost-user ring indices have 8 bits (SET_VRING_KICK); 64 pairs is what QEMU accepts too. */
+export const MAX_QUEUES = 64;
+
+/**
+ * The default `--queues`: one pair per host CPU (more pairs than CPUs
+ * cannot run in parallel, and each pair costs three threads), at most
+ * {@link DEFAULT_MAX_QUEUES}.
+ */
+export function defaultQueues(cpus = navigator.hardwareConcurrency || 1): number {
+  return Math.max(1, Math.min(DEFAULT_MAX_QUEUES, cpus));
 }
 
 /** Every option, in --help order. */
@@ -94,8 +121,15 @@ export const OPTIONS: Record<string, OptionSpec> = {
   },
   "tap-fd": {
     type: "string",
+    arg: "N[,N...]",
+    help: "use the inherited tap descriptor N (opened with IFF_VNET_HDR); " +
+      "one per queue pair for a multi-queue tap (IFF_MULTI_QUEUE)",
+  },
+  "queues": {
+    type: "string",
     arg: "N",
-    help: "use the inherited tap descriptor N (opened with IFF_VNET_HDR)",
+    help: "queue pairs the VMM may use (1..64), each with its own tap queue and workers",
+    shown: `one per host CPU, at most ${DEFAULT_MAX_QUEUES}; with --tap-fd, one per descriptor`,
   },
   "socket-group": {
     type: "string",
@@ -135,6 +169,20 @@ export const OPTIONS: Record<string, OptionSpec> = {
       "off: one writev/readv each",
     shown: "auto",
   },
+  "user": {
+    type: "string",
+    arg: "NAME",
+    help: "become this user once the tap and the socket exist (a name, or UID:GID); " +
+      "root keeps uid 0 and says so",
+    shown: "vionet if it exists, else nobody",
+  },
+  "seccomp": {
+    type: "string",
+    arg: "on|off|log",
+    help: "on: every thread runs the system-call allowlist after set-up; off: no filter; " +
+      "log: calls outside the list are allowed and logged by the kernel (both said loudly)",
+    shown: "on",
+  },
   "log-level": { type: "string", arg: "LEVEL", help: LOG_LEVELS.join("|"), shown: "info" },
   "print-capabilities": {
     type: "boolean",
@@ -152,10 +200,11 @@ export function usage(): string {
   const lines = [
     "vionet: a virtio-net device backend (vhost-user) on a Linux tap",
     "",
-    "usage: deno task start [--socket-path PATH | --fd N] [--client] [--tap IFNAME | --tap-fd N]",
+    "usage: deno task start [--socket-path PATH | --fd N] [--client]",
+    "                       [--tap IFNAME | --tap-fd N[,N...]] [--queues N]",
     "                       [--socket-group GROUP] [--socket-mode MODE]",
     "                       [--mac MAC] [--mtu N] [--offload auto|off] [--io-uring auto|off]",
-    "                       [--log-level LEVEL]",
+    "                       [--user NAME] [--seccomp on|off|log] [--log-level LEVEL]",
     "                       [--print-capabilities] [--print-permissions] [--help]",
     "",
     "options:",
@@ -264,8 +313,27 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     throw new UsageError("--client connects to --socket-path; it cannot use an inherited --fd");
   }
 
-  const tapFd = str("tap-fd") === undefined ? null : parseFd("tap-fd", str("tap-fd")!);
+  const tapFds = str("tap-fd") === undefined
+    ? []
+    : str("tap-fd")!.split(",").map((t) => parseFd("tap-fd", t));
+  if (new Set(tapFds).size !== tapFds.length) {
+    throw new UsageError(`--tap-fd ${str("tap-fd")} names a descriptor twice`);
+  }
+  const tapFd = tapFds[0] ?? null;
   const tap = tapFd === null ? str("tap") ?? "vionet0" : null;
+  const queuesText = str("queues");
+  let queues = tapFds.length > 0 ? tapFds.length : defaultQueues();
+  if (queuesText !== undefined) {
+    queues = /^\d{1,3}$/.test(queuesText) ? Number(queuesText) : NaN;
+    if (!(queues >= 1 && queues <= MAX_QUEUES)) {
+      throw new UsageError(`--queues "${queuesText}" is not in 1..${MAX_QUEUES}`);
+    }
+    if (tapFds.length > 0 && queues !== tapFds.length) {
+      throw new UsageError(
+        `--queues ${queues} with ${tapFds.length} --tap-fd descriptor(s): give one per queue pair`,
+      );
+    }
+  }
   if (tap !== null && !validIfname(tap)) {
     throw new UsageError(
       `--tap "${tap}" is not a valid interface name (1-15 of A-Z a-z 0-9 _ . @ + -)`,
@@ -323,6 +391,14 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
   if (ioUring !== "auto" && ioUring !== "off") {
     throw new UsageError(`--io-uring "${ioUring}" must be auto or off`);
   }
+  const user = str("user") ?? null;
+  if (user !== null && !/^([a-z_][a-z0-9_.-]{0,31}\$?|\d{1,10}:\d{1,10})$/i.test(user)) {
+    throw new UsageError(`--user "${user}" is not a user name or UID:GID`);
+  }
+  const seccomp = str("seccomp") ?? "on";
+  if (seccomp !== "on" && seccomp !== "off" && seccomp !== "log") {
+    throw new UsageError(`--seccomp "${seccomp}" must be on, off or log`);
+  }
   const logLevel = str("log-level") ?? "info";
   if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) {
     throw new UsageError(`--log-level "${logLevel}" must be one of ${LOG_LEVELS.join(", ")}`);
@@ -338,6 +414,9 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     client: flag("client"),
     tap,
     tapFd,
+    tapFds,
+    queues,
+    queuesExplicit: queuesText !== undefined,
     mac,
     mtu,
     socketGroup,
@@ -345,6 +424,8 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     offload,
     ioUring,
     logLevel: logLevel as LogLevel,
+    user,
+    seccomp,
   };
 }
 

@@ -15,10 +15,13 @@ import { DeviceHost } from "./device_host.ts";
 import type { Logger } from "./log.ts";
 import { adoptTap, createTap, type Tap, TapError, tunFlagNames } from "../host/tap.ts";
 import { applyTunscap } from "../host/tunscap.ts";
-import { dropPrivileges } from "../host/privileges.ts";
+import { enterSandbox, planUser } from "../host/sandbox.ts";
+import { currentCapabilities } from "../host/privileges.ts";
+import { type DaemonUser, resolveUser } from "../host/users.ts";
 import { retiredMemory } from "./retired_memory.ts";
 import * as libc from "../host/libc.ts";
 import { VionetDevicePort } from "./device_port.ts";
+import { RingPool } from "./ring_pool.ts";
 import { VhostUserClient, VhostUserServer } from "./vhost_user_socket.ts";
 import {
   applySocketAccess,
@@ -110,6 +113,8 @@ export interface Daemon {
   mtu: number | null;
   /** The vhost-user service (null until `serve()`). */
   service: VhostUserServer | VhostUserClient | null;
+  /** Directories `serve()` created for the socket, outermost first. */
+  createdDirs: string[];
   /** Starts serving vhost-user as the options say. */
   serve(): void;
   stop(): Promise<void>;
@@ -121,7 +126,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
   // The group is resolved before anything exists: an unknown one leaves nothing behind.
   const listening = opts.listenFd === null && !opts.client;
   const socketAccess = listening ? resolveSocketAccess(opts.socketGroup, opts.socketMode) : null;
-  const tap = opts.tapFd !== null ? adoptTap(opts.tapFd) : createTap(opts.tap!);
+  const tap = openTap(opts, logger);
   let mtu: number | null;
   try {
     mtu = settleMtu(tap, opts.mtu, logger);
@@ -136,15 +141,53 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     logLevel: opts.logLevel,
   };
   let device: DeviceHost;
-  // The port exists only once the device does; a queue fault reaches it through this.
+  // The port exists only once the device does; queue faults and deaths reach it through this.
   const late: { port?: VionetDevicePort } = {};
-  const onQueueFault = (queue: number) => late.port?.queueFault(queue);
   const onOffloads = () => late.port?.tapOffloadsChanged();
+  let stopping = false;
+  /** Pair `pair`'s device worker; one that dies is replaced (its connection has ended then). */
+  const pairDevice = async (pair: number): Promise<DeviceHost> => {
+    const d = await startDevice(
+      tap,
+      config,
+      opts,
+      logger,
+      pair,
+      (queue) => late.port?.queueFault(pair, queue),
+      onOffloads,
+    );
+    d.onDeath = (reason) => {
+      if (stopping) return;
+      logger.log("error", "parent", `${reason}; starting a new device worker`);
+      pairDevice(pair).then(
+        (next) => {
+          if (pair === 0) daemon.device = next;
+          late.port?.replaceDevice(pair, next);
+        },
+        (e) => logger.log("error", "parent", `cannot restart the device: ${(e as Error).message}`),
+      );
+    };
+    return d;
+  };
   try {
-    device = await startDevice(tap, config, opts, logger, onQueueFault, onOffloads);
+    device = await pairDevice(0);
   } catch (e) {
     tap.close();
     throw e;
+  }
+  // The I/O workers' io_uring rings, made now: after set-up the seccomp
+  // filter allows no io_uring_setup (ring_pool.ts). A set per queue pair,
+  // and one more, so that a pair can start while another set comes back.
+  const rings = opts.ioUring === "auto" ? RingPool.prepare(tap.queues + 1) : null;
+  if (rings?.refused) {
+    logger.log("info", "parent", `no io_uring rings (${rings.refused}): writev and readv`);
+  } else if (rings) {
+    logger.log(
+      "info",
+      "parent",
+      `made ${rings.pool.made} io_uring rings for the I/O workers, each restricted by the ` +
+        "kernel to READV and WRITEV",
+    );
   }
   const port = new VionetDevicePort({
     device,
@@ -152,10 +195,14 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     logger,
     ioUring: opts.ioUring,
     tapReadRoom: () => tap.readRoom(),
+    queuePairs: tap.queues,
+    tapQueueFd: (pair) => tap.queueFd(pair),
+    setTapQueueAttached: (pair, on) => tap.setQueueAttached(pair, on),
+    startDevice: pairDevice,
+    rings: rings?.pool,
     sourceMac: opts.mac,
   });
   late.port = port;
-  let stopping = false;
   const daemon: Daemon = {
     tap,
     device,
@@ -164,10 +211,12 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     socketAccess,
     mtu,
     service: null,
+    createdDirs: [],
     serve() {
       const serveOpts = {
         device: port,
         backendOptions: {
+          queuePairs: tap.queues,
           maxMtu: mtu ?? UNKNOWN_MTU_LIMIT,
           maxMtuSource: mtu === null
             ? "the largest a tap takes"
@@ -192,7 +241,12 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
         daemon.service = VhostUserClient.connect(opts.socketPath!, serveOpts);
       } else {
         const access = socketAccess!;
-        prepareSocketDir(dirname(opts.socketPath!), access, opts.ownSocketDir, logger);
+        daemon.createdDirs = prepareSocketDir(
+          dirname(opts.socketPath!),
+          access,
+          opts.ownSocketDir,
+          logger,
+        );
         daemon.service = VhostUserServer.listen(
           opts.socketPath!,
           serveOpts,
@@ -204,27 +258,40 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
       stopping = true;
       // The server removes its own socket file as it stops.
       await daemon.service?.stop();
-      daemon.device.terminate();
+      for (const p of port.pairs()) p.device.terminate();
+      rings?.pool.close();
       tap.close();
     },
   };
   // A device worker that dies (a bug: it never throws on guest input) ends the
   // connection, since every request to it now fails; a new one serves the next.
-  device.onDeath = (reason) => {
-    if (stopping) return;
-    logger.log("error", "parent", `${reason}; starting a new device worker`);
-    startDevice(tap, config, opts, logger, onQueueFault, onOffloads).then((d) => {
-      daemon.device = d;
-      d.onDeath = device.onDeath;
-      port.replaceDevice(d);
-    }, (e) => logger.log("error", "parent", `cannot restart the device: ${(e as Error).message}`));
-  };
   return daemon;
+}
+
+/**
+ * Opens the tap `--tap` names (with `--queues` queues) or adopts the
+ * `--tap-fd` descriptors. A persistent tap made single-queue cannot take
+ * more queues: with `--queues` not given, the daemon then serves one pair.
+ */
+function openTap(opts: Options, logger: Logger): Tap {
+  if (opts.tapFd !== null) return adoptTap(opts.tapFds);
+  try {
+    return createTap(opts.tap!, { queues: opts.queues });
+  } catch (e) {
+    if (opts.queuesExplicit || opts.queues === 1 || !(e instanceof TapError)) throw e;
+    const tap = createTap(opts.tap!, { queues: 1 });
+    logger.log(
+      "info",
+      "parent",
+      `tap ${tap.name} takes one queue (a persistent single-queue tap?): serving one queue pair`,
+    );
+    return tap;
+  }
 }
 
 /** Logs the device's counters per queue and the data path's, one line each. */
 async function logStats(daemon: Daemon, logger: Logger): Promise<void> {
-  const queues = await daemon.device.getStats();
+  const queues = await daemon.port.stats();
   for (const [name, counters] of Object.entries(queues)) {
     logger.log("info", "stats", `${name} ${JSON.stringify(counters)}`);
   }
@@ -284,6 +351,7 @@ function startDevice(
   config: DeviceConfig,
   opts: Options,
   logger: Logger,
+  pair: number,
   onQueueFault: (queue: number) => void,
   onOffloads: () => void,
 ) {
@@ -293,8 +361,9 @@ function startDevice(
       tunscap: tunscapHandler(tap, allowedTapOffloads(opts.offload), logger, onOffloads),
     },
     logger,
+    label: pair === 0 ? "device" : `device ${pair}`,
     onQueueFault: (queue, reason) => {
-      logger.log("error", "device", `queue ${queue} needs a reset: ${reason}`);
+      logger.log("error", "device", `pair ${pair} queue ${queue} needs a reset: ${reason}`);
       onQueueFault(queue);
     },
   });
@@ -348,23 +417,96 @@ function boundPath(fd: number): string | null {
   }
 }
 
+/**
+ * Hands the directories the daemon created for its socket to `user`, so that
+ * it can still remove the socket at exit once it runs as that user. Opened
+ * without following a symbolic link, so a name swapped meanwhile is not
+ * followed elsewhere. `gid`: the group they keep (`--socket-group`, which
+ * must still pass through them), else the user's.
+ */
+export function handDirectories(
+  dirs: readonly string[],
+  user: DaemonUser,
+  gid: number | null = null,
+): void {
+  for (const dir of dirs) {
+    const fd = libc.open(dir, libc.O_RDONLY | libc.O_DIRECTORY | libc.O_NOFOLLOW | libc.O_CLOEXEC);
+    try {
+      libc.fchown(fd, user.uid, gid ?? user.gid);
+    } finally {
+      libc.close(fd);
+    }
+  }
+}
+
+/**
+ * Why `user` could not remove the daemon's socket (root's) from directory
+ * `dir` at exit, or null when it can: search permission on every directory
+ * above it, write and search permission on it (by the mode bits; ACLs are
+ * not read), and in a sticky directory (/tmp) the directory must be the
+ * user's.
+ */
+export function removableBy(dir: string, user: DaemonUser): string | null {
+  if (user.uid === 0) return null;
+  const allows = (path: string, want: number): boolean | null => {
+    const st = libc.lstat(path);
+    if (st === null) return null;
+    const bits = st.uid === user.uid ? st.mode >> 6 : st.gid === user.gid ? st.mode >> 3 : st.mode;
+    return (bits & want) === want;
+  };
+  const parts = dir.split("/").filter((p) => p !== "");
+  for (let i = 0; i < parts.length; i++) {
+    const above = `/${parts.slice(0, i).join("/")}`;
+    if (allows(above, 0o1) === false) return `${above} is not searchable by ${user.name}`;
+  }
+  const ok = allows(dir, 0o3);
+  if (ok === null) return `${dir} does not exist`;
+  if (!ok) return `${dir} is not writable by ${user.name}`;
+  const st = libc.lstat(dir)!;
+  if ((st.mode & 0o1000) !== 0 && st.uid !== user.uid) {
+    return `${dir} is sticky and not ${user.name}'s`;
+  }
+  return null;
+}
+
 /** Runs until SIGINT or SIGTERM; returns the exit status. */
 export async function runDaemon(opts: Options, logger: Logger): Promise<number> {
+  // Before anything exists: an unknown --user, or one this process cannot become, creates nothing.
+  const user = resolveUser(opts.user);
+  const userPlan = planUser(user, currentCapabilities().uids[1]);
   const daemon = await startDaemon(opts, logger);
   const { tap } = daemon;
+  let fdPath: string | null = null;
   try {
     daemon.serve();
     // Set-up is done: the tap is open and up, the socket exists. Nothing after
     // this needs a capability (TUNSETOFFLOAD works on the open tap without
-    // CAP_NET_ADMIN), so every thread gives them all up, for good.
-    const drop = dropPrivileges();
-    logger.log(
-      "info",
-      "parent",
-      `dropped ${drop.dropped.length} capabilities on ${drop.threads} threads` +
-        (drop.kept.length ? `; kept ${drop.kept.join(" ")}` : "; kept none") +
-        "; no_new_privs set",
-    );
+    // CAP_NET_ADMIN) nor uid 0, so every thread gives them up, for good, and
+    // takes on the Landlock ruleset and the seccomp filter.
+    const socketDir = opts.listenFd === null && !opts.client ? dirname(opts.socketPath!) : null;
+    if ("switchTo" in userPlan) {
+      handDirectories(daemon.createdDirs, user, daemon.socketAccess?.gid ?? null);
+    }
+    const unremovable = socketDir === null || !("switchTo" in userPlan)
+      ? null
+      : removableBy(socketDir, user);
+    if (unremovable !== null) {
+      logger.log(
+        "warn",
+        "parent",
+        `the socket will stay behind at exit: ${unremovable} (the next start replaces it)`,
+      );
+    }
+    // Asked now: getsockname is not among the calls the sandbox allows.
+    fdPath = opts.listenFd !== null ? boundPath(opts.listenFd) : null;
+    const sandbox = enterSandbox({
+      user,
+      seccomp: opts.seccomp,
+      ioUring: opts.ioUring,
+      client: opts.client,
+      socketDir,
+    });
+    for (const line of sandbox.log) logger.log(line.level, "parent", line.message);
   } catch (e) {
     await daemon.stop();
     throw e;
@@ -388,11 +530,10 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
     }`,
   );
   if (opts.listenFd !== null) {
-    const path = boundPath(opts.listenFd);
     logger.log(
       "info",
       "parent",
-      `serving vhost-user on inherited fd ${opts.listenFd}${path ? ` (${path})` : ""}`,
+      `serving vhost-user on inherited fd ${opts.listenFd}${fdPath ? ` (${fdPath})` : ""}`,
     );
   } else {
     logger.log(
@@ -403,14 +544,7 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
         : `listening on ${opts.socketPath}, ${describeSocketAccess(daemon.socketAccess!)}`,
     );
   }
-  console.log(
-    attachText(
-      opts,
-      tap.name,
-      daemon.mtu,
-      opts.listenFd !== null ? boundPath(opts.listenFd) : null,
-    ),
-  );
+  console.log(attachText(opts, tap.name, daemon.mtu, fdPath));
 
   // SIGUSR2: log every counter (per queue, and the I/O side's), e.g. for a
   // stalled guest: `kill -USR2 <pid>`. Not SIGUSR1: Deno (2.9.6, measured)

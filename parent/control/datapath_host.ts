@@ -15,6 +15,7 @@
  */
 
 import * as libc from "../host/libc.ts";
+import { type LentRings, type RingPool, RINGS_PER_DATAPATH } from "./ring_pool.ts";
 import { VIRTIO_RING_F_EVENT_IDX } from "../../ipc/features.ts";
 import { SpscRing } from "../../ipc/spsc_ring.ts";
 import {
@@ -183,6 +184,11 @@ export interface DatapathHostOptions extends IoWorkerPairOptions {
   onFault?: (role: IoRole, message: string) => void;
   /** Whether the writer may batch through io_uring (`--io-uring`; default "auto"). */
   ioUring?: IoUringMode;
+  /**
+   * Restricted rings made during set-up (`ring_pool.ts`), lent to the
+   * workers and taken back at the stop; absent: each worker makes its own.
+   */
+  rings?: RingPool;
   /** Where the writer publishes TX completions (omitted: nowhere, for tests of the workers alone). */
   txUsed?: TxUsedPlace | null;
   /** The tap's longest frame, net header included (`rxFrameRoom` in io/protocol.ts; default the maximum). */
@@ -405,9 +411,25 @@ export class DatapathHost {
   readonly #writer: IoWorker;
   readonly #poller: IoWorker;
   readonly #logger: Logger;
+  /** The rings lent by the pool, given back at the stop. */
+  readonly #lent: LentRings;
+  readonly #pool: RingPool | undefined;
   #stopped = false;
 
   private constructor(opts: DatapathHostOptions, wakeFd: number) {
+    this.#pool = opts.rings;
+    this.#lent = opts.ioUring !== "off" && opts.rings
+      ? opts.rings.lend()
+      : { writer: [], poller: [] };
+    const lent = this.#lent.writer.length + this.#lent.poller.length;
+    if (opts.ioUring !== "off" && opts.rings && lent < RINGS_PER_DATAPATH) {
+      opts.logger.log(
+        "warn",
+        "datapath",
+        `only ${lent} of ${RINGS_PER_DATAPATH} io_uring rings left (workers that were ended ` +
+          "may still have held theirs): the rest make their own if allowed, else use writev/readv",
+      );
+    }
     this.buffers = opts.buffers;
     this.#ctl = new Int32Array(opts.buffers.control);
     this.#wakeFd = wakeFd;
@@ -477,6 +499,7 @@ export class DatapathHost {
         wakeFd,
         ranges,
         ioUring: opts.ioUring ?? "auto",
+        rings: role === "writer" ? host.#lent.writer : host.#lent.poller,
         txUsed: opts.txUsed ?? null,
         txShared,
         rxFrameRoom: opts.rxFrameRoom ?? RX_FRAME_ROOM_MAX,
@@ -494,6 +517,8 @@ export class DatapathHost {
       host.#writer.terminate();
       host.#poller.terminate();
       libc.close(wakeFd);
+      // A worker that failed to start may have mapped a ring: none is lent again.
+      host.#pool?.giveBack(host.#lent, false);
       throw e;
     }
   }
@@ -623,6 +648,9 @@ export class DatapathHost {
     this.#writer.terminate();
     this.#poller.terminate();
     libc.close(this.#wakeFd);
+    // Both acknowledged the stop after unmapping their rings: the rings can be
+    // lent again. Otherwise a thread may still be inside io_uring_enter on one.
+    this.#pool?.giveBack(this.#lent, clean);
     return clean;
   }
 

@@ -61,6 +61,8 @@ export interface DeviceHostOptions {
   timeoutMs?: number;
   /** Another module to run as the device: for tests only. */
   workerUrl?: URL;
+  /** How its log lines are tagged (default "device"; "device 1" for queue pair 1's). */
+  label?: string;
 }
 
 /** The running device worker, seen from the parent. */
@@ -173,7 +175,7 @@ export class DeviceHost {
         this.readyWaiter = undefined;
         return;
       case "log":
-        this.opts.logger.log(msg.level, "device", msg.message);
+        this.opts.logger.log(msg.level, this.opts.label ?? "device", msg.message);
         return;
       case "queue-fault":
         this.opts.onQueueFault?.(msg.queue, msg.reason);

@@ -1,97 +1,58 @@
 /**
- * The vhost-user backend's view of the device: turns the front-end's ring
- * and memory requests into requests to the zero-permission device worker and
- * to the privileged I/O workers, in the order that keeps guest memory safe.
+ * The vhost-user backend's view of the device: routes the front-end's
+ * requests to the queue pairs (`pair_port.ts`), each with its own device
+ * worker, I/O workers and tap queue, and keeps what is the device's as a
+ * whole: the acked features, the memory table, the dirty log, announcing a
+ * migrated guest.
  *
- * Theory of operation
- * - Memory: each mapped region is granted to the device as an ArrayBuffer
- *   over the mapping (transferred). Before anything is unmapped, the queues
- *   are stopped (I/O workers first: no system call can be in flight on guest
- *   memory), the device hands the buffers back, and only then do we return to
- *   the backend, which unmaps.
- * - A worker that fails that hand-back (no answer in time, a refusal, a death)
- *   is ended, and what it held is orphaned: `forgetRegion` then tells the
- *   backend to retire those regions, not unmap them. A terminated worker's
- *   thread runs on until it next enters JavaScript, or finishes the system
- *   call it is in, so only a range that stays mapped is safe from it.
- * - Rings: vhost-user configures each ring separately; the device runs both
- *   together. They run once both rings have a kick and are enabled (with
- *   PROTOCOL_FEATURES, rings start disabled until SET_VRING_ENABLE), memory is
- *   granted and the ring addresses are known. Each start gets fresh data-path
- *   rings and fresh I/O workers, so no stale record survives a stop.
- * - GET_VRING_BASE stops both queues (the I/O workers first), and answers
- *   with the index the device reports; the other ring's index is kept for its
- *   own GET_VRING_BASE or the next start.
+ * Pairs and rings: rings 2·i and 2·i + 1 are pair i's RX and TX (virtio 1.2
+ * §5.1.2). Pair 0 exists from the start (the daemon starts its device
+ * worker before it listens); pair i > 0 gets its device worker the first
+ * time the front-end names one of its rings (QEMU does at start-up, for
+ * every pair it was told to use), and it is given the features, memory and
+ * log the device has by then. A pair's workers run while both of its rings
+ * are started and enabled; QEMU enables and disables pairs with
+ * SET_VRING_ENABLE as the driver changes its number of queue pairs
+ * (`ethtool -L`: QEMU serves the control queue's VIRTIO_NET_CTRL_MQ itself).
  *
  * @module
  */
 
+import type { RingPool } from "./ring_pool.ts";
 import { RX_QUEUE, TX_QUEUE } from "../../ipc/datapath.ts";
-import type { QueuePlacement, RegionGrant, RegionRef } from "../../ipc/protocol.ts";
-import {
-  createDatapathBuffers,
-  DatapathHost,
-  IoWorkerPair,
-  rxUsedPlace,
-  txUsedPlace,
-} from "./datapath_host.ts";
-import { NoAnswerError } from "../../ipc/endpoint.ts";
+import { VIRTIO_NET_HDR_SIZE } from "../../ipc/virtio_net_hdr.ts";
+import * as libc from "../host/libc.ts";
 import type { DeviceHost } from "./device_host.ts";
 import type { MappedRegion } from "./guest_memory_map.ts";
-import { type LentRegion, returnedMemoryProblem } from "./memory_return.ts";
-import { describeRegion } from "./vhost_user_messages.ts";
-import * as libc from "../host/libc.ts";
 import type { Logger } from "./log.ts";
 import type { IoUringMode } from "../io/protocol.ts";
+import { PairPort } from "./pair_port.ts";
 import type { DevicePort, VringAddrFields } from "./vhost_user_backend.ts";
-import { VHOST_VRING_F_LOG } from "./vhost_user_messages.ts";
-import type { LogConfig, UsedRingLog } from "../io/protocol.ts";
-import { DirtyLog } from "../io/dirty_log.ts";
-import { VIRTIO_NET_HDR_SIZE } from "../../ipc/virtio_net_hdr.ts";
-
-interface RingConfig {
-  num: number;
-  addr: VringAddrFields | null;
-  base: number;
-  kickFd: number | null;
-  /** SET_VRING_KICK arrived (the ring is started, in vhost-user terms). */
-  started: boolean;
-  callFd: number | null;
-  enabled: boolean;
-}
-
-function freshRing(): RingConfig {
-  return {
-    num: 0,
-    addr: null,
-    base: 0,
-    kickFd: null,
-    started: false,
-    callFd: null,
-    enabled: false,
-  };
-}
-
-/** A bigint from the front-end that must fit a JS number exactly. */
-function num(v: bigint, what: string): number {
-  if (v < 0n || v > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw new RangeError(`${what} 0x${v.toString(16)} is beyond 2^53`);
-  }
-  return Number(v);
-}
 
 export interface DevicePortOptions {
+  /** Pair 0's device worker. */
   device: DeviceHost;
+  /** Pair 0's tap queue (the tap's first descriptor). */
   tapFd: number;
   logger: Logger;
   /** `--io-uring`: whether the I/O workers may batch through io_uring (default "auto"). */
   ioUring?: IoUringMode;
   /**
    * The longest frame a tap read can return now, vnet header included
-   * (`Tap.readRoom()`); asked at each start of the queues and after
+   * (`Tap.readRoom()`); asked at each start of a pair's queues and after
    * {@link VionetDevicePort.tapOffloadsChanged}. Default: the largest.
    */
   tapReadRoom?: () => number;
+  /** Queue pairs the front-end may use (default 1). */
+  queuePairs?: number;
+  /** Pair i's tap queue descriptor (pair 0's is `tapFd`). */
+  tapQueueFd?: (pair: number) => number;
+  /** Attaches or detaches pair i's tap queue (multi-queue taps; pair 0 stays attached). */
+  setTapQueueAttached?: (pair: number, on: boolean) => void;
+  /** Starts the device worker of pair `pair` > 0. */
+  startDevice?: (pair: number) => Promise<DeviceHost>;
+  /** Restricted io_uring rings made during set-up, lent to each pair's data path (`ring_pool.ts`). */
+  rings?: RingPool;
   /**
    * `--mac`: the only source MAC the tap may get from this VM, the VMM's
    * RARP included (SEND_RARP for another MAC is not sent). Default: any.
@@ -99,340 +60,285 @@ export interface DevicePortOptions {
   sourceMac?: readonly number[] | null;
 }
 
-/** DevicePort over the device worker and the I/O workers. */
+/** DevicePort over the queue pairs (see the module comment). */
 export class VionetDevicePort implements DevicePort {
-  #device: DeviceHost;
-  #ioUring: IoUringMode;
-  readonly #tapFd: number;
+  readonly #opts: DevicePortOptions;
   readonly #logger: Logger;
-  readonly #rings: [RingConfig, RingConfig] = [freshRing(), freshRing()];
+  readonly #pairs: (PairPort | null)[];
+  /** Pairs whose device worker is starting. */
+  readonly #starting = new Map<number, Promise<PairPort>>();
+  /** What every pair's device is given, and a pair that starts later catches up with. */
   #regions: MappedRegion[] = [];
-  /** Regions whose buffer went to the live device worker and has not come back. */
-  readonly #lent = new Set<MappedRegion>();
-  /** Regions a worker that was ended without giving them back may still touch. */
-  readonly #orphaned = new Set<MappedRegion>();
-  #featuresSet = false;
-  /** The driver's acknowledged features (EVENT_IDX decides how the writer reads the TX ring). */
-  #features = 0n;
-  #datapath: DatapathHost | null = null;
-  /** I/O workers started ahead for the next start of the queues (while a front-end is set up). */
-  #spare: IoWorkerPair | null = null;
-  /** The dirty log's bitmap (SET_LOG_BASE), and whether VHOST_F_LOG_ALL is on. */
+  #features: bigint | null = null;
   #log: MappedRegion | null = null;
   #logAll = false;
-  readonly #tapReadRoom: (() => number) | undefined;
-  readonly #sourceMac: readonly number[] | null;
+  /** Regions a pair that was let go of may still hold (its worker did not give them back). */
+  readonly #orphaned = new Set<MappedRegion>();
 
   constructor(opts: DevicePortOptions) {
-    this.#device = opts.device;
-    this.#tapFd = opts.tapFd;
+    this.#opts = opts;
     this.#logger = opts.logger;
-    this.#ioUring = opts.ioUring ?? "auto";
-    this.#tapReadRoom = opts.tapReadRoom;
-    this.#sourceMac = opts.sourceMac ?? null;
+    const n = opts.queuePairs ?? 1;
+    if (!Number.isInteger(n) || n < 1 || n > 128) {
+      throw new RangeError(`queuePairs is ${n}, must be 1 to 128`);
+    }
+    this.#pairs = Array.from({ length: n }, () => null);
+    this.#pairs[0] = this.#newPair(0, opts.device);
+  }
+
+  #newPair(pair: number, device: DeviceHost): PairPort {
+    const o = this.#opts;
+    return new PairPort({
+      pair,
+      device,
+      tapFd: pair === 0 ? o.tapFd : o.tapQueueFd!(pair),
+      logger: o.logger,
+      ioUring: o.ioUring,
+      tapReadRoom: o.tapReadRoom,
+      rings: o.rings,
+      setTapQueueAttached: pair === 0 || o.setTapQueueAttached === undefined
+        ? undefined
+        : (on) => o.setTapQueueAttached!(pair, on),
+    });
+  }
+
+  /** Queue pairs the front-end may use. */
+  get queuePairs(): number {
+    return this.#pairs.length;
+  }
+
+  /** The pairs whose device worker runs now. */
+  pairs(): PairPort[] {
+    return this.#pairs.filter((p): p is PairPort => p !== null);
+  }
+
+  /** Pair 0 (it always has a device worker). */
+  get first(): PairPort {
+    return this.#pairs[0]!;
   }
 
   /**
-   * The tap's offloads changed (TUNSCAP): the poller learns how long its
-   * frames can be now. Not awaited: a GSO frame that arrives before the
-   * poller took the message is dropped, and the poller then assumes the
-   * largest frames by itself.
+   * Pair `pair`, its device worker started (and given the features, memory
+   * and log the device has) if this is the first time it is named.
    */
-  tapOffloadsChanged(): void {
-    const dp = this.#datapath;
-    if (dp === null || this.#tapReadRoom === undefined) return;
-    dp.setRxFrameRoom(this.#tapReadRoom()).catch((e) =>
-      this.#logger.log("warn", "datapath", `frame room not updated: ${(e as Error).message}`)
-    );
+  async #pair(pair: number): Promise<PairPort> {
+    const have = this.#pairs[pair];
+    if (have) return have;
+    if (pair < 0 || pair >= this.#pairs.length || !Number.isInteger(pair)) {
+      throw new RangeError(
+        `queue pair ${pair} does not exist: vionet serves ${this.#pairs.length} (--queues)`,
+      );
+    }
+    const pending = this.#starting.get(pair);
+    if (pending) return await pending;
+    const start = this.#opts.startDevice;
+    if (start === undefined) throw new Error(`no way to start the device of queue pair ${pair}`);
+    const p = (async () => {
+      const port = this.#newPair(pair, await start(pair));
+      try {
+        if (this.#features !== null) await port.setFeatures(this.#features);
+        if (this.#regions.length > 0) await port.setMemTable(this.#regions);
+        if (this.#log !== null) await port.setLogBase(this.#log);
+        if (this.#logAll) await port.setLogAll(true);
+      } catch (e) {
+        this.#release(port);
+        throw e;
+      }
+      this.#pairs[pair] = port;
+      this.#logger.log("info", "parent", `queue pair ${pair}: device worker started`);
+      return port;
+    })();
+    this.#starting.set(pair, p);
+    try {
+      return await p;
+    } finally {
+      this.#starting.delete(pair);
+    }
   }
+
+  /** The pair and its local queue (RX_QUEUE or TX_QUEUE) of ring `index`. */
+  async #ring(index: number): Promise<[PairPort, number]> {
+    if (!Number.isInteger(index) || index < 0 || index >= 2 * this.#pairs.length) {
+      throw new RangeError(
+        `vring ${index} does not exist: vionet serves ${this.#pairs.length} queue pair(s), ` +
+          `rings 0 to ${2 * this.#pairs.length - 1}`,
+      );
+    }
+    return [await this.#pair(index >> 1), index & 1];
+  }
+
+  /** Lets go of a pair's worker; what it may still hold stays orphaned here. */
+  #release(port: PairPort): void {
+    port.close();
+    for (const r of [...this.#regions, ...(this.#log ? [this.#log] : [])]) {
+      if (port.forgetRegion(r)) this.#orphaned.add(r);
+    }
+  }
+
+  // -------------------------------------------------------------------------
+  // What the daemon asks of the device as a whole.
 
   /** Set by the vhost-user backend while a front-end is connected (DevicePort). */
   vringErrorSink: ((index: number) => void) | null = null;
 
-  /** The device reported that queue `queue` needs a reset (-1: the I/O side, both). */
-  queueFault(queue: number): void {
-    this.vringErrorSink?.(queue);
-  }
-
-  /** True while the queues run. */
-  get running(): boolean {
-    return this.#datapath !== null;
-  }
-
-  /** The data path's counters, while it runs. */
-  datapathCounters() {
-    return this.#datapath?.counters() ?? null;
-  }
-
-  /** Swaps in a new device worker after the old one died (the connection has ended by then). */
-  replaceDevice(device: DeviceHost): void {
-    this.#orphanLent();
-    this.#device = device;
-  }
-
-  #ring(index: number): RingConfig {
-    if (index !== RX_QUEUE && index !== TX_QUEUE) {
-      throw new RangeError(`vring ${index} does not exist: vionet has one queue pair (0 and 1)`);
+  /** Pair `pair`'s device reported that its queue `queue` needs a reset (-1: both). */
+  queueFault(pair: number, queue: number): void {
+    if (queue < 0) {
+      this.vringErrorSink?.(2 * pair + RX_QUEUE);
+      this.vringErrorSink?.(2 * pair + TX_QUEUE);
+    } else {
+      this.vringErrorSink?.(2 * pair + queue);
     }
-    return this.#rings[index];
   }
+
+  /** The tap's offloads changed (TUNSCAP): every running pair's poller learns its frame room. */
+  tapOffloadsChanged(): void {
+    for (const p of this.pairs()) p.tapOffloadsChanged();
+  }
+
+  /** True while any pair's queues run. */
+  get running(): boolean {
+    return this.pairs().some((p) => p.running);
+  }
+
+  /** Each running pair's data-path counters, by pair. */
+  datapathCounters(): Record<string, unknown> | null {
+    const out: Record<string, unknown> = {};
+    for (const p of this.pairs()) {
+      const c = p.datapathCounters();
+      if (c !== null) out[`pair${p.pair}`] = c;
+    }
+    return Object.keys(out).length === 0 ? null : out;
+  }
+
+  /**
+   * Every pair's device counters, per queue: `rxN`/`txN` are pair N's
+   * queues (each device names its own rx0/tx0), `ioN` its I/O side.
+   */
+  async stats(): Promise<Record<string, Record<string, number>>> {
+    const out: Record<string, Record<string, number>> = {};
+    for (const p of this.pairs()) {
+      const q = await p.device.getStats();
+      for (const [name, counters] of Object.entries(q)) {
+        out[name.replace(/0$/, String(p.pair))] = counters;
+      }
+    }
+    return out;
+  }
+
+  /** Swaps in a new device worker for `pair` after the old one died. */
+  replaceDevice(pair: number, device: DeviceHost): void {
+    const p = this.#pairs[pair];
+    if (p) p.replaceDevice(device);
+    else device.terminate();
+  }
+
+  // -------------------------------------------------------------------------
+  // DevicePort.
 
   getFeatures(): Promise<bigint> {
-    // A front-end is setting up: its queues will start soon.
-    if (this.#datapath === null) this.#spawnSpare();
-    return this.#device.getFeatures();
+    return this.first.getFeatures();
   }
 
   async setFeatures(features: bigint): Promise<void> {
-    if (this.#datapath === null) this.#spawnSpare();
-    await this.#device.setFeatures(features);
     this.#features = features;
-    this.#featuresSet = true;
-    await this.#maybeStart();
-  }
-
-  #debug(text: string): void {
-    this.#logger.log("debug", "vhost-user", text);
+    for (const p of this.pairs()) await p.setFeatures(features);
   }
 
   async setMemTable(regions: MappedRegion[]): Promise<void> {
-    this.#debug(`SET_MEM_TABLE ${regions.map(describe).join(", ") || "(empty)"}`);
-    if (regions.length === 0) this.#dropSpare();
-    const wasRunning = await this.#stopQueues();
-    await this.#revoke([...this.#lent]);
-    this.#regions = [];
-    if (regions.length > 0) {
-      await this.#grant(regions);
-      this.#regions = [...regions];
-      this.#spawnSpare();
+    for (const p of this.pairs()) await p.setMemTable(regions);
+    this.#regions = [...regions];
+    if (regions.length === 0) {
+      // The front-end is gone (or starts over): pairs past the first start again when named.
+      for (let i = 1; i < this.#pairs.length; i++) {
+        const p = this.#pairs[i];
+        if (p) this.#release(p);
+        this.#pairs[i] = null;
+      }
     }
-    if (wasRunning) await this.#maybeStart();
-  }
-
-  /**
-   * Starts the I/O workers of the next start of the queues now, so that
-   * the start itself only configures them (a front-end with memory is about
-   * to start its queues, or will start them again after a stop).
-   */
-  #spawnSpare(): void {
-    // After the reply: starting two workers takes tens of ms (more on a
-    // busy machine), which must not delay the message that asked for this
-    // (GET_VRING_BASE is a migration's downtime).
-    if (this.#spareSoon !== null) return;
-    this.#spareSoon = setTimeout(() => {
-      this.#spareSoon = null;
-      if (this.#spare?.usable || this.#datapath !== null) return;
-      this.#spare?.terminate();
-      this.#spare = IoWorkerPair.spawn({ logger: this.#logger });
-    }, 0);
-  }
-  #spareSoon: ReturnType<typeof setTimeout> | null = null;
-
-  #dropSpare(): void {
-    if (this.#spareSoon !== null) clearTimeout(this.#spareSoon);
-    this.#spareSoon = null;
-    this.#spare?.terminate();
-    this.#spare = null;
   }
 
   async addMemRegion(region: MappedRegion): Promise<void> {
-    this.#debug(`ADD_MEM_REG ${describe(region)}`);
-    // The I/O workers learn the new range before the device can point into it.
-    const all = [...this.#regions, region];
-    const dp = this.#datapath;
-    if (dp !== null) await this.#toIoWorkers(dp, all, [region]);
-    try {
-      await this.#grant([region]);
-    } catch (e) {
-      if (dp !== null) {
-        try {
-          await this.#toIoWorkers(dp, this.#regions, [region]);
-        } catch (again) {
-          // The region is orphaned either way; the report keeps both causes.
-          throw new Error(
-            `${(e as Error).message}; taking the range back from the I/O workers failed too: ${
-              (again as Error).message
-            }`,
-            { cause: e },
-          );
-        }
-      }
-      throw e;
-    }
-    this.#regions = all;
-    if (this.#datapath === null) this.#spawnSpare();
-  }
-
-  /**
-   * The backend lets go of `region`: true if a worker may still touch it (it
-   * is lent to the device, or orphaned by a worker that was ended).
-   */
-  forgetRegion(region: MappedRegion): boolean {
-    const orphaned = this.#orphaned.delete(region);
-    const lent = this.#lent.delete(region);
-    return orphaned || lent;
-  }
-
-  /** Hands `regions` to the device; a device that does not answer is ended, holding them. */
-  async #grant(regions: readonly MappedRegion[]): Promise<void> {
-    const grants = regions.map((r) => this.#grantOf(r));
-    for (const r of regions) this.#lent.add(r);
-    try {
-      await this.#device.grantMemory(grants);
-    } catch (e) {
-      // An answer, even a refusal, comes after the device dropped them (net_device.ts grant).
-      if (e instanceof NoAnswerError) this.#abandonDevice(`grant-memory: ${e.message}`);
-      else for (const r of regions) this.#lent.delete(r);
-      throw e;
-    }
-  }
-
-  /**
-   * Takes `regions` back from the device (those it holds). A device that
-   * does not answer, or answers with anything but the very buffers lent, in
-   * order (`memory_return.ts`), is ended, and every region it held is
-   * orphaned (retired by the backend, never unmapped under it).
-   */
-  async #revoke(regions: readonly MappedRegion[]): Promise<void> {
-    const lent = regions.filter((r) => this.#lent.has(r));
-    if (lent.length === 0) return;
-    let returned: ArrayBuffer[];
-    try {
-      returned = await this.#device.revokeMemory(lent.map(regionRef));
-    } catch (e) {
-      this.#abandonDevice(`revoke-memory: ${(e as Error).message}`);
-      throw e;
-    }
-    const problem = returnedMemoryProblem(lent.map(lentRegion), returned);
-    if (problem !== null) {
-      this.#logger.log("warn", "parent", `refused the device's memory-returned: ${problem}`);
-      this.#abandonDevice(`revoke-memory: ${problem}`);
-      throw new Error(`the device did not give back guest memory: ${problem}`);
-    }
-    for (const r of lent) this.#lent.delete(r);
-  }
-
-  /** Tells running I/O workers which ranges they may use; ones that do not answer orphan `at`. */
-  async #toIoWorkers(
-    dp: DatapathHost,
-    regions: readonly MappedRegion[],
-    at: readonly MappedRegion[],
-  ): Promise<void> {
-    try {
-      await dp.setRegions(regions.map(hostRange));
-    } catch (e) {
-      for (const r of at) this.#orphaned.add(r);
-      throw e;
-    }
-  }
-
-  /** Ends a device worker that may hold guest memory it did not give back. */
-  #abandonDevice(reason: string): void {
-    this.#orphanLent();
-    this.#device.fail(`the device did not give back guest memory (${reason})`);
-  }
-
-  /**
-   * Stops the I/O workers. One that had to be ended without answering may be
-   * inside a system call on guest memory now: every region they had is orphaned.
-   */
-  async #endIoWorkers(dp: DatapathHost): Promise<void> {
-    if (await dp.stop()) return;
-    for (const r of this.#regions) this.#orphaned.add(r);
-    if (this.#log !== null) this.#orphaned.add(this.#log);
-  }
-
-  #orphanLent(): void {
-    for (const r of this.#lent) this.#orphaned.add(r);
-    this.#lent.clear();
+    for (const p of this.pairs()) await p.addMemRegion(region);
+    this.#regions = [...this.#regions, region];
   }
 
   async removeMemRegion(gpa: bigint, size: bigint): Promise<void> {
-    this.#debug(`REM_MEM_REG gpa 0x${gpa.toString(16)} size 0x${size.toString(16)}`);
-    const i = this.#regions.findIndex((r) => r.guestPhysAddr === gpa && r.size === size);
-    if (i < 0) throw new RangeError(`no region at GPA 0x${gpa.toString(16)} of ${size} bytes`);
-    const r = this.#regions[i];
-    const wasRunning = await this.#stopQueues();
-    await this.#revoke([r]);
-    this.#regions.splice(i, 1);
-    if (wasRunning) await this.#maybeStart();
+    for (const p of this.pairs()) await p.removeMemRegion(gpa, size);
+    this.#regions = this.#regions.filter((r) => !(r.guestPhysAddr === gpa && r.size === size));
   }
 
-  setVringNum(index: number, n: number): Promise<void> {
-    this.#ring(index).num = n;
-    return Promise.resolve();
+  forgetRegion(region: MappedRegion): boolean {
+    let held = this.#orphaned.delete(region);
+    for (const p of this.pairs()) held = p.forgetRegion(region) || held;
+    return held;
+  }
+
+  async setVringNum(index: number, num: number): Promise<void> {
+    const [p, q] = await this.#ring(index);
+    await p.setVringNum(q, num);
   }
 
   async setVringAddr(index: number, addr: VringAddrFields): Promise<void> {
-    const ring = this.#ring(index);
-    const before = ring.addr;
-    ring.addr = addr;
-    // QEMU turns used-ring logging on and off with SET_VRING_ADDR on running rings.
-    const logChanged = before === null || before.flags !== addr.flags ||
-      before.logGuest !== addr.logGuest;
-    if (this.#datapath !== null && logChanged) await this.#applyLog(this.#log);
+    const [p, q] = await this.#ring(index);
+    await p.setVringAddr(q, addr);
+  }
+
+  async setVringBase(index: number, base: number): Promise<void> {
+    const [p, q] = await this.#ring(index);
+    await p.setVringBase(q, base);
+  }
+
+  async getVringBase(index: number): Promise<number> {
+    const [p, q] = await this.#ring(index);
+    return await p.getVringBase(q);
+  }
+
+  async setVringKick(index: number, fd: number | null): Promise<void> {
+    let target: [PairPort, number];
+    try {
+      target = await this.#ring(index);
+    } catch (e) {
+      if (fd !== null) libc.closeQuietly(fd); // the port owns fd from this call on
+      throw e;
+    }
+    await target[0].setVringKick(target[1], fd);
+  }
+
+  async setVringCall(index: number, fd: number | null): Promise<void> {
+    let target: [PairPort, number];
+    try {
+      target = await this.#ring(index);
+    } catch (e) {
+      if (fd !== null) libc.closeQuietly(fd);
+      throw e;
+    }
+    await target[0].setVringCall(target[1], fd);
+  }
+
+  async setVringEnable(index: number, enabled: boolean): Promise<void> {
+    const [p, q] = await this.#ring(index);
+    await p.setVringEnable(q, enabled);
+  }
+
+  async reset(): Promise<void> {
+    for (const p of this.pairs()) await p.reset();
+    this.#features = null;
+    this.#logAll = false;
   }
 
   async setLogAll(on: boolean): Promise<void> {
-    if (on === this.#logAll) return;
     this.#logAll = on;
-    this.#logger.log("info", "parent", `dirty logging ${on ? "on" : "off"}`);
-    if (this.#datapath !== null) await this.#applyLog(this.#log);
+    for (const p of this.pairs()) await p.setLogAll(on);
   }
 
   async setLogBase(log: MappedRegion): Promise<void> {
-    const old = this.#log;
     this.#log = log;
-    if (this.#datapath !== null) await this.#applyLog(old);
+    for (const p of this.pairs()) await p.setLogBase(log);
   }
 
-  /**
-   * Gives the running I/O workers the log as it is now. When they do not
-   * acknowledge, `previous` (the bitmap they may still write) is orphaned:
-   * the backend retires it rather than unmapping it.
-   */
-  async #applyLog(previous: MappedRegion | null): Promise<void> {
-    try {
-      await this.#datapath!.setLog(this.#logConfig());
-    } catch (e) {
-      if (previous !== null) this.#orphaned.add(previous);
-      throw e;
-    }
-  }
-
-  /** What the I/O workers log into, or null while the front-end does not log. */
-  #logConfig(): LogConfig | null {
-    const log = this.#log;
-    if (!this.#logAll || log === null) return null;
-    const used = (i: number): UsedRingLog | null => {
-      const r = this.#rings[i];
-      if (r.addr === null || (r.addr.flags & VHOST_VRING_F_LOG) === 0 || r.num === 0) return null;
-      // virtio 1.2 §2.7.8: flags, idx, ring[num], avail_event.
-      return { gpa: num(r.addr.logGuest, "used ring log address"), bytes: 6 + 8 * r.num };
-    };
-    return {
-      base: Deno.UnsafePointer.value(log.pointer),
-      size: num(log.size, "log size"),
-      rxUsed: used(RX_QUEUE),
-      txUsed: used(TX_QUEUE),
-    };
-  }
-
-  /**
-   * After the queues stopped: what the device wrote in the used rings last
-   * (the TX used index, ring flags, avail_event) is marked here, so that the
-   * log is complete when GET_VRING_BASE is answered (QEMU syncs it then).
-   */
-  #logStoppedRings(): void {
-    const cfg = this.#logConfig();
-    if (cfg === null) return;
-    const log = new DirtyLog(cfg);
-    log.markUsed(cfg.rxUsed);
-    log.markUsed(cfg.txUsed);
-  }
-
-  async sendRarp(mac: Uint8Array): Promise<void> {
-    const only = this.#sourceMac;
+  sendRarp(mac: Uint8Array): Promise<void> {
+    const only = this.#opts.sourceMac ?? null;
     if (only !== null && only.some((b, i) => mac[i] !== b)) {
       // The device drops the guest's frames from any other source; the VMM's too.
       this.#logger.log(
@@ -440,216 +346,23 @@ export class VionetDevicePort implements DevicePort {
         "parent",
         `RARP for ${macText(mac)} not sent: --mac is ${macText(Uint8Array.from(only))}`,
       );
-      return;
+      return Promise.resolve();
     }
     const frame = rarpFrame(mac);
-    const n = libc.write(this.#tapFd, frame);
-    if (n !== frame.byteLength) {
+    // One write of header and frame (tun takes a packet per write); a full
+    // tap (EAGAIN) loses this one: QEMU announces several times.
+    try {
+      libc.write(this.#opts.tapFd, frame);
+      this.#logger.log("info", "parent", `sent a RARP for ${macText(mac)} (a migrated guest)`);
+    } catch (e) {
       this.#logger.log(
         "warn",
         "parent",
-        `RARP for ${macText(mac)} not sent (errno ${libc.errno()})`,
+        `RARP for ${macText(mac)} not sent: ${(e as Error).message}`,
       );
-      return;
     }
-    this.#logger.log("info", "parent", `sent a RARP for ${macText(mac)} (a migrated guest)`);
-  }
-
-  setVringBase(index: number, base: number): Promise<void> {
-    this.#ring(index).base = base;
     return Promise.resolve();
   }
-
-  async getVringBase(index: number): Promise<number> {
-    const ring = this.#ring(index);
-    await this.#stopQueues();
-    ring.started = false;
-    await this.#setKick(index, null);
-    // The front-end starts the rings again (a VM that resumes, a migration cancelled).
-    this.#spawnSpare();
-    return ring.base;
-  }
-
-  async setVringKick(index: number, fd: number | null): Promise<void> {
-    const ring = this.#ring(index);
-    await this.#setKick(index, fd);
-    ring.started = true;
-    if (fd === null) {
-      this.#logger.log(
-        "warn",
-        "vhost-user",
-        `vring ${index} has no kick fd; it is served only on other events`,
-      );
-    }
-    await this.#maybeStart();
-  }
-
-  async #setKick(index: number, fd: number | null): Promise<void> {
-    const ring = this.#rings[index];
-    const old = ring.kickFd;
-    ring.kickFd = fd;
-    if (this.#datapath) await this.#datapath.setKickFd(index, fd);
-    if (old !== null && old !== fd) libc.sys.close(old);
-  }
-
-  async setVringCall(index: number, fd: number | null): Promise<void> {
-    const ring = this.#ring(index);
-    const old = ring.callFd;
-    ring.callFd = fd;
-    if (this.#datapath) await this.#datapath.setCallFd(index, fd);
-    if (old !== null && old !== fd) libc.sys.close(old);
-  }
-
-  async setVringEnable(index: number, enabled: boolean): Promise<void> {
-    this.#ring(index).enabled = enabled;
-    if (enabled) await this.#maybeStart();
-    else await this.#stopQueues();
-  }
-
-  async reset(): Promise<void> {
-    await this.#stopQueues();
-    this.#dropSpare();
-    for (const i of [RX_QUEUE, TX_QUEUE]) {
-      const r = this.#rings[i];
-      if (r.kickFd !== null) libc.sys.close(r.kickFd);
-      if (r.callFd !== null) libc.sys.close(r.callFd);
-      this.#rings[i] = freshRing();
-    }
-    this.#featuresSet = false;
-    this.#features = 0n;
-    this.#logAll = false;
-    await this.#device.reset();
-  }
-
-  #grantOf(r: MappedRegion): RegionGrant {
-    const ref = regionRef(r);
-    return {
-      ...ref,
-      hostAddr: Number(Deno.UnsafePointer.value(r.pointer)),
-      buffer: Deno.UnsafePointerView.getArrayBuffer(r.pointer, ref.size),
-    };
-  }
-
-  #placement(index: number): QueuePlacement {
-    const r = this.#rings[index];
-    const a = r.addr!;
-    return {
-      size: r.num,
-      desc: num(a.descUser, "descriptor table address"),
-      avail: num(a.availUser, "avail ring address"),
-      used: num(a.usedUser, "used ring address"),
-      base: r.base,
-    };
-  }
-
-  /** Starts the queues if everything they need is there. */
-  async #maybeStart(): Promise<void> {
-    if (this.#datapath) return;
-    const ready = this.#rings.every((r) => r.started && r.enabled && r.num > 0 && r.addr);
-    if (!ready || !this.#featuresSet || this.#regions.length === 0) return;
-    const buffers = createDatapathBuffers();
-    const tx = this.#rings[TX_QUEUE];
-    const txUsed = txUsedPlace(this.#regions.map(userMapping), {
-      num: tx.num,
-      availUser: tx.addr!.availUser,
-      usedUser: tx.addr!.usedUser,
-    }, this.#features);
-    const rx = this.#rings[RX_QUEUE];
-    const rxUsed = rxUsedPlace(this.#regions.map(userMapping), {
-      num: rx.num,
-      availUser: rx.addr!.availUser,
-      usedUser: rx.addr!.usedUser,
-    }, this.#features);
-    const workers = this.#spare ?? undefined;
-    this.#spare = null;
-    const dp = await DatapathHost.start({
-      workers,
-      txUsed,
-      rxUsed,
-      tapFd: this.#tapFd,
-      buffers,
-      logger: this.#logger,
-      ranges: this.#regions.map(hostRange),
-      ioUring: this.#ioUring,
-      rxFrameRoom: this.#tapReadRoom?.(),
-      log: this.#logConfig(),
-      kickFds: this.#rings.map((r) => r.kickFd),
-      callFds: this.#rings.map((r) => r.callFd),
-      onFault: (role, message) => this.#logger.log("error", "datapath", `${role}: ${message}`),
-    });
-    try {
-      await this.#device.startQueues(this.#placement(RX_QUEUE), this.#placement(TX_QUEUE), {
-        ...buffers,
-        bounceHost: Number(dp.bounceRange.base),
-      });
-    } catch (e) {
-      await this.#endIoWorkers(dp);
-      throw e;
-    }
-    this.#datapath = dp;
-    this.#logger.log("info", "parent", "queues running");
-  }
-
-  /** Stops the queues if they run; returns whether they did. */
-  async #stopQueues(): Promise<boolean> {
-    const dp = this.#datapath;
-    if (!dp) return false;
-    this.#datapath = null;
-    // What the device took goes out first (the writer still runs): a TX frame
-    // in flight is sent, not completed unsent, and nothing new is taken.
-    try {
-      if (!await this.#device.quiesceQueues()) {
-        this.#logger.log("warn", "parent", "the device did not finish its TX frames in time");
-      }
-    } catch (e) {
-      this.#logger.log("warn", "parent", `quiesce-queues: ${(e as Error).message}`);
-    }
-    // The I/O workers end next: after this no system call touches guest memory.
-    await this.#endIoWorkers(dp);
-    let bases: { rx: number; tx: number };
-    try {
-      bases = await this.#device.stopQueues();
-    } catch (e) {
-      this.#abandonDevice(`stop-queues: ${(e as Error).message}`);
-      throw e;
-    }
-    this.#rings[RX_QUEUE].base = bases.rx;
-    this.#rings[TX_QUEUE].base = bases.tx;
-    this.#logStoppedRings();
-    this.#logger.log("info", "parent", `queues stopped at rx ${bases.rx}, tx ${bases.tx}`);
-    return true;
-  }
-}
-
-/** How the device names a region (its grant's addresses). */
-function regionRef(r: MappedRegion): RegionRef {
-  return {
-    guestPhysAddr: num(r.guestPhysAddr, "guest address"),
-    size: num(r.size, "region size"),
-    userAddr: num(r.userAddr, "user address"),
-  };
-}
-
-function lentRegion(r: MappedRegion): LentRegion {
-  return { pointer: r.pointer, size: num(r.size, "region size"), what: describeRegion(r) };
-}
-
-function describe(r: MappedRegion): string {
-  return `gpa 0x${r.guestPhysAddr.toString(16)}+0x${r.size.toString(16)} user 0x${
-    r.userAddr.toString(16)
-  } host 0x${Deno.UnsafePointer.value(r.pointer).toString(16)}`;
-}
-
-function userMapping(r: MappedRegion) {
-  return {
-    userAddr: r.userAddr,
-    size: r.size,
-    hostAddr: BigInt(Deno.UnsafePointer.value(r.pointer)),
-  };
-}
-
-function hostRange(r: MappedRegion) {
-  return { base: Deno.UnsafePointer.value(r.pointer), size: r.size, gpa: r.guestPhysAddr };
 }
 
 /** ARP's hardware and protocol types, and RARP's "request reverse" (RFC 903). */

@@ -74,13 +74,15 @@ function modeText(mode: number): string {
  * and the socket's group. Warns when a directory above the socket that
  * vionet did not set (the operator's, `/run/user/0`, ...) keeps out whom the
  * socket's mode lets in: its group, or with a mode for everyone, others.
+ * Returns the directories it set (created, and `dir` when `own`): vionet's,
+ * to hand to the user the daemon becomes.
  */
 export function prepareSocketDir(
   dir: string,
   access: SocketAccess,
   own: boolean,
   logger: Logger,
-): void {
+): string[] {
   const mode = socketDirMode(access.mode);
   const created = libc.mkdirs(dir, mode);
   const set = own && !created.includes(dir) ? [...created, dir] : created;
@@ -89,7 +91,7 @@ export function prepareSocketDir(
     libc.chmod(d, mode);
   }
   const blocking = firstBlocking(dir, access, new Set(set));
-  if (blocking === null) return;
+  if (blocking === null) return set;
   const fix = !blocking.group
     ? `chmod o+x ${blocking.path}`
     : blocking.gid === access.gid
@@ -105,6 +107,7 @@ export function prepareSocketDir(
       `running as ${blocking.group ? "a member of it" : "another user"} cannot reach the ` +
       `socket (${fix}; or choose another --socket-path)`,
   );
+  return set;
 }
 
 /**

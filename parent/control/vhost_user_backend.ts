@@ -94,6 +94,7 @@ import {
 } from "./vhost_user_messages.ts";
 
 export type { MappedRegion } from "./guest_memory_map.ts";
+import { VIRTIO_NET_F_MQ } from "../../ipc/features.ts";
 
 /** virtio 1.2 §6: packed virtqueue layout (bit 34). Not in ipc/features.ts yet. */
 export const VIRTIO_F_RING_PACKED = 1n << 34n;
@@ -250,6 +251,11 @@ export interface BackendSystem {
   retireRegion(region: MappedRegion): void;
   /** close(2), errors ignored. */
   closeFd(fd: number): void;
+  /**
+   * What file `fd` names (device and inode), to tell a region sent again
+   * from a new one; null when it cannot be told.
+   */
+  fileId(fd: number): string | null;
   /** Make the call fd O_NONBLOCK and write 1 to it; throws if it cannot be signalled. */
   signalCall(fd: number): void;
 }
@@ -315,6 +321,8 @@ function initialRing(): RingState {
 /** Per-message context: hands a received fd on, out of the close-at-end set. */
 interface MessageFds {
   take(i: number): number;
+  /** Fd `i` without taking it (-1 if there is none). */
+  peek(i: number): number;
 }
 
 type Handler<R extends SupportedRequest> = (
@@ -347,6 +355,8 @@ export class VhostUserBackend {
   #regions: MappedRegion[] = [];
   /** The dirty log's bitmap (SET_LOG_BASE), while one is set. */
   #dirtyLog: MappedRegion | null = null;
+  /** Regions REM_MEM_REG removed lately: the same removal again is not an error. */
+  #removed: MemoryRegionDesc[] = [];
   /** A region that is not sealed against shrinking was reported (once per connection). */
   #unsealedReported = false;
   readonly #handlers: { [R in SupportedRequest]: Handler<R> };
@@ -470,6 +480,7 @@ export class VhostUserBackend {
         if (fd === undefined || !pending.delete(fd)) throw new Error(`fd ${i} already taken`);
         return fd;
       },
+      peek: (i) => fds[i] ?? -1,
     };
     let msg: VhostUserRequest | null = null;
     try {
@@ -553,7 +564,9 @@ export class VhostUserBackend {
       const logAll = (this.#offeredProtocol & VHOST_USER_PROTOCOL_F_LOG_SHMFD) !== 0n
         ? VHOST_F_LOG_ALL
         : 0n;
-      this.#offeredFeatures = (device & ~(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)) |
+      // Multiqueue only with more than one pair to offer (GET_QUEUE_NUM).
+      const mq = this.#queuePairs > 1 ? 0n : VIRTIO_NET_F_MQ;
+      this.#offeredFeatures = (device & ~(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL | mq)) |
         VHOST_USER_F_PROTOCOL_FEATURES | logAll;
     }
     return this.#offeredFeatures;
@@ -695,6 +708,14 @@ export class VhostUserBackend {
         `SET_MEM_TABLE has ${regions.length} regions, more than ${this.#maxMemSlots} slots`,
       );
     }
+    // QEMU before 9.1 sends the table once per queue pair: the same table
+    // again (same regions, same files) changes nothing. Its fds are closed.
+    if (
+      regions.length === this.#regions.length &&
+      regions.every((r, i) => this.#sameRegion(this.#regions[i], r, fds.peek(i)))
+    ) {
+      return null;
+    }
     const mapped: MappedRegion[] = [];
     try {
       for (let i = 0; i < regions.length; i++) {
@@ -718,6 +739,9 @@ export class VhostUserBackend {
     if (this.#regions.length >= this.#maxMemSlots) {
       throw new ProtocolError(`ADD_MEM_REG: all ${this.#maxMemSlots} memory slots are in use`);
     }
+    // QEMU before 9.1 adds each region once per queue pair: one already
+    // mapped from the same file is not added twice (its fd is closed).
+    if (this.#regions.some((r) => this.#sameRegion(r, desc, fds.peek(0)))) return null;
     const clash = this.#regions.find((r) => rangesOverlap(r, desc));
     if (clash !== undefined) {
       throw new ProtocolError(
@@ -745,6 +769,8 @@ export class VhostUserBackend {
       r.userAddr === desc.userAddr
     );
     if (i < 0) {
+      // QEMU before 9.1 removes each region once per queue pair: gone is gone.
+      if (this.#removed.some((r) => sameDesc(r, desc))) return null;
       throw new ProtocolError(`REM_MEM_REG: no region ${describeRegion(desc)} is mapped`);
     }
     const region = this.#regions[i];
@@ -752,7 +778,15 @@ export class VhostUserBackend {
     await this.#device.removeMemRegion(region.guestPhysAddr, region.size);
     this.#regions.splice(i, 1);
     this.#unmapAll([region]);
+    this.#removed = [...this.#removed.slice(-(this.#maxMemSlots - 1)), desc];
     return null;
+  }
+
+  /** Whether `r` (mapped) is `desc` sent again, from the same file as `fd`. */
+  #sameRegion(r: MappedRegion | undefined, desc: MemoryRegionDesc, fd: number): boolean {
+    if (r === undefined || !sameDesc(r, desc)) return false;
+    const a = this.#system.fileId(r.fd);
+    return a !== null && a === this.#system.fileId(fd);
   }
 
   /**
@@ -985,4 +1019,10 @@ export class VhostUserBackend {
   #log(level: "error" | "warn" | "info" | "debug", message: string): void {
     this.#logger?.log(level, SOURCE, message);
   }
+}
+
+/** The same region description (guest address, size, user address, offset). */
+function sameDesc(a: MemoryRegionDesc, b: MemoryRegionDesc): boolean {
+  return a.guestPhysAddr === b.guestPhysAddr && a.size === b.size && a.userAddr === b.userAddr &&
+    a.mmapOffset === b.mmapOffset;
 }

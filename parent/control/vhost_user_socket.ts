@@ -207,6 +207,14 @@ export const LIBC_BACKEND_SYSTEM: BackendSystem = {
     if (error !== null) throw error;
   },
   closeFd: closeQuietly,
+  fileId(fd) {
+    try {
+      const st = libc.fstat(fd);
+      return `${st.dev}:${st.ino}`;
+    } catch {
+      return null;
+    }
+  },
   signalCall(fd) {
     const st = libc.fstat(fd);
     const type = st.mode & libc.S_IFMT;
@@ -611,8 +619,16 @@ export class VhostUserServer extends Service {
     try {
       // Only our own socket: someone may have replaced it since.
       if (libc.lstat(this.path)?.ino === this.#pathIno) libc.unlink(this.path);
-    } catch {
-      // Gone already.
+    } catch (e) {
+      // Gone already is fine; anything else (the daemon's user may not write
+      // the directory) leaves a stale socket, which the next start replaces.
+      if (!(e instanceof libc.SyscallError && e.errno === libc.Errno.ENOENT)) {
+        this.options.logger?.log(
+          "warn",
+          "vhost-user",
+          `cannot remove ${this.path}: ${(e as Error).message}; the next start replaces it`,
+        );
+      }
     }
   }
 
@@ -689,6 +705,7 @@ export class VhostUserClient extends Service {
   async #loop(): Promise<void> {
     const addr = sockaddrUn(this.path);
     let delay = this.#backoff.initialMs;
+    let warned = false;
     while (!this.stopping) {
       const fd = libc.socket(
         libc.AF_UNIX,
@@ -698,16 +715,24 @@ export class VhostUserClient extends Service {
         libc.connect(fd, addr);
       } catch (e) {
         closeQuietly(fd);
+        // Refused for want of permission: the VMM's socket (and its
+        // directory) must be writable by the user the daemon runs as. Said
+        // once per streak; a VMM not up yet is only debug.
+        const denied = e instanceof libc.SyscallError &&
+          (e.errno === libc.Errno.EACCES || e.errno === libc.Errno.EPERM);
         this.options.logger?.log(
-          "debug",
+          denied && !warned ? "warn" : "debug",
           "vhost-user",
-          `connect to ${this.path} failed (${(e as Error).message}); retrying in ${delay} ms`,
+          `connect to ${this.path} failed (${(e as Error).message}); retrying in ${delay} ms` +
+            (denied ? "; the socket must be writable by the daemon's user" : ""),
         );
+        warned ||= denied;
         await this.#sleep(delay);
         delay = Math.min(delay * 2, this.#backoff.maxMs);
         continue;
       }
       this.connections++;
+      warned = false;
       delay = this.#backoff.initialMs;
       await this.serve(fd);
       if (!this.stopping) await this.#sleep(delay);

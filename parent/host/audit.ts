@@ -8,7 +8,11 @@
  *   (`DEVICE_WORKER_OPTIONS`, `IO_WRITER_OPTIONS`, `IO_POLLER_OPTIONS`);
  * - the library and every symbol of libc.ts's `Deno.dlopen` table;
  * - every ioctl in tap.ts's `TAP_IOCTLS`;
- * - the Linux capabilities kept after set-up (privileges.ts).
+ * - the Linux capabilities kept after set-up (privileges.ts);
+ * - the user the daemon becomes (users.ts);
+ * - the seccomp allowlist, each call with its argument rule, from the very
+ *   table the filter is assembled from (seccomp_policy.ts);
+ * - the Landlock rules (landlock.ts) and what this kernel's ABI handles.
  *
  * The files and sockets the parent opens have no single table in the code:
  * {@link buildAudit} lists them per source file, and a test scans `parent/`
@@ -37,6 +41,16 @@ import {
   currentCapabilities,
 } from "./privileges.ts";
 import { TAP_IOCTLS } from "./tap.ts";
+import {
+  type ArgCheck,
+  NOTABLY_DENIED,
+  type PolicyContext,
+  seccompPolicy,
+  type SyscallRule,
+} from "./seccomp_policy.ts";
+import { landlockRules, landlockSupport, planLandlock } from "./landlock.ts";
+import { MODULE_ROOT } from "./sandbox.ts";
+import { DEFAULT_USERS } from "./users.ts";
 import { defaultSocketMode, socketDirMode } from "../control/socket_access.ts";
 
 /** A Deno permission: not granted, granted for everything, or for these paths/hosts/names. */
@@ -89,6 +103,8 @@ export const AUDITED_WORKERS: readonly AuditedWorker[] = [
 export interface PartAudit {
   name: string;
   kind: "main thread" | "worker";
+  /** How many run: "1", or one per queue pair in use (up to `--queues`). */
+  count: string;
   /** Its module, relative to the repository root. */
   module: string;
   role: string;
@@ -150,28 +166,101 @@ export interface CapabilityAudit {
   now?: CapabilityState;
 }
 
+/** The user every thread becomes after set-up. */
+export interface UserAudit {
+  /** `--user`, or null for the default. */
+  option: string | null;
+  /** The users tried, in order, when `--user` is not given. */
+  defaults: string[];
+  /** What changes in every thread. */
+  switch: string[];
+  /** The main thread's ids when the audit was built, if observed. */
+  now?: { uids: number[]; gids: number[]; groups: number[] };
+}
+
+/** One allowlisted system call and its rule. */
+export interface SyscallAudit {
+  name: string;
+  nr: number;
+  /** "allow", "ENOSYS", or the argument checks in words. */
+  rule: string;
+  why: string;
+}
+
+/** The seccomp filter every thread runs after set-up. */
+export interface SeccompAudit {
+  /** `--seccomp`. */
+  mode: "on" | "off" | "log";
+  /** How it is put on the threads. */
+  install: string;
+  /** For a call not listed. */
+  otherwise: string;
+  /** For another architecture's call or an x32 number. */
+  wrongArch: string;
+  allowed: SyscallAudit[];
+  /** Calls a compromised daemon would want, and why they are not listed. */
+  notablyDenied: { name: string; nr: number; why: string }[];
+}
+
+/** The Landlock ruleset every thread runs under after set-up. */
+export interface LandlockAudit {
+  /** This kernel's ABI (0: none). */
+  abi: number;
+  handledFs: string[];
+  handledNet: string[];
+  scoped: string[];
+  rules: { path: string; access: string[]; why: string }[];
+  /** What this kernel lacks. */
+  notes: string[];
+}
+
 /** The whole audit. JSON-able: numbers as hex strings, no bigints. */
 export interface Audit {
   program: "vionet";
-  auditVersion: 1;
+  auditVersion: 2;
   parts: PartAudit[];
   libraries: LibraryAudit[];
   ioctls: IoctlAudit[];
   files: FileAudit[];
   capabilities: CapabilityAudit;
+  user: UserAudit;
+  seccomp: SeccompAudit;
+  landlock: LandlockAudit;
 }
 
-/** The options that decide what the parent opens. */
+/** The options that decide what the parent opens, and its sandbox (these default as the CLI's do). */
 export type AuditOptions =
   & Pick<Options, "socketPath" | "listenFd" | "client" | "tap" | "tapFd">
+  & Partial<Pick<Options, "ioUring" | "user" | "seccomp" | "queues">>
   & Partial<Pick<Options, "mtu" | "socketGroup" | "socketMode">>;
 
 // ---------------------------------------------------------------------------
 // The main thread's flags
 
-/** The `start` task of deno.json, split into words. */
+const ENV_WORD = /^([A-Z_][A-Z0-9_]*)=(.*)$/;
+
+/** The `start` task of deno.json, split into words, without its leading `NAME=value` words. */
 export function startTaskWords(): string[] {
-  return denoConfig.tasks.start.trim().split(/\s+/);
+  const words = denoConfig.tasks.start.trim().split(/\s+/);
+  return words.slice(words.findIndex((w) => !ENV_WORD.test(w)));
+}
+
+/**
+ * The environment the start task sets for Deno (its leading `NAME=value`
+ * words): `DENO_DIR` where nothing can be created, so the daemon keeps no
+ * cache on disk and holds no descriptor to a cache file that other Deno
+ * processes, root's among them, would later trust; `DENO_NO_UPDATE_CHECK`,
+ * so Deno never looks up and fetches its release list from the daemon.
+ * Whoever starts the daemon another way sets the same (the tests do).
+ */
+export function startTaskEnv(): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const word of denoConfig.tasks.start.trim().split(/\s+/)) {
+    const m = ENV_WORD.exec(word);
+    if (!m) break;
+    env[m[1]] = m[2];
+  }
+  return env;
 }
 
 /** The Deno flags of the start task: the words between `run` and the main module. */
@@ -450,22 +539,23 @@ function files(opts: AuditOptions): FileAudit[] {
       source: "parent/io/wait_set.ts",
     },
     {
-      what: "io_uring instances for TX (tx_drain.ts: one in the writer, one in the poller)",
-      path: "io_uring_setup(64): an anonymous descriptor, per queue start " +
-        "(none with --io-uring off)",
-      access: "mmap of its submission ring, completion ring and entries (MAP_SHARED read-write); " +
-        "io_uring_enter to submit IORING_OP_WRITEV to the tap, nothing else",
-      when: "serving",
+      what: "io_uring rings, made",
+      path: "io_uring_setup(64), six times during set-up (none with --io-uring off): each " +
+        "created disabled, restricted by the kernel (IORING_REGISTER_RESTRICTIONS) to READV, " +
+        "WRITEV and registering a file, then enabled. No ring can be made after set-up",
+      access: "descriptors kept by the parent's ring pool, closed at exit",
+      when: "set-up",
       source: "parent/io/io_uring.ts",
     },
     {
-      what: "io_uring instance for RX (io/poller_worker.ts)",
-      path: "io_uring_setup(64): an anonymous descriptor, per queue start " +
-        "(none with --io-uring off)",
-      access: "mmap of its rings as above; io_uring_enter to submit " +
-        "IORING_OP_READV (RWF_NOWAIT) from the tap, nothing else",
+      what: "io_uring rings, lent",
+      path: "three rings of the pool per data path: the writer's TX ring, the poller's TX and " +
+        "RX rings",
+      access: "mapped by the worker (mmap MAP_SHARED read-write), the tap registered, " +
+        "IORING_OP_WRITEV to the tap or IORING_OP_READV (RWF_NOWAIT) from it; taken back at a " +
+        "clean stop, closed otherwise",
       when: "serving",
-      source: "parent/io/io_uring.ts",
+      source: "parent/control/ring_pool.ts",
     },
     {
       what: "capability state",
@@ -489,8 +579,120 @@ function files(opts: AuditOptions): FileAudit[] {
       when: "drop",
       source: "parent/host/privileges.ts",
     },
+    {
+      what: "the user to become",
+      path: "getpwnam(3): /etc/passwd or whatever NSS is configured with",
+      access: "read-only lookup of --user (or vionet, then nobody); none for UID:GID",
+      when: "set-up",
+      source: "parent/host/users.ts",
+    },
+    {
+      what: "Landlock rule paths",
+      path: "each path of the Landlock rules (below), opened O_PATH",
+      access: "no access: the descriptor only names the path to landlock_add_rule, then closed",
+      when: "drop",
+      source: "parent/host/landlock.ts",
+    },
   );
+  if (opts.listenFd === null && !opts.client) {
+    out.push({
+      what: "socket directories created",
+      path: "the directories created for the socket (none if they existed)",
+      access: "opened O_NOFOLLOW and fchown()ed to the daemon's user, so that it can remove " +
+        "the socket at exit",
+      when: "set-up",
+      source: "parent/control/daemon.ts",
+    });
+  }
   return out;
+}
+
+function ruleText(rule: SyscallRule): string {
+  if (rule.action === "allow") return "allow";
+  if (rule.action === "errno") return `fails with ${errnoLabel(rule.errno)} (not run)`;
+  return "only if " + rule.checks.map(checkText).join(" and ");
+}
+
+function checkText(c: ArgCheck): string {
+  if ("oneOf" in c) {
+    // A process id reads best in decimal; flags and request numbers in hex.
+    const show = (v: number) => c.name === "tgid" ? String(v) : hex(v);
+    return `${c.name} (arg ${c.arg}) is ${
+      c.oneOf.map((v) => `${v.name} (${show(v.value)})`).join(" or ")
+    }`;
+  }
+  return `${c.name} (arg ${c.arg}): ${c.meaning}`;
+}
+
+function errnoLabel(n: number): string {
+  return n === 38 ? "ENOSYS" : n === 1 ? "EPERM" : `errno ${n}`;
+}
+
+/** The seccomp policy context the audit describes for `opts` (pid: this process's). */
+export function auditPolicyContext(opts: AuditOptions): PolicyContext {
+  return {
+    client: opts.client,
+    accepts: !opts.client,
+    ioUring: opts.ioUring ?? "auto",
+    pid: Deno.pid,
+    logOnly: opts.seccomp === "log",
+  };
+}
+
+function seccompAudit(opts: AuditOptions): SeccompAudit {
+  const policy = seccompPolicy(auditPolicyContext(opts));
+  return {
+    mode: opts.seccomp ?? "on",
+    install: "once set-up is over, after the user switch and Landlock: one classic BPF " +
+      "program on every thread at once (SECCOMP_FILTER_FLAG_TSYNC); threads created later " +
+      "inherit it; each thread's /proc status is checked (Seccomp: 2)",
+    otherwise: opts.seccomp === "log"
+      ? "allowed and logged by the kernel (--seccomp log)"
+      : "fails with EPERM (SECCOMP_RET_ERRNO): the runtime copes with a failed call; " +
+        "killing the process would end every guest's network for a gap in the list",
+    wrongArch: "the process is killed (SECCOMP_RET_KILL_PROCESS): i386 int 0x80 calls and " +
+      "x32 numbers, which nothing in vionet or Deno makes",
+    allowed: policy.entries.map((e) => ({
+      name: e.name,
+      nr: e.nr,
+      rule: ruleText(e.rule),
+      why: e.why,
+    })),
+    notablyDenied: Object.entries(NOTABLY_DENIED).map(([name, d]) => ({ name, ...d })),
+  };
+}
+
+function landlockAudit(opts: AuditOptions): LandlockAudit {
+  const socketDir = opts.listenFd === null && !opts.client && opts.socketPath !== null
+    ? opts.socketPath.slice(0, Math.max(1, opts.socketPath.lastIndexOf("/")))
+    : null;
+  const plan = planLandlock(landlockRules({ root: MODULE_ROOT, socketDir }), landlockSupport());
+  return {
+    abi: plan.abi,
+    handledFs: plan.handledFs,
+    handledNet: plan.handledNet,
+    scoped: plan.scoped,
+    rules: plan.rules.map((r) => ({ path: r.path, access: [...r.access], why: r.why })),
+    notes: plan.notes,
+  };
+}
+
+function userAudit(opts: AuditOptions, observe: boolean): UserAudit {
+  const audit: UserAudit = {
+    option: opts.user ?? null,
+    defaults: [...DEFAULT_USERS],
+    switch: [
+      "once the tap and the socket exist, in every thread (the drop's signal handler): " +
+      "setgroups(0), setresgid(gid, gid, gid), setresuid(uid, uid, uid)",
+      "threads created later inherit the ids; each thread's Uid:, Gid: and Groups: are checked",
+      "a user whose uid is 0 (--user root) keeps uid 0, said loudly in the log",
+    ],
+  };
+  if (observe) {
+    const now = currentCapabilities();
+    audit.now = { uids: now.uids, gids: now.gids, groups: now.groups };
+  }
+  return audit;
 }
 
 function capabilities(opts: AuditOptions, observe: boolean): CapabilityAudit {
@@ -519,6 +721,7 @@ function capabilities(opts: AuditOptions, observe: boolean): CapabilityAudit {
     })),
     drop: [
       "once the tap is open and up and the socket exists, before any guest connects",
+      "together with the user switch and the Landlock ruleset, in the same handler",
       "in every thread: signalled one by one, then each /proc/self/task/<tid>/status checked",
       "PR_SET_NO_NEW_PRIVS: execve can grant nothing",
       "ambient and inheritable sets cleared; effective and permitted cut to the kept set",
@@ -539,6 +742,7 @@ export function buildAudit(opts: AuditOptions, options: { observe?: boolean } = 
   const parts: PartAudit[] = [{
     name: "parent",
     kind: "main thread",
+    count: "1",
     module: startTaskModule(),
     role: "set-up, vhost-user, guest memory mapping, TUNSCAP; starts the workers",
     source: "deno.json tasks.start",
@@ -550,6 +754,11 @@ export function buildAudit(opts: AuditOptions, options: { observe?: boolean } = 
     parts.push({
       name: w.options.name ?? relative(w.url),
       kind: "worker",
+      count: (w.options.name ?? "").startsWith("vionet-io-")
+        ? `one per queue pair the VMM uses, and one started ahead per pair while a front-end ` +
+          `is connected (it holds nothing until its pair starts); at most --queues pairs, ` +
+          `here ${opts.queues ?? 1}`
+        : `one per queue pair the VMM uses (at most --queues, here ${opts.queues ?? 1})`,
       module: relative(w.url),
       role: w.role,
       source: w.source,
@@ -559,12 +768,15 @@ export function buildAudit(opts: AuditOptions, options: { observe?: boolean } = 
   }
   return {
     program: "vionet",
-    auditVersion: 1,
+    auditVersion: 2,
     parts,
     libraries: libraries(parts),
     ioctls: ioctls(),
     files: files(opts),
     capabilities: capabilities(opts, options.observe ?? false),
+    user: userAudit(opts, options.observe ?? false),
+    seccomp: seccompAudit(opts),
+    landlock: landlockAudit(opts),
   };
 }
 
@@ -582,7 +794,7 @@ export function formatAudit(audit: Audit): string {
   lines.push("vionet permission audit");
   section("Parts and their Deno permissions");
   for (const part of audit.parts) {
-    lines.push(`${part.name} (${part.kind}, ${part.module})`);
+    lines.push(`${part.name} (${part.kind}, ${part.module}; ${part.count})`);
     lines.push(`  ${part.role}`);
     lines.push(`  from: ${part.source}`);
     const granted = PERMISSION_NAMES.filter((n) => part.permissions[n] !== false);
@@ -626,6 +838,35 @@ export function formatAudit(audit: Audit): string {
     lines.push(`  permitted: ${caps.now.permitted.join(" ") || "none"}`);
     lines.push(`  bounding:  ${caps.now.bounding.join(" ") || "none"}`);
     lines.push(`  NoNewPrivs: ${caps.now.noNewPrivs ? "1" : "0"}`);
+  }
+  section("User");
+  const user = audit.user;
+  lines.push(`--user ${user.option ?? `not given: the first of ${user.defaults.join(", ")}`}`);
+  for (const l of user.switch) lines.push(`  ${l}`);
+  if (user.now) {
+    lines.push(
+      `now (main thread): uids ${user.now.uids.join(" ")}, gids ${user.now.gids.join(" ")}`,
+    );
+  }
+  section(`Seccomp allowlist (--seccomp ${audit.seccomp.mode})`);
+  lines.push(audit.seccomp.install);
+  lines.push(`any other call: ${audit.seccomp.otherwise}`);
+  lines.push(`another architecture: ${audit.seccomp.wrongArch}`);
+  lines.push(`${audit.seccomp.allowed.length} calls:`);
+  for (const c of audit.seccomp.allowed) {
+    lines.push(`  ${c.name.padEnd(18)} ${String(c.nr).padStart(3)}  ${c.rule}`);
+    lines.push(`      ${c.why}`);
+  }
+  lines.push("not allowed, among others:");
+  for (const d of audit.seccomp.notablyDenied) lines.push(`  ${d.name.padEnd(18)} ${d.why}`);
+  section(`Landlock (ABI ${audit.landlock.abi} on this kernel)`);
+  for (const n of audit.landlock.notes) lines.push(`note: ${n}`);
+  lines.push(`handled, so denied unless a rule grants it: ${audit.landlock.handledFs.join(" ")}`);
+  lines.push(`TCP, granted by no rule: ${audit.landlock.handledNet.join(" ") || "not handled"}`);
+  lines.push(`scoped to the daemon: ${audit.landlock.scoped.join(" ") || "nothing"}`);
+  for (const r of audit.landlock.rules) {
+    lines.push(`  ${r.path}: ${r.access.join(" ")}`);
+    lines.push(`      ${r.why}`);
   }
   return lines.join("\n").trimStart();
 }

@@ -118,6 +118,33 @@ export const LIBC_SYMBOLS = {
   readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
   /** Returns 0 (not -1) on failure, with errno set. */
   if_nametoindex: { parameters: ["buffer"], result: "u32" },
+  /** struct passwd * (static storage): pw_uid @16, pw_gid @20; NULL if there is no such user. */
+  getpwnam: { parameters: ["buffer"], result: "pointer" },
+  fchown: { parameters: ["i32", "u32", "u32"], result: "i32" },
+  gettid: { parameters: [], result: "i32" },
+  /**
+   * seccomp(2) through syscall(2): operation, flags, argument (a struct
+   * sock_fprog for SECCOMP_SET_MODE_FILTER). With SECCOMP_FILTER_FLAG_TSYNC a
+   * positive result is the id of a thread that could not be synchronised.
+   */
+  seccomp: { name: "syscall", parameters: ["i64", "u32", "u32", "buffer"], result: "i64" },
+  /** landlock_create_ruleset(2): attr (or NULL), its size, flags. A descriptor or -1. */
+  landlock_create_ruleset: {
+    name: "syscall",
+    parameters: ["i64", "buffer", "usize", "u32"],
+    result: "i64",
+  },
+  /** landlock_add_rule(2): ruleset fd, rule type, rule attr, flags (0). */
+  landlock_add_rule: {
+    name: "syscall",
+    parameters: ["i64", "i32", "u32", "buffer", "u32"],
+    result: "i64",
+  },
+  /**
+   * landlock_restrict_self(2): ruleset fd, flags. The calling thread only;
+   * `privileges.ts` runs the same call on every thread from its handler.
+   */
+  landlock_restrict_self: { name: "syscall", parameters: ["i64", "i32", "u32"], result: "i64" },
   __errno_location: { parameters: [], result: "pointer" },
   strerror: { parameters: ["i32"], result: "pointer" },
   /** glibc struct sigaction (152 bytes); privileges.ts installs its one-shot handler. */
@@ -343,8 +370,16 @@ export function cstr(s: string): Uint8Array<ArrayBuffer> {
 export const O_RDONLY = 0;
 export const O_WRONLY = 1;
 export const O_RDWR = 2;
+export const O_CREAT = 0o100;
+export const O_TRUNC = 0o1000;
+export const O_APPEND = 0o2000;
 export const O_NONBLOCK = 0o4000;
+export const O_DIRECTORY = 0o200000;
+export const O_NOFOLLOW = 0o400000;
 export const O_CLOEXEC = 0o2000000;
+export const O_PATH = 0o10000000;
+/** O_TMPFILE without O_DIRECTORY (fcntl.h __O_TMPFILE). */
+export const O_TMPFILE_BIT = 0o20000000;
 
 export const F_GETFD = 1;
 export const F_SETFD = 2;
@@ -414,7 +449,7 @@ export const PR_SET_PDEATHSIG = 1;
 export const PR_CAPBSET_DROP = 24;
 export const PR_SET_NO_NEW_PRIVS = 38;
 
-/** struct stat (x86-64): st_ino @8, st_mode @24 (u32), st_size @48 (i64). */
+/** struct stat (x86-64): st_ino @8, st_mode @24 (u32), st_uid @28, st_gid @32, st_size @48 (i64). */
 const STAT_SIZE = 144;
 export const S_IFMT = 0o170000;
 export const S_IFREG = 0o100000;
@@ -615,15 +650,15 @@ export function ftruncate(fd: number, length: number | bigint): void {
 export interface FileStat {
   /** st_mode: type (S_IFMT bits) and permissions. */
   mode: number;
-  /** st_uid and st_gid. */
-  uid: number;
-  gid: number;
   /** st_size in bytes (for a memfd or file: what may be mapped). */
   size: number;
   /** st_ino, as a bigint. */
   ino: bigint;
   /** st_dev, as a bigint. */
   dev: bigint;
+  /** st_uid and st_gid: the owner. */
+  uid: number;
+  gid: number;
 }
 
 /** fstat(2). The stat buffer is local to this call. */
@@ -648,8 +683,8 @@ export function lstat(path: string): FileStat | null {
 }
 
 /**
- * mkdir -p: creates `path` and its missing parents with `mode` (less the
- * umask); existing ones are fine. Returns the directories it created, outermost first.
+ * mkdir -p: creates `path` and its missing parents with `mode`; existing ones
+ * are fine. Returns the directories it created, outermost first.
  */
 export function mkdirs(path: string, mode: number): string[] {
   const created: string[] = [];
@@ -747,6 +782,16 @@ export async function pollOneAsync(fd: number, events: number, timeoutMs: number
 /** getpid(2). */
 export function getpid(): number {
   return sys.getpid();
+}
+
+/** gettid(2): the calling thread's id. */
+export function gettid(): number {
+  return sys.gettid();
+}
+
+/** fchown(2). */
+export function fchown(fd: number, uid: number, gid: number): void {
+  check(sys.fchown(fd, uid, gid), "fchown", `fd ${fd}`);
 }
 
 /** prctl(2). */

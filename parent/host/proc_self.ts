@@ -43,7 +43,7 @@ function concat(chunks: Uint8Array[]): Uint8Array {
 
 /** The thread ids in /proc/self/task, listed with getdents64(2). */
 export function listThreadIds(): number[] {
-  const fd = libc.open("/proc/self/task", libc.O_RDONLY | libc.O_CLOEXEC | O_DIRECTORY);
+  const fd = libc.open("/proc/self/task", libc.O_RDONLY | libc.O_CLOEXEC | libc.O_DIRECTORY);
   try {
     const tids: number[] = [];
     const buf = new Uint8Array(8192);
@@ -68,8 +68,6 @@ export function listThreadIds(): number[] {
     libc.close(fd);
   }
 }
-
-const O_DIRECTORY = 0o200000;
 
 /** A thread's name (`/proc/self/task/<tid>/comm`), or null once it has exited. */
 export function threadName(tid: number): string | null {

@@ -83,6 +83,9 @@ export function tunFlagNames(flags: number): string[] {
   return names;
 }
 
+/** tun.c MAX_TAP_QUEUES (DEFAULT_MAX_NUM_RSS_QUEUES): the most queues one tap can have. */
+export const MAX_TAP_QUEUES = 256;
+
 /** virtio 1.2 §5.1.6: struct virtio_net_hdr with num_buffers (VERSION_1): 12 bytes. */
 export const VNET_HDR_LEN = 12;
 /** The offloads that let the tap hand its reader frames longer than the MTU. */
@@ -103,13 +106,23 @@ export const TAP_IOCTLS = {
   TUNGETVNETHDRSZ: { number: 0x800454d7n, on: "tun", purpose: "check the vnet header size" },
   TUNSETVNETHDRSZ: { number: 0x400454d8n, on: "tun", purpose: "set the 12-byte vnet header" },
   TUNGETDEVNETNS: { number: 0x54e3n, on: "tun", purpose: "is an adopted tap in our netns" },
+  TUNSETQUEUE: {
+    number: 0x400454d9n,
+    on: "tun",
+    purpose: "attach or detach a queue as its queue pair is enabled or disabled",
+  },
   SIOCGIFFLAGS: { number: 0x8913n, on: "AF_INET socket", purpose: "read the link flags" },
   SIOCSIFFLAGS: { number: 0x8914n, on: "AF_INET socket", purpose: "bring the link up" },
   SIOCGIFHWADDR: { number: 0x8927n, on: "tun", purpose: "read the tap's MAC" },
   SIOCGIFMTU: {
     number: 0x8921n,
-    on: "AF_INET socket",
+    on: "AF_UNIX socket",
     purpose: "read the MTU: how long the frames the poller reads can be",
+  },
+  SIOCGIFINDEX: {
+    number: 0x8933n,
+    on: "AF_UNIX socket",
+    purpose: "check that the tap's name still names it (its ifindex) before asking its MTU",
   },
   SIOCSIFMTU: { number: 0x8922n, on: "AF_INET socket", purpose: "set the MTU (--mtu), at set-up" },
 } as const;
@@ -119,11 +132,13 @@ const TUNSETOFFLOAD = TAP_IOCTLS.TUNSETOFFLOAD.number;
 const TUNGETIFF = TAP_IOCTLS.TUNGETIFF.number;
 const TUNGETVNETHDRSZ = TAP_IOCTLS.TUNGETVNETHDRSZ.number;
 const TUNSETVNETHDRSZ = TAP_IOCTLS.TUNSETVNETHDRSZ.number;
+const TUNSETQUEUE = TAP_IOCTLS.TUNSETQUEUE.number;
 const TUNGETDEVNETNS = TAP_IOCTLS.TUNGETDEVNETNS.number;
 const SIOCGIFFLAGS = TAP_IOCTLS.SIOCGIFFLAGS.number;
 const SIOCSIFFLAGS = TAP_IOCTLS.SIOCSIFFLAGS.number;
 const SIOCGIFHWADDR = TAP_IOCTLS.SIOCGIFHWADDR.number;
 const SIOCGIFMTU = TAP_IOCTLS.SIOCGIFMTU.number;
+const SIOCGIFINDEX = TAP_IOCTLS.SIOCGIFINDEX.number;
 const SIOCSIFMTU = TAP_IOCTLS.SIOCSIFMTU.number;
 /** net/if.h IFF_UP: a *link* flag (ifr_flags of SIOC[GS]IFFLAGS), not a TUNSETIFF flag. */
 const LINK_IFF_UP = 0x1;
@@ -132,6 +147,7 @@ const LINK_IFF_UP = 0x1;
 const IFREQ_SIZE = 40;
 const IFR_FLAGS = 16;
 const IFR_MTU = 16;
+const IFR_IFINDEX = 16;
 const IFR_HWADDR_DATA = 18;
 const IFNAMSIZ = 16;
 
@@ -162,6 +178,13 @@ export interface CreateTapOptions {
   nonBlocking?: boolean;
   /** Bring the link up (SIOCSIFFLAGS IFF_UP). Default true. */
   up?: boolean;
+  /**
+   * Queues (one per virtio queue pair). More than 1 opens the tap with
+   * IFF_MULTI_QUEUE, one descriptor per queue, and detaches every queue but
+   * the first until {@link Tap.setQueueAttached}: the kernel steers flows
+   * only to attached queues. Default 1 (a single-queue tap, as before).
+   */
+  queues?: number;
 }
 
 /** Options for {@link adoptTap}. */
@@ -307,7 +330,8 @@ function sysfsTunFlags(name: string, ifindex: number): number | undefined {
 }
 
 interface TapInit {
-  fd: number;
+  /** One descriptor per queue; the first is the tap's control descriptor. */
+  fds: number[];
   name: string;
   ifindex: number;
   mac: Uint8Array;
@@ -322,7 +346,9 @@ interface TapInit {
  * {@link adoptTap}; closing it removes the interface if this process created it.
  */
 export class Tap {
-  #fd: number;
+  #fds: number[];
+  /** Which queues are attached (IFF_ATTACH_QUEUE), by index. */
+  readonly #attached: boolean[];
   /** Interface name, as the kernel reported it when opened or adopted. */
   readonly name: string;
   /** Interface index in this process's network namespace at open time; 0 if it lived elsewhere. */
@@ -349,7 +375,8 @@ export class Tap {
 
   /** @internal Use createTap() or adoptTap(). */
   constructor(init: TapInit) {
-    this.#fd = init.fd;
+    this.#fds = [...init.fds];
+    this.#attached = init.fds.map((_, i) => i === 0 || init.fds.length === 1);
     this.name = init.name;
     this.ifindex = init.ifindex;
     this.#mac = init.mac;
@@ -360,9 +387,51 @@ export class Tap {
     this.kernelOffloads = init.kernelOffloads;
   }
 
-  /** The tun descriptor (-1 once closed). */
+  /** The first queue's tun descriptor, which also sets the offloads (-1 once closed). */
   get fd(): number {
-    return this.#fd;
+    return this.#fds[0] ?? -1;
+  }
+
+  /** Queues (1 for a single-queue tap). */
+  get queues(): number {
+    return this.#fds.length;
+  }
+
+  /** Queue `i`'s descriptor (-1 once closed). */
+  queueFd(i: number): number {
+    if (!Number.isInteger(i) || i < 0 || i >= this.#fds.length) {
+      throw new RangeError(`tap ${this.name} has no queue ${i} (it has ${this.#fds.length})`);
+    }
+    return this.#fds[i];
+  }
+
+  /** Whether queue `i` is attached (frames are steered to it). */
+  queueAttached(i: number): boolean {
+    this.queueFd(i);
+    return this.#attached[i];
+  }
+
+  /**
+   * Attaches or detaches queue `i` (TUNSETQUEUE): the kernel steers flows
+   * only to attached queues, so a queue pair the driver disabled must not
+   * keep one. Queue 0 stays attached (a tap with no queue drops every
+   * frame). No capability needed: the descriptor already belongs to the tap.
+   */
+  setQueueAttached(i: number, on: boolean): void {
+    const fd = this.queueFd(i);
+    if (fd < 0) throw new TapError(`tap ${this.name} is closed`);
+    if (i === 0 || this.#attached[i] === on) return;
+    const req = ifreq("");
+    new DataView(req.buffer).setUint16(IFR_FLAGS, on ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE, true);
+    try {
+      libc.ioctl(fd, TUNSETQUEUE, req, "TUNSETQUEUE");
+    } catch (e) {
+      throw new TapError(
+        `tap ${this.name}: cannot ${on ? "attach" : "detach"} queue ${i}: ${(e as Error).message}`,
+        { cause: e },
+      );
+    }
+    this.#attached[i] = on;
   }
 
   /** TUN_F_* offloads in force (0 after open: the tap starts with none). */
@@ -371,8 +440,9 @@ export class Tap {
   }
 
   #open(): number {
-    if (this.#fd < 0) throw new TapError(`tap ${this.name} is closed`);
-    return this.#fd;
+    const fd = this.fd;
+    if (fd < 0) throw new TapError(`tap ${this.name} is closed`);
+    return fd;
   }
 
   /**
@@ -407,9 +477,14 @@ export class Tap {
     this.#open();
     if (this.ifindex === 0) return null;
     try {
-      if (libc.ifNametoindex(this.name) !== this.ifindex) return null;
-      const sock = libc.socket(libc.AF_INET, libc.SOCK_DGRAM | libc.SOCK_CLOEXEC);
+      // Interface ioctls work on any socket; an AF_UNIX stream socket is the
+      // one kind the seccomp filter lets the daemon create after set-up
+      // (glibc's if_nametoindex would try netlink and datagram sockets).
+      const sock = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC);
       try {
+        const index = ifreq(this.name);
+        libc.ioctl(sock, SIOCGIFINDEX, index, "SIOCGIFINDEX");
+        if (new DataView(index.buffer).getInt32(IFR_IFINDEX, true) !== this.ifindex) return null;
         const req = ifreq(this.name);
         libc.ioctl(sock, SIOCGIFMTU, req, "SIOCGIFMTU");
         return new DataView(req.buffer).getInt32(IFR_MTU, true);
@@ -507,12 +582,11 @@ export class Tap {
     libc.setNonBlocking(this.#open(), on);
   }
 
-  /** Closes the fd (idempotent). A tap this process created disappears. */
+  /** Closes every queue's fd (idempotent). A tap this process created disappears. */
   close(): void {
-    if (this.#fd < 0) return;
-    const fd = this.#fd;
-    this.#fd = -1;
-    libc.close(fd);
+    const fds = this.#fds;
+    this.#fds = fds.map(() => -1);
+    for (const fd of fds) if (fd >= 0) libc.closeQuietly(fd);
   }
 
   [Symbol.dispose](): void {
@@ -541,6 +615,10 @@ function explainSetIffError(e: unknown, name: string): TapError {
  */
 export function createTap(name: string, options: CreateTapOptions = {}): Tap {
   if (name !== "") checkInterfaceName(name);
+  const queues = options.queues ?? 1;
+  if (!Number.isInteger(queues) || queues < 1 || queues > MAX_TAP_QUEUES) {
+    throw new RangeError(`tap queues must be 1 to ${MAX_TAP_QUEUES}, not ${queues}`);
+  }
   let flags = libc.O_RDWR | libc.O_CLOEXEC;
   if (options.nonBlocking) flags |= libc.O_NONBLOCK;
   let fd: number;
@@ -558,7 +636,10 @@ export function createTap(name: string, options: CreateTapOptions = {}): Tap {
         })`,
       );
     }
-    const wanted = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    const wanted = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (queues > 1 ? IFF_MULTI_QUEUE : 0);
+    if (queues > 1 && !(features & IFF_MULTI_QUEUE)) {
+      throw new TapError("this kernel's tun driver lacks IFF_MULTI_QUEUE: use one queue pair");
+    }
     const req = ifreq(name);
     const view = new DataView(req.buffer);
     view.setUint16(IFR_FLAGS, wanted | IFF_TUN_EXCL, true);
@@ -580,12 +661,34 @@ export function createTap(name: string, options: CreateTapOptions = {}): Tap {
     const actual = ifreqName(req);
     setVnetHdrSize(fd, actual);
     const kernelOffloads = probeOffloads(fd, actual);
+    const fds = [fd];
+    try {
+      // Each further queue: its own descriptor, attached to the same interface,
+      // then detached until its queue pair is enabled.
+      for (let i = 1; i < queues; i++) {
+        const q = libc.open("/dev/net/tun", flags);
+        fds.push(q);
+        const qreq = ifreq(actual);
+        new DataView(qreq.buffer).setUint16(IFR_FLAGS, wanted, true);
+        try {
+          libc.ioctl(q, TUNSETIFF, qreq, "TUNSETIFF");
+        } catch (e) {
+          throw explainSetIffError(e, actual);
+        }
+        const detach = ifreq("");
+        new DataView(detach.buffer).setUint16(IFR_FLAGS, IFF_DETACH_QUEUE, true);
+        libc.ioctl(q, TUNSETQUEUE, detach, "TUNSETQUEUE");
+      }
+    } catch (e) {
+      for (const q of fds.slice(1)) libc.closeQuietly(q);
+      throw e;
+    }
     if (options.up ?? true) setLinkUp(actual);
     const iffReq = ifreq("");
     libc.ioctl(fd, TUNGETIFF, iffReq, "TUNGETIFF");
     const ifindex = libc.ifNametoindex(actual);
     return new Tap({
-      fd,
+      fds,
       name: actual,
       ifindex,
       mac: readMac(fd, actual),
@@ -607,9 +710,55 @@ export function createTap(name: string, options: CreateTapOptions = {}): Tap {
  * `--tap-fd`). It must be a tap with IFF_VNET_HDR and IFF_NO_PI (IFF_NO_PI can
  * only be verified when the tap lives in this network namespace); the vnet header
  * size is set to 12 and the offloads to none. The link state is left alone.
- * On failure the descriptor stays open and belongs to the caller.
+ * On failure the descriptor stays open and belongs to the caller. Several
+ * descriptors are the queues of one multi-queue tap (IFF_MULTI_QUEUE), in
+ * queue-pair order.
  */
-export function adoptTap(fd: number, options: AdoptTapOptions = {}): Tap {
+export function adoptTap(fdOrFds: number | readonly number[], options: AdoptTapOptions = {}): Tap {
+  const all = typeof fdOrFds === "number" ? [fdOrFds] : [...fdOrFds];
+  if (all.length === 0) throw new RangeError("adoptTap: no descriptor");
+  const [fd, ...more] = all;
+  const tap = adoptOne(fd, options);
+  if (more.length === 0) return tap;
+  // A multi-queue tap: one descriptor per queue, all of the same interface.
+  for (const q of more) {
+    const req = ifreq("");
+    if (!Number.isInteger(q) || q < 0 || libc.sys.ioctl(q, TUNGETIFF, req) !== 0) {
+      throw new TapError(`fd ${q} is not a tun/tap descriptor`);
+    }
+    const flags = new DataView(req.buffer).getUint16(IFR_FLAGS, true);
+    if (ifreqName(req) !== tap.name || !(flags & IFF_MULTI_QUEUE)) {
+      throw new TapError(
+        `fd ${q} is not another queue of tap ${tap.name} (it is ${ifreqName(req)}` +
+          `${flags & IFF_MULTI_QUEUE ? "" : ", without IFF_MULTI_QUEUE"})`,
+      );
+    }
+  }
+  const fds = [fd, ...more];
+  for (const q of more) {
+    if (options.nonBlocking !== undefined) libc.setNonBlocking(q, options.nonBlocking);
+    libc.fcntl(q, libc.F_SETFD, libc.fcntl(q, libc.F_GETFD) | libc.FD_CLOEXEC);
+  }
+  const multi = new Tap({
+    fds,
+    name: tap.name,
+    ifindex: tap.ifindex,
+    mac: tap.macBytes,
+    created: false,
+    iffFeatures: tap.iffFeatures,
+    iffFlags: tap.iffFlags,
+    kernelOffloads: tap.kernelOffloads,
+  });
+  // Detached until their queue pairs are enabled (a queue may come attached or not).
+  for (let i = 1; i < fds.length; i++) {
+    const detach = ifreq("");
+    new DataView(detach.buffer).setUint16(IFR_FLAGS, IFF_DETACH_QUEUE, true);
+    libc.sys.ioctl(fds[i], TUNSETQUEUE, detach); // EINVAL: already detached
+  }
+  return multi;
+}
+
+function adoptOne(fd: number, options: AdoptTapOptions): Tap {
   if (!Number.isInteger(fd) || fd < 0) throw new RangeError(`fd ${fd} is not a descriptor number`);
   try {
     libc.fstat(fd);
@@ -649,7 +798,7 @@ export function adoptTap(fd: number, options: AdoptTapOptions = {}): Tap {
   libc.fcntl(fd, libc.F_SETFD, libc.fcntl(fd, libc.F_GETFD) | libc.FD_CLOEXEC);
   setVnetHdrSize(fd, name);
   return new Tap({
-    fd,
+    fds: [fd],
     name,
     ifindex,
     mac: readMac(fd, name),

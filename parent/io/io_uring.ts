@@ -8,7 +8,19 @@
  * ways on the machine at hand.
  *
  * Only what the I/O workers need: no SQPOLL (it would spin a core the guest
- * needs), no registered buffers, one batch in flight. The tap is a
+ * needs), no registered buffers, one batch in flight.
+ *
+ * Restricted rings ({@link IoUring.prepareRestricted}): an io_uring's
+ * operations are not system calls, so a seccomp filter cannot see them, and
+ * a thread that may call io_uring_setup could open files or sockets of any
+ * family through a ring. So the daemon makes its rings during set-up,
+ * disabled, limits each with IORING_REGISTER_RESTRICTIONS to READV and
+ * WRITEV (with a registered file or a plain descriptor) and to registering
+ * and unregistering files, then enables it; after set-up io_uring_setup is
+ * no longer allowed, and the I/O workers adopt these rings
+ * ({@link IoUring.adopt}) at each queue start and hand them back at the
+ * stop. Such a ring has no SINGLE_ISSUER or DEFER_TASKRUN: its submitter
+ * changes from one worker to the next. The tap is a
  * registered file ({@link useFixedFile}), which spares the kernel a
  * descriptor lookup and reference per request.
  * {@link submitAndWait} returns only when the kernel has completed every queued write, so the
@@ -34,12 +46,22 @@
  */
 
 import * as libc from "../host/libc.ts";
+import { IO_URING_PARAMS_BYTES, type PreparedRing } from "./protocol.ts";
+
+export type { PreparedRing };
 
 const SYS_io_uring_setup = 425n;
 const SYS_io_uring_enter = 426n;
 const SYS_io_uring_register = 427n;
 const IORING_REGISTER_FILES = 2;
 const IORING_UNREGISTER_FILES = 3;
+const IORING_REGISTER_RESTRICTIONS = 11;
+const IORING_REGISTER_ENABLE_RINGS = 12;
+/** struct io_uring_restriction: u16 opcode, u8 register_op/sqe_op/sqe_flags, u8, u32[3]. */
+const RESTRICTION_BYTES = 16;
+const IORING_RESTRICTION_REGISTER_OP = 0;
+const IORING_RESTRICTION_SQE_OP = 1;
+const IORING_RESTRICTION_SQE_FLAGS_ALLOWED = 2;
 /** SQE flag: `fd` is an index into the registered files. */
 const IOSQE_FIXED_FILE = 1;
 
@@ -47,6 +69,7 @@ const IORING_OFF_SQ_RING = 0n;
 const IORING_OFF_CQ_RING = 0x8000000n;
 const IORING_OFF_SQES = 0x10000000n;
 
+const IORING_SETUP_R_DISABLED = 1 << 6;
 const IORING_SETUP_SUBMIT_ALL = 1 << 7;
 const IORING_SETUP_COOP_TASKRUN = 1 << 8;
 const IORING_SETUP_SINGLE_ISSUER = 1 << 12;
@@ -57,7 +80,7 @@ const IORING_OP_WRITEV = 2;
 /** RWF_NOWAIT (include/uapi/linux/fs.h): fail with EAGAIN instead of waiting for data. */
 const RWF_NOWAIT = 0x8;
 
-const PARAMS_BYTES = 120;
+const PARAMS_BYTES = IO_URING_PARAMS_BYTES;
 const SQE_BYTES = 64;
 const SQE_WORDS = SQE_BYTES / 4;
 const CQE_BYTES = 16;
@@ -73,6 +96,25 @@ const SETUP_FLAG_SETS = [
   IORING_SETUP_DEFER_TASKRUN,
   IORING_SETUP_SUBMIT_ALL,
   0,
+];
+
+/**
+ * Set-up flags of a restricted ring, best first: the same as above but for
+ * SINGLE_ISSUER and DEFER_TASKRUN, which would tie it to its first submitter.
+ */
+const RESTRICTED_FLAG_SETS = [
+  IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN,
+  IORING_SETUP_SUBMIT_ALL,
+  0,
+];
+
+/** What a restricted ring allows: READV, WRITEV, a registered file, and (un)registering one. */
+const RESTRICTIONS: ReadonlyArray<readonly [number, number]> = [
+  [IORING_RESTRICTION_SQE_OP, IORING_OP_READV],
+  [IORING_RESTRICTION_SQE_OP, IORING_OP_WRITEV],
+  [IORING_RESTRICTION_SQE_FLAGS_ALLOWED, IOSQE_FIXED_FILE],
+  [IORING_RESTRICTION_REGISTER_OP, IORING_REGISTER_FILES],
+  [IORING_RESTRICTION_REGISTER_OP, IORING_UNREGISTER_FILES],
 ];
 
 /** One mapped region and the words over it. */
@@ -121,9 +163,18 @@ export class IoUring {
   /** The descriptor registered as fixed file 0, or -1. */
   #fixedFd = -1;
   #closed = false;
+  /** Whether closing closes the descriptor (false: an adopted ring goes back to its owner). */
+  readonly #owned: boolean;
 
-  private constructor(fd: number, entries: number, flags: number, params: Uint32Array) {
+  private constructor(
+    fd: number,
+    entries: number,
+    flags: number,
+    params: Uint32Array,
+    owned = true,
+  ) {
     this.fd = fd;
+    this.#owned = owned;
     this.flags = flags;
     const sqEntries = params[0];
     const cqEntries = params[1];
@@ -160,6 +211,14 @@ export class IoUring {
       if (sqEntries < entries || cqEntries < sqEntries) {
         throw new Error(`io_uring: asked for ${entries} entries, got ${sqEntries}/${cqEntries}`);
       }
+      // An adopted ring must be idle: an entry its last user queued and the
+      // kernel did not take would be run for us, with iovecs that are gone.
+      if (
+        !owned && (Atomics.load(sq.words, sqOff(0) / 4) !== sq.words[this.#sqTail] ||
+          cq.words[this.#cqHead] !== Atomics.load(cq.words, this.#cqTail))
+      ) {
+        throw new Error("io_uring: the ring handed over is not idle");
+      }
     } catch (e) {
       this.#release();
       throw e;
@@ -187,6 +246,76 @@ export class IoUring {
       if (lastErrno !== libc.Errno.EINVAL) break;
     }
     throw new libc.SyscallError("io_uring_setup", lastErrno, `${entries} entries`);
+  }
+
+  /**
+   * Makes a ring of at least `entries` slots for a worker to adopt later
+   * (see the module comment): created disabled, restricted to READV, WRITEV
+   * and file registration, then enabled. Call it during set-up, while
+   * io_uring_setup is allowed.
+   * @throws {libc.SyscallError} when the kernel refuses io_uring or the restrictions.
+   */
+  static prepareRestricted(entries: number): PreparedRing {
+    if (!Number.isInteger(entries) || entries < 1 || entries > 4096) {
+      throw new RangeError(`io_uring entries must be 1..4096, not ${entries}`);
+    }
+    let lastErrno = 0;
+    for (const flags of RESTRICTED_FLAG_SETS) {
+      const params = new Uint32Array(PARAMS_BYTES / 4);
+      params[2] = flags | IORING_SETUP_R_DISABLED;
+      const fd = libc.sys.io_uring_setup(SYS_io_uring_setup, entries, params);
+      if (fd < 0) {
+        lastErrno = libc.errno();
+        if (lastErrno !== libc.Errno.EINVAL) break;
+        continue;
+      }
+      try {
+        const list = new Uint8Array(RESTRICTIONS.length * RESTRICTION_BYTES);
+        const v = new DataView(list.buffer);
+        RESTRICTIONS.forEach(([opcode, arg], i) => {
+          v.setUint16(i * RESTRICTION_BYTES, opcode, true);
+          v.setUint8(i * RESTRICTION_BYTES + 2, arg);
+        });
+        const registered = libc.sys.io_uring_register(
+          SYS_io_uring_register,
+          fd,
+          IORING_REGISTER_RESTRICTIONS,
+          list,
+          RESTRICTIONS.length,
+        );
+        libc.check(registered, "io_uring_register(RESTRICTIONS)", `fd ${fd}`);
+        const enabled = libc.sys.io_uring_register(
+          SYS_io_uring_register,
+          fd,
+          IORING_REGISTER_ENABLE_RINGS,
+          null,
+          0,
+        );
+        libc.check(enabled, "io_uring_register(ENABLE_RINGS)", `fd ${fd}`);
+      } catch (e) {
+        libc.closeQuietly(fd);
+        throw e;
+      }
+      return { fd, params: [...new Uint8Array(params.buffer)] };
+    }
+    throw new libc.SyscallError("io_uring_setup", lastErrno, `${entries} entries`);
+  }
+
+  /**
+   * Maps a ring made by {@link prepareRestricted} (in this process) for this
+   * thread. {@link close} unmaps it and lets go of its registered file, but
+   * leaves the descriptor to whoever handed the ring over. The ring must be
+   * idle: nothing queued, every completion reaped (as {@link submitAndWait}
+   * leaves it).
+   */
+  static adopt(ring: PreparedRing, entries: number): IoUring {
+    if (ring.params.length !== PARAMS_BYTES) {
+      throw new RangeError(`io_uring params are ${PARAMS_BYTES} bytes, not ${ring.params.length}`);
+    }
+    const params = new Uint32Array(new Uint8Array(ring.params).buffer);
+    // A registration left behind by the ring's previous user (none after a clean stop).
+    libc.sys.io_uring_register(SYS_io_uring_register, ring.fd, IORING_UNREGISTER_FILES, null, 0);
+    return new IoUring(ring.fd, entries, params[2] & ~IORING_SETUP_R_DISABLED, params, false);
   }
 
   /**
@@ -350,6 +479,20 @@ export class IoUring {
       } catch {
         // nothing more can be done for one mapping; the others still go
       }
+    }
+    if (!this.#owned) {
+      // An adopted ring goes back as it came: no file registered, descriptor open.
+      if (this.#fixedFd >= 0) {
+        this.#fixedFd = -1;
+        libc.sys.io_uring_register(
+          SYS_io_uring_register,
+          this.fd,
+          IORING_UNREGISTER_FILES,
+          null,
+          0,
+        );
+      }
+      return;
     }
     try {
       libc.close(this.fd);

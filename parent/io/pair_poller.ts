@@ -152,7 +152,7 @@ export class PairPoller {
       t.tapFd = msg.tapFd;
       t.setTxUsed(msg.txUsed);
       t.log = publisher.log;
-      t.start(msg.ioUring);
+      t.start(msg.ioUring, msg.rings[0] ?? null);
       this.#tx = t;
     }
     this.#startEngine(msg);
@@ -293,7 +293,7 @@ export class PairPoller {
   #startEngine(msg: InitRequest): void {
     const c = this.#ctl, tap = this.#tap, mode = msg.ioUring, room = msg.rxFrameRoom;
     if (mode === "auto") {
-      const { batching, message } = tap.startBatching(RX_BATCH);
+      const { batching, message } = tap.startBatching(RX_BATCH, msg.rings[1] ?? null);
       if (batching) {
         Atomics.store(c, CTL.POLLER_ENGINE, POLLER_ENGINE_IO_URING);
         this.#worker.post({

@@ -83,6 +83,14 @@ export interface InitRequest {
    */
   ioUring: IoUringMode;
   /**
+   * Rings made during set-up, restricted to reads and writes (`io_uring.ts`),
+   * for this worker to adopt instead of making its own: the writer's TX
+   * ring; the poller's TX ring, then its RX ring. Fewer (or none): the
+   * worker makes what is missing with io_uring_setup if it may, else it
+   * falls back to `writev`/`readv`. Handed back, untouched, at the stop.
+   */
+  rings: PreparedRing[];
+  /**
    * Where TX completions go (`ipc/datapath.ts`), computed by the parent from
    * the vring addresses the VMM gave; null: none are published (tests of a
    * worker alone). Both workers write TX frames (`tx_drain.ts`).
@@ -175,6 +183,20 @@ export interface TxUsedPlace {
   eventAddr: bigint;
   /** VIRTIO_F_RING_EVENT_IDX was negotiated. */
   eventIdx: boolean;
+}
+
+/** struct io_uring_params is 120 bytes (include/uapi/linux/io_uring.h). */
+export const IO_URING_PARAMS_BYTES = 120;
+
+/**
+ * A ring made during set-up for a worker to adopt (`io_uring.ts`,
+ * `IoUring.prepareRestricted`): its descriptor, and the io_uring_params the
+ * kernel filled in (the offsets to map it with), as octets so that it
+ * crosses postMessage as it is.
+ */
+export interface PreparedRing {
+  fd: number;
+  params: number[];
 }
 
 /** `--io-uring`: whether the writer may batch tap writes through io_uring. */
@@ -401,6 +423,16 @@ export function parseIoRequest(data: unknown): IoRequest {
         wakeFd: r.fd("wakeFd"),
         ranges: ranges(r),
         ioUring: r.optional("ioUring", "auto", (k) => r.oneOf(k, ["auto", "off"] as const)),
+        rings: r.optional(
+          "rings",
+          [],
+          (k) =>
+            r.list(
+              k,
+              2,
+              (g) => ({ fd: g.fd("fd"), params: g.bytes("params", IO_URING_PARAMS_BYTES) }),
+            ),
+        ),
         txUsed: r.nullable("txUsed", (k) => txUsed(r.object(k))),
         txShared: r.nullable("txShared", (k) => r.sharedBuffer(k, TX_SHARED_BYTES)),
         rxFrameRoom: r.optional("rxFrameRoom", RX_FRAME_ROOM_MAX, (k) => frameRoom(r, k)),

@@ -8,7 +8,7 @@
  * @module
  */
 
-import { IoUring } from "./io_uring.ts";
+import { IoUring, type PreparedRing } from "./io_uring.ts";
 import * as libc from "../host/libc.ts";
 import { RX_FRAME_ROOM_MAX } from "./protocol.ts";
 import {
@@ -86,13 +86,17 @@ export class TapReadEngine implements RxReadEngine {
   }
 
   /**
-   * Sets up batching on an io_uring of `entries`; returns a line for the log
-   * saying what the reads use. Without io_uring (refused by the kernel),
+   * Sets up batching on an io_uring of `entries` (the `prepared` one, a ring
+   * made during set-up, when given); returns a line for the log saying what
+   * the reads use. Without io_uring (refused by the kernel),
    * reads are one `readv` a frame.
    */
-  startBatching(entries: number): { batching: boolean; message: string } {
+  startBatching(
+    entries: number,
+    prepared: PreparedRing | null = null,
+  ): { batching: boolean; message: string } {
     try {
-      const ring = IoUring.setup(entries);
+      const ring = prepared ? IoUring.adopt(prepared, entries) : IoUring.setup(entries);
       const fixed = ring.useFixedFile(this.#tapFd);
       this.#uring = ring;
       this.batch = new UringBatch(ring, this);

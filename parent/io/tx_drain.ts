@@ -2,7 +2,7 @@
  * Draining the TX ring onto the tap: what the writer does with the device's
  * TX records, and what the poller does with them when it waits for the
  * device's answer to a kick it read (`io/poller_worker.ts`). Each I/O worker
- * holds its own {@link TxDrainer} (private slots, its own io_uring); the two
+ * holds its own {@link TxDrainer} (private slots, its own io_uring ring); the two
  * take turns on the ring under a lock in `txShared`, a buffer only they hold.
  *
  * Trust: TX records are hostile (the device parses guest memory and could be
@@ -49,7 +49,7 @@
 
 import * as libc from "../host/libc.ts";
 import type { DirtyLog } from "./dirty_log.ts";
-import { IoUring } from "./io_uring.ts";
+import { IoUring, type PreparedRing } from "./io_uring.ts";
 import { fullBarrier, usedNotifyWanted } from "../../ipc/vring_notify.ts";
 import {
   VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -250,11 +250,15 @@ export class TxDrainer {
     this.#uring?.useFixedFile(fd);
   }
 
-  /** The engine: io_uring when allowed and the kernel agrees, else `writev`. Says which in a notice. */
-  start(mode: IoUringMode): void {
+  /**
+   * The engine: io_uring when allowed and the kernel agrees, else `writev`.
+   * Says which in a notice. `prepared`: a ring made during set-up to adopt
+   * (`io_uring.ts`); without it the drainer makes its own.
+   */
+  start(mode: IoUringMode, prepared: PreparedRing | null = null): void {
     if (mode === "auto") {
       try {
-        const uring = IoUring.setup(TX_BATCH);
+        const uring = prepared ? IoUring.adopt(prepared, TX_BATCH) : IoUring.setup(TX_BATCH);
         this.#uring = uring;
         const fixed = uring.useFixedFile(this.#tapFd);
         this.#showEngine(WRITER_ENGINE_IO_URING);

@@ -95,7 +95,7 @@ const control = new WorkerControl("writer", {
     d.setTxUsed(msg.txUsed);
     d.log = msg.log === null ? null : new DirtyLog(msg.log);
     d.callFd = callTxFd;
-    d.start(msg.ioUring);
+    d.start(msg.ioUring, msg.rings[0] ?? null);
     drainer = d;
     wakeFd = msg.wakeFd;
     return () => loop(c);

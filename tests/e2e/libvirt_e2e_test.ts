@@ -29,7 +29,7 @@ Deno.test({
     const libvirtd = await PrivateLibvirtd.start();
     try {
       await Rig.run(
-        { socketDir: "run", daemonArgs: ["--socket-group", QEMU_USER, "--mac", GUEST_MAC] },
+        { daemonArgs: ["--socket-group", QEMU_USER, "--mac", GUEST_MAC] },
         async (rig) => {
           const assets = guestAssets();
           const guestDir = `${libvirtd.dir}/guest`;

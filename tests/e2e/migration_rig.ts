@@ -22,6 +22,9 @@
 import { bootGuest, type BootInfo, type Guest, guestAssets, netKernelArgs } from "./guest.ts";
 import { NetnsProcess, startDaemon, vhostUserNetdevArgs, type VionetDaemon } from "./vionet_rig.ts";
 import { Qmp } from "./qmp.ts";
+import { type PacedStream, streamFromGuest, streamToGuest } from "./paced_streams.ts";
+
+export type { PacedStream, StreamResult } from "./paced_streams.ts";
 
 export const BRIDGE_IP = "198.18.0.1";
 export const GUEST_IP = "198.18.0.2";
@@ -234,80 +237,28 @@ export class MigrationRig {
     }
   }
 
-  /**
-   * Host -> guest: a paced sender in the namespace (`mib` MiB of random
-   * data, `mibPerSecond`), the guest receiving it with nc into a tmpfs file
-   * in the background while sampling the file's size. `finish()` waits for
-   * both ends (on whichever QEMU runs the guest then) and compares.
-   */
-  async streamToGuest(vm: Vm, mib: number, mibPerSecond: number): Promise<PacedStream> {
-    const port = this.port();
-    const sender = this.spawn([
-      Deno.execPath(),
-      "eval",
-      pacedSender(BRIDGE_IP, port, mib, mibPerSecond),
-    ]);
-    await sender.waitFor(/^listening$/, 30_000);
-    const r = await vm.guest.run(
-      `rm -f /tmp/rx.blob /tmp/rx.samples; (nc ${BRIDGE_IP} ${port} >/tmp/rx.blob; echo done >/tmp/rx.done) </dev/null >/dev/null 2>&1 &\n` +
-        `(while [ ! -e /tmp/rx.done ]; do echo "$(cut -d' ' -f1 /proc/uptime) $(stat -c %s /tmp/rx.blob 2>/dev/null || echo 0)"; usleep 10000; done >/tmp/rx.samples) </dev/null >/dev/null 2>&1 &`,
-      30_000,
+  /** A host -> guest paced stream on `vm` (`paced_streams.ts`). */
+  streamToGuest(vm: Vm, mib: number, mibPerSecond: number): Promise<PacedStream> {
+    return streamToGuest(
+      (argv) => this.spawn(argv),
+      vm.guest,
+      BRIDGE_IP,
+      this.port(),
+      mib,
+      mibPerSecond,
     );
-    if (r.status !== 0) throw new Error(`the guest could not start receiving: ${r.output}`);
-    return {
-      finish: async (now: Vm) => {
-        const sent = JSON.parse(await sender.waitFor(/^\{/, 240_000));
-        const done = await now.guest.run(
-          "while [ ! -e /tmp/rx.done ]; do usleep 50000; done; stat -c %s /tmp/rx.blob; " +
-            "sha256sum /tmp/rx.blob; cat /tmp/rx.samples",
-          240_000,
-        );
-        const [count, sha, , ...samples] = done.output.trim().split(/\s+/);
-        return {
-          sentBytes: sent.bytes,
-          sentSha256: sent.sha256,
-          receivedBytes: Number(count),
-          receivedSha256: sha,
-          longestStallMs: longestStall(samples, 1000),
-        };
-      },
-    };
   }
 
-  /**
-   * Guest -> host: the guest makes `mib` MiB of random data, then sends it
-   * paced (a MiB every 1/mibPerSecond s) with nc in the background; a
-   * receiver in the namespace hashes it and notes when data arrived.
-   */
-  async streamFromGuest(vm: Vm, mib: number, mibPerSecond: number): Promise<PacedStream> {
-    const port = this.port();
-    const receiver = this.spawn([Deno.execPath(), "eval", stampedReceiver(BRIDGE_IP, port)]);
-    await receiver.waitFor(/^listening$/, 30_000);
-    const prep = await vm.guest.run(
-      `dd if=/dev/urandom of=/tmp/tx.blob bs=1M count=${mib} 2>/dev/null && sha256sum /tmp/tx.blob`,
-      120_000,
+  /** A guest -> host paced stream from `vm` (`paced_streams.ts`). */
+  streamFromGuest(vm: Vm, mib: number, mibPerSecond: number): Promise<PacedStream> {
+    return streamFromGuest(
+      (argv) => this.spawn(argv),
+      vm.guest,
+      BRIDGE_IP,
+      this.port(),
+      mib,
+      mibPerSecond,
     );
-    if (prep.status !== 0) throw new Error(`the guest could not make its data: ${prep.output}`);
-    const sentSha256 = prep.output.trim().split(/\s+/)[0];
-    const pause = Math.max(1, Math.round(1_000_000 / mibPerSecond));
-    const r = await vm.guest.run(
-      `(i=0; while [ $i -lt ${mib} ]; do dd if=/tmp/tx.blob bs=1M skip=$i count=1 2>/dev/null; ` +
-        `i=$((i+1)); usleep ${pause}; done | nc ${BRIDGE_IP} ${port}) </dev/null >/dev/null 2>&1 &`,
-      30_000,
-    );
-    if (r.status !== 0) throw new Error(`the guest could not start sending: ${r.output}`);
-    return {
-      finish: async () => {
-        const got = JSON.parse(await receiver.waitFor(/^\{/, 240_000));
-        return {
-          sentBytes: mib * 1024 * 1024,
-          sentSha256,
-          receivedBytes: got.bytes,
-          receivedSha256: got.sha256,
-          longestStallMs: got.longestGapMs,
-        };
-      },
-    };
   }
 
   /** The daemons' logs, for failure messages. */
@@ -331,90 +282,6 @@ export class MigrationRig {
     await sh(["ip", "netns", "del", this.netns]).catch(() => {});
     await Deno.remove(this.tmpDir, { recursive: true }).catch(() => {});
   }
-}
-
-/** What a paced stream delivered. */
-export interface StreamResult {
-  sentBytes: number;
-  sentSha256: string;
-  receivedBytes: number;
-  receivedSha256: string;
-  /** The longest time the receiver got nothing while the stream ran (ms). */
-  longestStallMs: number;
-}
-
-export interface PacedStream {
-  /** Waits for both ends; `now` is the QEMU running the guest at the end. */
-  finish(now: Vm): Promise<StreamResult>;
-}
-
-/** From "uptime size" samples: the longest time the size stood still before the end. */
-export function longestStall(words: string[], scale: number): number {
-  let longest = 0;
-  let since = NaN;
-  let last = -1;
-  for (let i = 0; i + 1 < words.length; i += 2) {
-    const t = Number(words[i]) * scale;
-    const size = Number(words[i + 1]);
-    if (!Number.isFinite(t) || !Number.isFinite(size)) continue;
-    if (size !== last) {
-      if (last > 0 && Number.isFinite(since)) longest = Math.max(longest, t - since);
-      since = t;
-      last = size;
-    }
-  }
-  return longest;
-}
-
-/** A sender for `deno eval`: `mib` MiB of random data at `rate` MiB/s to one connection. */
-function pacedSender(host: string, port: number, mib: number, rate: number): string {
-  return `
-import { createHash } from "node:crypto";
-const listener = Deno.listen({ hostname: "${host}", port: ${port} });
-console.log("listening");
-const conn = await listener.accept();
-listener.close();
-const hash = createHash("sha256");
-const chunk = new Uint8Array(64 * 1024);
-const total = ${mib} * 1024 * 1024;
-const started = performance.now();
-let sent = 0;
-while (sent < total) {
-  const due = started + (sent / (${rate} * 1024 * 1024)) * 1000;
-  const wait = due - performance.now();
-  if (wait > 0) await new Promise((r) => setTimeout(r, wait));
-  crypto.getRandomValues(chunk);
-  hash.update(chunk);
-  let off = 0;
-  while (off < chunk.length) off += await conn.write(chunk.subarray(off));
-  sent += chunk.length;
-}
-conn.close();
-console.log(JSON.stringify({ bytes: total, sha256: hash.digest("hex") }));
-`;
-}
-
-/** A receiver for `deno eval`: hashes one connection and notes the longest gap between reads. */
-function stampedReceiver(host: string, port: number): string {
-  return `
-import { createHash } from "node:crypto";
-const listener = Deno.listen({ hostname: "${host}", port: ${port} });
-console.log("listening");
-const conn = await listener.accept();
-listener.close();
-const hash = createHash("sha256");
-let bytes = 0;
-let last = NaN;
-let longestGapMs = 0;
-for await (const chunk of conn.readable) {
-  const now = performance.now();
-  if (Number.isFinite(last)) longestGapMs = Math.max(longestGapMs, now - last);
-  last = now;
-  hash.update(chunk);
-  bytes += chunk.length;
-}
-console.log(JSON.stringify({ bytes, sha256: hash.digest("hex"), longestGapMs }));
-`;
 }
 
 async function sh(argv: string[]): Promise<string> {

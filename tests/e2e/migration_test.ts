@@ -53,7 +53,7 @@ for (const mode of ["auto", "off"] as const) {
         assert.equal(there.status, "completed", rig.logs());
         const movedMs = await rig.fdbMovesTo(rig.taps[1], there.endedAt);
         await rig.kill(a);
-        const toGuest = await down.finish(b);
+        const toGuest = await down.finish(b.guest);
         assertIntact("host -> guest", toGuest);
 
         // Host 1 -> host 0 (a fresh QEMU: daemon 0's second front-end) while
@@ -65,7 +65,7 @@ for (const mode of ["auto", "off"] as const) {
         assert.equal(back.status, "completed", rig.logs());
         const backMs = await rig.fdbMovesTo(rig.taps[0], back.endedAt);
         await rig.kill(b);
-        const fromGuest = await up.finish(c);
+        const fromGuest = await up.finish(c.guest);
         assertIntact("guest -> host", fromGuest);
 
         for (const d of rig.daemons) assert.ok(d.running, `a daemon exited:\n${rig.logs()}`);

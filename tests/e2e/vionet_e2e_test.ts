@@ -27,6 +27,8 @@ import {
   rigUnavailable,
   type TransferResult,
 } from "./vionet_rig.ts";
+import { assertSandboxed } from "../helpers.ts";
+import { resolveUser } from "../../parent/host/users.ts";
 
 const skip = rigUnavailable();
 if (skip) console.warn(`tests/e2e/vionet_e2e_test.ts skipped: ${skip}`);
@@ -274,6 +276,10 @@ Deno.test({
               await rig.sendToGuest(second.guest, SMALL_MIB),
               "second VM: host -> guest",
             );
+            // Every thread, those of the workers started for the second VM
+            // included, runs as the daemon's user under the one filter.
+            const user = resolveUser(null);
+            assertSandboxed(rig.daemon.pid, user.uid, user.gid, "after the second VM");
           }),
       );
     });
@@ -416,6 +422,11 @@ Deno.test({
               const down = await rig.iperf3(guest, { reverse: true, seconds: 3 });
               assert.ok(up.bytes > 10e6, `guest -> host moved ${up.bytes} bytes`);
               assert.ok(down.bytes > 10e6, `host -> guest moved ${down.bytes} bytes`);
+              // Each boot's workers batch through io_uring rings made during set-up:
+              // the daemon makes two sets, so the third boot's came back from the first.
+              const c = await rig.daemon.datapathCounters();
+              assert.equal(c?.writerEngine, "io_uring", JSON.stringify(c));
+              assert.equal(c?.pollerEngine, "io_uring", JSON.stringify(c));
               console.log(
                 `  boot ${boot}: ${(up.bitsPerSecond / 1e9).toFixed(2)} / ` +
                   `${(down.bitsPerSecond / 1e9).toFixed(2)} Gbit/s`,

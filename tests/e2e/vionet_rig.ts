@@ -25,7 +25,8 @@
  */
 
 import { bootGuest, type BootInfo, type Guest, guestAssets, netKernelArgs } from "./guest.ts";
-import { ROOT, startTaskFlags } from "../helpers.ts";
+import { ROOT, startTaskEnv, startTaskFlags } from "../helpers.ts";
+import { type PacedStream, streamFromGuest, streamToGuest } from "./paced_streams.ts";
 
 /** The tap's address in the rig's namespace. */
 export const HOST_IP = "198.18.0.1";
@@ -68,11 +69,12 @@ export class NetnsProcess {
    * Starts `argv` with `ip netns exec <netns>` (which execs it: the PID is
    * argv[0]'s), in directory `cwd` (default: this process's).
    */
-  constructor(netns: string, argv: string[], cwd?: string) {
+  constructor(netns: string, argv: string[], cwd?: string, env?: Record<string, string>) {
     this.argv = argv;
     this.#child = new Deno.Command("ip", {
       args: ["netns", "exec", netns, ...argv],
       cwd,
+      env,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
@@ -202,20 +204,30 @@ export class VionetDaemon extends NetnsProcess {
 
   /** @internal use startDaemon(). */
   constructor(opts: DaemonOptions) {
-    super(opts.netns, [
-      Deno.execPath(),
-      "run",
-      ...startTaskFlags(),
-      MAIN_TS,
-      "--socket-path",
-      opts.socketPath,
-      "--tap",
-      opts.tap,
-      "--log-level",
-      opts.logLevel ?? "info",
-      ...(opts.offload ? ["--offload", opts.offload] : []),
-      ...(opts.extraArgs ?? []),
-    ], ROOT); // the start task runs from the repository's root (its --allow-read=. means that)
+    // As the start task: from the repository's root (its --allow-read=. means
+    // that), with the environment it sets.
+    super(
+      opts.netns,
+      [
+        Deno.execPath(),
+        "run",
+        ...startTaskFlags(),
+        MAIN_TS,
+        "--socket-path",
+        opts.socketPath,
+        "--tap",
+        opts.tap,
+        "--log-level",
+        opts.logLevel ?? "info",
+        ...(opts.offload ? ["--offload", opts.offload] : []),
+        ...(opts.extraArgs ?? []),
+        // VIONET_TEST_DAEMON_ARGS: more options for every daemon of a run (any
+        // rig), e.g. "--seccomp log" to find calls the allowlist lacks.
+        ...(Deno.env.get("VIONET_TEST_DAEMON_ARGS")?.split(/\s+/).filter((a) => a) ?? []),
+      ],
+      ROOT,
+      startTaskEnv(),
+    );
     this.socketPath = opts.socketPath;
     this.tap = opts.tap;
   }
@@ -281,21 +293,23 @@ export async function startDaemon(opts: DaemonOptions): Promise<VionetDaemon> {
 /** QEMU's -chardev, -netdev and -device arguments for a virtio-net-pci NIC on a vhost-user socket. */
 export function vhostUserNetdevArgs(
   socketPath: string,
-  opts: { mac?: string; nicProps?: readonly string[] } = {},
+  opts: { mac?: string; nicProps?: readonly string[]; queues?: number; reconnect?: number } = {},
 ): string[] {
+  const queues = opts.queues ?? 1;
   // vectors=0: QEMU 7.2 under TCG crashes when a vhost-user device's driver enables MSI-X.
   const props = [
     "netdev=n0",
     "vectors=0",
     "romfile=",
     `mac=${opts.mac ?? GUEST_MAC}`,
+    ...(queues > 1 ? ["mq=on"] : []),
     ...(opts.nicProps ?? []),
   ];
   return [
     "-chardev",
-    `socket,id=c0,path=${socketPath}`,
+    `socket,id=c0,path=${socketPath}${opts.reconnect ? `,reconnect=${opts.reconnect}` : ""}`,
     "-netdev",
-    "vhost-user,id=n0,chardev=c0",
+    `vhost-user,id=n0,chardev=c0${queues > 1 ? `,queues=${queues}` : ""}`,
     "-device",
     `virtio-net-pci,${props.join(",")}`,
   ];
@@ -343,12 +357,10 @@ export interface RigOptions {
   /** More daemon options. */
   daemonArgs?: string[];
   /**
-   * Put the socket in this subdirectory of the rig's temporary directory,
-   * which the daemon creates (and the temporary directory is opened to
-   * everyone, 0755, so that a QEMU running as another user can pass).
-   * Default: the socket sits in the temporary directory itself (root only).
+   * Create the tap persistent (`ip tuntap add`) before the daemon starts,
+   * so that it attaches to it and the tap outlives the daemon (a restart).
    */
-  socketDir?: string;
+  persistentTap?: boolean;
 }
 
 /** Options of {@link Rig.bootGuest}. */
@@ -358,6 +370,10 @@ export interface GuestOptions {
   mac?: string;
   memoryMiB?: number;
   cpus?: number;
+  /** Queue pairs of the NIC (`queues=N` on the netdev, `mq=on`); default 1. */
+  queues?: number;
+  /** QEMU reconnects to the daemon's socket every this many seconds when it goes (`reconnect=`). */
+  reconnect?: number;
   /** How long to wait for the guest's ready line (default 120 s). */
   bootTimeoutMs?: number;
 }
@@ -399,13 +415,24 @@ export class Rig {
   readonly tap: string;
   readonly tmpDir: string;
   readonly socketPath: string;
-  readonly daemon: VionetDaemon;
+  /** The daemon (a new one after {@link restartDaemon}). */
+  daemon: VionetDaemon;
+  readonly #opts: RigOptions;
   #guests: Guest[] = [];
   #procs: NetnsProcess[] = [];
+  /** `strace -c` attached to the daemon after its set-up (VIONET_TEST_STRACE), or null. */
+  #strace: Deno.ChildProcess | null = null;
   #nextPort = 5201;
   #nextMac = 0;
 
-  private constructor(netns: string, tap: string, tmpDir: string, daemon: VionetDaemon) {
+  private constructor(
+    netns: string,
+    tap: string,
+    tmpDir: string,
+    daemon: VionetDaemon,
+    opts: RigOptions,
+  ) {
+    this.#opts = opts;
     this.netns = netns;
     this.tap = tap;
     this.tmpDir = tmpDir;
@@ -426,20 +453,25 @@ export class Rig {
     try {
       await sh(["ip", "-n", netns, "link", "set", "lo", "up"]);
       tmpDir = await Deno.makeTempDir({ prefix: "vionet-e2e-" });
-      if (opts.socketDir !== undefined) await Deno.chmod(tmpDir, 0o755);
+      // Like /run: others may pass through. The daemon creates run/ itself
+      // and hands it to the user it becomes, which can then remove its socket.
+      await Deno.chmod(tmpDir, 0o755);
+      if (opts.persistentTap) {
+        await sh(["ip", "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
+      }
       daemon = await startDaemon({
         netns,
         tap,
-        socketPath: opts.socketDir !== undefined
-          ? `${tmpDir}/${opts.socketDir}/vionet.sock`
-          : `${tmpDir}/vionet.sock`,
+        socketPath: `${tmpDir}/run/vionet.sock`,
         offload: opts.offload,
         logLevel: opts.logLevel,
         extraArgs: opts.daemonArgs,
       });
       await sh(["ip", "-n", netns, "addr", "add", `${HOST_IP}/24`, "dev", tap]);
       await sh(["ip", "-n", netns, "link", "set", tap, "up"]);
-      return new Rig(netns, tap, tmpDir, daemon);
+      const rig = new Rig(netns, tap, tmpDir, daemon, opts);
+      rig.#strace = await attachStrace(daemon);
+      return rig;
     } catch (e) {
       await daemon?.stop().catch(() => {});
       if (tmpDir) await Deno.remove(tmpDir, { recursive: true }).catch(() => {});
@@ -479,11 +511,48 @@ export class Rig {
       netns: this.netns,
       memoryMiB: opts.memoryMiB ?? 512,
       cpus: opts.cpus,
-      netdevArgs: vhostUserNetdevArgs(this.socketPath, { mac, nicProps: opts.nicProps }),
+      netdevArgs: vhostUserNetdevArgs(this.socketPath, {
+        mac,
+        nicProps: opts.nicProps,
+        queues: opts.queues,
+        reconnect: opts.reconnect,
+      }),
       kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24`, gw: HOST_IP }),
     });
     this.#guests.push(guest);
     return guest;
+  }
+
+  /**
+   * Ends the daemon (`SIGKILL`: a crash; `SIGTERM`: a graceful stop) and
+   * starts it again with the same options. Resolves once the new one
+   * listens; returns when the old one was gone (Date.now()).
+   */
+  async restartDaemon(signal: "SIGKILL" | "SIGTERM"): Promise<number> {
+    if (signal === "SIGKILL") await this.daemon.kill();
+    else await this.daemon.stop(10_000);
+    const gone = Date.now();
+    // A killed daemon leaves its socket file: wait for the new one's, not the stale one.
+    await Deno.remove(this.socketPath).catch(() => {});
+    this.daemon = await startDaemon({
+      netns: this.netns,
+      tap: this.tap,
+      socketPath: this.socketPath,
+      offload: this.#opts.offload,
+      logLevel: this.#opts.logLevel,
+      extraArgs: this.#opts.daemonArgs,
+    });
+    return gone;
+  }
+
+  /** A host -> guest paced stream (`paced_streams.ts`). */
+  streamToGuest(guest: Guest, mib: number, mibPerSecond: number): Promise<PacedStream> {
+    return streamToGuest((a) => this.spawn(a), guest, HOST_IP, this.port(), mib, mibPerSecond);
+  }
+
+  /** A guest -> host paced stream (`paced_streams.ts`). */
+  streamFromGuest(guest: Guest, mib: number, mibPerSecond: number): Promise<PacedStream> {
+    return streamFromGuest((a) => this.spawn(a), guest, HOST_IP, this.port(), mib, mibPerSecond);
   }
 
   /** Starts a helper process in the namespace; close() kills it if it still runs. */
@@ -533,7 +602,7 @@ export class Rig {
    */
   async iperf3(
     guest: Guest,
-    opts: { reverse: boolean; seconds?: number },
+    opts: { reverse: boolean; seconds?: number; parallel?: number },
   ): Promise<IperfResult> {
     const seconds = opts.seconds ?? 3;
     const port = this.port();
@@ -550,7 +619,8 @@ export class Rig {
     try {
       await server.waitFor(/Server listening/, 10_000);
       const r = await guest.run(
-        `iperf3 -c ${HOST_IP} -p ${port} -t ${seconds} -i 0 -J ${opts.reverse ? "-R" : ""}`,
+        `iperf3 -c ${HOST_IP} -p ${port} -t ${seconds} -i 0 -J ${opts.reverse ? "-R" : ""}` +
+          (opts.parallel ? ` -P ${opts.parallel}` : ""),
         seconds * 1000 + 30_000,
       );
       let report;
@@ -711,10 +781,40 @@ export class Rig {
     await Promise.allSettled(this.#guests.map((g) => g.closed));
     await Promise.allSettled(this.#procs.map((p) => p.kill()));
     const status = await this.daemon.stop(10_000);
+    await this.#strace?.status;
     await sh(["ip", "netns", "del", this.netns]).catch(() => {});
     await Deno.remove(this.tmpDir, { recursive: true }).catch(() => {});
     return status;
   }
+}
+
+/**
+ * Measuring what the daemon asks of the kernel once it serves: with
+ * `VIONET_TEST_STRACE=DIR` in the environment, `strace -f -c` is attached to
+ * each daemon the rig starts once its set-up is over (its sandbox line), and
+ * writes the count of every system call it makes from then on, on any thread
+ * (threads started later included), to `DIR/daemon-<pid>.txt`.
+ * `scripts/syscalls.ts` merges these files and compares them with the
+ * seccomp allowlist. With `VIONET_TEST_STRACE_CALLS=ioctl,socket,...` it
+ * writes those calls with their arguments instead (`-e trace=`), to see
+ * which requests, families and flags the argument rules must let through.
+ * Off (null) without the variable.
+ */
+async function attachStrace(daemon: VionetDaemon): Promise<Deno.ChildProcess | null> {
+  const dir = Deno.env.get("VIONET_TEST_STRACE");
+  if (!dir) return null;
+  await daemon.waitFor(/sandbox|dropped \d+ capabilities/, 30_000);
+  await Deno.mkdir(dir, { recursive: true });
+  const calls = Deno.env.get("VIONET_TEST_STRACE_CALLS");
+  const what = calls ? ["-yy", "-e", `trace=${calls}`] : ["-c"];
+  const strace = new Deno.Command("strace", {
+    args: ["-f", ...what, "-o", `${dir}/daemon-${daemon.pid}.txt`, "-p", String(daemon.pid)],
+    stdin: "null",
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  await sleep(1000); // strace attaches to every thread before it counts
+  return strace;
 }
 
 /** A TCP receiver for `deno eval`: prints "listening", then {"bytes","sha256"} of one connection. */

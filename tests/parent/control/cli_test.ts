@@ -2,13 +2,14 @@ import assert from "node:assert/strict";
 import {
   capabilities,
   defaultMac,
+  defaultQueues,
   OPTIONS,
   parseMac,
   parseOptions,
   usage,
   UsageError,
 } from "../../../parent/control/cli.ts";
-import { ROOT, startTaskFlags } from "../../helpers.ts";
+import { ROOT, startTaskEnv, startTaskFlags } from "../../helpers.ts";
 import { withNetns } from "../../net_ns.ts";
 
 Deno.test("no arguments: tap vionet0, a socket path, offload auto, no MAC enforced, the tap's MTU", () => {
@@ -19,6 +20,8 @@ Deno.test("no arguments: tap vionet0, a socket path, offload auto, no MAC enforc
   assert.equal(o.offload, "auto");
   assert.equal(o.ioUring, "auto");
   assert.equal(o.logLevel, "info");
+  assert.equal(o.user, null, "the default user is chosen at set-up (vionet, else nobody)");
+  assert.equal(o.seccomp, "on");
   assert.equal(o.mac, null);
   assert.equal(o.mtu, null);
   assert.equal(o.socketGroup, null);
@@ -46,6 +49,9 @@ Deno.test("options take both --opt value and --opt=value", () => {
     "--mtu=9000",
     "--io-uring=off",
     "--log-level=debug",
+    "--user=nobody",
+    "--seccomp",
+    "log",
     "--socket-group=libvirt-qemu",
     "--socket-mode",
     "0666",
@@ -61,6 +67,9 @@ Deno.test("options take both --opt value and --opt=value", () => {
   assert.equal(o.mtu, 9000);
   assert.equal(o.ioUring, "off");
   assert.equal(o.logLevel, "debug");
+  assert.equal(o.user, "nobody");
+  assert.equal(o.seccomp, "log");
+  assert.equal(parseOptions(["--user", "65534:65534"]).user, "65534:65534");
 });
 
 Deno.test("inherited descriptors: --fd and --tap-fd", () => {
@@ -69,6 +78,24 @@ Deno.test("inherited descriptors: --fd and --tap-fd", () => {
   assert.equal(o.socketPath, null);
   assert.equal(o.tapFd, 4);
   assert.equal(o.tap, null);
+  assert.deepEqual(o.tapFds, [4]);
+  assert.equal(o.queues, 1, "one descriptor: one queue pair");
+  const mq = parseOptions(["--tap-fd", "4,5,6"]);
+  assert.deepEqual(mq.tapFds, [4, 5, 6]);
+  assert.equal(mq.tapFd, 4);
+  assert.equal(mq.queues, 3, "one queue pair per descriptor");
+});
+
+Deno.test("--queues: the default is one pair per host CPU, at most 8; explicit values are kept", () => {
+  assert.equal(defaultQueues(1), 1);
+  assert.equal(defaultQueues(2), 2);
+  assert.equal(defaultQueues(64), 8);
+  const d = parseOptions([]);
+  assert.equal(d.queues, defaultQueues());
+  assert.equal(d.queuesExplicit, false);
+  const o = parseOptions(["--queues", "4"]);
+  assert.equal(o.queues, 4);
+  assert.equal(o.queuesExplicit, true);
 });
 
 Deno.test("each bad command line is a UsageError that names what is wrong", async (t) => {
@@ -95,6 +122,14 @@ Deno.test("each bad command line is a UsageError that names what is wrong", asyn
     [["--mtu", "1e3"], /--mtu "1e3"/],
     [["--log-level", "loud"], /--log-level "loud" must be one of error, warn, info, debug/],
     [["--socket-path", ""], /--socket-path is empty/],
+    [["--queues", "0"], /--queues "0" is not in 1..64/],
+    [["--queues", "65"], /--queues "65" is not in 1..64/],
+    [["--queues", "two"], /--queues "two"/],
+    [["--tap-fd", "4,5", "--queues", "3"], /--queues 3 with 2 --tap-fd descriptor\(s\)/],
+    [["--tap-fd", "4,4"], /--tap-fd 4,4 names a descriptor twice/],
+    [["--seccomp", "strict"], /--seccomp "strict" must be on, off or log/],
+    [["--user", "a b"], /--user "a b" is not a user name or UID:GID/],
+    [["--user", "1:"], /--user "1:" is not a user name or UID:GID/],
     [["--socket-mode", "0666x"], /--socket-mode "0666x" is not an octal mode/],
     [["--socket-mode", "0460"], /--socket-mode "0460" is not an octal mode from 0600 to 0777/],
     [["--socket-mode", "04660"], /--socket-mode "04660"/],
@@ -137,6 +172,7 @@ async function runMain(args: string[], netns?: string) {
   const full = netns ? ["ip", "netns", "exec", netns, ...cmd] : cmd;
   const out = await new Deno.Command(full[0], {
     args: full.slice(1),
+    env: startTaskEnv(),
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
@@ -185,7 +221,11 @@ Deno.test({
     withNetns(async (ns) => {
       const child = ns.spawn(
         [Deno.execPath(), "run", ...startTaskFlags(), `${ROOT}main.ts`],
-        { stdout: "piped", stderr: "piped", env: { XDG_RUNTIME_DIR: await Deno.makeTempDir() } },
+        {
+          stdout: "piped",
+          stderr: "piped",
+          env: { ...startTaskEnv(), XDG_RUNTIME_DIR: await Deno.makeTempDir() },
+        },
       );
       const stderr = collect(child.stderr);
       const stdout = collect(child.stdout);

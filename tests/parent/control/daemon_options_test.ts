@@ -24,6 +24,15 @@ if (skip ?? noQemuUser) {
   );
 }
 
+/**
+ * The user the daemon becomes after set-up (`--user`, given to every run
+ * here): the socket's directories vionet made are handed to it, keeping the
+ * socket's group.
+ */
+const DAEMON_USER = "nobody";
+const DAEMON_GROUP = (await run(["id", "-gn", DAEMON_USER]).catch(() => ({ stdout: "" }))).stdout
+  .trim();
+
 function tapName(): string {
   return `vo${crypto.randomUUID().replaceAll("-", "").slice(0, 8)}`;
 }
@@ -35,7 +44,8 @@ async function withMain(
   fn: (out: { stdout: () => string; stderr: () => string }) => Promise<void>,
   env: Record<string, string> = {},
 ): Promise<void> {
-  const child = ns.spawn([Deno.execPath(), "run", ...startTaskFlags(), `${ROOT}main.ts`, ...args], {
+  const argv = [Deno.execPath(), "run", ...startTaskFlags(), `${ROOT}main.ts`, ...args];
+  const child = ns.spawn([...argv, "--user", DAEMON_USER], {
     stdout: "piped",
     stderr: "piped",
     env,
@@ -126,8 +136,8 @@ Deno.test({
           ["--tap", tapName(), "--socket-path", sock, "--socket-group", QEMU_USER],
           async ({ stdout, stderr }) => {
             assert.equal(await stat(sock), `root:${QEMU_USER} 660`);
-            assert.equal(await stat(`${tmp}/run/vionet`), `root:${QEMU_USER} 750`);
-            assert.equal(await stat(`${tmp}/run`), `root:${QEMU_USER} 750`);
+            assert.equal(await stat(`${tmp}/run/vionet`), `${DAEMON_USER}:${QEMU_USER} 750`);
+            assert.equal(await stat(`${tmp}/run`), `${DAEMON_USER}:${QEMU_USER} 750`);
             assert.match(stderr(), new RegExp(`mode 0660, group ${QEMU_USER} \\(\\d+\\)`));
             assert.match(stdout(), new RegExp(`path=${sock},reconnect=1`));
             assert.equal(await connectAs(QEMU_USER, sock), "ok");
@@ -137,7 +147,7 @@ Deno.test({
         await Deno.remove(`${tmp}/run`, { recursive: true });
         await withMain(ns, ["--tap", tapName(), "--socket-path", sock], async () => {
           assert.equal(await stat(sock), "root:root 600");
-          assert.equal(await stat(`${tmp}/run/vionet`), "root:root 700");
+          assert.equal(await stat(`${tmp}/run/vionet`), `${DAEMON_USER}:${DAEMON_GROUP} 700`);
           assert.equal(await connectAs(QEMU_USER, sock), "PermissionDenied");
         });
       })
@@ -157,7 +167,7 @@ Deno.test({
           ["--tap", tapName(), "--socket-path", sock, "--socket-mode", "0666"],
           async () => {
             assert.equal(await stat(sock), "root:root 666");
-            assert.equal(await stat(`${tmp}/new`), "root:root 755");
+            assert.equal(await stat(`${tmp}/new`), `${DAEMON_USER}:${DAEMON_GROUP} 755`);
             assert.equal(await connectAs(QEMU_USER, sock), "ok");
           },
         );
@@ -171,7 +181,7 @@ Deno.test({
           ns,
           ["--tap", tap, "--socket-group", QEMU_USER],
           async () => {
-            assert.equal(await stat(`${tmp}/xdg/vionet`), `root:${QEMU_USER} 750`);
+            assert.equal(await stat(`${tmp}/xdg/vionet`), `${DAEMON_USER}:${QEMU_USER} 750`);
             assert.equal(await connectAs(QEMU_USER, `${tmp}/xdg/vionet/${tap}.sock`), "ok");
           },
           { XDG_RUNTIME_DIR: `${tmp}/xdg` },

@@ -79,6 +79,8 @@ export const RIG_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF;
 export interface FrontendRigOptions {
   /** Virtio features acked (VHOST_USER_F_PROTOCOL_FEATURES is added). */
   features?: bigint;
+  /** Queue pairs (default 1): a multi-queue tap, a device worker per pair. */
+  pairs?: number;
   queueSize?: number;
   /** The daemon's `--offload` (default auto). */
   offload?: "auto" | "off";
@@ -86,10 +88,20 @@ export interface FrontendRigOptions {
   sourceMac?: number[];
 }
 
+/** One queue pair's driver side: its two rings, and their kick and call eventfds. */
+export interface RigPair {
+  rx: TestDriver;
+  tx: TestDriver;
+  kick: [number, number];
+  call: [number, number];
+}
+
 /** One vhost-user session against the real daemon parts (see the module comment). */
 export class FrontendRig {
   readonly logger = quietLogger();
   readonly guest: TestGuest;
+  /** Every queue pair's rings and eventfds; `rx`, `tx`, `kick`, `call` are pair 0's. */
+  readonly pairs: RigPair[];
   readonly rx: TestDriver;
   readonly tx: TestDriver;
   /** Kick and call eventfds, by queue. */
@@ -121,11 +133,14 @@ export class FrontendRig {
     const buffer = Deno.UnsafePointerView.getArrayBuffer(this.#memPtr, GUEST_BYTES);
     this.guest = new TestGuest([{ gpa: GUEST_GPA, size: GUEST_BYTES, buffer }]);
     const size = opts.queueSize ?? 256;
-    this.rx = new TestDriver(this.guest, { size, features: this.features });
-    this.tx = new TestDriver(this.guest, { size, features: this.features });
     const ev = () => this.#own(libc.eventfd(0, libc.EFD_NONBLOCK | libc.EFD_CLOEXEC));
-    this.kick = [ev(), ev()];
-    this.call = [ev(), ev()];
+    this.pairs = Array.from({ length: opts.pairs ?? 1 }, () => ({
+      rx: new TestDriver(this.guest, { size, features: this.features }),
+      tx: new TestDriver(this.guest, { size, features: this.features }),
+      kick: [ev(), ev()] as [number, number],
+      call: [ev(), ev()] as [number, number],
+    }));
+    ({ rx: this.rx, tx: this.tx, kick: this.kick, call: this.call } = this.pairs[0]);
   }
 
   #own(fd: number): number {
@@ -139,7 +154,8 @@ export class FrontendRig {
    */
   static async open(ns: Netns, opts: FrontendRigOptions = {}): Promise<FrontendRig> {
     const name = `vr${crypto.randomUUID().replaceAll("-", "").slice(0, 8)}`;
-    const tap = createTap(name, { up: false });
+    const pairs = opts.pairs ?? 1;
+    const tap = createTap(name, { up: false, queues: pairs });
     let rig: FrontendRig | null = null;
     try {
       await exec(["ip", "link", "set", "dev", name, "netns", ns.name]);
@@ -157,19 +173,30 @@ export class FrontendRig {
       ]);
       rig = new FrontendRig(ns, tap, opts);
       const offload = opts.offload ?? "auto";
-      rig.device = await DeviceHost.start({
-        config: testConfig({ mac: GUEST_MAC, offloadMode: offload }),
-        handlers: { tunscap: tunscapHandler(tap, allowedTapOffloads(offload), rig.logger) },
-        logger: rig.logger,
-        timeoutMs: 30_000,
-      });
+      const logger = rig.logger;
+      const startDevice = (pair: number) =>
+        DeviceHost.start({
+          config: testConfig({ mac: GUEST_MAC, offloadMode: offload }),
+          handlers: { tunscap: tunscapHandler(tap, allowedTapOffloads(offload), logger) },
+          logger,
+          label: pair === 0 ? "device" : `device ${pair}`,
+          timeoutMs: 30_000,
+        });
+      rig.device = await startDevice(0);
       rig.port = new VionetDevicePort({
         device: rig.device,
         tapFd: tap.fd,
-        logger: rig.logger,
+        logger,
+        queuePairs: pairs,
+        tapQueueFd: (p) => tap.queueFd(p),
+        setTapQueueAttached: (p, on) => tap.setQueueAttached(p, on),
+        startDevice,
         sourceMac: opts.sourceMac ?? null,
       });
-      rig.backend = new VhostUserBackend(rig.port, LIBC_BACKEND_SYSTEM, { logger: rig.logger });
+      rig.backend = new VhostUserBackend(rig.port, LIBC_BACKEND_SYSTEM, {
+        logger,
+        queuePairs: pairs,
+      });
       return rig;
     } catch (e) {
       if (rig) await rig.close();
@@ -195,9 +222,15 @@ export class FrontendRig {
     return this.backend.handleMessage(decodeHeader(msg), payload, fds);
   }
 
-  /** The ring addresses of queue `q` as SET_VRING_ADDR carries them (`log`: VHOST_VRING_F_LOG). */
+  /** The driver of ring `index` (2·pair + queue). */
+  driver(index: number): TestDriver {
+    const p = this.pairs[index >> 1];
+    return (index & 1) === RX_QUEUE ? p.rx : p.tx;
+  }
+
+  /** The ring addresses of ring `q` as SET_VRING_ADDR carries them (`log`: VHOST_VRING_F_LOG). */
   vringAddr(q: number, log = false): Uint8Array<ArrayBuffer> {
-    const d = q === RX_QUEUE ? this.rx : this.tx;
+    const d = this.driver(q);
     const c = d.config("user");
     return encodeVringAddr({
       index: q,
@@ -215,7 +248,8 @@ export class FrontendRig {
    * a source that restarts mid-migration does). Returns how long the last
    * message, the one that starts the queues, took (ms).
    */
-  async start(opts: { logAll?: boolean } = {}): Promise<number> {
+  async start(opts: { logAll?: boolean; setUpPairs?: number } = {}): Promise<number> {
+    const setUp = opts.setUpPairs ?? this.pairs.length;
     await this.send(VHOST_USER_GET_FEATURES);
     await this.send(VHOST_USER_SET_PROTOCOL_FEATURES, encodeU64(VIONET_PROTOCOL_FEATURES));
     await this.send(VHOST_USER_SET_OWNER);
@@ -231,18 +265,30 @@ export class FrontendRig {
       }]),
       [memFd],
     );
-    for (const q of [RX_QUEUE, TX_QUEUE]) {
-      const d = q === RX_QUEUE ? this.rx : this.tx;
+    for (let q = 0; q < 2 * setUp; q++) {
+      const d = this.driver(q);
+      const p = this.pairs[q >> 1];
       await this.send(VHOST_USER_SET_VRING_NUM, encodeVringState(q, d.size));
       await this.send(VHOST_USER_SET_VRING_BASE, encodeVringState(q, d.availIdx & 0xffff));
       await this.send(VHOST_USER_SET_VRING_ADDR, this.vringAddr(q, opts.logAll ?? false));
-      await this.send(VHOST_USER_SET_VRING_CALL, encodeVringFd(q, false), [libc.dup(this.call[q])]);
-      await this.send(VHOST_USER_SET_VRING_KICK, encodeVringFd(q, false), [libc.dup(this.kick[q])]);
+      await this.send(VHOST_USER_SET_VRING_CALL, encodeVringFd(q, false), [
+        libc.dup(p.call[q & 1]),
+      ]);
+      await this.send(VHOST_USER_SET_VRING_KICK, encodeVringFd(q, false), [
+        libc.dup(p.kick[q & 1]),
+      ]);
     }
+    for (let pair = setUp - 1; pair > 0; pair--) await this.enablePair(pair, true);
     await this.send(VHOST_USER_SET_VRING_ENABLE, encodeVringState(RX_QUEUE, 1));
     const t0 = performance.now();
     await this.send(VHOST_USER_SET_VRING_ENABLE, encodeVringState(TX_QUEUE, 1));
     return performance.now() - t0;
+  }
+
+  /** SET_VRING_ENABLE of both rings of `pair` (as QEMU does for `ethtool -L`). */
+  async enablePair(pair: number, on: boolean): Promise<void> {
+    await this.send(VHOST_USER_SET_VRING_ENABLE, encodeVringState(2 * pair, on ? 1 : 0));
+    await this.send(VHOST_USER_SET_VRING_ENABLE, encodeVringState(2 * pair + 1, on ? 1 : 0));
   }
 
   /**
@@ -286,10 +332,10 @@ export class FrontendRig {
   }
   readonly #logMaps: Array<[Deno.PointerObject, number]> = [];
 
-  /** GET_VRING_BASE of both rings (QEMU stops RX, then TX); returns their bases. */
-  async stop(): Promise<[number, number]> {
+  /** GET_VRING_BASE of both rings of `pair` (QEMU stops RX, then TX); returns their bases. */
+  async stop(pair = 0): Promise<[number, number]> {
     const out: number[] = [];
-    for (const q of [RX_QUEUE, TX_QUEUE]) {
+    for (const q of [2 * pair + RX_QUEUE, 2 * pair + TX_QUEUE]) {
       const reply = await this.send(VHOST_USER_GET_VRING_BASE, encodeVringState(q, 0));
       // The reply: a 12-byte header, then the vring state (index, num).
       out.push(new DataView(reply!.buffer, reply!.byteOffset).getUint32(12 + 4, true));
@@ -297,14 +343,15 @@ export class FrontendRig {
     return [out[0], out[1]];
   }
 
-  /** Posts `n` RX buffers of {@link RX_BUFFER_BYTES} and kicks. */
-  postRx(n: number): void {
-    for (let i = 0; i < n; i++) this.rx.post([{ len: RX_BUFFER_BYTES, writable: true }]);
-    this.kickQueue(RX_QUEUE);
+  /** Posts `n` RX buffers of {@link RX_BUFFER_BYTES} on `pair` and kicks. */
+  postRx(n: number, pair = 0): void {
+    const rx = this.pairs[pair].rx;
+    for (let i = 0; i < n; i++) rx.post([{ len: RX_BUFFER_BYTES, writable: true }]);
+    this.kickQueue(RX_QUEUE, pair);
   }
 
-  /** Posts `n` UDP frames from the guest to the tap's address and kicks. */
-  sendUdp(n: number, payloadBytes = 200): void {
+  /** Posts `n` UDP frames from the guest to the tap's address on `pair` and kicks. */
+  sendUdp(n: number, payloadBytes = 200, pair = 0): void {
     for (let i = 0; i < n; i++) {
       const { frame } = buildFrame({
         srcMac: GUEST_MAC,
@@ -318,13 +365,13 @@ export class FrontendRig {
       });
       const data = new Uint8Array(HDR + frame.length);
       data.set(frame, HDR);
-      this.tx.post([{ data }]);
+      this.pairs[pair].tx.post([{ data }]);
     }
-    this.kickQueue(TX_QUEUE);
+    this.kickQueue(TX_QUEUE, pair);
   }
 
-  kickQueue(q: number): void {
-    libc.eventfdSignal(this.kick[q]);
+  kickQueue(q: number, pair = 0): void {
+    libc.eventfdSignal(this.pairs[pair].kick[q]);
   }
 
   /** Waits until `ok()` holds (polling every 10 ms), or fails naming `what`. */
@@ -343,6 +390,7 @@ export class FrontendRig {
     try {
       await this.backend?.close();
     } catch { /* reported by the test that failed */ }
+    for (const p of this.port?.pairs() ?? []) p.device.terminate();
     this.device?.terminate();
     for (const [ptr, bytes] of this.#logMaps) libc.munmap(ptr, bytes);
     libc.munmap(this.#memPtr, GUEST_BYTES);

@@ -185,7 +185,7 @@ for (const [how, refusal] of LIES) {
         logger,
         timeoutMs: 2000,
       });
-      port.replaceDevice(next);
+      port.replaceDevice(0, next);
       second = new Vm(port, logger);
       const a = await second.setMemTable(1);
       assert.ok(a.ok, a.ok ? "" : a.error.message);

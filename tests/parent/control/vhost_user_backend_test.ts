@@ -112,6 +112,11 @@ class FakeSystem implements BackendSystem {
     this.events.push(`retire ${region.fd}`);
     this.closeFd(region.fd);
   }
+  /** Which fake file each fd names (fds of one file: same id); default: its own. */
+  files = new Map<number, string>();
+  fileId(fd: number): string | null {
+    return this.files.get(fd) ?? `fd${fd}`;
+  }
   closeFd(fd: number): void {
     if (!this.open.delete(fd)) this.errors.push(`close of fd ${fd} that is not open`);
     this.events.push(`close ${fd}`);

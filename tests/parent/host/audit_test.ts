@@ -14,6 +14,9 @@ import { LIBC_NAME, sys } from "../../../parent/host/libc.ts";
 import { PERMISSION_NAMES } from "../../../ipc/protocol.ts";
 import { quietLogger, ROOT, startTaskFlags, testConfig } from "../../helpers.ts";
 import { withNetns } from "../../net_ns.ts";
+import { seccompPolicy } from "../../../parent/host/seccomp_policy.ts";
+import { landlockRules } from "../../../parent/host/landlock.ts";
+import { MODULE_ROOT } from "../../../parent/host/sandbox.ts";
 
 const LISTENING = {
   socketPath: "/run/vionet/vionet0.sock",
@@ -260,4 +263,34 @@ Deno.test({
       }
     });
   },
+});
+
+Deno.test("the audit's allowlist and Landlock rules are the tables the sandbox installs", () => {
+  const audit = buildAudit(LISTENING);
+  const ctx = { client: false, accepts: true, ioUring: "auto" as const, pid: Deno.pid };
+  const policy = seccompPolicy(ctx);
+  assert.deepEqual(audit.seccomp.allowed.map((c) => [c.name, c.nr, c.why]), [
+    ...policy.entries.map((e) => [e.name, e.nr, e.why]),
+  ]);
+  assert.match(audit.seccomp.allowed.find((c) => c.name === "openat")!.rule, /O_WRONLY/);
+  assert.match(audit.seccomp.allowed.find((c) => c.name === "ioctl")!.rule, /TUNSETOFFLOAD/);
+  assert.match(audit.seccomp.otherwise, /EPERM/);
+  // Mode-dependent entries follow the options, as the filter does.
+  const client = buildAudit({ ...LISTENING, client: true });
+  assert.ok(client.seccomp.allowed.some((c) => c.name === "connect"));
+  assert.ok(!audit.seccomp.allowed.some((c) => c.name === "connect"));
+  const strict = buildAudit({ ...LISTENING, ioUring: "off" });
+  assert.ok(!strict.seccomp.allowed.some((c) => c.name.startsWith("io_uring")));
+  assert.deepEqual(
+    audit.landlock.rules,
+    landlockRules({ root: MODULE_ROOT, socketDir: "/run/vionet" }).map((r) => ({
+      path: r.path,
+      access: [...r.access],
+      why: r.why,
+    })),
+  );
+  assert.ok(!buildAudit(INHERITED).landlock.rules.some((r) => r.access.includes("REMOVE_FILE")));
+  const text = formatAudit(audit);
+  for (const c of audit.seccomp.allowed) assert.ok(text.includes(`  ${c.name} `), c.name);
+  for (const r of audit.landlock.rules) assert.ok(text.includes(`  ${r.path}: `), r.path);
 });

@@ -268,6 +268,54 @@ Deno.test({
     }),
 });
 
+Deno.test({
+  name: "createTap({ queues: 3 }): a multi-queue tap with one descriptor per queue; only queue 0 " +
+    "attached until a pair is enabled; attach and detach follow",
+  ignore: skip !== undefined,
+  fn: () =>
+    withNetns(async (ns) => {
+      const r = await evalInNs(
+        ns,
+        `const tap = createTap("vmq0", { up: false, queues: 3 });
+         // tun keeps real_num_tx_queues at the queues attached: sysfs lists one tx-N each.
+         const txq = async () => (await sh("ls", "/sys/class/net/vmq0/queues")).out.split("\\n")
+           .filter((l) => l.startsWith("tx-")).length;
+         const flags = (await sh("cat", "/sys/class/net/vmq0/tun_flags")).out.trim();
+         const fds = [0, 1, 2].map((i) => tap.queueFd(i));
+         const at0 = await txq();
+         tap.setQueueAttached(2, true);
+         const at1 = await txq();
+         const attached = [0, 1, 2].map((i) => tap.queueAttached(i));
+         tap.setQueueAttached(2, false);
+         const at2 = await txq();
+         tap.setQueueAttached(0, false); // queue 0 stays: a tap with no queue drops everything
+         const at3 = await txq();
+         tap.close();
+         const gone = (await sh("ip", "link", "show", "dev", "vmq0")).code !== 0;
+         return { queues: tap.queues, flags, fds, at0, at1, attached, at2, at3, gone };`,
+      ) as {
+        queues: number;
+        flags: string;
+        fds: number[];
+        at0: number;
+        at1: number;
+        attached: boolean[];
+        at2: number;
+        at3: number;
+        gone: boolean;
+      };
+      assert.equal(r.queues, 3);
+      assert.ok((parseInt(r.flags, 16) & 0x100) !== 0, `IFF_MULTI_QUEUE in tun_flags ${r.flags}`);
+      assert.equal(new Set(r.fds).size, 3, "a descriptor per queue");
+      assert.equal(r.at0, 1, "only queue 0 attached at first");
+      assert.equal(r.at1, 2);
+      assert.deepEqual(r.attached, [true, false, true]);
+      assert.equal(r.at2, 1);
+      assert.equal(r.at3, 1);
+      assert.equal(r.gone, true, "closing every queue removes the tap");
+    }),
+});
+
 Deno.test("createTap() rejects invalid interface names before any system call", () => {
   assert.throws(() => createTap("x".repeat(16)), RangeError);
   assert.throws(() => createTap("a/b"), TypeError);

@@ -1074,6 +1074,13 @@ for (const eventIdx of [true, false]) {
                   eventAddr: guest.base,
                   eventIdx,
                 },
+                // A good RX place: the poller accepts, only the writer refuses.
+                rxUsed: {
+                  ringAddr: guest.base + BigInt(RX_USED_DEFAULT.ringOffset),
+                  size: RX_USED_DEFAULT.size,
+                  eventAddr: guest.base + BigInt(RX_USED_DEFAULT.eventOffset),
+                  eventIdx,
+                },
               }),
               /txUsed\.idxAddr 0x[0-9a-f]+ is not in guest memory/,
             );
