@@ -226,8 +226,12 @@ async function logStats(daemon: Daemon, logger: Logger): Promise<void> {
   for (const [name, counters] of Object.entries(queues)) {
     logger.log("info", "stats", `${name} ${JSON.stringify(counters)}`);
   }
+  // Pair 0's line is "datapath {...}" as with one pair; pair N's "datapath pairN {...}".
   const io = daemon.port.datapathCounters();
-  logger.log("info", "stats", `datapath ${io ? JSON.stringify(io) : "not running"}`);
+  if (io.size === 0) logger.log("info", "stats", "datapath not running");
+  for (const [pair, c] of io) {
+    logger.log("info", "stats", `datapath ${pair === 0 ? "" : `pair${pair} `}${JSON.stringify(c)}`);
+  }
   logger.log(
     "info",
     "stats",
