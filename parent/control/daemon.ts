@@ -173,8 +173,6 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
             }); ` +
               `waiting for the next one`,
           ),
-        onRefused: () =>
-          logger.log("warn", "vhost-user", "refused a second front-end: one is connected"),
       };
       if (opts.listenFd !== null) {
         daemon.service = VhostUserServer.fromFd(opts.listenFd, serveOpts);
