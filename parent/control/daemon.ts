@@ -232,8 +232,6 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
             }); ` +
               `waiting for the next one`,
           ),
-        onRefused: () =>
-          logger.log("warn", "vhost-user", "refused a second front-end: one is connected"),
       };
       if (opts.listenFd !== null) {
         daemon.service = VhostUserServer.fromFd(opts.listenFd, serveOpts);
@@ -295,8 +293,12 @@ async function logStats(daemon: Daemon, logger: Logger): Promise<void> {
   for (const [name, counters] of Object.entries(queues)) {
     logger.log("info", "stats", `${name} ${JSON.stringify(counters)}`);
   }
+  // Pair 0's line is "datapath {...}" as with one pair; pair N's "datapath pairN {...}".
   const io = daemon.port.datapathCounters();
-  logger.log("info", "stats", `datapath ${io ? JSON.stringify(io) : "not running"}`);
+  if (io.size === 0) logger.log("info", "stats", "datapath not running");
+  for (const [pair, c] of io) {
+    logger.log("info", "stats", `datapath ${pair === 0 ? "" : `pair${pair} `}${JSON.stringify(c)}`);
+  }
   logger.log(
     "info",
     "stats",

@@ -201,14 +201,14 @@ export class VionetDevicePort implements DevicePort {
     return this.pairs().some((p) => p.running);
   }
 
-  /** Each running pair's data-path counters, by pair. */
-  datapathCounters(): Record<string, unknown> | null {
-    const out: Record<string, unknown> = {};
+  /** Each running pair's data-path counters, by pair number (pairs not running left out). */
+  datapathCounters(): Map<number, ReturnType<PairPort["datapathCounters"]>> {
+    const out = new Map<number, ReturnType<PairPort["datapathCounters"]>>();
     for (const p of this.pairs()) {
       const c = p.datapathCounters();
-      if (c !== null) out[`pair${p.pair}`] = c;
+      if (c !== null) out.set(p.pair, c);
     }
-    return Object.keys(out).length === 0 ? null : out;
+    return out;
   }
 
   /**

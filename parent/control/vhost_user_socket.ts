@@ -391,9 +391,13 @@ export async function serveConnection(
     const error = e instanceof Error ? e : new Error(String(e));
     info = { reason: e instanceof ProtocolError ? "protocol" : "io", error, messages };
   }
-  conn.close();
+  // The rings stop before the front-end sees the socket close: QEMU then
+  // reads each used index to resume from (vhost_virtqueue_stop), and a
+  // worker still publishing after that would complete chains twice ("id N
+  // is not a head" in the guest) once a new back-end takes over.
   onEnding?.();
   await backend.close();
+  conn.close();
   const level = info.reason === "protocol" || info.reason === "io" ? "warn" : "info";
   logger?.log(
     level,
@@ -422,6 +426,43 @@ export interface VhostUserServeOptions extends TransportTiming {
   onRefused?: () => void;
 }
 
+/**
+ * Logs refused connections without flooding: the first at once, then one
+ * line per interval counting the others. A front-end that retries in a
+ * tight loop (QEMU's vhost-user init does until it starts) would otherwise
+ * push everything else out of the log.
+ */
+class RefusalLog {
+  #unlogged = 0;
+  #lastLogged = -Infinity;
+  readonly #describeActive: () => string;
+  readonly #intervalMs: number;
+
+  constructor(describeActive: () => string, intervalMs = 10_000) {
+    this.#describeActive = describeActive;
+    this.#intervalMs = intervalMs;
+  }
+
+  refused(logger: BackendLogger | undefined): void {
+    const now = Date.now();
+    if (now - this.#lastLogged < this.#intervalMs) {
+      this.#unlogged++;
+      return;
+    }
+    const more = this.#unlogged > 0
+      ? `; ${this.#unlogged} more refused in the ${now - this.#lastLogged} ms before`
+      : "";
+    logger?.log(
+      "warn",
+      "vhost-user",
+      "refusing a second connection: one front-end is already connected " +
+        `(${this.#describeActive()})${more}`,
+    );
+    this.#unlogged = 0;
+    this.#lastLogged = now;
+  }
+}
+
 abstract class Service {
   protected readonly options: VhostUserServeOptions;
   protected stopping = false;
@@ -429,11 +470,17 @@ abstract class Service {
   /** The active connection's socket is closed; its backend is releasing resources. */
   #ending = false;
   #activeFd = -1;
+  #activeSince = 0;
   /** Resolves when the service has stopped (stop(), or a served --fd connection ended). */
   abstract readonly done: Promise<void>;
 
   constructor(options: VhostUserServeOptions) {
     this.options = options;
+  }
+
+  /** The active connection: its descriptor and how long it has been served. */
+  protected get activeSummary(): string {
+    return `fd ${this.#activeFd}, served for ${Date.now() - this.#activeSince} ms`;
   }
 
   /** True while a connection is being served. */
@@ -451,6 +498,7 @@ abstract class Service {
     this.options.logger?.log("info", "vhost-user", `connection on fd ${fd}`);
     this.#ending = false;
     this.#activeFd = fd;
+    this.#activeSince = Date.now();
     const active = serveConnection(
       conn,
       backend,
@@ -592,11 +640,7 @@ export class VhostUserServer extends Service {
         // for that instead of being refused.
         if (this.activePeerGone) await this.waitActive();
         if (this.connected) {
-          logger?.log(
-            "warn",
-            "vhost-user",
-            "refusing a second connection: one front-end is already connected",
-          );
+          this.#refusals.refused(logger);
           closeQuietly(fd);
           this.options.onRefused?.();
           continue;
@@ -609,6 +653,8 @@ export class VhostUserServer extends Service {
       this.#removePath();
     }
   }
+
+  readonly #refusals = new RefusalLog(() => this.activeSummary);
 
   async #serveOnce(fd: number): Promise<void> {
     await this.serve(fd);

@@ -24,6 +24,12 @@ import {
 const unavailable = tapTestsUnavailable(["ip", "ethtool"], "iproute2 ethtool") ??
   (lookupUser("nobody") === null ? "needs user nobody" : undefined);
 
+/** True when process `pid` has a handler for signal number `signo` (its SigCgt mask). */
+function catchesSignal(pid: number, signo: number): boolean {
+  const m = /^SigCgt:\s*([0-9a-f]+)$/m.exec(Deno.readTextFileSync(`/proc/${pid}/status`));
+  return m !== null && (BigInt(`0x${m[1]}`) & (1n << BigInt(signo - 1))) !== 0n;
+}
+
 /** The daemon in `ns`, its output collected. */
 class Daemon {
   readonly child: Deno.ChildProcess;
@@ -113,6 +119,12 @@ Deno.test({
 
         // SIGUSR1 makes Deno open its inspector on 127.0.0.1:9229 (README): in
         // the sandbox it cannot make the socket, and the daemon keeps serving.
+        // Deno installs that handler a moment after start (measured: after
+        // "listening on" is printed); a SIGUSR1 before it ends the process.
+        await until(
+          "Deno to catch SIGUSR1",
+          () => Promise.resolve(catchesSignal(daemon.child.pid, 10)),
+        );
         daemon.child.kill("SIGUSR1");
         await daemon.waitFor(/Failed to start inspector server/, 10_000);
         assert.doesNotMatch(await ns.exec(["ss", "-Hltn"]), /9229/, "nothing listens");
