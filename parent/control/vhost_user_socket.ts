@@ -429,6 +429,7 @@ abstract class Service {
   /** The active connection's socket is closed; its backend is releasing resources. */
   #ending = false;
   #activeFd = -1;
+  #served = 0;
   /** Resolves when the service has stopped (stop(), or a served --fd connection ended). */
   abstract readonly done: Promise<void>;
 
@@ -441,6 +442,11 @@ abstract class Service {
     return this.#active !== null;
   }
 
+  /** Connections served since the service started (the active one included). */
+  get served(): number {
+    return this.#served;
+  }
+
   protected serve(fd: number): Promise<DisconnectInfo> {
     const backend = new VhostUserBackend(
       this.options.device,
@@ -451,6 +457,7 @@ abstract class Service {
     this.options.logger?.log("info", "vhost-user", `connection on fd ${fd}`);
     this.#ending = false;
     this.#activeFd = fd;
+    this.#served++;
     const active = serveConnection(
       conn,
       backend,
@@ -636,7 +643,7 @@ function getIntOption(fd: number, option: number): number {
  * Liveness is probed with a connect: a live server sees the probe as a
  * connection that ends at once.
  */
-function removeStaleSocket(path: string, addr: Uint8Array): void {
+export function removeStaleSocket(path: string, addr: Uint8Array): void {
   const info = libc.lstat(path);
   if (info === null) return;
   if ((info.mode & libc.S_IFMT) !== libc.S_IFSOCK) {
