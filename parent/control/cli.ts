@@ -28,6 +28,8 @@ export interface Options {
   socketPath: string | null;
   /** A listening socket inherited from the supervisor (`--fd`). */
   listenFd: number | null;
+  /** `--metrics`: where to serve Prometheus metrics over HTTP, a unix socket path; or null. */
+  metricsPath: string | null;
   /** Connect to a VMM that listens on `socketPath`, and reconnect when it goes. */
   client: boolean;
   /** The tap to create or attach to; null when `tapFd` is used. */
@@ -94,6 +96,11 @@ export const OPTIONS: Record<string, OptionSpec> = {
   "client": {
     type: "boolean",
     help: "connect to a VMM that listens on --socket-path; reconnect when it goes",
+  },
+  "metrics": {
+    type: "string",
+    arg: "PATH",
+    help: "serve GET /metrics (Prometheus text format) over HTTP on a unix socket at PATH",
   },
   "tap": {
     type: "string",
@@ -164,7 +171,7 @@ export function usage(): string {
   const lines = [
     "vionet: a virtio-net device backend (vhost-user) on a Linux tap",
     "",
-    "usage: deno task start [--socket-path PATH | --fd N] [--client]",
+    "usage: deno task start [--socket-path PATH | --fd N] [--client] [--metrics PATH]",
     "                       [--tap IFNAME | --tap-fd N[,N...]] [--queues N]",
     "                       [--mac MAC] [--mtu N] [--offload auto|off] [--io-uring auto|off]",
     "                       [--user NAME] [--seccomp on|off|log] [--log-level LEVEL]",
@@ -286,6 +293,17 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     socketPath = defaultSocketPath(tap ?? `fd${tapFd}`, env);
   }
 
+  const metricsPath = str("metrics") ?? null;
+  if (metricsPath !== null) {
+    if (metricsPath === "") throw new UsageError("--metrics is empty");
+    if (new TextEncoder().encode(metricsPath).length > 107) {
+      throw new UsageError(`--metrics is longer than the 107 bytes a unix socket address holds`);
+    }
+    if (metricsPath === socketPath) {
+      throw new UsageError("--metrics and the vhost-user socket cannot be the same path");
+    }
+  }
+
   const macText = str("mac");
   const mac = macText === undefined ? defaultMac(tap ?? `fd${tapFd}`) : parseMac(macText);
   if (mac === null) {
@@ -323,6 +341,7 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     printPermissions: flag("print-permissions"),
     socketPath,
     listenFd,
+    metricsPath,
     client: flag("client"),
     tap,
     tapFd,

@@ -23,6 +23,8 @@ import * as libc from "../host/libc.ts";
 import { VionetDevicePort } from "./device_port.ts";
 import { RingPool } from "./ring_pool.ts";
 import { VhostUserClient, VhostUserServer } from "./vhost_user_socket.ts";
+import { HttpServer } from "./http_server.ts";
+import { controlRoutes, MetricsEndpoint } from "./control_api.ts";
 
 /** The guest offloads the parent lets TUNSCAP put on the tap, by `--offload` mode. */
 export function allowedTapOffloads(mode: Options["offload"]): bigint {
@@ -73,7 +75,11 @@ export interface Daemon {
   port: VionetDevicePort;
   /** The vhost-user service (null until `serve()`). */
   service: VhostUserServer | VhostUserClient | null;
-  /** Directories `serve()` created for the socket, outermost first. */
+  /** The `--metrics` HTTP server (null without `--metrics`, and until `serve()`). */
+  metrics: HttpServer | null;
+  /** vhost-user connections refused because one was active. */
+  refused: number;
+  /** Directories `serve()` created for the sockets, outermost first. */
   createdDirs: string[];
   /** Starts serving vhost-user as the options say. */
   serve(): void;
@@ -158,6 +164,8 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     config,
     port,
     service: null,
+    metrics: null,
+    refused: 0,
     createdDirs: [],
     serve() {
       const serveOpts = {
@@ -173,8 +181,10 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
             }); ` +
               `waiting for the next one`,
           ),
-        onRefused: () =>
-          logger.log("warn", "vhost-user", "refused a second front-end: one is connected"),
+        onRefused: () => {
+          daemon.refused++;
+          logger.log("warn", "vhost-user", "refused a second front-end: one is connected");
+        },
       };
       if (opts.listenFd !== null) {
         daemon.service = VhostUserServer.fromFd(opts.listenFd, serveOpts);
@@ -184,10 +194,27 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
         daemon.createdDirs = libc.mkdirs(dirname(opts.socketPath!), 0o700);
         daemon.service = VhostUserServer.listen(opts.socketPath!, serveOpts);
       }
+      if (opts.metricsPath !== null) {
+        // 0755: who may scrape is the socket file's mode (the umask's) and owner.
+        daemon.createdDirs.push(...libc.mkdirs(dirname(opts.metricsPath), 0o755));
+        const endpoint = new MetricsEndpoint({
+          port,
+          tap,
+          service: () => daemon.service,
+          refused: () => daemon.refused,
+          httpResponses: () => daemon.metrics?.responses ?? new Map(),
+        });
+        daemon.metrics = HttpServer.listen(opts.metricsPath, {
+          routes: controlRoutes(() => endpoint.scrape()),
+          logger,
+          label: "metrics",
+        });
+      }
     },
     async stop() {
       stopping = true;
-      // The server removes its own socket file as it stops.
+      // Each server removes its own socket file as it stops.
+      await daemon.metrics?.stop();
       await daemon.service?.stop();
       for (const p of port.pairs()) p.device.terminate();
       rings?.pool.close();
@@ -335,16 +362,17 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
     // CAP_NET_ADMIN) nor uid 0, so every thread gives them up, for good, and
     // takes on the Landlock ruleset and the seccomp filter.
     const socketDir = opts.listenFd === null && !opts.client ? dirname(opts.socketPath!) : null;
+    const metricsDir = opts.metricsPath === null ? null : dirname(opts.metricsPath);
     if ("switchTo" in userPlan) handDirectories(daemon.createdDirs, user);
-    const unremovable = socketDir === null || !("switchTo" in userPlan)
-      ? null
-      : removableBy(socketDir, user);
-    if (unremovable !== null) {
-      logger.log(
-        "warn",
-        "parent",
-        `the socket will stay behind at exit: ${unremovable} (the next start replaces it)`,
-      );
+    for (const [dir, what] of [[socketDir, "socket"], [metricsDir, "metrics socket"]] as const) {
+      const unremovable = dir === null || !("switchTo" in userPlan) ? null : removableBy(dir, user);
+      if (unremovable !== null) {
+        logger.log(
+          "warn",
+          "parent",
+          `the ${what} will stay behind at exit: ${unremovable} (the next start replaces it)`,
+        );
+      }
     }
     const sandbox = enterSandbox({
       user,
@@ -352,6 +380,7 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
       ioUring: opts.ioUring,
       client: opts.client,
       socketDir,
+      metricsDir,
     });
     for (const line of sandbox.log) logger.log(line.level, "parent", line.message);
   } catch (e) {
@@ -366,6 +395,9 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
     }; --offload ${opts.offload}`,
   );
   logger.log("info", "parent", "device worker started with no permissions");
+  if (opts.metricsPath !== null) {
+    logger.log("info", "parent", `serving metrics on ${opts.metricsPath} (GET /metrics)`);
+  }
   if (opts.listenFd !== null) {
     logger.log("info", "parent", `serving vhost-user on inherited fd ${opts.listenFd}`);
   } else {
