@@ -13,6 +13,7 @@ import { parseArgs } from "node:util";
 import type { LogLevel, OffloadMode } from "../../ipc/protocol.ts";
 import { LOG_LEVELS } from "./log.ts";
 import type { IoUringMode } from "../io/protocol.ts";
+import { type ListenEnv, ListenFdsError, type PassedSocket, passedSocket } from "./listen_fds.ts";
 
 /** A command line that cannot be run; main prints the message and exits 2. */
 export class UsageError extends Error {
@@ -26,8 +27,10 @@ export interface Options {
   printPermissions: boolean;
   /** Where to listen (or, with `client`, connect); null when `listenFd` is used. */
   socketPath: string | null;
-  /** A listening socket inherited from the supervisor (`--fd`). */
+  /** A listening socket inherited from the supervisor (`--fd`, or systemd's `LISTEN_FDS`). */
   listenFd: number | null;
+  /** The socket systemd passed (`LISTEN_FDS`, `listen_fds.ts`), when `listenFd` is that one. */
+  socketActivated: PassedSocket | null;
   /** `--metrics`: where to serve Prometheus metrics over HTTP, a unix socket path; or null. */
   metricsPath: string | null;
   /** Connect to a VMM that listens on `socketPath`, and reconnect when it goes. */
@@ -91,7 +94,8 @@ export const OPTIONS: Record<string, OptionSpec> = {
   "fd": {
     type: "string",
     arg: "N",
-    help: "use the inherited listening socket N instead of --socket-path",
+    help: "use the inherited listening socket N instead of --socket-path " +
+      "(a socket systemd passes, LISTEN_FDS, is used without it)",
   },
   "client": {
     type: "boolean",
@@ -232,8 +236,14 @@ function parseFd(flag: string, text: string): number {
   return fd;
 }
 
-/** Parses argv; throws UsageError naming the first thing wrong. */
-export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } = {}): Options {
+/** The environment the command line reads: the default socket's directory, socket activation. */
+export type OptionsEnv = { XDG_RUNTIME_DIR?: string } & ListenEnv;
+
+/**
+ * Parses argv; throws UsageError naming the first thing wrong. `pid` is this
+ * process's: socket activation's `LISTEN_PID` must name it.
+ */
+export function parseOptions(argv: string[], env: OptionsEnv = {}, pid = 0): Options {
   let values: Record<string, string | boolean | undefined>;
   try {
     const spec = Object.fromEntries(
@@ -283,7 +293,27 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     );
   }
 
-  const listenFd = str("fd") === undefined ? null : parseFd("fd", str("fd")!);
+  let activated: PassedSocket | null;
+  try {
+    activated = passedSocket(env, pid);
+  } catch (e) {
+    if (e instanceof ListenFdsError) throw new UsageError(`socket activation: ${e.message}`);
+    throw e;
+  }
+  if (activated !== null) {
+    const other = ["socket-path", "fd"].find((k) => str(k) !== undefined) ??
+      (flag("client") ? "client" : undefined);
+    if (other !== undefined) {
+      throw new UsageError(
+        `--${other} and a socket passed by the supervisor (LISTEN_FDS) are mutually exclusive`,
+      );
+    }
+  }
+  const listenFd = activated !== null
+    ? activated.fd
+    : str("fd") === undefined
+    ? null
+    : parseFd("fd", str("fd")!);
   let socketPath = str("socket-path") ?? null;
   if (socketPath === "") throw new UsageError("--socket-path is empty");
   if (socketPath !== null && new TextEncoder().encode(socketPath).length > 107) {
@@ -341,6 +371,7 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     printPermissions: flag("print-permissions"),
     socketPath,
     listenFd,
+    socketActivated: activated,
     metricsPath,
     client: flag("client"),
     tap,

@@ -398,7 +398,15 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
   if (opts.metricsPath !== null) {
     logger.log("info", "parent", `serving metrics on ${opts.metricsPath} (GET /metrics)`);
   }
-  if (opts.listenFd !== null) {
+  if (opts.socketActivated !== null) {
+    const { fd, name, count } = opts.socketActivated;
+    logger.log(
+      "info",
+      "parent",
+      `serving vhost-user on the socket the supervisor passed (LISTEN_FDS=${count}: fd ${fd}` +
+        `${name === null ? "" : `, named ${name}`})`,
+    );
+  } else if (opts.listenFd !== null) {
     logger.log("info", "parent", `serving vhost-user on inherited fd ${opts.listenFd}`);
   } else {
     logger.log(

@@ -231,7 +231,7 @@ export interface Audit {
 export type AuditOptions =
   & Pick<Options, "socketPath" | "listenFd" | "client" | "tap" | "tapFd">
   & Partial<
-    Pick<Options, "ioUring" | "user" | "seccomp" | "queues" | "metricsPath">
+    Pick<Options, "ioUring" | "user" | "seccomp" | "queues" | "metricsPath" | "socketActivated">
   >;
 
 // ---------------------------------------------------------------------------
@@ -456,7 +456,7 @@ function files(opts: AuditOptions): FileAudit[] {
   if (opts.listenFd !== null) {
     out.push({
       what: "vhost-user socket (inherited)",
-      path: `descriptor ${opts.listenFd} (--fd)`,
+      path: `descriptor ${opts.listenFd} (${opts.socketActivated ? "LISTEN_FDS" : "--fd"})`,
       access: "accept4, recvmsg/sendmsg with SCM_RIGHTS",
       when: "serving",
       source: "parent/control/vhost_user_socket.ts",

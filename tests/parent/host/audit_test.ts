@@ -253,6 +253,10 @@ Deno.test({
         const [flag, pattern] of [
           ["--allow-ffi", /^vionet: missing Deno permission --allow-ffi \(libc/],
           ["--allow-env", /^vionet: missing Deno permission --allow-env=XDG_RUNTIME_DIR/],
+          [
+            "--allow-env=XDG_RUNTIME_DIR",
+            /^vionet: missing Deno permission --allow-env=LISTEN_FDS \(a socket passed by systemd/,
+          ],
           ["--allow-read", /^vionet: missing Deno permission --allow-read=\. /],
         ] as const
       ) {
@@ -340,5 +344,17 @@ Deno.test("--metrics: the audit lists its socket and /proc/net/dev, a Landlock r
   assert.deepEqual(
     clientMetrics.seccomp.allowed.map((c) => [c.name, c.nr, c.why]),
     seccompPolicy(ctx).entries.map((e) => [e.name, e.nr, e.why]),
+  );
+});
+
+Deno.test("socket activation: the audit names the descriptor LISTEN_FDS passed", () => {
+  const audit = buildAudit({
+    ...INHERITED,
+    socketActivated: { fd: 3, name: null, count: 1 },
+  });
+  assert.ok(audit.files.some((f) => f.path === "descriptor 3 (LISTEN_FDS)"));
+  assert.deepEqual(
+    part(audit, "parent").permissions.env,
+    ["XDG_RUNTIME_DIR", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"],
   );
 });
