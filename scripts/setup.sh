@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vionet needs on a fresh Debian machine of this kind.
 #   scripts/setup.sh          Deno (pinned, from the npm registry) and iproute2: enough to run the daemon
-#   scripts/setup.sh --test   also what the tests use: ethtool, tcpdump, iperf3, QEMU, and the test guest
+#   scripts/setup.sh --test   also what the tests use: ethtool, tcpdump, iperf3, QEMU, curl, and the test guest
 # Idempotent: what is already there is left alone.
 set -euo pipefail
 
@@ -30,6 +30,8 @@ apt_packages=(iproute2)
 if [ "$want_test" = 1 ]; then
   # linux-libc-dev: asm/unistd_64.h, against which a test checks the seccomp table's numbers
   apt_packages+=(ethtool tcpdump iperf3 qemu-system-x86 busybox-static cpio kmod gcc linux-libc-dev)
+  # curl: the metrics test scrapes with curl --unix-socket
+  apt_packages+=(curl)
 fi
 missing=()
 for p in "${apt_packages[@]}"; do
