@@ -30,8 +30,9 @@ apt_packages=(iproute2)
 if [ "$want_test" = 1 ]; then
   # linux-libc-dev: asm/unistd_64.h, against which a test checks the seccomp table's numbers
   apt_packages+=(ethtool tcpdump iperf3 qemu-system-x86 busybox-static cpio kmod gcc linux-libc-dev)
-  # curl: the metrics test scrapes with curl --unix-socket
-  apt_packages+=(curl)
+  # curl: the metrics test scrapes with curl --unix-socket; systemd: systemd-analyze verify of
+  # contrib/systemd and systemd-socket-activate (the tests need no running systemd)
+  apt_packages+=(curl systemd)
 fi
 missing=()
 for p in "${apt_packages[@]}"; do
