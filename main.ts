@@ -17,6 +17,10 @@ import {
   UsageError,
 } from "./parent/control/cli.ts";
 import { logStyleFor, stderrLogger } from "./parent/control/log.ts";
+import { LISTEN_ENV } from "./parent/control/listen_fds.ts";
+
+/** The start task's --allow-env: every variable the parent reads. */
+const ENV_FLAG = "--allow-env=XDG_RUNTIME_DIR,JOURNAL_STREAM,LISTEN_FDS,LISTEN_PID,LISTEN_FDNAMES";
 
 /** The Deno permissions the parent needs, and what for (the `start` task grants exactly these). */
 const NEEDED: ReadonlyArray<[Deno.PermissionDescriptor, string, string]> = [
@@ -26,16 +30,17 @@ const NEEDED: ReadonlyArray<[Deno.PermissionDescriptor, string, string]> = [
     "--allow-read=.",
     "loading the workers' modules",
   ],
-  [
-    { name: "env", variable: "XDG_RUNTIME_DIR" },
-    "--allow-env=XDG_RUNTIME_DIR,JOURNAL_STREAM",
-    "the socket path",
-  ],
+  [{ name: "env", variable: "XDG_RUNTIME_DIR" }, ENV_FLAG, "the socket path"],
   [
     { name: "env", variable: "JOURNAL_STREAM" },
-    "--allow-env=XDG_RUNTIME_DIR,JOURNAL_STREAM",
+    ENV_FLAG,
     "whether the log goes to systemd's journal",
   ],
+  ...LISTEN_ENV.map((variable): [Deno.PermissionDescriptor, string, string] => [
+    { name: "env", variable },
+    ENV_FLAG,
+    "a socket passed by systemd (socket activation)",
+  ]),
 ];
 
 /** The first needed permission not granted, as an error line, or null. */
@@ -55,8 +60,13 @@ async function main(argv: string[]): Promise<number> {
     return 1;
   }
   let opts: Options;
+  const env = Object.fromEntries(
+    ["XDG_RUNTIME_DIR", ...LISTEN_ENV].map((k) => [k, Deno.env.get(k)]),
+  );
+  // Read once, then gone, as sd_listen_fds(1) does: nothing started later takes them for its own.
+  for (const k of LISTEN_ENV) Deno.env.delete(k);
   try {
-    opts = parseOptions(argv, { XDG_RUNTIME_DIR: Deno.env.get("XDG_RUNTIME_DIR") });
+    opts = parseOptions(argv, env, Deno.pid);
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
     console.error(`vionet: ${e.message}`);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vionet needs on a fresh Debian machine of this kind.
 #   scripts/setup.sh          Deno (pinned, from the npm registry) and iproute2: enough to run the daemon
-#   scripts/setup.sh --test   also what the tests use: ethtool, tcpdump, iperf3, ping, QEMU, libvirt, and the test guest
+#   scripts/setup.sh --test   also what the tests use: ethtool, tcpdump, iperf3, ping, QEMU, curl, libvirt, systemd's tools, and the test guest
 # Idempotent: what is already there is left alone.
 set -euo pipefail
 
@@ -32,6 +32,9 @@ if [ "$want_test" = 1 ]; then
   apt_packages+=(ethtool tcpdump iperf3 qemu-system-x86 busybox-static cpio kmod gcc linux-libc-dev iputils-ping)
   # The libvirt recipe's test runs a private libvirtd that starts QEMU as libvirt-qemu.
   apt_packages+=(libvirt-daemon-system libvirt-clients)
+  # curl: the metrics test scrapes with curl --unix-socket; systemd: systemd-analyze verify of
+  # contrib/systemd and systemd-socket-activate (the tests need no running systemd)
+  apt_packages+=(curl systemd)
 fi
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -13,6 +13,7 @@ import { parseArgs } from "node:util";
 import type { LogLevel, OffloadMode } from "../../ipc/protocol.ts";
 import { LOG_LEVELS } from "./log.ts";
 import type { IoUringMode } from "../io/protocol.ts";
+import { type ListenEnv, ListenFdsError, type PassedSocket, passedSocket } from "./listen_fds.ts";
 
 /** A command line that cannot be run; main prints the message and exits 2. */
 export class UsageError extends Error {
@@ -31,8 +32,12 @@ export interface Options {
    * default socket path): its mode and group are set at every start.
    */
   ownSocketDir: boolean;
-  /** A listening socket inherited from the supervisor (`--fd`). */
+  /** A listening socket inherited from the supervisor (`--fd`, or systemd's `LISTEN_FDS`). */
   listenFd: number | null;
+  /** The socket systemd passed (`LISTEN_FDS`, `listen_fds.ts`), when `listenFd` is that one. */
+  socketActivated: PassedSocket | null;
+  /** `--metrics`: where to serve Prometheus metrics over HTTP, a unix socket path; or null. */
+  metricsPath: string | null;
   /** Connect to a VMM that listens on `socketPath`, and reconnect when it goes. */
   client: boolean;
   /** The tap to create or attach to; null when `tapFd` is used. */
@@ -107,11 +112,17 @@ export const OPTIONS: Record<string, OptionSpec> = {
   "fd": {
     type: "string",
     arg: "N",
-    help: "use the inherited listening socket N instead of --socket-path",
+    help: "use the inherited listening socket N instead of --socket-path " +
+      "(a socket systemd passes, LISTEN_FDS, is used without it)",
   },
   "client": {
     type: "boolean",
     help: "connect to a VMM that listens on --socket-path; reconnect when it goes",
+  },
+  "metrics": {
+    type: "string",
+    arg: "PATH",
+    help: "serve GET /metrics (Prometheus text format) over HTTP on a unix socket at PATH",
   },
   "tap": {
     type: "string",
@@ -200,7 +211,7 @@ export function usage(): string {
   const lines = [
     "vionet: a virtio-net device backend (vhost-user) on a Linux tap",
     "",
-    "usage: deno task start [--socket-path PATH | --fd N] [--client]",
+    "usage: deno task start [--socket-path PATH | --fd N] [--client] [--metrics PATH]",
     "                       [--tap IFNAME | --tap-fd N[,N...]] [--queues N]",
     "                       [--socket-group GROUP] [--socket-mode MODE]",
     "                       [--mac MAC] [--mtu N] [--offload auto|off] [--io-uring auto|off]",
@@ -289,8 +300,14 @@ function parseFd(flag: string, text: string): number {
   return fd;
 }
 
-/** Parses argv; throws UsageError naming the first thing wrong. */
-export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } = {}): Options {
+/** The environment the command line reads: the default socket's directory, socket activation. */
+export type OptionsEnv = { XDG_RUNTIME_DIR?: string } & ListenEnv;
+
+/**
+ * Parses argv; throws UsageError naming the first thing wrong. `pid` is this
+ * process's: socket activation's `LISTEN_PID` must name it.
+ */
+export function parseOptions(argv: string[], env: OptionsEnv = {}, pid = 0): Options {
   let values: Record<string, string | boolean | undefined>;
   try {
     const spec = Object.fromEntries(
@@ -340,7 +357,27 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     );
   }
 
-  const listenFd = str("fd") === undefined ? null : parseFd("fd", str("fd")!);
+  let activated: PassedSocket | null;
+  try {
+    activated = passedSocket(env, pid);
+  } catch (e) {
+    if (e instanceof ListenFdsError) throw new UsageError(`socket activation: ${e.message}`);
+    throw e;
+  }
+  if (activated !== null) {
+    const other = ["socket-path", "fd"].find((k) => str(k) !== undefined) ??
+      (flag("client") ? "client" : undefined);
+    if (other !== undefined) {
+      throw new UsageError(
+        `--${other} and a socket passed by the supervisor (LISTEN_FDS) are mutually exclusive`,
+      );
+    }
+  }
+  const listenFd = activated !== null
+    ? activated.fd
+    : str("fd") === undefined
+    ? null
+    : parseFd("fd", str("fd")!);
   let socketPath = str("socket-path") ?? null;
   if (socketPath === "") throw new UsageError("--socket-path is empty");
   if (socketPath !== null && new TextEncoder().encode(socketPath).length > 107) {
@@ -348,6 +385,17 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
   }
   const ownSocketDir = socketPath === null && listenFd === null;
   if (ownSocketDir) socketPath = defaultSocketPath(tap ?? `fd${tapFd}`, env);
+
+  const metricsPath = str("metrics") ?? null;
+  if (metricsPath !== null) {
+    if (metricsPath === "") throw new UsageError("--metrics is empty");
+    if (new TextEncoder().encode(metricsPath).length > 107) {
+      throw new UsageError(`--metrics is longer than the 107 bytes a unix socket address holds`);
+    }
+    if (metricsPath === socketPath) {
+      throw new UsageError("--metrics and the vhost-user socket cannot be the same path");
+    }
+  }
 
   const macText = str("mac");
   const mac = macText === undefined ? null : parseMac(macText);
@@ -411,6 +459,8 @@ export function parseOptions(argv: string[], env: { XDG_RUNTIME_DIR?: string } =
     socketPath,
     ownSocketDir,
     listenFd,
+    socketActivated: activated,
+    metricsPath,
     client: flag("client"),
     tap,
     tapFd,

@@ -30,6 +30,8 @@ import {
   resolveSocketAccess,
   type SocketAccess,
 } from "./socket_access.ts";
+import { HttpServer } from "./http_server.ts";
+import { controlRoutes, MetricsEndpoint } from "./control_api.ts";
 
 /** The guest offloads the parent lets TUNSCAP put on the tap, by `--offload` mode. */
 export function allowedTapOffloads(mode: Options["offload"]): bigint {
@@ -113,7 +115,11 @@ export interface Daemon {
   mtu: number | null;
   /** The vhost-user service (null until `serve()`). */
   service: VhostUserServer | VhostUserClient | null;
-  /** Directories `serve()` created for the socket, outermost first. */
+  /** The `--metrics` HTTP server (null without `--metrics`, and until `serve()`). */
+  metrics: HttpServer | null;
+  /** vhost-user connections refused because one was active. */
+  refused: number;
+  /** Directories `serve()` created for the sockets, outermost first. */
   createdDirs: string[];
   /** Starts serving vhost-user as the options say. */
   serve(): void;
@@ -211,6 +217,8 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     socketAccess,
     mtu,
     service: null,
+    metrics: null,
+    refused: 0,
     createdDirs: [],
     serve() {
       const serveOpts = {
@@ -232,6 +240,9 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
             }); ` +
               `waiting for the next one`,
           ),
+        onRefused: () => {
+          daemon.refused++;
+        },
       };
       if (opts.listenFd !== null) {
         daemon.service = VhostUserServer.fromFd(opts.listenFd, serveOpts);
@@ -251,10 +262,27 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
           (path) => applySocketAccess(path, access),
         );
       }
+      if (opts.metricsPath !== null) {
+        // 0755: who may scrape is the socket file's mode (the umask's) and owner.
+        daemon.createdDirs.push(...libc.mkdirs(dirname(opts.metricsPath), 0o755));
+        const endpoint = new MetricsEndpoint({
+          port,
+          tap,
+          service: () => daemon.service,
+          refused: () => daemon.refused,
+          httpResponses: () => daemon.metrics?.responses ?? new Map(),
+        });
+        daemon.metrics = HttpServer.listen(opts.metricsPath, {
+          routes: controlRoutes(() => endpoint.scrape()),
+          logger,
+          label: "metrics",
+        });
+      }
     },
     async stop() {
       stopping = true;
-      // The server removes its own socket file as it stops.
+      // Each server removes its own socket file as it stops.
+      await daemon.metrics?.stop();
       await daemon.service?.stop();
       for (const p of port.pairs()) p.device.terminate();
       rings?.pool.close();
@@ -486,18 +514,19 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
     // CAP_NET_ADMIN) nor uid 0, so every thread gives them up, for good, and
     // takes on the Landlock ruleset and the seccomp filter.
     const socketDir = opts.listenFd === null && !opts.client ? dirname(opts.socketPath!) : null;
+    const metricsDir = opts.metricsPath === null ? null : dirname(opts.metricsPath);
     if ("switchTo" in userPlan) {
       handDirectories(daemon.createdDirs, user, daemon.socketAccess?.gid ?? null);
     }
-    const unremovable = socketDir === null || !("switchTo" in userPlan)
-      ? null
-      : removableBy(socketDir, user);
-    if (unremovable !== null) {
-      logger.log(
-        "warn",
-        "parent",
-        `the socket will stay behind at exit: ${unremovable} (the next start replaces it)`,
-      );
+    for (const [dir, what] of [[socketDir, "socket"], [metricsDir, "metrics socket"]] as const) {
+      const unremovable = dir === null || !("switchTo" in userPlan) ? null : removableBy(dir, user);
+      if (unremovable !== null) {
+        logger.log(
+          "warn",
+          "parent",
+          `the ${what} will stay behind at exit: ${unremovable} (the next start replaces it)`,
+        );
+      }
     }
     // Asked now: getsockname is not among the calls the sandbox allows.
     fdPath = opts.listenFd !== null ? boundPath(opts.listenFd) : null;
@@ -507,6 +536,7 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
       ioUring: opts.ioUring,
       client: opts.client,
       socketDir,
+      metricsDir,
     });
     for (const line of sandbox.log) logger.log(line.level, "parent", line.message);
   } catch (e) {
@@ -531,7 +561,18 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
         : "source MACs are not checked (no --mac)"
     }`,
   );
-  if (opts.listenFd !== null) {
+  if (opts.metricsPath !== null) {
+    logger.log("info", "parent", `serving metrics on ${opts.metricsPath} (GET /metrics)`);
+  }
+  if (opts.socketActivated !== null) {
+    const { fd, name, count } = opts.socketActivated;
+    logger.log(
+      "info",
+      "parent",
+      `serving vhost-user on the socket the supervisor passed (LISTEN_FDS=${count}: fd ${fd}` +
+        `${name === null ? "" : `, named ${name}`}${fdPath ? `, ${fdPath}` : ""})`,
+    );
+  } else if (opts.listenFd !== null) {
     logger.log(
       "info",
       "parent",

@@ -196,6 +196,11 @@ export class VionetDevicePort implements DevicePort {
     for (const p of this.pairs()) p.tapOffloadsChanged();
   }
 
+  /** The features the front-end acked (SET_FEATURES), or null before it did and after a reset. */
+  get features(): bigint | null {
+    return this.#features;
+  }
+
   /** True while any pair's queues run. */
   get running(): boolean {
     return this.pairs().some((p) => p.running);
@@ -220,7 +225,8 @@ export class VionetDevicePort implements DevicePort {
     for (const p of this.pairs()) {
       const q = await p.device.getStats();
       for (const [name, counters] of Object.entries(q)) {
-        out[name.replace(/0$/, String(p.pair))] = counters;
+        // rx0/tx0 are the device's own names; its I/O side is "io", one per pair too.
+        out[name === "io" ? `io${p.pair}` : name.replace(/0$/, String(p.pair))] = counters;
       }
     }
     return out;

@@ -471,6 +471,7 @@ abstract class Service {
   #ending = false;
   #activeFd = -1;
   #activeSince = 0;
+  #served = 0;
   /** Resolves when the service has stopped (stop(), or a served --fd connection ended). */
   abstract readonly done: Promise<void>;
 
@@ -488,6 +489,11 @@ abstract class Service {
     return this.#active !== null;
   }
 
+  /** Connections served since the service started (the active one included). */
+  get served(): number {
+    return this.#served;
+  }
+
   protected serve(fd: number): Promise<DisconnectInfo> {
     const backend = new VhostUserBackend(
       this.options.device,
@@ -499,6 +505,7 @@ abstract class Service {
     this.#ending = false;
     this.#activeFd = fd;
     this.#activeSince = Date.now();
+    this.#served++;
     const active = serveConnection(
       conn,
       backend,
@@ -695,7 +702,7 @@ function getIntOption(fd: number, option: number): number {
  * Liveness is probed with a connect: a live server sees the probe as a
  * connection that ends at once.
  */
-function removeStaleSocket(path: string, addr: Uint8Array): void {
+export function removeStaleSocket(path: string, addr: Uint8Array): void {
   const info = libc.lstat(path);
   if (info === null) return;
   if ((info.mode & libc.S_IFMT) !== libc.S_IFSOCK) {

@@ -231,7 +231,9 @@ export interface Audit {
 /** The options that decide what the parent opens, and its sandbox (these default as the CLI's do). */
 export type AuditOptions =
   & Pick<Options, "socketPath" | "listenFd" | "client" | "tap" | "tapFd">
-  & Partial<Pick<Options, "ioUring" | "user" | "seccomp" | "queues">>
+  & Partial<
+    Pick<Options, "ioUring" | "user" | "seccomp" | "queues" | "metricsPath" | "socketActivated">
+  >
   & Partial<Pick<Options, "mtu" | "socketGroup" | "socketMode">>;
 
 // ---------------------------------------------------------------------------
@@ -465,7 +467,7 @@ function files(opts: AuditOptions): FileAudit[] {
   if (opts.listenFd !== null) {
     out.push({
       what: "vhost-user socket (inherited)",
-      path: `descriptor ${opts.listenFd} (--fd)`,
+      path: `descriptor ${opts.listenFd} (${opts.socketActivated ? "LISTEN_FDS" : "--fd"})`,
       access: "accept4, recvmsg/sendmsg with SCM_RIGHTS",
       when: "serving",
       source: "parent/control/vhost_user_socket.ts",
@@ -594,7 +596,35 @@ function files(opts: AuditOptions): FileAudit[] {
       source: "parent/host/landlock.ts",
     },
   );
-  if (opts.listenFd === null && !opts.client) {
+  if (opts.metricsPath) {
+    const path = opts.metricsPath;
+    out.push(
+      {
+        what: "metrics socket directory",
+        path: path.slice(0, Math.max(1, path.lastIndexOf("/"))),
+        access: "created with mode 0755 if missing (who may connect is the socket's mode)",
+        when: "set-up",
+        source: "parent/control/daemon.ts",
+      },
+      {
+        what: "metrics socket (--metrics)",
+        path,
+        access: "socket(AF_UNIX, SOCK_STREAM), bind, listen 16, accept4 (at most 8 clients, " +
+          "8 KiB and 2 s each), read, sendmsg; a stale socket there is probed with connect and " +
+          "unlinked; removed at exit",
+        when: "set-up",
+        source: "parent/control/http_server.ts",
+      },
+      {
+        what: "tap counters",
+        path: "/proc/net/dev (the daemon's network namespace, the tap's)",
+        access: "read-only, at each scrape",
+        when: "serving",
+        source: "parent/host/tap_stats.ts",
+      },
+    );
+  }
+  if ((opts.listenFd === null && !opts.client) || opts.metricsPath) {
     out.push({
       what: "socket directories created",
       path: "the directories created for the socket (none if they existed)",
@@ -633,6 +663,7 @@ export function auditPolicyContext(opts: AuditOptions): PolicyContext {
   return {
     client: opts.client,
     accepts: !opts.client,
+    metrics: Boolean(opts.metricsPath),
     ioUring: opts.ioUring ?? "auto",
     pid: Deno.pid,
     logOnly: opts.seccomp === "log",
@@ -666,7 +697,13 @@ function landlockAudit(opts: AuditOptions): LandlockAudit {
   const socketDir = opts.listenFd === null && !opts.client && opts.socketPath !== null
     ? opts.socketPath.slice(0, Math.max(1, opts.socketPath.lastIndexOf("/")))
     : null;
-  const plan = planLandlock(landlockRules({ root: MODULE_ROOT, socketDir }), landlockSupport());
+  const metricsDir = opts.metricsPath
+    ? opts.metricsPath.slice(0, Math.max(1, opts.metricsPath.lastIndexOf("/")))
+    : null;
+  const plan = planLandlock(
+    landlockRules({ root: MODULE_ROOT, socketDir, metricsDir }),
+    landlockSupport(),
+  );
   return {
     abi: plan.abi,
     handledFs: plan.handledFs,

@@ -103,6 +103,8 @@ export interface LandlockContext {
   root: string;
   /** The directory of the socket the daemon created and removes at exit, or null. */
   socketDir: string | null;
+  /** The directory of the `--metrics` socket, which it removes at exit too; or null. */
+  metricsDir?: string | null;
 }
 
 /**
@@ -124,7 +126,8 @@ export function landlockRules(ctx: LandlockContext): LandlockRule[] {
       access: ["READ_FILE", "READ_DIR"],
       why: "the daemon's threads (/proc/self/task/*/status, comm: the drop's check, the " +
         "worker census); Deno reads /proc/self/{cgroup,mountinfo,maps} and /proc/meminfo " +
-        "when it starts a worker. Only what the daemon's user may read anyway",
+        "when it starts a worker; the tap's counters in /proc/net/dev (--metrics). Only " +
+        "what the daemon's user may read anyway",
     },
     {
       path: "/dev/urandom",
@@ -142,6 +145,14 @@ export function landlockRules(ctx: LandlockContext): LandlockRule[] {
       path: ctx.socketDir,
       access: ["REMOVE_FILE"],
       why: "remove the daemon's own vhost-user socket at exit",
+    });
+  }
+  const metricsDir = ctx.metricsDir ?? null;
+  if (metricsDir !== null && metricsDir !== ctx.socketDir) {
+    rules.push({
+      path: metricsDir,
+      access: ["REMOVE_FILE"],
+      why: "remove the daemon's own metrics socket (--metrics) at exit",
     });
   }
   return rules;

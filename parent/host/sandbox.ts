@@ -51,6 +51,8 @@ export interface SandboxOptions {
   client: boolean;
   /** The directory of the socket the daemon listens on and removes at exit, or null. */
   socketDir: string | null;
+  /** The directory of the `--metrics` socket, which it serves and removes at exit; or null. */
+  metricsDir?: string | null;
 }
 
 /** A line for the log. */
@@ -98,6 +100,7 @@ export function policyContext(opts: Omit<SandboxOptions, "user">): PolicyContext
   return {
     client: opts.client,
     accepts: !opts.client,
+    metrics: (opts.metricsDir ?? null) !== null,
     ioUring: opts.ioUring,
     pid: libc.getpid(),
     logOnly: opts.seccomp === "log",
@@ -112,7 +115,11 @@ export function policyContext(opts: Omit<SandboxOptions, "user">): PolicyContext
 export function enterSandbox(opts: SandboxOptions): SandboxReport {
   const log: SandboxLogLine[] = [];
   const plan = planLandlock(
-    landlockRules({ root: MODULE_ROOT, socketDir: opts.socketDir }),
+    landlockRules({
+      root: MODULE_ROOT,
+      socketDir: opts.socketDir,
+      metricsDir: opts.metricsDir ?? null,
+    }),
     landlockSupport(),
   );
   let ruleset: { fd: number; skipped: SkippedRule[] } | null = null;
@@ -167,6 +174,9 @@ export function enterSandbox(opts: SandboxOptions): SandboxReport {
           ).map((r) => r.path).join(", ")
       }` +
         (opts.socketDir ? `; may remove its socket from ${opts.socketDir}` : "") +
+        (opts.metricsDir && opts.metricsDir !== opts.socketDir
+          ? `; its metrics socket from ${opts.metricsDir}`
+          : "") +
         `; ${
           plan.handledNet.length ? "no TCP bind or connect" : "TCP not restricted (ABI < 4)"
         }; scoped: ${plan.scoped.join(", ") || "nothing"}` +

@@ -89,6 +89,8 @@ export interface PolicyContext {
   client: boolean;
   /** The daemon accepts connections (it listens, or serves an inherited listening socket). */
   accepts: boolean;
+  /** `--metrics`: the daemon accepts HTTP clients on its metrics socket. */
+  metrics?: boolean;
   /** `--io-uring`: with `off`, no io_uring call is allowed at all. */
   ioUring: "auto" | "off";
   /** The daemon's process id: signals go to its own threads only. */
@@ -150,7 +152,12 @@ export function seccompPolicy(ctx: PolicyContext): SeccompPolicy {
     // The data path: each of these runs per frame or per batch.
     { name: "writev", nr: 20, rule: allow, why: "frames to the tap (writer, poller)" },
     { name: "readv", nr: 19, rule: allow, why: "frames from the tap (poller)" },
-    { name: "read", nr: 0, rule: allow, why: "eventfds, /proc files, module files" },
+    {
+      name: "read",
+      nr: 0,
+      rule: allow,
+      why: "eventfds, /proc files, module files; metrics requests",
+    },
     { name: "write", nr: 1, rule: allow, why: "call and wake eventfds; the log on stderr" },
     { name: "futex", nr: 202, rule: allow, why: "Atomics.wait, V8 and tokio locks" },
     { name: "epoll_wait", nr: 232, rule: allow, why: "the poller's wait set; tokio's reactor" },
@@ -167,7 +174,7 @@ export function seccompPolicy(ctx: PolicyContext): SeccompPolicy {
       name: "poll",
       nr: 7,
       rule: allow,
-      why: "the accept loop's and the vhost-user socket's waits",
+      why: "the accept loop's and the vhost-user socket's waits; the metrics server's",
     },
     // Memory: V8's heap and JIT, malloc, guest memory, retired ranges.
     { name: "mmap", nr: 9, rule: allow, why: "guest memory, io_uring rings, V8 and malloc" },
@@ -196,7 +203,8 @@ export function seccompPolicy(ctx: PolicyContext): SeccompPolicy {
           meaning: "read-only: no O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_APPEND, O_TMPFILE",
         }],
       },
-      why: "module files of a new worker, /proc/self/task (Landlock says which paths)",
+      why: "module files of a new worker, /proc/self/task, /proc/net/dev for the metrics " +
+        "(Landlock says which paths)",
     },
     { name: "fcntl", nr: 72, rule: allow, why: "O_NONBLOCK on the tap and eventfds; CLOEXEC" },
     {
@@ -235,9 +243,17 @@ export function seccompPolicy(ctx: PolicyContext): SeccompPolicy {
     },
     // vhost-user.
     { name: "recvmsg", nr: 47, rule: allow, why: "vhost-user messages with SCM_RIGHTS" },
-    { name: "sendmsg", nr: 46, rule: allow, why: "vhost-user replies" },
-    ...(ctx.accepts
-      ? [{ name: "accept4", nr: 288, rule: allow, why: "the next VMM on the listening socket" }]
+    { name: "sendmsg", nr: 46, rule: allow, why: "vhost-user replies; metrics responses" },
+    ...(ctx.accepts || ctx.metrics
+      ? [{
+        name: "accept4",
+        nr: 288,
+        rule: allow,
+        why: [
+          ...(ctx.accepts ? ["the next VMM on the listening socket"] : []),
+          ...(ctx.metrics ? ["HTTP clients on the metrics socket (--metrics)"] : []),
+        ].join("; "),
+      }]
       : []),
     {
       name: "socket",
@@ -283,7 +299,12 @@ export function seccompPolicy(ctx: PolicyContext): SeccompPolicy {
         "(SIGINT, SIGTERM, SIGUSR2)",
     },
     { name: "recvfrom", nr: 45, rule: allow, why: "tokio's signal driver reads that wake-up" },
-    { name: "unlink", nr: 87, rule: allow, why: "removing the daemon's own socket at exit" },
+    {
+      name: "unlink",
+      nr: 87,
+      rule: allow,
+      why: "removing the daemon's own sockets at exit",
+    },
     ...(ctx.ioUring === "off" ? [] : [
       {
         name: "io_uring_register",

@@ -249,6 +249,17 @@ Deno.test({
     }),
 });
 
+Deno.test("parseOptions(): --metrics takes a socket path, not empty, not too long, not the vhost-user one", () => {
+  assert.equal(parseOptions(["--metrics", "/run/m.sock"]).metricsPath, "/run/m.sock");
+  assert.equal(parseOptions([]).metricsPath, null);
+  assert.throws(() => parseOptions(["--metrics", ""]), /--metrics is empty/);
+  assert.throws(() => parseOptions(["--metrics", `/${"a".repeat(107)}`]), /107 bytes/);
+  assert.throws(
+    () => parseOptions(["--socket-path", "/run/a.sock", "--metrics", "/run/a.sock"]),
+    /cannot be the same path/,
+  );
+});
+
 function collect(stream: ReadableStream<Uint8Array>) {
   let buf = "";
   const dec = new TextDecoder();

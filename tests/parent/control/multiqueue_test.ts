@@ -126,6 +126,10 @@ for (const pairs of [2, 4]) {
               `rx${i} counters: ${JSON.stringify(stats)}`,
             );
             assert.ok((stats[`tx${i}`]?.used ?? 0) > 0, `tx${i} counters`);
+            assert.ok(
+              stats[`io${i}`] !== undefined,
+              `io${i}: each pair's I/O side, none overwritten`,
+            );
           }
         } finally {
           await rig.close();

@@ -158,7 +158,11 @@ Deno.test("every ioctl request issued in parent/ is in the audit with its number
 });
 
 Deno.test("every file in parent/ that opens, creates or maps something is a source in the audit", () => {
-  const sources = new Set(buildAudit(LISTENING).files.map((f) => f.source));
+  const sources = new Set(
+    buildAudit({ ...LISTENING, metricsPath: "/run/vionet/metrics.sock" }).files.map((f) =>
+      f.source
+    ),
+  );
   const opening =
     /libc\.(open|socket|eventfd|memfdCreate|mmap|readlink|socketpair|pipe2)\(|sys\.(epoll_create1|io_uring_setup)\(|Deno\.(mkdir|open|create|readFile|readTextFile|writeFile|writeTextFile|readLink|readDir)\w*\(/;
   const exempt = new Set(["parent/host/libc.ts", "parent/host/audit.ts"]);
@@ -249,11 +253,19 @@ Deno.test({
         const [flag, pattern] of [
           ["--allow-ffi", /^vionet: missing Deno permission --allow-ffi \(libc/],
           ["--allow-env", /^vionet: missing Deno permission --allow-env=XDG_RUNTIME_DIR/],
+          [
+            "--allow-env=XDG_RUNTIME_DIR",
+            /^vionet: missing Deno permission --allow-env=LISTEN_FDS \(a socket passed by systemd/,
+          ],
           ["--allow-read", /^vionet: missing Deno permission --allow-read=\. /],
         ] as const
       ) {
-        await t.step(`without ${flag}`, async () => {
-          const flags = startTaskFlags().filter((f) => f.split("=")[0] !== flag);
+        await t.step(`${flag.includes("=") ? "with only" : "without"} ${flag}`, async () => {
+          // A flag with a value stands for itself: the start task's flag is cut down to it.
+          const name = flag.split("=")[0];
+          const flags = startTaskFlags().flatMap((f) =>
+            f.split("=")[0] !== name ? [f] : flag.includes("=") ? [flag] : []
+          );
           assert.notDeepEqual(flags, startTaskFlags(), `${flag} is not in the start task`);
           const r = await ns.run([Deno.execPath(), "run", ...flags, `${ROOT}main.ts`]);
           assert.equal(r.code, 1, r.stderr);
@@ -293,4 +305,56 @@ Deno.test("the audit's allowlist and Landlock rules are the tables the sandbox i
   const text = formatAudit(audit);
   for (const c of audit.seccomp.allowed) assert.ok(text.includes(`  ${c.name} `), c.name);
   for (const r of audit.landlock.rules) assert.ok(text.includes(`  ${r.path}: `), r.path);
+});
+
+Deno.test("--metrics: the audit lists its socket and /proc/net/dev, a Landlock rule for its directory, and accept4 even with --client", () => {
+  const metricsPath = "/run/vionet-metrics/vionet0.sock";
+  const audit = buildAudit({ ...LISTENING, metricsPath });
+  assert.ok(audit.files.some((f) => f.path === metricsPath && f.when === "set-up"));
+  assert.ok(audit.files.some((f) => f.path.startsWith("/proc/net/dev")));
+  assert.deepEqual(
+    audit.landlock.rules.filter((r) => r.access.includes("REMOVE_FILE")).map((r) => r.path),
+    ["/run/vionet", "/run/vionet-metrics"],
+  );
+  assert.deepEqual(
+    audit.landlock.rules,
+    landlockRules({
+      root: MODULE_ROOT,
+      socketDir: "/run/vionet",
+      metricsDir: "/run/vionet-metrics",
+    })
+      .map((r) => ({ path: r.path, access: [...r.access], why: r.why })),
+  );
+  // The same directory for both sockets: one rule.
+  const same = buildAudit({ ...LISTENING, metricsPath: "/run/vionet/m.sock" });
+  assert.equal(same.landlock.rules.filter((r) => r.access.includes("REMOVE_FILE")).length, 1);
+  // --client accepts nothing on vhost-user, but --metrics still needs accept4.
+  const client = { ...LISTENING, client: true };
+  assert.ok(!buildAudit(client).seccomp.allowed.some((c) => c.name === "accept4"));
+  const clientMetrics = buildAudit({ ...client, metricsPath });
+  const accept4 = clientMetrics.seccomp.allowed.find((c) => c.name === "accept4");
+  assert.match(accept4?.why ?? "", /^HTTP clients on the metrics socket/);
+  const ctx = {
+    client: true,
+    accepts: false,
+    metrics: true,
+    ioUring: "auto" as const,
+    pid: Deno.pid,
+  };
+  assert.deepEqual(
+    clientMetrics.seccomp.allowed.map((c) => [c.name, c.nr, c.why]),
+    seccompPolicy(ctx).entries.map((e) => [e.name, e.nr, e.why]),
+  );
+});
+
+Deno.test("socket activation: the audit names the descriptor LISTEN_FDS passed", () => {
+  const audit = buildAudit({
+    ...INHERITED,
+    socketActivated: { fd: 3, name: null, count: 1 },
+  });
+  assert.ok(audit.files.some((f) => f.path === "descriptor 3 (LISTEN_FDS)"));
+  assert.deepEqual(
+    part(audit, "parent").permissions.env,
+    ["XDG_RUNTIME_DIR", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"],
+  );
 });

@@ -1,0 +1,171 @@
+/**
+ * The operator's HTTP endpoints on the `--metrics` socket: the route table,
+ * and the scrape behind `GET /metrics`.
+ *
+ * Adding an endpoint is one entry in {@link controlRoutes}. `POST /capture`
+ * and `POST /rate-limit` are placeholders that answer 501 until packet
+ * capture and rate limits exist.
+ *
+ * A scrape asks every pair's device worker for its counters (the same
+ * message SIGUSR2 sends), reads the data path's shared counters and the
+ * tap's line of /proc/net/dev. Asking a device worker wakes it, so scrapes
+ * are coalesced: one at a time, and one that ends less than
+ * `minIntervalMs` before the next is reused, so clients hammering the
+ * socket cost the data path at most a few wake-ups a second. A device that
+ * does not answer within `statsTimeoutMs` is left out of that scrape
+ * (`vionet_pair_stats_missing`), never waited for longer.
+ *
+ * @module
+ */
+
+import { featureNames } from "../../ipc/features.ts";
+import { readTapCounters } from "../host/tap_stats.ts";
+import { type Tap, tunFlagNames } from "../host/tap.ts";
+import type { VionetDevicePort } from "./device_port.ts";
+import type { HttpResponse, Route } from "./http_server.ts";
+import { formatMetrics, METRICS_CONTENT_TYPE, type MetricsSnapshot } from "./metrics.ts";
+import { retiredMemory } from "./retired_memory.ts";
+
+/** Where a scrape reads from: the daemon's parts. */
+export interface MetricsSources {
+  port: VionetDevicePort;
+  tap: Tap;
+  /** The vhost-user service, once it serves. */
+  service(): { connected: boolean; served: number } | null;
+  /** vhost-user connections refused because one was active. */
+  refused(): number;
+  /** Responses the metrics server sent, by status. */
+  httpResponses(): ReadonlyMap<number, number>;
+  /** `performance.now()` when the daemon started (default 0: the process's start). */
+  startedAt?: number;
+}
+
+/** Resolves to `p`'s value, or undefined after `ms` (the timer is always cleared). */
+async function within<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      p,
+      new Promise<undefined>((resolve) => timer = setTimeout(() => resolve(undefined), ms)),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Gathers one snapshot (see the module comment for what it costs). */
+export async function gatherSnapshot(
+  src: MetricsSources,
+  statsTimeoutMs = 1000,
+): Promise<MetricsSnapshot> {
+  const queues: MetricsSnapshot["queues"] = {};
+  const pairsUnanswered: number[] = [];
+  const pairs = src.port.pairs();
+  const answers = await Promise.all(
+    pairs.map((p) => within(p.device.getStats().catch(() => undefined), statsTimeoutMs)),
+  );
+  pairs.forEach((p, i) => {
+    const stats = answers[i];
+    if (stats === undefined) {
+      pairsUnanswered.push(p.pair);
+      return;
+    }
+    for (const [name, counters] of Object.entries(stats)) {
+      // "io": the I/O side's counters, the same words as the pair's data-path counters below.
+      if (name === "io") continue;
+      queues[name.replace(/0$/, String(p.pair))] = counters;
+    }
+  });
+  const datapath: MetricsSnapshot["pairs"] = {};
+  for (const p of pairs) {
+    const c = p.datapathCounters();
+    if (c !== null) datapath[String(p.pair)] = { ...c };
+  }
+  let tapCounters: MetricsSnapshot["tap"]["counters"] = null;
+  try {
+    tapCounters = readTapCounters(src.tap.name);
+  } catch {
+    // Left out of this scrape; the rest still says what the daemon does.
+  }
+  const service = src.service();
+  const features = src.port.features;
+  return {
+    queues,
+    pairs: datapath,
+    pairsUnanswered,
+    tap: { name: src.tap.name, counters: tapCounters, offloads: tunFlagNames(src.tap.offloads) },
+    features: features === null ? null : featureNames(features),
+    connected: service?.connected ?? false,
+    connectionsServed: service?.served ?? 0,
+    connectionsRefused: src.refused(),
+    uptimeSeconds: (performance.now() - (src.startedAt ?? 0)) / 1000,
+    retiredMemory: {
+      reservedBytes: retiredMemory.reservedBytes,
+      ranges: retiredMemory.ranges().length,
+      retired: retiredMemory.retiredCount,
+      reclaimedBytes: retiredMemory.reclaimedBytes,
+    },
+    httpResponses: src.httpResponses(),
+  };
+}
+
+/** Coalesced scrapes (see the module comment). */
+export class MetricsEndpoint {
+  readonly #src: MetricsSources;
+  readonly #minIntervalMs: number;
+  readonly #statsTimeoutMs: number;
+  #inFlight: Promise<string> | null = null;
+  #last: { text: string; at: number } | null = null;
+
+  constructor(src: MetricsSources, opts: { minIntervalMs?: number; statsTimeoutMs?: number } = {}) {
+    this.#src = src;
+    this.#minIntervalMs = opts.minIntervalMs ?? 250;
+    this.#statsTimeoutMs = opts.statsTimeoutMs ?? 1000;
+  }
+
+  /** The exposition text: a fresh scrape, the one in flight, or one that just ended. */
+  scrape(): Promise<string> {
+    if (this.#inFlight) return this.#inFlight;
+    const last = this.#last;
+    if (last && performance.now() - last.at < this.#minIntervalMs) {
+      return Promise.resolve(last.text);
+    }
+    const p = gatherSnapshot(this.#src, this.#statsTimeoutMs).then(formatMetrics).then(
+      (text) => {
+        this.#last = { text, at: performance.now() };
+        return text;
+      },
+    ).finally(() => this.#inFlight = null);
+    this.#inFlight = p;
+    return p;
+  }
+}
+
+/** A route that answers 501 until `what` exists. */
+function notYet(method: string, path: string, what: string): Route {
+  return {
+    method,
+    path,
+    handle: (): HttpResponse => ({
+      status: 501,
+      body: `${method} ${path}: ${what} is not implemented yet in this version of vionet\n`,
+    }),
+  };
+}
+
+/** Every route of the `--metrics` socket. */
+export function controlRoutes(scrape: () => Promise<string>): Route[] {
+  return [
+    {
+      method: "GET",
+      path: "/metrics",
+      handle: async () => ({
+        status: 200,
+        contentType: METRICS_CONTENT_TYPE,
+        body: await scrape(),
+      }),
+    },
+    notYet("POST", "/capture", "packet capture"),
+    notYet("POST", "/rate-limit", "rate limiting"),
+  ];
+}
