@@ -139,6 +139,22 @@ export function domainXml(d: DomainSpec): string {
 `;
 }
 
+/** A file under the libvirtd's hooks directory (its /etc/libvirt/hooks). */
+export interface HookFile {
+  /** Relative to hooks/, e.g. `qemu.d/vionet-hook`. */
+  path: string;
+  content: string;
+  mode: number;
+}
+
+/** What a private libvirtd is given. */
+export interface LibvirtdOptions {
+  /** A network namespace to run it in (and so the hooks and QEMUs it starts); none by default. */
+  netns?: string;
+  /** Hook files, given its temporary directory (for paths in their settings). */
+  hooks?: (dir: string) => HookFile[];
+}
+
 /** A running private libvirtd. */
 export class PrivateLibvirtd {
   /** Its temporary directory: etc, run, lib, cache, log, sock, and what tests put there. */
@@ -158,12 +174,18 @@ export class PrivateLibvirtd {
   }
 
   /** Starts libvirtd and waits until virsh reaches it; undoes everything if it does not. */
-  static async start(): Promise<PrivateLibvirtd> {
+  static async start(opts: LibvirtdOptions = {}): Promise<PrivateLibvirtd> {
     const dir = await Deno.makeTempDir({ prefix: "vionet-libvirt-" });
     // QEMU (libvirt-qemu) reads the guest's files below it.
     await Deno.chmod(dir, 0o755);
-    for (const sub of ["etc", "run", "lib", "cache", "log", "sock"]) {
+    for (const sub of ["etc", "etc/hooks", "run", "lib", "cache", "log", "sock"]) {
       await Deno.mkdir(`${dir}/${sub}`);
+    }
+    for (const h of opts.hooks?.(dir) ?? []) {
+      const path = `${dir}/etc/hooks/${h.path}`;
+      await Deno.mkdir(path.slice(0, path.lastIndexOf("/")), { recursive: true });
+      await Deno.writeTextFile(path, h.content);
+      await Deno.chmod(path, h.mode);
     }
     await Deno.writeTextFile(
       `${dir}/etc/libvirtd.conf`,
@@ -202,8 +224,13 @@ export class PrivateLibvirtd {
       'mount --bind "$d/log" /var/log/libvirt',
       "exec /usr/sbin/libvirtd -f /etc/libvirt/libvirtd.conf",
     ].join("\n");
-    const child = new Deno.Command("unshare", {
-      args: ["--mount", "--propagation", "private", "sh", "-c", script, "sh", dir],
+    // `ip netns exec` execs (no fork): the child's PID is libvirtd's either way.
+    const argv = [
+      ...(opts.netns ? ["ip", "netns", "exec", opts.netns] : []),
+      ...["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", dir],
+    ];
+    const child = new Deno.Command(argv[0], {
+      args: argv.slice(1),
       stdin: "null",
       stdout: "null",
       stderr: "piped",
