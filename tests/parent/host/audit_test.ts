@@ -255,7 +255,7 @@ Deno.test({
           ["--allow-env", /^vionet: missing Deno permission --allow-env=XDG_RUNTIME_DIR/],
           [
             "--allow-env=XDG_RUNTIME_DIR",
-            /^vionet: missing Deno permission --allow-env=LISTEN_FDS \(a socket passed by systemd/,
+            /^vionet: missing Deno permission --allow-env=\S*JOURNAL_STREAM\S* \(whether the log goes to systemd's journal/,
           ],
           ["--allow-read", /^vionet: missing Deno permission --allow-read=\. /],
         ] as const
@@ -355,6 +355,6 @@ Deno.test("socket activation: the audit names the descriptor LISTEN_FDS passed",
   assert.ok(audit.files.some((f) => f.path === "descriptor 3 (LISTEN_FDS)"));
   assert.deepEqual(
     part(audit, "parent").permissions.env,
-    ["XDG_RUNTIME_DIR", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"],
+    ["XDG_RUNTIME_DIR", "JOURNAL_STREAM", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"],
   );
 });
