@@ -1,6 +1,7 @@
 /**
- * Folders follow privilege (README "Layout"): the imports of each folder
- * stay inside what its context may run, so a path says what a line may do.
+ * Folders follow privilege (README "Development", docs/design.md "Layout in
+ * detail"): the imports of each folder stay inside what its context may run,
+ * so a path says what a line may do.
  * A module a folder must not reach shows here by name.
  */
 

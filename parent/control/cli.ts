@@ -158,8 +158,9 @@ export const OPTIONS: Record<string, OptionSpec> = {
   "mac": {
     type: "string",
     arg: "MAC",
-    help: "the guest's MAC: frames from any other source MAC are dropped (give the VMM the same)",
-    shown: "none enforced; the QEMU line suggests 52:54:00:xx:xx:xx from the tap name",
+    help: "the guest's MAC: frames from any other source MAC are dropped (give the VMM the same; " +
+      "without it nothing is checked and the QEMU line suggests 52:54:00:xx:xx:xx from the tap name)",
+    shown: "none enforced",
   },
   "mtu": {
     type: "string",

@@ -3,7 +3,7 @@
  * Standard output is kept for what the operator asked to see (capabilities,
  * the QEMU command line).
  *
- * Line format (README "Logs"):
+ * Line format (docs/operations.md, "Logs"):
  * - on a terminal, a file or a pipe: `2026-12-06T21:30:00.123Z vionet[source] level: message`,
  *   the time in RFC 3339, UTC, with milliseconds;
  * - under systemd's journal (`JOURNAL_STREAM` set: systemd connected stderr

@@ -8,7 +8,7 @@
  * and the vhost-user service) into text. Names follow the Prometheus
  * conventions: counters end in `_total`, units in the name (`_bytes`,
  * `_seconds`), one `# HELP` and one `# TYPE` per family, every sample of a
- * family together. The README lists every name.
+ * family together. docs/operations.md ("Metrics") lists every name.
  *
  * The device's per-queue keys are mapped one by one (tables below); a key
  * this file does not know (a counter added to the device later) is still
