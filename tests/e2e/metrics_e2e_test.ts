@@ -215,7 +215,7 @@ Deno.test({
         }
         const datapath = JSON.parse(
           rig.daemon.lines().findLast((l) => / datapath \{/.test(l))!.replace(/^.* datapath /, ""),
-        ).pair0 as Record<string, unknown>;
+        ) as Record<string, unknown>; // pair 0's line; pair N's say "datapath pairN {...}"
         for (const key of Object.keys(datapath)) {
           if (key.endsWith("Engine")) continue; // labels of vionet_pair_engine_info
           assert.ok(PAIR_METRICS[key], `the dump's pair0.${key} has no metric name`);
