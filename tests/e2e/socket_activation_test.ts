@@ -128,7 +128,7 @@ Deno.test({
         kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24`, gw: HOST_IP }),
       });
       await activator.waitFor(
-        /serving vhost-user on the socket the supervisor passed \(LISTEN_FDS=1: fd 3, named vhost-user\)/,
+        /serving vhost-user on the socket the supervisor passed \(LISTEN_FDS=1: fd 3, named vhost-user, [^)]*vionet-sa.sock\)/,
         60_000,
       );
       assert.equal(
