@@ -15,6 +15,7 @@
 
 import assert from "node:assert/strict";
 import { Rig, rigUnavailable } from "./vionet_rig.ts";
+import type { Guest } from "./guest.ts";
 import { type Exposition, parseExposition, valueOf } from "../parent/control/exposition_parser.ts";
 
 function onPath(tool: string): boolean {
@@ -90,6 +91,56 @@ function assertNear(mbit: number, limit: number, what: string): void {
   );
 }
 
+/**
+ * One iperf3 run at a limit (`parallel` streams), with how long the
+ * direction was held meanwhile (s). A run below the limit whose direction
+ * was held for less than HELD_ENOUGH of it shows a sender that could not
+ * keep up (the TCG guest or the host's iperf3 starved by a loaded
+ * machine), not a limiter that paced too slowly: it is run once more. A
+ * limiter that sleeps too long is held all along and still fails; one that
+ * lets too much through fails at once. vionet must drop nothing meanwhile.
+ */
+async function measure(
+  rig: Rig,
+  guest: Guest,
+  path: string,
+  reverse: boolean,
+  limit: number,
+  parallel?: number,
+): Promise<number> {
+  const direction = reverse ? "rx" : "tx";
+  for (let attempt = 1;; attempt++) {
+    await new Promise((r) => setTimeout(r, 300)); // past the scrape the server may reuse
+    const before = await scrape(path);
+    const r = await rig.iperf3(guest, { reverse, seconds: SECONDS, parallel });
+    await new Promise((r) => setTimeout(r, 300));
+    const after = await scrape(path);
+    const held = (valueOf(after, HELD_SECONDS, { direction }) ?? 0) -
+      (valueOf(before, HELD_SECONDS, { direction }) ?? 0);
+    const mbit = r.bitsPerSecond / 1e6;
+    console.log(
+      `${direction} limited to ${limit} Mbit/s${parallel ? ` (${parallel} streams)` : ""}: ` +
+        `${mbit.toFixed(1)} Mbit/s, held ${held.toFixed(2)} s of ${r.seconds.toFixed(2)}, ` +
+        `${r.retransmits} retransmits`,
+    );
+    assert.equal(vionetDrops(after), vionetDrops(before), "vionet dropped frames");
+    const slowSender = mbit < limit * 0.9 && held < HELD_ENOUGH * r.seconds;
+    if (!slowSender || attempt === 2) {
+      assertNear(mbit, limit, direction);
+      return held;
+    }
+    console.log(`${direction}: the sender did not keep up (a loaded machine); once more`);
+  }
+}
+
+/** The device's counters of queue `name` (rx0, tx1, ...) from the SIGUSR2 dump. */
+async function queueCounters(rig: Rig, name: string): Promise<Record<string, number>> {
+  const from = rig.daemon.lines().length;
+  rig.daemon.signal("SIGUSR2");
+  const line = await rig.daemon.waitFor(new RegExp(`\\[stats\\] info: ${name} \\{`), 10_000, from);
+  return JSON.parse(line.slice(line.indexOf("{")));
+}
+
 Deno.test({
   name: "--rate-limit: iperf3 each way runs at the limit ±10 % with no drops, and " +
     "POST /rate-limit lifts and raises it at run time",
@@ -116,42 +167,8 @@ Deno.test({
         const get0 = await request(path, "GET", "/rate-limit");
         assert.equal(get0.body.trim(), `${LIMITED},rx=${LIMIT_MBIT}Mbit,burst=500000`);
 
-        /**
-         * One iperf3 run at a limit, with how long the direction was held
-         * meanwhile. A run below the limit whose direction was held for less
-         * than HELD_ENOUGH of it shows a sender that could not keep up (the
-         * TCG guest or the host's iperf3 starved by a loaded machine), not a
-         * limiter that paced too slowly: it is run once more. A limiter that
-         * sleeps too long is held all along and still fails; one that lets
-         * too much through fails at once.
-         */
-        const measure = async (reverse: boolean, limit: number): Promise<number> => {
-          const direction = reverse ? "rx" : "tx";
-          for (let attempt = 1;; attempt++) {
-            await new Promise((r) => setTimeout(r, 300)); // past the scrape the server may reuse
-            const before = await scrape(path);
-            const r = await rig.iperf3(guest, { reverse, seconds: SECONDS });
-            await new Promise((r) => setTimeout(r, 300));
-            const after = await scrape(path);
-            const held = (valueOf(after, HELD_SECONDS, { direction }) ?? 0) -
-              (valueOf(before, HELD_SECONDS, { direction }) ?? 0);
-            const mbit = r.bitsPerSecond / 1e6;
-            console.log(
-              `${direction} limited to ${limit} Mbit/s: ${mbit.toFixed(1)} Mbit/s, held ` +
-                `${held.toFixed(2)} s of ${r.seconds.toFixed(2)}, ${r.retransmits} retransmits`,
-            );
-            assert.equal(vionetDrops(after), vionetDrops(before), "vionet dropped frames");
-            const slowSender = mbit < limit * 0.9 && held < HELD_ENOUGH * r.seconds;
-            if (!slowSender || attempt === 2) {
-              assertNear(mbit, limit, direction);
-              return held;
-            }
-            console.log(`${direction}: the sender did not keep up (a loaded machine); once more`);
-          }
-        };
-
-        const txHeld = await measure(false, LIMIT_MBIT);
-        const rxHeld = await measure(true, LIMIT_MBIT);
+        const txHeld = await measure(rig, guest, path, false, LIMIT_MBIT);
+        const rxHeld = await measure(rig, guest, path, true, LIMIT_MBIT);
         const e1 = await scrape(path);
         assert.equal(vionetDrops(e1) - vionetDrops(e0), 0, "vionet dropped frames while limiting");
         for (const [direction, secs] of [["tx", txHeld], ["rx", rxHeld]] as const) {
@@ -186,9 +203,58 @@ Deno.test({
           `with TX lifted the guest sent ${freeMbit.toFixed(1)} Mbit/s, not more than twice ` +
             `the old limit`,
         );
-        await measure(true, RAISED_MBIT);
+        await measure(rig, guest, path, true, RAISED_MBIT);
         const e3 = await scrape(path);
         assert.equal(vionetDrops(e3) - vionetDrops(e0), 0, "vionet dropped frames");
+
+        // SIGUSR2 logs the limits in force and each direction's holds.
+        const from = rig.daemon.lines().length;
+        rig.daemon.signal("SIGUSR2");
+        const line = await rig.daemon.waitFor(/\[stats\] info: rate limits /, 10_000, from);
+        const m = /rate limits (\S+) (\{.*\})$/.exec(line);
+        assert(m, line);
+        assert.equal(m[1], `tx=off,rx=${RAISED_MBIT}Mbit,burst=1000000`);
+        const dumped = JSON.parse(m[2]);
+        assert(dumped.tx.throttles > 0 && dumped.rx.throttledMs > 1000, line);
+      });
+    } finally {
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+Deno.test({
+  name: "--rate-limit is the NIC's: a 2-vCPU guest on two queue pairs gets the limit, not twice it",
+  ignore: unavailable !== undefined,
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "vionet-rate-" });
+    await Deno.chmod(dir, 0o755);
+    const path = `${dir}/metrics/vionet.sock`;
+    try {
+      const args = [
+        "--queues",
+        "2",
+        "--metrics",
+        path,
+        "--rate-limit",
+        `tx=${LIMIT_MBIT}Mbit,rx=${LIMIT_MBIT}Mbit`,
+      ];
+      await Rig.run({ daemonArgs: args }, async (rig) => {
+        const { guest } = await rig.bootGuest({ cpus: 2, queues: 2 });
+        await rig.daemon.waitFor(/queues running/, 30_000);
+        const before = { tx0: 0, tx1: 0, rx0: 0, rx1: 0 };
+        for (const q of ["tx0", "tx1", "rx0", "rx1"] as const) {
+          before[q] = (await queueCounters(rig, q)).used;
+        }
+        await measure(rig, guest, path, false, LIMIT_MBIT, 4);
+        await measure(rig, guest, path, true, LIMIT_MBIT, 4);
+        // Both pairs carried frames both ways, from the one set of buckets.
+        for (const q of ["tx0", "tx1", "rx0", "rx1"] as const) {
+          const used = (await queueCounters(rig, q)).used - before[q];
+          assert(used > 100, `${q} carried ${used} frames: the streams did not use both pairs`);
+        }
       });
     } finally {
       await Deno.remove(dir, { recursive: true }).catch(() => {});
