@@ -83,15 +83,18 @@ export class NicRateLimits {
 
   /**
    * `POST /rate-limit`: the spec in the body, or (an empty body) in the
-   * query string with `&` between items. 200 with the limits now in force,
+   * query string; either may be form-encoded (`&` between items, %-escapes). 200 with the limits now in force,
    * 400 with the reason for a spec that does not parse (nothing changes).
    */
   post(request: HttpRequest): HttpResponse {
     let spec: string;
     try {
-      spec = request.body.length !== 0
-        ? new TextDecoder("utf-8", { fatal: true }).decode(request.body)
-        : queryToSpec(request.query);
+      // A body as `curl -d` sends it (form-encoded: `&` or `,` between items) or the query.
+      spec = queryToSpec(
+        request.body.length !== 0
+          ? new TextDecoder("utf-8", { fatal: true }).decode(request.body)
+          : request.query,
+      );
       this.apply(parseRateLimit(spec));
     } catch (e) {
       if (e instanceof RateLimitSyntaxError || e instanceof TypeError) {

@@ -45,6 +45,10 @@ Deno.test("POST /rate-limit: body or query string, 400 with the reason, GET show
   r = await post.handle(req("POST", "/rate-limit?tx=off&rx=50Mbit%2Cburst=1MiB"));
   assert.equal(r.status, 200);
   assert.equal(r.body, "tx=off,rx=50Mbit,burst=1048576\n");
+  // A form-encoded body, as `curl -d 'tx=1Mbit&rx=50Mbit'` sends it.
+  r = await post.handle(req("POST", "/rate-limit", "tx=1Mbit&rx=50Mbit%2Cburst=1MiB"));
+  assert.equal(r.body, "tx=1Mbit,burst=65550,rx=50Mbit,burst=1048576\n");
+  r = await post.handle(req("POST", "/rate-limit", "tx=off"));
 
   // What the workers see: the same buffer.
   const worker = new RateLimiter(limits.buffer, () => clock.now);
