@@ -25,7 +25,8 @@
  * most what it asks for), spends it frame by frame without the lock, and
  * gives back what it did not use, or owes what it overspent
  * ({@link RateLimiter.settle}). What one worker holds, the others do not
- * see, so no two workers spend the same tokens.
+ * see, so no two workers spend the same tokens; a worker that finds the
+ * tokens only lent out looks again 0.2 ms later, and that is not a hold.
  *
  * The clock is injected (a monotonic milliseconds counter shared by all
  * threads: `libc.monotonicMs`; tests pass their own).
@@ -86,6 +87,12 @@ const RESUME_SECONDS = 0.002;
 export const MAX_HOLD_MS = 50;
 /** The shortest wait worth a timer (ms). */
 const MIN_HOLD_MS = 0.2;
+/**
+ * Grants are settled within one batch; tokens still lent this long after
+ * the last grant belong to a worker that was ended mid-batch, and are
+ * forgotten (so they do not pass for tokens merely lent out).
+ */
+const LENT_STALE_MS = 100;
 
 // ---- layout ------------------------------------------------------------------
 
@@ -98,11 +105,14 @@ const I_GEN = [3, 4];
 const INT_WORDS = 8;
 
 /** Float64 fields of one bucket. */
-const B_RATE = 0, B_SIZE = 1, B_TOKENS = 2, B_LAST = 3;
-const BUCKET_FIELDS = 4;
+/** B_LENT: tokens out in grants not settled yet (the bucket's own, lent for a batch). */
+const B_RATE = 0, B_SIZE = 1, B_TOKENS = 2, B_LAST = 3, B_LENT = 4;
+const BUCKET_FIELDS = 5;
 /** Float64 fields of one direction: its two buckets, then the hold counters. */
 const D_BYTES = 0, D_FRAMES = BUCKET_FIELDS;
 const D_SINCE = 2 * BUCKET_FIELDS, D_HELD_MS = D_SINCE + 1, D_THROTTLES = D_SINCE + 2;
+/** When the direction last lent tokens to a grant. */
+const D_LENT_AT = D_SINCE + 3;
 const DIR_FIELDS = D_SINCE + 4;
 
 /** Bytes of the shared buffer. */
@@ -173,6 +183,7 @@ export class RateLimiter {
         f[at + B_RATE] = b?.rate ?? 0;
         f[at + B_SIZE] = b?.size ?? 0;
         f[at + B_TOKENS] = b?.size ?? 0;
+        f[at + B_LENT] = 0;
         f[at + B_LAST] = now;
       }
       if (l.bytes === null && l.frames === null) this.#endHold(d, now);
@@ -213,6 +224,12 @@ export class RateLimiter {
       refill(f, b, now);
       refill(f, p, now);
       const wait = Math.max(holdMs(f, b), holdMs(f, p));
+      if (wait > 0 && now - f[d + D_LENT_AT] > LENT_STALE_MS) f[b + B_LENT] = f[p + B_LENT] = 0;
+      if (wait > 0 && onlyLent(f, b) && onlyLent(f, p)) {
+        // The tokens are there, lent to another worker's batch for a moment: not a hold.
+        this.waitMs = MIN_HOLD_MS;
+        return false;
+      }
       if (wait > 0) {
         if (f[d + D_SINCE] === 0) {
           f[d + D_SINCE] = now;
@@ -224,6 +241,7 @@ export class RateLimiter {
       this.#endHold(d, now);
       this.#grantBytes[dir] = grant(f, b, Math.max(1, bytes));
       this.#grantFrames[dir] = grant(f, p, Math.max(1, frames));
+      f[d + D_LENT_AT] = now;
       this.#grantGen[dir] = Atomics.load(this.#i, I_GEN[dir]);
       this.waitMs = 0;
       return true;
@@ -244,8 +262,14 @@ export class RateLimiter {
     try {
       if (Atomics.load(this.#i, I_GEN[dir]) !== this.#grantGen[dir]) return; // new limits since
       const f = this.#f, d = dir * DIR_FIELDS;
-      if (gb !== Infinity) f[d + D_BYTES + B_TOKENS] += gb - bytes;
-      if (gf !== Infinity) f[d + D_FRAMES + B_TOKENS] += gf - frames;
+      if (gb !== Infinity) {
+        f[d + D_BYTES + B_TOKENS] += gb - bytes;
+        f[d + D_BYTES + B_LENT] -= gb;
+      }
+      if (gf !== Infinity) {
+        f[d + D_FRAMES + B_TOKENS] += gf - frames;
+        f[d + D_FRAMES + B_LENT] -= gf;
+      }
     } finally {
       this.#unlock();
     }
@@ -324,5 +348,11 @@ function grant(f: Float64Array, at: number, want: number): number {
   if (f[at + B_RATE] === 0) return Infinity;
   const g = Math.min(f[at + B_TOKENS], want);
   f[at + B_TOKENS] -= g;
+  f[at + B_LENT] += g;
   return g;
+}
+
+/** Whether the bucket lets a frame start, or would but for tokens lent to grants not settled. */
+function onlyLent(f: Float64Array, at: number): boolean {
+  return f[at + B_RATE] === 0 || f[at + B_TOKENS] + f[at + B_LENT] >= 1;
 }

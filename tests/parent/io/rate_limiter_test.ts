@@ -185,10 +185,19 @@ Deno.test("RateLimiter: two handles on one buffer share the buckets", () => {
   assert(a.take(DIR_TX, 2000, 1));
   assert(b.take(DIR_TX, 2000, 1));
   assertEquals(b.grantBytes(DIR_TX), 1000, "what a holds, b does not get");
+  // Nothing left but what a and b hold for their batches: wait a moment, not a hold.
   assertEquals(a.take(DIR_TX, 1, 1), false);
+  assertEquals(a.waitMs, 0.2);
+  assertEquals(a.counters(DIR_TX).throttles, 0);
   a.settle(DIR_TX, 2000, 1);
   b.settle(DIR_TX, 0, 0);
   assertEquals(a.counters(DIR_TX).byteTokens, 1000);
+  // All spent and settled: now it is a hold.
+  assert(a.take(DIR_TX, 1000, 1));
+  a.settle(DIR_TX, 1000, 1);
+  assertEquals(b.take(DIR_TX, 1, 1), false);
+  assertEquals(b.counters(DIR_TX).throttles, 1);
+  assert(b.waitMs > 0.2);
 });
 
 Deno.test("RateLimiter: rejects a bad buffer and a bad bucket", () => {
@@ -202,4 +211,20 @@ Deno.test("RateLimiter: rejects a bad buffer and a bad bucket", () => {
     () => rl.configure(DIR_TX, { bytes: null, frames: { rate: 1, size: Infinity } }),
     RangeError,
   );
+});
+
+Deno.test("RateLimiter: tokens lent to a grant never settled (a worker ended mid-batch) are forgotten", () => {
+  const clock = fakeClock();
+  const buf = createRateLimitBuffer();
+  const dead = new RateLimiter(buf, clock.read);
+  const live = new RateLimiter(buf, clock.read);
+  dead.configure(DIR_RX, { bytes: { rate: 1, size: 1000 }, frames: null });
+  assert(dead.take(DIR_RX, 1000, 1)); // never settled
+  assertEquals(live.take(DIR_RX, 1, 1), false);
+  assertEquals(live.waitMs, 0.2, "lent for a moment");
+  assertEquals(live.counters(DIR_RX).throttles, 0);
+  clock.now += 101; // 0.101 tokens came: still empty, and the grant is stale
+  assertEquals(live.take(DIR_RX, 1, 1), false);
+  assertEquals(live.waitMs, MAX_HOLD_MS, "a real hold: wait for the refill");
+  assertEquals(live.counters(DIR_RX).throttles, 1);
 });
