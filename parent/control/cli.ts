@@ -14,6 +14,7 @@ import type { LogLevel, OffloadMode } from "../../ipc/protocol.ts";
 import { LOG_LEVELS } from "./log.ts";
 import type { IoUringMode } from "../io/protocol.ts";
 import { type ListenEnv, ListenFdsError, type PassedSocket, passedSocket } from "./listen_fds.ts";
+import { parseRateLimit, type RateLimitChange, RateLimitSyntaxError } from "./rate_limit_spec.ts";
 
 /** A command line that cannot be run; main prints the message and exits 2. */
 export class UsageError extends Error {
@@ -77,6 +78,11 @@ export interface Options {
    * set-up (`log`: it runs, but a call outside it is only logged by the kernel).
    */
   seccomp: "on" | "off" | "log";
+  /**
+   * `--rate-limit`: the limits of this NIC at start (`rate_limit_spec.ts`);
+   * a direction it does not name is not limited. Empty without the option.
+   */
+  rateLimit: RateLimitChange;
 }
 
 interface OptionSpec {
@@ -195,6 +201,15 @@ export const OPTIONS: Record<string, OptionSpec> = {
       "log: calls outside the list are allowed and logged by the kernel (both said loudly)",
     shown: "on",
   },
+  "rate-limit": {
+    type: "string",
+    arg: "SPEC",
+    help: "limit what the guest sends (tx) and receives (rx), for the whole NIC: " +
+      "tx=RATE[,burst=SIZE],rx=RATE[,burst=SIZE]; RATE in bits (100Mbit), bytes (12.5MB, " +
+      "MiB) or frames (10kpps) a second, or off; over the limit vionet stops taking frames " +
+      "(back-pressure), it does not drop; change it at run time with POST /rate-limit on --metrics",
+    shown: "none",
+  },
   "log-level": { type: "string", arg: "LEVEL", help: LOG_LEVELS.join("|"), shown: "info" },
   "print-capabilities": {
     type: "boolean",
@@ -216,7 +231,8 @@ export function usage(): string {
     "                       [--tap IFNAME | --tap-fd N[,N...]] [--queues N]",
     "                       [--socket-group GROUP] [--socket-mode MODE]",
     "                       [--mac MAC] [--mtu N] [--offload auto|off] [--io-uring auto|off]",
-    "                       [--user NAME] [--seccomp on|off|log] [--log-level LEVEL]",
+    "                       [--user NAME] [--seccomp on|off|log] [--rate-limit SPEC]",
+    "                       [--log-level LEVEL]",
     "                       [--print-capabilities] [--print-permissions] [--help]",
     "",
     "options:",
@@ -453,6 +469,19 @@ export function parseOptions(argv: string[], env: OptionsEnv = {}, pid = 0): Opt
     throw new UsageError(`--log-level "${logLevel}" must be one of ${LOG_LEVELS.join(", ")}`);
   }
 
+  const rateText = str("rate-limit");
+  let rateLimit: RateLimitChange = {};
+  if (rateText !== undefined) {
+    try {
+      rateLimit = parseRateLimit(rateText);
+    } catch (e) {
+      if (e instanceof RateLimitSyntaxError) {
+        throw new UsageError(`--rate-limit "${rateText}": ${e.message}`);
+      }
+      throw e;
+    }
+  }
+
   return {
     help: flag("help"),
     printCapabilities: flag("print-capabilities"),
@@ -477,6 +506,7 @@ export function parseOptions(argv: string[], env: OptionsEnv = {}, pid = 0): Opt
     logLevel: logLevel as LogLevel,
     user,
     seccomp,
+    rateLimit,
   };
 }
 

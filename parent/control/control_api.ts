@@ -3,8 +3,9 @@
  * and the scrape behind `GET /metrics`.
  *
  * Adding an endpoint is one entry in {@link controlRoutes}. `POST /capture`
- * and `POST /rate-limit` are placeholders that answer 501 until packet
- * capture and rate limits exist.
+ * is a placeholder that answers 501 until packet capture exists.
+ * `POST /rate-limit` changes the NIC's rate limits and `GET /rate-limit`
+ * shows them (`rate_limits.ts`).
  *
  * A scrape asks every pair's device worker for its counters (the same
  * message SIGUSR2 sends), reads the data path's shared counters and the
@@ -25,6 +26,7 @@ import type { VionetDevicePort } from "./device_port.ts";
 import type { HttpResponse, Route } from "./http_server.ts";
 import { formatMetrics, METRICS_CONTENT_TYPE, type MetricsSnapshot } from "./metrics.ts";
 import { retiredMemory } from "./retired_memory.ts";
+import type { NicRateLimits, RateLimitSnapshot } from "./rate_limits.ts";
 
 /** Where a scrape reads from: the daemon's parts. */
 export interface MetricsSources {
@@ -38,6 +40,8 @@ export interface MetricsSources {
   httpResponses(): ReadonlyMap<number, number>;
   /** `performance.now()` when the daemon started (default 0: the process's start). */
   startedAt?: number;
+  /** The NIC's rate limits and their counters (absent: not shown). */
+  rateLimits?: () => RateLimitSnapshot;
 }
 
 /** Resolves to `p`'s value, or undefined after `ms` (the timer is always cleared). */
@@ -106,6 +110,7 @@ export async function gatherSnapshot(
       reclaimedBytes: retiredMemory.reclaimedBytes,
     },
     httpResponses: src.httpResponses(),
+    rateLimits: src.rateLimits?.(),
   };
 }
 
@@ -153,8 +158,14 @@ function notYet(method: string, path: string, what: string): Route {
   };
 }
 
-/** Every route of the `--metrics` socket. */
-export function controlRoutes(scrape: () => Promise<string>): Route[] {
+/** Every route of the `--metrics` socket; without `limits`, `/rate-limit` answers 501. */
+export function controlRoutes(scrape: () => Promise<string>, limits?: NicRateLimits): Route[] {
+  const rateLimit: Route[] = limits === undefined
+    ? [notYet("POST", "/rate-limit", "rate limiting")]
+    : [
+      { method: "POST", path: "/rate-limit", handle: (r) => limits.post(r) },
+      { method: "GET", path: "/rate-limit", handle: () => limits.get() },
+    ];
   return [
     {
       method: "GET",
@@ -166,6 +177,6 @@ export function controlRoutes(scrape: () => Promise<string>): Route[] {
       }),
     },
     notYet("POST", "/capture", "packet capture"),
-    notYet("POST", "/rate-limit", "rate limiting"),
+    ...rateLimit,
   ];
 }

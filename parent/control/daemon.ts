@@ -32,6 +32,7 @@ import {
 } from "./socket_access.ts";
 import { HttpServer } from "./http_server.ts";
 import { controlRoutes, MetricsEndpoint } from "./control_api.ts";
+import { NicRateLimits } from "./rate_limits.ts";
 
 /** The guest offloads the parent lets TUNSCAP put on the tap, by `--offload` mode. */
 export function allowedTapOffloads(mode: Options["offload"]): bigint {
@@ -109,6 +110,8 @@ export interface Daemon {
   device: DeviceHost;
   config: DeviceConfig;
   port: VionetDevicePort;
+  /** The NIC's rate limits (`--rate-limit`, `POST /rate-limit`). */
+  limits: NicRateLimits;
   /** The socket's group and mode (listening at --socket-path), else null. */
   socketAccess: SocketAccess | null;
   /** The tap's MTU as set or found: the most NET_SET_MTU may ask; null when unknown. */
@@ -195,6 +198,16 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
         "kernel to READV and WRITEV",
     );
   }
+  // One set of buckets for the NIC, whatever the number of queue pairs.
+  const limits = new NicRateLimits();
+  limits.apply(opts.rateLimit);
+  if (limits.any) {
+    logger.log(
+      "info",
+      "parent",
+      `rate limits ${limits.describe()} (tx: what the guest sends; back-pressure, no drops)`,
+    );
+  }
   const port = new VionetDevicePort({
     device,
     tapFd: tap.fd,
@@ -207,6 +220,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     startDevice: pairDevice,
     rings: rings?.pool,
     sourceMac: opts.mac,
+    rateLimit: limits.buffer,
   });
   late.port = port;
   const daemon: Daemon = {
@@ -214,6 +228,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     device,
     config,
     port,
+    limits,
     socketAccess,
     mtu,
     service: null,
@@ -271,9 +286,10 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
           service: () => daemon.service,
           refused: () => daemon.refused,
           httpResponses: () => daemon.metrics?.responses ?? new Map(),
+          rateLimits: () => limits.snapshot(),
         });
         daemon.metrics = HttpServer.listen(opts.metricsPath, {
-          routes: controlRoutes(() => endpoint.scrape()),
+          routes: controlRoutes(() => endpoint.scrape(), limits),
           logger,
           label: "metrics",
         });
@@ -327,6 +343,24 @@ async function logStats(daemon: Daemon, logger: Logger): Promise<void> {
   for (const [pair, c] of io) {
     logger.log("info", "stats", `datapath ${pair === 0 ? "" : `pair${pair} `}${JSON.stringify(c)}`);
   }
+  // The NIC's rate limits: what is in force, and how often and how long each direction was held.
+  const rl = daemon.limits.snapshot();
+  logger.log(
+    "info",
+    "stats",
+    `rate limits ${daemon.limits.describe()} ${
+      JSON.stringify({
+        tx: {
+          throttles: rl.tx.counters.throttles,
+          throttledMs: Math.round(rl.tx.counters.throttledMs),
+        },
+        rx: {
+          throttles: rl.rx.counters.throttles,
+          throttledMs: Math.round(rl.rx.counters.throttledMs),
+        },
+      })
+    }`,
+  );
   logger.log(
     "info",
     "stats",

@@ -197,6 +197,8 @@ export interface DatapathHostOptions extends IoWorkerPairOptions {
   rxUsed?: RxUsedPlace | null;
   /** The dirty log, when the front-end logs from the start (`io/dirty_log.ts`). */
   log?: LogConfig | null;
+  /** The NIC's rate limits, shared by every pair (`io/rate_limiter.ts`); absent: none. */
+  rateLimit?: SharedArrayBuffer | null;
   /**
    * The queues' kick and call eventfds (indexed by RX_QUEUE/TX_QUEUE; null:
    * none), made O_NONBLOCK; the workers take them with `init`. The caller
@@ -502,6 +504,7 @@ export class DatapathHost {
         rings: role === "writer" ? host.#lent.writer : host.#lent.poller,
         txUsed: opts.txUsed ?? null,
         txShared,
+        rateLimit: opts.rateLimit ?? null,
         rxFrameRoom: opts.rxFrameRoom ?? RX_FRAME_ROOM_MAX,
         rxUsed: opts.rxUsed ?? null,
         log: opts.log ?? null,

@@ -58,6 +58,8 @@ export interface DevicePortOptions {
    * RARP included (SEND_RARP for another MAC is not sent). Default: any.
    */
   sourceMac?: readonly number[] | null;
+  /** The NIC's rate limits, one buffer every pair's I/O workers take from (`io/rate_limiter.ts`). */
+  rateLimit?: SharedArrayBuffer | null;
 }
 
 /** DevicePort over the queue pairs (see the module comment). */
@@ -96,6 +98,7 @@ export class VionetDevicePort implements DevicePort {
       ioUring: o.ioUring,
       tapReadRoom: o.tapReadRoom,
       rings: o.rings,
+      rateLimit: o.rateLimit,
       setTapQueueAttached: pair === 0 || o.setTapQueueAttached === undefined
         ? undefined
         : (on) => o.setTapQueueAttached!(pair, on),

@@ -20,6 +20,7 @@
 
 import type { NetDevCounters } from "../host/tap_stats.ts";
 import { NET_DEV_RECEIVE, NET_DEV_TRANSMIT } from "../host/tap_stats.ts";
+import type { RateLimitSnapshot } from "./rate_limits.ts";
 
 /** The content type of the exposition (text format 0.0.4). */
 export const METRICS_CONTENT_TYPE = "text/plain; version=0.0.4";
@@ -51,6 +52,8 @@ export interface MetricsSnapshot {
   retiredMemory: { reservedBytes: number; ranges: number; retired: number; reclaimedBytes: number };
   /** Responses this HTTP server sent, by status. */
   httpResponses: ReadonlyMap<number, number>;
+  /** The NIC's rate limits and their counters (absent: not shown). */
+  rateLimits?: RateLimitSnapshot;
 }
 
 type Kind = "counter" | "gauge";
@@ -462,6 +465,7 @@ export function formatMetrics(s: MetricsSnapshot): string {
     "Retired address space unmapped once no thread could reach it",
     m.reclaimedBytes,
   );
+  if (s.rateLimits) addRateLimits(e, s.rateLimits);
   for (const [status, count] of [...s.httpResponses].sort((a, b) => a[0] - b[0])) {
     e.add(
       "vionet_http_responses_total",
@@ -472,4 +476,57 @@ export function formatMetrics(s: MetricsSnapshot): string {
     );
   }
   return e.text();
+}
+
+/**
+ * The NIC's rate limits (`rate_limits.ts`), per direction: tx is what the
+ * guest transmits, rx what it receives. A rate of 0 means no limit.
+ */
+function addRateLimits(e: Exposition, r: RateLimitSnapshot): void {
+  for (const direction of ["tx", "rx"] as const) {
+    const { limit, counters } = r[direction];
+    const labels = { direction };
+    e.add(
+      "vionet_rate_limit_bytes_per_second",
+      "gauge",
+      "The NIC's byte rate limit (tx: guest transmits, rx: guest receives); 0: none",
+      limit.bytes?.rate ?? 0,
+      labels,
+    );
+    e.add(
+      "vionet_rate_limit_burst_bytes",
+      "gauge",
+      "The byte bucket's size (burst); 0: no byte limit",
+      limit.bytes?.size ?? 0,
+      labels,
+    );
+    e.add(
+      "vionet_rate_limit_frames_per_second",
+      "gauge",
+      "The NIC's frame rate limit; 0: none",
+      limit.frames?.rate ?? 0,
+      labels,
+    );
+    e.add(
+      "vionet_rate_limit_burst_frames",
+      "gauge",
+      "The frame bucket's size (burst); 0: no frame limit",
+      limit.frames?.size ?? 0,
+      labels,
+    );
+    e.add(
+      "vionet_rate_limit_throttled_total",
+      "counter",
+      "Times the rate limit held the direction back (no frame is dropped for it)",
+      counters.throttles,
+      labels,
+    );
+    e.add(
+      "vionet_rate_limit_throttled_seconds_total",
+      "counter",
+      "Seconds the rate limit held the direction back",
+      Math.round(counters.throttledMs) / 1000,
+      labels,
+    );
+  }
 }

@@ -105,6 +105,8 @@ export interface PairPortOptions {
   tapReadRoom?: () => number;
   /** Restricted io_uring rings made during set-up, lent to each data path (`ring_pool.ts`). */
   rings?: RingPool;
+  /** The NIC's rate limits, the same buffer for every pair (`io/rate_limiter.ts`). */
+  rateLimit?: SharedArrayBuffer | null;
 }
 
 /** One queue pair over its device worker and I/O workers (see the module comment). */
@@ -132,9 +134,11 @@ export class PairPort {
   #logAll = false;
   readonly #tapReadRoom: (() => number) | undefined;
   readonly #ringPool: RingPool | undefined;
+  readonly #rateLimit: SharedArrayBuffer | null;
 
   constructor(opts: PairPortOptions) {
     this.pair = opts.pair;
+    this.#rateLimit = opts.rateLimit ?? null;
     this.#ringPool = opts.rings;
     this.#setTapQueueAttached = opts.setTapQueueAttached;
     this.#device = opts.device;
@@ -574,6 +578,7 @@ export class PairPort {
       rings: this.#ringPool,
       rxFrameRoom: this.#tapReadRoom?.(),
       log: this.#logConfig(),
+      rateLimit: this.#rateLimit,
       kickFds: this.#rings.map((r) => r.kickFd),
       callFds: this.#rings.map((r) => r.callFd),
       onFault: (role, message) => this.#logger.log("error", "datapath", `${role}: ${message}`),

@@ -122,6 +122,8 @@ export const LIBC_SYMBOLS = {
   getpwnam: { parameters: ["buffer"], result: "pointer" },
   fchown: { parameters: ["i32", "u32", "u32"], result: "i32" },
   gettid: { parameters: [], result: "i32" },
+  /** clock_gettime(2) into a struct timespec (16 bytes); the vDSO answers CLOCK_MONOTONIC. */
+  clock_gettime: { parameters: ["i32", "buffer"], result: "i32" },
   /**
    * seccomp(2) through syscall(2): operation, flags, argument (a struct
    * sock_fprog for SECCOMP_SET_MODE_FILTER). With SECCOMP_FILTER_FLAG_TSYNC a
@@ -782,6 +784,19 @@ export async function pollOneAsync(fd: number, events: number, timeoutMs: number
 /** getpid(2). */
 export function getpid(): number {
   return sys.getpid();
+}
+
+const CLOCK_MONOTONIC = 1;
+const timespec = new Uint32Array(4);
+
+/**
+ * CLOCK_MONOTONIC in milliseconds (fractional): the same clock in every
+ * thread, unlike `performance.now()`, whose origin is each worker's start.
+ * The vDSO answers it without a system call.
+ */
+export function monotonicMs(): number {
+  sys.clock_gettime(CLOCK_MONOTONIC, timespec);
+  return (timespec[0] + timespec[1] * 0x1_0000_0000) * 1000 + timespec[2] / 1e6;
 }
 
 /** gettid(2): the calling thread's id. */

@@ -18,6 +18,11 @@
  * less per guest kick); each kick eventfd is read once when the poller lets
  * go of it, so its counter is left at zero as if every kick had been read.
  *
+ * Rate limits: while the NIC's RX limit holds the tap, the receiver's look
+ * stops watching it and gives the wait a timeout (`rx_receiver.ts`); TX
+ * records it leaves for want of tokens go to the writer, which waits for
+ * them on a timer (`tx_drain.ts`).
+ *
  * A thread blocked in `epoll_wait` sees neither Atomics nor postMessage. So:
  * - the tap is watched only while RX chains are posted; otherwise the
  *   receiver sets CTL.POLLER_STARVED and re-checks the rx-post ring (Dekker
@@ -54,6 +59,7 @@ import { RX_BATCH, RxReceiver } from "./rx_receiver.ts";
 import { RxPublisher } from "./rx_publisher.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { TapReadEngine } from "./rx_engine.ts";
+import { RateLimiter } from "./rate_limiter.ts";
 
 const { EINTR } = libc.Errno;
 
@@ -125,6 +131,10 @@ export class PairPoller {
     });
     publisher.log = msg.log === null ? null : new DirtyLog(msg.log);
     this.#publisher = publisher;
+    // The NIC's rate limits, the same buckets for every worker of every pair.
+    const limiter = msg.rateLimit === null
+      ? null
+      : new RateLimiter(msg.rateLimit, libc.monotonicMs);
     this.#rx = new RxReceiver({
       ctl,
       rxPost: SpscRing.attach(msg.rxPost),
@@ -136,6 +146,7 @@ export class PairPoller {
       frameRoom: msg.rxFrameRoom,
       notice: (message) => worker.post({ kind: "notice", message }),
       fault: (message) => worker.post({ kind: "fault", message }),
+      limiter,
     });
     this.#tx = null;
     if (msg.txShared !== null) {
@@ -152,6 +163,7 @@ export class PairPoller {
       t.tapFd = msg.tapFd;
       t.setTxUsed(msg.txUsed);
       t.log = publisher.log;
+      t.limiter = limiter;
       t.start(msg.ioUring, msg.rings[0] ?? null);
       this.#tx = t;
     }
@@ -280,6 +292,7 @@ export class PairPoller {
     let bits = 0;
     for (let i = 0; i < TX_BATCHES_PER_KICK; i++) {
       bits |= d.drain();
+      if (d.holdMs !== 0) break; // held by the rate limit: the writer waits for the tokens
       if (d.lastCount === 0) return bits; // empty, or the writer holds the ring and looks again
       Atomics.add(c, CTL.POLLER_TX_BATCHES, 1);
     }

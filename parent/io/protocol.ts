@@ -27,6 +27,7 @@
 
 import { MAX_FRAME_BYTES, NET_HDR_BYTES } from "../../ipc/datapath.ts";
 import type { HostRange } from "./regions.ts";
+import { RATE_LIMIT_BYTES } from "./rate_limiter.ts";
 import { describe, isRecord, MAX_TEXT, Reader, ValidationError } from "../../ipc/reader.ts";
 
 /** Bumped on any incompatible change of these messages. */
@@ -103,6 +104,12 @@ export interface InitRequest {
    * (the writer) or it writes none (the poller).
    */
   txShared: SharedArrayBuffer | null;
+  /**
+   * The NIC's rate limits (`rate_limiter.ts`): one buffer shared by every
+   * I/O worker of every pair, never the device's; null (or absent): no
+   * limits, not even at run time.
+   */
+  rateLimit: SharedArrayBuffer | null;
   /**
    * The longest frame the tap can hand the poller now, net header included
    * ({@link RX_FRAME_ROOM_MIN}..{@link RX_FRAME_ROOM_MAX}): the tap's MTU
@@ -435,6 +442,11 @@ export function parseIoRequest(data: unknown): IoRequest {
         ),
         txUsed: r.nullable("txUsed", (k) => txUsed(r.object(k))),
         txShared: r.nullable("txShared", (k) => r.sharedBuffer(k, TX_SHARED_BYTES)),
+        rateLimit: r.optional(
+          "rateLimit",
+          null,
+          (k) => r.nullable(k, (k2) => r.sharedBuffer(k2, RATE_LIMIT_BYTES)),
+        ),
         rxFrameRoom: r.optional("rxFrameRoom", RX_FRAME_ROOM_MAX, (k) => frameRoom(r, k)),
         rxUsed: r.nullable("rxUsed", (k) => rxUsed(r.object(k))),
         log: r.optional("log", null, (k) => r.nullable(k, (k2) => logConfig(r.object(k2)))),

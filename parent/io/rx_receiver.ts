@@ -30,6 +30,16 @@
  * given back (RX_UNUSED) as soon as the device says it posted one
  * (CTL.RX_DISCARDS): the discard reaches the front at once.
  *
+ * Rate limits (`rate_limiter.ts`, the NIC's RX buckets): while RX is
+ * limited, a batch takes a grant first and starts no read once the bytes
+ * (past the net header) or frames it read reach it; a batch of reads in
+ * one system call is cut to the reads a largest frame each could fill
+ * (so a batch overshoots by one frame at most; the bucket owes it). A
+ * refused grant holds the tap: {@link RxReceiver.look} stops watching it
+ * and says when to look again. The tap's queue fills meanwhile, and the
+ * kernel drops what does not fit in it (its txqueuelen, counted as the
+ * tap's TX drops), as it does for any slow reader; vionet drops nothing.
+ *
  * Trust: rx-post and rx-long records are hostile (`rx_stage.ts` copies and
  * checks them); a refused chain is consumed with rx-done {1, 0,
  * RX_STATUS_BAD_POST}, counted in CTL.IO_BAD_RECORD, and raises EV_IO_FAULT.
@@ -45,6 +55,7 @@ import {
   EV_RX_DONE,
   EV_RX_STARVED,
   IOVEC_WORDS,
+  NET_HDR_BYTES,
   POLLER_ENGINE_READV,
   RX_DONE,
   RX_MAX_IOV,
@@ -63,6 +74,7 @@ import type { HostMemory } from "./regions.ts";
 import { RX_FRAME_ROOM_MAX } from "./protocol.ts";
 import type { RxPublisher } from "./rx_publisher.ts";
 import { RxStage, STAGED } from "./rx_stage.ts";
+import { DIR_RX, type RateLimiter } from "./rate_limiter.ts";
 
 /** Frames read per batch before rx-done is published. */
 export const RX_BATCH = 64;
@@ -142,6 +154,8 @@ export interface RxReceiverOptions {
   notice: (message: string) => void;
   /** The rings broke the protocol: receiving stopped (the parent logs it as a fault). */
   fault: (message: string) => void;
+  /** The NIC's rate limits (absent or null: none). */
+  limiter?: RateLimiter | null;
 }
 
 /** One RX queue's receive side (see the module comment). */
@@ -177,6 +191,14 @@ export class RxReceiver {
   #longUsed = 0;
   #pushed = 0;
   #pushedOthers = 0;
+  readonly #limiter: RateLimiter | null;
+  /** `now` (look()'s clock) before which the rate limit holds the tap; 0: not held. */
+  #holdUntil = 0;
+  /** This batch's rate-limit grant (Infinity: not limited), and what it read. */
+  #grantBytes = Infinity;
+  #grantFrames = Infinity;
+  #readBytes = 0;
+  #readFrames = 0;
 
   constructor(opts: RxReceiverOptions) {
     this.#ctl = opts.ctl;
@@ -189,6 +211,7 @@ export class RxReceiver {
     this.#frameRoom = opts.frameRoom;
     this.#notice = opts.notice;
     this.#fault = opts.fault;
+    this.#limiter = opts.limiter ?? null;
   }
 
   /** Receiving stopped for good (a corrupt ring, or the used ring out of reach). */
@@ -229,6 +252,13 @@ export class RxReceiver {
       if (this.#done.freeSpace() === 0) {
         return { watch: false, timeoutMs: RX_DONE_FULL_RETRY_MS, bits };
       }
+      if (this.#holdUntil !== 0) {
+        // Held by the rate limit: the tap is not watched until tokens came.
+        if (now < this.#holdUntil) {
+          return { watch: false, timeoutMs: Math.ceil(this.#holdUntil - now), bits };
+        }
+        this.#holdUntil = 0;
+      }
       if (this.#hasRoom(now)) {
         Atomics.store(c, CTL.POLLER_STARVED, 0);
         return { watch: true, timeoutMs: -1, bits };
@@ -267,12 +297,39 @@ export class RxReceiver {
   /** Reads up to {@link RX_BATCH} frames into posted chains; returns the device event bits. */
   receive(): number {
     if (this.#stopped()) return 0;
+    const rl = this.#limiter;
+    const limited = rl !== null && rl.active(DIR_RX);
+    if (limited) {
+      if (!rl.take(DIR_RX, RX_BATCH * this.#frameRoom, RX_BATCH)) {
+        this.#holdUntil = performance.now() + rl.waitMs;
+        return 0;
+      }
+      this.#grantBytes = rl.grantBytes(DIR_RX);
+      this.#grantFrames = rl.grantFrames(DIR_RX);
+      this.#readBytes = this.#readFrames = 0;
+    }
     try {
       return this.#receiveBatch();
     } catch (e) {
       this.#stage.clear();
       return this.#ringFault(e);
+    } finally {
+      if (limited) {
+        rl.settle(DIR_RX, this.#readBytes, this.#readFrames);
+        this.#grantBytes = this.#grantFrames = Infinity;
+      }
     }
+  }
+
+  /** Whether this batch's rate-limit grant is spent (always false without limits). */
+  #grantSpent(): boolean {
+    return this.#readBytes >= this.#grantBytes || this.#readFrames >= this.#grantFrames;
+  }
+
+  /** Charges a frame read from the tap (`bytes` with its net header) to the grant. */
+  #charge(bytes: number): void {
+    this.#readBytes += bytes - NET_HDR_BYTES;
+    this.#readFrames++;
   }
 
   /** Nothing more is received: a ring broke, or the device stopped the queue (CTL.RX_STOPPED). */
@@ -464,6 +521,7 @@ export class RxReceiver {
     let readvFrames = 0;
     // Records: a frame needs at most a run flush and one record; a read in a burst three.
     for (let frames = 0; frames < RX_BATCH && free - this.#pushed >= 4;) {
+      if (this.#grantSpent()) break; // the rate limit's grant for this batch is used up
       if (stage.chains === 0) {
         if (this.#used === avail && (avail = this.#post.available()) === this.#used) break;
         if (this.#discardFront(avail) !== 0) continue;
@@ -527,6 +585,7 @@ export class RxReceiver {
       }
       frames++;
       readvFrames++;
+      this.#charge(r);
       if (r > capacity) {
         // Too big for the chains: drop it, keep the chains for the next frame.
         Atomics.add(c, CTL.POLLER_TOO_BIG, 1);
@@ -572,7 +631,13 @@ export class RxReceiver {
   #readBurst(batch: RxBatchReader, avail: number, limit: number): number {
     const c = this.#ctl;
     const stage = this.#stage;
-    const max = Math.min(limit, this.#burstSize, avail - this.#used);
+    let max = Math.min(limit, this.#burstSize, avail - this.#used);
+    if (this.#grantBytes !== Infinity || this.#grantFrames !== Infinity) {
+      // Rate limit: no more reads than the grant covers if each brought a largest frame.
+      const bytesLeft = this.#grantBytes - this.#readBytes;
+      const framesLeft = this.#grantFrames - this.#readFrames;
+      max = Math.min(max, Math.ceil(framesLeft), Math.ceil(bytesLeft / this.#frameRoom));
+    }
     const words = this.#post.words;
     let k = 0;
     while (k < max) {
@@ -618,6 +683,7 @@ export class RxReceiver {
     let iovw = 0;
     for (let i = 0; i < k; i++) {
       const r = result[i];
+      if (r > 0) this.#charge(r);
       if (r > 0 && r <= stage.capacity[i]) {
         if (!this.#pub.frame(stage, i, iovw, 1, r)) {
           result[i] = -RESULT_BAD_HEADER - r; // dropped below, its chain unused

@@ -38,6 +38,16 @@
  * The ring's consumer end (its tail) and the used->idx last published move
  * with the lock, in `txShared`, which the device cannot write.
  *
+ * Rate limits (`rate_limiter.ts`, the NIC's TX buckets): while TX is
+ * limited, a batch first takes a grant for the frames it holds (their
+ * lengths as the records say; each frame is charged the length its checked
+ * copy says) and stops before the first frame the grant does not cover.
+ * The frames left stay on the ring, unreleased: the device finds the ring
+ * full and stops taking chains, the guest's TX ring fills and its stack
+ * waits. Nothing is dropped. A refused grant sets {@link TxDrainer.holdMs}:
+ * the worker waits that long on a timer. Without limits this costs one
+ * load and one branch per batch.
+ *
  * EAGAIN: the tap fd is O_NONBLOCK (the poller needs that, and both share one
  * open file). tun's write side has no queue to fill: `tun_get_user()` only
  * waits for socket send buffer, which is INT_MAX unless TUNSETSNDBUF lowered
@@ -80,6 +90,7 @@ import {
   WRITER_ENGINE_WRITEV,
 } from "../../ipc/datapath.ts";
 import { copyCheckedIovecs, IoRegions } from "./regions.ts";
+import { DIR_TX, type RateLimiter } from "./rate_limiter.ts";
 import {
   type FaultNotice,
   type InfoNotice,
@@ -184,6 +195,13 @@ export class TxDrainer {
   drained = 0;
   /** The dirty log while the front-end migrates the guest (`dirty_log.ts`), else null. */
   log: DirtyLog | null = null;
+  /** The NIC's rate limits (null: none, not even at run time). */
+  limiter: RateLimiter | null = null;
+  /**
+   * After a {@link drain} that took nothing: > 0 when records wait for the
+   * rate limit's tokens, the ms to wait before draining again.
+   */
+  holdMs = 0;
   #dead = false;
   #used: TxUsedViews | null = null;
   #uring: IoUring | null = null;
@@ -327,6 +345,7 @@ export class TxDrainer {
    */
   drain(): number {
     this.lastCount = 0;
+    this.holdMs = 0;
     const ring = this.ring;
     if (ring === null || this.#dead) return 0;
     const s = this.#shared;
@@ -346,7 +365,12 @@ export class TxDrainer {
       // which then went to sleep; look once more now that it is free.
       // (Not adopt() and available() here: without the lock the tail may be
       // stale, and the ring would take a head past it for corruption.)
-      if (this.lastCount !== 0 || bits !== 0 || this.#dead || !ring.unreleased()) return bits;
+      if (
+        this.lastCount !== 0 || bits !== 0 || this.holdMs !== 0 || this.#dead ||
+        !ring.unreleased()
+      ) {
+        return bits;
+      }
     }
   }
   lastCount = 0;
@@ -375,6 +399,22 @@ export class TxDrainer {
     if (n === 0) return 0;
     if (n > TX_BATCH) n = TX_BATCH;
     const words = ring.words;
+    // Rate limit: a grant for this batch, or wait (the module comment).
+    const rl = this.limiter;
+    let grantBytes = Infinity, grantFrames = Infinity, spentBytes = 0, spentFrames = 0;
+    const limited = rl !== null && rl.active(DIR_TX);
+    if (limited) {
+      let want = 0;
+      for (let i = 0; i < n; i++) {
+        want += Math.min(words[ring.peek(i) + TX_REC.FRAME_LEN], MAX_FRAME_BYTES);
+      }
+      if (!rl.take(DIR_TX, want, n)) {
+        this.holdMs = rl.waitMs;
+        return 0;
+      }
+      grantBytes = rl.grantBytes(DIR_TX);
+      grantFrames = rl.grantFrames(DIR_TX);
+    }
     const batcher = this.#uring;
     let bits = 0;
     let bad = 0;
@@ -383,9 +423,18 @@ export class TxDrainer {
     for (let i = 0; i < n; i++) {
       const slot = batcher === null ? 0 : queued;
       const off = ring.peek(i);
+      const completeOnly = words[off + TX_REC.FLAGS] === TXF_COMPLETE_ONLY;
+      if (!completeOnly && (spentBytes >= grantBytes || spentFrames >= grantFrames)) {
+        n = i; // the rest waits for tokens, on the ring
+        break;
+      }
       usedIdx = words[off + TX_REC.USED_IDX] & 0xffff;
-      if (words[off + TX_REC.FLAGS] === TXF_COMPLETE_ONLY) continue; // no frame, only completions
+      if (completeOnly) continue; // no frame, only completions
       const iovcnt = this.#prepare(words, off, slot);
+      if (iovcnt !== 0) {
+        spentBytes += this.#slotExpected[slot] - NET_HDR_BYTES;
+        spentFrames++;
+      }
       if (iovcnt === 0) {
         bad++;
       } else if (batcher === null) {
@@ -396,6 +445,7 @@ export class TxDrainer {
         queued++;
       }
     }
+    if (limited) rl!.settle(DIR_TX, spentBytes, spentFrames);
     if (queued !== 0) this.#flushRing(batcher!, queued);
     // Every frame of the batch is with the kernel: its chains may go back.
     const call = this.#publish(usedIdx);

@@ -16,6 +16,10 @@
  * the loop yields to the event loop whenever its mailbox says a message is
  * waiting (`io/protocol.ts`), busy or not.
  *
+ * Rate limits: while the NIC's TX limit holds the records back, the loop
+ * waits on the doorbell with the limit's wait as its timeout (a timer,
+ * never a spin; `tx_drain.ts`).
+ *
  * Trust, engines and completions: `tx_drain.ts`.
  *
  * @module
@@ -29,6 +33,8 @@ import { TxDrainer, writeEventfd } from "./tx_drain.ts";
 import { createTxShared } from "./protocol.ts";
 import { WorkerControl } from "./worker_control.ts";
 import { DirtyLog } from "./dirty_log.ts";
+import { RateLimiter } from "./rate_limiter.ts";
+import { monotonicMs } from "../host/libc.ts";
 
 // ---- state (set by control messages, read by the loop) -----------------------
 
@@ -59,16 +65,20 @@ async function loop(c: Int32Array): Promise<void> {
     const bits = drainer!.drain();
     if (bits !== 0) signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
     if (ev !== 0 || bits !== 0 || drainer!.lastCount !== 0) continue;
+    // Records held by the rate limit: sleep until its tokens come, on a
+    // timer (a doorbell still wakes us for events and messages).
+    const holdMs = drainer!.holdMs;
     // Sleep (Dekker with signal()): announce, load the doorbell, re-check, wait.
     // A blocking wait: a futex wake-up is several times cheaper than waitAsync's,
     // and the mailbox tells when the event loop must turn instead.
     Atomics.store(c, CTL.WRITER_SLEEPING, 1);
     const seen = Atomics.load(c, CTL.WRITER_DOORBELL);
     if (
-      Atomics.load(c, CTL.WRITER_EVENTS) === 0 && !drainer!.pending() && !control.mailPending() &&
-      control.stopId === null
+      Atomics.load(c, CTL.WRITER_EVENTS) === 0 && (holdMs !== 0 || !drainer!.pending()) &&
+      !control.mailPending() && control.stopId === null
     ) {
-      if (Atomics.wait(c, CTL.WRITER_DOORBELL, seen, WAIT_SLICE_MS) === "timed-out") {
+      const slice = holdMs !== 0 ? holdMs : WAIT_SLICE_MS;
+      if (Atomics.wait(c, CTL.WRITER_DOORBELL, seen, slice) === "timed-out") {
         Atomics.store(c, CTL.WRITER_SLEEPING, 0);
         await macrotask(); // timers and anything else the event loop holds
         continue;
@@ -95,6 +105,7 @@ const control = new WorkerControl("writer", {
     d.setTxUsed(msg.txUsed);
     d.log = msg.log === null ? null : new DirtyLog(msg.log);
     d.callFd = callTxFd;
+    d.limiter = msg.rateLimit === null ? null : new RateLimiter(msg.rateLimit, monotonicMs);
     d.start(msg.ioUring, msg.rings[0] ?? null);
     drainer = d;
     wakeFd = msg.wakeFd;

@@ -9,6 +9,12 @@ import {
   usage,
   UsageError,
 } from "../../../parent/control/cli.ts";
+import {
+  formatDirection,
+  parseRateLimit,
+  queryToSpec,
+  RateLimitSyntaxError,
+} from "../../../parent/control/rate_limit_spec.ts";
 import { ROOT, startTaskEnv, startTaskFlags } from "../../helpers.ts";
 import { withNetns } from "../../net_ns.ts";
 
@@ -268,3 +274,84 @@ function collect(stream: ReadableStream<Uint8Array>) {
   })();
   return { text: () => buf };
 }
+
+Deno.test("--rate-limit: bits, bytes and frames a second, per direction, with bursts", () => {
+  assert.deepEqual(parseOptions([]).rateLimit, {}, "no option: nothing limited");
+  const o = parseOptions(["--rate-limit", "tx=100Mbit,rx=12.5MB,burst=1MiB"]);
+  assert.deepEqual(o.rateLimit, {
+    tx: { bytes: { rate: 12_500_000, size: 1_250_000 }, frames: null },
+    rx: { bytes: { rate: 12_500_000, size: 1_048_576 }, frames: null },
+  });
+  // Both buckets in one direction; a frame burst is a count.
+  assert.deepEqual(
+    parseOptions(["--rate-limit=tx=80mbit/s,tx=10kpps,burst=64"]).rateLimit,
+    {
+      tx: { bytes: { rate: 10_000_000, size: 1_000_000 }, frames: { rate: 10_000, size: 64 } },
+    },
+  );
+  // The default byte burst is 100 ms of the rate, at least one 64 KiB GSO frame.
+  assert.deepEqual(parseRateLimit("rx=1Mbit"), {
+    rx: { bytes: { rate: 125_000, size: 65_550 }, frames: null },
+  });
+  assert.deepEqual(parseRateLimit("tx=1GiB,burst=100kB,rx=off"), {
+    tx: { bytes: { rate: 1024 ** 3, size: 100_000 }, frames: null },
+    rx: null,
+  });
+  assert.deepEqual(parseRateLimit(" tx = 2Gbit "), {
+    tx: { bytes: { rate: 250_000_000, size: 25_000_000 }, frames: null },
+  });
+  assert.deepEqual(parseRateLimit("tx=1Mpps"), {
+    tx: { bytes: null, frames: { rate: 1e6, size: 100_000 } },
+  });
+});
+
+Deno.test("--rate-limit: each bad spec is a UsageError that says what is wrong", async (t) => {
+  const cases: [string, RegExp][] = [
+    ["", /the limit is empty/],
+    ["tx", /"tx" wants KEY=VALUE/],
+    ["tx=", /"tx=" wants KEY=VALUE/],
+    ["tx=100M", /"100M": "M" is ambiguous/],
+    ["tx=100mb", /"100mb": "mb" is ambiguous/],
+    ["tx=100Mbps", /"Mbps" is ambiguous/],
+    ["tx=100", /"100" has no unit: say bits \(100Mbit\), bytes \(100MB\)/],
+    ["tx=fast", /"fast" is not a rate/],
+    ["tx=-5Mbit", /"-5Mbit" is not a rate/],
+    ["tx=5furlongs", /unknown unit "furlongs"/],
+    ["tx=0Mbit", /"0Mbit" is out of range/],
+    ["tx=9000Gbit", /out of range: 1 to 1000000000000 bytes/],
+    ["tx=1bit", /"1bit" is out of range/],
+    ["burst=1MB", /burst=1MB must follow the rate it is for/],
+    ["tx=1Mbit,burst=1MB,burst=2MB", /tx's bytes rate has one already/],
+    ["tx=1Mbit,burst=1Mbit", /burst "1Mbit" is not a size in bytes/],
+    ["tx=1kpps,burst=1MB", /burst "1MB" is not a number of frames/],
+    ["tx=1Mbit,burst=0", /burst "0" is out of range/],
+    ["tx=1Mbit,tx=2MB", /tx has two byte \(or bit\) rates/],
+    ["tx=1kpps,tx=2kpps", /tx has two frame rates/],
+    ["tx=off,tx=1Mbit", /tx=1Mbit after tx=off/],
+    ["tx=1Mbit,tx=off", /tx=off with another tx= item/],
+    ["up=1Mbit", /unknown key "up": tx= \(guest transmits\), rx= \(guest receives\)/],
+    ["tx=1Mbit,rx=off,burst=5", /burst=5 must follow the rate/],
+  ];
+  for (const [spec, re] of cases) {
+    await t.step(spec || "(empty)", () => {
+      assert.throws(
+        () => parseOptions(["--rate-limit", spec]),
+        (e: unknown) =>
+          e instanceof UsageError && e.message.startsWith(`--rate-limit "${spec}": `) &&
+          re.test(e.message),
+      );
+      assert.throws(() => parseRateLimit(spec), RateLimitSyntaxError);
+    });
+  }
+});
+
+Deno.test("rate limits read back as specs that parse to the same limits", () => {
+  for (const spec of ["tx=50Mbit,burst=625000", "rx=12.5kbit,burst=70000", "tx=3000pps,burst=7"]) {
+    const dir = spec.slice(0, 2) as "tx" | "rx";
+    const parsed = parseRateLimit(spec)[dir]!;
+    assert.equal(formatDirection(dir, parsed), spec);
+  }
+  assert.equal(formatDirection("rx", null), "rx=off");
+  assert.equal(queryToSpec("tx=50Mbit&rx=off&burst=1%2C"), "tx=50Mbit,rx=off,burst=1,");
+  assert.throws(() => queryToSpec("tx=%zz"), RateLimitSyntaxError);
+});

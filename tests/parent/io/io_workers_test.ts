@@ -22,6 +22,7 @@ import {
 } from "../../../parent/control/datapath_host.ts";
 import { IO_PROTOCOL_VERSION, type IoUringMode } from "../../../parent/io/protocol.ts";
 import { IoRegions } from "../../../parent/io/regions.ts";
+import { createRateLimitBuffer, DIR_TX, RateLimiter } from "../../../parent/io/rate_limiter.ts";
 import {
   CTL,
   EV_IO_FAULT,
@@ -100,6 +101,7 @@ async function withRig(
   rxFrameRoom?: number,
   rxUsed: { ringOffset: number; size: number; eventOffset: number; eventIdx: boolean } =
     RX_USED_DEFAULT,
+  rateLimit?: SharedArrayBuffer,
 ): Promise<void> {
   await withNetns(async (ns) => {
     const tap = createTap(tapName(), { up: false });
@@ -141,6 +143,7 @@ async function withRig(
           eventAddr: guest.base + BigInt(rxUsed.eventOffset),
           eventIdx: rxUsed.eventIdx,
         },
+        rateLimit,
       });
       const dev = new FakeDeviceSide(buffers, {
         guest,
@@ -1394,4 +1397,77 @@ Deno.test({
       assert.ok(received > 0 && received <= sent);
       assert.equal(dev.counter(CTL.POLLER_ERRORS), 0);
     }),
+});
+
+/** CPU time this process used so far (s): utime + stime of /proc/self/stat, at 100 ticks a second. */
+function processCpuSeconds(): number {
+  const stat = Deno.readTextFileSync("/proc/self/stat");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+Deno.test({
+  ...opts,
+  name: "rate limit: a device flooding the TX ring gets the limit onto the tap and no more; " +
+    "the rest waits on the ring (nothing dropped) while the writer sleeps, and goes once lifted",
+  fn: async () => {
+    const limits = new RateLimiter(createRateLimitBuffer(), libc.monotonicMs);
+    const RATE = 2_000_000, BURST = 100_000, MS = 2000;
+    limits.configure(DIR_TX, { bytes: { rate: RATE, size: BURST }, frames: null });
+    await withRig(
+      async ({ ns, tap, guest, dev }) => {
+        const frame = udpFrame(OTHER_MAC, 1472); // 1514 B, dropped in ip_rcv (not our MAC)
+        const spec = { iovs: place(guest, 0x1000, frame) };
+        const bytes0 = await tapCounter(ns, tap, "rx_bytes");
+        const packets0 = await tapCounter(ns, tap, "rx_packets");
+        const tail0 = dev.txTail();
+        const cpu0 = processCpuSeconds();
+        const t0 = performance.now();
+        let written = 0;
+        while (performance.now() - t0 < MS) {
+          while (dev.writeTx(spec)) written++;
+          dev.kickWriter();
+          await dev.waitFor(EV_TX_DONE, 100);
+        }
+        const seconds = (performance.now() - t0) / 1000;
+        const cores = (processCpuSeconds() - cpu0) / seconds;
+        const released = (dev.txTail() - tail0) >>> 0;
+        const sent = (await tapCounter(ns, tap, "rx_bytes")) - bytes0;
+        const expected = BURST + RATE * seconds;
+        console.log(
+          `  limited to ${RATE} B/s: ${sent} bytes in ${seconds.toFixed(2)} s on the tap ` +
+            `(expected ${expected.toFixed(0)}), ${written - released} records held, ` +
+            `${cores.toFixed(2)} cores`,
+        );
+        assert.ok(
+          Math.abs(sent - expected) <= 0.1 * expected,
+          `${sent} bytes reached the tap, not ${expected.toFixed(0)} ±10 %`,
+        );
+        assert.ok(written - released > 100, "the ring held the frames over the limit");
+        assert.ok(cores < 0.5, `the process used ${cores.toFixed(2)} cores while held: a spin`);
+        assert.ok(limits.counters(DIR_TX).throttles > 0);
+
+        // Lifted: what waited goes out, every frame, none dropped.
+        limits.configure(DIR_TX, null);
+        const t1 = performance.now();
+        while (((dev.txTail() - tail0) >>> 0) !== written && performance.now() - t1 < 5000) {
+          dev.kickWriter();
+          await dev.waitFor(EV_TX_DONE, 200);
+        }
+        assert.equal((dev.txTail() - tail0) >>> 0, written, "the held frames went once lifted");
+        assert.equal(dev.counter(CTL.IO_BAD_RECORD) + dev.counter(CTL.WRITER_ERRORS), 0);
+        assert.ok(
+          await eventually(async () =>
+            (await tapCounter(ns, tap, "rx_packets")) - packets0 === written
+          ),
+          "every frame reached the tap",
+        );
+      },
+      "auto",
+      undefined,
+      undefined,
+      RX_USED_DEFAULT,
+      limits.buffer,
+    );
+  },
 });
