@@ -378,7 +378,15 @@ export async function serveConnection(
         break;
       }
       messages++;
+      const started = performance.now();
       const result = await backend.handleMessage(msg.header, msg.payload, msg.fds);
+      logger?.log(
+        "debug",
+        "vhost-user",
+        `${requestName(msg.header.request)} handled in ${
+          (performance.now() - started).toFixed(1)
+        } ms`,
+      );
       if (!result.ok) {
         // Best effort: the failure REPLY_ACK, then the end of the connection.
         if (result.reply !== null) await conn.write(result.reply).catch(() => {});
