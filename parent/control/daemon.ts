@@ -32,6 +32,7 @@ import {
 } from "./socket_access.ts";
 import { HttpServer } from "./http_server.ts";
 import { controlRoutes, MetricsEndpoint } from "./control_api.ts";
+import { CaptureHost } from "./capture_host.ts";
 
 /** The guest offloads the parent lets TUNSCAP put on the tap, by `--offload` mode. */
 export function allowedTapOffloads(mode: Options["offload"]): bigint {
@@ -117,6 +118,8 @@ export interface Daemon {
   service: VhostUserServer | VhostUserClient | null;
   /** The `--metrics` HTTP server (null without `--metrics`, and until `serve()`). */
   metrics: HttpServer | null;
+  /** `--pcap`: the capture (its file opened during set-up); null without. */
+  capture: CaptureHost | null;
   /** vhost-user connections refused because one was active. */
   refused: number;
   /** Directories `serve()` created for the sockets, outermost first. */
@@ -146,6 +149,23 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     offloadMode: opts.offload,
     logLevel: opts.logLevel,
   };
+  // --pcap: the file must be opened now, before the sandbox forbids it.
+  let capture: CaptureHost | null = null;
+  if (opts.pcapPath !== null) {
+    try {
+      capture = await CaptureHost.open({
+        path: opts.pcapPath,
+        maxBytes: opts.pcapMax,
+        start: opts.pcapStart,
+        pairs: tap.queues,
+        tapName: tap.name,
+        logger,
+      });
+    } catch (e) {
+      tap.close();
+      throw e;
+    }
+  }
   let device: DeviceHost;
   // The port exists only once the device does; queue faults and deaths reach it through this.
   const late: { port?: VionetDevicePort } = {};
@@ -178,6 +198,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
   try {
     device = await pairDevice(0);
   } catch (e) {
+    await capture?.stop();
     tap.close();
     throw e;
   }
@@ -207,6 +228,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     startDevice: pairDevice,
     rings: rings?.pool,
     sourceMac: opts.mac,
+    capture: capture === null ? undefined : (pair) => capture.pair(pair),
   });
   late.port = port;
   const daemon: Daemon = {
@@ -218,6 +240,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     mtu,
     service: null,
     metrics: null,
+    capture,
     refused: 0,
     createdDirs: [],
     serve() {
@@ -271,9 +294,10 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
           service: () => daemon.service,
           refused: () => daemon.refused,
           httpResponses: () => daemon.metrics?.responses ?? new Map(),
+          capture: () => capture?.status() ?? null,
         });
         daemon.metrics = HttpServer.listen(opts.metricsPath, {
-          routes: controlRoutes(() => endpoint.scrape()),
+          routes: controlRoutes(() => endpoint.scrape(), capture),
           logger,
           label: "metrics",
         });
@@ -285,6 +309,8 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
       await daemon.metrics?.stop();
       await daemon.service?.stop();
       for (const p of port.pairs()) p.device.terminate();
+      // After the queues: what the rings still hold is written before the file is closed.
+      await capture?.stop();
       rings?.pool.close();
       tap.close();
     },
@@ -326,6 +352,9 @@ async function logStats(daemon: Daemon, logger: Logger): Promise<void> {
   if (io.size === 0) logger.log("info", "stats", "datapath not running");
   for (const [pair, c] of io) {
     logger.log("info", "stats", `datapath ${pair === 0 ? "" : `pair${pair} `}${JSON.stringify(c)}`);
+  }
+  if (daemon.capture !== null) {
+    logger.log("info", "stats", `capture ${JSON.stringify(daemon.capture.status())}`);
   }
   logger.log(
     "info",
@@ -562,7 +591,22 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
     }`,
   );
   if (opts.metricsPath !== null) {
-    logger.log("info", "parent", `serving metrics on ${opts.metricsPath} (GET /metrics)`);
+    logger.log(
+      "info",
+      "parent",
+      `serving metrics on ${opts.metricsPath} (GET /metrics${
+        daemon.capture ? "; POST /capture?state=on|off" : ""
+      })`,
+    );
+  }
+  if (daemon.capture !== null) {
+    logger.log(
+      "info",
+      "parent",
+      `capture ${opts.pcapStart ? "on" : "off (POST /capture?state=on starts it)"}: frames of ` +
+        `${tap.queues} queue pair(s), both ways, to ${daemon.capture.path} (pcapng; stops at ` +
+        `--pcap-max ${daemon.capture.maxBytes} bytes)`,
+    );
   }
   if (opts.socketActivated !== null) {
     const { fd, name, count } = opts.socketActivated;

@@ -19,6 +19,7 @@
  */
 
 import type { RingPool } from "./ring_pool.ts";
+import type { PairCapture } from "./datapath_host.ts";
 import { RX_QUEUE, TX_QUEUE } from "../../ipc/datapath.ts";
 import { VIRTIO_NET_HDR_SIZE } from "../../ipc/virtio_net_hdr.ts";
 import * as libc from "../host/libc.ts";
@@ -58,6 +59,8 @@ export interface DevicePortOptions {
    * RARP included (SEND_RARP for another MAC is not sent). Default: any.
    */
   sourceMac?: readonly number[] | null;
+  /** `--pcap`: pair i's capture rings (`capture_host.ts`); absent: no capture. */
+  capture?: (pair: number) => PairCapture;
 }
 
 /** DevicePort over the queue pairs (see the module comment). */
@@ -96,6 +99,7 @@ export class VionetDevicePort implements DevicePort {
       ioUring: o.ioUring,
       tapReadRoom: o.tapReadRoom,
       rings: o.rings,
+      capture: o.capture?.(pair) ?? null,
       setTapQueueAttached: pair === 0 || o.setTapQueueAttached === undefined
         ? undefined
         : (on) => o.setTapQueueAttached!(pair, on),

@@ -36,6 +36,7 @@ import {
   createDatapathBuffers,
   DatapathHost,
   IoWorkerPair,
+  type PairCapture,
   rxUsedPlace,
   txUsedPlace,
 } from "./datapath_host.ts";
@@ -105,6 +106,8 @@ export interface PairPortOptions {
   tapReadRoom?: () => number;
   /** Restricted io_uring rings made during set-up, lent to each data path (`ring_pool.ts`). */
   rings?: RingPool;
+  /** `--pcap`: this pair's capture rings, given to each data path it starts. */
+  capture?: PairCapture | null;
 }
 
 /** One queue pair over its device worker and I/O workers (see the module comment). */
@@ -132,9 +135,11 @@ export class PairPort {
   #logAll = false;
   readonly #tapReadRoom: (() => number) | undefined;
   readonly #ringPool: RingPool | undefined;
+  readonly #capture: PairCapture | null;
 
   constructor(opts: PairPortOptions) {
     this.pair = opts.pair;
+    this.#capture = opts.capture ?? null;
     this.#ringPool = opts.rings;
     this.#setTapQueueAttached = opts.setTapQueueAttached;
     this.#device = opts.device;
@@ -572,6 +577,7 @@ export class PairPort {
       ranges: this.#regions.map(hostRange),
       ioUring: this.#ioUring,
       rings: this.#ringPool,
+      capture: this.#capture,
       rxFrameRoom: this.#tapReadRoom?.(),
       log: this.#logConfig(),
       kickFds: this.#rings.map((r) => r.kickFd),

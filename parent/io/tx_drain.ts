@@ -80,6 +80,7 @@ import {
   WRITER_ENGINE_WRITEV,
 } from "../../ipc/datapath.ts";
 import { copyCheckedIovecs, IoRegions } from "./regions.ts";
+import { CAPTURE_FULL, CAPTURE_OFF, CAPTURE_ON, type CaptureProducer } from "./capture_ring.ts";
 import {
   type FaultNotice,
   type InfoNotice,
@@ -184,6 +185,8 @@ export class TxDrainer {
   drained = 0;
   /** The dirty log while the front-end migrates the guest (`dirty_log.ts`), else null. */
   log: DirtyLog | null = null;
+  /** `--pcap`: where copies of the frames go (`capture_ring.ts`); null: no capture. */
+  capture: CaptureProducer | null = null;
   #dead = false;
   #used: TxUsedViews | null = null;
   #uring: IoUring | null = null;
@@ -380,12 +383,16 @@ export class TxDrainer {
     let bad = 0;
     let queued = 0;
     let usedIdx = 0;
+    // Capture: the state once per batch; while it is CAPTURE_OFF (or there
+    // is no capture) a frame costs the one branch below.
+    const capState = this.capture === null ? CAPTURE_OFF : this.capture.state();
     for (let i = 0; i < n; i++) {
       const slot = batcher === null ? 0 : queued;
       const off = ring.peek(i);
       usedIdx = words[off + TX_REC.USED_IDX] & 0xffff;
       if (words[off + TX_REC.FLAGS] === TXF_COMPLETE_ONLY) continue; // no frame, only completions
       const iovcnt = this.#prepare(words, off, slot);
+      if (iovcnt !== 0 && capState !== CAPTURE_OFF) this.#capture(capState, slot, iovcnt);
       if (iovcnt === 0) {
         bad++;
       } else if (batcher === null) {
@@ -443,6 +450,28 @@ export class TxDrainer {
     if (!checkTxHeader(this.#hdrs.view, slot * HDR_SLOT_BYTES, frameLen)) return 0;
     this.#slotExpected[slot] = NET_HDR_BYTES + frameLen;
     return count + 1;
+  }
+
+  /**
+   * Copies the frame prepared in `slot` into the capture ring (ON), or counts
+   * it as not captured (FULL). Reads only the slot's private header copy and
+   * its checked iovecs.
+   */
+  #capture(state: number, slot: number, iovcnt: number): void {
+    const cap = this.capture!;
+    if (state === CAPTURE_ON) {
+      cap.tx(
+        this.#hdrs.view,
+        slot * HDR_SLOT_BYTES,
+        this.#iovs.view,
+        slot * SLOT_WORDS + IOVEC_WORDS,
+        iovcnt - 1,
+        this.#slotExpected[slot] - NET_HDR_BYTES,
+        this.regions,
+      );
+    } else if (state === CAPTURE_FULL) {
+      cap.overMax();
+    }
   }
 
   /**

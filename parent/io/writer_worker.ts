@@ -29,6 +29,7 @@ import { TxDrainer, writeEventfd } from "./tx_drain.ts";
 import { createTxShared } from "./protocol.ts";
 import { WorkerControl } from "./worker_control.ts";
 import { DirtyLog } from "./dirty_log.ts";
+import { CaptureProducer } from "./capture_ring.ts";
 
 // ---- state (set by control messages, read by the loop) -----------------------
 
@@ -94,6 +95,9 @@ const control = new WorkerControl("writer", {
     d.tapFd = msg.tapFd;
     d.setTxUsed(msg.txUsed);
     d.log = msg.log === null ? null : new DirtyLog(msg.log);
+    d.capture = msg.capture === null
+      ? null
+      : new CaptureProducer(msg.capture.ring, msg.capture.state);
     d.callFd = callTxFd;
     d.start(msg.ioUring, msg.rings[0] ?? null);
     drainer = d;
