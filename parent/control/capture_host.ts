@@ -87,6 +87,8 @@ export type CaptureChange = { ok: true; status: CaptureStatus } | {
 export interface CaptureOptions {
   path: string;
   maxBytes: number;
+  /** `--pcap-snaplen`: the most bytes of each frame captured; 0 (default): whole frames. */
+  snapLen?: number;
   /** Capture from the start (`--pcap-start on`). */
   start: boolean;
   /** Queue pairs: one interface (and two rings) each. */
@@ -141,6 +143,8 @@ export class CaptureHost {
     this.#state = new SharedArrayBuffer(CAPTURE_STATE_BYTES);
     this.#word = new Int32Array(this.#state, 0, CAPTURE_STATE_BYTES / 4);
     this.#stats = new Float64Array(this.#state, 0, CAPTURE_STATE_BYTES / 8);
+    // Before any producer exists: each reads it once.
+    Atomics.store(this.#word, CAPTURE_STATE.SNAPLEN, opts.snapLen ?? 0);
     this.#pairs = Array.from({ length: opts.pairs }, () => ({
       state: this.#state,
       writer: createCaptureRing(),
@@ -188,6 +192,7 @@ export class CaptureHost {
       rings: this.#pairs.flatMap((p, pair) => [{ pair, ring: p.writer }, { pair, ring: p.poller }]),
       interfaces,
       maxBytes: this.maxBytes,
+      snapLen: opts.snapLen ?? 0,
     };
     return new Promise<void>((resolve, reject) => {
       const timer = setTimeout(

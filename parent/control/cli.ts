@@ -81,6 +81,8 @@ export interface Options {
   pcapPath: string | null;
   /** `--pcap-max`: the most bytes the capture file may hold; capture stops there. */
   pcapMax: number;
+  /** `--pcap-snaplen`: the most bytes of each frame captured; 0: whole frames. */
+  pcapSnaplen: number;
   /** `--pcap-start`: capture from the start (else only after `POST /capture?state=on`). */
   pcapStart: boolean;
 }
@@ -148,6 +150,12 @@ export const OPTIONS: Record<string, OptionSpec> = {
     help: "the most bytes FILE may hold (K, M, G suffixes: powers of 1024); capture STOPS " +
       "there (no rotation): later frames are only counted as dropped",
     shown: "1G",
+  },
+  "pcap-snaplen": {
+    type: "string",
+    arg: "BYTES",
+    help: "capture at most BYTES of each frame (64 and up; its length is kept): headers only",
+    shown: "whole frames",
   },
   "pcap-start": {
     type: "string",
@@ -243,7 +251,7 @@ export function usage(): string {
     "vionet: a virtio-net device backend (vhost-user) on a Linux tap",
     "",
     "usage: deno task start [--socket-path PATH | --fd N] [--client] [--metrics PATH]",
-    "                       [--pcap FILE [--pcap-max BYTES] [--pcap-start on|off]]",
+    "                       [--pcap FILE [--pcap-max BYTES] [--pcap-snaplen BYTES] [--pcap-start on|off]]",
     "                       [--tap IFNAME | --tap-fd N[,N...]] [--queues N]",
     "                       [--socket-group GROUP] [--socket-mode MODE]",
     "                       [--mac MAC] [--mtu N] [--offload auto|off] [--io-uring auto|off]",
@@ -481,7 +489,7 @@ export function parseOptions(argv: string[], env: OptionsEnv = {}, pid = 0): Opt
   }
   const pcapPath = str("pcap") ?? null;
   if (pcapPath === null) {
-    for (const k of ["pcap-max", "pcap-start"]) {
+    for (const k of ["pcap-max", "pcap-snaplen", "pcap-start"]) {
       if (str(k) !== undefined) throw new UsageError(`--${k} needs --pcap FILE`);
     }
   } else if (pcapPath === "") {
@@ -496,6 +504,13 @@ export function parseOptions(argv: string[], env: OptionsEnv = {}, pid = 0): Opt
       `--pcap-max "${pcapMaxText}" is not a size from ${MIN_PCAP_MAX} bytes (64K) up, ` +
         "in bytes or with a K, M or G suffix",
     );
+  }
+  const snapText = str("pcap-snaplen");
+  const pcapSnaplen = snapText === undefined ? 0 : parseBytes(snapText);
+  if (
+    !(pcapSnaplen === 0 && snapText === undefined) && !(pcapSnaplen >= 64 && pcapSnaplen <= 1 << 20)
+  ) {
+    throw new UsageError(`--pcap-snaplen "${snapText}" is not a length from 64 bytes to 1M`);
   }
   const pcapStart = str("pcap-start") ?? "on";
   if (pcapStart !== "on" && pcapStart !== "off") {
@@ -533,6 +548,7 @@ export function parseOptions(argv: string[], env: OptionsEnv = {}, pid = 0): Opt
     seccomp,
     pcapPath,
     pcapMax,
+    pcapSnaplen,
     pcapStart: pcapStart === "on",
   };
 }

@@ -156,6 +156,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
       capture = await CaptureHost.open({
         path: opts.pcapPath,
         maxBytes: opts.pcapMax,
+        snapLen: opts.pcapSnaplen,
         start: opts.pcapStart,
         pairs: tap.queues,
         tapName: tap.name,
@@ -604,8 +605,9 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
       "info",
       "parent",
       `capture ${opts.pcapStart ? "on" : "off (POST /capture?state=on starts it)"}: frames of ` +
-        `${tap.queues} queue pair(s), both ways, to ${daemon.capture.path} (pcapng; stops at ` +
-        `--pcap-max ${daemon.capture.maxBytes} bytes)`,
+        `${tap.queues} queue pair(s), both ways, to ${daemon.capture.path} (pcapng; ${
+          opts.pcapSnaplen ? `first ${opts.pcapSnaplen} bytes of each; ` : ""
+        }stops at --pcap-max ${daemon.capture.maxBytes} bytes)`,
     );
   }
   if (opts.socketActivated !== null) {

@@ -57,6 +57,8 @@ export interface CaptureInit {
   interfaces: Array<{ name: string; description: string }>;
   /** The most bytes the file may hold. */
   maxBytes: number;
+  /** The interfaces' snap length (`--pcap-snaplen`); 0: none. */
+  snapLen?: number;
 }
 
 export type CaptureRequest = CaptureInit | { kind: "stop" };
@@ -147,7 +149,9 @@ export class CaptureWriter {
     this.#max = init.maxBytes;
     const head = [
       sectionHeaderBlock("vionet"),
-      ...init.interfaces.map((i) => interfaceDescriptionBlock(i.name, i.description)),
+      ...init.interfaces.map((i) =>
+        interfaceDescriptionBlock(i.name, i.description, init.snapLen ?? 0)
+      ),
     ];
     const bytes = head.reduce((n, b) => n + b.length, 0);
     if (bytes > this.#max) {

@@ -102,12 +102,16 @@ export function sectionHeaderBlock(userAppl: string): Uint8Array {
   return block(PCAPNG_SHB, body, [[SHB_USERAPPL, userAppl]]);
 }
 
-/** §4.2: an Interface Description Block for Ethernet, snap length 0 (no limit), µs timestamps. */
-export function interfaceDescriptionBlock(name: string, description: string): Uint8Array {
+/** §4.2: an Interface Description Block for Ethernet, µs timestamps; snap length 0: no limit. */
+export function interfaceDescriptionBlock(
+  name: string,
+  description: string,
+  snapLen = 0,
+): Uint8Array {
   const body = new Uint8Array(8);
   const v = new DataView(body.buffer);
   v.setUint16(0, LINKTYPE_ETHERNET, true);
-  v.setUint32(4, 0, true);
+  v.setUint32(4, snapLen, true);
   return block(PCAPNG_IDB, body, [[IF_NAME, name], [IF_DESCRIPTION, description]]);
 }
 

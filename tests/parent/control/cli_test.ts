@@ -326,3 +326,16 @@ Deno.test("--help says capture stops at --pcap-max (no rotation) and how to swit
   assert.match(text, /STOPS\s+there \(no rotation\)|STOPS there \(no rotation\)/);
   assert.match(text, /POST \/capture\?state=on\|off/);
 });
+
+Deno.test("parseOptions(): --pcap-snaplen takes 64 bytes to 1M; whole frames by default", () => {
+  assert.equal(parseOptions(["--pcap", "c"]).pcapSnaplen, 0);
+  assert.equal(parseOptions(["--pcap", "c", "--pcap-snaplen", "128"]).pcapSnaplen, 128);
+  assert.equal(parseOptions(["--pcap", "c", "--pcap-snaplen", "1M"]).pcapSnaplen, 1 << 20);
+  for (const bad of ["63", "0", "2M", "x"]) {
+    assert.throws(
+      () => parseOptions(["--pcap", "c", "--pcap-snaplen", bad]),
+      new RegExp(`--pcap-snaplen "${bad}" is not a length from 64 bytes to 1M`),
+    );
+  }
+  assert.throws(() => parseOptions(["--pcap-snaplen", "128"]), /--pcap-snaplen needs --pcap FILE/);
+});

@@ -338,3 +338,26 @@ Deno.test("capture state: OFF is what a producer reads when nobody turned it on"
   const state = new SharedArrayBuffer(CAPTURE_STATE_BYTES);
   assert.equal(new CaptureProducer(ring, state).state(), CAPTURE_OFF);
 });
+
+Deno.test("capture ring: with a snap length a record holds the first bytes and keeps the frame's length", () => {
+  const ring = createCaptureRing();
+  const state = new SharedArrayBuffer(CAPTURE_STATE_BYTES);
+  const word = new Int32Array(state);
+  Atomics.store(word, CAPTURE_STATE.SNAPLEN, 100);
+  Atomics.store(word, CAPTURE_STATE.STATE, CAPTURE_ON);
+  const producer = new CaptureProducer(ring, state);
+  const consumer = new CaptureConsumer(ring);
+  const frame = udpFrame(1500, 9);
+  const memory = new FakeMemory(BASE, frame);
+  producer.tx(new Uint8Array(12), 0, iovecs([[0, 1500]]), 0, 1, 1500, memory);
+  const rx = new Uint8Array(12 + 60);
+  rx.set(udpFrame(60), 12);
+  const m2 = new FakeMemory(BASE, rx);
+  producer.rx(iovecs([[0, 72]]), 0, 4, 72, m2); // shorter than the snap length: whole
+  const got = drainAll(consumer);
+  assert.equal(got[0].len, 1500);
+  assert.deepEqual(got[0].frame, frame.subarray(0, 100));
+  assert.equal(got[1].len, 60);
+  assert.deepEqual(got[1].frame, rx.subarray(12));
+  assert.equal(ringCounters(ring).queuedBytes, 1560, "frame lengths, not captured bytes");
+});
