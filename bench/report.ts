@@ -344,9 +344,9 @@ export function captureTable(samples: BackendSample[]): string[] {
     lines.push(
       `| ${names[test]} | ${test === "tso" ? "Gbit/s" : "Mpps"} | ${fmtSpread(off, scale)} | ` +
         `${fmtSpread(on, scale)} | ${fmt(on.median / off.median, 2)} | ${
-          fmt(captured * 100, 0)
+          fmt(captured * 100, 2)
         } % | ` +
-        `${fmt(behind * 100, 0)} % | ${fmt(mbps, 0)} |`,
+        `${fmt(behind * 100, 2)} % | ${fmt(mbps, 2)} |`,
     );
   }
   lines.push("");

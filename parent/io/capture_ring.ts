@@ -418,6 +418,11 @@ export class CaptureConsumer {
     return n;
   }
 
+  /** The share of the ring's space in use (0..1). */
+  fill(): number {
+    return this.pending() / this.#area;
+  }
+
   /** Bytes published and not consumed. */
   pending(): number {
     return ((Atomics.load(this.#hdr, HEAD) >>> 0) - this.#tail) >>> 0;

@@ -136,6 +136,9 @@ export class CaptureWriter {
   readonly #view = new DataView(this.#out.buffer);
   readonly #enc = new TextEncoder();
   readonly #comment = new Uint8Array(512);
+  /** The header (12 bytes) and direction the comment in #comment was made for; a stream repeats them. */
+  readonly #commentFor = new Uint8Array(13);
+  #commentLen = -1;
   #used = 0;
   /** No more writes: the file is full or a write failed. */
   #ended = false;
@@ -204,6 +207,31 @@ export class CaptureWriter {
     this.#notice(level, message);
   }
 
+  /**
+   * The comment of `r`'s header in #comment; its length. Made again only
+   * when the header or the direction differ from the last record's (the
+   * frames of one stream mostly repeat them).
+   */
+  #commentOf(r: CaptureRecord): number {
+    const last = this.#commentFor;
+    const b = r.bytes, at = r.hdrAt;
+    let same = this.#commentLen >= 0 && last[12] === r.dir;
+    for (let i = 0; same && i < 12; i++) same = last[i] === b[at + i];
+    if (same) return this.#commentLen;
+    for (let i = 0; i < 12; i++) last[i] = b[at + i];
+    last[12] = r.dir;
+    const text = vnetHeaderComment(b, at, r.dir);
+    this.#commentLen = this.#enc.encodeInto(text, this.#comment).written!;
+    return this.#commentLen;
+  }
+
+  /** The fullest ring's share of its space in use (0..1): the worker drains again at once above 1/4. */
+  fullest(): number {
+    let most = 0;
+    for (const { consumer } of this.#rings) most = Math.max(most, consumer.fill());
+    return most;
+  }
+
   /** Appends one record's block; always consumes it. */
   #record(pair: number, r: CaptureRecord): boolean {
     const s = this.#stats;
@@ -213,9 +241,8 @@ export class CaptureWriter {
       }
       return true;
     }
-    const text = vnetHeaderComment(r.bytes, r.hdrAt, r.dir);
-    const { written: commentLen } = this.#enc.encodeInto(text, this.#comment);
-    const need = epbLength(r.frame.length, commentLen!);
+    const commentLen = this.#commentOf(r);
+    const need = epbLength(r.frame.length, commentLen);
     if (s[CAPTURE_STATS.FILE_BYTES] + this.#used + need > this.#max) {
       this.flush();
       s[CAPTURE_STATS.OVER_MAX]++;

@@ -361,3 +361,32 @@ Deno.test("capture ring: with a snap length a record holds the first bytes and k
   assert.deepEqual(got[1].frame, rx.subarray(12));
   assert.equal(ringCounters(ring).queuedBytes, 1560, "frame lengths, not captured bytes");
 });
+
+Deno.test("capture writer: each frame's comment is its own header's, when headers repeat and change", () => {
+  const w = writerWith(1 << 20, 1);
+  const frame = udpFrame(80);
+  const memory = new FakeMemory(BASE, frame);
+  const rxBuf = new Uint8Array(12 + 80);
+  rxBuf.set(frame, 12);
+  const rxMem = new FakeMemory(BASE, rxBuf);
+  const a = vnetHdr({ flags: 1, csumStart: 34, csumOffset: 6 });
+  const b = vnetHdr({ flags: 1, csumStart: 34, csumOffset: 16 });
+  const sent: string[] = [];
+  for (
+    const [h, dir] of [[a, "tx"], [a, "tx"], [b, "tx"], [a, "rx"], [a, "rx"], [a, "tx"]] as const
+  ) {
+    if (dir === "tx") {
+      w.producers[0].tx(h, 0, iovecs([[0, 80]]), 0, 1, 80, memory);
+    } else {
+      rxBuf.set(h, 0);
+      w.producers[0].rx(iovecs([[0, 92]]), 0, 4, 92, rxMem);
+    }
+    sent.push(`${dir}:${h[8]}`);
+  }
+  w.writer.drain();
+  const got = readPcapng(w.file()).packets.map((p) => {
+    const f = vnetFields(p.comments[0]);
+    return `${"num_buffers" in f ? "rx" : "tx"}:${f.csum_offset}`;
+  });
+  assert.deepEqual(got, sent);
+});
