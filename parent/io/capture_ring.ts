@@ -171,6 +171,8 @@ export class CaptureProducer {
   /** The record {@link reserve} made: its bytes and its frame's length. */
   #need = 0;
   #frameLen = 0;
+  /** The time records get (µs since the epoch), from {@link stamp}. */
+  #now = 0;
 
   constructor(ring: SharedArrayBuffer, state: SharedArrayBuffer) {
     this.#area = areaOf(ring);
@@ -190,6 +192,16 @@ export class CaptureProducer {
     this.#mask = this.#area - 1;
     // A ring outlives the workers that fill it: continue where the last one stopped.
     this.#head = Atomics.load(this.#hdr, HEAD) >>> 0;
+    this.stamp();
+  }
+
+  /**
+   * Takes the time the next records get: once per batch, not per frame
+   * (`performance.now()` costs about 200 ns here, more than the rest of a
+   * small frame's capture), so the frames of one batch share its time.
+   */
+  stamp(): void {
+    this.#now = Math.round((performance.timeOrigin + performance.now()) * 1000);
   }
 
   /** The capture state (CAPTURE_ON, ...): read once per batch. */
@@ -204,7 +216,8 @@ export class CaptureProducer {
 
   /**
    * Reserves a record for a frame of `frameLen` bytes, of which
-   * {@link capLen} are captured (the snap length), stamped now; returns the
+   * {@link capLen} are captured (the snap length), with the time of the last
+   * {@link stamp}; returns the
    * byte offset of its virtio_net_hdr in {@link bytes} (the frame follows
    * at +12), or -1 when it does not fit (counted). {@link commit} publishes it.
    */
@@ -237,7 +250,7 @@ export class CaptureProducer {
     u32[w + 3] = dir;
     this.#need = need;
     this.#frameLen = frameLen;
-    this.#f64[(pos >>> 3) + 2] = Math.round((performance.timeOrigin + performance.now()) * 1000);
+    this.#f64[(pos >>> 3) + 2] = this.#now;
     return pos + 24;
   }
 
@@ -351,6 +364,7 @@ export class CaptureConsumer {
   readonly #area: number;
   #tail: number;
   readonly ring: SharedArrayBuffer;
+  readonly #rec: CaptureRecord;
 
   constructor(ring: SharedArrayBuffer) {
     this.ring = ring;
@@ -361,10 +375,18 @@ export class CaptureConsumer {
     this.#u32 = new Uint32Array(ring, CAPTURE_RING_HEADER_BYTES);
     this.#f64 = new Float64Array(ring, CAPTURE_RING_HEADER_BYTES);
     this.#tail = Atomics.load(this.#hdr, TAIL) >>> 0;
+    this.#rec = {
+      dir: 0,
+      timeUs: 0,
+      frameLen: 0,
+      hdrAt: 0,
+      frame: this.#u8.subarray(0, 0),
+      bytes: this.#u8,
+    };
   }
 
   /**
-   * Calls `fn` for each published record, in order, until `fn` returns
+   * Calls `fn` for each published record (one object, reused: valid only during the call), in order, until `fn` returns
    * false (that record stays for the next call); frees their space.
    * Returns the records consumed. A malformed record (counted) drops
    * everything published so far.
@@ -401,14 +423,14 @@ export class CaptureConsumer {
         break;
       }
       const start = pos + RECORD_HEAD_BYTES;
-      const ok = fn({
-        dir,
-        timeUs: this.#f64[(pos >>> 3) + 2],
-        frameLen,
-        hdrAt: pos + 24,
-        frame: this.#u8.subarray(start, start + capLen),
-        bytes: this.#u8,
-      });
+      // One record object, reused: the callback must not keep it.
+      const rec = this.#rec;
+      rec.dir = dir;
+      rec.timeUs = this.#f64[(pos >>> 3) + 2];
+      rec.frameLen = frameLen;
+      rec.hdrAt = pos + 24;
+      rec.frame = this.#u8.subarray(start, start + capLen);
+      const ok = fn(rec);
       if (!ok) break;
       tail = (tail + len) >>> 0;
       n++;

@@ -142,6 +142,7 @@ export class RxPublisher {
     this.#takes = Atomics.load(this.#ctl, CTL.RX_TAKES);
     this.#next = Atomics.load(this.#ctl, CTL.RX_USED_IDX) & 0xffff;
     this.#capState = this.capture === null ? CAPTURE_OFF : this.capture.state();
+    if (this.#capState === CAPTURE_ON) this.capture!.stamp();
   }
 
   /**

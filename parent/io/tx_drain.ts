@@ -386,6 +386,7 @@ export class TxDrainer {
     // Capture: the state once per batch; while it is CAPTURE_OFF (or there
     // is no capture) a frame costs the one branch below.
     const capState = this.capture === null ? CAPTURE_OFF : this.capture.state();
+    if (capState === CAPTURE_ON) this.capture!.stamp();
     for (let i = 0; i < n; i++) {
       const slot = batcher === null ? 0 : queued;
       const off = ring.peek(i);

@@ -112,6 +112,7 @@ Deno.test("capture ring: TX frames through scattered iovecs and RX frames (heade
   const hdr = new Uint8Array(20);
   hdr.set(vnetHdr({ flags: 1, gsoType: 1, gsoSize: 1448, hdrLen: 54 }), 4);
   const before = Date.now() * 1000;
+  producer.stamp(); // once per batch, as the drainer does
   producer.tx(hdr, 4, iovecs([[100, 14], [3000, 500], [6000, 486]]), 0, 3, 1000, memory);
   // RX: header + frame as the tap wrote them into two buffers.
   const rxHdr = vnetHdr({ numBuffers: 2 });
