@@ -393,7 +393,7 @@ export class TxDrainer {
       usedIdx = words[off + TX_REC.USED_IDX] & 0xffff;
       if (words[off + TX_REC.FLAGS] === TXF_COMPLETE_ONLY) continue; // no frame, only completions
       const iovcnt = this.#prepare(words, off, slot);
-      if (iovcnt !== 0 && capState !== CAPTURE_OFF) this.#capture(capState, slot, iovcnt);
+      if (capState !== CAPTURE_OFF && iovcnt !== 0) this.#capture(capState, slot, iovcnt);
       if (iovcnt === 0) {
         bad++;
       } else if (batcher === null) {
