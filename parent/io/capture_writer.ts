@@ -103,6 +103,10 @@ export function parseCaptureRequest(data: unknown): CaptureRequest {
   if (!Number.isSafeInteger(m.maxBytes) || (m.maxBytes as number) < 1) {
     throw new TypeError("maxBytes must be a positive integer");
   }
+  const snapLen = m.snapLen ?? 0;
+  if (!Number.isInteger(snapLen) || (snapLen as number) < 0 || (snapLen as number) > 0x7fff_ffff) {
+    throw new TypeError("snapLen must be a length (0: whole frames)");
+  }
   return {
     kind: "init",
     fd: m.fd as number,
@@ -110,6 +114,7 @@ export function parseCaptureRequest(data: unknown): CaptureRequest {
     rings,
     interfaces,
     maxBytes: m.maxBytes as number,
+    snapLen: snapLen as number,
   };
 }
 

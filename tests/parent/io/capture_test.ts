@@ -391,3 +391,25 @@ Deno.test("capture writer: each frame's comment is its own header's, when header
   });
   assert.deepEqual(got, sent);
 });
+
+Deno.test("capture writer: the init's snap length reaches every interface; a bad one is refused", () => {
+  const state = new SharedArrayBuffer(CAPTURE_STATE_BYTES);
+  const ring = createCaptureRing();
+  const base = {
+    kind: "init",
+    fd: 9,
+    state,
+    rings: [{ pair: 0, ring }],
+    interfaces: [{ name: "a/pair0", description: "x" }, { name: "a/pair1", description: "y" }],
+    maxBytes: 1 << 20,
+  };
+  const chunks: Uint8Array[] = [];
+  new CaptureWriter(
+    parseCaptureRequest({ ...base, snapLen: 128 }) as CaptureInit,
+    (b) => chunks.push(b.slice()),
+    () => {},
+  );
+  assert.deepEqual(readPcapng(chunks[0]).interfaces.map((i) => i.snapLen), [128, 128]);
+  assert.throws(() => parseCaptureRequest({ ...base, snapLen: -1 }), /snapLen/);
+  assert.equal((parseCaptureRequest(base) as CaptureInit).snapLen, 0);
+});
