@@ -322,7 +322,7 @@ export function captureTable(samples: BackendSample[]): string[] {
   const lines = [
     "**Capture on** (`--pcap FILE`, capture on; same core; file on the bench's temporary directory):",
     "",
-    "| test | unit | vionet | vionet, capture on | on / off | frames captured (median share) | dropped behind (median share) | file MB/s (median) |",
+    "| test | unit | vionet | vionet, capture on | on / off | frames written (median share) | dropped behind (median share) | file MB/s (median) |",
     "|---|---|---|---|---|---|---|---|",
   ];
   const names = { tx64: "TX 64 B", tx1514: "TX 1514 B", tso: "TX 64 KiB TSO", rx64: "RX 64 B" };
@@ -335,7 +335,8 @@ export function captureTable(samples: BackendSample[]): string[] {
       x.test === test && x.backend === "vionet-capture" && x.capture
     );
     if (runs.length === 0) continue;
-    const frames = (x: BackendSample) => x.pps * x.seconds;
+    // Of the frames the capture saw in the window: written, or dropped behind.
+    const frames = (x: BackendSample) => x.capture!.packets + x.capture!.droppedBehind;
     const share = (f: (x: BackendSample) => number) =>
       spread(runs.map((x) => (frames(x) > 0 ? f(x) / frames(x) : 0))).median;
     const captured = share((x) => x.capture!.packets);

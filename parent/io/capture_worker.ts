@@ -3,7 +3,8 @@
  * The capture worker: runs the {@link CaptureWriter} (`capture_writer.ts`)
  * over the `--pcap` file's descriptor, which the parent opened during
  * set-up. It looks at the rings every {@link POLL_MS} ms, and straight away
- * again while a ring is more than a quarter full; the data path never wakes it.
+ * again while a ring is more than a quarter full, every {@link IDLE_POLL_MS}
+ * ms while capture is off; the data path never wakes it.
  *
  * Runs with FFI only (`CAPTURE_WORKER_OPTIONS` in
  * `control/capture_host.ts`): write(2) on the file is all it does.
@@ -17,6 +18,8 @@ import { type CaptureReply, CaptureWriter, parseCaptureRequest } from "./capture
 
 /** How long the writer sleeps when the rings were empty (ms). */
 const POLL_MS = 5;
+/** ... and while capture is not on (what a ring still holds is written within this). */
+const IDLE_POLL_MS = 50;
 const EINTR = 4;
 
 let writer: CaptureWriter | null = null;
@@ -31,8 +34,10 @@ async function run(): Promise<void> {
     // Records waited: look again at once only while a ring is over a quarter
     // full; otherwise sleep, so that each pass writes more per system call.
     const n = writer!.drain();
-    if (n === 0 || writer!.fullest() < 0.25) await new Promise((r) => setTimeout(r, POLL_MS));
-    else await macrotask();
+    if (n === 0 || writer!.fullest() < 0.25) {
+      const ms = n === 0 && !writer!.capturing() ? IDLE_POLL_MS : POLL_MS;
+      await new Promise((r) => setTimeout(r, ms));
+    } else await macrotask();
   }
   writer!.drain();
   post({ kind: "stopped" });

@@ -29,6 +29,7 @@
 import {
   CAPTURE_FAILED,
   CAPTURE_FULL,
+  CAPTURE_ON,
   CAPTURE_STATE,
   CAPTURE_STATE_BYTES,
   CAPTURE_STATS,
@@ -228,6 +229,11 @@ export class CaptureWriter {
     const text = vnetHeaderComment(b, at, r.dir);
     this.#commentLen = this.#enc.encodeInto(text, this.#comment).written!;
     return this.#commentLen;
+  }
+
+  /** Whether capture is on (CAPTURE_ON): off, the worker looks at the rings less often. */
+  capturing(): boolean {
+    return Atomics.load(this.#state, CAPTURE_STATE.STATE) === CAPTURE_ON;
   }
 
   /** The fullest ring's share of its space in use (0..1): the worker drains again at once above 1/4. */
