@@ -45,7 +45,7 @@ import { Testpmd } from "./testpmd.ts";
 export const BACKEND_TESTS = ["tx64", "tx1514", "tso", "rx64", "tx64q2", "tx1514q2"] as const;
 export type BackendTest = typeof BACKEND_TESTS[number];
 /** The backends compared. */
-export type BackendName = "vionet" | "vionet-offload-off" | "dpdk" | "raw";
+export type BackendName = "vionet" | "vionet-offload-off" | "vionet-capture" | "dpdk" | "raw";
 
 /** One measurement window. */
 export interface BackendSample {
@@ -62,6 +62,11 @@ export interface BackendSample {
   tapDropped: number;
   seconds: number;
   error?: string;
+  /**
+   * `vionet-capture` only (vionet with `--pcap`, capture on from the start):
+   * what the capture did over the window, from `GET /capture`.
+   */
+  capture?: { packets: number; bytes: number; droppedBehind: number; fileBytes: number };
 }
 
 /** Settings of a backend-bound run. */
@@ -75,6 +80,8 @@ export interface BackendOptions {
   daemonFlags?: string[];
   /** More vionet options (e.g. `--io-uring off`), after the bench's own. */
   vionetArgs?: string[];
+  /** More options for the `vionet-capture` backend only (e.g. `--pcap-snaplen 128`). */
+  captureArgs?: string[];
 }
 
 const TAP = "vb0";
@@ -82,9 +89,45 @@ const TSO_FRAME_BYTES = tsoFrame().byteLength;
 
 /** Which backends a test compares. */
 export function backendsFor(test: BackendTest): BackendName[] {
-  if (test === "tso") return ["vionet", "vionet-offload-off", "dpdk", "raw"];
+  if (test === "tso") return ["vionet", "vionet-capture", "vionet-offload-off", "dpdk", "raw"];
   if (queuePairsOf(test) > 1) return ["vionet", "dpdk"];
-  return ["vionet", "dpdk", "raw"];
+  return ["vionet", "vionet-capture", "dpdk", "raw"];
+}
+
+/** The capture file and metrics socket of a `vionet-capture` run, in its directory. */
+function captureArgs(dir: string): string[] {
+  return [
+    "--pcap",
+    `${dir}/capture.pcapng`,
+    "--pcap-max",
+    "16G",
+    "--metrics",
+    `${dir}/metrics.sock`,
+  ];
+}
+
+/** `GET /capture` on the daemon's metrics socket: the capture's counters. */
+async function captureStatus(dir: string): Promise<NonNullable<BackendSample["capture"]>> {
+  const conn = await Deno.connect({ transport: "unix", path: `${dir}/metrics.sock` });
+  try {
+    await conn.write(new TextEncoder().encode("GET /capture HTTP/1.1\r\nHost: x\r\n\r\n"));
+    let text = "";
+    const buf = new Uint8Array(8192);
+    for (;;) {
+      const n = await conn.read(buf);
+      if (n === null) break;
+      text += new TextDecoder().decode(buf.subarray(0, n));
+    }
+    const s = JSON.parse(text.slice(text.indexOf("\r\n\r\n") + 4));
+    return {
+      packets: s.packets,
+      bytes: s.bytes,
+      droppedBehind: s.droppedBehind,
+      fileBytes: s.fileBytes,
+    };
+  } finally {
+    conn.close();
+  }
 }
 
 /** The queue pairs a test runs with. */
@@ -149,11 +192,22 @@ export async function measureBackend(
     await startBackend(test, backend, r, o);
     await startFrontend(test, backend, r, o);
     await sleep(o.warmSeconds * 1000);
+    const capturing = backend === "vionet-capture";
+    const ca = capturing ? await captureStatus(r.dir) : null;
     const a = await snapshot(r, test);
     const t0 = performance.now();
     await sleep(o.seconds * 1000);
     const b = await snapshot(r, test);
     const dt = (performance.now() - t0) / 1000;
+    const cb = capturing ? await captureStatus(r.dir) : null;
+    const capture = ca && cb
+      ? {
+        packets: cb.packets - ca.packets,
+        bytes: cb.bytes - ca.bytes,
+        droppedBehind: cb.droppedBehind - ca.droppedBehind,
+        fileBytes: cb.fileBytes - ca.fileBytes,
+      }
+      : undefined;
     if (Deno.env.get("VIONET_BENCH_DEBUG")) {
       for (const t of r.testpmds) {
         await t.cmd("show port stats all");
@@ -171,7 +225,7 @@ export async function measureBackend(
         : "no frames delivered";
       throw new Error(why);
     }
-    return { ...base, ...rate, seconds: dt };
+    return { ...base, ...rate, seconds: dt, ...(capture ? { capture } : {}) };
   } catch (e) {
     const why = (e as Error).message;
     o.log(`  ${test} ${backend} rep ${rep}: FAILED: ${why.slice(0, 2000)}`);
@@ -234,7 +288,7 @@ async function startBackend(
   const prefix = `vb${r.ns.name.slice(-8)}`;
   const pairs = queuePairsOf(test);
   const queueArgs = pairs > 1 ? [`--rxq=${pairs}`, `--txq=${pairs}`] : [];
-  if (backend === "vionet" || backend === "vionet-offload-off") {
+  if (backend === "vionet" || backend === "vionet-offload-off" || backend === "vionet-capture") {
     const main = `${ROOT}main.ts`;
     const daemon = r.ns.spawn([
       Deno.execPath(),
@@ -247,11 +301,12 @@ async function startBackend(
       "--tap",
       TAP,
       "--offload",
-      backend === "vionet" ? "auto" : "off",
+      backend === "vionet-offload-off" ? "off" : "auto",
       "--log-level",
       "warn",
       "--queues",
       String(pairs),
+      ...(backend === "vionet-capture" ? [...captureArgs(r.dir), ...(o.captureArgs ?? [])] : []),
       ...(o.vionetArgs ?? []),
     ], { cpu: o.backendCpu, cwd: ROOT });
     r.daemon = daemon;

@@ -72,6 +72,7 @@ export interface TargetRow {
 const BACKEND_LABEL: Record<BackendName, string> = {
   "vionet": "vionet",
   "vionet-offload-off": "vionet --offload off",
+  "vionet-capture": "vionet --pcap (capture on)",
   "dpdk": "DPDK vhost + tap",
   "raw": "raw tap (1 thread)",
 };
@@ -311,6 +312,49 @@ export function queuePairTable(samples: BackendSample[]): string[] {
 }
 
 /**
+ * Capture on against off: the same test with `--pcap` (capture on from the
+ * start, the file on the bench's temporary directory), its rate over plain
+ * vionet's, and what share of the frames the capture wrote (the rest were
+ * dropped behind: the writer thread shares the backend's one core).
+ */
+export function captureTable(samples: BackendSample[]): string[] {
+  if (!samples.some((x) => x.backend === "vionet-capture")) return [];
+  const lines = [
+    "**Capture on** (`--pcap FILE`, capture on; same core; file on the bench's temporary directory):",
+    "",
+    "| test | unit | vionet | vionet, capture on | on / off | frames written (median share) | dropped behind (median share) | file MB/s (median) |",
+    "|---|---|---|---|---|---|---|---|",
+  ];
+  const names = { tx64: "TX 64 B", tx1514: "TX 1514 B", tso: "TX 64 KiB TSO", rx64: "RX 64 B" };
+  for (const test of ["tx64", "tx1514", "tso", "rx64"] as const) {
+    const key = test === "tso" ? "gbps" : "pps";
+    const scale = test === "tso" ? 1 : 1e-6;
+    const off = pick(samples, test, "vionet", key);
+    const on = pick(samples, test, "vionet-capture", key);
+    const runs = samples.filter((x) =>
+      x.test === test && x.backend === "vionet-capture" && x.capture
+    );
+    if (runs.length === 0) continue;
+    // Of the frames the capture saw in the window: written, or dropped behind.
+    const frames = (x: BackendSample) => x.capture!.packets + x.capture!.droppedBehind;
+    const share = (f: (x: BackendSample) => number) =>
+      spread(runs.map((x) => (frames(x) > 0 ? f(x) / frames(x) : 0))).median;
+    const captured = share((x) => x.capture!.packets);
+    const behind = share((x) => x.capture!.droppedBehind);
+    const mbps = spread(runs.map((x) => x.capture!.fileBytes / x.seconds / 1e6)).median;
+    lines.push(
+      `| ${names[test]} | ${test === "tso" ? "Gbit/s" : "Mpps"} | ${fmtSpread(off, scale)} | ` +
+        `${fmtSpread(on, scale)} | ${fmt(on.median / off.median, 2)} | ${
+          fmt(captured * 100, 2)
+        } % | ` +
+        `${fmt(behind * 100, 2)} % | ${fmt(mbps, 2)} |`,
+    );
+  }
+  lines.push("");
+  return lines;
+}
+
+/**
  * A TX test in which vionet's daemon left its CPU idle (a median below
  * {@link DRIVER_BOUND_CORES} cores) measured the driver, not vionet: with
  * frames to move, the daemon's threads would use the whole core they share.
@@ -393,6 +437,7 @@ export function markdown(r: Results): string {
     for (const line of driverBound(r.backend)) lines.push("", line);
     lines.push("");
     lines.push(...queuePairTable(r.backend));
+    lines.push(...captureTable(r.backend));
   }
   if (r.ceiling?.length) {
     lines.push(

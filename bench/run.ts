@@ -8,6 +8,7 @@
  * deno task bench [--reps 3] [--seconds 4] [--guest-boots 5] [--guest-reps 1] [--guest-seconds 8]
  *                 [--guest-pin on|off] [--only backend|guest|migration] [--migrations 3]
  *                 [--tests tx64,tx1514,tso,rx64] [--vionet-args "--io-uring off"]
+ *                 [--capture-args "--pcap-snaplen 128"]
  *                 [--backend-cpu 0] [--frontend-cpu 1] [--out bench/results] [--report-only]
  * ```
  *
@@ -146,6 +147,7 @@ async function main(): Promise<void> {
       "backend-cpu": { type: "string", default: "0" },
       "frontend-cpu": { type: "string", default: "1" },
       "vionet-args": { type: "string", default: "" },
+      "capture-args": { type: "string", default: "" },
       out: { type: "string", default: `${ROOT}bench/results` },
       "report-only": { type: "boolean", default: false },
     },
@@ -233,6 +235,7 @@ async function main(): Promise<void> {
       backendCpu,
       frontendCpu,
       vionetArgs: values["vionet-args"].split(" ").filter((a) => a !== ""),
+      captureArgs: values["capture-args"].split(" ").filter((a) => a !== ""),
       log,
     };
     for (let rep = 0; rep < reps; rep++) {

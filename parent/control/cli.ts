@@ -83,6 +83,14 @@ export interface Options {
    * a direction it does not name is not limited. Empty without the option.
    */
   rateLimit: RateLimitChange;
+  /** `--pcap`: the capture file (opened during set-up), or null: no capture at all. */
+  pcapPath: string | null;
+  /** `--pcap-max`: the most bytes the capture file may hold; capture stops there. */
+  pcapMax: number;
+  /** `--pcap-snaplen`: the most bytes of each frame captured; 0: whole frames. */
+  pcapSnaplen: number;
+  /** `--pcap-start`: capture from the start (else only after `POST /capture?state=on`). */
+  pcapStart: boolean;
 }
 
 interface OptionSpec {
@@ -92,6 +100,11 @@ interface OptionSpec {
   /** The default as shown in --help. */
   shown?: string;
 }
+
+/** The default `--pcap-max`: 1 GiB. */
+export const DEFAULT_PCAP_MAX = 1024 ** 3;
+/** The least `--pcap-max`: room for the header and a few frames. */
+export const MIN_PCAP_MAX = 64 * 1024;
 
 /** The largest default `--queues`: more pairs than this rarely help one NIC. */
 export const DEFAULT_MAX_QUEUES = 8;
@@ -129,6 +142,32 @@ export const OPTIONS: Record<string, OptionSpec> = {
     type: "string",
     arg: "PATH",
     help: "serve GET /metrics (Prometheus text format) over HTTP on a unix socket at PATH",
+  },
+  "pcap": {
+    type: "string",
+    arg: "FILE",
+    help: "capture the frames of every queue pair, both ways, to FILE (pcapng, created 0600, " +
+      "truncated; the virtio_net_hdr of each frame in its comment); on/off at run time: " +
+      "POST /capture?state=on|off on the --metrics socket",
+  },
+  "pcap-max": {
+    type: "string",
+    arg: "BYTES",
+    help: "the most bytes FILE may hold (K, M, G suffixes: powers of 1024); capture STOPS " +
+      "there (no rotation): later frames are only counted as dropped",
+    shown: "1G",
+  },
+  "pcap-snaplen": {
+    type: "string",
+    arg: "BYTES",
+    help: "capture at most BYTES of each frame (64 and up; its length is kept): headers only",
+    shown: "whole frames",
+  },
+  "pcap-start": {
+    type: "string",
+    arg: "on|off",
+    help: "on: capture from the start; off: only once POST /capture?state=on asks",
+    shown: "on",
   },
   "tap": {
     type: "string",
@@ -228,6 +267,7 @@ export function usage(): string {
     "vionet: a virtio-net device backend (vhost-user) on a Linux tap",
     "",
     "usage: deno task start [--socket-path PATH | --fd N] [--client] [--metrics PATH]",
+    "                       [--pcap FILE [--pcap-max BYTES] [--pcap-snaplen BYTES] [--pcap-start on|off]]",
     "                       [--tap IFNAME | --tap-fd N[,N...]] [--queues N]",
     "                       [--socket-group GROUP] [--socket-mode MODE]",
     "                       [--mac MAC] [--mtu N] [--offload auto|off] [--io-uring auto|off]",
@@ -464,6 +504,36 @@ export function parseOptions(argv: string[], env: OptionsEnv = {}, pid = 0): Opt
   if (seccomp !== "on" && seccomp !== "off" && seccomp !== "log") {
     throw new UsageError(`--seccomp "${seccomp}" must be on, off or log`);
   }
+  const pcapPath = str("pcap") ?? null;
+  if (pcapPath === null) {
+    for (const k of ["pcap-max", "pcap-snaplen", "pcap-start"]) {
+      if (str(k) !== undefined) throw new UsageError(`--${k} needs --pcap FILE`);
+    }
+  } else if (pcapPath === "") {
+    throw new UsageError("--pcap is empty");
+  } else if (pcapPath === socketPath || pcapPath === metricsPath) {
+    throw new UsageError(`--pcap ${pcapPath} is the path of a socket vionet serves`);
+  }
+  const pcapMaxText = str("pcap-max");
+  const pcapMax = pcapMaxText === undefined ? DEFAULT_PCAP_MAX : parseBytes(pcapMaxText);
+  if (!(pcapMax >= MIN_PCAP_MAX && pcapMax <= Number.MAX_SAFE_INTEGER)) {
+    throw new UsageError(
+      `--pcap-max "${pcapMaxText}" is not a size from ${MIN_PCAP_MAX} bytes (64K) up, ` +
+        "in bytes or with a K, M or G suffix",
+    );
+  }
+  const snapText = str("pcap-snaplen");
+  const pcapSnaplen = snapText === undefined ? 0 : parseBytes(snapText);
+  if (
+    !(pcapSnaplen === 0 && snapText === undefined) && !(pcapSnaplen >= 64 && pcapSnaplen <= 1 << 20)
+  ) {
+    throw new UsageError(`--pcap-snaplen "${snapText}" is not a length from 64 bytes to 1M`);
+  }
+  const pcapStart = str("pcap-start") ?? "on";
+  if (pcapStart !== "on" && pcapStart !== "off") {
+    throw new UsageError(`--pcap-start "${pcapStart}" must be on or off`);
+  }
+
   const logLevel = str("log-level") ?? "info";
   if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) {
     throw new UsageError(`--log-level "${logLevel}" must be one of ${LOG_LEVELS.join(", ")}`);
@@ -507,7 +577,20 @@ export function parseOptions(argv: string[], env: OptionsEnv = {}, pid = 0): Opt
     user,
     seccomp,
     rateLimit,
+    pcapPath,
+    pcapMax,
+    pcapSnaplen,
+    pcapStart: pcapStart === "on",
   };
+}
+
+/** `1048576`, `64K`, `100M`, `2G` (powers of 1024); NaN when it is none of these. */
+export function parseBytes(text: string): number {
+  const m = /^(\d{1,16})([KMG]?)$/i.exec(text);
+  if (!m) return NaN;
+  const unit =
+    { "": 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 }[m[2].toUpperCase() as "" | "K" | "M" | "G"];
+  return Number(m[1]) * unit;
 }
 
 /** Turns node:util's parseArgs messages into one line naming the option. */

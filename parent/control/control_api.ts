@@ -2,10 +2,14 @@
  * The operator's HTTP endpoints on the `--metrics` socket: the route table,
  * and the scrape behind `GET /metrics`.
  *
- * Adding an endpoint is one entry in {@link controlRoutes}. `POST /capture`
- * is a placeholder that answers 501 until packet capture exists.
+ * Adding an endpoint is one entry in {@link controlRoutes}.
  * `POST /rate-limit` changes the NIC's rate limits and `GET /rate-limit`
  * shows them (`rate_limits.ts`).
+ *
+ * `POST /capture?state=on|off` turns `--pcap` capture on or off
+ * (`capture_host.ts`); `GET /capture` only reports. Both answer with the
+ * capture's status as JSON; 400 names what is wrong with a request, 409 says
+ * why the capture cannot change (no --pcap, the file full, a failed write).
  *
  * A scrape asks every pair's device worker for its counters (the same
  * message SIGUSR2 sends), reads the data path's shared counters and the
@@ -23,7 +27,8 @@ import { featureNames } from "../../ipc/features.ts";
 import { readTapCounters } from "../host/tap_stats.ts";
 import { type Tap, tunFlagNames } from "../host/tap.ts";
 import type { VionetDevicePort } from "./device_port.ts";
-import type { HttpResponse, Route } from "./http_server.ts";
+import type { HttpRequest, HttpResponse, Route } from "./http_server.ts";
+import type { CaptureChange, CaptureStatus } from "./capture_host.ts";
 import { formatMetrics, METRICS_CONTENT_TYPE, type MetricsSnapshot } from "./metrics.ts";
 import { retiredMemory } from "./retired_memory.ts";
 import type { NicRateLimits, RateLimitSnapshot } from "./rate_limits.ts";
@@ -42,6 +47,8 @@ export interface MetricsSources {
   startedAt?: number;
   /** The NIC's rate limits and their counters (absent: not shown). */
   rateLimits?: () => RateLimitSnapshot;
+  /** `--pcap`: the capture's state and counters; absent: no capture. */
+  capture?: () => CaptureStatus | null;
 }
 
 /** Resolves to `p`'s value, or undefined after `ms` (the timer is always cleared). */
@@ -111,6 +118,7 @@ export async function gatherSnapshot(
     },
     httpResponses: src.httpResponses(),
     rateLimits: src.rateLimits?.(),
+    capture: src.capture?.() ?? null,
   };
 }
 
@@ -158,8 +166,81 @@ function notYet(method: string, path: string, what: string): Route {
   };
 }
 
+/** What `/capture` drives: the daemon's capture, or null without --pcap. */
+export interface CaptureControl {
+  set(on: boolean): CaptureChange;
+  status(): CaptureStatus;
+}
+
+const JSON_TYPE = "application/json";
+
+function json(status: number, body: unknown): HttpResponse {
+  return { status, contentType: JSON_TYPE, body: JSON.stringify(body) + "\n" };
+}
+
+/** The state a `POST /capture` asks for: from `?state=`, or a body `state=on`/`{"state":"on"}`. */
+export function captureRequest(req: HttpRequest): { on: boolean } | { error: string } {
+  const query = new URLSearchParams(req.query);
+  let asked = query.get("state");
+  for (const key of query.keys()) {
+    if (key !== "state") return { error: `unknown parameter "${key}" (only state=on|off)` };
+  }
+  const body = new TextDecoder().decode(req.body).trim();
+  if (body !== "") {
+    let fromBody: unknown;
+    if (body.startsWith("{")) {
+      try {
+        fromBody = (JSON.parse(body) as Record<string, unknown>)?.state;
+      } catch {
+        return { error: 'the body is not JSON (send {"state":"on"} or state=on)' };
+      }
+    } else {
+      const form = new URLSearchParams(body);
+      fromBody = form.get("state");
+    }
+    if (typeof fromBody !== "string") return { error: "the body names no state (state=on|off)" };
+    if (asked !== null && asked !== fromBody) {
+      return { error: "the query and the body ask for different states" };
+    }
+    asked = fromBody;
+  }
+  if (asked === null) return { error: "say which state: POST /capture?state=on or ?state=off" };
+  if (asked !== "on" && asked !== "off") return { error: `state "${asked}" must be on or off` };
+  return { on: asked === "on" };
+}
+
+/** The `/capture` routes. */
+function captureRoutes(capture: CaptureControl | null): Route[] {
+  const none = () =>
+    json(409, {
+      error: "no capture: start vionet with --pcap FILE (the file can only be opened at start)",
+    });
+  return [
+    {
+      method: "GET",
+      path: "/capture",
+      handle: () => capture === null ? none() : json(200, capture.status()),
+    },
+    {
+      method: "POST",
+      path: "/capture",
+      handle: (req) => {
+        const asked = captureRequest(req);
+        if ("error" in asked) return json(400, { error: asked.error });
+        if (capture === null) return none();
+        const r = capture.set(asked.on);
+        return r.ok ? json(200, r.status) : json(409, { error: r.reason, ...r.status });
+      },
+    },
+  ];
+}
+
 /** Every route of the `--metrics` socket; without `limits`, `/rate-limit` answers 501. */
-export function controlRoutes(scrape: () => Promise<string>, limits?: NicRateLimits): Route[] {
+export function controlRoutes(
+  scrape: () => Promise<string>,
+  limits?: NicRateLimits,
+  capture: CaptureControl | null = null,
+): Route[] {
   const rateLimit: Route[] = limits === undefined
     ? [notYet("POST", "/rate-limit", "rate limiting")]
     : [
@@ -176,7 +257,7 @@ export function controlRoutes(scrape: () => Promise<string>, limits?: NicRateLim
         body: await scrape(),
       }),
     },
-    notYet("POST", "/capture", "packet capture"),
+    ...captureRoutes(capture),
     ...rateLimit,
   ];
 }

@@ -33,6 +33,7 @@ import {
 import { HttpServer } from "./http_server.ts";
 import { controlRoutes, MetricsEndpoint } from "./control_api.ts";
 import { NicRateLimits } from "./rate_limits.ts";
+import { CaptureHost } from "./capture_host.ts";
 
 /** The guest offloads the parent lets TUNSCAP put on the tap, by `--offload` mode. */
 export function allowedTapOffloads(mode: Options["offload"]): bigint {
@@ -120,6 +121,8 @@ export interface Daemon {
   service: VhostUserServer | VhostUserClient | null;
   /** The `--metrics` HTTP server (null without `--metrics`, and until `serve()`). */
   metrics: HttpServer | null;
+  /** `--pcap`: the capture (its file opened during set-up); null without. */
+  capture: CaptureHost | null;
   /** vhost-user connections refused because one was active. */
   refused: number;
   /** Directories `serve()` created for the sockets, outermost first. */
@@ -149,6 +152,24 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     offloadMode: opts.offload,
     logLevel: opts.logLevel,
   };
+  // --pcap: the file must be opened now, before the sandbox forbids it.
+  let capture: CaptureHost | null = null;
+  if (opts.pcapPath !== null) {
+    try {
+      capture = await CaptureHost.open({
+        path: opts.pcapPath,
+        maxBytes: opts.pcapMax,
+        snapLen: opts.pcapSnaplen,
+        start: opts.pcapStart,
+        pairs: tap.queues,
+        tapName: tap.name,
+        logger,
+      });
+    } catch (e) {
+      tap.close();
+      throw e;
+    }
+  }
   let device: DeviceHost;
   // The port exists only once the device does; queue faults and deaths reach it through this.
   const late: { port?: VionetDevicePort } = {};
@@ -181,6 +202,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
   try {
     device = await pairDevice(0);
   } catch (e) {
+    await capture?.stop();
     tap.close();
     throw e;
   }
@@ -221,6 +243,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     rings: rings?.pool,
     sourceMac: opts.mac,
     rateLimit: limits.buffer,
+    capture: capture === null ? undefined : (pair) => capture.pair(pair),
   });
   late.port = port;
   const daemon: Daemon = {
@@ -233,6 +256,7 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
     mtu,
     service: null,
     metrics: null,
+    capture,
     refused: 0,
     createdDirs: [],
     serve() {
@@ -287,9 +311,10 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
           refused: () => daemon.refused,
           httpResponses: () => daemon.metrics?.responses ?? new Map(),
           rateLimits: () => limits.snapshot(),
+          capture: () => capture?.status() ?? null,
         });
         daemon.metrics = HttpServer.listen(opts.metricsPath, {
-          routes: controlRoutes(() => endpoint.scrape(), limits),
+          routes: controlRoutes(() => endpoint.scrape(), limits, capture),
           logger,
           label: "metrics",
         });
@@ -301,6 +326,8 @@ export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon
       await daemon.metrics?.stop();
       await daemon.service?.stop();
       for (const p of port.pairs()) p.device.terminate();
+      // After the queues: what the rings still hold is written before the file is closed.
+      await capture?.stop();
       rings?.pool.close();
       tap.close();
     },
@@ -361,6 +388,9 @@ async function logStats(daemon: Daemon, logger: Logger): Promise<void> {
       })
     }`,
   );
+  if (daemon.capture !== null) {
+    logger.log("info", "stats", `capture ${JSON.stringify(daemon.capture.status())}`);
+  }
   logger.log(
     "info",
     "stats",
@@ -596,7 +626,23 @@ export async function runDaemon(opts: Options, logger: Logger): Promise<number> 
     }`,
   );
   if (opts.metricsPath !== null) {
-    logger.log("info", "parent", `serving metrics on ${opts.metricsPath} (GET /metrics)`);
+    logger.log(
+      "info",
+      "parent",
+      `serving metrics on ${opts.metricsPath} (GET /metrics${
+        daemon.capture ? "; POST /capture?state=on|off" : ""
+      })`,
+    );
+  }
+  if (daemon.capture !== null) {
+    logger.log(
+      "info",
+      "parent",
+      `capture ${opts.pcapStart ? "on" : "off (POST /capture?state=on starts it)"}: frames of ` +
+        `${tap.queues} queue pair(s), both ways, to ${daemon.capture.path} (pcapng; ${
+          opts.pcapSnaplen ? `first ${opts.pcapSnaplen} bytes of each; ` : ""
+        }stops at --pcap-max ${daemon.capture.maxBytes} bytes)`,
+    );
   }
   if (opts.socketActivated !== null) {
     const { fd, name, count } = opts.socketActivated;

@@ -206,6 +206,15 @@ export interface DatapathHostOptions extends IoWorkerPairOptions {
    */
   kickFds?: readonly (number | null)[];
   callFds?: readonly (number | null)[];
+  /** `--pcap`: this pair's capture rings (one per worker) and the shared state; absent: none. */
+  capture?: PairCapture | null;
+}
+
+/** A queue pair's share of the capture (`control/capture_host.ts`). */
+export interface PairCapture {
+  state: SharedArrayBuffer;
+  writer: SharedArrayBuffer;
+  poller: SharedArrayBuffer;
 }
 
 interface Pending {
@@ -509,6 +518,12 @@ export class DatapathHost {
         rxUsed: opts.rxUsed ?? null,
         log: opts.log ?? null,
         queueFds,
+        capture: opts.capture
+          ? {
+            ring: role === "writer" ? opts.capture.writer : opts.capture.poller,
+            state: opts.capture.state,
+          }
+          : null,
       });
       const startMs = opts.startTimeoutMs ?? DEFAULT_START_TIMEOUT_MS;
       await Promise.all([

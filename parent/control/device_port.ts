@@ -19,6 +19,7 @@
  */
 
 import type { RingPool } from "./ring_pool.ts";
+import type { PairCapture } from "./datapath_host.ts";
 import { RX_QUEUE, TX_QUEUE } from "../../ipc/datapath.ts";
 import { VIRTIO_NET_HDR_SIZE } from "../../ipc/virtio_net_hdr.ts";
 import * as libc from "../host/libc.ts";
@@ -60,6 +61,8 @@ export interface DevicePortOptions {
   sourceMac?: readonly number[] | null;
   /** The NIC's rate limits, one buffer every pair's I/O workers take from (`io/rate_limiter.ts`). */
   rateLimit?: SharedArrayBuffer | null;
+  /** `--pcap`: pair i's capture rings (`capture_host.ts`); absent: no capture. */
+  capture?: (pair: number) => PairCapture;
 }
 
 /** DevicePort over the queue pairs (see the module comment). */
@@ -99,6 +102,7 @@ export class VionetDevicePort implements DevicePort {
       tapReadRoom: o.tapReadRoom,
       rings: o.rings,
       rateLimit: o.rateLimit,
+      capture: o.capture?.(pair) ?? null,
       setTapQueueAttached: pair === 0 || o.setTapQueueAttached === undefined
         ? undefined
         : (on) => o.setTapQueueAttached!(pair, on),

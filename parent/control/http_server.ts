@@ -81,6 +81,7 @@ export const STATUS_TEXT: Readonly<Record<number, string>> = {
   400: "Bad Request",
   404: "Not Found",
   405: "Method Not Allowed",
+  409: "Conflict",
   413: "Content Too Large",
   431: "Request Header Fields Too Large",
   500: "Internal Server Error",

@@ -23,6 +23,8 @@ import { NET_DEV_RECEIVE, NET_DEV_TRANSMIT } from "../host/tap_stats.ts";
 import type { RateLimitSnapshot } from "./rate_limits.ts";
 
 /** The content type of the exposition (text format 0.0.4). */
+import type { CaptureStatus } from "./capture_host.ts";
+
 export const METRICS_CONTENT_TYPE = "text/plain; version=0.0.4";
 
 /** Everything one scrape shows. */
@@ -54,6 +56,8 @@ export interface MetricsSnapshot {
   httpResponses: ReadonlyMap<number, number>;
   /** The NIC's rate limits and their counters (absent: not shown). */
   rateLimits?: RateLimitSnapshot;
+  /** `--pcap`: the capture's state and counters; absent or null without --pcap. */
+  capture?: CaptureStatus | null;
 }
 
 type Kind = "counter" | "gauge";
@@ -466,6 +470,57 @@ export function formatMetrics(s: MetricsSnapshot): string {
     m.reclaimedBytes,
   );
   if (s.rateLimits) addRateLimits(e, s.rateLimits);
+  const c = s.capture;
+  if (c) {
+    e.add("vionet_capture_info", "gauge", "--pcap: the capture file and its state", 1, {
+      file: c.file,
+      state: c.state,
+    });
+    e.add(
+      "vionet_capture_active",
+      "gauge",
+      "1 while frames are being captured",
+      c.state === "on" ? 1 : 0,
+    );
+    e.add("vionet_capture_file_bytes", "gauge", "Bytes in the capture file", c.fileBytes);
+    e.add(
+      "vionet_capture_max_bytes",
+      "gauge",
+      "--pcap-max: the most bytes the file may hold",
+      c.maxBytes,
+    );
+    for (const [direction, n] of [["tx", c.txPackets], ["rx", c.rxPackets]] as const) {
+      e.add(
+        "vionet_capture_packets_total",
+        "counter",
+        "Frames written to the capture file, by direction (tx: guest to tap, rx: tap to guest)",
+        n,
+        { direction },
+      );
+    }
+    e.add(
+      "vionet_capture_bytes_total",
+      "counter",
+      "Frame bytes written to the capture file (without virtio_net_hdr or pcapng headers)",
+      c.bytes,
+    );
+    for (const [reason, n] of [["behind", c.droppedBehind], ["max", c.droppedOverMax]] as const) {
+      e.add(
+        "vionet_capture_dropped_total",
+        "counter",
+        "Frames not captured while capture was asked for: behind (a capture ring was full, the " +
+          "writer fell behind), max (the file had reached --pcap-max)",
+        n,
+        { reason },
+      );
+    }
+    e.add(
+      "vionet_capture_write_errors_total",
+      "counter",
+      "Writes to the capture file that failed",
+      c.writeErrors,
+    );
+  }
   for (const [status, count] of [...s.httpResponses].sort((a, b) => a[0] - b[0])) {
     e.add(
       "vionet_http_responses_total",

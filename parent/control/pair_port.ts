@@ -36,6 +36,7 @@ import {
   createDatapathBuffers,
   DatapathHost,
   IoWorkerPair,
+  type PairCapture,
   rxUsedPlace,
   txUsedPlace,
 } from "./datapath_host.ts";
@@ -107,6 +108,8 @@ export interface PairPortOptions {
   rings?: RingPool;
   /** The NIC's rate limits, the same buffer for every pair (`io/rate_limiter.ts`). */
   rateLimit?: SharedArrayBuffer | null;
+  /** `--pcap`: this pair's capture rings, given to each data path it starts. */
+  capture?: PairCapture | null;
 }
 
 /** One queue pair over its device worker and I/O workers (see the module comment). */
@@ -135,10 +138,12 @@ export class PairPort {
   readonly #tapReadRoom: (() => number) | undefined;
   readonly #ringPool: RingPool | undefined;
   readonly #rateLimit: SharedArrayBuffer | null;
+  readonly #capture: PairCapture | null;
 
   constructor(opts: PairPortOptions) {
     this.pair = opts.pair;
     this.#rateLimit = opts.rateLimit ?? null;
+    this.#capture = opts.capture ?? null;
     this.#ringPool = opts.rings;
     this.#setTapQueueAttached = opts.setTapQueueAttached;
     this.#device = opts.device;
@@ -576,6 +581,7 @@ export class PairPort {
       ranges: this.#regions.map(hostRange),
       ioUring: this.#ioUring,
       rings: this.#ringPool,
+      capture: this.#capture,
       rxFrameRoom: this.#tapReadRoom?.(),
       log: this.#logConfig(),
       rateLimit: this.#rateLimit,

@@ -33,6 +33,7 @@ import {
   IO_WRITER_URL,
 } from "../control/datapath_host.ts";
 import { DEVICE_WORKER_OPTIONS, DEVICE_WORKER_URL } from "../control/device_host.ts";
+import { CAPTURE_WORKER_OPTIONS, CAPTURE_WORKER_URL } from "../control/capture_host.ts";
 import { LIBC_NAME, LIBC_SYMBOLS } from "./libc.ts";
 import {
   CAPABILITIES_KEPT_AFTER_SETUP,
@@ -96,6 +97,13 @@ export const AUDITED_WORKERS: readonly AuditedWorker[] = [
     source: "IO_POLLER_OPTIONS in parent/control/datapath_host.ts",
     role: "RX: readv from the tap into posted guest buffers, RX used ring and call; " +
       "waits on kicks, tap and wake (epoll); writes the TX records of the kicks it reads",
+  },
+  {
+    url: CAPTURE_WORKER_URL,
+    options: CAPTURE_WORKER_OPTIONS,
+    source: "CAPTURE_WORKER_OPTIONS in parent/control/capture_host.ts",
+    role: "--pcap only: write(2) of the I/O workers' capture rings to the capture file the " +
+      "parent opened during set-up (pcapng), up to --pcap-max",
   },
 ];
 
@@ -232,7 +240,10 @@ export interface Audit {
 export type AuditOptions =
   & Pick<Options, "socketPath" | "listenFd" | "client" | "tap" | "tapFd">
   & Partial<
-    Pick<Options, "ioUring" | "user" | "seccomp" | "queues" | "metricsPath" | "socketActivated">
+    Pick<
+      Options,
+      "ioUring" | "user" | "seccomp" | "queues" | "metricsPath" | "socketActivated" | "pcapPath"
+    >
   >
   & Partial<Pick<Options, "mtu" | "socketGroup" | "socketMode">>;
 
@@ -624,6 +635,16 @@ function files(opts: AuditOptions): FileAudit[] {
       },
     );
   }
+  if (opts.pcapPath) {
+    out.push({
+      what: "capture file (--pcap)",
+      path: opts.pcapPath,
+      access: "opened O_WRONLY|O_CREAT|O_TRUNC|O_NOFOLLOW, mode 0600, a regular file only; " +
+        "the capture worker write()s pcapng to the descriptor, up to --pcap-max; closed at exit",
+      when: "set-up",
+      source: "parent/control/capture_host.ts",
+    });
+  }
   if ((opts.listenFd === null && !opts.client) || opts.metricsPath) {
     out.push({
       what: "socket directories created",
@@ -795,6 +816,8 @@ export function buildAudit(opts: AuditOptions, options: { observe?: boolean } = 
         ? `one per queue pair the VMM uses, and one started ahead per pair while a front-end ` +
           `is connected (it holds nothing until its pair starts); at most --queues pairs, ` +
           `here ${opts.queues ?? 1}`
+        : w.options === CAPTURE_WORKER_OPTIONS
+        ? "1 with --pcap, else none"
         : `one per queue pair the VMM uses (at most --queues, here ${opts.queues ?? 1})`,
       module: relative(w.url),
       role: w.role,

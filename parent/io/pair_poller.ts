@@ -58,6 +58,7 @@ import type { FaultNotice, InfoNotice, InitRequest } from "./protocol.ts";
 import { RX_BATCH, RxReceiver } from "./rx_receiver.ts";
 import { RxPublisher } from "./rx_publisher.ts";
 import { DirtyLog } from "./dirty_log.ts";
+import { CaptureProducer } from "./capture_ring.ts";
 import { TapReadEngine } from "./rx_engine.ts";
 import { RateLimiter } from "./rate_limiter.ts";
 
@@ -130,6 +131,11 @@ export class PairPoller {
       return writeEventfd(ctl, this.#callRxFd, CTL.POLLER_ERRORS);
     });
     publisher.log = msg.log === null ? null : new DirtyLog(msg.log);
+    // One capture ring for this worker: its RX frames and the TX frames it writes.
+    const capture = msg.capture === null
+      ? null
+      : new CaptureProducer(msg.capture.ring, msg.capture.state);
+    publisher.capture = capture;
     this.#publisher = publisher;
     // The NIC's rate limits, the same buckets for every worker of every pair.
     const limiter = msg.rateLimit === null
@@ -164,6 +170,7 @@ export class PairPoller {
       t.setTxUsed(msg.txUsed);
       t.log = publisher.log;
       t.limiter = limiter;
+      t.capture = capture;
       t.start(msg.ioUring, msg.rings[0] ?? null);
       this.#tx = t;
     }

@@ -28,6 +28,7 @@
 import { MAX_FRAME_BYTES, NET_HDR_BYTES } from "../../ipc/datapath.ts";
 import type { HostRange } from "./regions.ts";
 import { RATE_LIMIT_BYTES } from "./rate_limiter.ts";
+import { CAPTURE_STATE_BYTES } from "./capture_ring.ts";
 import { describe, isRecord, MAX_TEXT, Reader, ValidationError } from "../../ipc/reader.ts";
 
 /** Bumped on any incompatible change of these messages. */
@@ -132,6 +133,18 @@ export interface InitRequest {
    * slots ({@link ROLE_SLOTS}) and ignores the rest. Absent: none yet.
    */
   queueFds: QueueFds;
+  /**
+   * `--pcap`: this worker's capture ring and the daemon's capture state
+   * (`capture_ring.ts`); null (or absent): no capture, and the data path
+   * never looks.
+   */
+  capture: CaptureConfig | null;
+}
+
+/** What an I/O worker needs to copy the frames it moves into the capture. */
+export interface CaptureConfig {
+  ring: SharedArrayBuffer;
+  state: SharedArrayBuffer;
 }
 
 /** Kick and call eventfds by slot (null: none). */
@@ -451,6 +464,14 @@ export function parseIoRequest(data: unknown): IoRequest {
         rxUsed: r.nullable("rxUsed", (k) => rxUsed(r.object(k))),
         log: r.optional("log", null, (k) => r.nullable(k, (k2) => logConfig(r.object(k2)))),
         queueFds: r.optional("queueFds", NO_QUEUE_FDS, (k) => queueFds(r.object(k))),
+        capture: r.optional("capture", null, (k) =>
+          r.nullable(k, (k2) => {
+            const c = r.object(k2);
+            return {
+              ring: c.sharedBuffer("ring"),
+              state: c.sharedBuffer("state", CAPTURE_STATE_BYTES),
+            };
+          })),
       };
     }
     case "setLog":

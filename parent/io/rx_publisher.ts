@@ -47,6 +47,7 @@ import {
 import { fullBarrier, usedNotifyWanted } from "../../ipc/vring_notify.ts";
 import type { DirtyLog } from "./dirty_log.ts";
 import type { HostMemory } from "./regions.ts";
+import { CAPTURE_FULL, CAPTURE_OFF, CAPTURE_ON, type CaptureProducer } from "./capture_ring.ts";
 import type { RxUsedPlace } from "./protocol.ts";
 import type { RxStage } from "./rx_stage.ts";
 
@@ -100,6 +101,10 @@ export class RxPublisher {
   unsignalled = 0;
   /** The dirty log while the front-end migrates the guest (`dirty_log.ts`), else null. */
   log: DirtyLog | null = null;
+  /** `--pcap`: where copies of the received frames go (`capture_ring.ts`); null: no capture. */
+  capture: CaptureProducer | null = null;
+  /** The capture state, loaded at each batch's start (CAPTURE_OFF without a capture). */
+  #capState = CAPTURE_OFF;
 
   /**
    * @param signalCall writes the RX call eventfd; returns whether it was written
@@ -136,6 +141,8 @@ export class RxPublisher {
   begin(): void {
     this.#takes = Atomics.load(this.#ctl, CTL.RX_TAKES);
     this.#next = Atomics.load(this.#ctl, CTL.RX_USED_IDX) & 0xffff;
+    this.#capState = this.capture === null ? CAPTURE_OFF : this.capture.state();
+    if (this.#capState === CAPTURE_ON) this.capture!.stamp();
   }
 
   /**
@@ -179,6 +186,14 @@ export class RxPublisher {
     if (iHi < 0) return false;
     stage.at[iHi] = nb >>> 8;
     if (this.log !== null) logFrame(this.log, stage, iovw, bytes);
+    if (this.#capState !== CAPTURE_OFF) {
+      // The frame as the guest gets it: the header with num_buffers (and flags) as written above.
+      if (this.#capState === CAPTURE_ON) {
+        this.capture!.rx(stage.iov, iovw, stage.iov.length & ~3, bytes, stage.memory);
+      } else if (this.#capState === CAPTURE_FULL) {
+        this.capture!.overMax();
+      }
+    }
     let left = bytes;
     let idx = this.#next;
     const elems = this.#views.elems;

@@ -91,6 +91,7 @@ import {
 } from "../../ipc/datapath.ts";
 import { copyCheckedIovecs, IoRegions } from "./regions.ts";
 import { DIR_TX, type RateLimiter } from "./rate_limiter.ts";
+import { CAPTURE_FULL, CAPTURE_OFF, CAPTURE_ON, type CaptureProducer } from "./capture_ring.ts";
 import {
   type FaultNotice,
   type InfoNotice,
@@ -202,6 +203,8 @@ export class TxDrainer {
    * rate limit's tokens, the ms to wait before draining again.
    */
   holdMs = 0;
+  /** `--pcap`: where copies of the frames go (`capture_ring.ts`); null: no capture. */
+  capture: CaptureProducer | null = null;
   #dead = false;
   #used: TxUsedViews | null = null;
   #uring: IoUring | null = null;
@@ -420,6 +423,10 @@ export class TxDrainer {
     let bad = 0;
     let queued = 0;
     let usedIdx = 0;
+    // Capture: the state once per batch; while it is CAPTURE_OFF (or there
+    // is no capture) a frame costs the one branch below.
+    const capState = this.capture === null ? CAPTURE_OFF : this.capture.state();
+    if (capState === CAPTURE_ON) this.capture!.stamp();
     for (let i = 0; i < n; i++) {
       const slot = batcher === null ? 0 : queued;
       const off = ring.peek(i);
@@ -435,6 +442,7 @@ export class TxDrainer {
         spentBytes += this.#slotExpected[slot] - NET_HDR_BYTES;
         spentFrames++;
       }
+      if (capState !== CAPTURE_OFF && iovcnt !== 0) this.#capture(capState, slot, iovcnt);
       if (iovcnt === 0) {
         bad++;
       } else if (batcher === null) {
@@ -493,6 +501,28 @@ export class TxDrainer {
     if (!checkTxHeader(this.#hdrs.view, slot * HDR_SLOT_BYTES, frameLen)) return 0;
     this.#slotExpected[slot] = NET_HDR_BYTES + frameLen;
     return count + 1;
+  }
+
+  /**
+   * Copies the frame prepared in `slot` into the capture ring (ON), or counts
+   * it as not captured (FULL). Reads only the slot's private header copy and
+   * its checked iovecs.
+   */
+  #capture(state: number, slot: number, iovcnt: number): void {
+    const cap = this.capture!;
+    if (state === CAPTURE_ON) {
+      cap.tx(
+        this.#hdrs.view,
+        slot * HDR_SLOT_BYTES,
+        this.#iovs.view,
+        slot * SLOT_WORDS + IOVEC_WORDS,
+        iovcnt - 1,
+        this.#slotExpected[slot] - NET_HDR_BYTES,
+        this.regions,
+      );
+    } else if (state === CAPTURE_FULL) {
+      cap.overMax();
+    }
   }
 
   /**

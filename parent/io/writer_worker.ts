@@ -35,6 +35,7 @@ import { WorkerControl } from "./worker_control.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { RateLimiter } from "./rate_limiter.ts";
 import { monotonicMs } from "../host/libc.ts";
+import { CaptureProducer } from "./capture_ring.ts";
 
 // ---- state (set by control messages, read by the loop) -----------------------
 
@@ -104,6 +105,9 @@ const control = new WorkerControl("writer", {
     d.tapFd = msg.tapFd;
     d.setTxUsed(msg.txUsed);
     d.log = msg.log === null ? null : new DirtyLog(msg.log);
+    d.capture = msg.capture === null
+      ? null
+      : new CaptureProducer(msg.capture.ring, msg.capture.state);
     d.callFd = callTxFd;
     d.limiter = msg.rateLimit === null ? null : new RateLimiter(msg.rateLimit, monotonicMs);
     d.start(msg.ioUring, msg.rings[0] ?? null);

@@ -1,9 +1,12 @@
 import assert from "node:assert/strict";
 import {
   capabilities,
+  DEFAULT_PCAP_MAX,
   defaultMac,
   defaultQueues,
+  MIN_PCAP_MAX,
   OPTIONS,
+  parseBytes,
   parseMac,
   parseOptions,
   usage,
@@ -354,4 +357,72 @@ Deno.test("rate limits read back as specs that parse to the same limits", () => 
   assert.equal(formatDirection("rx", null), "rx=off");
   assert.equal(queryToSpec("tx=50Mbit&rx=off&burst=1%2C"), "tx=50Mbit,rx=off,burst=1,");
   assert.throws(() => queryToSpec("tx=%zz"), RateLimitSyntaxError);
+});
+
+Deno.test("parseOptions(): --pcap, --pcap-max (K/M/G) and --pcap-start; no capture by default", () => {
+  const none = parseOptions([]);
+  assert.equal(none.pcapPath, null);
+  assert.equal(none.pcapMax, DEFAULT_PCAP_MAX);
+  assert.equal(none.pcapStart, true);
+  const o = parseOptions([
+    "--pcap",
+    "/var/tmp/c.pcapng",
+    "--pcap-max",
+    "100M",
+    "--pcap-start",
+    "off",
+  ]);
+  assert.equal(o.pcapPath, "/var/tmp/c.pcapng");
+  assert.equal(o.pcapMax, 100 * 1024 * 1024);
+  assert.equal(o.pcapStart, false);
+  assert.equal(parseOptions(["--pcap", "c", "--pcap-max", "2g"]).pcapMax, 2 * 1024 ** 3);
+  assert.equal(parseOptions(["--pcap", "c", "--pcap-max", "65536"]).pcapMax, 65536);
+  assert.equal(parseOptions(["--pcap", "c", "--pcap-max", "64K"]).pcapMax, MIN_PCAP_MAX);
+  assert.equal(parseBytes("12"), 12);
+  assert.ok(Number.isNaN(parseBytes("1.5M")));
+  assert.ok(Number.isNaN(parseBytes("-1")));
+});
+
+Deno.test("parseOptions(): each bad capture option is a UsageError naming it", async (t) => {
+  const cases: [string[], RegExp][] = [
+    [["--pcap-max", "1M"], /--pcap-max needs --pcap FILE/],
+    [["--pcap-start", "on"], /--pcap-start needs --pcap FILE/],
+    [["--pcap", ""], /--pcap is empty/],
+    [["--pcap"], /--pcap needs a value/],
+    [["--pcap", "c", "--pcap-max", "1000"], /--pcap-max "1000" is not a size from 65536 bytes/],
+    [["--pcap", "c", "--pcap-max", "10T"], /--pcap-max "10T"/],
+    [["--pcap", "c", "--pcap-max", "many"], /--pcap-max "many"/],
+    [["--pcap", "c", "--pcap-max", "99999999999999999G"], /--pcap-max/],
+    [["--pcap", "c", "--pcap-start", "later"], /--pcap-start "later" must be on or off/],
+    [["--pcap", "/run/a.sock", "--socket-path", "/run/a.sock"], /is the path of a socket/],
+    [["--pcap", "/run/m.sock", "--metrics", "/run/m.sock"], /is the path of a socket/],
+  ];
+  for (const [argv, re] of cases) {
+    await t.step(argv.join(" "), () => {
+      assert.throws(
+        () => parseOptions(argv),
+        (e: unknown) => e instanceof UsageError && re.test(e.message),
+      );
+    });
+  }
+});
+
+Deno.test("--help says capture stops at --pcap-max (no rotation) and how to switch it at run time", () => {
+  const text = usage();
+  assert.match(text, /--pcap FILE/);
+  assert.match(text, /STOPS\s+there \(no rotation\)|STOPS there \(no rotation\)/);
+  assert.match(text, /POST \/capture\?state=on\|off/);
+});
+
+Deno.test("parseOptions(): --pcap-snaplen takes 64 bytes to 1M; whole frames by default", () => {
+  assert.equal(parseOptions(["--pcap", "c"]).pcapSnaplen, 0);
+  assert.equal(parseOptions(["--pcap", "c", "--pcap-snaplen", "128"]).pcapSnaplen, 128);
+  assert.equal(parseOptions(["--pcap", "c", "--pcap-snaplen", "1M"]).pcapSnaplen, 1 << 20);
+  for (const bad of ["63", "0", "2M", "x"]) {
+    assert.throws(
+      () => parseOptions(["--pcap", "c", "--pcap-snaplen", bad]),
+      new RegExp(`--pcap-snaplen "${bad}" is not a length from 64 bytes to 1M`),
+    );
+  }
+  assert.throws(() => parseOptions(["--pcap-snaplen", "128"]), /--pcap-snaplen needs --pcap FILE/);
 });

@@ -257,3 +257,79 @@ Deno.test({
     });
   },
 });
+
+/** One HTTP request on a unix socket: the status and the body. */
+async function httpUnix(path: string, method: string, target: string) {
+  const conn = await Deno.connect({ transport: "unix", path });
+  try {
+    await conn.write(
+      new TextEncoder().encode(`${method} ${target} HTTP/1.1\r\nContent-Length: 0\r\n\r\n`),
+    );
+    let text = "";
+    const buf = new Uint8Array(8192);
+    for (;;) {
+      const n = await conn.read(buf);
+      if (n === null) break;
+      text += new TextDecoder().decode(buf.subarray(0, n));
+    }
+    return { status: Number(text.slice(9, 12)), body: text.slice(text.indexOf("\r\n\r\n") + 4) };
+  } finally {
+    conn.close();
+  }
+}
+
+Deno.test({
+  name: "--pcap: the file is opened before the sandbox (root's, 0600) and written after it " +
+    "through its descriptor; every thread, the capture worker's too, is sandboxed; " +
+    "POST /capture works as nobody",
+  ignore: unavailable !== undefined,
+  async fn() {
+    const nobody = lookupUser("nobody")!;
+    await withNetns(async (ns) => {
+      const dir = await Deno.makeTempDir({ prefix: "vionet-sbp-" });
+      await Deno.chmod(dir, 0o755);
+      const pcap = `${dir}/c.pcapng`;
+      const sock = `${dir}/m.sock`;
+      const daemon = new Daemon(ns, [
+        "--tap",
+        "vsp0",
+        "--socket-path",
+        `${dir}/v.sock`,
+        "--user",
+        "nobody",
+        "--metrics",
+        sock,
+        "--pcap",
+        pcap,
+        "--pcap-start",
+        "off",
+      ]);
+      try {
+        await daemon.waitFor(/listening on /);
+        assert.match(daemon.output, /seccomp filter on all \d+ threads/);
+        assert.match(daemon.output, /capture off/);
+        assertSandboxed(daemon.child.pid, nobody.uid, nobody.gid, "with --pcap");
+        const st = Deno.statSync(pcap);
+        assert.equal(st.uid, 0, "opened by root during set-up");
+        assert.equal(st.mode! & 0o777, 0o600);
+        assert.ok(st.size > 0, "the header is written");
+        for (const state of ["on", "off", "on"]) {
+          const r = await httpUnix(sock, "POST", `/capture?state=${state}`);
+          assert.equal(r.status, 200, r.body);
+          assert.equal(JSON.parse(r.body).state, state);
+        }
+        const s = JSON.parse((await httpUnix(sock, "GET", "/capture")).body);
+        assert.equal(s.fileBytes, Deno.statSync(pcap).size);
+        assert.equal(s.writeErrors, 0);
+        const status = await daemon.stop();
+        assert.equal(status.code, 0, daemon.output);
+        assert.match(daemon.output, /capture started/);
+      } finally {
+        try {
+          daemon.child.kill("SIGKILL");
+        } catch { /* gone */ }
+        await Deno.remove(dir, { recursive: true });
+      }
+    });
+  },
+});

@@ -147,14 +147,23 @@ Deno.test("HttpServer: routes, 404, 405 with Allow, 500 from a handler that thro
   });
 });
 
-Deno.test("HttpServer: POST /capture and /rate-limit answer 501 with a body saying so", async () => {
+Deno.test("HttpServer: POST /rate-limit answers 501 with a body saying so", async () => {
   await withServer({ routes: controlRoutes(() => Promise.resolve("")) }, async (_server, path) => {
-    for (const target of ["/capture", "/rate-limit"]) {
-      const r = await exchange(path, `POST ${target} HTTP/1.1\r\nContent-Length: 0\r\n\r\n`);
-      assert.equal(r.status, 501, target);
-      assert.match(r.body, /not implemented/);
-    }
-    assert.equal((await get(path, "/capture")).status, 405);
+    const r = await exchange(path, `POST /rate-limit HTTP/1.1\r\nContent-Length: 0\r\n\r\n`);
+    assert.equal(r.status, 501);
+    assert.match(r.body, /not implemented/);
+  });
+});
+
+Deno.test("HttpServer: /capture without --pcap answers 409 naming --pcap, 400 for a bad request first", async () => {
+  await withServer({ routes: controlRoutes(() => Promise.resolve("")) }, async (_server, path) => {
+    const on = await exchange(path, `POST /capture?state=on HTTP/1.1\r\nContent-Length: 0\r\n\r\n`);
+    assert.equal(on.status, 409);
+    assert.match(JSON.parse(on.body).error, /--pcap FILE/);
+    assert.equal((await get(path, "/capture")).status, 409);
+    const bad = await exchange(path, `POST /capture?state=x HTTP/1.1\r\nContent-Length: 0\r\n\r\n`);
+    assert.equal(bad.status, 400);
+    assert.match(JSON.parse(bad.body).error, /state "x" must be on or off/);
   });
 });
 
