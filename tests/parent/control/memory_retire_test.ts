@@ -95,6 +95,9 @@ async function withHoarder(
     timeoutMs: 2000,
     workerUrl: new URL("./hoarding_device.ts", import.meta.url),
   });
+  // The test's end stops its endless writing (terminate() alone would not).
+  const stop = new Int32Array(new SharedArrayBuffer(4));
+  device.sendRaw({ kind: "stop-word", word: stop.buffer });
   const port = new VionetDevicePort({ device, tapFd: -1, logger });
   const backend = new VhostUserBackend(port, LIBC_BACKEND_SYSTEM, { logger });
   const setMemTable = (fd: number, gpa: bigint) => {
@@ -107,6 +110,7 @@ async function withHoarder(
   try {
     await fn({ device, backend, logger, deaths, setMemTable });
   } finally {
+    Atomics.store(stop, 0, 1);
     device.terminate();
     await backend.close();
   }
