@@ -112,7 +112,15 @@ Deno.test({
         );
         assert.deepEqual([jobs.status, jobs.output.trim()], [0, "started"]);
         // A long line: it arrives in many 16-byte FIFO loads while jobs end.
-        const next = await guest.run(`echo round ${round} # ${"x".repeat(2000)}`, 20_000);
+        const next = await guest.run(`echo round ${round} # ${"x".repeat(2000)}`, 20_000).catch(
+          (e) => {
+            throw new Error(
+              `${(e as Error).message.slice(0, 300)}...\n(a guest built before its agent ` +
+                "left PID 1? scripts/build_guest.sh rebuilds it when guest_init.sh changed)",
+              { cause: e },
+            );
+          },
+        );
         assert.deepEqual([next.status, next.output.trim()], [0, `round ${round}`]);
       }
     } finally {
