@@ -15,8 +15,18 @@
 #                  <base64 of the script's stdout+stderr, wrapped>
 #                  __VIONET_DONE__ <id> <exit status>
 #   host -> guest  __VIONET_POWEROFF__                    sync and power off at once
+#   guest -> host  __VIONET_BAD__ <length>                 a line that is not a command
+#                  (a garbled one: the harness fails the pending command at once)
 # The script runs under `timeout -s KILL <seconds>` (status 137 when killed), with
 # stdin from /dev/null. Background jobs it starts keep running between commands.
+#
+# The agent runs in a child of PID 1, not in PID 1 itself: background jobs
+# outlive the script that started them and are reparented to PID 1 (so is
+# busybox timeout's watcher), and their exit signals SIGCHLD there. busybox
+# ash's `read`, interrupted by a signal, starts over and drops what it had read
+# of the line, so a command arriving as such a job ended lost its beginning and
+# was never answered (seen: the restart test's final command after a stream).
+# The agent's own children are all waited for before it reads again.
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
@@ -116,11 +126,18 @@ agent() {
         sync
         poweroff -f
         ;;
+      "") ;;
+      *)
+        echo "__VIONET_BAD__ ${#line}"
+        say "control channel: not a command (${#line} characters)"
+        ;;
     esac
   done
 }
 
 stty -F /dev/ttyS1 raw -echo 2>/dev/null || say "stty on ttyS1 failed"
-agent </dev/ttyS1 >/dev/ttyS1 2>&1
+agent </dev/ttyS1 >/dev/ttyS1 2>&1 &
+agent_pid=$!
+while kill -0 "$agent_pid" 2>/dev/null; do wait "$agent_pid"; done
 say "control channel closed; powering off"
 poweroff -f

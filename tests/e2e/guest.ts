@@ -8,7 +8,9 @@
  * we listen on, and the guest's /init (scripts/guest_init.sh) speaks a line
  * protocol on it — `__VIONET_READY__ <net-status>` once after boot, then for
  * each `__VIONET_RUN__ <id> <seconds> <base64 script>` it answers
- * `__VIONET_OUT__ <id>`, the base64 of the output, `__VIONET_DONE__ <id> <status>`.
+ * `__VIONET_OUT__ <id>`, the base64 of the output, `__VIONET_DONE__ <id> <status>`;
+ * to a line that is not a command (one that arrived garbled) `__VIONET_BAD__
+ * <length>`, which fails the pending command at once.
  * A unix socket is reachable from any network namespace, so the guest may run
  * inside one (`ip netns exec`) while the test process stays outside.
  *
@@ -26,6 +28,7 @@ import { cpuSeconds } from "../../bench/proc.ts";
 const MARK_READY = "__VIONET_READY__";
 const MARK_OUT = "__VIONET_OUT__";
 const MARK_DONE = "__VIONET_DONE__";
+const MARK_BAD = "__VIONET_BAD__";
 const CONSOLE_TAIL_CHARS = 16_384;
 
 /** Paths of the guest kernel and initramfs. */
@@ -385,6 +388,18 @@ export class Guest {
         this.#pending = undefined;
         const output = new TextDecoder().decode(base64ToBytes(p.chunks.join("")));
         p.resolve({ status: Number(words[2]), output });
+      }
+    } else if (words[0] === MARK_BAD) {
+      // The agent read a line that is not a command: the pending one arrived
+      // garbled and will never be answered; say so now instead of timing out.
+      if (p) {
+        this.#pending = undefined;
+        p.reject(
+          new Error(
+            `the guest's agent got a garbled line (${words[1]} characters) ` +
+              `instead of command ${p.id}${this.#consoleTail()}`,
+          ),
+        );
       }
     } else if (p?.collecting) {
       p.chunks.push(line.trim());

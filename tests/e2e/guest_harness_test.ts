@@ -95,6 +95,42 @@ Deno.test({
 });
 
 Deno.test({
+  name: "the guest agent answers a command sent while background jobs a command started end",
+  ignore: guestAssetsMissing() !== undefined || !onPath("qemu-system-x86_64"),
+  async fn() {
+    // Orphaned jobs are reparented to PID 1; their exits once cut the start
+    // off a command line the agent was reading there (busybox ash's read,
+    // interrupted by SIGCHLD, starts over), and the command went unanswered.
+    const guest = await bootGuest({ ...guestAssets(), netdevArgs: [] });
+    try {
+      await guest.waitForBoot(90_000);
+      for (let round = 0; round < 5; round++) {
+        const jobs = await guest.run(
+          "i=0; while [ $i -lt 100 ]; do (usleep $((i * 4000))) </dev/null >/dev/null 2>&1 & " +
+            "i=$((i + 1)); done; echo started",
+          20_000,
+        );
+        assert.deepEqual([jobs.status, jobs.output.trim()], [0, "started"]);
+        // A long line: it arrives in many 16-byte FIFO loads while jobs end.
+        const next = await guest.run(`echo round ${round} # ${"x".repeat(2000)}`, 20_000).catch(
+          (e) => {
+            throw new Error(
+              `${(e as Error).message.slice(0, 300)}...\n(a guest built before its agent ` +
+                "left PID 1? scripts/build_guest.sh rebuilds it when guest_init.sh changed)",
+              { cause: e },
+            );
+          },
+        );
+        assert.deepEqual([next.status, next.output.trim()], [0, `round ${round}`]);
+      }
+    } finally {
+      guest.kill();
+      await guest.closed;
+    }
+  },
+});
+
+Deno.test({
   name: "QEMU tap backend: guest gets a link, pings, runs ethtool and moves data intact",
   ignore: skip !== undefined,
   async fn(t) {

@@ -27,6 +27,8 @@ export interface StreamResult {
 }
 
 export interface PacedStream {
+  /** The end in the namespace: the sender (host -> guest) or the receiver (guest -> host). */
+  readonly helper: NetnsProcess;
   /** Waits for both ends; `now` is the guest at the end (a migrated guest's new QEMU). */
   finish(now: Guest): Promise<StreamResult>;
 }
@@ -53,6 +55,7 @@ export async function streamToGuest(
   );
   if (r.status !== 0) throw new Error(`the guest could not start receiving: ${r.output}`);
   return {
+    helper: sender,
     finish: async (now: Guest) => {
       const sent = JSON.parse(await sender.waitFor(/^\{/, 240_000));
       const done = await now.run(
@@ -102,6 +105,7 @@ export async function streamFromGuest(
   );
   if (r.status !== 0) throw new Error(`the guest could not start sending: ${r.output}`);
   return {
+    helper: receiver,
     finish: async () => {
       const got = JSON.parse(await receiver.waitFor(/^\{/, 240_000));
       return {
@@ -133,7 +137,11 @@ export function longestStall(words: string[], scale: number): number {
   return longest;
 }
 
-/** A sender for `deno eval`: `mib` MiB of random data at `rate` MiB/s to one connection. */
+/**
+ * A sender for `deno eval`: `mib` MiB of random data at `rate` MiB/s to one
+ * connection. It says when it accepted, and on a failure (a reset, a write
+ * error) prints "failed after N bytes: <error>" and exits 1.
+ */
 function pacedSender(host: string, port: number, mib: number, rate: number): string {
   return `
 import { createHash } from "node:crypto";
@@ -141,27 +149,37 @@ const listener = Deno.listen({ hostname: "${host}", port: ${port} });
 console.log("listening");
 const conn = await listener.accept();
 listener.close();
+console.log("accepted " + JSON.stringify(conn.remoteAddr));
 const hash = createHash("sha256");
 const chunk = new Uint8Array(64 * 1024);
 const total = ${mib} * 1024 * 1024;
 const started = performance.now();
 let sent = 0;
-while (sent < total) {
-  const due = started + (sent / (${rate} * 1024 * 1024)) * 1000;
-  const wait = due - performance.now();
-  if (wait > 0) await new Promise((r) => setTimeout(r, wait));
-  crypto.getRandomValues(chunk);
-  hash.update(chunk);
-  let off = 0;
-  while (off < chunk.length) off += await conn.write(chunk.subarray(off));
-  sent += chunk.length;
+try {
+  while (sent < total) {
+    const due = started + (sent / (${rate} * 1024 * 1024)) * 1000;
+    const wait = due - performance.now();
+    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+    crypto.getRandomValues(chunk);
+    hash.update(chunk);
+    let off = 0;
+    while (off < chunk.length) off += await conn.write(chunk.subarray(off));
+    sent += chunk.length;
+  }
+  conn.close();
+} catch (e) {
+  console.log("failed after " + sent + " bytes: " + (e?.stack ?? e));
+  Deno.exit(1);
 }
-conn.close();
 console.log(JSON.stringify({ bytes: total, sha256: hash.digest("hex") }));
 `;
 }
 
-/** A receiver for `deno eval`: hashes one connection and notes the longest gap between reads. */
+/**
+ * A receiver for `deno eval`: hashes one connection and notes the longest
+ * gap between reads. On a failure (a reset) it prints "failed after N bytes:
+ * <error>" and exits 1.
+ */
 function stampedReceiver(host: string, port: number): string {
   return `
 import { createHash } from "node:crypto";
@@ -169,16 +187,22 @@ const listener = Deno.listen({ hostname: "${host}", port: ${port} });
 console.log("listening");
 const conn = await listener.accept();
 listener.close();
+console.log("accepted " + JSON.stringify(conn.remoteAddr));
 const hash = createHash("sha256");
 let bytes = 0;
 let last = NaN;
 let longestGapMs = 0;
-for await (const chunk of conn.readable) {
-  const now = performance.now();
-  if (Number.isFinite(last)) longestGapMs = Math.max(longestGapMs, now - last);
-  last = now;
-  hash.update(chunk);
-  bytes += chunk.length;
+try {
+  for await (const chunk of conn.readable) {
+    const now = performance.now();
+    if (Number.isFinite(last)) longestGapMs = Math.max(longestGapMs, now - last);
+    last = now;
+    hash.update(chunk);
+    bytes += chunk.length;
+  }
+} catch (e) {
+  console.log("failed after " + bytes + " bytes: " + (e?.stack ?? e));
+  Deno.exit(1);
 }
 console.log(JSON.stringify({ bytes, sha256: hash.digest("hex"), longestGapMs }));
 `;

@@ -63,6 +63,7 @@ export class NetnsProcess {
   #lines: string[] = [];
   #chars = 0;
   #done = false;
+  #status: Deno.CommandStatus | undefined;
   #wake: () => void = () => {};
 
   /**
@@ -85,6 +86,7 @@ export class NetnsProcess {
     this.exited = (async () => {
       const status = await child.status;
       await pumps;
+      this.#status = status;
       this.#done = true;
       this.#wake();
       return status;
@@ -94,6 +96,13 @@ export class NetnsProcess {
   /** Whether the process has not exited yet. */
   get running(): boolean {
     return !this.#done;
+  }
+
+  /** How it ended ("running" while it runs): "exit code N" or "killed by SIGNAL". */
+  describeStatus(): string {
+    const s = this.#status;
+    if (!s) return "running";
+    return s.signal ? `killed by ${s.signal}` : `exit code ${s.code}`;
   }
 
   /** The output lines so far (stdout and stderr interleaved; the oldest dropped past 64 KiB). */
@@ -118,7 +127,11 @@ export class NetnsProcess {
       if (hit !== undefined) return hit;
       if (this.#done || Date.now() >= deadline) {
         throw new Error(
-          `${this.argv[0]} ${this.#done ? "exited" : `printed no ${pattern} in ${timeoutMs} ms`}` +
+          `${this.argv[0]} ${
+            this.#done
+              ? `ended (${this.describeStatus()}) before printing ${pattern}`
+              : `printed no ${pattern} in ${timeoutMs} ms`
+          }` +
             ` (pid ${this.pid}); its output:\n${this.output()}`,
         );
       }
