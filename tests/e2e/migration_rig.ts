@@ -22,6 +22,7 @@
 import { bootGuest, type BootInfo, type Guest, guestAssets, netKernelArgs } from "./guest.ts";
 import { NetnsProcess, startDaemon, vhostUserNetdevArgs, type VionetDaemon } from "./vionet_rig.ts";
 import { Qmp } from "./qmp.ts";
+import { exec as sh } from "../net_ns.ts";
 import { type PacedStream, streamFromGuest, streamToGuest } from "./paced_streams.ts";
 
 export type { PacedStream, StreamResult } from "./paced_streams.ts";
@@ -282,20 +283,6 @@ export class MigrationRig {
     await sh(["ip", "netns", "del", this.netns]).catch(() => {});
     await Deno.remove(this.tmpDir, { recursive: true }).catch(() => {});
   }
-}
-
-async function sh(argv: string[]): Promise<string> {
-  const out = await new Deno.Command(argv[0], {
-    args: argv.slice(1),
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  if (!out.success) {
-    throw new Error(`${argv.join(" ")} exited ${out.code}: ${dec.decode(out.stderr).trim()}`);
-  }
-  return dec.decode(out.stdout);
 }
 
 function sleep(ms: number): Promise<void> {

@@ -26,6 +26,7 @@
 
 import { bootGuest, type BootInfo, type Guest, guestAssets, netKernelArgs } from "./guest.ts";
 import { ROOT, startTaskEnv, startTaskFlags } from "../helpers.ts";
+import { exec as sh } from "../net_ns.ts";
 import { type PacedStream, streamFromGuest, streamToGuest } from "./paced_streams.ts";
 
 /** The tap's address in the rig's namespace. */
@@ -876,20 +877,6 @@ console.log(JSON.stringify({ bytes: ${bytes}, sha256: hash.digest("hex") }));
 function nthMac(n: number): string {
   const last = (0x56 + n) & 0xff;
   return `${GUEST_MAC.slice(0, -2)}${last.toString(16).padStart(2, "0")}`;
-}
-
-async function sh(argv: string[]): Promise<string> {
-  const out = await new Deno.Command(argv[0], {
-    args: argv.slice(1),
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  if (!out.success) {
-    throw new Error(`${argv.join(" ")} exited ${out.code}: ${dec.decode(out.stderr).trim()}`);
-  }
-  return dec.decode(out.stdout);
 }
 
 function isSocket(path: string): boolean {

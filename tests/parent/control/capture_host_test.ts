@@ -17,6 +17,7 @@ import type { Logger } from "../../../parent/control/log.ts";
 import type { HostMemory } from "../../../parent/io/regions.ts";
 import { direction, readPcapng } from "../io/pcapng_reader.ts";
 import { udpFrame } from "../io/capture_frames.ts";
+import { httpRequest } from "./http_request.ts";
 
 const lines: string[] = [];
 const logger = { log: (_l: string, _p: string, m: string) => lines.push(m) } as unknown as Logger;
@@ -182,31 +183,20 @@ Deno.test("CaptureHost: a FIFO or a symbolic link is refused at open, and nothin
   }
 });
 
-function request(method: string, target: string, body = ""): HttpRequest {
-  const q = target.indexOf("?");
-  return {
-    method,
-    target,
-    path: q < 0 ? target : target.slice(0, q),
-    query: q < 0 ? "" : target.slice(q + 1),
-    version: "1.1",
-    headers: new Map(),
-    body: new TextEncoder().encode(body),
-  };
-}
-
 Deno.test("captureRequest: state from the query, a form body or JSON; each mistake named", () => {
-  assert.deepEqual(captureRequest(request("POST", "/capture?state=on")), { on: true });
-  assert.deepEqual(captureRequest(request("POST", "/capture", "state=off")), { on: false });
-  assert.deepEqual(captureRequest(request("POST", "/capture", '{"state":"on"}')), { on: true });
-  assert.deepEqual(captureRequest(request("POST", "/capture?state=on", "state=on")), { on: true });
+  assert.deepEqual(captureRequest(httpRequest("POST", "/capture?state=on")), { on: true });
+  assert.deepEqual(captureRequest(httpRequest("POST", "/capture", "state=off")), { on: false });
+  assert.deepEqual(captureRequest(httpRequest("POST", "/capture", '{"state":"on"}')), { on: true });
+  assert.deepEqual(captureRequest(httpRequest("POST", "/capture?state=on", "state=on")), {
+    on: true,
+  });
   const errors: Array<[HttpRequest, RegExp]> = [
-    [request("POST", "/capture"), /say which state/],
-    [request("POST", "/capture?state=ON"), /state "ON" must be on or off/],
-    [request("POST", "/capture?x=1&state=on"), /unknown parameter "x"/],
-    [request("POST", "/capture", "{bad"), /not JSON/],
-    [request("POST", "/capture", '{"state":1}'), /names no state/],
-    [request("POST", "/capture?state=off", "state=on"), /different states/],
+    [httpRequest("POST", "/capture"), /say which state/],
+    [httpRequest("POST", "/capture?state=ON"), /state "ON" must be on or off/],
+    [httpRequest("POST", "/capture?x=1&state=on"), /unknown parameter "x"/],
+    [httpRequest("POST", "/capture", "{bad"), /not JSON/],
+    [httpRequest("POST", "/capture", '{"state":1}'), /names no state/],
+    [httpRequest("POST", "/capture?state=off", "state=on"), /different states/],
   ];
   for (const [req, re] of errors) {
     const r = captureRequest(req);
@@ -239,7 +229,7 @@ Deno.test("/capture routes: 200 with the status, 409 with the reason when the ca
   });
   const call = async (method: string, target: string): Promise<HttpResponse> => {
     const route = routes.find((r) => r.method === method && r.path === "/capture")!;
-    return await route.handle(request(method, target));
+    return await route.handle(httpRequest(method, target));
   };
   const off = await call("POST", "/capture?state=off");
   assert.equal(off.status, 200);

@@ -1,23 +1,11 @@
 import assert from "node:assert/strict";
 import { NicRateLimits } from "../../../parent/control/rate_limits.ts";
 import { controlRoutes } from "../../../parent/control/control_api.ts";
-import type { HttpRequest, Route } from "../../../parent/control/http_server.ts";
+import type { Route } from "../../../parent/control/http_server.ts";
 import { formatMetrics, type MetricsSnapshot } from "../../../parent/control/metrics.ts";
 import { parseExposition, valueOf } from "./exposition_parser.ts";
 import { DIR_RX, DIR_TX, RateLimiter } from "../../../parent/io/rate_limiter.ts";
-
-function req(method: string, target: string, body = ""): HttpRequest {
-  const q = target.indexOf("?");
-  return {
-    method,
-    target,
-    path: q < 0 ? target : target.slice(0, q),
-    query: q < 0 ? "" : target.slice(q + 1),
-    version: "1.1",
-    headers: new Map(),
-    body: new TextEncoder().encode(body),
-  };
-}
+import { httpRequest } from "./http_request.ts";
 
 function route(routes: Route[], method: string, path: string): Route {
   const r = routes.find((x) => x.method === method && x.path === path);
@@ -32,23 +20,23 @@ Deno.test("POST /rate-limit: body or query string, 400 with the reason, GET show
   const routes = controlRoutes(() => Promise.resolve(""), limits);
   const post = route(routes, "POST", "/rate-limit");
   const get = route(routes, "GET", "/rate-limit");
-  assert.deepEqual(await get.handle(req("GET", "/rate-limit")), {
+  assert.deepEqual(await get.handle(httpRequest("GET", "/rate-limit")), {
     status: 200,
     body: "tx=8Mbit,burst=100000,rx=off\n",
   });
 
   // The body: a direction it names is replaced, the other one kept.
-  let r = await post.handle(req("POST", "/rate-limit", "rx=10kpps,burst=100"));
+  let r = await post.handle(httpRequest("POST", "/rate-limit", "rx=10kpps,burst=100"));
   assert.equal(r.status, 200);
   assert.equal(r.body, "tx=8Mbit,burst=100000,rx=10000pps,burst=100\n");
   // The query string, `&` between items; percent-escapes decoded.
-  r = await post.handle(req("POST", "/rate-limit?tx=off&rx=50Mbit%2Cburst=1MiB"));
+  r = await post.handle(httpRequest("POST", "/rate-limit?tx=off&rx=50Mbit%2Cburst=1MiB"));
   assert.equal(r.status, 200);
   assert.equal(r.body, "tx=off,rx=50Mbit,burst=1048576\n");
   // A form-encoded body, as `curl -d 'tx=1Mbit&rx=50Mbit'` sends it.
-  r = await post.handle(req("POST", "/rate-limit", "tx=1Mbit&rx=50Mbit%2Cburst=1MiB"));
+  r = await post.handle(httpRequest("POST", "/rate-limit", "tx=1Mbit&rx=50Mbit%2Cburst=1MiB"));
   assert.equal(r.body, "tx=1Mbit,burst=65550,rx=50Mbit,burst=1048576\n");
-  r = await post.handle(req("POST", "/rate-limit", "tx=off"));
+  r = await post.handle(httpRequest("POST", "/rate-limit", "tx=off"));
 
   // What the workers see: the same buffer.
   const worker = new RateLimiter(limits.buffer, () => clock.now);
@@ -67,7 +55,7 @@ Deno.test("POST /rate-limit: body or query string, 400 with the reason, GET show
     ] as const
   ) {
     const bytes = body === "\xff" ? new Uint8Array([0xff]) : new TextEncoder().encode(body);
-    const bad = await post.handle({ ...req("POST", target), body: bytes });
+    const bad = await post.handle({ ...httpRequest("POST", target), body: bytes });
     assert.equal(bad.status, 400, `${target} ${body}`);
     assert.match(String(bad.body), reason);
   }
@@ -76,7 +64,7 @@ Deno.test("POST /rate-limit: body or query string, 400 with the reason, GET show
 
 Deno.test("without limits /rate-limit answers 501 (a server that has none to change)", async () => {
   const r = await route(controlRoutes(() => Promise.resolve("")), "POST", "/rate-limit").handle(
-    req("POST", "/rate-limit", "tx=off"),
+    httpRequest("POST", "/rate-limit", "tx=off"),
   );
   assert.equal(r.status, 501);
 });
