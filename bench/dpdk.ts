@@ -82,6 +82,12 @@ export interface BackendOptions {
   vionetArgs?: string[];
   /** More options for the `vionet-capture` backend only (e.g. `--pcap-snaplen 128`). */
   captureArgs?: string[];
+  /**
+   * Runs alongside the measured window (e.g. a profiler attached to the
+   * backend, `bench/profile.ts`); the window ends when both it and the
+   * window's time are over.
+   */
+  during?: (backendPid: number, seconds: number) => Promise<void>;
 }
 
 const TAP = "vb0";
@@ -196,7 +202,7 @@ export async function measureBackend(
     const ca = capturing ? await captureStatus(r.dir) : null;
     const a = await snapshot(r, test);
     const t0 = performance.now();
-    await sleep(o.seconds * 1000);
+    await Promise.all([sleep(o.seconds * 1000), o.during?.(r.backendPid, o.seconds)]);
     const b = await snapshot(r, test);
     const dt = (performance.now() - t0) / 1000;
     const cb = capturing ? await captureStatus(r.dir) : null;

@@ -1,18 +1,27 @@
 /**
- * Where the daemon's time goes under load: runs one backend-bound test
- * (default TX 64 B) against vionet started with `deno --cpu-prof`, then
- * prints the functions with the most self time in every profile written
- * (one per isolate: the main thread and each worker).
+ * Where the daemon's time goes under load. Runs one backend-bound test
+ * (default TX 64 B) against vionet, in one of two ways:
+ *
+ * - default: vionet started with `deno --cpu-prof`; prints the functions
+ *   with the most self time in every profile written (one per isolate: the
+ *   main thread and each worker). JavaScript only.
+ * - `--perf`: `perf record` of the whole daemon over the measured window,
+ *   V8's `--perf-basic-prof` naming the JIT code, and each thread's CPU time
+ *   from /proc: microseconds per frame for every thread, split into kernel,
+ *   JavaScript, Deno/V8 runtime and libc, with the heaviest symbols
+ *   (`bench/thread_profile.ts`). Needs `perf` (Debian: linux-perf).
  *
  * ```
- * deno run --unstable-worker-options -A bench/profile.ts [--test tx64] [--seconds 5] [--offload off]
+ * deno run --unstable-worker-options -A bench/profile.ts [--test tx64] [--seconds 5] [--offload off] [--perf]
  * ```
  *
  * @module
  */
 
 import { parseArgs } from "node:util";
-import { type BackendTest, measureBackend } from "./dpdk.ts";
+import { BACKEND_TESTS, type BackendTest, measureBackend } from "./dpdk.ts";
+import { threadTimes } from "./proc.ts";
+import { parsePerfReport, profileTable, threadProfiles } from "./thread_profile.ts";
 
 interface ProfileNode {
   id: number;
@@ -38,6 +47,125 @@ export function topFunctions(profile: { nodes: ProfileNode[] }, n: number): stri
   );
 }
 
+/** Why `perf` cannot be used here, or undefined. */
+async function perfUnavailable(): Promise<string | undefined> {
+  try {
+    const out = await new Deno.Command("perf", {
+      args: ["--version"],
+      stdout: "null",
+      stderr: "null",
+    })
+      .output();
+    return out.success ? undefined : "perf --version failed (apt-get install linux-perf)";
+  } catch {
+    return "perf is not installed (apt-get install linux-perf)";
+  }
+}
+
+/** Runs `cmd`, returning its stdout; throws with its stderr when it fails. */
+async function run(cmd: string[]): Promise<string> {
+  const out = await new Deno.Command(cmd[0], {
+    args: cmd.slice(1),
+    stdout: "piped",
+    stderr: "piped",
+  })
+    .output();
+  if (!out.success) {
+    throw new Error(`${cmd.join(" ")} failed: ${new TextDecoder().decode(out.stderr).slice(-800)}`);
+  }
+  return new TextDecoder().decode(out.stdout);
+}
+
+/** The `--perf` way: per-thread microseconds per frame, by layer. */
+async function perfProfile(
+  test: BackendTest,
+  backend: "vionet" | "vionet-offload-off",
+  seconds: number,
+  top: number,
+  dir: string,
+): Promise<void> {
+  const why = await perfUnavailable();
+  if (why) {
+    console.error(`profile: ${why}`);
+    Deno.exit(2);
+  }
+  const data = `${dir}/perf.data`;
+  let before: ReturnType<typeof threadTimes> | undefined;
+  let after: ReturnType<typeof threadTimes> | undefined;
+  let window = 0;
+  let daemonPid = 0;
+  const s = await measureBackend(test, backend, 0, {
+    seconds,
+    warmSeconds: 1.5,
+    backendCpu: 0,
+    frontendCpu: 1,
+    log: console.log,
+    // V8 writes /tmp/perf-PID.map, which names the JIT code for perf.
+    daemonFlags: ["--v8-flags=--perf-basic-prof"],
+    during: async (pid, secs) => {
+      daemonPid = pid;
+      before = threadTimes(pid);
+      const t0 = performance.now();
+      // 1999 Hz: not a multiple of the scheduler tick.
+      await run([
+        "perf",
+        "record",
+        "-F",
+        "1999",
+        "-p",
+        String(pid),
+        "-o",
+        data,
+        "--",
+        "sleep",
+        String(secs),
+      ]);
+      after = threadTimes(pid);
+      window = (performance.now() - t0) / 1000;
+    },
+  });
+  if (s.error) throw new Error(`the measurement failed: ${s.error}`);
+  if (!before || !after) throw new Error("the profiler did not run");
+  const cpu = new Map<number, { comm: string; seconds: number }>();
+  for (const [key, b] of after) {
+    const a = before.get(key);
+    if (!a) continue;
+    const [tid, ...comm] = key.split(" ");
+    cpu.set(Number(tid), { comm: comm.join(" "), seconds: b.cpu - a.cpu });
+  }
+  const report = await run([
+    "perf",
+    "report",
+    "-i",
+    data,
+    "--no-children",
+    "--sort",
+    "pid,dso,sym",
+    "--stdio",
+    "-g",
+    "none",
+    "-t",
+    "|",
+    "--percent-limit",
+    "0",
+  ]);
+  const frames = s.pps * window;
+  const profiles = threadProfiles(parsePerfReport(report), cpu, window, frames, { top });
+  console.log(
+    `\n${test} on ${backend}: ${(s.pps / 1e6).toFixed(3)} Mpps, daemon ${
+      s.backendCores.toFixed(2)
+    } cores; microseconds of each thread per frame over ${window.toFixed(1)} s ` +
+      `(load average ${Deno.loadavg().map((x) => x.toFixed(2)).join(" ")}):\n`,
+  );
+  console.log(profileTable(profiles).join("\n"));
+  for (const p of profiles) {
+    console.log(`\n${p.role} (${p.comm}, tid ${p.tid}):`);
+    for (const t of p.top) console.log(`  ${t.microseconds.toFixed(3)} µs  ${t.symbol}`);
+  }
+  await Deno.remove(`/tmp/perf-${daemonPid}.map`).catch(() => {});
+  console.log(`\nperf data kept in ${data} (the JIT map is gone with the daemon)`);
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     args: Deno.args,
@@ -46,16 +174,28 @@ async function main(): Promise<void> {
       seconds: { type: "string", default: "5" },
       top: { type: "string", default: "15" },
       offload: { type: "string", default: "auto" },
+      perf: { type: "boolean", default: false },
     },
   });
+  if (!(BACKEND_TESTS as readonly string[]).includes(values.test)) {
+    console.error(`profile: --test must be one of ${BACKEND_TESTS.join(", ")}, not ${values.test}`);
+    Deno.exit(2);
+  }
+  const test = values.test as BackendTest;
+  const seconds = Number(values.seconds);
+  if (!(seconds > 0 && seconds <= 120)) {
+    console.error(`profile: --seconds ${values.seconds}: want a number of seconds in (0, 120]`);
+    Deno.exit(2);
+  }
   const dir = await Deno.makeTempDir({ prefix: "vionet-prof-" });
   if (values.offload !== "auto" && values.offload !== "off") {
     console.error(`profile: --offload must be auto or off, not ${values.offload}`);
     Deno.exit(2);
   }
   const backend = values.offload === "off" ? "vionet-offload-off" : "vionet";
-  const s = await measureBackend(values.test as BackendTest, backend, 0, {
-    seconds: Number(values.seconds),
+  if (values.perf) return await perfProfile(test, backend, seconds, Number(values.top), dir);
+  const s = await measureBackend(test, backend, 0, {
+    seconds,
     warmSeconds: 1.5,
     backendCpu: 0,
     frontendCpu: 1,
@@ -63,7 +203,7 @@ async function main(): Promise<void> {
     daemonFlags: ["--cpu-prof", `--cpu-prof-dir=${dir}`],
   });
   console.log(
-    `${values.test}: ${(s.pps / 1e6).toFixed(3)} Mpps, daemon ${s.backendCores.toFixed(2)} cores`,
+    `${test}: ${(s.pps / 1e6).toFixed(3)} Mpps, daemon ${s.backendCores.toFixed(2)} cores`,
   );
   for (const e of Deno.readDirSync(dir)) {
     const p = JSON.parse(Deno.readTextFileSync(`${dir}/${e.name}`));

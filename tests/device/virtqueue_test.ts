@@ -1072,3 +1072,26 @@ Deno.test("a queue whose used ring another publisher owns refuses to write it (a
   q.stop();
   assert.equal(drv.readUsed().length, 1, "taken back, the device completes what is in flight");
 });
+
+Deno.test("chainRead() copies small and large segments alike, from every offset", () => {
+  const s = setup({ features: INDIRECT });
+  // Segments around the byte-by-byte threshold and one well past it.
+  const sizes = [1, 5, 31, 32, 33, 12, 200];
+  const parts = sizes.map((n, i) => bytes(n, i * 17 + 1));
+  const all = new Uint8Array(sizes.reduce((a, b) => a + b, 0));
+  let at = 0;
+  for (const p of parts) {
+    all.set(p, at);
+    at += p.length;
+  }
+  s.drv.post(parts.map((data) => ({ data })));
+  assert.equal(s.q.popAvail(), POP_CHAIN);
+  for (let from = 0; from <= all.length; from++) {
+    for (const want of [1, 12, 40, all.length]) {
+      const got = new Uint8Array(want);
+      const n = chainRead(s.guest.memory, s.q.chain, from, got);
+      assert.equal(n, Math.min(want, all.length - from), `from ${from} want ${want}`);
+      assert.deepEqual(got.subarray(0, n), all.subarray(from, from + n), `from ${from}`);
+    }
+  }
+});
