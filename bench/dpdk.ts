@@ -40,12 +40,33 @@ import {
   waitForPath,
 } from "./proc.ts";
 import { Testpmd } from "./testpmd.ts";
+import { ceilingBinary } from "./tap_ceiling.ts";
 
 /** The backend-bound tests. */
 export const BACKEND_TESTS = ["tx64", "tx1514", "tso", "rx64", "tx64q2", "tx1514q2"] as const;
 export type BackendTest = typeof BACKEND_TESTS[number];
 /** The backends compared. */
-export type BackendName = "vionet" | "vionet-offload-off" | "vionet-capture" | "dpdk" | "raw";
+export type BackendName =
+  | "vionet"
+  | "vionet-offload-off"
+  | "vionet-capture"
+  | "dpdk"
+  | "raw"
+  | "c-readv"
+  | "c-uring-readv";
+
+/**
+ * The kernel's RX ceiling (rx64 only): one C thread reading the tap
+ * (bench/tap_ceiling.c), `readv` a frame or io_uring READV batches with
+ * RWF_NOWAIT as vionet's poller makes them. Measured as a backend, so with
+ * the very injector, warm-up, window and counters of vionet's figure.
+ */
+export const RX_CEILING_BACKENDS = ["c-readv", "c-uring-readv"] as const;
+
+/** Whether `backend` is a reader of its own on the tap (no vhost-user, no driver). */
+export function isTapLoop(backend: BackendName): boolean {
+  return backend === "raw" || backend === "c-readv" || backend === "c-uring-readv";
+}
 
 /** One measurement window. */
 export interface BackendSample {
@@ -82,6 +103,10 @@ export interface BackendOptions {
   vionetArgs?: string[];
   /** More options for the `vionet-capture` backend only (e.g. `--pcap-snaplen 128`). */
   captureArgs?: string[];
+  /** rx64: the tap's txqueuelen (its queue of frames for the reader); EXPERIMENT */
+  rxTapQueueLen?: number;
+  /** rx64: the driver's virtio ring size; EXPERIMENT */
+  rxRingSize?: number;
 }
 
 const TAP = "vb0";
@@ -91,6 +116,7 @@ const TSO_FRAME_BYTES = tsoFrame().byteLength;
 export function backendsFor(test: BackendTest): BackendName[] {
   if (test === "tso") return ["vionet", "vionet-capture", "vionet-offload-off", "dpdk", "raw"];
   if (queuePairsOf(test) > 1) return ["vionet", "dpdk"];
+  if (test === "rx64") return ["vionet", "vionet-capture", "dpdk", "raw", ...RX_CEILING_BACKENDS];
   return ["vionet", "vionet-capture", "dpdk", "raw"];
 }
 
@@ -258,7 +284,7 @@ async function snapshot(r: Running, test: BackendTest): Promise<Snapshot> {
 function rates(test: BackendTest, backend: BackendName, a: Snapshot, b: Snapshot, dt: number) {
   const backendCores = (b.cpu - a.cpu) / dt;
   if (test === "rx64") {
-    const raw = backend === "raw";
+    const raw = isTapLoop(backend);
     const frames = raw ? b.tap.txPackets - a.tap.txPackets : b.driverRx - a.driverRx;
     const bytes = raw ? b.tap.txBytes - a.tap.txBytes : b.driverRxBytes - a.driverRxBytes;
     return {
@@ -363,6 +389,15 @@ async function startBackend(
       await vhost.cmds(["set fwd io", "start"]);
     }
     await waitForPath(sock, 10_000, "(net_vhost0 did not create it)");
+  } else if (backend === "c-readv" || backend === "c-uring-readv") {
+    if (test !== "rx64") throw new Error(`${backend} reads; it has no ${test} test`);
+    const reader = r.ns.spawn(
+      [await ceilingBinary(), TAP, "-", backend.slice(2), "nonblock", "0"],
+      { cpu: o.backendCpu },
+    );
+    r.backendPid = reader.pid;
+    r.parts.push({ quit: () => reader.stop("SIGKILL", 2000) });
+    await reader.waitFor(/ready/, 0, 30_000, "tap_ceiling to open its tap");
   } else {
     const mode = test === "rx64" ? "read" : "write";
     const frame = test === "tso" ? "tso" : test === "rx64" ? "64" : txFrame(test);
@@ -393,9 +428,10 @@ async function startFrontend(
 ): Promise<void> {
   const sock = `${r.dir}/vhost.sock`;
   const prefix = `vb${r.ns.name.slice(-8)}`;
-  if (backend !== "raw") {
+  if (!isTapLoop(backend)) {
     const pairs = queuePairsOf(test);
-    const virtio = `net_virtio_user0,path=${sock},queues=${pairs},queue_size=256`;
+    const ring = test === "rx64" ? o.rxRingSize ?? 256 : 256;
+    const virtio = `net_virtio_user0,path=${sock},queues=${pairs},queue_size=${ring}`;
     if (test === "tso") {
       const pcap = `${r.dir}/tso.pcap`;
       await Deno.writeFile(pcap, pcapFile([tsoFrame()]));
@@ -438,6 +474,9 @@ async function startFrontend(
   }
   if (test === "rx64") {
     await r.ns.exec(["ip", "link", "set", TAP, "up"]);
+    if (o.rxTapQueueLen) {
+      await r.ns.exec(["ip", "link", "set", TAP, "txqueuelen", String(o.rxTapQueueLen)]);
+    }
     const inj = await Testpmd.start(r.ns, {
       cpu: o.frontendCpu,
       prefix: `${prefix}i`,
