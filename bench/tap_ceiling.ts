@@ -178,9 +178,7 @@ export function ceilingTable(samples: CeilingSample[]): string[] {
     writev: "`writev` header, frame",
     "uring-writev": "io_uring, 64 `WRITEV` (header, frame) a call",
   };
-  const head = cols.map((c) =>
-    `${name[c.call]}, ${c.nonBlocking ? "O_NONBLOCK" : "blocking"}`
-  );
+  const head = cols.map((c) => `${name[c.call]}, ${c.nonBlocking ? "O_NONBLOCK" : "blocking"}`);
   const lines = [
     `| frame | ${head.join(" | ")} |`,
     `|---|${cols.map(() => "---").join("|")}|`,
@@ -271,7 +269,9 @@ export function rxCeilingLines(samples: readonly BackendSample[]): string[] {
   return RX_CEILING_BACKENDS.map((backend) => {
     const s = samples.filter((x) => x.backend === backend && !x.error);
     const failed = samples.filter((x) => x.backend === backend && x.error).length;
-    if (s.length === 0) return `rx64 ${backend}: not measured${failed ? ` (${failed} failed)` : ""}`;
+    if (s.length === 0) {
+      return `rx64 ${backend}: not measured${failed ? ` (${failed} failed)` : ""}`;
+    }
     const pps = s.map((x) => x.pps / 1e6).sort((a, b) => a - b);
     const mid = pps.length >> 1;
     const median = pps.length & 1 ? pps[mid] : (pps[mid - 1] + pps[mid]) / 2;
