@@ -53,8 +53,13 @@ export interface CeilingSample {
   nonBlocking: boolean;
   /** Frames written per second, in millions. */
   mpps: number;
-  /** Microseconds per frame on the one core. */
+  /** Microseconds per frame on the one core (wall time). */
   microseconds: number;
+  /**
+   * Microseconds of the thread's own CPU per frame: below `microseconds`
+   * when other work shared the core (absent in older results).
+   */
+  cpuMicroseconds?: number;
   /** Writes that did not take the whole frame (expected 0). */
   errors: number;
 }
@@ -90,19 +95,25 @@ export function ceilingBinary(): Promise<string> {
   return binary;
 }
 
-/** Parses the C program's "frames seconds errors" line; throws naming what was wrong. */
+/**
+ * Parses the C program's "frames seconds errors [cpu]" line (cpu: its own
+ * CPU seconds); throws naming what was wrong.
+ */
 export function parseCeilingLine(
   line: string,
-): { frames: number; seconds: number; errors: number } {
-  const m = /^(\d+) (\d+(?:\.\d+)?) (\d+)$/.exec(line.trim());
+): { frames: number; seconds: number; errors: number; cpuSeconds?: number } {
+  const m = /^(\d+) (\d+(?:\.\d+)?) (\d+)(?: (\d+(?:\.\d+)?))?$/.exec(line.trim());
   if (!m) {
     throw new Error(
-      `tap_ceiling printed ${JSON.stringify(line.slice(0, 200))}, not "frames seconds errors"`,
+      `tap_ceiling printed ${
+        JSON.stringify(line.slice(0, 200))
+      }, not "frames seconds errors [cpu]"`,
     );
   }
   const seconds = Number(m[2]);
   if (!(seconds > 0)) throw new Error(`tap_ceiling ran for ${m[2]} s`);
-  return { frames: Number(m[1]), seconds, errors: Number(m[3]) };
+  const out = { frames: Number(m[1]), seconds, errors: Number(m[3]) };
+  return m[4] === undefined ? out : { ...out, cpuSeconds: Number(m[4]) };
 }
 
 /**
@@ -150,11 +161,17 @@ export async function measureTapCeiling(
             nonBlocking,
             mpps: r.frames / r.seconds / 1e6,
             microseconds: r.seconds / Math.max(r.frames, 1) * 1e6,
+            ...(r.cpuSeconds === undefined
+              ? {}
+              : { cpuMicroseconds: r.cpuSeconds / Math.max(r.frames, 1) * 1e6 }),
             errors: r.errors,
           };
           opts.log?.(
             `ceiling ${frame} ${call} ${nonBlocking ? "non-blocking" : "blocking"}: ` +
               `${s.mpps.toFixed(3)} Mpps, ${s.microseconds.toFixed(3)} µs a frame` +
+              (s.cpuMicroseconds === undefined
+                ? ""
+                : ` (${s.cpuMicroseconds.toFixed(3)} µs of its CPU)`) +
               (s.errors ? `, ${s.errors} short writes` : ""),
           );
           out.push(s);
@@ -188,7 +205,12 @@ export function ceilingTable(samples: CeilingSample[]): string[] {
       const s = samples.find((x) =>
         x.frame === frame && x.call === c.call && x.nonBlocking === c.nonBlocking
       );
-      return s ? `${s.mpps.toFixed(3)} Mpps (${s.microseconds.toFixed(2)} µs)` : "";
+      if (!s) return "";
+      // The CPU's µs only where other work took a tenth of the core or more.
+      const cpu = s.cpuMicroseconds !== undefined && s.cpuMicroseconds < 0.9 * s.microseconds
+        ? `; ${s.cpuMicroseconds.toFixed(2)} µs CPU`
+        : "";
+      return `${s.mpps.toFixed(3)} Mpps (${s.microseconds.toFixed(2)} µs${cpu})`;
     });
     lines.push(`| ${frame === "tso" ? "64 KiB TSO" : `${frame} B`} | ${cells.join(" | ")} |`);
   }

@@ -17,6 +17,7 @@ import {
   markdown,
   ratioToCeiling,
   type Results,
+  rxReaderLines,
   spread,
   svg,
   targets,
@@ -260,4 +261,31 @@ Deno.test("an older results file without ceilings still renders, its ceiling tar
   assert.match(md, /\| TX 64 B vs the kernel's batched ceiling \| not measured \| ≥ 0\.6× \| – \|/);
   assert.match(md, /\| RX 64 B: largest deviation .* \| not measured \|/);
   svg(r);
+});
+
+Deno.test("rxReaderLines() gives each RX reader's drops a second and frames per core-second, by median", () => {
+  const rx = (
+    backend: BackendName,
+    pps: number,
+    cores: number,
+    dropped: number,
+  ): BackendSample => ({
+    ...measured("rx64", backend, pps),
+    backendCores: cores,
+    tapDropped: dropped,
+    seconds: 2,
+  });
+  const [line] = rxReaderLines([
+    rx("vionet", 200_000, 0.4, 20_000),
+    rx("vionet", 300_000, 0.5, 40_000),
+    rx("vionet", 250_000, 0.5, 0),
+    rx("c-readv", 500_000, 1, 2_000_000),
+    rx("tx64" as BackendName, 1, 1, 1),
+  ]);
+  // vionet: drops 0, 10k, 20k a second (median 10k); per core 500k, 600k, 500k (median 500k).
+  assert.match(
+    line,
+    /vionet 0\.0100 M dropped\/s, 0\.500 Mpps a core; C `readv` loop 1\.00 M dropped\/s, 0\.500 Mpps a core\.$/,
+  );
+  assert.doesNotMatch(line, /DPDK|io_uring/);
 });

@@ -22,18 +22,25 @@ import { markdown, type Results } from "../../bench/report.ts";
 import { type BackendSample, RX_CEILING_BACKENDS } from "../../bench/dpdk.ts";
 import { linkStats, Netns, sleep } from "../../bench/proc.ts";
 
-Deno.test("parseCeilingLine() reads frames, seconds, errors and names a bad line", () => {
+Deno.test("parseCeilingLine() reads frames, seconds, errors, CPU seconds if given, and names a bad line", () => {
   assert.deepEqual(parseCeilingLine("3300000 2.000417 0\n"), {
     frames: 3300000,
     seconds: 2.000417,
     errors: 0,
   });
+  assert.deepEqual(parseCeilingLine("3300000 2.000417 0 1.5\n"), {
+    frames: 3300000,
+    seconds: 2.000417,
+    errors: 0,
+    cpuSeconds: 1.5,
+  });
   assert.throws(
     () => parseCeilingLine("tap_ceiling: TUNSETIFF: Operation not permitted"),
-    /not "frames seconds errors"/,
+    /not "frames seconds errors \[cpu\]"/,
   );
   assert.throws(() => parseCeilingLine("10 0.000000 0"), /ran for 0.000000 s/);
-  assert.throws(() => parseCeilingLine("10 1.0 0 extra"), /not "frames seconds errors"/);
+  assert.throws(() => parseCeilingLine("10 1.0 0 extra"), /not "frames seconds errors \[cpu\]"/);
+  assert.throws(() => parseCeilingLine("10 1.0 0 1.0 2"), /not "frames seconds errors \[cpu\]"/);
 });
 
 function sample(
@@ -49,8 +56,8 @@ Deno.test("ceilingTable() has a row per frame and a column per call and blocking
   const lines = ceilingTable([
     sample("64", "write", true, 1.646),
     sample("64", "writev", false, 1.365),
-    sample("64", "uring-writev", true, 3.5),
-    sample("tso", "write", true, 0.488),
+    { ...sample("64", "uring-writev", true, 3.5), cpuMicroseconds: 0.2 },
+    { ...sample("tso", "write", true, 0.488), cpuMicroseconds: 2 },
   ]);
   assert.equal(lines.length, 2 + 3);
   assert.match(
@@ -59,10 +66,14 @@ Deno.test("ceilingTable() has a row per frame and a column per call and blocking
   );
   assert.match(
     lines[2],
-    /^\| 64 B \| 1\.646 Mpps \(0\.61 µs\) \| {2}\| {2}\| 1\.365 Mpps \(0\.73 µs\) \| 3\.500 Mpps \(0\.29 µs\) \|$/,
+    /^\| 64 B \| 1\.646 Mpps \(0\.61 µs\) \| {2}\| {2}\| 1\.365 Mpps \(0\.73 µs\) \| 3\.500 Mpps \(0\.29 µs; 0\.20 µs CPU\) \|$/,
   );
   assert.match(lines[3], /^\| 1514 B \|/);
-  assert.match(lines[4], /^\| 64 KiB TSO \| 0\.488 Mpps/);
+  assert.match(
+    lines[4],
+    /^\| 64 KiB TSO \| 0\.488 Mpps \(2\.05 µs\) \|/,
+    "CPU not shown: ~ the wall time",
+  );
 });
 
 function results(ceiling?: CeilingSample[]): Results {
@@ -136,6 +147,10 @@ Deno.test({
       const what = `${s.frame} ${s.call} ${s.nonBlocking ? "non-blocking" : "blocking"}`;
       assert.equal(s.errors, 0, `${what}: short or failed writes`);
       assert.ok(s.mpps > 0.001, `${what}: ${s.mpps} Mpps`);
+      assert.ok(
+        s.cpuMicroseconds! > 0 && s.cpuMicroseconds! <= s.microseconds * 1.05,
+        `${what}: ${s.cpuMicroseconds} µs of CPU against ${s.microseconds} µs of wall time`,
+      );
     }
   },
 });
