@@ -24,6 +24,8 @@ export interface Machine {
   qemu: string;
   date: string;
   loadBefore: string;
+  /** The load average when the run ended (absent in older runs). */
+  loadAfter?: string;
 }
 
 /** Everything one `deno task bench` run produced. */
@@ -89,6 +91,24 @@ export function machineKind(
 
 /** A 64 B `write()` at or above this many µs marks the slow-syscall kind (see {@link machineKind}). */
 export const KIND_THRESHOLD_US = 1.1;
+
+/**
+ * A warning when other work shared the machine: a 1-minute load average,
+ * before or after the run, above half the CPUs (the bench itself keeps
+ * about one busy). Undefined for a quiet run, or without figures.
+ */
+export function sharedMachineWarning(m: Machine): string | undefined {
+  const first = (l: string | undefined) => Number(l?.split(" ")[0]);
+  const load = Math.max(
+    ...[m.loadBefore, m.loadAfter].map(first).filter((x) => Number.isFinite(x)),
+  );
+  if (!(load > m.cpus / 2)) return undefined;
+  return `**Shared machine**: a load average of ${load} on ${m.cpus} CPUs ` +
+    `(before: ${m.loadBefore}; after: ${m.loadAfter ?? "not recorded"}): other work took CPU ` +
+    "time from the processes measured, so rates and their ratios measure that too; a busy " +
+    "loop (the raw and C ceilings, DPDK) loses more than a process that sleeps. The C " +
+    "ceiling's CPU microseconds a frame hold better. Re-run on a quiet machine.";
+}
 
 /** The one-line description of the machine kind for the report. */
 function kindLine(r: Results): string {
@@ -512,6 +532,8 @@ export function markdown(r: Results): string {
       `${kindLine(r)}.`,
   );
   lines.push("");
+  const shared = sharedMachineWarning(m);
+  if (shared) lines.push(shared, "");
   lines.push(
     `Command: \`${r.command}\`. Medians [min–max] over the repetitions; ratios are of medians.`,
   );

@@ -332,6 +332,8 @@ async function main(): Promise<void> {
       }
     }
   }
+  results.machine.loadAfter = (await Deno.readTextFile("/proc/loadavg")).split(" ").slice(0, 3)
+    .join(" ");
   await writeReport(results, values.out);
   console.log("\n" + markdown(results));
   console.log(`bench: wrote ${values.out}/results.json, results.md, chart.svg`);

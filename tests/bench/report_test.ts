@@ -18,6 +18,7 @@ import {
   ratioToCeiling,
   type Results,
   rxReaderLines,
+  sharedMachineWarning,
   spread,
   svg,
   targets,
@@ -288,4 +289,23 @@ Deno.test("rxReaderLines() gives each RX reader's drops a second and frames per 
     /vionet 0\.0100 M dropped\/s, 0\.500 Mpps a core; C `readv` loop 1\.00 M dropped\/s, 0\.500 Mpps a core\.$/,
   );
   assert.doesNotMatch(line, /DPDK|io_uring/);
+});
+
+Deno.test("sharedMachineWarning() speaks up when the load, before or after, is above half the CPUs", () => {
+  const m = guestOnly([]).machine;
+  assert.equal(sharedMachineWarning({ ...m, loadBefore: "0.55 0.52 0.71" }), undefined);
+  assert.equal(
+    sharedMachineWarning({ ...m, loadBefore: "0.5 2 2", loadAfter: "1.0 1 1" }),
+    undefined,
+  );
+  const w = sharedMachineWarning({ ...m, loadBefore: "0.9 1 1", loadAfter: "8.56 7.70 5.66" });
+  assert.match(
+    w!,
+    /a load average of 8\.56 on 2 CPUs \(before: 0\.9 1 1; after: 8\.56 7\.70 5\.66\)/,
+  );
+  assert.match(
+    markdown({ ...guestOnly([]), machine: { ...m, loadBefore: "3 3 3" } }),
+    /\*\*Shared machine\*\*/,
+  );
+  assert.doesNotMatch(markdown(guestOnly([])), /Shared machine/);
 });
