@@ -1,6 +1,7 @@
 /**
- * `deno task bench`: vionet side by side with DPDK's and QEMU's backends, in
- * one run (issue 5). Needs root (namespaces, taps); installs what it needs
+ * `deno task bench`: vionet against the kernel's own ceiling (one C thread
+ * making vionet's system calls, bench/tap_ceiling.ts) and side by side with
+ * DPDK's and QEMU's backends, in one run (issues 5 and 27). Needs root (namespaces, taps); installs what it needs
  * from Debian's packages first (DPDK's testpmd and PMDs, QEMU, iperf3) and
  * builds the test guest if it is missing.
  *
@@ -14,7 +15,10 @@
  *
  * 1. Backend-bound (bench/dpdk.ts): TX 64 B, TX 1514 B, TSO, RX 64 B through
  *    vionet, DPDK's vhost + tap, and a raw tap loop, with testpmd's
- *    virtio-user as the guest; repetitions interleaved so drift hits all alike.
+ *    virtio-user as the guest, and for RX the C readers that are its
+ *    ceiling; repetitions interleaved so drift hits all alike. Then the TX
+ *    ceiling (bench/tap_ceiling.c: a write a frame, and vionet's io_uring
+ *    batches).
  * 2. Guest-bound (bench/guest.ts): iperf3 both ways, offloads on and off,
  *    vionet vs QEMU's built-in backend; the daemon's CPU with an idle guest.
  *    Under TCG a guest's TCP stream runs at one of two speeds, mostly one
