@@ -374,17 +374,31 @@ export function targets(r: Results): TargetRow[] {
     vsCeiling("tx64", "TX 64 B vs the kernel's batched ceiling", CEILING_TARGETS.tx);
     vsCeiling("tx1514", "TX 1514 B vs the kernel's batched ceiling", CEILING_TARGETS.tx);
     vsCeiling("rx64", "RX 64 B vs the kernel's batched read ceiling", CEILING_TARGETS.rx);
-    const rx = pick(b, "rx64", "vionet", "pps");
-    const dev = deviation(rx);
-    rows.push({
-      name: "RX 64 B: largest deviation from the median over the repetitions",
-      ratio: dev,
-      target: CEILING_TARGETS.rxDeviation,
-      atMost: true,
-      percent: true,
-      met: dev <= CEILING_TARGETS.rxDeviation,
-      detail: `${rx.n} repetitions`,
-    });
+    // The ratio holds still only if both of its figures do.
+    const rxCeiling = ceilingFor(r, "rx64");
+    for (
+      const [name, s] of [
+        [
+          "RX 64 B: largest deviation from the median over the repetitions",
+          pick(b, "rx64", "vionet", "pps"),
+        ],
+        [
+          "RX 64 B read ceiling: largest deviation from the median",
+          rxCeiling?.spread ?? spread([]),
+        ],
+      ] as const
+    ) {
+      const dev = deviation(s);
+      rows.push({
+        name,
+        ratio: dev,
+        target: CEILING_TARGETS.rxDeviation,
+        atMost: true,
+        percent: true,
+        met: dev <= CEILING_TARGETS.rxDeviation,
+        detail: `${s.n} repetition${s.n === 1 ? "" : "s"}`,
+      });
+    }
     const tso = row(
       "TSO vs the plain GSO write (raw)",
       pick(b, "tso", "vionet", "gbps"),

@@ -232,6 +232,10 @@ Deno.test("the targets table judges TX and RX against the ceiling and RX's sprea
   const spreadRow = byName(/^RX 64 B: largest deviation/);
   assert.ok(Math.abs(spreadRow.ratio - 0.02 / 0.22) < 1e-12);
   assert.equal(spreadRow.met, true);
+  // The ceiling's spread: one repetition measured (the other failed), so none to judge.
+  const ceilingSpread = byName(/^RX 64 B read ceiling: largest deviation/);
+  assert.ok(Number.isNaN(ceilingSpread.ratio));
+  assert.equal(ceilingSpread.detail, "1 repetition");
   assert.equal(t.some((x) => /DPDK|CPU per Gbit/.test(x.name)), false, "peers are no target");
   const md = markdown(r);
   assert.match(md, /\*\*Targets\*\* \(issue 27; .* slow-syscall kind/);
