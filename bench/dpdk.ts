@@ -125,11 +125,12 @@ export interface BackendOptions {
  * 2026-12-06 04:31 vionet's rx64 was 0.154-0.155 Mpps at 0.28-0.37 of its
  * core: the tap's queue plus the ring, 1000 + 256 frames, per 8 ms cycle
  * is 0.157 Mpps; the set-up, not vionet, set that figure. Now:
- * - the ring holds more than a slice's worth of frames at the rates seen
- *   (1024 entries: 4 ms at 0.25 Mpps), so the backend keeps working while
- *   the driver is off the CPU;
- * - the tap's queue holds more than a slice of the injector's output
- *   (4096 frames), so it keeps working while the injector is off the CPU;
+ * - the ring holds a slice's worth of frames up to 1 Mpps (4096 entries,
+ *   4 ms; the readers measured so far move 0.15-0.4 Mpps, the target is
+ *   0.6x a ceiling of about 1), so the backend keeps working while the
+ *   driver is off the CPU; vionet and DPDK's virtio-user both take 4096;
+ * - the tap's queue holds twice that (8192 frames), so it keeps working
+ *   while the injector is off the CPU;
  * - the injector skips the tap's qdisc (af_packet's PACKET_QDISC_BYPASS),
  *   the cheaper path to tun_net_xmit, so that on half a CPU it still
  *   outpaces the readers: the tap drops frames all along (the sample's
@@ -139,9 +140,9 @@ export interface BackendOptions {
  * itself there: a reader the tap drops frames for is still the limit.
  */
 /** rx64: the tap's queue of frames for its reader (txqueuelen). */
-export const RX_TAP_QUEUE_LEN = 4096;
+export const RX_TAP_QUEUE_LEN = 8192;
 /** rx64: the driver's RX (and TX) ring size. */
-export const RX_RING_SIZE = 1024;
+export const RX_RING_SIZE = 4096;
 
 const TAP = "vb0";
 const TSO_FRAME_BYTES = tsoFrame().byteLength;
