@@ -212,6 +212,24 @@ export function rxReaderLines(samples: readonly BackendSample[]): string[] {
 }
 
 /**
+ * For rx64: a note when the tap dropped no frame for `backend` in most
+ * repetitions (a median of 0 a second): the reader kept up with the
+ * injector, so its figure is the injector's, a floor of its own. Undefined
+ * otherwise.
+ */
+export function injectorBound(
+  samples: readonly BackendSample[],
+  backend: BackendName,
+): string | undefined {
+  const s = samples.filter((x) => x.test === "rx64" && x.backend === backend && !x.error);
+  if (s.length === 0) return undefined;
+  const drops = spread(s.map((x) => x.tapDropped / x.seconds)).median;
+  return drops === 0
+    ? `injector-bound: the tap dropped nothing for ${backend}, so its figure is a floor`
+    : undefined;
+}
+
+/**
  * The largest deviation of a sample from the median, as a share of the
  * median (0.15: every sample within ±15 %); NaN with fewer than two.
  */
@@ -374,6 +392,9 @@ export function targets(r: Results): TargetRow[] {
     vsCeiling("tx64", "TX 64 B vs the kernel's batched ceiling", CEILING_TARGETS.tx);
     vsCeiling("tx1514", "TX 1514 B vs the kernel's batched ceiling", CEILING_TARGETS.tx);
     vsCeiling("rx64", "RX 64 B vs the kernel's batched read ceiling", CEILING_TARGETS.rx);
+    // A reader the tap dropped nothing for waited for its injector: its figure is a floor.
+    const idle = injectorBound(b, "vionet");
+    if (idle) rows[rows.length - 1].detail += `; ${idle}`;
     // The ratio holds still only if both of its figures do.
     const rxCeiling = ceilingFor(r, "rx64");
     for (

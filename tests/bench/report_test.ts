@@ -13,6 +13,7 @@ import {
   ceilingFor,
   deviation,
   driverBound,
+  injectorBound,
   machineKind,
   markdown,
   ratioToCeiling,
@@ -312,4 +313,23 @@ Deno.test("sharedMachineWarning() speaks up when the load, before or after, is a
     /\*\*Shared machine\*\*/,
   );
   assert.doesNotMatch(markdown(guestOnly([])), /Shared machine/);
+});
+
+Deno.test("injectorBound() names an RX reader the tap dropped nothing for, by median, and the target says so", () => {
+  const rx = (backend: BackendName, dropped: number, rep: number): BackendSample => ({
+    ...measured("rx64", backend, 200_000, rep),
+    tapDropped: dropped,
+  });
+  const busy = [rx("vionet", 5, 0), rx("vionet", 0, 1), rx("vionet", 9, 2)];
+  assert.equal(injectorBound(busy, "vionet"), undefined);
+  const idle = [rx("vionet", 0, 0), rx("vionet", 0, 1), rx("vionet", 9, 2)];
+  assert.match(
+    injectorBound(idle, "vionet")!,
+    /injector-bound: the tap dropped nothing for vionet/,
+  );
+  assert.equal(injectorBound(idle, "dpdk"), undefined, "no dpdk samples");
+  const r = ceilingRun();
+  r.backend = [...r.backend.filter((x) => !(x.test === "rx64" && x.backend === "vionet")), ...idle];
+  const row = targets(r).find((t) => t.name.startsWith("RX 64 B vs"));
+  assert.match(row!.detail, /C `readv` loop: 0\.400 Mpps; injector-bound/);
 });
