@@ -40,12 +40,33 @@ import {
   waitForPath,
 } from "./proc.ts";
 import { Testpmd } from "./testpmd.ts";
+import { ceilingBinary } from "./tap_ceiling.ts";
 
 /** The backend-bound tests. */
 export const BACKEND_TESTS = ["tx64", "tx1514", "tso", "rx64", "tx64q2", "tx1514q2"] as const;
 export type BackendTest = typeof BACKEND_TESTS[number];
 /** The backends compared. */
-export type BackendName = "vionet" | "vionet-offload-off" | "vionet-capture" | "dpdk" | "raw";
+export type BackendName =
+  | "vionet"
+  | "vionet-offload-off"
+  | "vionet-capture"
+  | "dpdk"
+  | "raw"
+  | "c-readv"
+  | "c-uring-readv";
+
+/**
+ * The kernel's RX ceiling (rx64 only): one C thread reading the tap
+ * (bench/tap_ceiling.c), `readv` a frame or io_uring READV batches with
+ * RWF_NOWAIT as vionet's poller makes them. Measured as a backend, so with
+ * the very injector, warm-up, window and counters of vionet's figure.
+ */
+export const RX_CEILING_BACKENDS = ["c-readv", "c-uring-readv"] as const;
+
+/** Whether `backend` is a reader of its own on the tap (no vhost-user, no driver). */
+export function isTapLoop(backend: BackendName): boolean {
+  return backend === "raw" || backend === "c-readv" || backend === "c-uring-readv";
+}
 
 /** One measurement window. */
 export interface BackendSample {
@@ -82,6 +103,12 @@ export interface BackendOptions {
   vionetArgs?: string[];
   /** More options for the `vionet-capture` backend only (e.g. `--pcap-snaplen 128`). */
   captureArgs?: string[];
+  /** rx64: the tap's txqueuelen (default {@link RX_TAP_QUEUE_LEN}; the kernel's own is 1000). */
+  rxTapQueueLen?: number;
+  /** rx64: the driver's virtio ring size (default {@link RX_RING_SIZE}; the other tests' is 256). */
+  rxRingSize?: number;
+  /** rx64: whether the injector's af_packet bypasses the tap's qdisc (default true). */
+  rxQdiscBypass?: boolean;
   /**
    * Runs alongside the measured window (e.g. a profiler attached to the
    * backend, `bench/profile.ts`); the window ends when both it and the
@@ -90,6 +117,39 @@ export interface BackendOptions {
   during?: (backendPid: number, seconds: number) => Promise<void>;
 }
 
+/*
+ * The rx64 set-up, and why (issue 27: the figure moved 0.19-0.55x of the
+ * ceiling between runs). The injector and the driver are two busy-polling
+ * testpmds sharing the front-end CPU; with HZ=250 the scheduler hands that
+ * CPU over about every 4 ms. While the injector holds it the driver frees
+ * no RX buffer, and while the driver holds it nothing is injected. With
+ * the old set-up (a 256-entry ring, the tap's 1000-frame queue) the
+ * backend filled the ring within about 1 ms of the injector's slice and
+ * then waited, and ran dry within the driver's slice once the tap's queue
+ * was read; how much of each 8 ms it could work depended on where the
+ * slices fell, so the figure measured the scheduler. In the run of
+ * 2026-12-06 04:31 vionet's rx64 was 0.154-0.155 Mpps at 0.28-0.37 of its
+ * core: the tap's queue plus the ring, 1000 + 256 frames, per 8 ms cycle
+ * is 0.157 Mpps; the set-up, not vionet, set that figure. Now:
+ * - the ring holds a slice's worth of frames up to 1 Mpps (4096 entries,
+ *   4 ms; the readers measured so far move 0.15-0.4 Mpps, the target is
+ *   0.6x a ceiling of about 1), so the backend keeps working while the
+ *   driver is off the CPU; vionet and DPDK's virtio-user both take 4096;
+ * - the tap's queue holds twice that (8192 frames), so it keeps working
+ *   while the injector is off the CPU;
+ * - the injector skips the tap's qdisc (af_packet's PACKET_QDISC_BYPASS),
+ *   the cheaper path to tun_net_xmit, so that on half a CPU it still
+ *   outpaces the readers: the tap drops frames all along (the sample's
+ *   tapDropped) and the figure is the reader's, not the injector's;
+ * - every RX backend (vionet, DPDK, the raw and C readers) gets the same.
+ * The C readers have no driver, so the injector has the front-end CPU to
+ * itself there: a reader the tap drops frames for is still the limit.
+ */
+/** rx64: the tap's queue of frames for its reader (txqueuelen). */
+export const RX_TAP_QUEUE_LEN = 8192;
+/** rx64: the driver's RX (and TX) ring size. */
+export const RX_RING_SIZE = 4096;
+
 const TAP = "vb0";
 const TSO_FRAME_BYTES = tsoFrame().byteLength;
 
@@ -97,6 +157,7 @@ const TSO_FRAME_BYTES = tsoFrame().byteLength;
 export function backendsFor(test: BackendTest): BackendName[] {
   if (test === "tso") return ["vionet", "vionet-capture", "vionet-offload-off", "dpdk", "raw"];
   if (queuePairsOf(test) > 1) return ["vionet", "dpdk"];
+  if (test === "rx64") return ["vionet", "vionet-capture", "dpdk", "raw", ...RX_CEILING_BACKENDS];
   return ["vionet", "vionet-capture", "dpdk", "raw"];
 }
 
@@ -168,8 +229,11 @@ export function describeBackendTest(test: BackendTest): string {
         "port config 1 tx_offload multi_segs on; csum set ip hw 1; csum set tcp hw 1; tso set 1448 1; " +
         "csum mac-swap off 0; csum mac-swap off 1; port start all; set fwd csum; start";
     case "rx64":
-      return `${fe} -- -i: set fwd rxonly; start; injector: dpdk-testpmd ... --vdev ` +
-        "net_af_packet0,iface=TAP: set fwd txonly; set txpkts 64; start";
+      return `${fe.replace("queue_size=256", `queue_size=${RX_RING_SIZE}`)} -- -i: set fwd ` +
+        `rxonly; start; ip link set TAP txqueuelen ${RX_TAP_QUEUE_LEN}; injector: ` +
+        "dpdk-testpmd ... --vdev net_af_packet0,iface=TAP,qpairs=1,qdisc_bypass=1: " +
+        "set fwd txonly; set txpkts 64; start; C readers (RX ceiling): tap_ceiling TAP - " +
+        "readv|uring-readv nonblock 0";
   }
 }
 
@@ -264,7 +328,7 @@ async function snapshot(r: Running, test: BackendTest): Promise<Snapshot> {
 function rates(test: BackendTest, backend: BackendName, a: Snapshot, b: Snapshot, dt: number) {
   const backendCores = (b.cpu - a.cpu) / dt;
   if (test === "rx64") {
-    const raw = backend === "raw";
+    const raw = isTapLoop(backend);
     const frames = raw ? b.tap.txPackets - a.tap.txPackets : b.driverRx - a.driverRx;
     const bytes = raw ? b.tap.txBytes - a.tap.txBytes : b.driverRxBytes - a.driverRxBytes;
     return {
@@ -369,6 +433,15 @@ async function startBackend(
       await vhost.cmds(["set fwd io", "start"]);
     }
     await waitForPath(sock, 10_000, "(net_vhost0 did not create it)");
+  } else if (backend === "c-readv" || backend === "c-uring-readv") {
+    if (test !== "rx64") throw new Error(`${backend} reads; it has no ${test} test`);
+    const reader = r.ns.spawn(
+      [await ceilingBinary(), TAP, "-", backend.slice(2), "nonblock", "0"],
+      { cpu: o.backendCpu },
+    );
+    r.backendPid = reader.pid;
+    r.parts.push({ quit: () => reader.stop("SIGKILL", 2000) });
+    await reader.waitFor(/ready/, 0, 30_000, "tap_ceiling to open its tap");
   } else {
     const mode = test === "rx64" ? "read" : "write";
     const frame = test === "tso" ? "tso" : test === "rx64" ? "64" : txFrame(test);
@@ -399,9 +472,10 @@ async function startFrontend(
 ): Promise<void> {
   const sock = `${r.dir}/vhost.sock`;
   const prefix = `vb${r.ns.name.slice(-8)}`;
-  if (backend !== "raw") {
+  if (!isTapLoop(backend)) {
     const pairs = queuePairsOf(test);
-    const virtio = `net_virtio_user0,path=${sock},queues=${pairs},queue_size=256`;
+    const ring = test === "rx64" ? o.rxRingSize ?? RX_RING_SIZE : 256;
+    const virtio = `net_virtio_user0,path=${sock},queues=${pairs},queue_size=${ring}`;
     if (test === "tso") {
       const pcap = `${r.dir}/tso.pcap`;
       await Deno.writeFile(pcap, pcapFile([tsoFrame()]));
@@ -444,10 +518,13 @@ async function startFrontend(
   }
   if (test === "rx64") {
     await r.ns.exec(["ip", "link", "set", TAP, "up"]);
+    const qlen = o.rxTapQueueLen ?? RX_TAP_QUEUE_LEN;
+    await r.ns.exec(["ip", "link", "set", TAP, "txqueuelen", String(qlen)]);
+    const bypass = o.rxQdiscBypass ?? true;
     const inj = await Testpmd.start(r.ns, {
       cpu: o.frontendCpu,
       prefix: `${prefix}i`,
-      vdevs: [`net_af_packet0,iface=${TAP},qpairs=1`],
+      vdevs: [`net_af_packet0,iface=${TAP},qpairs=1${bypass ? ",qdisc_bypass=1" : ""}`],
     });
     r.parts.push(inj);
     r.testpmds.push(inj);

@@ -1,6 +1,7 @@
 /**
- * `deno task bench`: vionet side by side with DPDK's and QEMU's backends, in
- * one run (issue 5). Needs root (namespaces, taps); installs what it needs
+ * `deno task bench`: vionet against the kernel's own ceiling (one C thread
+ * making vionet's system calls, bench/tap_ceiling.ts) and side by side with
+ * DPDK's and QEMU's backends, in one run (issues 5 and 27). Needs root (namespaces, taps); installs what it needs
  * from Debian's packages first (DPDK's testpmd and PMDs, QEMU, iperf3) and
  * builds the test guest if it is missing.
  *
@@ -14,7 +15,10 @@
  *
  * 1. Backend-bound (bench/dpdk.ts): TX 64 B, TX 1514 B, TSO, RX 64 B through
  *    vionet, DPDK's vhost + tap, and a raw tap loop, with testpmd's
- *    virtio-user as the guest; repetitions interleaved so drift hits all alike.
+ *    virtio-user as the guest, and for RX the C readers that are its
+ *    ceiling; repetitions interleaved so drift hits all alike. Then the TX
+ *    ceiling (bench/tap_ceiling.c: a write a frame, and vionet's io_uring
+ *    batches).
  * 2. Guest-bound (bench/guest.ts): iperf3 both ways, offloads on and off,
  *    vionet vs QEMU's built-in backend; the daemon's CPU with an idle guest.
  *    Under TCG a guest's TCP stream runs at one of two speeds, mostly one
@@ -43,6 +47,7 @@ import {
   backendsFor,
   describeBackendTest,
   measureBackend,
+  RX_CEILING_BACKENDS,
 } from "./dpdk.ts";
 import {
   accelerator,
@@ -67,6 +72,7 @@ const APT_PACKAGES: Record<string, string> = {
   "qemu-system-x86": "/usr/bin/qemu-system-x86_64",
   "iperf3": "/usr/bin/iperf3",
   "gcc": "/usr/bin/gcc", // bench/tap_ceiling.c
+  "linux-libc-dev": "", // <linux/io_uring.h> for bench/tap_ceiling.c
 };
 
 async function installed(pkg: string): Promise<boolean> {
@@ -238,9 +244,15 @@ async function main(): Promise<void> {
       captureArgs: values["capture-args"].split(" ").filter((a) => a !== ""),
       log,
     };
+    const noCeiling = await ceilingUnavailable();
+    // The RX ceiling's C readers are rx64 backends: without gcc they are left out.
+    const runs = (test: typeof BACKEND_TESTS[number]) =>
+      backendsFor(test).filter((b) =>
+        !noCeiling || !(RX_CEILING_BACKENDS as readonly string[]).includes(b)
+      );
     for (let rep = 0; rep < reps; rep++) {
       for (const test of BACKEND_TESTS.filter((t) => tests.includes(t))) {
-        for (const backend of backendsFor(test)) {
+        for (const backend of runs(test)) {
           const s = await measureBackend(test, backend, rep, o);
           results.backend.push(s);
           log(
@@ -253,7 +265,6 @@ async function main(): Promise<void> {
       }
       await writeReport(results, values.out);
     }
-    const noCeiling = await ceilingUnavailable();
     if (noCeiling) {
       results.notes.push(`kernel ceiling not measured: ${noCeiling}`);
     } else {
@@ -267,7 +278,8 @@ async function main(): Promise<void> {
     for (const test of BACKEND_TESTS) results.notes.push(`${test}: ${describeBackendTest(test)}`);
     results.notes.push(
       `CPUs: each backend process pinned to CPU ${o.backendCpu} (vionet: all its threads), the driver ` +
-        `and the RX injector to CPU ${o.frontendCpu}; the raw writer and reader use a non-blocking tap.`,
+        `and the RX injector to CPU ${o.frontendCpu}; the raw writer and reader and the C readers ` +
+        "(the RX ceiling) use a non-blocking tap.",
     );
   }
 
@@ -324,6 +336,8 @@ async function main(): Promise<void> {
       }
     }
   }
+  results.machine.loadAfter = (await Deno.readTextFile("/proc/loadavg")).split(" ").slice(0, 3)
+    .join(" ");
   await writeReport(results, values.out);
   console.log("\n" + markdown(results));
   console.log(`bench: wrote ${values.out}/results.json, results.md, chart.svg`);
