@@ -38,6 +38,8 @@ export interface MigrationOptions {
   /** MiB each stream carries, and its pace (MiB/s). */
   mib?: number;
   rate?: number;
+  /** Where each vionet migration's two daemon logs are written (`--daemon-logs`), if anywhere. */
+  daemonLogs?: string;
 }
 
 /** One migration with `backend`, streams both ways across it. */
@@ -88,6 +90,10 @@ export async function measureMigration(
     o.log(`migration ${backend} rep ${rep} failed: ${(e as Error).message}`);
     return { ...base, status: "error", error: (e as Error).message.slice(0, 2000) };
   } finally {
+    if (o.daemonLogs !== undefined && backend === "vionet") {
+      await Deno.mkdir(o.daemonLogs, { recursive: true });
+      await Deno.writeTextFile(`${o.daemonLogs}/migration-${rep}.log`, rig.logs());
+    }
     await rig.close();
   }
 }

@@ -79,6 +79,8 @@ export class VionetDevicePort implements DevicePort {
   #logAll = false;
   /** Regions a pair that was let go of may still hold (its worker did not give them back). */
   readonly #orphaned = new Set<MappedRegion>();
+  /** The queues have not run yet since the front-end connected (or reset the device). */
+  #firstStart = true;
 
   constructor(opts: DevicePortOptions) {
     this.#opts = opts;
@@ -103,6 +105,7 @@ export class VionetDevicePort implements DevicePort {
       rings: o.rings,
       rateLimit: o.rateLimit,
       capture: o.capture?.(pair) ?? null,
+      onRunning: pair === 0 ? (bases) => this.#queuesRunning(bases) : undefined,
       setTapQueueAttached: pair === 0 || o.setTapQueueAttached === undefined
         ? undefined
         : (on) => o.setTapQueueAttached!(pair, on),
@@ -338,6 +341,35 @@ export class VionetDevicePort implements DevicePort {
     for (const p of this.pairs()) await p.reset();
     this.#features = null;
     this.#logAll = false;
+    this.#firstStart = true;
+  }
+
+  /**
+   * Pair 0's queues run. The first time on a connection, from rings that
+   * ran before (a base that is not zero: the destination of a migration, or
+   * a front-end back after a restart), the guest may have come from another
+   * port: with `--mac`, vionet announces it on the tap at once, as QEMU's
+   * own tap backend is announced (qemu_announce_self's RARP goes out on
+   * every migration). Without this a guest that negotiated GUEST_ANNOUNCE
+   * is announced only when it runs its own announcement, and QEMU sends no
+   * SEND_RARP for it (vhost_user_migration_done): hundreds of ms of frames
+   * the bridge sends to the old port.
+   */
+  #queuesRunning(bases: { rx: number; tx: number }): void {
+    if (!this.#firstStart) return;
+    this.#firstStart = false;
+    if (bases.rx === 0 && bases.tx === 0) return; // a fresh start: nothing moved
+    const mac = this.#opts.sourceMac ?? null;
+    if (mac === null) {
+      this.#logger.log(
+        "info",
+        "parent",
+        `queues resumed at rx ${bases.rx}, tx ${bases.tx} (a migrated guest?): without --mac ` +
+          "vionet cannot announce it; the bridge learns its port from the guest's own frames",
+      );
+      return;
+    }
+    this.#writeRarp(Uint8Array.from(mac), "queues resumed: a migrated or reconnected guest");
   }
 
   async setLogAll(on: boolean): Promise<void> {
@@ -361,12 +393,17 @@ export class VionetDevicePort implements DevicePort {
       );
       return Promise.resolve();
     }
+    this.#writeRarp(mac, "SEND_RARP: a migrated guest");
+    return Promise.resolve();
+  }
+
+  #writeRarp(mac: Uint8Array, why: string): void {
     const frame = rarpFrame(mac);
     // One write of header and frame (tun takes a packet per write); a full
     // tap (EAGAIN) loses this one: QEMU announces several times.
     try {
       libc.write(this.#opts.tapFd, frame);
-      this.#logger.log("info", "parent", `sent a RARP for ${macText(mac)} (a migrated guest)`);
+      this.#logger.log("info", "parent", `sent a RARP for ${macText(mac)} (${why})`);
     } catch (e) {
       this.#logger.log(
         "warn",
@@ -374,7 +411,6 @@ export class VionetDevicePort implements DevicePort {
         `RARP for ${macText(mac)} not sent: ${(e as Error).message}`,
       );
     }
-    return Promise.resolve();
   }
 }
 

@@ -110,6 +110,12 @@ export interface PairPortOptions {
   rateLimit?: SharedArrayBuffer | null;
   /** `--pcap`: this pair's capture rings, given to each data path it starts. */
   capture?: PairCapture | null;
+  /**
+   * Called each time the queues start running, with the ring bases they
+   * started from (non-zero: a guest that ran before, on another host or
+   * another connection).
+   */
+  onRunning?: (bases: { rx: number; tx: number }) => void;
 }
 
 /** One queue pair over its device worker and I/O workers (see the module comment). */
@@ -139,9 +145,11 @@ export class PairPort {
   readonly #ringPool: RingPool | undefined;
   readonly #rateLimit: SharedArrayBuffer | null;
   readonly #capture: PairCapture | null;
+  readonly #onRunning: ((bases: { rx: number; tx: number }) => void) | undefined;
 
   constructor(opts: PairPortOptions) {
     this.pair = opts.pair;
+    this.#onRunning = opts.onRunning;
     this.#rateLimit = opts.rateLimit ?? null;
     this.#capture = opts.capture ?? null;
     this.#ringPool = opts.rings;
@@ -600,6 +608,7 @@ export class PairPort {
     }
     this.#datapath = dp;
     this.#logger.log("info", "parent", `${this.#what()}running`);
+    this.#onRunning?.({ rx: this.#rings[RX_QUEUE].base, tx: this.#rings[TX_QUEUE].base });
   }
 
   /** Stops the queues if they run; returns whether they did. */

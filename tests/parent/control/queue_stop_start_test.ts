@@ -218,6 +218,90 @@ Deno.test({
     }),
 });
 
+/** Frames the tap took in from vionet (RARPs included), read from sysfs. */
+async function tapRxCount(ns: Netns, tap: string): Promise<number> {
+  return Number(await ns.exec(["cat", `/sys/class/net/${tap}/statistics/rx_packets`]));
+}
+
+/** Lines of the rig's log that say vionet sent a RARP. */
+function rarpLines(rig: FrontendRig): string[] {
+  return rig.logger.lines.filter((l) => /sent a RARP for/.test(l));
+}
+
+Deno.test({
+  name:
+    "with --mac, the first start of resumed rings on a connection (a migration's destination) " +
+    "announces the guest on the tap at once; a fresh start and a restart on the same connection do not",
+  ignore,
+  fn: () =>
+    withNetns(async (ns) => {
+      const rig = await FrontendRig.open(ns, { sourceMac: GUEST_MAC });
+      try {
+        await ns.exec(["ip", "link", "add", "br0", "type", "bridge"]);
+        await ns.exec(["ip", "link", "set", rig.tap.name, "master", "br0"]);
+        await ns.exec(["ip", "link", "set", "br0", "up"]);
+        const macText = GUEST_MAC.map((b) => b.toString(16).padStart(2, "0")).join(":");
+        // A guest that boots: rings from 0, nothing to announce.
+        await rig.start();
+        assert.deepEqual(rarpLines(rig), [], "a fresh start sent a RARP");
+        rig.postRx(16);
+        rig.sendUdp(5);
+        await reap(rig, 5);
+        // Stopped and started again on the same connection (a VM paused and
+        // resumed, a migration cancelled): the guest never left this port.
+        const bases = await rig.stop();
+        assert.ok(bases[TX_QUEUE] > 0);
+        await rig.restart(bases);
+        assert.deepEqual(rarpLines(rig), [], "a restart on the same connection sent a RARP");
+        await rig.stop();
+        // Another front-end connects and resumes the rings where they stopped.
+        await ns.exec(["bridge", "fdb", "del", macText, "dev", rig.tap.name, "master"])
+          .catch(() => {}); // learnt from the UDP frames; gone now, so the RARP must teach it
+        const before = await tapRxCount(ns, rig.tap.name);
+        await rig.reconnect();
+        await rig.start();
+        assert.equal(rarpLines(rig).length, 1, rig.logger.lines.join("\n"));
+        assert.match(rarpLines(rig)[0], new RegExp(`${macText} \\(queues resumed`));
+        assert.equal(await tapRxCount(ns, rig.tap.name) - before, 1, "one frame: the RARP");
+        const fdb = await ns.exec(["bridge", "fdb", "show", "br", "br0"]);
+        assert.match(fdb, new RegExp(`^${macText} dev ${rig.tap.name} `, "m"), fdb);
+        // Once per connection: a restart on it does not announce again.
+        await rig.restart(await rig.stop());
+        assert.equal(rarpLines(rig).length, 1);
+      } finally {
+        await rig.close();
+      }
+    }),
+});
+
+Deno.test({
+  name: "without --mac, resumed rings announce nothing (vionet does not know the guest's MAC) " +
+    "and say so",
+  ignore,
+  fn: () =>
+    withNetns(async (ns) => {
+      const rig = await FrontendRig.open(ns);
+      try {
+        await rig.start();
+        rig.postRx(16);
+        rig.sendUdp(3);
+        await reap(rig, 3);
+        await rig.stop();
+        const before = await tapRxCount(ns, rig.tap.name);
+        await rig.reconnect();
+        await rig.start();
+        assert.deepEqual(rarpLines(rig), []);
+        assert.equal(await tapRxCount(ns, rig.tap.name) - before, 0, "nothing written to the tap");
+        assert.ok(
+          rig.logger.lines.some((l) => /without --mac vionet cannot announce it/.test(l)),
+          rig.logger.lines.join("\n"),
+        );
+      } finally {
+        await rig.close();
+      }
+    }),
+});
+
 Deno.test("rarpFrame(): a broadcast RARP request-reverse from the MAC, padded to 60 bytes", () => {
   const mac = new Uint8Array([2, 0, 0, 0, 0, 9]);
   const out = rarpFrame(mac);
