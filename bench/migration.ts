@@ -11,7 +11,7 @@
  * @module
  */
 
-import { MigrationRig, type Vm } from "../tests/e2e/migration_rig.ts";
+import { MIGRATING_MAC, MigrationRig, type Vm } from "../tests/e2e/migration_rig.ts";
 
 export type MigrationBackend = "vionet" | "qemu";
 
@@ -48,7 +48,9 @@ export async function measureMigration(
   rep: number,
   o: MigrationOptions,
 ): Promise<MigrationSample> {
-  const rig = await MigrationRig.create({ qemuTapHosts: 2 });
+  // --mac, as an operator gives it (libvirt's MAC): QEMU's tap backend knows
+  // the MAC too, and announces the guest with it on every migration.
+  const rig = await MigrationRig.create({ qemuTapHosts: 2, daemonArgs: ["--mac", MIGRATING_MAC] });
   const [from, to] = backend === "vionet" ? [0, 1] : [2, 3];
   const base: MigrationSample = {
     backend,

@@ -10,7 +10,10 @@
 
 import assert from "node:assert/strict";
 import { RX_QUEUE, TX_QUEUE } from "../../../ipc/datapath.ts";
-import { VHOST_USER_SEND_RARP } from "../../../parent/control/vhost_user_messages.ts";
+import {
+  VHOST_USER_GET_FEATURES,
+  VHOST_USER_SEND_RARP,
+} from "../../../parent/control/vhost_user_messages.ts";
 import { rarpFrame } from "../../../parent/control/device_port.ts";
 import { type Netns, withNetns } from "../../net_ns.ts";
 import { FrontendRig, GUEST_IP, GUEST_MAC, RIG_FEATURES } from "./frontend_rig.ts";
@@ -155,6 +158,33 @@ Deno.test({
         // Was ~1000 ms (the device answered start-queues from its blocked loop
         // only when its 1 s slice ended), plus 100-300 ms to start two workers.
         assert.ok(againMs < 500, `the queues took ${againMs.toFixed(1)} ms to start again`);
+      } finally {
+        await rig.close();
+      }
+    }),
+});
+
+Deno.test({
+  name: "after GET_VRING_BASE, spare I/O workers start only once the front-end is quiet: " +
+    "starting them blocks the parent's thread, which must not delay the rest of a switch-over",
+  ignore,
+  fn: () =>
+    withNetns(async (ns) => {
+      const rig = await FrontendRig.open(ns);
+      const spawned = () => rig.logger.lines.filter((l) => /spare I\/O workers spawned/.test(l));
+      try {
+        await rig.start();
+        rig.postRx(16);
+        rig.sendUdp(3);
+        await reap(rig, 3);
+        const before = spawned().length;
+        // What QEMU sends in a migration's downtime, back to back.
+        await rig.stop();
+        await rig.enablePair(0, false);
+        await new Promise((r) => setTimeout(r, 20));
+        await rig.send(VHOST_USER_GET_FEATURES);
+        assert.equal(spawned().length, before, "spare workers started inside the burst");
+        await rig.until("spare workers started after the burst", () => spawned().length > before);
       } finally {
         await rig.close();
       }
