@@ -192,6 +192,36 @@ Deno.test({
 });
 
 Deno.test({
+  name: "a stop with dirty logging on (a migration's switch-over) starts no spare I/O workers; " +
+    "a restart after it (the migration cancelled) starts its own and runs",
+  ignore,
+  fn: () =>
+    withNetns(async (ns) => {
+      const rig = await FrontendRig.open(ns);
+      const spawned = () => rig.logger.lines.filter((l) => /spare I\/O workers spawned/.test(l));
+      try {
+        await rig.start();
+        await rig.setLogBase(4096);
+        await rig.setFeatures(true);
+        rig.postRx(16);
+        rig.sendUdp(3);
+        await reap(rig, 3);
+        const before = spawned().length;
+        const bases = await rig.stop();
+        await new Promise((r) => setTimeout(r, 600));
+        assert.equal(spawned().length, before, "spare workers started after a switch-over's stop");
+        await rig.setFeatures(false); // migrate_cancel: logging off, the rings again
+        await rig.restart(bases);
+        rig.sendUdp(2);
+        await reap(rig, 2);
+        assert.match(rig.logger.lines.join("\n"), /start: I\/O workers .* \(spawned now\)/);
+      } finally {
+        await rig.close();
+      }
+    }),
+});
+
+Deno.test({
   name: "SEND_RARP puts a RARP from the guest's MAC on the tap: the bridge learns it on that port",
   ignore,
   fn: () =>
