@@ -619,39 +619,69 @@ export class PairPort {
     const workers = this.#spare ?? undefined;
     this.#spare = null;
     const t0 = performance.now();
-    const dp = await DatapathHost.start({
-      workers,
-      txUsed,
-      rxUsed,
-      tapFd: this.#tapFd,
-      buffers,
-      logger: this.#logger,
-      ranges: this.#regions.map(hostRange),
-      ioUring: this.#ioUring,
-      rings: this.#ringPool,
-      capture: this.#capture,
-      rxFrameRoom: this.#tapReadRoom?.(),
-      log: this.#logConfig(),
-      rateLimit: this.#rateLimit,
-      kickFds: this.#rings.map((r) => r.kickFd),
-      callFds: this.#rings.map((r) => r.callFd),
-      onFault: (role, message) => this.#logger.log("error", "datapath", `${role}: ${message}`),
-    });
-    const t1 = performance.now();
+    // The device starts its queues while the I/O workers take their
+    // configuration (one round trip less before frames move: a migration's
+    // destination is what the guest waits for); what the device puts on the
+    // rings meanwhile waits for the workers.
+    let deviceMs = 0;
+    let deviceStarted = false;
+    let deviceError: unknown = null;
+    const startDevice = async (bounceHost: number) => {
+      const d0 = performance.now();
+      try {
+        await this.#device.startQueues(this.#placement(RX_QUEUE), this.#placement(TX_QUEUE), {
+          ...buffers,
+          bounceHost,
+        });
+        deviceStarted = true;
+      } catch (e) {
+        deviceError = e;
+      }
+      deviceMs = performance.now() - d0;
+    };
+    let dp: DatapathHost;
     try {
-      await this.#device.startQueues(this.#placement(RX_QUEUE), this.#placement(TX_QUEUE), {
-        ...buffers,
-        bounceHost: Number(dp.bounceRange.base),
+      dp = await DatapathHost.start({
+        workers,
+        txUsed,
+        rxUsed,
+        tapFd: this.#tapFd,
+        buffers,
+        logger: this.#logger,
+        ranges: this.#regions.map(hostRange),
+        ioUring: this.#ioUring,
+        rings: this.#ringPool,
+        capture: this.#capture,
+        rxFrameRoom: this.#tapReadRoom?.(),
+        log: this.#logConfig(),
+        rateLimit: this.#rateLimit,
+        kickFds: this.#rings.map((r) => r.kickFd),
+        callFds: this.#rings.map((r) => r.callFd),
+        onFault: (role, message) => this.#logger.log("error", "datapath", `${role}: ${message}`),
+        alongside: startDevice,
       });
     } catch (e) {
-      await this.#endIoWorkers(dp);
+      // The workers are ended (DatapathHost.start did); a device that started
+      // stops again, so that it holds no queue its workers will not serve.
+      if (deviceStarted) {
+        try {
+          await this.#device.stopQueues();
+        } catch (again) {
+          this.#abandonDevice(`stop-queues: ${(again as Error).message}`);
+        }
+      }
       throw e;
+    }
+    if (!deviceStarted) {
+      // The workers run: they stop as at any stop (orphaning what they held if they do not answer).
+      await this.#endIoWorkers(dp);
+      throw deviceError;
     }
     this.#datapath = dp;
     this.#debug(
-      `${this.#what()}start: I/O workers ${ms(t1 - t0)} (${
+      `${this.#what()}start: ${ms(performance.now() - t0)}, I/O workers ${
         workers ? "started ahead" : "spawned now"
-      }), device ${ms(performance.now() - t1)}`,
+      }, the device's part ${ms(deviceMs)} of it`,
     );
     this.#logger.log("info", "parent", `${this.#what()}running`);
     this.#onRunning?.({ rx: this.#rings[RX_QUEUE].base, tx: this.#rings[TX_QUEUE].base });
