@@ -303,6 +303,9 @@ export class VionetDevicePort implements DevicePort {
   async setVringBase(index: number, base: number): Promise<void> {
     const [p, q] = await this.#ring(index);
     await p.setVringBase(q, base);
+    // Pair 0's rings resume where they were: announce the guest now, before
+    // its queues run (frames the bridge sends meanwhile wait in the tap).
+    if (index < 2 && base !== 0) this.#resumed(`ring ${index} resumes at ${base}`);
   }
 
   async getVringBase(index: number): Promise<number> {
@@ -345,31 +348,41 @@ export class VionetDevicePort implements DevicePort {
   }
 
   /**
-   * Pair 0's queues run. The first time on a connection, from rings that
-   * ran before (a base that is not zero: the destination of a migration, or
-   * a front-end back after a restart), the guest may have come from another
-   * port: with `--mac`, vionet announces it on the tap at once, as QEMU's
-   * own tap backend is announced (qemu_announce_self's RARP goes out on
-   * every migration). Without this a guest that negotiated GUEST_ANNOUNCE
-   * is announced only when it runs its own announcement, and QEMU sends no
-   * SEND_RARP for it (vhost_user_migration_done): hundreds of ms of frames
-   * the bridge sends to the old port.
+   * Pair 0's queues run: whatever they resumed from, a later start on this
+   * connection is not a guest arriving (a pause, a cancelled migration).
    */
   #queuesRunning(bases: { rx: number; tx: number }): void {
+    if (bases.rx !== 0 || bases.tx !== 0) {
+      this.#resumed(`queues resumed at rx ${bases.rx}, tx ${bases.tx}`);
+    }
+    this.#firstStart = false;
+  }
+
+  /**
+   * Pair 0's rings resume from where they were (SET_VRING_BASE not zero)
+   * before they ran on this connection: the destination of a migration, or
+   * a front-end back after a restart. The guest may have come from another
+   * port: with `--mac`, vionet announces it on the tap at once (a RARP, once
+   * per connection), as QEMU's own tap backend is announced on every
+   * incoming migration (qemu_announce_self). QEMU 7.2 sends a vhost-user
+   * back-end no SEND_RARP for a guest that acked GUEST_ANNOUNCE
+   * (vhost_user_migration_done): without this the bridge keeps sending to
+   * the old port until the guest runs its own announcement.
+   */
+  #resumed(what: string): void {
     if (!this.#firstStart) return;
     this.#firstStart = false;
-    if (bases.rx === 0 && bases.tx === 0) return; // a fresh start: nothing moved
     const mac = this.#opts.sourceMac ?? null;
     if (mac === null) {
       this.#logger.log(
         "info",
         "parent",
-        `queues resumed at rx ${bases.rx}, tx ${bases.tx} (a migrated guest?): without --mac ` +
-          "vionet cannot announce it; the bridge learns its port from the guest's own frames",
+        `${what} (a migrated guest?): without --mac vionet cannot announce it; ` +
+          "the bridge learns its port from the guest's own frames",
       );
       return;
     }
-    this.#writeRarp(Uint8Array.from(mac), "queues resumed: a migrated or reconnected guest");
+    this.#writeRarp(Uint8Array.from(mac), `${what}: a migrated or reconnected guest`);
   }
 
   async setLogAll(on: boolean): Promise<void> {

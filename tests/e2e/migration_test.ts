@@ -10,7 +10,7 @@
  * and no `--mac` the guest announces itself (GUEST_ANNOUNCE, which vionet
  * offers; QEMU 7.2 then sends the back-end no SEND_RARP) and the bridge
  * learns from it; with `--offload off` and `--mac` the destination daemon
- * announces the guest itself as its queues resume, and the NIC has
+ * announces the guest itself as its rings resume, and the NIC has
  * guest_announce=off, so QEMU asks for a RARP (VHOST_USER_SEND_RARP) too.
  *
  * And the failures an operator meets: a migration cancelled half-way, and
@@ -75,8 +75,8 @@ for (const mode of ["auto", "off"] as const) {
         if (mode === "off") {
           assert.match(
             log1,
-            /sent a RARP for 52:54:00:12:34:56 \(queues resumed/,
-            "the destination announced the guest as its queues resumed",
+            /sent a RARP for 52:54:00:12:34:56 \(ring \d resumes at/,
+            "the destination announced the guest as its rings resumed",
           );
           assert.match(
             log1,
