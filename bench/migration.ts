@@ -11,7 +11,7 @@
  * @module
  */
 
-import { MigrationRig, type Vm } from "../tests/e2e/migration_rig.ts";
+import { MIGRATING_MAC, MigrationRig, type Vm } from "../tests/e2e/migration_rig.ts";
 
 export type MigrationBackend = "vionet" | "qemu";
 
@@ -38,6 +38,8 @@ export interface MigrationOptions {
   /** MiB each stream carries, and its pace (MiB/s). */
   mib?: number;
   rate?: number;
+  /** Where each vionet migration's two daemon logs are written (`--daemon-logs`), if anywhere. */
+  daemonLogs?: string;
 }
 
 /** One migration with `backend`, streams both ways across it. */
@@ -46,7 +48,9 @@ export async function measureMigration(
   rep: number,
   o: MigrationOptions,
 ): Promise<MigrationSample> {
-  const rig = await MigrationRig.create({ qemuTapHosts: 2 });
+  // --mac, as an operator gives it (libvirt's MAC): QEMU's tap backend knows
+  // the MAC too, and announces the guest with it on every migration.
+  const rig = await MigrationRig.create({ qemuTapHosts: 2, daemonArgs: ["--mac", MIGRATING_MAC] });
   const [from, to] = backend === "vionet" ? [0, 1] : [2, 3];
   const base: MigrationSample = {
     backend,
@@ -88,6 +92,10 @@ export async function measureMigration(
     o.log(`migration ${backend} rep ${rep} failed: ${(e as Error).message}`);
     return { ...base, status: "error", error: (e as Error).message.slice(0, 2000) };
   } finally {
+    if (o.daemonLogs !== undefined && backend === "vionet") {
+      await Deno.mkdir(o.daemonLogs, { recursive: true });
+      await Deno.writeTextFile(`${o.daemonLogs}/migration-${rep}.log`, rig.logs());
+    }
     await rig.close();
   }
 }

@@ -8,6 +8,7 @@
  * ```
  * deno task bench [--reps 3] [--seconds 4] [--guest-boots 5] [--guest-reps 1] [--guest-seconds 8]
  *                 [--guest-pin on|off] [--only backend|guest|migration] [--migrations 3]
+ *                 [--daemon-logs DIR]
  *                 [--tests tx64,tx1514,tso,rx64] [--vionet-args "--io-uring off"]
  *                 [--capture-args "--pcap-snaplen 128"]
  *                 [--backend-cpu 0] [--frontend-cpu 1] [--out bench/results] [--report-only]
@@ -147,6 +148,7 @@ async function main(): Promise<void> {
       "guest-seconds": { type: "string", default: "8" },
       "idle-seconds": { type: "string", default: "10" },
       migrations: { type: "string", default: "3" },
+      "daemon-logs": { type: "string" },
       "guest-pin": { type: "string", default: "on" },
       only: { type: "string" },
       tests: { type: "string" },
@@ -324,7 +326,10 @@ async function main(): Promise<void> {
         const order = rep % 2 === 0 ? ["vionet", "qemu"] as const : ["qemu", "vionet"] as const;
         for (const backend of order) {
           log(`migration: ${backend}, ${rep + 1} of ${migrations}`);
-          const m = await measureMigration(backend, rep, { log });
+          const m = await measureMigration(backend, rep, {
+            log,
+            daemonLogs: values["daemon-logs"],
+          });
           results.migration.push(m);
           log(
             `migration ${backend}: ${m.status}, downtime ${m.downtimeMs} ms, stalls ` +

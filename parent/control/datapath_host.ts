@@ -169,6 +169,15 @@ export interface DatapathHostOptions extends IoWorkerPairOptions {
    * data path's (fresh ones are spawned when absent or no longer usable).
    */
   workers?: IoWorkerPair;
+  /**
+   * Runs while the workers take their configuration, given the bounce
+   * arena's host address (the device's start, which needs nothing from
+   * them: what it puts on the rings waits there). {@link DatapathHost.start}
+   * resolves once both the workers and this are done. It must not reject
+   * (the workers would be running); when the workers fail, the start
+   * rejects only after this settled, so the caller knows what to undo.
+   */
+  alongside?: (bounceHost: number) => Promise<void>;
   /** The tap's descriptor (IFF_VNET_HDR, 12-byte header). Set to O_NONBLOCK here. */
   tapFd: number;
   /** From {@link createDatapathBuffers}; the device gets the same buffers. */
@@ -526,10 +535,13 @@ export class DatapathHost {
           : null,
       });
       const startMs = opts.startTimeoutMs ?? DEFAULT_START_TIMEOUT_MS;
-      await Promise.all([
+      const settled = await Promise.allSettled([
         host.#writer.request(init("writer", host.#writer.mailbox), startMs),
         host.#poller.request(init("poller", host.#poller.mailbox), startMs),
+        opts.alongside?.(Number(host.bounceRange.base)),
       ]);
+      const failed = settled.find((r) => r.status === "rejected");
+      if (failed !== undefined) throw failed.reason;
       return host;
     } catch (e) {
       host.#writer.terminate();

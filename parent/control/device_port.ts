@@ -79,6 +79,8 @@ export class VionetDevicePort implements DevicePort {
   #logAll = false;
   /** Regions a pair that was let go of may still hold (its worker did not give them back). */
   readonly #orphaned = new Set<MappedRegion>();
+  /** The queues have not run yet since the front-end connected (or reset the device). */
+  #firstStart = true;
 
   constructor(opts: DevicePortOptions) {
     this.#opts = opts;
@@ -103,6 +105,7 @@ export class VionetDevicePort implements DevicePort {
       rings: o.rings,
       rateLimit: o.rateLimit,
       capture: o.capture?.(pair) ?? null,
+      onRunning: pair === 0 ? (bases) => this.#queuesRunning(bases) : undefined,
       setTapQueueAttached: pair === 0 || o.setTapQueueAttached === undefined
         ? undefined
         : (on) => o.setTapQueueAttached!(pair, on),
@@ -300,6 +303,9 @@ export class VionetDevicePort implements DevicePort {
   async setVringBase(index: number, base: number): Promise<void> {
     const [p, q] = await this.#ring(index);
     await p.setVringBase(q, base);
+    // Pair 0's rings resume where they were: announce the guest now, before
+    // its queues run (frames the bridge sends meanwhile wait in the tap).
+    if (index < 2 && base !== 0) this.#resumed(`ring ${index} resumes at ${base}`);
   }
 
   async getVringBase(index: number): Promise<number> {
@@ -338,6 +344,45 @@ export class VionetDevicePort implements DevicePort {
     for (const p of this.pairs()) await p.reset();
     this.#features = null;
     this.#logAll = false;
+    this.#firstStart = true;
+  }
+
+  /**
+   * Pair 0's queues run: whatever they resumed from, a later start on this
+   * connection is not a guest arriving (a pause, a cancelled migration).
+   */
+  #queuesRunning(bases: { rx: number; tx: number }): void {
+    if (bases.rx !== 0 || bases.tx !== 0) {
+      this.#resumed(`queues resumed at rx ${bases.rx}, tx ${bases.tx}`);
+    }
+    this.#firstStart = false;
+  }
+
+  /**
+   * Pair 0's rings resume from where they were (SET_VRING_BASE not zero)
+   * before they ran on this connection: the destination of a migration, or
+   * a front-end back after a restart. The guest may have come from another
+   * port: with `--mac`, vionet announces it on the tap at once (a RARP, once
+   * per connection), as QEMU's own tap backend is announced on every
+   * incoming migration (qemu_announce_self). QEMU 7.2 sends a vhost-user
+   * back-end no SEND_RARP for a guest that acked GUEST_ANNOUNCE
+   * (vhost_user_migration_done): without this the bridge keeps sending to
+   * the old port until the guest runs its own announcement.
+   */
+  #resumed(what: string): void {
+    if (!this.#firstStart) return;
+    this.#firstStart = false;
+    const mac = this.#opts.sourceMac ?? null;
+    if (mac === null) {
+      this.#logger.log(
+        "info",
+        "parent",
+        `${what} (a migrated guest?): without --mac vionet cannot announce it; ` +
+          "the bridge learns its port from the guest's own frames",
+      );
+      return;
+    }
+    this.#writeRarp(Uint8Array.from(mac), `${what}: a migrated or reconnected guest`);
   }
 
   async setLogAll(on: boolean): Promise<void> {
@@ -361,12 +406,17 @@ export class VionetDevicePort implements DevicePort {
       );
       return Promise.resolve();
     }
+    this.#writeRarp(mac, "SEND_RARP: a migrated guest");
+    return Promise.resolve();
+  }
+
+  #writeRarp(mac: Uint8Array, why: string): void {
     const frame = rarpFrame(mac);
     // One write of header and frame (tun takes a packet per write); a full
     // tap (EAGAIN) loses this one: QEMU announces several times.
     try {
       libc.write(this.#opts.tapFd, frame);
-      this.#logger.log("info", "parent", `sent a RARP for ${macText(mac)} (a migrated guest)`);
+      this.#logger.log("info", "parent", `sent a RARP for ${macText(mac)} (${why})`);
     } catch (e) {
       this.#logger.log(
         "warn",
@@ -374,7 +424,6 @@ export class VionetDevicePort implements DevicePort {
         `RARP for ${macText(mac)} not sent: ${(e as Error).message}`,
       );
     }
-    return Promise.resolve();
   }
 }
 

@@ -76,6 +76,13 @@ function freshRing(): RingConfig {
   };
 }
 
+/**
+ * How long the front-end must have sent this pair nothing before spare I/O
+ * workers are started (ms): QEMU sends a start's or a stop's messages in one
+ * burst, a few ms apart even under TCG.
+ */
+const SPARE_QUIET_MS = 150;
+
 /** A bigint from the front-end that must fit a JS number exactly. */
 function num(v: bigint, what: string): number {
   if (v < 0n || v > BigInt(Number.MAX_SAFE_INTEGER)) {
@@ -110,6 +117,12 @@ export interface PairPortOptions {
   rateLimit?: SharedArrayBuffer | null;
   /** `--pcap`: this pair's capture rings, given to each data path it starts. */
   capture?: PairCapture | null;
+  /**
+   * Called each time the queues start running, with the ring bases they
+   * started from (non-zero: a guest that ran before, on another host or
+   * another connection).
+   */
+  onRunning?: (bases: { rx: number; tx: number }) => void;
 }
 
 /** One queue pair over its device worker and I/O workers (see the module comment). */
@@ -139,9 +152,11 @@ export class PairPort {
   readonly #ringPool: RingPool | undefined;
   readonly #rateLimit: SharedArrayBuffer | null;
   readonly #capture: PairCapture | null;
+  readonly #onRunning: ((bases: { rx: number; tx: number }) => void) | undefined;
 
   constructor(opts: PairPortOptions) {
     this.pair = opts.pair;
+    this.#onRunning = opts.onRunning;
     this.#rateLimit = opts.rateLimit ?? null;
     this.#capture = opts.capture ?? null;
     this.#ringPool = opts.rings;
@@ -210,6 +225,7 @@ export class PairPort {
   }
 
   async setFeatures(features: bigint): Promise<void> {
+    this.#postponeSpare();
     if (this.#datapath === null) this.#spawnSpare();
     await this.#device.setFeatures(features);
     this.#features = features;
@@ -227,6 +243,7 @@ export class PairPort {
   }
 
   async setMemTable(regions: MappedRegion[]): Promise<void> {
+    this.#postponeSpare();
     this.#debug(`SET_MEM_TABLE ${regions.map(describe).join(", ") || "(empty)"}`);
     if (regions.length === 0) this.#dropSpare();
     const wasRunning = await this.#stopQueues();
@@ -241,21 +258,32 @@ export class PairPort {
   }
 
   /**
-   * Starts the I/O workers of the next start of the queues now, so that
-   * the start itself only configures them (a front-end with memory is about
-   * to start its queues, or will start them again after a stop).
+   * Starts the I/O workers of the next start of the queues ahead of it, so
+   * that the start itself only configures them (a front-end with memory is
+   * about to start its queues, or will start them again after a stop) —
+   * once the front-end has been quiet for {@link SPARE_QUIET_MS}.
+   *
+   * Starting a worker blocks this thread until Deno has built the worker's
+   * runtime: 90-280 ms for the two on a loaded 2-core machine (measured).
+   * Run right after the message that asked for it (as it was), that delay
+   * fell on the front-end's next messages: on a migration's source, the
+   * second GET_VRING_BASE came 107 ms late, inside the downtime.
    */
   #spawnSpare(): void {
-    // After the reply: starting two workers takes tens of ms (more on a
-    // busy machine), which must not delay the message that asked for this
-    // (GET_VRING_BASE is a migration's downtime).
-    if (this.#spareSoon !== null) return;
+    if (this.#spareSoon !== null) clearTimeout(this.#spareSoon);
     this.#spareSoon = setTimeout(() => {
       this.#spareSoon = null;
       if (this.#spare?.usable || this.#datapath !== null) return;
       this.#spare?.terminate();
+      const t0 = performance.now();
       this.#spare = IoWorkerPair.spawn({ logger: this.#logger });
-    }, 0);
+      this.#debug(`${this.#what()}spare I/O workers spawned in ${ms(performance.now() - t0)}`);
+    }, SPARE_QUIET_MS);
+  }
+
+  /** A message came: a pending spare start waits until the front-end is quiet again. */
+  #postponeSpare(): void {
+    if (this.#spareSoon !== null) this.#spawnSpare();
   }
   #spareSoon: ReturnType<typeof setTimeout> | null = null;
 
@@ -267,6 +295,7 @@ export class PairPort {
   }
 
   async addMemRegion(region: MappedRegion): Promise<void> {
+    this.#postponeSpare();
     this.#debug(`ADD_MEM_REG ${describe(region)}`);
     // The I/O workers learn the new range before the device can point into it.
     const all = [...this.#regions, region];
@@ -379,6 +408,7 @@ export class PairPort {
   }
 
   async removeMemRegion(gpa: bigint, size: bigint): Promise<void> {
+    this.#postponeSpare();
     this.#debug(`REM_MEM_REG gpa 0x${gpa.toString(16)} size 0x${size.toString(16)}`);
     const i = this.#regions.findIndex((r) => r.guestPhysAddr === gpa && r.size === size);
     if (i < 0) throw new RangeError(`no region at GPA 0x${gpa.toString(16)} of ${size} bytes`);
@@ -390,11 +420,13 @@ export class PairPort {
   }
 
   setVringNum(index: number, n: number): Promise<void> {
+    this.#postponeSpare();
     this.#ring(index).num = n;
     return Promise.resolve();
   }
 
   async setVringAddr(index: number, addr: VringAddrFields): Promise<void> {
+    this.#postponeSpare();
     const ring = this.#ring(index);
     const before = ring.addr;
     ring.addr = addr;
@@ -405,6 +437,7 @@ export class PairPort {
   }
 
   async setLogAll(on: boolean): Promise<void> {
+    this.#postponeSpare();
     if (on === this.#logAll) return;
     this.#logAll = on;
     this.#logger.log("info", "parent", `dirty logging ${on ? "on" : "off"}`);
@@ -412,6 +445,7 @@ export class PairPort {
   }
 
   async setLogBase(log: MappedRegion): Promise<void> {
+    this.#postponeSpare();
     const old = this.#log;
     this.#log = log;
     if (this.#datapath !== null) await this.#applyLog(old);
@@ -463,21 +497,29 @@ export class PairPort {
   }
 
   setVringBase(index: number, base: number): Promise<void> {
+    this.#postponeSpare();
     this.#ring(index).base = base;
     return Promise.resolve();
   }
 
   async getVringBase(index: number): Promise<number> {
+    this.#postponeSpare();
     const ring = this.#ring(index);
     await this.#stopQueues();
     ring.started = false;
     await this.#setKick(index, null);
-    // The front-end starts the rings again (a VM that resumes, a migration cancelled).
-    this.#spawnSpare();
+    // The front-end may start the rings again (a VM that resumes), so the
+    // next start's workers are started ahead; not in a migration's
+    // switch-over (logging on), where the front-end goes away once it
+    // completes and where starting them costs the destination CPU it needs
+    // now (both hosts share 2 cores in the bench). A cancelled migration's
+    // restart starts its own.
+    if (!this.#logAll) this.#spawnSpare();
     return ring.base;
   }
 
   async setVringKick(index: number, fd: number | null): Promise<void> {
+    this.#postponeSpare();
     const ring = this.#ring(index);
     await this.#setKick(index, fd);
     ring.started = true;
@@ -500,6 +542,7 @@ export class PairPort {
   }
 
   async setVringCall(index: number, fd: number | null): Promise<void> {
+    this.#postponeSpare();
     const ring = this.#ring(index);
     const old = ring.callFd;
     ring.callFd = fd;
@@ -508,6 +551,7 @@ export class PairPort {
   }
 
   async setVringEnable(index: number, enabled: boolean): Promise<void> {
+    this.#postponeSpare();
     this.#ring(index).enabled = enabled;
     // The kernel steers flows to this pair's tap queue only while the driver uses the pair.
     this.#setTapQueueAttached?.(this.#rings.some((r) => r.enabled));
@@ -556,6 +600,9 @@ export class PairPort {
     if (this.#datapath) return;
     const ready = this.#rings.every((r) => r.started && r.enabled && r.num > 0 && r.addr);
     if (!ready || !this.#featuresSet || this.#regions.length === 0) return;
+    // Too late for workers started ahead: this start starts its own.
+    if (this.#spareSoon !== null) clearTimeout(this.#spareSoon);
+    this.#spareSoon = null;
     const buffers = createDatapathBuffers();
     const tx = this.#rings[TX_QUEUE];
     const txUsed = txUsedPlace(this.#regions.map(userMapping), {
@@ -571,35 +618,73 @@ export class PairPort {
     }, this.#features);
     const workers = this.#spare ?? undefined;
     this.#spare = null;
-    const dp = await DatapathHost.start({
-      workers,
-      txUsed,
-      rxUsed,
-      tapFd: this.#tapFd,
-      buffers,
-      logger: this.#logger,
-      ranges: this.#regions.map(hostRange),
-      ioUring: this.#ioUring,
-      rings: this.#ringPool,
-      capture: this.#capture,
-      rxFrameRoom: this.#tapReadRoom?.(),
-      log: this.#logConfig(),
-      rateLimit: this.#rateLimit,
-      kickFds: this.#rings.map((r) => r.kickFd),
-      callFds: this.#rings.map((r) => r.callFd),
-      onFault: (role, message) => this.#logger.log("error", "datapath", `${role}: ${message}`),
-    });
+    const t0 = performance.now();
+    // The device starts its queues while the I/O workers take their
+    // configuration (one round trip less before frames move: a migration's
+    // destination is what the guest waits for); what the device puts on the
+    // rings meanwhile waits for the workers.
+    let deviceMs = 0;
+    let deviceStarted = false;
+    let deviceError: unknown = null;
+    const startDevice = async (bounceHost: number) => {
+      const d0 = performance.now();
+      try {
+        await this.#device.startQueues(this.#placement(RX_QUEUE), this.#placement(TX_QUEUE), {
+          ...buffers,
+          bounceHost,
+        });
+        deviceStarted = true;
+      } catch (e) {
+        deviceError = e;
+      }
+      deviceMs = performance.now() - d0;
+    };
+    let dp: DatapathHost;
     try {
-      await this.#device.startQueues(this.#placement(RX_QUEUE), this.#placement(TX_QUEUE), {
-        ...buffers,
-        bounceHost: Number(dp.bounceRange.base),
+      dp = await DatapathHost.start({
+        workers,
+        txUsed,
+        rxUsed,
+        tapFd: this.#tapFd,
+        buffers,
+        logger: this.#logger,
+        ranges: this.#regions.map(hostRange),
+        ioUring: this.#ioUring,
+        rings: this.#ringPool,
+        capture: this.#capture,
+        rxFrameRoom: this.#tapReadRoom?.(),
+        log: this.#logConfig(),
+        rateLimit: this.#rateLimit,
+        kickFds: this.#rings.map((r) => r.kickFd),
+        callFds: this.#rings.map((r) => r.callFd),
+        onFault: (role, message) => this.#logger.log("error", "datapath", `${role}: ${message}`),
+        alongside: startDevice,
       });
     } catch (e) {
-      await this.#endIoWorkers(dp);
+      // The workers are ended (DatapathHost.start did); a device that started
+      // stops again, so that it holds no queue its workers will not serve.
+      if (deviceStarted) {
+        try {
+          await this.#device.stopQueues();
+        } catch (again) {
+          this.#abandonDevice(`stop-queues: ${(again as Error).message}`);
+        }
+      }
       throw e;
     }
+    if (!deviceStarted) {
+      // The workers run: they stop as at any stop (orphaning what they held if they do not answer).
+      await this.#endIoWorkers(dp);
+      throw deviceError;
+    }
     this.#datapath = dp;
+    this.#debug(
+      `${this.#what()}start: ${ms(performance.now() - t0)}, I/O workers ${
+        workers ? "started ahead" : "spawned now"
+      }, the device's part ${ms(deviceMs)} of it`,
+    );
     this.#logger.log("info", "parent", `${this.#what()}running`);
+    this.#onRunning?.({ rx: this.#rings[RX_QUEUE].base, tx: this.#rings[TX_QUEUE].base });
   }
 
   /** Stops the queues if they run; returns whether they did. */
@@ -607,6 +692,7 @@ export class PairPort {
     const dp = this.#datapath;
     if (!dp) return false;
     this.#datapath = null;
+    const t0 = performance.now();
     // What the device took goes out first (the writer still runs): a TX frame
     // in flight is sent, not completed unsent, and nothing new is taken.
     try {
@@ -616,8 +702,10 @@ export class PairPort {
     } catch (e) {
       this.#logger.log("warn", "parent", `quiesce-queues: ${(e as Error).message}`);
     }
+    const t1 = performance.now();
     // The I/O workers end next: after this no system call touches guest memory.
     await this.#endIoWorkers(dp);
+    const t2 = performance.now();
     let bases: { rx: number; tx: number };
     try {
       bases = await this.#device.stopQueues();
@@ -628,9 +716,19 @@ export class PairPort {
     this.#rings[RX_QUEUE].base = bases.rx;
     this.#rings[TX_QUEUE].base = bases.tx;
     this.#logStoppedRings();
+    const t3 = performance.now();
+    this.#debug(
+      `${this.#what()}stop: quiesce ${ms(t1 - t0)}, I/O workers ${ms(t2 - t1)}, ` +
+        `device ${ms(t3 - t2)}`,
+    );
     this.#logger.log("info", "parent", `${this.#what()}stopped at rx ${bases.rx}, tx ${bases.tx}`);
     return true;
   }
+}
+
+/** A duration for the debug log. */
+function ms(v: number): string {
+  return `${v.toFixed(1)} ms`;
 }
 
 /** How the device names a region (its grant's addresses). */

@@ -385,6 +385,20 @@ export class FrontendRig {
     }
   }
 
+  /**
+   * The front-end goes and a new one connects to the same daemon (a
+   * migration's destination, a VMM back after the daemon restarted): the
+   * old session ends as the socket layer ends it, and a fresh backend
+   * serves the next. Nothing negotiated yet.
+   */
+  async reconnect(): Promise<void> {
+    await this.backend.close();
+    this.backend = new VhostUserBackend(this.port, LIBC_BACKEND_SYSTEM, {
+      logger: this.logger,
+      queuePairs: this.pairs.length,
+    });
+  }
+
   /** Ends the session and releases everything (also after a failure half-way). */
   async close(): Promise<void> {
     try {

@@ -10,7 +10,10 @@
 
 import assert from "node:assert/strict";
 import { RX_QUEUE, TX_QUEUE } from "../../../ipc/datapath.ts";
-import { VHOST_USER_SEND_RARP } from "../../../parent/control/vhost_user_messages.ts";
+import {
+  VHOST_USER_GET_FEATURES,
+  VHOST_USER_SEND_RARP,
+} from "../../../parent/control/vhost_user_messages.ts";
 import { rarpFrame } from "../../../parent/control/device_port.ts";
 import { type Netns, withNetns } from "../../net_ns.ts";
 import { FrontendRig, GUEST_IP, GUEST_MAC, RIG_FEATURES } from "./frontend_rig.ts";
@@ -162,6 +165,63 @@ Deno.test({
 });
 
 Deno.test({
+  name: "after GET_VRING_BASE, spare I/O workers start only once the front-end is quiet: " +
+    "starting them blocks the parent's thread, which must not delay the rest of a switch-over",
+  ignore,
+  fn: () =>
+    withNetns(async (ns) => {
+      const rig = await FrontendRig.open(ns);
+      const spawned = () => rig.logger.lines.filter((l) => /spare I\/O workers spawned/.test(l));
+      try {
+        await rig.start();
+        rig.postRx(16);
+        rig.sendUdp(3);
+        await reap(rig, 3);
+        const before = spawned().length;
+        // What QEMU sends in a migration's downtime, back to back.
+        await rig.stop();
+        await rig.enablePair(0, false);
+        await new Promise((r) => setTimeout(r, 20));
+        await rig.send(VHOST_USER_GET_FEATURES);
+        assert.equal(spawned().length, before, "spare workers started inside the burst");
+        await rig.until("spare workers started after the burst", () => spawned().length > before);
+      } finally {
+        await rig.close();
+      }
+    }),
+});
+
+Deno.test({
+  name: "a stop with dirty logging on (a migration's switch-over) starts no spare I/O workers; " +
+    "a restart after it (the migration cancelled) starts its own and runs",
+  ignore,
+  fn: () =>
+    withNetns(async (ns) => {
+      const rig = await FrontendRig.open(ns);
+      const spawned = () => rig.logger.lines.filter((l) => /spare I\/O workers spawned/.test(l));
+      try {
+        await rig.start();
+        await rig.setLogBase(4096);
+        await rig.setFeatures(true);
+        rig.postRx(16);
+        rig.sendUdp(3);
+        await reap(rig, 3);
+        const before = spawned().length;
+        const bases = await rig.stop();
+        await new Promise((r) => setTimeout(r, 600));
+        assert.equal(spawned().length, before, "spare workers started after a switch-over's stop");
+        await rig.setFeatures(false); // migrate_cancel: logging off, the rings again
+        await rig.restart(bases);
+        rig.sendUdp(2);
+        await reap(rig, 2);
+        assert.match(rig.logger.lines.join("\n"), /start: .*, I\/O workers spawned now/);
+      } finally {
+        await rig.close();
+      }
+    }),
+});
+
+Deno.test({
   name: "SEND_RARP puts a RARP from the guest's MAC on the tap: the bridge learns it on that port",
   ignore,
   fn: () =>
@@ -212,6 +272,90 @@ Deno.test({
           rig.logger.lines.join("\n"),
         );
         assert.ok(rig.logger.lines.some((l) => /sent a RARP for 52:54:00:12:34:56/.test(l)));
+      } finally {
+        await rig.close();
+      }
+    }),
+});
+
+/** Frames the tap took in from vionet (RARPs included), read from sysfs. */
+async function tapRxCount(ns: Netns, tap: string): Promise<number> {
+  return Number(await ns.exec(["cat", `/sys/class/net/${tap}/statistics/rx_packets`]));
+}
+
+/** Lines of the rig's log that say vionet sent a RARP. */
+function rarpLines(rig: FrontendRig): string[] {
+  return rig.logger.lines.filter((l) => /sent a RARP for/.test(l));
+}
+
+Deno.test({
+  name: "with --mac, rings resumed on a connection before they ran on it (a migration's " +
+    "destination) announce the guest on the tap at once, before the queues run; a fresh start " +
+    "and a restart on the same connection do not",
+  ignore,
+  fn: () =>
+    withNetns(async (ns) => {
+      const rig = await FrontendRig.open(ns, { sourceMac: GUEST_MAC });
+      try {
+        await ns.exec(["ip", "link", "add", "br0", "type", "bridge"]);
+        await ns.exec(["ip", "link", "set", rig.tap.name, "master", "br0"]);
+        await ns.exec(["ip", "link", "set", "br0", "up"]);
+        const macText = GUEST_MAC.map((b) => b.toString(16).padStart(2, "0")).join(":");
+        // A guest that boots: rings from 0, nothing to announce.
+        await rig.start();
+        assert.deepEqual(rarpLines(rig), [], "a fresh start sent a RARP");
+        rig.postRx(16);
+        rig.sendUdp(5);
+        await reap(rig, 5);
+        // Stopped and started again on the same connection (a VM paused and
+        // resumed, a migration cancelled): the guest never left this port.
+        const bases = await rig.stop();
+        assert.ok(bases[TX_QUEUE] > 0);
+        await rig.restart(bases);
+        assert.deepEqual(rarpLines(rig), [], "a restart on the same connection sent a RARP");
+        await rig.stop();
+        // Another front-end connects and resumes the rings where they stopped.
+        await ns.exec(["bridge", "fdb", "del", macText, "dev", rig.tap.name, "master"])
+          .catch(() => {}); // learnt from the UDP frames; gone now, so the RARP must teach it
+        const before = await tapRxCount(ns, rig.tap.name);
+        await rig.reconnect();
+        await rig.start();
+        assert.equal(rarpLines(rig).length, 1, rig.logger.lines.join("\n"));
+        assert.match(rarpLines(rig)[0], new RegExp(`${macText} \\(ring 0 resumes at \\d+`));
+        assert.equal(await tapRxCount(ns, rig.tap.name) - before, 1, "one frame: the RARP");
+        const fdb = await ns.exec(["bridge", "fdb", "show", "br", "br0"]);
+        assert.match(fdb, new RegExp(`^${macText} dev ${rig.tap.name} `, "m"), fdb);
+        // Once per connection: a restart on it does not announce again.
+        await rig.restart(await rig.stop());
+        assert.equal(rarpLines(rig).length, 1);
+      } finally {
+        await rig.close();
+      }
+    }),
+});
+
+Deno.test({
+  name: "without --mac, resumed rings announce nothing (vionet does not know the guest's MAC) " +
+    "and say so",
+  ignore,
+  fn: () =>
+    withNetns(async (ns) => {
+      const rig = await FrontendRig.open(ns);
+      try {
+        await rig.start();
+        rig.postRx(16);
+        rig.sendUdp(3);
+        await reap(rig, 3);
+        await rig.stop();
+        const before = await tapRxCount(ns, rig.tap.name);
+        await rig.reconnect();
+        await rig.start();
+        assert.deepEqual(rarpLines(rig), []);
+        assert.equal(await tapRxCount(ns, rig.tap.name) - before, 0, "nothing written to the tap");
+        assert.ok(
+          rig.logger.lines.some((l) => /without --mac vionet cannot announce it/.test(l)),
+          rig.logger.lines.join("\n"),
+        );
       } finally {
         await rig.close();
       }
