@@ -132,6 +132,48 @@ Deno.test("vionet-hook with systemd: starts vionet@NAME.socket for each client-m
     );
     const failed = await calls(["mixed", "prepare", "begin", "-"], MIXED, { STUB_STATUS: "1" });
     assert.equal(failed.code, 1, "a unit that does not start fails the hook (and the domain)");
+
+    // VIONET_MAC=yes: each interface's <mac> reaches its unit through NAME.env.
+    const runDir = `${dir}/run`;
+    await Deno.writeTextFile(
+      `${dir}/hook.conf`,
+      `VIONET_START=systemd\nVIONET_MAC=yes\nVIONET_RUN_DIR='${runDir}'\n`,
+    );
+    const withMac = domain(
+      "macs",
+      `    <interface type='vhostuser'>
+      <source type='unix' path='/run/vionet/m1.sock' mode='client'/>
+      <mac address="52:54:00:AB:cd:02"/>
+    </interface>
+    <interface type='vhostuser'>
+      <mac address='52:54:00:00:00:zz'/>
+      <source type='unix' path='/run/vionet/m2.sock' mode='client'/>
+    </interface>
+    <interface type='vhostuser'>
+      <source type='unix' path='/run/vionet/m3.sock' mode='client'/>
+    </interface>`,
+    );
+    const up = await calls(["macs", "prepare", "begin", "-"], withMac);
+    assert.equal(up.code, 0, up.stderr);
+    assert.deepEqual(up.calls, [
+      "start vionet@m1.socket",
+      "start vionet@m2.socket",
+      "start vionet@m3.socket",
+    ]);
+    assert.equal(
+      await Deno.readTextFile(`${runDir}/m1.env`),
+      "VIONET_MAC_ARGS=--mac 52:54:00:AB:cd:02\n",
+      "a <mac> after <source> counts too",
+    );
+    assert.match(up.stderr, /ignoring MAC address '52:54:00:00:00:zz'/);
+    assert.throws(() => Deno.lstatSync(`${runDir}/m2.env`), Deno.errors.NotFound);
+    assert.throws(() => Deno.lstatSync(`${runDir}/m3.env`), Deno.errors.NotFound);
+    assert.equal((await calls(["macs", "release", "end", "-"], withMac)).code, 0);
+    assert.throws(
+      () => Deno.lstatSync(`${runDir}/m1.env`),
+      Deno.errors.NotFound,
+      "removed at release",
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -196,12 +238,14 @@ Deno.test({
           `VIONET_RUN_DIR='${runDir}'`,
           "VIONET_SOCKET_GROUP=kvm",
           `VIONET_ARGS='${args}'`,
+          "VIONET_MAC=yes",
         ].join("\n") + "\n";
       await Deno.writeTextFile(`${dir}/hook.conf`, settings(`--metrics ${dir}/metrics/%n.sock`));
       const env = { VIONET_HOOK_CONF: `${dir}/hook.conf`, PATH: "/usr/sbin:/usr/bin:/sbin:/bin" };
       const xml = domain(
         "direct",
         `    <interface type='vhostuser'>
+      <mac address='52:54:00:12:34:56'/>
       <source type='unix' path='${sock}' mode='client'/>
     </interface>`,
       );
@@ -226,6 +270,8 @@ Deno.test({
       // Its own session: not in the hook's (nor libvirtd's) process group.
       const stat = (await Deno.readTextFile(`/proc/${pid}/stat`)).replace(/^.*\) /, "").split(" ");
       assert.equal(stat[3], String(pid), "session leader");
+      const cmdline = (await Deno.readTextFile(`/proc/${pid}/cmdline`)).split("\0");
+      assert.equal(cmdline[cmdline.indexOf("--mac") + 1], "52:54:00:12:34:56", "VIONET_MAC=yes");
 
       const again = await hook(["direct", "prepare", "begin", "-"], xml, env, netns);
       assert.equal(again.code, 0, again.stderr);

@@ -93,6 +93,9 @@ Deno.test("vionet@.service runs the start task: its flags, environment and modul
   const args = words.slice(words.indexOf("main.ts") + 1);
   assert.ok(!args.includes("--socket-path") && !args.includes("--fd"), "the socket is passed");
   assert.deepEqual(args.slice(0, 2), ["--tap", "%i"]);
+  // The libvirt hook's --mac (VIONET_MAC=yes), from the optional per-instance file.
+  assert.equal(args.at(-1), "$VIONET_MAC_ARGS");
+  assert.equal(one(service, "EnvironmentFile"), "-/run/vionet-hook/%i.env");
   const metrics = args[args.indexOf("--metrics") + 1];
   assert.equal(metrics, `/run/${one(service, "RuntimeDirectory")}/metrics.sock`);
   assert.equal(one(service, "WorkingDirectory"), "/opt/vionet", "--allow-read=. is the repository");
