@@ -23,7 +23,7 @@
  *
  * A variant changes the start task's environment or Deno flags (a V8 flag,
  * glibc's arena count, a code cache) to measure what a setting costs or
- * saves; variants after the first skip the connections phase.
+ * saves, each measured the same way.
  *
  * ```
  * deno run -A bench/footprint.ts [--connections 1000] [--startups 5] [--variants shipped,arenas2]
@@ -36,20 +36,10 @@ import { parseArgs } from "node:util";
 import { ROOT, startTaskEnv, startTaskFlags } from "../tests/helpers.ts";
 import { SocketVm, VM_HOST_IP, VM_IP, VM_MAC } from "../tests/parent/control/socket_vm.ts";
 import { type Child, Netns, sleep } from "./proc.ts";
+import { TRIM_DELAY_MS } from "../parent/control/daemon.ts";
+import type { FootprintRun, MemSample } from "./footprint_report.ts";
 
-/** One reading of the daemon's memory and threads. */
-export interface MemSample {
-  rssKb: number;
-  anonKb: number;
-  fileKb: number;
-  pssKb: number;
-  ussKb: number;
-  /** VmHWM: the largest RSS so far. */
-  hwmKb: number;
-  threads: number;
-  /** Threads by name (`comm`), e.g. tokio-runtime-w: 3. */
-  threadNames: Record<string, number>;
-}
+export type { FootprintRun, MemSample };
 
 /** A way to start the daemon other than the start task's, for comparison. */
 export interface Variant {
@@ -101,30 +91,6 @@ export const VARIANTS: readonly Variant[] = [
     ownDenoDir: true,
   },
 ];
-
-/** What one variant measured. */
-export interface FootprintRun {
-  variant: string;
-  describe: string;
-  /** Milliseconds from exec to the first successful connect(), each start. */
-  startupMs: number[];
-  idle: MemSample;
-  /** Right after the socket accepted, before Deno's idle threads ended. */
-  ready: MemSample;
-  attached: MemSample;
-  /** The largest sample of the load window (by RSS). */
-  load: MemSample;
-  loadSeconds: number;
-  /** Frames per second through the daemon in the load window: guest to tap, tap to guest. */
-  loadTxPps: number;
-  loadRxPps: number;
-  /** After the load, the VM detached, once idle threads ended. */
-  afterLoad: MemSample;
-  /** Every `sampleEvery` attachments: how many so far, and the sample (first: before any). */
-  connections: Array<{ done: number; sample: MemSample }>;
-  connectionSeconds: number;
-  error?: string;
-}
 
 export interface FootprintOptions {
   connections: number;
@@ -223,15 +189,6 @@ async function startDaemon(
   const daemon = ns.spawn(daemonArgv(variant, socket, denoDir), { cwd: ROOT });
   const t = await whenListening(socket, daemon, 30_000);
   return { daemon, ms: t - t0 };
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length === 0
-    ? NaN
-    : s.length % 2
-    ? s[(s.length - 1) / 2]
-    : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
 /** Measures one variant (see the module comment); `connections` 0 skips that phase. */
@@ -335,6 +292,7 @@ async function measureVariant(
         `${(loadTxPps / 1e3).toFixed(0)} kpps out, ${(loadRxPps / 1e3).toFixed(0)} kpps in`,
     );
     await vm.detach(true);
+    await settledAfterVm(pid, idle);
     await sleep(o.settleSeconds * 1000);
     const afterLoad = memSample(pid);
     o.log(`footprint ${variant.name}: after the load, detached ${describe(afterLoad)}`);
@@ -350,6 +308,7 @@ async function measureVariant(
         await vm.exchange(4, 1);
         await vm.detach(i % 2 === 0);
         if (i % o.sampleEvery === 0 || i === connections) {
+          await settledAfterVm(pid, idle);
           const s = memSample(pid);
           samples.push({ done: i, sample: s });
           o.log(`footprint ${variant.name}: after ${i} connections ${describe(s)}`);
@@ -379,12 +338,30 @@ async function measureVariant(
   }
 }
 
-/** Measures every variant in `o.variants`; the first also over `o.connections` attachments. */
+/** Worker threads (`worker-*`) of a sample. */
+function workerCount(s: MemSample): number {
+  return Object.entries(s.threadNames).filter(([n]) => /^worker-\d+$/.test(n))
+    .reduce((a, [, c]) => a + c, 0);
+}
+
+/**
+ * Waits (up to 5 s) until the daemon has no more worker threads than in
+ * `idle` (the ended connection's workers have exited), then past the moment
+ * the daemon gives free memory back after a VM (`TRIM_DELAY_MS`): a sample
+ * then reads the daemon as it idles between VMs, not half-way through one's end.
+ */
+async function settledAfterVm(pid: number, idle: MemSample): Promise<void> {
+  const end = Date.now() + 5000;
+  while (workerCount(memSample(pid)) > workerCount(idle) && Date.now() < end) await sleep(20);
+  await sleep(TRIM_DELAY_MS + 1000);
+}
+
+/** Measures every variant in `o.variants`, each over `o.connections` attachments. */
 export async function measureFootprint(o: FootprintOptions): Promise<FootprintRun[]> {
   const out: FootprintRun[] = [];
-  for (const [i, v] of o.variants.entries()) {
+  for (const v of o.variants) {
     try {
-      out.push(await measureVariant(v, i === 0 ? o.connections : 0, o));
+      out.push(await measureVariant(v, o.connections, o));
     } catch (e) {
       const why = (e as Error).message.slice(0, 1500);
       o.log(`footprint ${v.name}: FAILED: ${why}`);
@@ -418,8 +395,6 @@ export function variantsNamed(list: string): Variant[] {
     return v;
   });
 }
-
-export { median };
 
 if (import.meta.main) {
   const { values } = parseArgs({

@@ -10,6 +10,7 @@ import type { BackendName, BackendSample, BackendTest } from "./dpdk.ts";
 import { type Direction, type GuestSample, type IdleSample, isVcpu } from "./guest.ts";
 import { type CeilingSample, ceilingTable } from "./tap_ceiling.ts";
 import type { MigrationSample } from "./migration.ts";
+import { type FootprintRun, footprintTable } from "./footprint_report.ts";
 
 /** Where and how the bench ran. */
 export interface Machine {
@@ -36,6 +37,8 @@ export interface Results {
   ceiling?: CeilingSample[];
   /** Live migrations, vionet and QEMU's own tap backend (bench/migration.ts); absent in older runs. */
   migration?: MigrationSample[];
+  /** One daemon's memory, threads and startup (bench/footprint.ts); absent in older runs. */
+  footprint?: FootprintRun[];
   notes: string[];
 }
 
@@ -541,6 +544,10 @@ export function markdown(r: Results): string {
   if (r.migration?.length) {
     lines.push("");
     lines.push(...migrationTable(r.migration));
+  }
+  if (r.footprint?.length) {
+    lines.push("");
+    lines.push(...footprintTable(r.footprint));
   }
   if (r.notes.length) {
     lines.push("");
