@@ -76,8 +76,10 @@ export interface BackendOptions {
   backendCpu: number;
   frontendCpu: number;
   log: (line: string) => void;
-  /** More Deno flags for the vionet daemon (e.g. `--cpu-prof`). */
+  /** More Deno flags for the vionet daemon (e.g. `--cpu-prof`, `--v8-flags=--lite-mode`). */
   daemonFlags?: string[];
+  /** More environment for the vionet daemon, `NAME=value` each (e.g. `MALLOC_ARENA_MAX=2`). */
+  daemonEnv?: string[];
   /** More vionet options (e.g. `--io-uring off`), after the bench's own. */
   vionetArgs?: string[];
   /** More options for the `vionet-capture` backend only (e.g. `--pcap-snaplen 128`). */
@@ -291,6 +293,7 @@ async function startBackend(
   if (backend === "vionet" || backend === "vionet-offload-off" || backend === "vionet-capture") {
     const main = `${ROOT}main.ts`;
     const daemon = r.ns.spawn([
+      ...(o.daemonEnv?.length ? ["env", ...o.daemonEnv] : []),
       Deno.execPath(),
       "run",
       ...startTaskFlags(),

@@ -8,6 +8,7 @@
  * deno task bench [--reps 3] [--seconds 4] [--guest-boots 5] [--guest-reps 1] [--guest-seconds 8]
  *                 [--guest-pin on|off] [--only backend|guest|migration|footprint] [--migrations 3]
  *                 [--tests tx64,tx1514,tso,rx64] [--vionet-args "--io-uring off"]
+ *                 [--deno-flags "--v8-flags=--lite-mode"] [--daemon-env "MALLOC_ARENA_MAX=2"]
  *                 [--capture-args "--pcap-snaplen 128"]
  *                 [--connections 1000] [--footprint-variants shipped,arenas2,...]
  *                 [--backend-cpu 0] [--frontend-cpu 1] [--out bench/results] [--report-only]
@@ -156,6 +157,8 @@ async function main(): Promise<void> {
       "backend-cpu": { type: "string", default: "0" },
       "frontend-cpu": { type: "string", default: "1" },
       "vionet-args": { type: "string", default: "" },
+      "deno-flags": { type: "string", default: "" },
+      "daemon-env": { type: "string", default: "" },
       "capture-args": { type: "string", default: "" },
       out: { type: "string", default: `${ROOT}bench/results` },
       "report-only": { type: "boolean", default: false },
@@ -194,6 +197,12 @@ async function main(): Promise<void> {
   }
   const log = (s: string) => console.log(s);
   const footprintVariants = variantsNamed(values["footprint-variants"]);
+  for (const word of values["daemon-env"].split(" ").filter((a) => a !== "")) {
+    if (!/^[A-Za-z_][A-Za-z0-9_]*=/.test(word)) {
+      console.error(`bench: --daemon-env takes NAME=value words, not ${JSON.stringify(word)}`);
+      Deno.exit(2);
+    }
+  }
   await setup(log, only !== "backend" && only !== "footprint");
   const results: Results = {
     machine: await machine(),
@@ -257,6 +266,8 @@ async function main(): Promise<void> {
       backendCpu,
       frontendCpu,
       vionetArgs: values["vionet-args"].split(" ").filter((a) => a !== ""),
+      daemonFlags: values["deno-flags"].split(" ").filter((a) => a !== ""),
+      daemonEnv: values["daemon-env"].split(" ").filter((a) => a !== ""),
       captureArgs: values["capture-args"].split(" ").filter((a) => a !== ""),
       log,
     };

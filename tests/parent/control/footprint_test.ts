@@ -65,7 +65,9 @@ async function settled(pid: number, out: () => string, trims: number): Promise<S
   const end = Date.now() + 30_000;
   const trimmed = () => (out().match(/ malloc_trim: /g) ?? []).length > trims;
   while (!trimmed()) {
-    if (Date.now() > end) throw new Error(`no malloc_trim after the last VM:\n${out().slice(-3000)}`);
+    if (Date.now() > end) {
+      throw new Error(`no malloc_trim after the last VM:\n${out().slice(-3000)}`);
+    }
     await new Promise((r) => setTimeout(r, 50));
   }
   return snapshot(pid);
