@@ -63,6 +63,12 @@ export interface BackendSample {
   seconds: number;
   error?: string;
   /**
+   * vionet backends: the daemon's RSS at the end of the window and its
+   * peak so far (VmRSS, VmHWM), in kB: one NIC's memory under this load.
+   */
+  rssKb?: number;
+  hwmKb?: number;
+  /**
    * `vionet-capture` only (vionet with `--pcap`, capture on from the start):
    * what the capture did over the window, from `GET /capture`.
    */
@@ -201,6 +207,7 @@ export async function measureBackend(
     await sleep(o.seconds * 1000);
     const b = await snapshot(r, test);
     const dt = (performance.now() - t0) / 1000;
+    const mem = backend.startsWith("vionet") ? daemonRss(r.backendPid) : {};
     const cb = capturing ? await captureStatus(r.dir) : null;
     const capture = ca && cb
       ? {
@@ -227,7 +234,7 @@ export async function measureBackend(
         : "no frames delivered";
       throw new Error(why);
     }
-    return { ...base, ...rate, seconds: dt, ...(capture ? { capture } : {}) };
+    return { ...base, ...rate, seconds: dt, ...mem, ...(capture ? { capture } : {}) };
   } catch (e) {
     const why = (e as Error).message;
     o.log(`  ${test} ${backend} rep ${rep}: FAILED: ${why.slice(0, 2000)}`);
@@ -236,6 +243,17 @@ export async function measureBackend(
     for (const p of r.parts.reverse()) await p.quit().catch(() => {});
     await ns.close();
     await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+/** VmRSS and VmHWM of `pid`, in kB; empty if it cannot be read. */
+function daemonRss(pid: number): { rssKb?: number; hwmKb?: number } {
+  try {
+    const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+    const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, "m").exec(status)?.[1]);
+    return { rssKb: kb("VmRSS"), hwmKb: kb("VmHWM") };
+  } catch {
+    return {};
   }
 }
 

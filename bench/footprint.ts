@@ -85,6 +85,18 @@ export const VARIANTS: readonly Variant[] = [
     addFlags: ["--v8-flags=--lite-mode"],
   },
   {
+    name: "no-short-builtins",
+    describe:
+      "--v8-flags=--no-short-builtin-calls (no copy of V8's builtins, about 2 MB, per isolate)",
+    addFlags: ["--v8-flags=--no-short-builtin-calls"],
+  },
+  {
+    name: "arenas2+no-short-builtins",
+    describe: "MALLOC_ARENA_MAX=2 and --v8-flags=--no-short-builtin-calls together",
+    env: { MALLOC_ARENA_MAX: "2" },
+    addFlags: ["--v8-flags=--no-short-builtin-calls"],
+  },
+  {
     name: "code-cache",
     describe: "a DENO_DIR of the daemon's own, with V8's code cache (warm: second start on)",
     removeFlags: ["--no-code-cache"],

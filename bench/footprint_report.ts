@@ -68,10 +68,41 @@ export function connectionGrowthKb(run: FootprintRun): number | null {
   return after[after.length - 1].sample.rssKb - after[0].sample.rssKb;
 }
 
-/** The bench report's footprint section (markdown lines). */
-export function footprintTable(runs: readonly FootprintRun[]): string[] {
-  if (runs.length === 0) return [];
+/** What the footprint section reads of a backend-bound sample (bench/dpdk.ts). */
+export interface BackendMemory {
+  test: string;
+  backend: string;
+  pps: number;
+  rssKb?: number;
+  hwmKb?: number;
+}
+
+/**
+ * The bench report's footprint section (markdown lines); `backend`: the
+ * backend-bound samples, whose vionet daemons' RSS under DPDK's driver at
+ * full speed is listed too.
+ */
+export function footprintTable(
+  runs: readonly FootprintRun[],
+  backend: readonly BackendMemory[] = [],
+): string[] {
   const lines: string[] = [];
+  const loaded = backend.filter((b) => b.backend === "vionet" && b.hwmKb !== undefined);
+  if (loaded.length > 0) {
+    const byTest = new Map<string, BackendMemory[]>();
+    for (const b of loaded) byTest.set(b.test, [...(byTest.get(b.test) ?? []), b]);
+    lines.push(
+      "**One NIC's memory under the backend-bound load** (vionet, DPDK's virtio-user driver at " +
+        "full speed, end of each window): " +
+        [...byTest].map(([test, xs]) =>
+          `${test} ${(median(xs.map((x) => x.pps)) / 1e6).toFixed(2)} Mpps: RSS ${
+            (median(xs.map((x) => x.rssKb!)) / 1024).toFixed(1)
+          } MB, peak ${(Math.max(...xs.map((x) => x.hwmKb!)) / 1024).toFixed(1)} MB`
+        ).join("; ") + ".",
+    );
+    lines.push("");
+  }
+  if (runs.length === 0) return lines;
   const f = (kb: number) => (kb / 1024).toFixed(1);
   const cell = (s: MemSample) => `${f(s.rssKb)} / ${f(s.pssKb)} / ${f(s.ussKb)} / ${s.threads}`;
   lines.push(

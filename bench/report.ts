@@ -545,9 +545,9 @@ export function markdown(r: Results): string {
     lines.push("");
     lines.push(...migrationTable(r.migration));
   }
-  if (r.footprint?.length) {
+  if (r.footprint?.length || r.backend.some((b) => b.hwmKb !== undefined)) {
     lines.push("");
-    lines.push(...footprintTable(r.footprint));
+    lines.push(...footprintTable(r.footprint ?? [], r.backend));
   }
   if (r.notes.length) {
     lines.push("");
