@@ -216,6 +216,7 @@ async function measureVariant(
   const ns = await Netns.create();
   const children: Child[] = [];
   let vm: SocketVm | null = null;
+  let running: Child | null = null;
   try {
     // (e) Startup, `startups` times; with a code cache, one start first to fill it.
     const startupMs: number[] = [];
@@ -231,6 +232,7 @@ async function measureVariant(
     // (a) Idle.
     const { daemon } = await startDaemon(ns, variant, socket, denoDir);
     children.push(daemon);
+    running = daemon;
     const pid = daemon.pid;
     const ready = memSample(pid);
     await sleep(o.settleSeconds * 1000);
@@ -342,6 +344,10 @@ async function measureVariant(
       connections: samples,
       connectionSeconds: (performance.now() - c0) / 1000,
     };
+  } catch (e) {
+    // What the daemon said (warnings and errors) is what explains a failure on the VM's side.
+    const said = running === null ? "" : `\nthe daemon said:\n${running.tail(4000)}`;
+    throw new Error(`${(e as Error).message}${said}`, { cause: e });
   } finally {
     vm?.close();
     for (const c of children.reverse()) await c.stop("SIGTERM", 5000).catch(() => {});
