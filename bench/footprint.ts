@@ -364,13 +364,16 @@ function workerCount(s: MemSample): number {
 
 /**
  * Waits (up to 5 s) until the daemon has no more worker threads than in
- * `idle` (the ended connection's workers have exited), then past the moment
+ * `idle` and pair 0's device (the ended connection's I/O workers have
+ * exited), then past the moment
  * the daemon gives free memory back after a VM (`TRIM_DELAY_MS`): a sample
  * then reads the daemon as it idles between VMs, not half-way through one's end.
  */
 async function settledAfterVm(pid: number, idle: MemSample): Promise<void> {
   const end = Date.now() + 5000;
-  while (workerCount(memSample(pid)) > workerCount(idle) && Date.now() < end) await sleep(20);
+  // Pair 0's device worker stays for the next VM.
+  const between = workerCount(idle) + 1;
+  while (workerCount(memSample(pid)) > between && Date.now() < end) await sleep(20);
   await sleep(TRIM_DELAY_MS + 1000);
 }
 

@@ -11,10 +11,12 @@
  * the first QEMU sends), pair i > 0 when the front-end names one of its
  * rings (QEMU does at start-up, for every pair it was told to use); a pair
  * that starts late is given the features, memory and log the device has by
- * then. When the front-end goes (its memory table emptied) every pair's
- * device worker ends, so a daemon with no VM holds no worker at all and each
- * VM gets fresh ones. A caller that passes pair 0's device (the tests'
- * in-process rig) keeps it across front-ends. A pair's workers run while both of its rings
+ * then. A daemon that has not served a VM yet holds no worker at all. When
+ * the front-end goes (its memory table emptied) the workers of pairs past
+ * the first end; pair 0's stays for the next VM: ending it there would make
+ * its thread a stray while the VM's memory is unmapped, which retires the
+ * memory instead and ends the daemon if the thread is slow to exit
+ * (`retired_memory.ts`). A pair's workers run while both of its rings
  * are started and enabled; QEMU enables and disables pairs with
  * SET_VRING_ENABLE as the driver changes its number of queue pairs
  * (`ethtool -L`: QEMU serves the control queue's VIRTIO_NET_CTRL_MQ itself).
@@ -36,8 +38,8 @@ import type { DevicePort, VringAddrFields } from "./vhost_user_backend.ts";
 
 export interface DevicePortOptions {
   /**
-   * Pair 0's device worker, kept for the port's life; without it pair 0's
-   * starts, like the others', when the front-end first needs it.
+   * Pair 0's device worker; without it pair 0's starts, like the others',
+   * when the front-end first needs it. Either way it is kept for the next VM.
    */
   device?: DeviceHost;
   /** Pair 0's tap queue (the tap's first descriptor). */
@@ -96,11 +98,7 @@ export class VionetDevicePort implements DevicePort {
     }
     this.#pairs = Array.from({ length: n }, () => null);
     if (opts.device !== undefined) this.#pairs[0] = this.#newPair(0, opts.device);
-    this.#keptPairs = opts.device !== undefined ? 1 : 0;
   }
-
-  /** Pairs kept when the front-end goes: pair 0 when its device was given, else none. */
-  readonly #keptPairs: number;
 
   #newPair(pair: number, device: DeviceHost): PairPort {
     const o = this.#opts;
@@ -273,8 +271,8 @@ export class VionetDevicePort implements DevicePort {
     for (const p of this.pairs()) await p.setMemTable(regions);
     this.#regions = [...regions];
     if (regions.length === 0) {
-      // The front-end is gone (or starts over): its pairs start again when needed.
-      for (let i = this.#keptPairs; i < this.#pairs.length; i++) {
+      // The front-end is gone (or starts over): pairs past the first start again when named.
+      for (let i = 1; i < this.#pairs.length; i++) {
         const p = this.#pairs[i];
         if (p) this.#release(p);
         this.#pairs[i] = null;
