@@ -84,6 +84,12 @@ export interface BackendSample {
   seconds: number;
   error?: string;
   /**
+   * vionet backends: the daemon's RSS at the end of the window and its
+   * peak so far (VmRSS, VmHWM), in kB: one NIC's memory under this load.
+   */
+  rssKb?: number;
+  hwmKb?: number;
+  /**
    * `vionet-capture` only (vionet with `--pcap`, capture on from the start):
    * what the capture did over the window, from `GET /capture`.
    */
@@ -97,8 +103,10 @@ export interface BackendOptions {
   backendCpu: number;
   frontendCpu: number;
   log: (line: string) => void;
-  /** More Deno flags for the vionet daemon (e.g. `--cpu-prof`). */
+  /** More Deno flags for the vionet daemon (e.g. `--cpu-prof`, `--v8-flags=--lite-mode`). */
   daemonFlags?: string[];
+  /** More environment for the vionet daemon, `NAME=value` each (e.g. `MALLOC_ARENA_MAX=2`). */
+  daemonEnv?: string[];
   /** More vionet options (e.g. `--io-uring off`), after the bench's own. */
   vionetArgs?: string[];
   /** More options for the `vionet-capture` backend only (e.g. `--pcap-snaplen 128`). */
@@ -269,6 +277,7 @@ export async function measureBackend(
     await Promise.all([sleep(o.seconds * 1000), o.during?.(r.backendPid, o.seconds)]);
     const b = await snapshot(r, test);
     const dt = (performance.now() - t0) / 1000;
+    const mem = backend.startsWith("vionet") ? daemonRss(r.backendPid) : {};
     const cb = capturing ? await captureStatus(r.dir) : null;
     const capture = ca && cb
       ? {
@@ -295,7 +304,7 @@ export async function measureBackend(
         : "no frames delivered";
       throw new Error(why);
     }
-    return { ...base, ...rate, seconds: dt, ...(capture ? { capture } : {}) };
+    return { ...base, ...rate, seconds: dt, ...mem, ...(capture ? { capture } : {}) };
   } catch (e) {
     const why = (e as Error).message;
     o.log(`  ${test} ${backend} rep ${rep}: FAILED: ${why.slice(0, 2000)}`);
@@ -304,6 +313,17 @@ export async function measureBackend(
     for (const p of r.parts.reverse()) await p.quit().catch(() => {});
     await ns.close();
     await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+/** VmRSS and VmHWM of `pid`, in kB; empty if it cannot be read. */
+function daemonRss(pid: number): { rssKb?: number; hwmKb?: number } {
+  try {
+    const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+    const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, "m").exec(status)?.[1]);
+    return { rssKb: kb("VmRSS"), hwmKb: kb("VmHWM") };
+  } catch {
+    return {};
   }
 }
 
@@ -361,6 +381,7 @@ async function startBackend(
   if (backend === "vionet" || backend === "vionet-offload-off" || backend === "vionet-capture") {
     const main = `${ROOT}main.ts`;
     const daemon = r.ns.spawn([
+      ...(o.daemonEnv?.length ? ["env", ...o.daemonEnv] : []),
       Deno.execPath(),
       "run",
       ...startTaskFlags(),

@@ -12,6 +12,7 @@ import { type Direction, type GuestSample, type IdleSample, isVcpu } from "./gue
 import { BATCHED_CALL, type CeilingSample, ceilingTable } from "./tap_ceiling.ts";
 import type { MigrationSample } from "./migration.ts";
 import { tsoFrame } from "./frames.ts";
+import { type FootprintRun, footprintTable } from "./footprint_report.ts";
 
 /** Where and how the bench ran. */
 export interface Machine {
@@ -40,6 +41,8 @@ export interface Results {
   ceiling?: CeilingSample[];
   /** Live migrations, vionet and QEMU's own tap backend (bench/migration.ts); absent in older runs. */
   migration?: MigrationSample[];
+  /** One daemon's memory, threads and startup (bench/footprint.ts); absent in older runs. */
+  footprint?: FootprintRun[];
   notes: string[];
 }
 
@@ -745,6 +748,10 @@ export function markdown(r: Results): string {
   if (r.migration?.length) {
     lines.push("");
     lines.push(...migrationTable(r.migration));
+  }
+  if (r.footprint?.length || r.backend.some((b) => b.hwmKb !== undefined)) {
+    lines.push("");
+    lines.push(...footprintTable(r.footprint ?? [], r.backend));
   }
   if (r.notes.length) {
     lines.push("");

@@ -7,10 +7,12 @@
  *
  * ```
  * deno task bench [--reps 3] [--seconds 4] [--guest-boots 5] [--guest-reps 1] [--guest-seconds 8]
- *                 [--guest-pin on|off] [--only backend|guest|migration] [--migrations 3]
+ *                 [--guest-pin on|off] [--only backend|guest|migration|footprint] [--migrations 3]
  *                 [--daemon-logs DIR]
  *                 [--tests tx64,tx1514,tso,rx64] [--vionet-args "--io-uring off"]
+ *                 [--deno-flags "--v8-flags=--lite-mode"] [--daemon-env "MALLOC_ARENA_MAX=2"]
  *                 [--capture-args "--pcap-snaplen 128"]
+ *                 [--connections 1000] [--footprint-variants shipped,arenas2,...]
  *                 [--backend-cpu 0] [--frontend-cpu 1] [--out bench/results] [--report-only]
  * ```
  *
@@ -35,7 +37,12 @@
  *    one bridge, vionet's daemons against QEMU's own tap backend,
  *    `--migrations` times each, alternating: QEMU's downtime, the longest
  *    stall of a TCP stream each way, when the bridge learned the new port.
- * 4. bench/results/{results.json, results.md, chart.svg} (bench/report.ts).
+ * 4. Footprint (bench/footprint.ts): one daemon's RSS, PSS, USS and threads
+ *    idle, with a VM attached, under load and over `--connections` VM
+ *    connections, and its time from exec to a listening socket; each
+ *    `--footprint-variants` entry (the start task as shipped, or with a V8
+ *    flag, glibc's arenas, a code cache) measured the same way.
+ * 5. bench/results/{results.json, results.md, chart.svg} (bench/report.ts).
  *
  * @module
  */
@@ -58,6 +65,7 @@ import {
   measureGuest,
 } from "./guest.ts";
 import { measureMigration, type MigrationSample } from "./migration.ts";
+import { measureFootprint, variantsNamed } from "./footprint.ts";
 import { sh } from "./proc.ts";
 import { ceilingUnavailable, measureTapCeiling } from "./tap_ceiling.ts";
 import { markdown, type Results, writeReport } from "./report.ts";
@@ -149,12 +157,16 @@ async function main(): Promise<void> {
       "idle-seconds": { type: "string", default: "10" },
       migrations: { type: "string", default: "3" },
       "daemon-logs": { type: "string" },
+      connections: { type: "string", default: "1000" },
+      "footprint-variants": { type: "string", default: "shipped" },
       "guest-pin": { type: "string", default: "on" },
       only: { type: "string" },
       tests: { type: "string" },
       "backend-cpu": { type: "string", default: "0" },
       "frontend-cpu": { type: "string", default: "1" },
       "vionet-args": { type: "string", default: "" },
+      "deno-flags": { type: "string", default: "" },
+      "daemon-env": { type: "string", default: "" },
       "capture-args": { type: "string", default: "" },
       out: { type: "string", default: `${ROOT}bench/results` },
       "report-only": { type: "boolean", default: false },
@@ -186,12 +198,20 @@ async function main(): Promise<void> {
   }
   const migrations = wholeNumber(values.migrations, "--migrations", 0);
   const only = values.only;
-  if (only !== undefined && !["backend", "guest", "migration"].includes(only)) {
-    console.error(`bench: --only must be backend, guest or migration, not ${only}`);
+  const connections = wholeNumber(values.connections, "--connections", 0);
+  if (only !== undefined && !["backend", "guest", "migration", "footprint"].includes(only)) {
+    console.error(`bench: --only must be backend, guest, migration or footprint, not ${only}`);
     Deno.exit(2);
   }
   const log = (s: string) => console.log(s);
-  await setup(log, only !== "backend");
+  const footprintVariants = variantsNamed(values["footprint-variants"]);
+  for (const word of values["daemon-env"].split(" ").filter((a) => a !== "")) {
+    if (!/^[A-Za-z_][A-Za-z0-9_]*=/.test(word)) {
+      console.error(`bench: --daemon-env takes NAME=value words, not ${JSON.stringify(word)}`);
+      Deno.exit(2);
+    }
+  }
+  await setup(log, only !== "backend" && only !== "footprint");
   const results: Results = {
     machine: await machine(),
     command: ["deno task bench", ...Deno.args].join(" "),
@@ -227,9 +247,20 @@ async function main(): Promise<void> {
         if (prev.ceiling?.length) results.ceiling = prev.ceiling;
         results.notes.push(keptNote("backend- and guest-bound"));
       }
+      if (only === "footprint") {
+        results.backend = prev.backend ?? [];
+        results.guest = prev.guest ?? [];
+        results.idle = prev.idle ?? [];
+        if (prev.ceiling?.length) results.ceiling = prev.ceiling;
+        results.notes.push(keptNote("backend- and guest-bound"));
+      }
       if (only !== "migration" && prev.migration?.length) {
         results.migration = prev.migration;
         results.notes.push(keptNote("migration"));
+      }
+      if (only !== "footprint" && prev.footprint?.length) {
+        results.footprint = prev.footprint;
+        results.notes.push(keptNote("footprint"));
       }
     } catch { /* no previous run */ }
   }
@@ -243,6 +274,8 @@ async function main(): Promise<void> {
       backendCpu,
       frontendCpu,
       vionetArgs: values["vionet-args"].split(" ").filter((a) => a !== ""),
+      daemonFlags: values["deno-flags"].split(" ").filter((a) => a !== ""),
+      daemonEnv: values["daemon-env"].split(" ").filter((a) => a !== ""),
       captureArgs: values["capture-args"].split(" ").filter((a) => a !== ""),
       log,
     };
@@ -340,6 +373,18 @@ async function main(): Promise<void> {
         }
       }
     }
+  }
+  if (only === undefined || only === "footprint") {
+    log("footprint: one daemon's memory, threads and startup (bench/footprint.ts)");
+    results.footprint = await measureFootprint({
+      connections,
+      sampleEvery: 100,
+      startups: 5,
+      loadSeconds: 5,
+      settleSeconds: 12,
+      variants: footprintVariants,
+      log,
+    });
   }
   results.machine.loadAfter = (await Deno.readTextFile("/proc/loadavg")).split(" ").slice(0, 3)
     .join(" ");

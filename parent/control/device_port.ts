@@ -6,11 +6,17 @@
  * migrated guest.
  *
  * Pairs and rings: rings 2·i and 2·i + 1 are pair i's RX and TX (virtio 1.2
- * §5.1.2). Pair 0 exists from the start (the daemon starts its device
- * worker before it listens); pair i > 0 gets its device worker the first
- * time the front-end names one of its rings (QEMU does at start-up, for
- * every pair it was told to use), and it is given the features, memory and
- * log the device has by then. A pair's workers run while both of its rings
+ * §5.1.2). A pair gets its device worker the first time the front-end needs
+ * it: pair 0 at its first request that reaches the device (GET_FEATURES,
+ * the first QEMU sends), pair i > 0 when the front-end names one of its
+ * rings (QEMU does at start-up, for every pair it was told to use); a pair
+ * that starts late is given the features, memory and log the device has by
+ * then. A daemon that has not served a VM yet holds no worker at all. When
+ * the front-end goes (its memory table emptied) the workers of pairs past
+ * the first end; pair 0's stays for the next VM: ending it there would make
+ * its thread a stray while the VM's memory is unmapped, which retires the
+ * memory instead and ends the daemon if the thread is slow to exit
+ * (`retired_memory.ts`). A pair's workers run while both of its rings
  * are started and enabled; QEMU enables and disables pairs with
  * SET_VRING_ENABLE as the driver changes its number of queue pairs
  * (`ethtool -L`: QEMU serves the control queue's VIRTIO_NET_CTRL_MQ itself).
@@ -31,8 +37,11 @@ import { PairPort } from "./pair_port.ts";
 import type { DevicePort, VringAddrFields } from "./vhost_user_backend.ts";
 
 export interface DevicePortOptions {
-  /** Pair 0's device worker. */
-  device: DeviceHost;
+  /**
+   * Pair 0's device worker; without it pair 0's starts, like the others',
+   * when the front-end first needs it. Either way it is kept for the next VM.
+   */
+  device?: DeviceHost;
   /** Pair 0's tap queue (the tap's first descriptor). */
   tapFd: number;
   logger: Logger;
@@ -50,7 +59,7 @@ export interface DevicePortOptions {
   tapQueueFd?: (pair: number) => number;
   /** Attaches or detaches pair i's tap queue (multi-queue taps; pair 0 stays attached). */
   setTapQueueAttached?: (pair: number, on: boolean) => void;
-  /** Starts the device worker of pair `pair` > 0. */
+  /** Starts the device worker of pair `pair` (pair 0's too, when no `device` was given). */
   startDevice?: (pair: number) => Promise<DeviceHost>;
   /** Restricted io_uring rings made during set-up, lent to each pair's data path (`ring_pool.ts`). */
   rings?: RingPool;
@@ -90,7 +99,7 @@ export class VionetDevicePort implements DevicePort {
       throw new RangeError(`queuePairs is ${n}, must be 1 to 128`);
     }
     this.#pairs = Array.from({ length: n }, () => null);
-    this.#pairs[0] = this.#newPair(0, opts.device);
+    if (opts.device !== undefined) this.#pairs[0] = this.#newPair(0, opts.device);
   }
 
   #newPair(pair: number, device: DeviceHost): PairPort {
@@ -122,9 +131,9 @@ export class VionetDevicePort implements DevicePort {
     return this.#pairs.filter((p): p is PairPort => p !== null);
   }
 
-  /** Pair 0 (it always has a device worker). */
-  get first(): PairPort {
-    return this.#pairs[0]!;
+  /** Pair `pair`'s device worker, started now if it was not running. */
+  async device(pair: number): Promise<DeviceHost> {
+    return (await this.#pair(pair)).device;
   }
 
   /**
@@ -252,8 +261,8 @@ export class VionetDevicePort implements DevicePort {
   // -------------------------------------------------------------------------
   // DevicePort.
 
-  getFeatures(): Promise<bigint> {
-    return this.first.getFeatures();
+  async getFeatures(): Promise<bigint> {
+    return await (await this.#pair(0)).getFeatures();
   }
 
   async setFeatures(features: bigint): Promise<void> {

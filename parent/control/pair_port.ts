@@ -616,6 +616,12 @@ export class PairPort {
       availUser: rx.addr!.availUser,
       usedUser: rx.addr!.usedUser,
     }, this.#features);
+    // The spare becomes this start's workers. A spare still to come (a timer
+    // set by a request handled just before, when the requests came in one
+    // burst) would otherwise be started while this start awaits and then
+    // idle beside the running workers, two isolates, for the whole session.
+    if (this.#spareSoon !== null) clearTimeout(this.#spareSoon);
+    this.#spareSoon = null;
     const workers = this.#spare ?? undefined;
     this.#spare = null;
     const t0 = performance.now();

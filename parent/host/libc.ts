@@ -155,6 +155,11 @@ export const LIBC_SYMBOLS = {
   /** Lists a directory (/proc/self/task) without Deno's --allow-all for /proc. */
   getdents64: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   /**
+   * Gives the pages glibc's allocator holds free, in every arena, back to
+   * the kernel (madvise); `pad` 0. Returns 1 if it released any.
+   */
+  malloc_trim: { parameters: ["usize"], result: "i32" },
+  /**
    * io_uring_setup(2) and io_uring_enter(2) through syscall(2) (glibc has no
    * wrappers): the number, then the arguments, each passed in a full register.
    * struct io_uring_params is 120 bytes; the result is a descriptor or -1.

@@ -66,7 +66,8 @@ Deno.test({
   ignore,
   fn: () =>
     withNetns((ns) =>
-      withDaemon(ns, [], async ({ tap, device }) => {
+      withDaemon(ns, [], async ({ tap, port }) => {
+        const device = await port.device(0);
         assert.deepEqual(await ethtoolOffloads(ns, tap.name), {
           csum: false,
           tso4: false,
@@ -98,7 +99,8 @@ Deno.test({
   ignore,
   fn: () =>
     withNetns((ns) =>
-      withDaemon(ns, ["--offload", "off"], async ({ tap, device }) => {
+      withDaemon(ns, ["--offload", "off"], async ({ tap, port }) => {
+        const device = await port.device(0);
         assert.equal(device.offered & ALL_GUEST, ALL_GUEST, "guest still offered receive offloads");
         await device.setFeatures(BASE | ALL_GUEST);
         assert.deepEqual(await ethtoolOffloads(ns, tap.name), {
@@ -117,7 +119,8 @@ Deno.test({
   ignore,
   fn: () =>
     withNetns((ns) =>
-      withDaemon(ns, [], async ({ tap, device }) => {
+      withDaemon(ns, [], async ({ tap, port }) => {
+        const device = await port.device(0);
         await device.setFeatures(BASE | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4);
         const before = await ethtoolOffloads(ns, tap.name);
         await assert.rejects(
