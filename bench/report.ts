@@ -728,15 +728,18 @@ export function markdown(r: Results): string {
     );
     lines.push("");
   }
-  lines.push(
-    `**Targets** (issue 27; ratios of medians from this run, on the ${
-      machineKind(r.ceiling)?.kind ?? "unknown"
-    } kind of machine):`,
-  );
-  lines.push("");
-  lines.push("| target | measured | wanted | met | against |");
-  lines.push("|---|---|---|---|---|");
-  for (const t of targets(r)) {
+  const rows = targets(r);
+  if (rows.length) {
+    lines.push(
+      `**Targets** (issue 27; ratios of medians from this run, on the ${
+        machineKind(r.ceiling)?.kind ?? "unknown"
+      } kind of machine):`,
+    );
+    lines.push("");
+    lines.push("| target | measured | wanted | met | against |");
+    lines.push("|---|---|---|---|---|");
+  }
+  for (const t of rows) {
     const want = t.percent
       ? `${t.atMost ? "≤" : "≥"} ${+(t.target * 100).toFixed(2)} %`
       : `${t.atMost ? "≤" : "≥"} ${t.target}×`;
