@@ -38,13 +38,11 @@ import { TestDriver, TestGuest } from "../../device/driver.ts";
 import { buildFrame } from "../../device/frames.ts";
 import { encodeMemTable, encodeVringAddr, encodeVringFd } from "./vhost_user_encode.ts";
 import { TestFrontend } from "./vhost_user_frontend.ts";
+// One guest's addresses and memory size for every rig (guest memory: one region at GPA 0).
+import { GUEST_BYTES, GUEST_IP, GUEST_MAC, HOST_IP } from "./frontend_rig.ts";
 
-/** The guest's MAC and address, and the address the host side of the tap should have. */
-export const VM_MAC = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-export const VM_IP = "198.18.0.2";
-export const VM_HOST_IP = "198.18.0.1";
-/** Guest memory: one region of this size at GPA 0. */
-const GUEST_BYTES = 4 << 20;
+/** The guest's MAC and address, and the address the host side of the tap should have: the rig's. */
+export { GUEST_IP as VM_IP, GUEST_MAC as VM_MAC, HOST_IP as VM_HOST_IP };
 /** The user address QEMU would give GPA 0. */
 const USER_BASE = 0x7f00_0000_0000;
 /** The virtio-net header before each frame (VERSION_1: 12 bytes). */
@@ -182,7 +180,7 @@ export class SocketVm {
   sendUdp(n: number, payloadBytes = 18): number {
     const tx = this.#attachedRings().tx;
     const { frame } = buildFrame({
-      srcMac: [...VM_MAC],
+      srcMac: [...GUEST_MAC],
       dstMac: [...this.tapMac],
       src: [198, 18, 0, 2],
       dst: [198, 18, 0, 1],
