@@ -600,9 +600,6 @@ export class PairPort {
     if (this.#datapath) return;
     const ready = this.#rings.every((r) => r.started && r.enabled && r.num > 0 && r.addr);
     if (!ready || !this.#featuresSet || this.#regions.length === 0) return;
-    // Too late for workers started ahead: this start starts its own.
-    if (this.#spareSoon !== null) clearTimeout(this.#spareSoon);
-    this.#spareSoon = null;
     const buffers = createDatapathBuffers();
     const tx = this.#rings[TX_QUEUE];
     const txUsed = txUsedPlace(this.#regions.map(userMapping), {
