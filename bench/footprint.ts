@@ -70,6 +70,12 @@ export const VARIANTS: readonly Variant[] = [
     env: { MALLOC_ARENA_MAX: "1" },
   },
   {
+    name: "mmap-threshold",
+    describe:
+      "MALLOC_MMAP_THRESHOLD_=1 MiB (glibc: no dynamic threshold; large buffers always mmap'd)",
+    env: { MALLOC_MMAP_THRESHOLD_: String(1 << 20) },
+  },
+  {
     name: "semi1",
     describe: "--v8-flags=--max-semi-space-size=1 (V8's young generation capped at 1 MiB)",
     addFlags: ["--v8-flags=--max-semi-space-size=1"],

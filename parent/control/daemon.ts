@@ -136,6 +136,7 @@ export interface Daemon {
 /** Sets everything up; on failure, whatever was already set up is undone before it throws. */
 export async function startDaemon(opts: Options, logger: Logger): Promise<Daemon> {
   retiredMemory.configure({ logger });
+  fixMmapThreshold(logger);
   // The group is resolved before anything exists: an unknown one leaves nothing behind.
   const listening = opts.listenFd === null && !opts.client;
   const socketAccess = listening ? resolveSocketAccess(opts.socketGroup, opts.socketMode) : null;
@@ -490,6 +491,29 @@ export function trimFreeMemory(logger: Logger): void {
       (performance.now() - t0).toFixed(1)
     } ms`,
   );
+}
+
+/** glibc's `M_MMAP_THRESHOLD` parameter (malloc.h). */
+const M_MMAP_THRESHOLD = -3;
+/** Allocations from this size on get mappings of their own (bytes). */
+export const MMAP_THRESHOLD_BYTES = 1 << 20;
+
+/**
+ * Fixes glibc's mmap threshold, which otherwise rises to the size of every
+ * mapped block freed (up to 32 MiB). Each VM's data path allocates an
+ * 8 MiB SharedArrayBuffer (the bounce arena, `ipc/datapath.ts`) and V8
+ * zero-fills a backing store that comes from an arena with memset, so once
+ * the first one was freed every later one was touched whole, and stayed
+ * resident until the isolates holding it collected it: RSS between VMs
+ * wandered 120-180 MB and grew for tens of connections. With the threshold
+ * fixed each such buffer is a fresh mapping, untouched pages are not
+ * resident, and freeing it unmaps it: 104-110 MB flat over 100 connections
+ * (`bench/footprint.ts --variants shipped,mmap-threshold`, docs/operations.md).
+ */
+export function fixMmapThreshold(logger: Logger): void {
+  if (libc.sys.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) !== 1) {
+    logger.log("warn", "parent", "mallopt(M_MMAP_THRESHOLD) refused; RSS between VMs may wander");
+  }
 }
 
 /** Exit status when a worker the daemon ended keeps running (`retired_memory.ts`). */

@@ -159,6 +159,8 @@ export const LIBC_SYMBOLS = {
    * the kernel (madvise); `pad` 0. Returns 1 if it released any.
    */
   malloc_trim: { parameters: ["usize"], result: "i32" },
+  /** Sets one of glibc's allocator parameters (M_MMAP_THRESHOLD, ...); returns 1 on success. */
+  mallopt: { parameters: ["i32", "i32"], result: "i32" },
   /**
    * io_uring_setup(2) and io_uring_enter(2) through syscall(2) (glibc has no
    * wrappers): the number, then the arguments, each passed in a full register.
