@@ -149,7 +149,7 @@ export class DeviceControl {
         await this.device.quiesce();
         return { reply: { kind: "done" } };
       case "stop-queues": {
-        const bases = await this.device.stop();
+        const bases = await this.device.stop(req.ioEndWaitMs);
         return { reply: { kind: "queue-bases", rx: bases.rx, tx: bases.tx } };
       }
       case "get-permissions": {

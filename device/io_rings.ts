@@ -15,6 +15,7 @@ import {
   CTL,
   CTL_BYTES,
   type DatapathBuffers,
+  IO_ENDED_BOTH,
   RX_DONE_RECORD_WORDS,
   RX_LONG_RECORD_WORDS,
   RX_POST_RECORD_WORDS,
@@ -113,6 +114,33 @@ export class DeviceIoRings {
       }
     }
     Atomics.store(ctl, CTL.DEVICE_SLEEPING, 0);
+  }
+
+  /**
+   * Waits until both I/O workers' loops have ended (CTL.IO_ENDED, which each
+   * sets as its last act), for at most `timeoutMs`; `blocking` (a worker's
+   * thread) waits with Atomics.wait, else with Atomics.waitAsync. Returns
+   * whether they have.
+   */
+  async ioEnded(timeoutMs: number, blocking: boolean): Promise<boolean> {
+    const ctl = this.ctl;
+    const end = performance.now() + timeoutMs;
+    for (;;) {
+      const seen = Atomics.load(ctl, CTL.IO_ENDED);
+      if ((seen & IO_ENDED_BOTH) === IO_ENDED_BOTH) return true;
+      const left = end - performance.now();
+      if (left <= 0) return false;
+      if (blocking) {
+        Atomics.wait(ctl, CTL.IO_ENDED, seen, left);
+        continue;
+      }
+      const w = Atomics.waitAsync(ctl, CTL.IO_ENDED, seen, left);
+      if (!w.async) continue;
+      // A pending waitAsync does not keep Deno's event loop turning; a timer does.
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([w.value, new Promise((r) => timer = setTimeout(r, Math.min(left, 5)))]);
+      clearTimeout(timer);
+    }
   }
 
   /**

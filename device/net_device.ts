@@ -244,7 +244,9 @@ export class NetDevice {
     buffers: DatapathBuffers,
     bounceHost: number,
   ): void {
-    if (this.#running) throw new RangeError("queues are already running");
+    if (this.#running || this.#rings !== null) {
+      throw new RangeError(`queues are already ${this.#running ? "running" : "stopping"}`);
+    }
     const rings = new DeviceIoRings(buffers, bounceHost);
     for (const [q, p] of [[this.rxq, rx], [this.txq, tx]] as const) {
       q.reset();
@@ -304,19 +306,32 @@ export class NetDevice {
   }
 
   /**
-   * Stops both queues (the parent has quiesced the I/O workers): completes
-   * what the workers finished, un-pops the RX chains they did not fill,
-   * returns every other chain, and reports each queue's last_avail_idx for
-   * GET_VRING_BASE.
+   * Stops both queues: completes what the I/O workers finished, un-pops the
+   * RX chains they did not fill, returns every other chain, and reports each
+   * queue's last_avail_idx for GET_VRING_BASE.
+   *
+   * With `ioEndWaitMs` 0 the parent has ended the I/O workers already. With
+   * more, it is ending them meanwhile (the stop costs one round trip between
+   * threads instead of two): the loop stops at once, and the rest waits until
+   * both workers' loops have ended (CTL.IO_ENDED), for at most that long.
+   * If they have not by then, this throws and the queues stay half stopped
+   * (no loop, nothing handed back) until the next `stop()` finishes them.
    */
-  async stop(): Promise<{ rx: number; tx: number }> {
-    if (!this.#running) return { rx: this.rxq.lastAvailIdx, tx: this.txq.lastAvailIdx };
-    this.#running = false;
-    this.#quiesced?.();
-    this.#quiesced = null;
-    this.#quiescing = false;
-    this.#rings?.wakeSelf(0);
-    await this.#loop;
+  async stop(ioEndWaitMs = 0): Promise<{ rx: number; tx: number }> {
+    if (this.#rings === null) return { rx: this.rxq.lastAvailIdx, tx: this.txq.lastAvailIdx };
+    if (this.#running) {
+      this.#running = false;
+      this.#quiesced?.();
+      this.#quiesced = null;
+      this.#quiescing = false;
+      this.#rings.wakeSelf(0);
+      await this.#loop;
+    }
+    if (ioEndWaitMs > 0 && !await this.#rings.ioEnded(ioEndWaitMs, this.mailbox !== undefined)) {
+      throw new Error(
+        `the I/O workers did not end in ${ioEndWaitMs} ms; the queues are not stopped`,
+      );
+    }
     // Retire what the poller completed before it stopped, whatever happened
     // to the queue: the used elements it names are in the ring already.
     const rxFaulted = this.#rx?.ioFault !== null;

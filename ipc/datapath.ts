@@ -183,7 +183,17 @@ export const CTL = {
   RX_STOPPED: 86,
   /** 1: the device waits for TX ring or bounce space; the writer raises EV_TX_DONE after its next release and clears it. */
   TX_WANT_DONE: 96,
+  /**
+   * IO_ENDED_* bits: each I/O worker sets its own when its loop has ended
+   * (nothing more of it touches guest memory or the rings), and notifies;
+   * a device told to stop while the parent ends the workers waits on it.
+   */
+  IO_ENDED: 112,
 } as const;
+/** Bits of CTL.IO_ENDED. */
+export const IO_ENDED_POLLER = 1;
+export const IO_ENDED_WRITER = 2;
+export const IO_ENDED_BOTH = IO_ENDED_POLLER | IO_ENDED_WRITER;
 export const WRITER_ENGINE_IO_URING = 1;
 export const WRITER_ENGINE_WRITEV = 2;
 export const POLLER_ENGINE_IO_URING = 1;

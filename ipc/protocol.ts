@@ -202,13 +202,23 @@ export interface QuiesceQueuesRequest {
 }
 
 /**
- * Request: stop both queues (the parent has quiesced its I/O workers).
- * Reply: `queue-bases` with each queue's last_avail_idx (GET_VRING_BASE).
+ * Request: stop both queues. Reply: `queue-bases` with each queue's
+ * last_avail_idx (GET_VRING_BASE).
+ *
+ * `ioEndWaitMs` 0: the parent has ended its I/O workers. More: it is ending
+ * them meanwhile; the device stops its loop, waits up to that long for both
+ * to say their loops ended (CTL.IO_ENDED), then finishes. If they have not,
+ * it answers an error and stays half stopped; the parent asks again with 0
+ * once the workers are gone.
  */
 export interface StopQueuesRequest {
   kind: "stop-queues";
   id: number;
+  ioEndWaitMs: number;
 }
+
+/** Longest `ioEndWaitMs` a `stop-queues` may carry (ms). */
+export const MAX_IO_END_WAIT_MS = 10_000;
 
 /** Reply to a device's `tunscap`: the guest offload bits now in force on the tap. */
 export interface TunscapReply {

@@ -18,7 +18,7 @@ import type {
   QueuePlacement,
   RegionRef,
 } from "./protocol.ts";
-import { PERMISSION_NAMES } from "./protocol.ts";
+import { MAX_IO_END_WAIT_MS, PERMISSION_NAMES } from "./protocol.ts";
 import { describe, isRecord, Reader, ValidationError } from "./reader.ts";
 
 export { ValidationError } from "./reader.ts";
@@ -167,8 +167,13 @@ export function parseParentMessage(raw: unknown): ParentMessage {
         datapath: datapathGrant(r.object("datapath")),
       };
     case "quiesce-queues":
-    case "stop-queues":
       return { kind, id: r.uint("id", MAX_ID) };
+    case "stop-queues":
+      return {
+        kind,
+        id: r.uint("id", MAX_ID),
+        ioEndWaitMs: r.uint("ioEndWaitMs", MAX_IO_END_WAIT_MS),
+      };
     case "error":
       return errorMessage(r);
     default:

@@ -292,10 +292,18 @@ export class DeviceHost {
     }
   }
 
-  /** Stops both queues; resolves with each queue's last_avail_idx. */
-  async stopQueues(): Promise<{ rx: number; tx: number }> {
+  /**
+   * Stops both queues; resolves with each queue's last_avail_idx.
+   * `ioEndWaitMs` above 0: the I/O workers are being ended meanwhile and
+   * the device waits for them that long (`StopQueuesRequest`); if it
+   * rejects, the queues are half stopped and need this again with 0.
+   */
+  async stopQueues(ioEndWaitMs = 0): Promise<{ rx: number; tx: number }> {
     try {
-      const r = await this.#ep.request<QueueBasesReply>({ kind: "stop-queues" }, "queue-bases");
+      const r = await this.#ep.request<QueueBasesReply>(
+        { kind: "stop-queues", ioEndWaitMs },
+        "queue-bases",
+      );
       return { rx: r.rx, tx: r.tx };
     } finally {
       this.#mailCtl = null;

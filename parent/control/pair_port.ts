@@ -22,7 +22,8 @@
  *   PROTOCOL_FEATURES, rings start disabled until SET_VRING_ENABLE), memory is
  *   granted and the ring addresses are known. Each start gets fresh data-path
  *   rings and fresh I/O workers, so no stale record survives a stop.
- * - GET_VRING_BASE stops both queues (the I/O workers first), and answers
+ * - GET_VRING_BASE stops both queues (the device quiesces, then the I/O
+ *   workers end while the device stops, waiting for them), and answers
  *   with the index the device reports; the other ring's index is kept for its
  *   own GET_VRING_BASE or the next start.
  *
@@ -82,6 +83,12 @@ function freshRing(): RingConfig {
  * burst, a few ms apart even under TCG.
  */
 const SPARE_QUIET_MS = 150;
+/**
+ * How long a stopping device waits for the I/O workers' loops to end before
+ * it leaves the stop to a second request (ms): well inside the device's
+ * request timeout, far above a stop's usual 5-50 ms.
+ */
+const IO_END_WAIT_MS = 1000;
 
 /** A bigint from the front-end that must fit a JS number exactly. */
 function num(v: bigint, what: string): number {
@@ -706,23 +713,40 @@ export class PairPort {
       this.#logger.log("warn", "parent", `quiesce-queues: ${(e as Error).message}`);
     }
     const t1 = performance.now();
-    // The I/O workers end next: after this no system call touches guest memory.
-    await this.#endIoWorkers(dp);
-    const t2 = performance.now();
+    // The I/O workers end, and the device stops meanwhile: its loop at once,
+    // the rest once both workers' loops have ended (it waits for them in the
+    // control block, not for a message from here: one round trip between
+    // threads instead of two, inside a migration's downtime). The answer
+    // waits for both: after it no system call touches guest memory.
+    let ioMs = 0;
+    const io = this.#endIoWorkers(dp).then(() => {
+      ioMs = performance.now() - t1;
+    });
     let bases: { rx: number; tx: number };
     try {
-      bases = await this.#device.stopQueues();
+      try {
+        bases = await this.#device.stopQueues(IO_END_WAIT_MS);
+      } catch (e) {
+        // The workers were slower than that (or the device failed): once they
+        // are gone, the plain stop.
+        this.#debug(`${this.#what()}stop, overlapped: ${(e as Error).message}`);
+        await io;
+        bases = await this.#device.stopQueues();
+      }
     } catch (e) {
+      await io;
       this.#abandonDevice(`stop-queues: ${(e as Error).message}`);
       throw e;
     }
+    const t2 = performance.now();
+    await io;
     this.#rings[RX_QUEUE].base = bases.rx;
     this.#rings[TX_QUEUE].base = bases.tx;
     this.#logStoppedRings();
     const t3 = performance.now();
     this.#debug(
-      `${this.#what()}stop: quiesce ${ms(t1 - t0)}, I/O workers ${ms(t2 - t1)}, ` +
-        `device ${ms(t3 - t2)}`,
+      `${this.#what()}stop: quiesce ${ms(t1 - t0)}, then I/O workers ${ms(ioMs)} and ` +
+        `device ${ms(t2 - t1)} together, ${ms(t3 - t1)} in all`,
     );
     this.#logger.log("info", "parent", `${this.#what()}stopped at rx ${bases.rx}, tx ${bases.tx}`);
     return true;

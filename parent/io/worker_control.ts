@@ -17,6 +17,7 @@
 
 /// <reference lib="deno.worker" />
 
+import { CTL, IO_ENDED_POLLER, IO_ENDED_WRITER } from "../../ipc/datapath.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { IoRegions } from "./regions.ts";
 import {
@@ -73,8 +74,17 @@ export class WorkerControl {
     return m !== null && this.#served !== Atomics.load(m, MAILBOX.POSTED);
   }
 
-  /** The loop's last act: acknowledge the stop and end the worker. */
+  /**
+   * The loop's last act: say in the control block that it has ended (a
+   * device stopping meanwhile waits for that, `device/io_rings.ts`), then
+   * acknowledge the stop and end the worker.
+   */
   finish(): void {
+    const ctl = this.#ctl;
+    if (ctl !== null) {
+      Atomics.or(ctl, CTL.IO_ENDED, this.role === "poller" ? IO_ENDED_POLLER : IO_ENDED_WRITER);
+      Atomics.notify(ctl, CTL.IO_ENDED);
+    }
     this.post({ kind: "ack", id: this.#stopId ?? 0 });
     self.close();
   }

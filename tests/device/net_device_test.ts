@@ -24,7 +24,14 @@ import {
 } from "../../device/net_header.ts";
 import { TestDriver, TestGuest } from "./driver.ts";
 import { FakeIo } from "./fake_io.ts";
-import { CTL, RX_PUBLISHED, RX_UNUSED, RXT_MERGEABLE } from "../../ipc/datapath.ts";
+import {
+  CTL,
+  IO_ENDED_POLLER,
+  IO_ENDED_WRITER,
+  RX_PUBLISHED,
+  RX_UNUSED,
+  RXT_MERGEABLE,
+} from "../../ipc/datapath.ts";
 import { buildFrame, get32, l4ChecksumOk, prng, randomBytes } from "./frames.ts";
 
 const BASE = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
@@ -636,6 +643,56 @@ Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains 
   const all = guest.regions.map((r) => ({ guestPhysAddr: r.gpa, size: r.size, userAddr: r.user }));
   assert.throws(() => dev.revoke([all[0], all[0]]), /named twice/);
   assert.equal(dev.revoke(all).length, 1);
+});
+
+Deno.test("an overlapped stop waits for both I/O workers' loops to end (CTL.IO_ENDED) and retires what the poller published meanwhile; if they do not end in time it throws, and a plain stop() finishes", async () => {
+  const guest = new TestGuest([{ gpa: 0x100000, size: 4 << 20 }]);
+  const io = new FakeIo(guest);
+  const dev = new NetDevice(() => {});
+  dev.grant(io.regionGrants());
+  dev.setFeatures(BASE, "auto");
+  const rx = new TestDriver(guest, { size: 64, features: BASE });
+  const tx = new TestDriver(guest, { size: 64, features: BASE });
+  io.publishTxTo(tx);
+  io.attachRx(rx);
+  const p = (d: TestDriver, base = 0) => ({ ...d.config("user"), base });
+  dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000);
+  for (let i = 0; i < 3; i++) rx.post([{ len: 2048, writable: true }]);
+  io.kick("rx");
+  await until(io, () => io.postedChains === 3, "posted");
+  const ctl = new Int32Array(io.buffers.control);
+  const end = (bit: number) => {
+    Atomics.or(ctl, CTL.IO_ENDED, bit);
+    Atomics.notify(ctl, CTL.IO_ENDED);
+  };
+  const tick = () => new Promise((r) => setTimeout(r, 30));
+  let settled = false;
+  const stopping = dev.stop(5000).finally(() => settled = true);
+  await tick();
+  assert.equal(settled, false, "the device waits while both workers run");
+  // The poller fills a chain after the device's loop stopped, then ends.
+  const { frame } = buildFrame({ payload: new Uint8Array(100) });
+  assert.equal(io.receive(concat(netHdr({}), frame)), 1);
+  end(IO_ENDED_POLLER);
+  await tick();
+  assert.equal(settled, false, "the writer still runs");
+  end(IO_ENDED_WRITER);
+  assert.deepEqual(await stopping, { rx: 1, tx: 0 }, "the chain filled meanwhile counts");
+  assert.equal(rx.readUsed().length, 1, "it is used; the two unfilled ones stay available");
+
+  // Workers that do not end in time: the stop throws, the queues stay half
+  // stopped (no start), and a plain stop once they are gone finishes.
+  const io2 = new FakeIo(guest);
+  io2.publishTxTo(tx);
+  io2.attachRx(rx);
+  dev.start(p(rx, 1), p(tx), io2.buffers, 0x6000_0000_0000);
+  io2.kick("rx");
+  await until(io2, () => io2.postedChains === 2, "the two chains posted again");
+  new Int32Array(io2.buffers.control)[CTL.IO_ENDED] = IO_ENDED_POLLER;
+  await assert.rejects(dev.stop(50), /I\/O workers did not end in 50 ms/);
+  assert.throws(() => dev.start(p(rx, 1), p(tx), io2.buffers, 0x6000_0000_0000), /stopping/);
+  assert.deepEqual(await dev.stop(), { rx: 1, tx: 0 });
+  assert.equal(rx.readUsed().length, 0, "nothing completed for the unfilled chains");
 });
 
 function get16le(b: Uint8Array, at: number): number {
