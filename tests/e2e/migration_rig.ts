@@ -64,6 +64,37 @@ export interface MigrationRigOptions {
 
 let nextRig = 0;
 
+/**
+ * With VIONET_QEMU_TRACE_DIR set, each QEMU writes its trace of a
+ * migration's switch-over there (`<netns>-vm<n>.trace`: the run state, the
+ * completion, vhost's start and stop, every vhost-user message, with
+ * microsecond timestamps), to see where a downtime goes.
+ */
+function qemuTraceArgs(netns: string, n: number): string[] {
+  const dir = Deno.env.get("VIONET_QEMU_TRACE_DIR");
+  if (!dir) return [];
+  const events = [
+    "runstate_set",
+    "vm_state_notify",
+    "migration_completion_vm_stop",
+    "savevm_state_complete_precopy",
+    "migrate_set_state",
+    "vhost_dev_start",
+    "vhost_dev_stop",
+    "vhost_user_write",
+    "vhost_user_read",
+    "qemu_loadvm_state_post_main",
+    "migration_bitmap_sync_start",
+    "migration_bitmap_sync_end",
+    "savevm_section_start",
+    "savevm_section_end",
+  ];
+  return [
+    ...events.flatMap((e) => ["-trace", `enable=${e}`]),
+    ...["-msg", "timestamp=on", "-D", `${dir}/${netns}-vm${n}.trace`],
+  ];
+}
+
 export class MigrationRig {
   readonly netns: string;
   readonly tmpDir: string;
@@ -171,7 +202,7 @@ export class MigrationRig {
       netdevArgs,
       kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24`, gw: BRIDGE_IP }),
       incoming: incoming ? `unix:${this.tmpDir}/migrate${n}.sock` : undefined,
-      extraArgs: ["-qmp", `unix:${qmpPath},server=on,wait=off`],
+      extraArgs: ["-qmp", `unix:${qmpPath},server=on,wait=off`, ...qemuTraceArgs(this.netns, n)],
     });
     const incomingUri = incoming ? `unix:${this.tmpDir}/migrate${n}.sock` : undefined;
     const vm: Vm = {
