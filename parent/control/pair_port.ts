@@ -727,8 +727,9 @@ export class PairPort {
       try {
         bases = await this.#device.stopQueues(IO_END_WAIT_MS);
       } catch (e) {
-        // The workers were slower than that (or the device failed): once they
-        // are gone, the plain stop.
+        // A device that did not answer (or is gone) is not asked twice.
+        if (e instanceof NoAnswerError) throw e;
+        // The workers were slower than that: once they are gone, the plain stop.
         this.#debug(`${this.#what()}stop, overlapped: ${(e as Error).message}`);
         await io;
         bases = await this.#device.stopQueues();
