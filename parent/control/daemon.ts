@@ -505,10 +505,10 @@ export const MMAP_THRESHOLD_BYTES = 1 << 20;
  * zero-fills a backing store that comes from an arena with memset, so once
  * the first one was freed every later one was touched whole, and stayed
  * resident until the isolates holding it collected it: RSS between VMs
- * wandered 120-180 MB and grew for tens of connections. With the threshold
+ * wandered 130-180 MB and grew for tens of connections. With the threshold
  * fixed each such buffer is a fresh mapping, untouched pages are not
- * resident, and freeing it unmaps it: 104-110 MB flat over 100 connections
- * (`bench/footprint.ts --variants shipped,mmap-threshold`, docs/operations.md).
+ * resident, and freeing it unmaps it: 111-123 MB over 300 connections
+ * (`bench/footprint.ts`, docs/benchmarks.md "What one NIC costs").
  */
 export function fixMmapThreshold(logger: Logger): void {
   if (libc.sys.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) !== 1) {

@@ -605,7 +605,11 @@ Deno.test("an RX queue faulted by a bad rx-done record takes no more chains from
   });
 });
 
-Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains stay available", async () => {
+/**
+ * A device started on fresh rings (64 entries) with three 2 KiB RX chains
+ * posted to its (fake) poller: the start of the stop tests.
+ */
+async function startedWithThreePosted() {
   const guest = new TestGuest([{ gpa: 0x100000, size: 4 << 20 }]);
   const io = new FakeIo(guest);
   const dev = new NetDevice(() => {});
@@ -615,11 +619,16 @@ Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains 
   const tx = new TestDriver(guest, { size: 64, features: BASE });
   io.publishTxTo(tx);
   io.attachRx(rx);
-  const p = (d: TestDriver) => ({ ...d.config("user"), base: 0 });
+  const p = (d: TestDriver, base = 0) => ({ ...d.config("user"), base });
   dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000);
   for (let i = 0; i < 3; i++) rx.post([{ len: 2048, writable: true }]);
   io.kick("rx");
   await until(io, () => io.postedChains === 3, "posted");
+  return { guest, io, dev, rx, tx, p };
+}
+
+Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains stay available", async () => {
+  const { guest, io, dev, rx, tx, p } = await startedWithThreePosted();
   // One chain filled, two not: the filled one is used, the others are un-popped.
   const { frame } = buildFrame({ payload: new Uint8Array(100) });
   assert.equal(io.receive(concat(netHdr({}), frame)), 1);
@@ -646,20 +655,7 @@ Deno.test("stop() reports last_avail_idx for GET_VRING_BASE; unfilled RX chains 
 });
 
 Deno.test("an overlapped stop waits for both I/O workers' loops to end (CTL.IO_ENDED) and retires what the poller published meanwhile; if they do not end in time it throws, and a plain stop() finishes", async () => {
-  const guest = new TestGuest([{ gpa: 0x100000, size: 4 << 20 }]);
-  const io = new FakeIo(guest);
-  const dev = new NetDevice(() => {});
-  dev.grant(io.regionGrants());
-  dev.setFeatures(BASE, "auto");
-  const rx = new TestDriver(guest, { size: 64, features: BASE });
-  const tx = new TestDriver(guest, { size: 64, features: BASE });
-  io.publishTxTo(tx);
-  io.attachRx(rx);
-  const p = (d: TestDriver, base = 0) => ({ ...d.config("user"), base });
-  dev.start(p(rx), p(tx), io.buffers, 0x6000_0000_0000);
-  for (let i = 0; i < 3; i++) rx.post([{ len: 2048, writable: true }]);
-  io.kick("rx");
-  await until(io, () => io.postedChains === 3, "posted");
+  const { guest, io, dev, rx, tx, p } = await startedWithThreePosted();
   const ctl = new Int32Array(io.buffers.control);
   const end = (bit: number) => {
     Atomics.or(ctl, CTL.IO_ENDED, bit);
