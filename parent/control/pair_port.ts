@@ -403,8 +403,8 @@ export class PairPort {
    * Stops the I/O workers. One that had to be ended without answering may be
    * inside a system call on guest memory now: every region they had is orphaned.
    */
-  async #endIoWorkers(dp: DatapathHost): Promise<void> {
-    if (await dp.stop()) return;
+  async #endIoWorkers(dp: DatapathHost, endLater = false): Promise<void> {
+    if (await dp.stop({ endLater })) return;
     for (const r of this.#regions) this.#orphaned.add(r);
     if (this.#log !== null) this.#orphaned.add(this.#log);
   }
@@ -719,9 +719,12 @@ export class PairPort {
     // threads instead of two, inside a migration's downtime). The answer
     // waits for both: after it no system call touches guest memory.
     let ioMs = 0;
-    const io = this.#endIoWorkers(dp).then(() => {
+    const io = this.#endIoWorkers(dp, true).then(() => {
       ioMs = performance.now() - t1;
     });
+    // Their threads end once the answer is out (the reply to GET_VRING_BASE
+    // is written in this turn of the event loop).
+    const endWorkers = () => setTimeout(() => dp.end(), 0);
     let bases: { rx: number; tx: number };
     try {
       try {
@@ -736,11 +739,13 @@ export class PairPort {
       }
     } catch (e) {
       await io;
+      endWorkers();
       this.#abandonDevice(`stop-queues: ${(e as Error).message}`);
       throw e;
     }
     const t2 = performance.now();
     await io;
+    endWorkers();
     this.#rings[RX_QUEUE].base = bases.rx;
     this.#rings[TX_QUEUE].base = bases.tx;
     this.#logStoppedRings();

@@ -77,7 +77,8 @@ export class WorkerControl {
   /**
    * The loop's last act: say in the control block that it has ended (a
    * device stopping meanwhile waits for that, `device/io_rings.ts`), then
-   * acknowledge the stop and end the worker.
+   * acknowledge the stop. The parent ends the worker (`DatapathHost`), when
+   * the rest of the stop no longer needs the CPU its teardown takes.
    */
   finish(): void {
     const ctl = this.#ctl;
@@ -86,7 +87,6 @@ export class WorkerControl {
       Atomics.notify(ctl, CTL.IO_ENDED);
     }
     this.post({ kind: "ack", id: this.#stopId ?? 0 });
-    self.close();
   }
 
   #receive(data: unknown): void {
