@@ -233,17 +233,23 @@ export class MigrationRig {
   /** Polls query-migrate on the source until the migration is no longer under way. */
   async waitMigration(from: Vm, timeoutMs = 120_000): Promise<MigrationResult> {
     const end = Date.now() + timeoutMs;
+    let endedAt: number | null = null;
     for (;;) {
       const st = await from.qmp.execute<Record<string, unknown>>("query-migrate");
       const status = String(st.status);
       const underWay = ["setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"];
       if (!underWay.includes(status)) {
-        return {
-          status,
-          downtimeMs: Number(st.downtime ?? NaN),
-          totalMs: Number(st["total-time"] ?? NaN),
-          endedAt: Date.now(),
-        };
+        endedAt ??= Date.now();
+        // QEMU 7.2 says "completed" a moment before it computes the times
+        // (migration_calculate_complete): a query in between reads 0 for both.
+        if (status !== "completed" || Number(st["total-time"] ?? 0) > 0) {
+          return {
+            status,
+            downtimeMs: Number(st.downtime ?? NaN),
+            totalMs: Number(st["total-time"] ?? NaN),
+            endedAt,
+          };
+        }
       }
       if (Date.now() > end) throw new Error(`migration still ${status} after ${timeoutMs} ms`);
       await sleep(20);
