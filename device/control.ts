@@ -66,7 +66,6 @@ export class DeviceControl {
         "grant-memory",
         "revoke-memory",
         "start-queues",
-        "quiesce-queues",
         "stop-queues",
       ]),
       replyKinds: new Set(["tunscap-result"]),
@@ -145,11 +144,8 @@ export class DeviceControl {
           "rx",
         );
         return { reply: { kind: "done" } };
-      case "quiesce-queues":
-        await this.device.quiesce();
-        return { reply: { kind: "done" } };
       case "stop-queues": {
-        const bases = await this.device.stop(req.ioEndWaitMs);
+        const bases = await this.device.stop(req.ioEndWaitMs, req.quiesce);
         return { reply: { kind: "queue-bases", rx: bases.rx, tx: bases.tx } };
       }
       case "get-permissions": {

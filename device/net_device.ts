@@ -282,7 +282,7 @@ export class NetDevice {
   }
 
   /**
-   * Finishes what is in flight before a stop (`quiesce-queues`): from now on
+   * Finishes what is in flight before a stop (`stop-queues` with `quiesce`): from now on
    * no chain is popped and no RX buffer posted; TX frames already taken go
    * to the writer. Resolves once it released every TX record, or after
    * {@link QUIESCE_MAX_MS} (a writer that does not move: `stop()` completes
@@ -310,6 +310,9 @@ export class NetDevice {
    * RX chains they did not fill, returns every other chain, and reports each
    * queue's last_avail_idx for GET_VRING_BASE.
    *
+   * `quiesceFirst`: {@link quiesce} first (the writer was told to run until
+   * the device closes TX, which it does here either way: CTL.TX_CLOSED).
+   *
    * With `ioEndWaitMs` 0 the parent has ended the I/O workers already. With
    * more, it is ending them meanwhile (the stop costs one round trip between
    * threads instead of two): the loop stops at once, and the rest waits until
@@ -317,9 +320,13 @@ export class NetDevice {
    * If they have not by then, this throws and the queues stay half stopped
    * (no loop, nothing handed back) until the next `stop()` finishes them.
    */
-  async stop(ioEndWaitMs = 0): Promise<{ rx: number; tx: number }> {
+  async stop(ioEndWaitMs = 0, quiesceFirst = false): Promise<{ rx: number; tx: number }> {
     if (this.#rings === null) return { rx: this.rxq.lastAvailIdx, tx: this.txq.lastAvailIdx };
     if (this.#running) {
+      if (quiesceFirst) await this.quiesce();
+      // Nothing more is taken: a writer told to run until then may end.
+      Atomics.store(this.#rings.ctl, CTL.TX_CLOSED, 1);
+      this.#rings.signalWriter(0);
       this.#running = false;
       this.#quiesced?.();
       this.#quiesced = null;

@@ -189,6 +189,11 @@ export const CTL = {
    * a device told to stop while the parent ends the workers waits on it.
    */
   IO_ENDED: 112,
+  /**
+   * 1: the device has quiesced (nothing taken is left unwritten, nothing new
+   * is taken); a writer told to stop with `untilTxClosed` runs until then.
+   */
+  TX_CLOSED: 113,
 } as const;
 /** Bits of CTL.IO_ENDED. */
 export const IO_ENDED_POLLER = 1;

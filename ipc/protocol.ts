@@ -189,19 +189,6 @@ export interface StartQueuesRequest {
 }
 
 /**
- * Request: finish what is in flight and take nothing new, before the parent
- * stops the queues (GET_VRING_BASE, a migration's switch-over): no more
- * chains popped, no more RX buffers posted, every TX frame already taken
- * handed to the I/O workers and written by them. Reply: `done` once the TX
- * ring is empty (or after the device's own bound: then `stop-queues`
- * completes what is left as today). The queues keep running otherwise.
- */
-export interface QuiesceQueuesRequest {
-  kind: "quiesce-queues";
-  id: number;
-}
-
-/**
  * Request: stop both queues. Reply: `queue-bases` with each queue's
  * last_avail_idx (GET_VRING_BASE).
  *
@@ -215,6 +202,14 @@ export interface StopQueuesRequest {
   kind: "stop-queues";
   id: number;
   ioEndWaitMs: number;
+  /**
+   * Quiesce first: finish what is in flight and take nothing new (no more
+   * chains popped, no more RX buffers posted, every TX frame already taken
+   * written by the writer, or the device's own bound passed), then say so to
+   * the writer (CTL.TX_CLOSED), which the parent told to run until then:
+   * the whole stop in one request (a migration's switch-over).
+   */
+  quiesce: boolean;
 }
 
 /** Longest `ioEndWaitMs` a `stop-queues` may carry (ms). */
@@ -237,7 +232,6 @@ export type ParentRequest =
   | GrantMemoryRequest
   | RevokeMemoryRequest
   | StartQueuesRequest
-  | QuiesceQueuesRequest
   | StopQueuesRequest;
 
 export type ParentMessage = HelloMessage | ParentRequest | TunscapReply | ErrorMessage;
@@ -362,7 +356,6 @@ export const REPLY_KIND = {
   "grant-memory": "done",
   "revoke-memory": "memory-returned",
   "start-queues": "done",
-  "quiesce-queues": "done",
   "stop-queues": "queue-bases",
   "tunscap": "tunscap-result",
 } as const satisfies Record<ParentRequest["kind"] | DeviceRequest["kind"], string>;

@@ -166,13 +166,12 @@ export function parseParentMessage(raw: unknown): ParentMessage {
         tx: placement(r.object("tx")),
         datapath: datapathGrant(r.object("datapath")),
       };
-    case "quiesce-queues":
-      return { kind, id: r.uint("id", MAX_ID) };
     case "stop-queues":
       return {
         kind,
         id: r.uint("id", MAX_ID),
         ioEndWaitMs: r.uint("ioEndWaitMs", MAX_IO_END_WAIT_MS),
+        quiesce: r.boolean("quiesce"),
       };
     case "error":
       return errorMessage(r);

@@ -661,16 +661,19 @@ export class DatapathHost {
    * false when one did not answer: its thread may still be inside a system
    * call on guest memory.
    *
+   * `untilTxClosed`: the writer first writes what the device hands over
+   * until the device says it has quiesced (`StopRequest`).
+   *
    * `endLater`: the workers' threads are left for {@link end} (the caller's
    * to call). Tearing two isolates down takes several ms of CPU that the
    * rest of a stop needs first on a small machine (the device's stop, the
    * answer to GET_VRING_BASE); a worker whose loop ended touches nothing.
    */
-  async stop(opts: { endLater?: boolean } = {}): Promise<boolean> {
+  async stop(opts: { endLater?: boolean; untilTxClosed?: boolean } = {}): Promise<boolean> {
     if (this.#stopped) return true;
     this.#stopped = true;
     const results = await Promise.allSettled([
-      this.#writer.request({ kind: "stop" }),
+      this.#writer.request({ kind: "stop", untilTxClosed: opts.untilTxClosed === true }),
       this.#poller.request({ kind: "stop" }),
     ]);
     let clean = true;

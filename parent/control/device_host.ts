@@ -274,34 +274,16 @@ export class DeviceHost {
   }
 
   /**
-   * Asks the device to finish what is in flight and take nothing new
-   * (`quiesce-queues`). Resolves when it says so, or after `waitMs` (the
-   * device is untrusted: the stop that follows does not depend on this).
-   * Returns whether the device answered in time.
-   */
-  async quiesceQueues(waitMs = 1500): Promise<boolean> {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const late = new Promise<false>((resolve) => timer = setTimeout(() => resolve(false), waitMs));
-    try {
-      return await Promise.race([
-        this.#ep.request<DoneReply>({ kind: "quiesce-queues" }, "done").then(() => true as const),
-        late,
-      ]);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  /**
    * Stops both queues; resolves with each queue's last_avail_idx.
    * `ioEndWaitMs` above 0: the I/O workers are being ended meanwhile and
    * the device waits for them that long (`StopQueuesRequest`); if it
    * rejects, the queues are half stopped and need this again with 0.
+   * `quiesce`: the device quiesces first (the writer runs until it has).
    */
-  async stopQueues(ioEndWaitMs = 0): Promise<{ rx: number; tx: number }> {
+  async stopQueues(ioEndWaitMs = 0, quiesce = false): Promise<{ rx: number; tx: number }> {
     try {
       const r = await this.#ep.request<QueueBasesReply>(
-        { kind: "stop-queues", ioEndWaitMs },
+        { kind: "stop-queues", ioEndWaitMs, quiesce },
         "queue-bases",
       );
       return { rx: r.rx, tx: r.tx };

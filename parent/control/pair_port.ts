@@ -22,8 +22,9 @@
  *   PROTOCOL_FEATURES, rings start disabled until SET_VRING_ENABLE), memory is
  *   granted and the ring addresses are known. Each start gets fresh data-path
  *   rings and fresh I/O workers, so no stale record survives a stop.
- * - GET_VRING_BASE stops both queues (the device quiesces, then the I/O
- *   workers end while the device stops, waiting for them), and answers
+ * - GET_VRING_BASE stops both queues (the device quiesces and stops while
+ *   the I/O workers end, each waiting for the other in the control block),
+ *   and answers
  *   with the index the device reports; the other ring's index is kept for its
  *   own GET_VRING_BASE or the next start.
  *
@@ -403,8 +404,11 @@ export class PairPort {
    * Stops the I/O workers. One that had to be ended without answering may be
    * inside a system call on guest memory now: every region they had is orphaned.
    */
-  async #endIoWorkers(dp: DatapathHost, endLater = false): Promise<void> {
-    if (await dp.stop({ endLater })) return;
+  async #endIoWorkers(
+    dp: DatapathHost,
+    opts: { endLater?: boolean; untilTxClosed?: boolean } = {},
+  ): Promise<void> {
+    if (await dp.stop(opts)) return;
     for (const r of this.#regions) this.#orphaned.add(r);
     if (this.#log !== null) this.#orphaned.add(this.#log);
   }
@@ -703,24 +707,17 @@ export class PairPort {
     if (!dp) return false;
     this.#datapath = null;
     const t0 = performance.now();
-    // What the device took goes out first (the writer still runs): a TX frame
-    // in flight is sent, not completed unsent, and nothing new is taken.
-    try {
-      if (!await this.#device.quiesceQueues()) {
-        this.#logger.log("warn", "parent", "the device did not finish its TX frames in time");
-      }
-    } catch (e) {
-      this.#logger.log("warn", "parent", `quiesce-queues: ${(e as Error).message}`);
-    }
-    const t1 = performance.now();
-    // The I/O workers end, and the device stops meanwhile: its loop at once,
-    // the rest once both workers' loops have ended (it waits for them in the
-    // control block, not for a message from here: one round trip between
-    // threads instead of two, inside a migration's downtime). The answer
-    // waits for both: after it no system call touches guest memory.
+    // One request to each, all at once. The device quiesces (what it took
+    // goes out: a TX frame in flight is sent, not completed unsent; nothing
+    // new is taken) while the writer runs on until it has (CTL.TX_CLOSED);
+    // the workers' loops end; the device waits for that in the control block
+    // (CTL.IO_ENDED), not for a message from here, then finishes. One round
+    // trip between threads instead of three, inside a migration's downtime.
+    // The answer waits for the workers' acks too: after it no system call
+    // touches guest memory.
     let ioMs = 0;
-    const io = this.#endIoWorkers(dp, true).then(() => {
-      ioMs = performance.now() - t1;
+    const io = this.#endIoWorkers(dp, { endLater: true, untilTxClosed: true }).then(() => {
+      ioMs = performance.now() - t0;
     });
     // Their threads end once the answer is out (the reply to GET_VRING_BASE
     // is written in this turn of the event loop).
@@ -728,7 +725,7 @@ export class PairPort {
     let bases: { rx: number; tx: number };
     try {
       try {
-        bases = await this.#device.stopQueues(IO_END_WAIT_MS);
+        bases = await this.#device.stopQueues(IO_END_WAIT_MS, true);
       } catch (e) {
         // A device that did not answer (or is gone) is not asked twice.
         if (e instanceof NoAnswerError) throw e;
@@ -751,8 +748,7 @@ export class PairPort {
     this.#logStoppedRings();
     const t3 = performance.now();
     this.#debug(
-      `${this.#what()}stop: quiesce ${ms(t1 - t0)}, then I/O workers ${ms(ioMs)} and ` +
-        `device ${ms(t2 - t1)} together, ${ms(t3 - t1)} in all`,
+      `${this.#what()}stop: ${ms(t3 - t0)} (device ${ms(t2 - t0)}, I/O workers ${ms(ioMs)})`,
     );
     this.#logger.log("info", "parent", `${this.#what()}stopped at rx ${bases.rx}, tx ${bases.tx}`);
     return true;

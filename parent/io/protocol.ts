@@ -258,11 +258,20 @@ export interface SetLogRequest {
   log: LogConfig | null;
 }
 
-/** End the loop; the ack is the last message. */
+/**
+ * End the loop; the ack is the last message. `untilTxClosed` (the writer
+ * only): first go on writing what the device hands over until it says it
+ * has quiesced (CTL.TX_CLOSED), for at most {@link TX_CLOSE_WAIT_MS}, so a
+ * stop needs no separate quiesce before it.
+ */
 export interface StopRequest {
   kind: "stop";
   id: number;
+  untilTxClosed?: boolean;
 }
+
+/** How long a writer stopping `untilTxClosed` waits for the device (ms). */
+export const TX_CLOSE_WAIT_MS = 1500;
 
 export type IoRequest =
   | InitRequest
@@ -488,7 +497,9 @@ export function parseIoRequest(data: unknown): IoRequest {
     case "setRxFrameRoom":
       return { kind, id, bytes: frameRoom(r, "bytes") };
     case "stop":
-      return { kind, id };
+      return r.has("untilTxClosed")
+        ? { kind, id, untilTxClosed: r.boolean("untilTxClosed") }
+        : { kind, id };
     default:
       return unknownKind(kind, id);
   }

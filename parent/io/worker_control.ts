@@ -53,6 +53,7 @@ export class WorkerControl {
   #served = 0;
   #ctl: Int32Array | null = null;
   #stopId: number | null = null;
+  #stopUntilTxClosed = false;
 
   constructor(readonly role: IoRole, private readonly hooks: WorkerHooks) {
     self.onmessage = (e: MessageEvent) => this.#receive(e.data);
@@ -66,6 +67,11 @@ export class WorkerControl {
   /** The id of the stop request, once one came; the loop ends when it is set. */
   get stopId(): number | null {
     return this.#stopId;
+  }
+
+  /** The stop asks the writer to run on until the device closed TX (`StopRequest`). */
+  get stopUntilTxClosed(): boolean {
+    return this.#stopUntilTxClosed;
   }
 
   /** Whether the parent posted a message this worker has not served yet. */
@@ -153,6 +159,7 @@ export class WorkerControl {
           return;
         }
         this.#stopId = msg.id;
+        this.#stopUntilTxClosed = msg.untilTxClosed === true;
         this.hooks.wake();
         return;
       default: {

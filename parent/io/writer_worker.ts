@@ -30,7 +30,7 @@ import { SpscRing } from "../../ipc/spsc_ring.ts";
 import { CTL, signal, WEV_WAKE_POLLER } from "../../ipc/datapath.ts";
 import { IoRegions } from "./regions.ts";
 import { TxDrainer, writeEventfd } from "./tx_drain.ts";
-import { createTxShared } from "./protocol.ts";
+import { createTxShared, TX_CLOSE_WAIT_MS } from "./protocol.ts";
 import { WorkerControl } from "./worker_control.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { RateLimiter } from "./rate_limiter.ts";
@@ -50,12 +50,29 @@ let callTxFd = -1;
  */
 const WAIT_SLICE_MS = 1000;
 
+/** When the loop first saw a stop that waits for the device to close TX (ms, monotonic). */
+let stopSeenAt: number | null = null;
+
+/**
+ * Whether the loop goes on: no stop was asked for, or one that waits until
+ * the device has quiesced (CTL.TX_CLOSED: every record it took is written,
+ * it takes no more), for at most TX_CLOSE_WAIT_MS. Returns the time left
+ * (ms, Infinity before a stop), 0 to end.
+ */
+function timeLeft(c: Int32Array): number {
+  if (control.stopId === null) return Infinity;
+  if (!control.stopUntilTxClosed || Atomics.load(c, CTL.TX_CLOSED) !== 0) return 0;
+  const now = monotonicMs();
+  stopSeenAt ??= now;
+  return Math.max(0, stopSeenAt + TX_CLOSE_WAIT_MS - now);
+}
+
 async function loop(c: Int32Array): Promise<void> {
-  while (control.stopId === null) {
+  while (timeLeft(c) > 0) {
     // Serve waiting control messages first (a revocation must not wait).
     if (control.mailPending()) {
       await macrotask();
-      if (control.stopId !== null) break;
+      if (timeLeft(c) === 0) break;
     }
     const ev = Atomics.exchange(c, CTL.WRITER_EVENTS, 0);
     if (ev & WEV_WAKE_POLLER) {
@@ -74,11 +91,12 @@ async function loop(c: Int32Array): Promise<void> {
     // and the mailbox tells when the event loop must turn instead.
     Atomics.store(c, CTL.WRITER_SLEEPING, 1);
     const seen = Atomics.load(c, CTL.WRITER_DOORBELL);
+    const left = timeLeft(c); // the device rings the doorbell when it closes TX
     if (
       Atomics.load(c, CTL.WRITER_EVENTS) === 0 && (holdMs !== 0 || !drainer!.pending()) &&
-      !control.mailPending() && control.stopId === null
+      !control.mailPending() && left > 0
     ) {
-      const slice = holdMs !== 0 ? holdMs : WAIT_SLICE_MS;
+      const slice = Math.min(holdMs !== 0 ? holdMs : WAIT_SLICE_MS, left);
       if (Atomics.wait(c, CTL.WRITER_DOORBELL, seen, slice) === "timed-out") {
         Atomics.store(c, CTL.WRITER_SLEEPING, 0);
         await macrotask(); // timers and anything else the event loop holds

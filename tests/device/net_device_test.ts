@@ -691,6 +691,32 @@ Deno.test("an overlapped stop waits for both I/O workers' loops to end (CTL.IO_E
   assert.equal(rx.readUsed().length, 0, "nothing completed for the unfilled chains");
 });
 
+Deno.test("a stop with quiesce: a TX frame the device took is written and completed first, then CTL.TX_CLOSED lets the writer end, and the answer waits for the I/O workers", async () => {
+  const { io, dev, tx } = await startedWithThreePosted();
+  const ctl = new Int32Array(io.buffers.control);
+  const { frame } = buildFrame({ payload: new Uint8Array(100).fill(5) });
+  tx.post([{ data: netHdr({}) }, { data: frame }]);
+  io.kick("tx");
+  // The device takes the chain; the (fake) writer has not written it yet.
+  const end = Date.now() + 3000;
+  while (io.tx.available() === 0) {
+    if (Date.now() > end) throw new Error("the device took no TX chain");
+    await new Promise((r) => setTimeout(r, 1));
+  }
+  let settled = false;
+  const stopping = dev.stop(5000, true).finally(() => settled = true);
+  await new Promise((r) => setTimeout(r, 30));
+  assert.equal(Atomics.load(ctl, CTL.TX_CLOSED), 0, "not closed while a taken frame is unwritten");
+  await until(io, () => Atomics.load(ctl, CTL.TX_CLOSED) === 1, "TX closed once written");
+  assert.equal(io.sent.length, 1, "the frame in flight went out");
+  assert.deepEqual(io.sent[0].frame, frame);
+  assert.equal(settled, false, "the stop waits for the workers' loops");
+  Atomics.store(ctl, CTL.IO_ENDED, IO_ENDED_POLLER | IO_ENDED_WRITER);
+  Atomics.notify(ctl, CTL.IO_ENDED);
+  assert.deepEqual(await stopping, { rx: 0, tx: 1 }, "the TX chain counts as taken");
+  assert.equal(tx.usedIdx(), 1, "and is completed, as sent");
+});
+
 function get16le(b: Uint8Array, at: number): number {
   return b[at] | (b[at + 1] << 8);
 }

@@ -30,6 +30,8 @@ const MARK_OUT = "__VIONET_OUT__";
 const MARK_DONE = "__VIONET_DONE__";
 const MARK_BAD = "__VIONET_BAD__";
 const CONSOLE_TAIL_CHARS = 16_384;
+/** How long an exited QEMU's console pipes may take to reach their end (ms). */
+const CONSOLE_DRAIN_MS = 2000;
 
 /** Paths of the guest kernel and initramfs. */
 export interface GuestAssets {
@@ -251,6 +253,14 @@ export class Guest {
     this.closed = (async () => {
       const status = await child.status;
       this.#exitStatus = status;
+      // What QEMU wrote last (its error) may still be in the pipes: read them
+      // to the end first (bounded: nothing else should hold them open).
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([
+        consoleDone,
+        new Promise((r) => timer = setTimeout(r, CONSOLE_DRAIN_MS)),
+      ]);
+      clearTimeout(timer);
       const why = new Error(
         `QEMU exited (code ${status.code}${status.signal ? `, ${status.signal}` : ""})` +
           this.#consoleTail(),
