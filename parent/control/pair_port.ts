@@ -24,9 +24,8 @@
  *   rings and fresh I/O workers, so no stale record survives a stop.
  * - GET_VRING_BASE stops both queues (the device quiesces and stops while
  *   the I/O workers end, each waiting for the other in the control block),
- *   and answers
- *   with the index the device reports; the other ring's index is kept for its
- *   own GET_VRING_BASE or the next start.
+ *   and answers with the index the device reports; the other ring's index is
+ *   kept for its own GET_VRING_BASE or the next start.
  *
  * @module
  */
