@@ -71,6 +71,8 @@ const QUIESCE_MAX_MS = 1000;
  * turn at least this often (ms), for timers, even when no message came.
  */
 const BLOCKING_SLICE_MS = 1000;
+/** The same while `quiesce()` waits, so that its bound (a timer) holds (ms). */
+const QUIESCE_SLICE_MS = 20;
 
 export class NetDevice {
   readonly memory = new GuestMemory();
@@ -290,7 +292,8 @@ export class NetDevice {
    * the pause.
    */
   quiesce(): Promise<void> {
-    if (!this.#running || this.#tx === null) return Promise.resolve();
+    // A faulted TX queue takes and writes nothing more: nothing to wait for.
+    if (!this.#running || this.#tx === null || this.#faulted[TX_QUEUE]) return Promise.resolve();
     return new Promise<void>((resolve) => {
       const timer = setTimeout(done, QUIESCE_MAX_MS);
       function done() {
@@ -439,7 +442,8 @@ export class NetDevice {
         // Let the event loop deliver what the parent posted, and run timers now and then.
         // (Then work on regardless: were the counts ever out of step, the data
         // path would spin here but keep moving, not stall.)
-        if (mailPending() || now - turned > BLOCKING_SLICE_MS || this.#yieldNow) {
+        const slice = this.#quiescing ? QUIESCE_SLICE_MS : BLOCKING_SLICE_MS;
+        if (mailPending() || now - turned > slice || this.#yieldNow) {
           this.#yieldNow = false;
           await macrotask();
           now = turned = performance.now();
@@ -449,7 +453,9 @@ export class NetDevice {
       const ev = rings.takeEvents() | first | kicks.look(now);
       first = 0;
       if (ev === 0 && !more) {
-        if (mail) rings.sleepBlocking(kicks.sleepFor(now, BLOCKING_SLICE_MS), mailPending);
+        // While a quiesce waits, the event loop turns often enough for its timer.
+        const slice = this.#quiescing ? QUIESCE_SLICE_MS : BLOCKING_SLICE_MS;
+        if (mail) rings.sleepBlocking(kicks.sleepFor(now, slice), mailPending);
         else await rings.sleep(kicks.sleepFor(now, IDLE_WAIT_MS));
         continue;
       }

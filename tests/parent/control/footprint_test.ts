@@ -172,6 +172,11 @@ Deno.test({
             } kB; allowed ${RSS_SLACK_KB})`,
         );
         assert.ok(vm.sent >= 4 * (MEASURED + WARM_UP) && vm.received >= MEASURED + WARM_UP);
+      } catch (e) {
+        // What the daemon said last (its own account of the failure).
+        await new Promise((r) => setTimeout(r, 500));
+        console.log(`the daemon's last output:\n${out.slice(-6000)}`);
+        throw e;
       } finally {
         vm?.close();
         try {
