@@ -62,6 +62,9 @@ async function perfUnavailable(): Promise<string | undefined> {
   }
 }
 
+/** How both kinds of profile run the test: the bench's CPU placement, a short warm-up. */
+const RUN = { warmSeconds: 1.5, backendCpu: 0, frontendCpu: 1, log: console.log } as const;
+
 /** Runs `cmd`, returning its stdout; throws with its stderr when it fails. */
 async function run(cmd: string[]): Promise<string> {
   const out = await new Deno.Command(cmd[0], {
@@ -95,11 +98,8 @@ async function perfProfile(
   let window = 0;
   let daemonPid = 0;
   const s = await measureBackend(test, backend, 0, {
+    ...RUN,
     seconds,
-    warmSeconds: 1.5,
-    backendCpu: 0,
-    frontendCpu: 1,
-    log: console.log,
     // V8 writes /tmp/perf-PID.map, which names the JIT code for perf.
     daemonFlags: ["--v8-flags=--perf-basic-prof"],
     during: async (pid, secs) => {
@@ -195,11 +195,8 @@ async function main(): Promise<void> {
   const backend = values.offload === "off" ? "vionet-offload-off" : "vionet";
   if (values.perf) return await perfProfile(test, backend, seconds, Number(values.top), dir);
   const s = await measureBackend(test, backend, 0, {
+    ...RUN,
     seconds,
-    warmSeconds: 1.5,
-    backendCpu: 0,
-    frontendCpu: 1,
-    log: console.log,
     daemonFlags: ["--cpu-prof", `--cpu-prof-dir=${dir}`],
   });
   console.log(
