@@ -552,6 +552,15 @@ function files(opts: AuditOptions): FileAudit[] {
       source: "parent/io/wait_set.ts",
     },
     {
+      what: "eBPF program (multi-queue tap's steering)",
+      path: "bpf(BPF_PROG_LOAD): one socket-filter program of 57 instructions, at set-up, " +
+        "only for a tap with more than one queue",
+      access: "attached to the tap (TUNSETSTEERINGEBPF), its descriptor closed at once: " +
+        "picks the queue of each frame the host sends to the guest",
+      when: "set-up",
+      source: "parent/host/tap_steering.ts",
+    },
+    {
       what: "io_uring rings, made",
       path: "io_uring_setup(64), six times during set-up (none with --io-uring off): each " +
         "created disabled, restricted by the kernel (IORING_REGISTER_RESTRICTIONS) to READV, " +
@@ -764,6 +773,16 @@ function capabilities(opts: AuditOptions, observe: boolean): CapabilityAudit {
         : `set the inherited tap's MTU (SIOCSIFMTU, --mtu ${opts.mtu}) when it differs`,
     }]
     : [];
+  // The CLI's default is one pair per CPU (so maybe several); with --tap-fd, one per descriptor.
+  const queues = opts.queues ?? (opts.tapFd !== null ? 1 : undefined);
+  if (queues === undefined || queues > 1) {
+    neededForSetup.push({
+      name: "CAP_BPF",
+      why: "load a multi-queue tap's flow-hash steering program (bpf BPF_PROG_LOAD, " +
+        "then TUNSETSTEERINGEBPF) where kernel.unprivileged_bpf_disabled is set; without " +
+        "it the tap keeps the kernel's automq steering (tap_steering.ts). Not with --queues 1",
+    });
+  }
   if (opts.socketGroup != null && opts.listenFd === null && !opts.client) {
     neededForSetup.push({
       name: "CAP_CHOWN",

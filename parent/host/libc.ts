@@ -173,6 +173,11 @@ export const LIBC_SYMBOLS = {
     parameters: ["i64", "i32", "u32", "u32", "u32", "pointer", "usize"],
     result: "i32",
   },
+  /**
+   * bpf(2) through syscall(2): command, union bpf_attr, its size. Used once,
+   * at set-up, to load the tap's queue-steering program (`tap_steering.ts`).
+   */
+  bpf: { name: "syscall", parameters: ["i64", "i32", "buffer", "u32"], result: "i64" },
   /** io_uring_register(2): ring fd, opcode, argument (NULL or an array), its count. */
   io_uring_register: {
     name: "syscall",

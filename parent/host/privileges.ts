@@ -140,6 +140,8 @@ export const CAPABILITIES_NOT_NEEDED_AFTER_SETUP: Readonly<Partial<Record<CapNam
   CAP_DAC_OVERRIDE: "the socket's directory, when vionet creates it, is handed to the " +
     "daemon's user, which can then remove the socket at exit; memfds and eventfds arrive " +
     "as descriptors",
+  CAP_BPF: "needed once, to load a multi-queue tap's steering program; the tap holds it " +
+    "from then on",
   CAP_SETUID: "needed once, to switch to the unprivileged user during the drop itself",
   CAP_SETPCAP: "needed once, to shrink the bounding set during the drop itself",
 };

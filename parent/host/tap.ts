@@ -111,6 +111,11 @@ export const TAP_IOCTLS = {
     on: "tun",
     purpose: "attach or detach a queue as its queue pair is enabled or disabled",
   },
+  TUNSETSTEERINGEBPF: {
+    number: 0x800454e0n,
+    on: "tun",
+    purpose: "a multi-queue tap: attach the flow-hash steering program, at set-up",
+  },
   SIOCGIFFLAGS: { number: 0x8913n, on: "AF_INET socket", purpose: "read the link flags" },
   SIOCSIFFLAGS: { number: 0x8914n, on: "AF_INET socket", purpose: "bring the link up" },
   SIOCGIFHWADDR: { number: 0x8927n, on: "tun", purpose: "read the tap's MAC" },

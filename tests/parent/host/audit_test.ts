@@ -184,7 +184,15 @@ Deno.test("with --tap-fd and --fd the audit opens no /dev/net/tun and needs no c
   assert.ok(audit.files.some((f) => f.path === "descriptor 3 (--fd)"));
   assert.deepEqual(audit.capabilities.neededForSetup, []);
   const created = buildAudit(LISTENING);
-  assert.deepEqual(created.capabilities.neededForSetup.map((c) => c.name), ["CAP_NET_ADMIN"]);
+  // CAP_BPF: the steering program of a multi-queue tap (the default on more than one CPU).
+  assert.deepEqual(created.capabilities.neededForSetup.map((c) => c.name), [
+    "CAP_NET_ADMIN",
+    "CAP_BPF",
+  ]);
+  assert.deepEqual(
+    buildAudit({ ...LISTENING, queues: 1 }).capabilities.neededForSetup.map((c) => c.name),
+    ["CAP_NET_ADMIN"],
+  );
   assert.ok(created.files.some((f) => f.path === "/dev/net/tun"));
 });
 
