@@ -21,7 +21,22 @@
 import { parseArgs } from "node:util";
 import { BACKEND_TESTS, type BackendTest, measureBackend } from "./dpdk.ts";
 import { threadTimes } from "./proc.ts";
+import { ROOT } from "../tests/helpers.ts";
 import { parsePerfReport, profileTable, threadProfiles } from "./thread_profile.ts";
+
+/**
+ * `--perf-basic-prof` makes V8 write an `isolate-<address>-<pid>-v8.log` per
+ * isolate into the daemon's working directory (the checkout): removed here
+ * once the daemon is gone, so a profile leaves no files behind.
+ */
+function removeV8Logs(pid: number): void {
+  if (pid === 0) return;
+  for (const e of Deno.readDirSync(ROOT)) {
+    if (e.isFile && new RegExp(`^isolate-0x[0-9a-f]+-${pid}-v8\\.log$`).test(e.name)) {
+      Deno.removeSync(`${ROOT}/${e.name}`);
+    }
+  }
+}
 
 interface ProfileNode {
   id: number;
@@ -124,6 +139,7 @@ async function perfProfile(
       window = (performance.now() - t0) / 1000;
     },
   });
+  removeV8Logs(daemonPid);
   if (s.error) throw new Error(`the measurement failed: ${s.error}`);
   if (!before || !after) throw new Error("the profiler did not run");
   const cpu = new Map<number, { comm: string; seconds: number }>();
