@@ -70,6 +70,12 @@ export interface Options {
   offload: OffloadMode;
   /** Whether the I/O workers may batch tap writes and reads through io_uring. */
   ioUring: IoUringMode;
+  /**
+   * `--steering`: how a multi-queue tap picks the pair of each frame for the
+   * guest: `hash`, vionet's flow-hash program (`tap_steering.ts`), or
+   * `kernel`, tun's own automq, which also hashes every frame the guest sends.
+   */
+  steering: "hash" | "kernel";
   logLevel: LogLevel;
   /** `--user`: the user to become after set-up; null: the default (`users.ts`). */
   user: string | null;
@@ -226,6 +232,14 @@ export const OPTIONS: Record<string, OptionSpec> = {
       "off: one writev/readv each",
     shown: "auto",
   },
+  "steering": {
+    type: "string",
+    arg: "hash|kernel",
+    help: "with several queue pairs, which pair the host's frames go to: hash: by a hash of " +
+      "the flow (an eBPF program, needs CAP_BPF at set-up); kernel: the pair the flow last " +
+      "came from (tun's automq, which hashes every frame the guest sends)",
+    shown: "hash",
+  },
   "user": {
     type: "string",
     arg: "NAME",
@@ -268,7 +282,7 @@ export function usage(): string {
     "",
     "usage: deno task start [--socket-path PATH | --fd N] [--client] [--metrics PATH]",
     "                       [--pcap FILE [--pcap-max BYTES] [--pcap-snaplen BYTES] [--pcap-start on|off]]",
-    "                       [--tap IFNAME | --tap-fd N[,N...]] [--queues N]",
+    "                       [--tap IFNAME | --tap-fd N[,N...]] [--queues N] [--steering hash|kernel]",
     "                       [--socket-group GROUP] [--socket-mode MODE]",
     "                       [--mac MAC] [--mtu N] [--offload auto|off] [--io-uring auto|off]",
     "                       [--user NAME] [--seccomp on|off|log] [--rate-limit SPEC]",
@@ -496,6 +510,10 @@ export function parseOptions(argv: string[], env: OptionsEnv = {}, pid = 0): Opt
   if (ioUring !== "auto" && ioUring !== "off") {
     throw new UsageError(`--io-uring "${ioUring}" must be auto or off`);
   }
+  const steering = str("steering") ?? "hash";
+  if (steering !== "hash" && steering !== "kernel") {
+    throw new UsageError(`--steering "${steering}" must be hash or kernel`);
+  }
   const user = str("user") ?? null;
   if (user !== null && !/^([a-z_][a-z0-9_.-]{0,31}\$?|\d{1,10}:\d{1,10})$/i.test(user)) {
     throw new UsageError(`--user "${user}" is not a user name or UID:GID`);
@@ -573,6 +591,7 @@ export function parseOptions(argv: string[], env: OptionsEnv = {}, pid = 0): Opt
     socketMode,
     offload,
     ioUring,
+    steering,
     logLevel: logLevel as LogLevel,
     user,
     seccomp,

@@ -242,7 +242,14 @@ export type AuditOptions =
   & Partial<
     Pick<
       Options,
-      "ioUring" | "user" | "seccomp" | "queues" | "metricsPath" | "socketActivated" | "pcapPath"
+      | "ioUring"
+      | "user"
+      | "seccomp"
+      | "queues"
+      | "steering"
+      | "metricsPath"
+      | "socketActivated"
+      | "pcapPath"
     >
   >
   & Partial<Pick<Options, "mtu" | "socketGroup" | "socketMode">>;
@@ -775,12 +782,13 @@ function capabilities(opts: AuditOptions, observe: boolean): CapabilityAudit {
     : [];
   // The CLI's default is one pair per CPU (so maybe several); with --tap-fd, one per descriptor.
   const queues = opts.queues ?? (opts.tapFd !== null ? 1 : undefined);
-  if (queues === undefined || queues > 1) {
+  if ((queues === undefined || queues > 1) && opts.steering !== "kernel") {
     neededForSetup.push({
       name: "CAP_BPF",
       why: "load a multi-queue tap's flow-hash steering program (bpf BPF_PROG_LOAD, " +
         "then TUNSETSTEERINGEBPF) where kernel.unprivileged_bpf_disabled is set; without " +
-        "it the tap keeps the kernel's automq steering (tap_steering.ts). Not with --queues 1",
+        "it the tap keeps the kernel's automq steering (tap_steering.ts). Not with --queues 1 " +
+        "or --steering kernel",
     });
   }
   if (opts.socketGroup != null && opts.listenFd === null && !opts.client) {

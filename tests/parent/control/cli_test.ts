@@ -105,6 +105,8 @@ Deno.test("--queues: the default is one pair per host CPU, at most 8; explicit v
   const o = parseOptions(["--queues", "4"]);
   assert.equal(o.queues, 4);
   assert.equal(o.queuesExplicit, true);
+  assert.equal(d.steering, "hash", "a multi-queue tap's pairs are picked by flow hash");
+  assert.equal(parseOptions(["--steering", "kernel"]).steering, "kernel");
 });
 
 Deno.test("each bad command line is a UsageError that names what is wrong", async (t) => {
@@ -126,6 +128,7 @@ Deno.test("each bad command line is a UsageError that names what is wrong", asyn
     [["--mac", "00:00:00:00:00:00"], /is not a unicast MAC/],
     [["--offload", "on"], /--offload "on" must be auto or off/],
     [["--io-uring", "yes"], /--io-uring "yes" must be auto or off/],
+    [["--steering", "rss"], /--steering "rss" must be hash or kernel/],
     [["--mtu", "20"], /--mtu "20" is not in 68..65521/],
     [["--mtu", "65522"], /--mtu "65522" is not in 68..65521/],
     [["--mtu", "1e3"], /--mtu "1e3"/],

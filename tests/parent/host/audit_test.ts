@@ -189,10 +189,12 @@ Deno.test("with --tap-fd and --fd the audit opens no /dev/net/tun and needs no c
     "CAP_NET_ADMIN",
     "CAP_BPF",
   ]);
-  assert.deepEqual(
-    buildAudit({ ...LISTENING, queues: 1 }).capabilities.neededForSetup.map((c) => c.name),
-    ["CAP_NET_ADMIN"],
-  );
+  for (const only of [{ queues: 1 }, { steering: "kernel" as const }]) {
+    assert.deepEqual(
+      buildAudit({ ...LISTENING, ...only }).capabilities.neededForSetup.map((c) => c.name),
+      ["CAP_NET_ADMIN"],
+    );
+  }
   assert.ok(created.files.some((f) => f.path === "/dev/net/tun"));
 });
 
