@@ -89,6 +89,14 @@ const SPARE_QUIET_MS = 150;
  * request timeout, far above a stop's usual 5-50 ms.
  */
 const IO_END_WAIT_MS = 1000;
+/**
+ * How long a stop leaves the stopped I/O workers' threads before it ends
+ * them (ms). Their loops have ended and they touch nothing; tearing two
+ * isolates down costs several ms of CPU, which at once after the answer to
+ * GET_VRING_BASE fell inside a migration's switch-over on the source, where
+ * QEMU sends the last of the guest's RAM. A reset or a close ends them at once.
+ */
+const IO_TEARDOWN_DELAY_MS = 500;
 
 /** A bigint from the front-end that must fit a JS number exactly. */
 function num(v: bigint, what: string): number {
@@ -212,6 +220,7 @@ export class PairPort {
 
   /** Ends this pair's device worker; what it still held is orphaned (retired, not unmapped). */
   close(): void {
+    this.#endStoppedWorkers();
     this.#dropSpare();
     this.#orphanLent();
     this.#device.terminate();
@@ -286,6 +295,27 @@ export class PairPort {
       this.#spare = IoWorkerPair.spawn({ logger: this.#logger });
       this.#debug(`${this.#what()}spare I/O workers spawned in ${ms(performance.now() - t0)}`);
     }, SPARE_QUIET_MS);
+  }
+
+  /** Stopped data paths whose workers' threads end soon ({@link IO_TEARDOWN_DELAY_MS}). */
+  readonly #ending = new Map<DatapathHost, ReturnType<typeof setTimeout>>();
+
+  #endLater(dp: DatapathHost): void {
+    const timer = setTimeout(() => {
+      this.#ending.delete(dp);
+      dp.end();
+    }, IO_TEARDOWN_DELAY_MS);
+    Deno.unrefTimer(timer); // the daemon's exit does not wait for it
+    this.#ending.set(dp, timer);
+  }
+
+  /** Ends the threads of every stopped data path now. */
+  #endStoppedWorkers(): void {
+    for (const [dp, timer] of this.#ending) {
+      clearTimeout(timer);
+      dp.end();
+    }
+    this.#ending.clear();
   }
 
   /** A message came: a pending spare start waits until the front-end is quiet again. */
@@ -571,6 +601,7 @@ export class PairPort {
 
   async reset(): Promise<void> {
     await this.#stopQueues();
+    this.#endStoppedWorkers();
     this.#dropSpare();
     for (const i of [RX_QUEUE, TX_QUEUE]) {
       const r = this.#rings[i];
@@ -718,9 +749,9 @@ export class PairPort {
     const io = this.#endIoWorkers(dp, { endLater: true, untilTxClosed: true }).then(() => {
       ioMs = performance.now() - t0;
     });
-    // Their threads end once the answer is out (the reply to GET_VRING_BASE
-    // is written in this turn of the event loop).
-    const endWorkers = () => setTimeout(() => dp.end(), 0);
+    // Their threads end a while after the answer is out (the reply to
+    // GET_VRING_BASE is written in this turn of the event loop).
+    const endWorkers = () => this.#endLater(dp);
     let bases: { rx: number; tx: number };
     try {
       try {
