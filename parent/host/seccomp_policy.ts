@@ -437,7 +437,7 @@ export const NOTABLY_DENIED: Readonly<Record<string, { nr: number; why: string }
   umount2: { nr: 166, why: "no mount" },
   unshare: { nr: 272, why: "no new namespace" },
   setns: { nr: 308, why: "no other namespace" },
-  bpf: { nr: 321, why: "no BPF program" },
+  bpf: { nr: 321, why: "no BPF program: the tap's steering program is loaded during set-up" },
   perf_event_open: { nr: 298, why: "no perf events" },
   keyctl: { nr: 250, why: "no keyrings" },
   memfd_create: { nr: 319, why: "no new executable memory file" },
