@@ -88,20 +88,16 @@ const xorReg = (dst: number, src: number) => ins(BPF_ALU64 | BPF_XOR | BPF_X, ds
 const ldAbs = (size: number, off: number) => ins(BPF_LD | BPF_ABS | size, 0, 0, off);
 /** r0 = packet[src + off]. */
 const ldInd = (size: number, src: number, off: number) => ins(BPF_LD | BPF_IND | size, 0, src, off);
-const jeq = (dst: number, imm: number, label: string): Insn => ({
-  code: BPF_JMP | BPF_JEQ | BPF_K,
+/** A conditional jump to `label` when register `dst` compares (`op`) with `imm`. */
+const jumpIf = (op: number) => (dst: number, imm: number, label: string): Insn => ({
+  code: BPF_JMP | op | BPF_K,
   dst,
   src: 0,
   label,
   imm,
 });
-const jne = (dst: number, imm: number, label: string): Insn => ({
-  code: BPF_JMP | BPF_JNE | BPF_K,
-  dst,
-  src: 0,
-  label,
-  imm,
-});
+const jeq = jumpIf(BPF_JEQ);
+const jne = jumpIf(BPF_JNE);
 const ja = (label: string): Insn => ({ code: BPF_JMP | BPF_JA, dst: 0, src: 0, label, imm: 0 });
 const exit = () => ins(BPF_JMP | BPF_EXIT, 0, 0);
 const label = (name: string): Insn => ({ label: name });
