@@ -20,7 +20,7 @@
  *
  * The hash (a reference in {@link flowHash}, the same in the program):
  * IPv4 source ^ destination address, IPv6 the XOR of the eight words of
- * both addresses, then ^ (source port ^ destination port) << 0 for TCP and
+ * both addresses, then ^ (source port ^ destination port) for TCP and
  * UDP (not for IPv4 fragments), ^ the protocol; multiplied by 0x9e3779b1 (32
  * bits) and shifted right by 16. Symmetric in source and destination.
  * Anything else (ARP, VLAN-tagged, too short) goes to queue 0.
