@@ -54,6 +54,8 @@ import {
   parseIoReply,
   RX_FRAME_ROOM_MAX,
   type RxUsedPlace,
+  STOP_POSTED,
+  STOP_UNTIL_TX_CLOSED,
   type TxUsedPlace,
 } from "../io/protocol.ts";
 import type { Logger } from "./log.ts";
@@ -298,6 +300,17 @@ class IoWorker {
       this.nudge();
       if (this.role === "poller") retry = setInterval(() => this.nudge(), WAKE_RETRY_MS);
     });
+  }
+
+  /**
+   * Posts the stop: MAILBOX.STOP first, so the loop ends at its next look,
+   * whenever its event loop gets to the message (`io/protocol.ts`).
+   */
+  requestStop(untilTxClosed: boolean): Promise<void> {
+    if (this.#dead === undefined) {
+      Atomics.store(this.#posted, MAILBOX.STOP, untilTxClosed ? STOP_UNTIL_TX_CLOSED : STOP_POSTED);
+    }
+    return this.request({ kind: "stop", untilTxClosed });
   }
 
   #reply(data: unknown): void {
@@ -673,8 +686,8 @@ export class DatapathHost {
     if (this.#stopped) return true;
     this.#stopped = true;
     const results = await Promise.allSettled([
-      this.#writer.request({ kind: "stop", untilTxClosed: opts.untilTxClosed === true }),
-      this.#poller.request({ kind: "stop" }),
+      this.#writer.requestStop(opts.untilTxClosed === true),
+      this.#poller.requestStop(false),
     ]);
     let clean = true;
     for (const r of results) {

@@ -88,8 +88,10 @@ const BAD_FD = libc.EPOLLERR | libc.EPOLLHUP;
 export interface PollerWorker {
   /** Posts a notice or fault to the parent. */
   post(n: InfoNotice | FaultNotice): void;
-  /** The id of the stop request, once one came: the loop ends. */
-  readonly stopId: number | null;
+  /** A stop was asked for: the loop ends. */
+  readonly stopping: boolean;
+  /** The loop has ended: no more guest memory access (said before the teardown). */
+  loopEnded(): void;
   /** Whether the parent posted a message not served yet. */
   mailPending(): boolean;
 }
@@ -212,7 +214,7 @@ export class PairPoller {
   /** Runs until the worker is asked to stop; then lets go of everything it holds. */
   async run(): Promise<void> {
     const c = this.#ctl, ws = this.#waits, rx = this.#rx, worker = this.#worker;
-    while (worker.stopId === null) {
+    while (!worker.stopping) {
       const look = this.#tap.tapFd >= 0 && !this.#tapBroken
         ? rx.look(performance.now())
         : { watch: false, timeoutMs: -1, bits: 0 };
@@ -246,7 +248,7 @@ export class PairPoller {
           signal(c, CTL.DEVICE_EVENTS, bits, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
         }
         const deadline = performance.now() + MAIL_WAIT_MS;
-        while (worker.mailPending() && worker.stopId === null && performance.now() < deadline) {
+        while (worker.mailPending() && !worker.stopping && performance.now() < deadline) {
           await macrotask();
         }
         continue;
@@ -277,6 +279,7 @@ export class PairPoller {
         // ACK from the host's stack, typically): no sleep, no wake-up.
       }
     }
+    worker.loopEnded();
     this.#tap.close();
     this.#tx?.close();
     for (const q of [RX_QUEUE, TX_QUEUE]) this.#letGoOfKick(q);

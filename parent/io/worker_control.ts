@@ -31,6 +31,7 @@ import {
   parseIoRequest,
   QUEUE_FD_SLOTS,
   ROLE_SLOTS,
+  STOP_UNTIL_TX_CLOSED,
 } from "./protocol.ts";
 
 /** What a worker does with each control message; each may throw to refuse it. */
@@ -52,8 +53,16 @@ export class WorkerControl {
   #mailbox: Int32Array | null = null;
   #served = 0;
   #ctl: Int32Array | null = null;
-  #stopId: number | null = null;
+  // Fields whose representation never changes (a number from the start, a
+  // boolean): the stop flips them, and a field that went from null to a
+  // number would throw away the loop's optimized code (V8 deoptimizes code
+  // that depends on a field's representation) just when the stop must be quick.
+  #stopping = false;
+  #stopId = 0;
   #stopUntilTxClosed = false;
+  #ended = false;
+  /** The loop ended and let go of everything before the stop message came. */
+  #finished = false;
 
   constructor(readonly role: IoRole, private readonly hooks: WorkerHooks) {
     self.onmessage = (e: MessageEvent) => this.#receive(e.data);
@@ -64,14 +73,20 @@ export class WorkerControl {
     self.postMessage(reply);
   }
 
-  /** The id of the stop request, once one came; the loop ends when it is set. */
-  get stopId(): number | null {
-    return this.#stopId;
+  /**
+   * A stop was asked for: the loop ends. Seen in the mailbox's STOP word
+   * before the message itself arrives (`io/protocol.ts`).
+   */
+  get stopping(): boolean {
+    const m = this.#mailbox;
+    return this.#stopping || (m !== null && Atomics.load(m, MAILBOX.STOP) !== 0);
   }
 
   /** The stop asks the writer to run on until the device closed TX (`StopRequest`). */
   get stopUntilTxClosed(): boolean {
-    return this.#stopUntilTxClosed;
+    const m = this.#mailbox;
+    return this.#stopUntilTxClosed ||
+      (!this.#stopping && m !== null && Atomics.load(m, MAILBOX.STOP) === STOP_UNTIL_TX_CLOSED);
   }
 
   /** Whether the parent posted a message this worker has not served yet. */
@@ -81,18 +96,35 @@ export class WorkerControl {
   }
 
   /**
-   * The loop's last act: say in the control block that it has ended (a
-   * device stopping meanwhile waits for that, `device/io_rings.ts`), then
-   * acknowledge the stop. The parent ends the worker (`DatapathHost`), when
-   * the rest of the stop no longer needs the CPU its teardown takes.
+   * The loop has ended: say so in the control block at once (a device
+   * stopping meanwhile waits for that, `device/io_rings.ts`, and answers the
+   * front-end then). From here the worker touches no guest memory: every
+   * batch it submitted was reaped in its turn, and what is left (unmapping
+   * its io_uring, unregistering the tap, closing descriptors) does not.
+   * Idempotent.
    */
-  finish(): void {
+  loopEnded(): void {
+    if (this.#ended) return;
+    this.#ended = true;
     const ctl = this.#ctl;
     if (ctl !== null) {
       Atomics.or(ctl, CTL.IO_ENDED, this.role === "poller" ? IO_ENDED_POLLER : IO_ENDED_WRITER);
       Atomics.notify(ctl, CTL.IO_ENDED);
     }
-    this.post({ kind: "ack", id: this.#stopId ?? 0 });
+  }
+
+  /**
+   * The worker's last act, once it let go of its rings and descriptors:
+   * acknowledge the stop (after {@link loopEnded}, if the loop did not say
+   * so itself). The parent lends the rings again and ends the worker
+   * (`DatapathHost`) when the rest of the stop no longer needs the CPU its
+   * teardown takes.
+   */
+  finish(): void {
+    this.loopEnded();
+    // A loop that ended on the mailbox's word acks when the message comes.
+    if (this.#stopping) this.post({ kind: "ack", id: this.#stopId });
+    else this.#finished = true;
   }
 
   #receive(data: unknown): void {
@@ -101,7 +133,7 @@ export class WorkerControl {
     try {
       const msg = parseIoRequest(data);
       id = msg.id;
-      if (this.#stopId !== null) throw new Error("stopping");
+      if (this.#stopping) throw new Error("stopping");
       this.#serve(msg);
     } catch (err) {
       this.post(errorReply(err, id ?? (err as { id?: number | null }).id ?? null));
@@ -160,6 +192,11 @@ export class WorkerControl {
         }
         this.#stopId = msg.id;
         this.#stopUntilTxClosed = msg.untilTxClosed === true;
+        this.#stopping = true;
+        if (this.#finished) {
+          this.post({ kind: "ack", id: msg.id });
+          return;
+        }
         this.hooks.wake();
         return;
       default: {

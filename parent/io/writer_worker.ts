@@ -60,7 +60,7 @@ let stopSeenAt: number | null = null;
  * (ms, Infinity before a stop), 0 to end.
  */
 function timeLeft(c: Int32Array): number {
-  if (control.stopId === null) return Infinity;
+  if (!control.stopping) return Infinity;
   if (!control.stopUntilTxClosed || Atomics.load(c, CTL.TX_CLOSED) !== 0) return 0;
   const now = monotonicMs();
   stopSeenAt ??= now;
@@ -105,6 +105,7 @@ async function loop(c: Int32Array): Promise<void> {
     }
     Atomics.store(c, CTL.WRITER_SLEEPING, 0);
   }
+  control.loopEnded();
   drainer?.close();
   control.finish();
 }

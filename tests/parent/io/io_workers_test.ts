@@ -19,6 +19,7 @@ import {
   IO_POLLER_OPTIONS,
   IO_WRITER_OPTIONS,
   IO_WRITER_URL,
+  IoWorkerPair,
 } from "../../../parent/control/datapath_host.ts";
 import { IO_PROTOCOL_VERSION, type IoUringMode } from "../../../parent/io/protocol.ts";
 import { IoRegions } from "../../../parent/io/regions.ts";
@@ -31,6 +32,7 @@ import {
   EV_RX_DONE,
   EV_RX_STARVED,
   EV_TX_DONE,
+  IO_ENDED_BOTH,
   MAX_FRAME_BYTES,
   NET_HDR_BYTES,
   POLLER_ENGINE_IO_URING,
@@ -102,6 +104,7 @@ async function withRig(
   rxUsed: { ringOffset: number; size: number; eventOffset: number; eventIdx: boolean } =
     RX_USED_DEFAULT,
   rateLimit?: SharedArrayBuffer,
+  workers?: IoWorkerPair,
 ): Promise<void> {
   await withNetns(async (ns) => {
     const tap = createTap(tapName(), { up: false });
@@ -144,6 +147,7 @@ async function withRig(
           eventIdx: rxUsed.eventIdx,
         },
         rateLimit,
+        workers,
       });
       const dev = new FakeDeviceSide(buffers, {
         guest,
@@ -1205,6 +1209,51 @@ Deno.test({
       assert.equal(dev.counter(CTL.IO_BAD_RECORD), 3);
       assert.ok(dev.takeEvents() & EV_IO_FAULT);
     }),
+});
+
+Deno.test({
+  ...opts,
+  name: "a stop ends both loops on the mailbox's STOP word, before the stop message is " +
+    "delivered; each worker acknowledges once the message comes",
+  fn: async () => {
+    // Each worker's stop message is held back: a worker's event loop is what
+    // delivers it, and during a migration's switch-over that took 2-7 ms.
+    const HOLD_MS = 400;
+    const workers = IoWorkerPair.spawn({ logger: quietLogger });
+    for (const w of [workers.writer.worker, workers.poller.worker]) {
+      const post = w.postMessage.bind(w);
+      w.postMessage = ((msg: { kind?: string }, transfer?: Transferable[]) => {
+        if (msg?.kind === "stop") setTimeout(() => post(msg, transfer ?? []), HOLD_MS);
+        else post(msg, transfer ?? []);
+      }) as typeof w.postMessage;
+    }
+    await withRig(
+      async ({ host, dev }) => {
+        assert.equal(Atomics.load(dev.ctl, CTL.IO_ENDED), 0);
+        const t0 = performance.now();
+        const stopped = host.stop({ endLater: true });
+        assert.ok(
+          await eventually(
+            () => (Atomics.load(dev.ctl, CTL.IO_ENDED) & IO_ENDED_BOTH) === IO_ENDED_BOTH,
+            HOLD_MS / 2,
+          ),
+          `both loops ended within ${HOLD_MS / 2} ms, with no message delivered`,
+        );
+        assert.equal(await stopped, true, "both acknowledged");
+        assert.ok(
+          performance.now() - t0 >= HOLD_MS - 5,
+          "the acks answer the message, which came only after the hold",
+        );
+        host.end();
+      },
+      "auto",
+      undefined,
+      undefined,
+      RX_USED_DEFAULT,
+      undefined,
+      workers,
+    );
+  },
 });
 
 Deno.test({
