@@ -54,7 +54,6 @@ import {
   parseIoReply,
   RX_FRAME_ROOM_MAX,
   type RxUsedPlace,
-  STOP_POSTED,
   STOP_UNTIL_TX_CLOSED,
   type TxUsedPlace,
 } from "../io/protocol.ts";
@@ -269,7 +268,11 @@ class IoWorker {
   }
 
   /** Posts a request and resolves on its ack; rejects on error, timeout or death. */
-  request(msg: DistributiveOmit<IoRequest, "id">, timeoutMs = this.timeoutMs): Promise<void> {
+  request(
+    msg: DistributiveOmit<IoRequest, "id">,
+    timeoutMs = this.timeoutMs,
+    beforePost?: (id: number) => void,
+  ): Promise<void> {
     if (this.#dead !== undefined) {
       return Promise.reject(new Error(`${this.role} is not running: ${this.#dead}`));
     }
@@ -295,6 +298,7 @@ class IoWorker {
           reject(e);
         },
       });
+      beforePost?.(id);
       Atomics.add(this.#posted, MAILBOX.POSTED, 1);
       this.worker.postMessage({ ...msg, id });
       this.nudge();
@@ -303,14 +307,15 @@ class IoWorker {
   }
 
   /**
-   * Posts the stop: MAILBOX.STOP first, so the loop ends at its next look,
-   * whenever its event loop gets to the message (`io/protocol.ts`).
+   * Posts the stop, its id in MAILBOX.STOP first: the loop ends at its next
+   * look and the worker acknowledges whenever its event loop gets to the
+   * message or not (`io/protocol.ts`).
    */
   requestStop(untilTxClosed: boolean): Promise<void> {
-    if (this.#dead === undefined) {
-      Atomics.store(this.#posted, MAILBOX.STOP, untilTxClosed ? STOP_UNTIL_TX_CLOSED : STOP_POSTED);
-    }
-    return this.request({ kind: "stop", untilTxClosed });
+    return this.request({ kind: "stop", untilTxClosed }, this.timeoutMs, (id) => {
+      Atomics.store(this.#posted, MAILBOX.STOP_MODE, untilTxClosed ? STOP_UNTIL_TX_CLOSED : 0);
+      Atomics.store(this.#posted, MAILBOX.STOP, id);
+    });
   }
 
   #reply(data: unknown): void {

@@ -19,12 +19,15 @@
  * still waiting for its own microtask: measured, the poller otherwise went
  * back into its wait and answered only after ~280 ms of retries.)
  *
- * Its word {@link MAILBOX.STOP} is set by the parent just before it posts a
- * stop: the loop ends on its next look at it, woken as for any message,
+ * Its words {@link MAILBOX.STOP} (the stop request's id) and
+ * {@link MAILBOX.STOP_MODE} are set by the parent just before it posts a
+ * stop: the loop ends on its next look at them, woken as for any message,
+ * and the worker acknowledges that id once it has let go of everything,
  * without waiting for its event loop to deliver the message (a worker's
- * event loop took 2-7 ms to get there during a stop, a migration's
- * downtime); the message then only carries the id the ack answers. Only the
- * parent and the worker share the mailbox, never the device.
+ * event loop took 2-12 ms to get there during a stop, inside a migration's
+ * downtime); the message, when it comes, is acknowledged again (the parent
+ * ignores an ack it no longer waits for). Only the parent and the worker
+ * share the mailbox, never the device.
  *
  * The data path itself (records, event bits) is `ipc/datapath.ts`; this file
  * is only the slow control channel beside it.
@@ -51,11 +54,9 @@ export const RX_FRAME_ROOM_MAX = MAX_FRAME_BYTES + NET_HDR_BYTES;
 export const RX_FRAME_ROOM_MIN = NET_HDR_BYTES + 60;
 
 /** Word indices of the mailbox (an Int32Array over {@link MAILBOX_BYTES}). */
-export const MAILBOX = { POSTED: 0, STOP: 1 } as const;
-/** MAILBOX.STOP: a stop was posted (the loop ends). */
-export const STOP_POSTED = 1;
-/** MAILBOX.STOP: a stop `untilTxClosed` was posted (`StopRequest`). */
-export const STOP_UNTIL_TX_CLOSED = 2;
+export const MAILBOX = { POSTED: 0, STOP: 1, STOP_MODE: 2 } as const;
+/** MAILBOX.STOP_MODE: the stop posted is `untilTxClosed` (`StopRequest`). */
+export const STOP_UNTIL_TX_CLOSED = 1;
 export const MAILBOX_BYTES = 64;
 
 /** Which I/O worker a message is for. */

@@ -61,7 +61,7 @@ export class WorkerControl {
   #stopId = 0;
   #stopUntilTxClosed = false;
   #ended = false;
-  /** The loop ended and let go of everything before the stop message came. */
+  /** The loop ended and let go of everything (and acked the stop it knew of). */
   #finished = false;
 
   constructor(readonly role: IoRole, private readonly hooks: WorkerHooks) {
@@ -84,9 +84,10 @@ export class WorkerControl {
 
   /** The stop asks the writer to run on until the device closed TX (`StopRequest`). */
   get stopUntilTxClosed(): boolean {
+    if (this.#stopping) return this.#stopUntilTxClosed;
     const m = this.#mailbox;
-    return this.#stopUntilTxClosed ||
-      (!this.#stopping && m !== null && Atomics.load(m, MAILBOX.STOP) === STOP_UNTIL_TX_CLOSED);
+    return m !== null && Atomics.load(m, MAILBOX.STOP) !== 0 &&
+      Atomics.load(m, MAILBOX.STOP_MODE) === STOP_UNTIL_TX_CLOSED;
   }
 
   /** Whether the parent posted a message this worker has not served yet. */
@@ -122,9 +123,12 @@ export class WorkerControl {
    */
   finish(): void {
     this.loopEnded();
-    // A loop that ended on the mailbox's word acks when the message comes.
-    if (this.#stopping) this.post({ kind: "ack", id: this.#stopId });
-    else this.#finished = true;
+    this.#finished = true;
+    // A loop that ended on the mailbox's words acks their id (the message
+    // itself may still be on its way; it is acked again when it comes).
+    const m = this.#mailbox;
+    const id = this.#stopping ? this.#stopId : m !== null ? Atomics.load(m, MAILBOX.STOP) : 0;
+    if (id !== 0) this.post({ kind: "ack", id });
   }
 
   #receive(data: unknown): void {
