@@ -48,13 +48,7 @@ export class DeviceControl {
    * sleeps with Atomics.waitAsync.
    */
   constructor(port: MessagePortLike, mailbox?: DeviceMailbox) {
-    this.device = new NetDevice((queue, reason) => {
-      this.log(
-        "error",
-        `queue ${queue < 0 ? "(I/O)" : queue === 0 ? "rx0" : "tx0"} needs reset: ${reason}`,
-      );
-      this.#ep.send({ kind: "queue-fault", queue, reason: reason.slice(0, 1000) });
-    }, mailbox);
+    this.device = new NetDevice((queue, reason) => this.#queueFault(queue, reason), mailbox);
     this.#ep = new Endpoint<ParentMessage, DeviceMessage>(port, {
       parse: parseParentMessage,
       requestKinds: new Set([
@@ -117,7 +111,19 @@ export class DeviceControl {
         if (problem) throw new RefusedError(problem, "features");
         this.state.acked = req.features;
         this.device.setFeatures(req.features, this.state.config.offloadMode);
-        await this.tunscap(wantedTapOffloads(req.features, this.state.config.offloadMode));
+        // The answer does not wait for the parent's: the parent applies a
+        // request before it reads our next message (its handler is
+        // synchronous), so the tap's offloads are in force when "done"
+        // arrives, two thread hops sooner (a migration's destination waits
+        // for this message with its VM running). A refusal, which leaves the
+        // tap as it was, is reported as a fault of the data path.
+        const offloads = wantedTapOffloads(req.features, this.state.config.offloadMode);
+        this.tunscap(offloads).catch((e) =>
+          this.#queueFault(
+            -1,
+            `TUNSCAP ${featureNames(offloads).join(" ") || "none"}: ${e.message}`,
+          )
+        );
         this.log("info", `negotiated ${featureNames(req.features).join(" ")}`);
         return { reply: { kind: "done" } };
       }
@@ -173,6 +179,14 @@ export class DeviceControl {
       }
       throw e;
     }
+  }
+
+  #queueFault(queue: number, reason: string): void {
+    this.log(
+      "error",
+      `queue ${queue < 0 ? "(I/O)" : queue === 0 ? "rx0" : "tx0"} needs reset: ${reason}`,
+    );
+    this.#ep.send({ kind: "queue-fault", queue, reason: reason.slice(0, 1000) });
   }
 
   /**

@@ -194,3 +194,47 @@ Deno.test({
       })
     ),
 });
+
+Deno.test({
+  name: "set-features is answered once the parent applied the device's TUNSCAP (the device " +
+    "does not wait for the result); a refused TUNSCAP becomes a fault of the data path",
+  fn: async () => {
+    for (const refuse of [false, true]) {
+      const events: string[] = [];
+      const faults: Array<[number, string]> = [];
+      const host = await DeviceHost.start({
+        config: testConfig(),
+        handlers: {
+          tunscap: (offloads) => {
+            events.push(`tunscap ${offloads}`);
+            if (refuse) throw new Error("TUNSETOFFLOAD failed: EINVAL");
+            return offloads;
+          },
+        },
+        logger: quietLogger(),
+        onQueueFault: (queue, reason) => faults.push([queue, reason]),
+      });
+      try {
+        await host.setFeatures(BASE | ALL_GUEST);
+        events.push("done");
+        assert.equal(events.length, 2, events.join(", "));
+        assert.match(events[0], /^tunscap [1-9]/, "the tap's offloads first");
+        assert.equal(events[1], "done");
+        const end = Date.now() + 5000;
+        while (refuse && faults.length === 0 && Date.now() < end) {
+          await new Promise((r) => setTimeout(r, 10));
+        }
+        if (refuse) {
+          assert.equal(faults.length, 1);
+          assert.equal(faults[0][0], -1, "the data path as a whole");
+          assert.match(faults[0][1], /TUNSCAP GUEST_CSUM.*TUNSETOFFLOAD failed: EINVAL/);
+        } else {
+          await new Promise((r) => setTimeout(r, 50));
+          assert.deepEqual(faults, []);
+        }
+      } finally {
+        host.terminate();
+      }
+    }
+  },
+});
