@@ -103,6 +103,19 @@ export const VARIANTS: readonly Variant[] = [
     addFlags: ["--v8-flags=--no-short-builtin-calls"],
   },
   {
+    name: "lazy",
+    describe:
+      "without --v8-flags=--no-lazy,--no-flush-bytecode (V8 compiles each function at its first call, and drops what has not run for a while)",
+    removeFlags: ["--v8-flags=--no-lazy,--no-flush-bytecode"],
+  },
+  {
+    name: "no-lazy",
+    describe:
+      "--v8-flags=--no-lazy only (V8 may drop the bytecode of what has not run for a while)",
+    removeFlags: ["--v8-flags=--no-lazy,--no-flush-bytecode"],
+    addFlags: ["--v8-flags=--no-lazy"],
+  },
+  {
     name: "code-cache",
     describe: "a DENO_DIR of the daemon's own, with V8's code cache (warm: second start on)",
     removeFlags: ["--no-code-cache"],
