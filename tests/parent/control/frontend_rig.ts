@@ -254,17 +254,7 @@ export class FrontendRig {
     await this.send(VHOST_USER_SET_PROTOCOL_FEATURES, encodeU64(VIONET_PROTOCOL_FEATURES));
     await this.send(VHOST_USER_SET_OWNER);
     await this.setFeatures(opts.logAll ?? false);
-    const memFd = libc.dup(this.#memFd);
-    await this.send(
-      VHOST_USER_SET_MEM_TABLE,
-      encodeMemTable([{
-        guestPhysAddr: BigInt(GUEST_GPA),
-        size: BigInt(GUEST_BYTES),
-        userAddr: BigInt(USER_BASE + GUEST_GPA),
-        mmapOffset: 0n,
-      }]),
-      [memFd],
-    );
+    await this.setMemTable();
     for (let q = 0; q < 2 * setUp; q++) {
       const d = this.driver(q);
       const p = this.pairs[q >> 1];
@@ -309,6 +299,20 @@ export class FrontendRig {
       libc.dup(this.kick[TX_QUEUE]),
     ]);
     return performance.now() - t0;
+  }
+
+  /** SET_MEM_TABLE: the guest's memory, one region (a dup of the rig's memfd goes with it). */
+  async setMemTable(): Promise<void> {
+    await this.send(
+      VHOST_USER_SET_MEM_TABLE,
+      encodeMemTable([{
+        guestPhysAddr: BigInt(GUEST_GPA),
+        size: BigInt(GUEST_BYTES),
+        userAddr: BigInt(USER_BASE + GUEST_GPA),
+        mmapOffset: 0n,
+      }]),
+      [libc.dup(this.#memFd)],
+    );
   }
 
   /** SET_FEATURES with or without VHOST_F_LOG_ALL (how QEMU turns logging on and off). */
