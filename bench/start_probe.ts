@@ -139,7 +139,9 @@ if (import.meta.main) {
           await rig.reconnect();
         }
         await connect(rig, pauseMs);
-        rig.postRx(POSTED_RX); // before the start: the ring resumes full
+        // Before the first start: the ring resumes full. A stop gives back
+        // what was posted and not filled, so later rounds resume full too.
+        if (i === 0) rig.postRx(POSTED_RX);
         result.rounds.push(await round(rig, bases));
       }
     } finally {
