@@ -166,18 +166,35 @@ export function memSample(pid: number): MemSample {
   };
 }
 
+/**
+ * The start task's Deno flags under `variant`. A flag to take out that the
+ * start task does not have is an error: the variant would otherwise measure
+ * the shipped daemon again under another name.
+ */
+export function variantFlags(variant: Variant, shipped = startTaskFlags()): string[] {
+  const missing = (variant.removeFlags ?? []).filter((f) => !shipped.includes(f));
+  if (missing.length > 0) {
+    throw new Error(
+      `footprint variant ${variant.name}: the start task has no ${missing.join(" ")} to take out`,
+    );
+  }
+  return [
+    ...shipped.filter((f) => !(variant.removeFlags ?? []).includes(f)),
+    ...(variant.addFlags ?? []),
+  ];
+}
+
 /** The daemon's command line under `variant`, in namespace `ns`. */
 function daemonArgv(variant: Variant, socket: string, denoDir: string | null): string[] {
   const env = { ...startTaskEnv(), ...(variant.env ?? {}) };
   if (denoDir !== null) env.DENO_DIR = denoDir;
-  const flags = startTaskFlags().filter((f) => !(variant.removeFlags ?? []).includes(f));
+  const flags = variantFlags(variant);
   return [
     "env",
     ...Object.entries(env).map(([k, v]) => `${k}=${v}`),
     Deno.execPath(),
     "run",
     ...flags,
-    ...(variant.addFlags ?? []),
     `${ROOT}main.ts`,
     "--tap",
     TAP,
