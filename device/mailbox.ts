@@ -27,6 +27,7 @@
 
 import { CTL } from "../ipc/datapath.ts";
 import type { MessagePortLike } from "../ipc/endpoint.ts";
+import { messageArrived } from "../ipc/macrotask.ts";
 
 export class DeviceMailbox {
   #received = 0;
@@ -47,7 +48,11 @@ export class DeviceMailbox {
       set onmessage(handler: ((event: MessageEvent) => void) | null) {
         port.onmessage = handler === null ? null : (event: MessageEvent) => {
           count();
-          handler(event);
+          try {
+            handler(event);
+          } finally {
+            messageArrived();
+          }
         };
       },
     };

@@ -39,7 +39,7 @@ import {
   VIRTIO_NET_HDR_GSO_UDP,
   VIRTIO_NET_HDR_GSO_UDP_L4,
 } from "../ipc/virtio_net_hdr.ts";
-import { macrotask } from "../ipc/macrotask.ts";
+import { macrotask, messageTurn } from "../ipc/macrotask.ts";
 import { VIRTIO_NET_F_MRG_RXBUF } from "../ipc/features.ts";
 import { CHAIN_DEVICE_READABLE, CHAIN_DEVICE_WRITABLE } from "./chain.ts";
 import { GuestMemory, MAX_REGIONS } from "./guest_memory.ts";
@@ -439,13 +439,15 @@ export class NetDevice {
     while (this.#running) {
       let now = performance.now();
       if (mail) {
-        // Let the event loop deliver what the parent posted, and run timers now and then.
+        // Let the event loop deliver what the parent posted (a timer's turn:
+        // `ipc/macrotask.ts`), and run timers and replies now and then.
         // (Then work on regardless: were the counts ever out of step, the data
-        // path would spin here but keep moving, not stall.)
+        // path would go on a pass per turn but keep moving, not stall.)
         const slice = this.#quiescing ? QUIESCE_SLICE_MS : BLOCKING_SLICE_MS;
-        if (mailPending() || now - turned > slice || this.#yieldNow) {
+        const pending = mailPending();
+        if (pending || now - turned > slice || this.#yieldNow) {
           this.#yieldNow = false;
-          await macrotask();
+          await (pending ? messageTurn() : macrotask());
           now = turned = performance.now();
           if (!this.#running) break;
         }

@@ -11,6 +11,7 @@
 import type { MessagePortLike } from "../ipc/endpoint.ts";
 import { DeviceControl } from "./control.ts";
 import { DeviceMailbox } from "./mailbox.ts";
+import { warmTimers } from "../ipc/macrotask.ts";
 
 // A device that is taken over must not outlive its termination. A Worker it
 // started would: terminating this worker does not stop a nested one, which
@@ -18,12 +19,11 @@ import { DeviceMailbox } from "./mailbox.ts";
 // starts none, so the constructor goes before any input is read.
 delete (globalThis as { Worker?: unknown }).Worker;
 
-// Deno sets up an isolate's timers at its first timer: 12-15 ms on this
-// machine (measured on Deno 2.9.6), paid by whatever uses one first. Here
-// that was the device's first request (TUNSCAP, inside set-features), which
-// a migration's destination makes with the VM waiting. Paid now, while the
+// The isolate's first timer costs 12-15 ms (`warmTimers`). Here that was
+// the device's first request (TUNSCAP, inside set-features), which a
+// migration's destination makes with the VM waiting. Paid now, while the
 // worker starts, before any front-end speaks.
-clearTimeout(setTimeout(() => {}, 0));
+warmTimers();
 
 const mailbox = new DeviceMailbox();
 const control = new DeviceControl(mailbox.wrap(self as unknown as MessagePortLike), mailbox);

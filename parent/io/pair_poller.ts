@@ -38,7 +38,7 @@
  */
 
 import * as libc from "../host/libc.ts";
-import { macrotask } from "../../ipc/macrotask.ts";
+import { macrotask, messageTurn } from "../../ipc/macrotask.ts";
 import { SpscRing } from "../../ipc/spsc_ring.ts";
 import {
   CTL,
@@ -249,7 +249,7 @@ export class PairPoller {
         }
         const deadline = performance.now() + MAIL_WAIT_MS;
         while (worker.mailPending() && !worker.stopping && performance.now() < deadline) {
-          await macrotask();
+          await messageTurn();
         }
         continue;
       }

@@ -12,6 +12,11 @@
 import { IoRegions } from "./regions.ts";
 import { WorkerControl, type WorkerHooks } from "./worker_control.ts";
 import { PairPoller } from "./pair_poller.ts";
+import { warmTimers } from "../../ipc/macrotask.ts";
+
+// A message the mailbox announced is waited for on timer turns (`messageTurn`):
+// the isolate's first timer is paid now, before the worker serves a start.
+warmTimers();
 
 /** The pair this worker polls, once `init` came. */
 let poller: PairPoller | null = null;

@@ -20,6 +20,7 @@
 import { CTL, IO_ENDED_POLLER, IO_ENDED_WRITER } from "../../ipc/datapath.ts";
 import { DirtyLog } from "./dirty_log.ts";
 import { IoRegions } from "./regions.ts";
+import { messageArrived } from "../../ipc/macrotask.ts";
 import {
   errorReply,
   type FdSlot,
@@ -141,6 +142,8 @@ export class WorkerControl {
       this.#serve(msg);
     } catch (err) {
       this.post(errorReply(err, id ?? (err as { id?: number | null }).id ?? null));
+    } finally {
+      messageArrived(); // a loop waiting for it goes on (`ipc/macrotask.ts`)
     }
   }
 

@@ -25,7 +25,7 @@
  * @module
  */
 
-import { macrotask } from "../../ipc/macrotask.ts";
+import { macrotask, messageTurn, warmTimers } from "../../ipc/macrotask.ts";
 import { SpscRing } from "../../ipc/spsc_ring.ts";
 import { CTL, signal, WEV_WAKE_POLLER } from "../../ipc/datapath.ts";
 import { IoRegions } from "./regions.ts";
@@ -36,6 +36,10 @@ import { DirtyLog } from "./dirty_log.ts";
 import { RateLimiter } from "./rate_limiter.ts";
 import { monotonicMs } from "../host/libc.ts";
 import { CaptureProducer } from "./capture_ring.ts";
+
+// A message the mailbox announced is waited for on timer turns (`messageTurn`):
+// the isolate's first timer is paid now, before the worker serves a start.
+warmTimers();
 
 // ---- state (set by control messages, read by the loop) -----------------------
 
@@ -71,7 +75,7 @@ async function loop(c: Int32Array): Promise<void> {
   while (timeLeft(c) > 0) {
     // Serve waiting control messages first (a revocation must not wait).
     if (control.mailPending()) {
-      await macrotask();
+      await messageTurn();
       if (timeLeft(c) === 0) break;
     }
     const ev = Atomics.exchange(c, CTL.WRITER_EVENTS, 0);
