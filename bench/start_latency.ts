@@ -88,6 +88,7 @@ const STEPS: [keyof StartRound, string][] = [
   ["callMs", "SET_VRING_CALL after it"],
   ["firstFrameMs", "then the first TX frame's used entry"],
   ["totalMs", "SET_FEATURES to that used entry"],
+  ["stopMs", "the stop before the round (both GET_VRING_BASE)"],
 ];
 
 function median(v: number[]): number {

@@ -11,9 +11,10 @@
  * its spare I/O workers then), then with the guest's RX ring full of posted
  * buffers: SET_FEATURES, the memory table, each ring's NUM, BASE, ADDR,
  * KICK and CALL (ring 1's KICK starts the queues), and the guest's first TX
- * frame until its used entry. A second round does the same after a stop and
- * a new connection, in the same process (a daemon that served before: the
- * migration back).
+ * frame until its used entry. A second round does the same after a stop
+ * (timed: both GET_VRING_BASE, after {@link IDLE_BEFORE_STOP_MS} without
+ * traffic) and a new connection, in the same process (a daemon that served
+ * before: the migration back).
  *
  * ```
  * deno run --unstable-worker-options -A bench/start_probe.ts [--rounds 2] [--pause-ms 1500]
@@ -59,6 +60,12 @@ export interface StartRound {
   firstFrameMs: number;
   /** SET_FEATURES to that used entry. */
   totalMs: number;
+  /**
+   * The stop before this round: GET_VRING_BASE of both rings, the queues
+   * idle for a while (a migration's source stops a paused VM). Absent in
+   * the first round.
+   */
+  stopMs?: number;
 }
 
 export interface StartProbeResult {
@@ -67,6 +74,8 @@ export interface StartProbeResult {
 
 /** RX buffers the guest has posted when its rings resume (its RX ring is kept full). */
 const POSTED_RX = 128;
+/** Quiet before a timed stop: the data path's threads are asleep by then, as in a paused VM. */
+const IDLE_BEFORE_STOP_MS = 300;
 
 async function round(rig: FrontendRig, bases: [number, number]): Promise<StartRound> {
   const at = [performance.now()];
@@ -134,15 +143,22 @@ if (import.meta.main) {
     try {
       let bases: [number, number] = [0, 0];
       for (let i = 0; i < rounds; i++) {
+        let stopMs: number | undefined;
         if (i > 0) {
+          await new Promise((r) => setTimeout(r, IDLE_BEFORE_STOP_MS));
+          const t0 = performance.now();
           bases = await rig.stop();
+          stopMs = performance.now() - t0;
           await rig.reconnect();
         }
         await connect(rig, pauseMs);
         // Before the first start: the ring resumes full. A stop gives back
         // what was posted and not filled, so later rounds resume full too.
         if (i === 0) rig.postRx(POSTED_RX);
-        result.rounds.push(await round(rig, bases));
+        result.rounds.push({
+          ...await round(rig, bases),
+          ...(stopMs === undefined ? {} : { stopMs }),
+        });
       }
     } finally {
       await rig.close();
