@@ -73,8 +73,11 @@ function timeLeft(c: Int32Array): number {
 
 async function loop(c: Int32Array): Promise<void> {
   while (timeLeft(c) > 0) {
-    // Serve waiting control messages first (a revocation must not wait).
-    if (control.mailPending()) {
+    // Serve waiting control messages first (a revocation must not wait). Not
+    // once stopping: what is posted then is the stop, whose words the loop
+    // has read (its message is acked at the end); the device's TX close
+    // comes as a doorbell, which only a sleeping loop hears at once.
+    if (control.mailPending() && !control.stopping) {
       await messageTurn();
       if (timeLeft(c) === 0) break;
     }
@@ -98,7 +101,7 @@ async function loop(c: Int32Array): Promise<void> {
     const left = timeLeft(c); // the device rings the doorbell when it closes TX
     if (
       Atomics.load(c, CTL.WRITER_EVENTS) === 0 && (holdMs !== 0 || !drainer!.pending()) &&
-      !control.mailPending() && left > 0
+      (!control.mailPending() || control.stopping) && left > 0
     ) {
       const slice = Math.min(holdMs !== 0 ? holdMs : WAIT_SLICE_MS, left);
       if (Atomics.wait(c, CTL.WRITER_DOORBELL, seen, slice) === "timed-out") {
@@ -109,9 +112,14 @@ async function loop(c: Int32Array): Promise<void> {
     }
     Atomics.store(c, CTL.WRITER_SLEEPING, 0);
   }
-  control.loopEnded();
-  drainer?.close();
+  // The stop is acked first, and the io_uring taken down only once the
+  // parent lets it (1-3 ms of system calls, off the stop's path:
+  // `io/protocol.ts`). The writer holds no descriptor of the parent's beyond
+  // the loop: the tap and call eventfds are only written in it.
   control.finish();
+  control.awaitRelease();
+  drainer?.close();
+  control.released();
 }
 
 const control = new WorkerControl("writer", {
