@@ -107,6 +107,12 @@ export const IO_POLLER_OPTIONS = {
 const DEFAULT_TIMEOUT_MS = 5000;
 /** How long a worker has to load and acknowledge init (default). */
 const DEFAULT_START_TIMEOUT_MS = 30_000;
+/**
+ * How long {@link DatapathHost.end} waits for a stopped worker to release
+ * what it was lent before it ends the worker anyway (ms); releasing takes
+ * 1-3 ms.
+ */
+const RELEASE_WAIT_MS = 200;
 /** The poller's wake eventfd is written again at this interval until the ack. */
 const WAKE_RETRY_MS = 20;
 
@@ -246,6 +252,12 @@ class IoWorker {
   readonly #pending = new Map<number, Pending>();
   #nextId = 1;
   #dead: string | undefined;
+  /**
+   * True once the worker said `released` (after its stop: it let go of the
+   * rings it was lent); false if it died or was ended before that.
+   */
+  readonly released: Promise<boolean>;
+  #settleReleased: (released: boolean) => void = () => {};
 
   constructor(
     readonly role: IoRole,
@@ -254,6 +266,7 @@ class IoWorker {
     private readonly logger: Logger,
     private readonly timeoutMs: number,
   ) {
+    this.released = new Promise((resolve) => this.#settleReleased = resolve);
     this.worker = workerCensus.start(url, options, role);
     this.worker.onmessage = (e) => this.#reply(e.data);
     this.worker.onmessageerror = () => this.logger.log("warn", "datapath", `${role}: bad message`);
@@ -346,6 +359,9 @@ class IoWorker {
       case "notice":
         this.logger.log("info", "datapath", `${this.role}: ${reply.message}`);
         return;
+      case "released":
+        this.#settleReleased(true);
+        return;
       default: {
         const never: never = reply;
         throw new Error(`unhandled ${(never as IoReply).kind}`);
@@ -356,11 +372,18 @@ class IoWorker {
   #die(reason: string, fault = true): void {
     if (this.#dead !== undefined) return;
     this.#dead = reason;
+    this.#settleReleased(false);
     for (const p of [...this.#pending.values()]) p.reject(new Error(reason));
     if (fault) {
       this.logger.log("error", "datapath", reason);
       this.onFault(reason);
     }
+  }
+
+  /** Lets the stopped worker take down its rings (`io/protocol.ts` MAILBOX.RELEASE). */
+  release(): void {
+    Atomics.store(this.#posted, MAILBOX.RELEASE, 1);
+    Atomics.notify(this.#posted, MAILBOX.RELEASE);
   }
 
   terminate(): void {
@@ -703,16 +726,44 @@ export class DatapathHost {
     }
     if (!opts.endLater || !clean) this.end();
     libc.close(this.#wakeFd);
-    // Both acknowledged the stop after unmapping their rings: the rings can be
-    // lent again. Otherwise a thread may still be inside io_uring_enter on one.
-    this.#pool?.giveBack(this.#lent, clean);
+    // The rings are lent again once both workers, having acked, released
+    // them (unmapped, no file registered). A worker ended before that may
+    // still be inside a system call on one: its rings are closed instead.
+    const pool = this.#pool;
+    if (pool !== undefined) {
+      Promise.all([this.#writer.released, this.#poller.released]).then(([w, p]) =>
+        pool.giveBack(this.#lent, clean && w && p)
+      );
+    }
     return clean;
   }
 
-  /** Ends both workers' threads (after `stop({ endLater: true })`). Idempotent. */
+  /**
+   * Lets both stopped workers take down their rings, once the rest of the
+   * stop is done (the answer to the front-end is out): they wait for this
+   * (`io/protocol.ts` MAILBOX.RELEASE). Idempotent.
+   */
+  release(): void {
+    this.#writer.release();
+    this.#poller.release();
+  }
+
+  /**
+   * Ends both workers' threads (after `stop({ endLater: true })`): lets them
+   * release their rings, and ends each once it has, or after
+   * {@link RELEASE_WAIT_MS} (a worker that never acked its stop). Idempotent.
+   */
   end(): void {
-    this.#writer.terminate();
-    this.#poller.terminate();
+    this.release();
+    for (const w of [this.#writer, this.#poller]) {
+      if (w.dead !== undefined) continue;
+      const timer = setTimeout(() => w.terminate(), RELEASE_WAIT_MS);
+      Deno.unrefTimer(timer); // the daemon's exit does not wait for it
+      w.released.then(() => {
+        clearTimeout(timer);
+        w.terminate();
+      });
+    }
   }
 
   #eventfd(fd: number | null): number | null {

@@ -301,6 +301,8 @@ export class PairPort {
   readonly #ending = new Map<DatapathHost, ReturnType<typeof setTimeout>>();
 
   #endLater(dp: DatapathHost): void {
+    // The workers take down their rings once the answer is out (this turn).
+    Deno.unrefTimer(setTimeout(() => dp.release(), 0));
     const timer = setTimeout(() => {
       this.#ending.delete(dp);
       dp.end();

@@ -7,10 +7,10 @@
  * `IoUring.prepareRestricted`).
  *
  * A data path takes three (the writer's TX ring; the poller's TX and RX
- * rings) and gives them back when both workers acknowledged their stop,
- * which they do after unmapping them. If a worker did not (it was ended
- * while it might still be inside io_uring_enter), its rings are closed
- * instead: the pool shrinks, and once it cannot lend a full set the workers
+ * rings) and gives them back when both workers, after acknowledging their
+ * stop, said they released them (unmapped, no file registered). If a
+ * worker did not (it was ended while it might still be inside a system
+ * call on one), its rings are closed instead: the pool shrinks, and once it cannot lend a full set the workers
  * fall back to `writev`/`readv` for what is missing, which the log says.
  * Two sets are made, so one data path can start while another's workers are
  * still being ended.

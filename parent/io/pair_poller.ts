@@ -211,7 +211,10 @@ export class PairPoller {
     }
   }
 
-  /** Runs until the worker is asked to stop; then lets go of everything it holds. */
+  /**
+   * Runs until the worker is asked to stop; then lets go of the parent's
+   * descriptors ({@link release} takes down the rest).
+   */
   async run(): Promise<void> {
     const c = this.#ctl, ws = this.#waits, rx = this.#rx, worker = this.#worker;
     while (!worker.stopping) {
@@ -280,9 +283,18 @@ export class PairPoller {
       }
     }
     worker.loopEnded();
+    // The kick eventfds are the parent's, closed once the stop is acked.
+    for (const q of [RX_QUEUE, TX_QUEUE]) this.#letGoOfKick(q);
+  }
+
+  /**
+   * After {@link run} and the stop's ack: takes down what this poller set
+   * up (its io_uring mappings, the files it registered on lent rings, its
+   * epoll set). No descriptor of the parent's is touched here.
+   */
+  release(): void {
     this.#tap.close();
     this.#tx?.close();
-    for (const q of [RX_QUEUE, TX_QUEUE]) this.#letGoOfKick(q);
     this.#waits.close();
   }
 

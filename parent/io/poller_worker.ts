@@ -29,6 +29,9 @@ const hooks: WorkerHooks = {
       await p.run();
       poller = null;
       control.finish();
+      control.awaitRelease(); // the rest of the stop first (io/protocol.ts)
+      p.release();
+      control.released();
     };
   },
   setRxFrameRoom(bytes) {

@@ -31,6 +31,7 @@ import {
   MAILBOX,
   parseIoRequest,
   QUEUE_FD_SLOTS,
+  RELEASE_WAIT_MAX_MS,
   ROLE_SLOTS,
   STOP_UNTIL_TX_CLOSED,
 } from "./protocol.ts";
@@ -116,11 +117,10 @@ export class WorkerControl {
   }
 
   /**
-   * The worker's last act, once it let go of its rings and descriptors:
-   * acknowledge the stop (after {@link loopEnded}, if the loop did not say
-   * so itself). The parent lends the rings again and ends the worker
-   * (`DatapathHost`) when the rest of the stop no longer needs the CPU its
-   * teardown takes.
+   * Once the loop has ended and the worker has let go of every descriptor
+   * the parent owns (the parent closes them after this): acknowledge the
+   * stop (after {@link loopEnded}, if the loop did not say so itself). Its
+   * own teardown comes after, then {@link released}.
    */
   finish(): void {
     this.loopEnded();
@@ -130,6 +130,26 @@ export class WorkerControl {
     const m = this.#mailbox;
     const id = this.#stopping ? this.#stopId : m !== null ? Atomics.load(m, MAILBOX.STOP) : 0;
     if (id !== 0) this.post({ kind: "ack", id });
+  }
+
+  /**
+   * After {@link finish}: blocks until the parent lets the worker take down
+   * its rings (MAILBOX.RELEASE, set once the stop is answered), for at most
+   * RELEASE_WAIT_MAX_MS (`io/protocol.ts`).
+   */
+  awaitRelease(): void {
+    const m = this.#mailbox;
+    if (m !== null) Atomics.wait(m, MAILBOX.RELEASE, 0, RELEASE_WAIT_MAX_MS);
+  }
+
+  /**
+   * The worker's last act, after {@link finish}: its ring mappings are gone
+   * and no file stays registered on a lent ring, so the parent may lend the
+   * rings again (`DatapathHost`); it ends the worker when the rest of the
+   * stop no longer needs the CPU.
+   */
+  released(): void {
+    this.post({ kind: "released" });
   }
 
   #receive(data: unknown): void {

@@ -21,6 +21,7 @@ import {
   IO_WRITER_URL,
   IoWorkerPair,
 } from "../../../parent/control/datapath_host.ts";
+import { RingPool, RINGS_PER_DATAPATH } from "../../../parent/control/ring_pool.ts";
 import { IO_PROTOCOL_VERSION, type IoUringMode } from "../../../parent/io/protocol.ts";
 import { IoRegions } from "../../../parent/io/regions.ts";
 import { createRateLimitBuffer, DIR_TX, RateLimiter } from "../../../parent/io/rate_limiter.ts";
@@ -105,6 +106,7 @@ async function withRig(
     RX_USED_DEFAULT,
   rateLimit?: SharedArrayBuffer,
   workers?: IoWorkerPair,
+  rings?: RingPool,
 ): Promise<void> {
   await withNetns(async (ns) => {
     const tap = createTap(tapName(), { up: false });
@@ -148,6 +150,7 @@ async function withRig(
         },
         rateLimit,
         workers,
+        rings,
       });
       const dev = new FakeDeviceSide(buffers, {
         guest,
@@ -1209,6 +1212,42 @@ Deno.test({
       assert.equal(dev.counter(CTL.IO_BAD_RECORD), 3);
       assert.ok(dev.takeEvents() & EV_IO_FAULT);
     }),
+});
+
+Deno.test({
+  ...opts,
+  name: "a stopped worker takes its lent rings down only once released: the pool has them " +
+    "back after that, not at the stop's ack",
+  fn: async () => {
+    const { pool, refused } = RingPool.prepare(1);
+    assert.equal(refused, null, "the daemon's io_uring rings can be made here");
+    try {
+      await withRig(
+        async ({ host }) => {
+          assert.equal(pool.free, 0, "the data path took the set");
+          assert.equal(await host.stop({ endLater: true }), true, "both acknowledged");
+          // Acked: the rest of the stop runs; the workers wait, holding the rings.
+          await new Promise((r) => setTimeout(r, 100));
+          assert.equal(pool.free, 0, "given back before the workers released them");
+          host.release();
+          assert.ok(
+            await eventually(() => pool.free === RINGS_PER_DATAPATH, 2000),
+            `${pool.free} of ${RINGS_PER_DATAPATH} rings back after the release`,
+          );
+          host.end();
+        },
+        "auto",
+        undefined,
+        undefined,
+        RX_USED_DEFAULT,
+        undefined,
+        undefined,
+        pool,
+      );
+    } finally {
+      pool.close();
+    }
+  },
 });
 
 Deno.test({
