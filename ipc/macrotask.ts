@@ -7,8 +7,9 @@
  * incoming `postMessage` on every turn. A MessageChannel turn costs about
  * 12 µs, but a chain of them is served without the runtime polling the
  * worker's message channel: a message posted by the parent arrived only
- * after 129 such turns, every time (the async runtime's cooperative budget
- * of 128), 1-6 ms of spinning on this machine and up to 11 ms under load.
+ * after 129 such turns, every time (likely the async runtime's cooperative
+ * budget of 128; not traced), 1-6 ms of spinning on this machine and up to
+ * 11 ms under load.
  * A timer turn polls everything: the message arrives in the first one that
  * follows its post (0.3-0.8 ms after it, as in an idle worker).
  *
