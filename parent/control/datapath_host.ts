@@ -696,11 +696,13 @@ export class DatapathHost {
   }
 
   /**
-   * Ends both loops (each acknowledges as its last act), terminates the
-   * workers and closes the wake eventfd. A worker that does not answer in
-   * time is terminated anyway; the error is logged. Idempotent. Resolves
-   * false when one did not answer: its thread may still be inside a system
-   * call on guest memory.
+   * Ends both loops (each acknowledges once its loop has ended and it let
+   * go of the parent's descriptors), terminates the workers and closes the
+   * wake eventfd. A worker that does not answer in time is terminated
+   * anyway; the error is logged. Idempotent. Resolves false when one did
+   * not answer: its thread may still be inside a system call on guest
+   * memory. The lent rings go back to the pool once both workers say they
+   * released them, after {@link release}.
    *
    * `untilTxClosed`: the writer first writes what the device hands over
    * until the device says it has quiesced (`StopRequest`).
