@@ -113,6 +113,11 @@ const DEFAULT_START_TIMEOUT_MS = 30_000;
  * 1-3 ms.
  */
 const RELEASE_WAIT_MS = 200;
+/**
+ * Longest a start waits for stopped data paths to give their rings back
+ * when the pool is short (`RingPool.reclaim`); releasing takes 1-3 ms.
+ */
+const RECLAIM_WAIT_MS = 100;
 /** The poller's wake eventfd is written again at this interval until the ack. */
 const WAKE_RETRY_MS = 20;
 
@@ -522,6 +527,7 @@ export class DatapathHost {
    */
   static async start(opts: DatapathHostOptions): Promise<DatapathHost> {
     const { buffers } = opts;
+    if (opts.ioUring !== "off") await opts.rings?.reclaim(RINGS_PER_DATAPATH, RECLAIM_WAIT_MS);
     for (const ring of [buffers.tx, buffers.rxPost, buffers.rxLong, buffers.rxDone]) {
       SpscRing.attach(ring);
     }
@@ -733,9 +739,10 @@ export class DatapathHost {
     // still be inside a system call on one: its rings are closed instead.
     const pool = this.#pool;
     if (pool !== undefined) {
-      Promise.all([this.#writer.released, this.#poller.released]).then(([w, p]) =>
-        pool.giveBack(this.#lent, clean && w && p)
+      const released = Promise.all([this.#writer.released, this.#poller.released]).then(
+        ([w, p]) => pool.giveBack(this.#lent, clean && w && p),
       );
+      pool.returning({ release: () => this.release(), released });
     }
     return clean;
   }

@@ -35,9 +35,19 @@ export interface LentRings {
   poller: PreparedRing[];
 }
 
+/** A stopped data path whose rings come back once its workers released them. */
+export interface ReturningRings {
+  /** Lets its workers take their rings down now. */
+  release(): void;
+  /** Settles once the rings were given back (or closed). */
+  released: Promise<unknown>;
+}
+
 /** Restricted rings made during set-up, lent to one data path at a time. */
 export class RingPool {
   readonly #free: PreparedRing[];
+  /** Stopped data paths still holding rings ({@link returning}). */
+  readonly #returning = new Set<ReturningRings>();
   /** Rings made (the pool's size when full). */
   readonly made: number;
 
@@ -84,6 +94,36 @@ export class RingPool {
       if (clean) this.#free.push(r);
       else libc.closeQuietly(r.fd);
     }
+  }
+
+  /**
+   * A stopped data path's rings come back later: its workers release them
+   * once the stop is answered, then {@link giveBack}.
+   */
+  returning(r: ReturningRings): void {
+    this.#returning.add(r);
+    r.released.finally(() => this.#returning.delete(r));
+  }
+
+  /**
+   * Before a data path takes its set: when fewer than `n` rings are free
+   * and stopped data paths still hold theirs, has them release now and
+   * waits for that, at most `maxMs`. A start in the same burst as a stop (a
+   * memory table change while the queues run, on any pair) would otherwise
+   * go without io_uring for as long as it runs.
+   */
+  async reclaim(n: number, maxMs: number): Promise<void> {
+    if (this.free >= n || this.#returning.size === 0) return;
+    const waits = [...this.#returning].map((r) => {
+      r.release();
+      return r.released;
+    });
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      Promise.allSettled(waits),
+      new Promise((resolve) => timer = setTimeout(resolve, maxMs)),
+    ]);
+    clearTimeout(timer);
   }
 
   /** Closes every free ring (at exit). */

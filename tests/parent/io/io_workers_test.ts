@@ -1252,6 +1252,68 @@ Deno.test({
 
 Deno.test({
   ...opts,
+  name: "a start right after a stop, from a pool of one set, gets the rings the stopped " +
+    "workers still held (it has them released first)",
+  fn: async () => {
+    const { pool, refused } = RingPool.prepare(1);
+    assert.equal(refused, null, "the daemon's io_uring rings can be made here");
+    try {
+      await withRig(
+        async ({ tap, guest, host }) => {
+          assert.equal(await host.stop({ endLater: true }), true);
+          assert.equal(pool.free, 0, "the stopped workers still hold the set");
+          // As a memory table change does while the queues run: the next start at once.
+          const lines: string[] = [];
+          const logger = {
+            log: (_level: string, _source: string, message: string) => lines.push(message),
+          } as unknown as Logger;
+          const next = await DatapathHost.start({
+            tapFd: tap.fd,
+            buffers: createDatapathBuffers(),
+            logger,
+            ranges: [guest.range()],
+            ioUring: "auto",
+            rxUsed: {
+              ringAddr: guest.base + BigInt(RX_USED_DEFAULT.ringOffset),
+              size: RX_USED_DEFAULT.size,
+              eventAddr: guest.base + BigInt(RX_USED_DEFAULT.eventOffset),
+              eventIdx: RX_USED_DEFAULT.eventIdx,
+            },
+            rings: pool,
+          });
+          try {
+            // Short of rings, it would say so and make its own (allowed in a test, not
+            // under the daemon's seccomp filter, where it would fall back to writev).
+            assert.ok(
+              !lines.some((l) => /io_uring rings left/.test(l)),
+              `the start ran short of rings: ${lines.join("; ")}`,
+            );
+            assert.equal(pool.free, 0, "the new data path took the set back");
+            assert.ok(
+              await eventually(() => next.counters().writerEngine === "io_uring", 2000),
+              `the writer runs ${next.counters().writerEngine}, not io_uring`,
+            );
+          } finally {
+            await next.stop();
+          }
+          host.end();
+        },
+        "auto",
+        undefined,
+        undefined,
+        RX_USED_DEFAULT,
+        undefined,
+        undefined,
+        pool,
+      );
+    } finally {
+      pool.close();
+    }
+  },
+});
+
+Deno.test({
+  ...opts,
   name: "a stop ends both loops on the mailbox's STOP word and is acknowledged before the " +
     "stop message is delivered; the message, when it comes, changes nothing",
   fn: async () => {
