@@ -166,6 +166,26 @@ async function withRig(
   });
 }
 
+/** {@link withRig} with the rings lent from a pool of one set, as the daemon lends them. */
+async function withPooledRig(fn: (rig: Rig, pool: RingPool) => Promise<void>): Promise<void> {
+  const { pool, refused } = RingPool.prepare(1);
+  assert.equal(refused, null, "the daemon's io_uring rings can be made here");
+  try {
+    await withRig(
+      (rig) => fn(rig, pool),
+      "auto",
+      undefined,
+      undefined,
+      RX_USED_DEFAULT,
+      undefined,
+      undefined,
+      pool,
+    );
+  } finally {
+    pool.close();
+  }
+}
+
 async function tapCounter(ns: Netns, tap: Tap, which: string): Promise<number> {
   return Number(await ns.exec(["cat", `/sys/class/net/${tap.name}/statistics/${which}`]));
 }
@@ -1218,98 +1238,66 @@ Deno.test({
   ...opts,
   name: "a stopped worker takes its lent rings down only once released: the pool has them " +
     "back after that, not at the stop's ack",
-  fn: async () => {
-    const { pool, refused } = RingPool.prepare(1);
-    assert.equal(refused, null, "the daemon's io_uring rings can be made here");
-    try {
-      await withRig(
-        async ({ host }) => {
-          assert.equal(pool.free, 0, "the data path took the set");
-          assert.equal(await host.stop({ endLater: true }), true, "both acknowledged");
-          // Acked: the rest of the stop runs; the workers wait, holding the rings.
-          await new Promise((r) => setTimeout(r, 100));
-          assert.equal(pool.free, 0, "given back before the workers released them");
-          host.release();
-          assert.ok(
-            await eventually(() => pool.free === RINGS_PER_DATAPATH, 2000),
-            `${pool.free} of ${RINGS_PER_DATAPATH} rings back after the release`,
-          );
-          host.end();
-        },
-        "auto",
-        undefined,
-        undefined,
-        RX_USED_DEFAULT,
-        undefined,
-        undefined,
-        pool,
+  fn: () =>
+    withPooledRig(async ({ host }, pool) => {
+      assert.equal(pool.free, 0, "the data path took the set");
+      assert.equal(await host.stop({ endLater: true }), true, "both acknowledged");
+      // Acked: the rest of the stop runs; the workers wait, holding the rings.
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(pool.free, 0, "given back before the workers released them");
+      host.release();
+      assert.ok(
+        await eventually(() => pool.free === RINGS_PER_DATAPATH, 2000),
+        `${pool.free} of ${RINGS_PER_DATAPATH} rings back after the release`,
       );
-    } finally {
-      pool.close();
-    }
-  },
+      host.end();
+    }),
 });
 
 Deno.test({
   ...opts,
   name: "a start right after a stop, from a pool of one set, gets the rings the stopped " +
     "workers still held (it has them released first)",
-  fn: async () => {
-    const { pool, refused } = RingPool.prepare(1);
-    assert.equal(refused, null, "the daemon's io_uring rings can be made here");
-    try {
-      await withRig(
-        async ({ tap, guest, host }) => {
-          assert.equal(await host.stop({ endLater: true }), true);
-          assert.equal(pool.free, 0, "the stopped workers still hold the set");
-          // As a memory table change does while the queues run: the next start at once.
-          const lines: string[] = [];
-          const logger = {
-            log: (_level: string, _source: string, message: string) => lines.push(message),
-          } as unknown as Logger;
-          const next = await DatapathHost.start({
-            tapFd: tap.fd,
-            buffers: createDatapathBuffers(),
-            logger,
-            ranges: [guest.range()],
-            ioUring: "auto",
-            rxUsed: {
-              ringAddr: guest.base + BigInt(RX_USED_DEFAULT.ringOffset),
-              size: RX_USED_DEFAULT.size,
-              eventAddr: guest.base + BigInt(RX_USED_DEFAULT.eventOffset),
-              eventIdx: RX_USED_DEFAULT.eventIdx,
-            },
-            rings: pool,
-          });
-          try {
-            // Short of rings, it would say so and make its own (allowed in a test, not
-            // under the daemon's seccomp filter, where it would fall back to writev).
-            assert.ok(
-              !lines.some((l) => /io_uring rings left/.test(l)),
-              `the start ran short of rings: ${lines.join("; ")}`,
-            );
-            assert.equal(pool.free, 0, "the new data path took the set back");
-            assert.ok(
-              await eventually(() => next.counters().writerEngine === "io_uring", 2000),
-              `the writer runs ${next.counters().writerEngine}, not io_uring`,
-            );
-          } finally {
-            await next.stop();
-          }
-          host.end();
+  fn: () =>
+    withPooledRig(async ({ tap, guest, host }, pool) => {
+      assert.equal(await host.stop({ endLater: true }), true);
+      assert.equal(pool.free, 0, "the stopped workers still hold the set");
+      // As a memory table change does while the queues run: the next start at once.
+      const lines: string[] = [];
+      const logger = {
+        log: (_level: string, _source: string, message: string) => lines.push(message),
+      } as unknown as Logger;
+      const next = await DatapathHost.start({
+        tapFd: tap.fd,
+        buffers: createDatapathBuffers(),
+        logger,
+        ranges: [guest.range()],
+        ioUring: "auto",
+        rxUsed: {
+          ringAddr: guest.base + BigInt(RX_USED_DEFAULT.ringOffset),
+          size: RX_USED_DEFAULT.size,
+          eventAddr: guest.base + BigInt(RX_USED_DEFAULT.eventOffset),
+          eventIdx: RX_USED_DEFAULT.eventIdx,
         },
-        "auto",
-        undefined,
-        undefined,
-        RX_USED_DEFAULT,
-        undefined,
-        undefined,
-        pool,
-      );
-    } finally {
-      pool.close();
-    }
-  },
+        rings: pool,
+      });
+      try {
+        // Short of rings, it would say so and make its own (allowed in a test, not
+        // under the daemon's seccomp filter, where it would fall back to writev).
+        assert.ok(
+          !lines.some((l) => /io_uring rings left/.test(l)),
+          `the start ran short of rings: ${lines.join("; ")}`,
+        );
+        assert.equal(pool.free, 0, "the new data path took the set back");
+        assert.ok(
+          await eventually(() => next.counters().writerEngine === "io_uring", 2000),
+          `the writer runs ${next.counters().writerEngine}, not io_uring`,
+        );
+      } finally {
+        await next.stop();
+      }
+      host.end();
+    }),
 });
 
 Deno.test({
