@@ -10,8 +10,10 @@
  * rings) and gives them back when both workers, after acknowledging their
  * stop, said they released them (unmapped, no file registered). If a
  * worker did not (it was ended while it might still be inside a system
- * call on one), its rings are closed instead: the pool shrinks, and once it cannot lend a full set the workers
- * fall back to `writev`/`readv` for what is missing, which the log says.
+ * call on one), its rings are closed instead: the pool shrinks, and once
+ * it cannot lend a full set the workers fall back to `writev`/`readv` for
+ * what is missing, which the log says. A start that finds the pool short
+ * has stopped data paths release theirs at once ({@link RingPool.reclaim}).
  * Two sets are made, so one data path can start while another's workers are
  * still being ended.
  *

@@ -35,7 +35,7 @@
  * {@link RELEASE_WAIT_MAX_MS}), then takes down what it set up (its io_uring
  * mappings, the files registered on a lent ring: 1-3 ms of system calls,
  * which on a small machine took the CPU from the rest of the stop: an idle
- * stop took 4.4 ms with them at once, 2.4 without) and says `released`:
+ * stop took 4.4 ms with them at once, 2.8 without) and says `released`:
  * only then may the rings it was lent go to another data path.
  *
  * The data path itself (records, event bits) is `ipc/datapath.ts`; this file
