@@ -7,11 +7,14 @@
  * process and for the start after a stop in the same one.
  *
  * ```
- * deno run -A bench/start_latency.ts [--runs 6] [--busy 2]
+ * deno run -A bench/start_latency.ts [--runs 6] [--busy 2] [--guest-mib 256]
  *   [--v8-flags "--no-lazy,--no-flush-bytecode" | --v8-flags none]
  * ```
  *
  * `--v8-flags` defaults to the start task's; `none` runs V8's defaults.
+ * `--guest-mib`: the guest's memory, one region (the migration bench's
+ * guests have 256 MiB; what a start costs grows with it, see
+ * docs/design.md "The start task's V8 flags").
  *
  * @module
  */
@@ -32,6 +35,8 @@ export interface StartLatencyOptions {
   busy: number;
   /** V8 flags of the probe's process, comma-separated; "" for V8's defaults. */
   v8Flags: string;
+  /** The guest's memory in MiB. */
+  guestMiB: number;
 }
 
 /** Runs the probe `o.runs` times; returns each run's rounds. */
@@ -52,6 +57,8 @@ export async function measureStartLatency(o: StartLatencyOptions): Promise<Start
           ...(o.v8Flags === "" ? [] : [`--v8-flags=${o.v8Flags}`]),
           "-A",
           `${ROOT}bench/start_probe.ts`,
+          "--guest-mib",
+          String(o.guestMiB),
         ],
         stdin: "null",
         stdout: "piped",
@@ -119,18 +126,25 @@ if (import.meta.main) {
       runs: { type: "string", default: "6" },
       busy: { type: "string", default: "2" },
       "v8-flags": { type: "string" },
+      "guest-mib": { type: "string", default: "256" },
     },
   });
   const runs = Number(values.runs);
   const busy = Number(values.busy);
   if (!Number.isInteger(runs) || runs < 1) throw new Error(`--runs ${values.runs}: a count`);
   if (!Number.isInteger(busy) || busy < 0) throw new Error(`--busy ${values.busy}: a count`);
+  const guestMiB = Number(values["guest-mib"]);
+  if (!Number.isInteger(guestMiB) || guestMiB < 4 || guestMiB > 65536) {
+    throw new Error(`--guest-mib ${values["guest-mib"]}: a whole number of MiB, 4 to 65536`);
+  }
   const given = values["v8-flags"];
   const v8Flags = given === undefined ? startTaskV8Flags() : given === "none" ? "" : given;
-  const result = await measureStartLatency({ runs, busy, v8Flags });
+  const result = await measureStartLatency({ runs, busy, v8Flags, guestMiB });
   console.log(
-    `Start of a fresh daemon's queues (bench/start_latency.ts --runs ${runs} --busy ${busy}, ` +
-      `V8 flags: ${v8Flags || "V8's defaults"}); medians [min-max] over the runs:\n`,
+    `Start of a fresh daemon's queues (bench/start_latency.ts --runs ${runs} --busy ${busy} ` +
+      `--guest-mib ${guestMiB}, V8 flags: ${
+        v8Flags || "V8's defaults"
+      }); medians [min-max] over the runs:\n`,
   );
   console.log(startLatencyTable(result));
 }

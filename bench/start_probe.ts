@@ -17,7 +17,7 @@
  * before: the migration back).
  *
  * ```
- * deno run --unstable-worker-options -A bench/start_probe.ts [--rounds 2] [--pause-ms 1500]
+ * deno run --unstable-worker-options -A bench/start_probe.ts [--rounds 2] [--pause-ms 1500] [--guest-mib 256]
  * ```
  *
  * @module
@@ -131,15 +131,20 @@ if (import.meta.main) {
     options: {
       rounds: { type: "string", default: "2" },
       "pause-ms": { type: "string", default: "1500" },
+      "guest-mib": { type: "string", default: "256" },
     },
   });
   const rounds = Number(values.rounds);
   const pauseMs = Number(values["pause-ms"]);
   if (!Number.isInteger(rounds) || rounds < 1) throw new Error(`--rounds ${values.rounds}`);
   if (!Number.isFinite(pauseMs) || pauseMs < 0) throw new Error(`--pause-ms ${values["pause-ms"]}`);
+  const guestMiB = Number(values["guest-mib"]);
+  if (!Number.isInteger(guestMiB) || guestMiB < 4) {
+    throw new Error(`--guest-mib ${values["guest-mib"]}`);
+  }
   const result: StartProbeResult = { rounds: [] };
   await withNetns(async (ns) => {
-    const rig = await FrontendRig.open(ns);
+    const rig = await FrontendRig.open(ns, { guestBytes: guestMiB * 1024 * 1024 });
     try {
       let bases: [number, number] = [0, 0];
       for (let i = 0; i < rounds; i++) {

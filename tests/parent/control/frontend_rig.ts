@@ -63,7 +63,7 @@ import { quietLogger, testConfig } from "../../helpers.ts";
 export const GUEST_MAC = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 export const GUEST_IP = "198.18.0.2";
 export const HOST_IP = "198.18.0.1";
-/** Where guest memory starts (GPA) and how big it is. */
+/** Where guest memory starts (GPA) and how big it is unless told otherwise. */
 export const GUEST_GPA = 0;
 export const GUEST_BYTES = 4 << 20;
 /** The user address QEMU would give GPA 0 (TestGuest's default mapping). */
@@ -86,6 +86,11 @@ export interface FrontendRigOptions {
   offload?: "auto" | "off";
   /** The daemon's `--mac`, as the port gets it (default: none). */
   sourceMac?: number[];
+  /**
+   * Guest memory in bytes (default {@link GUEST_BYTES}): one memfd, mapped
+   * once; pages cost nothing until written.
+   */
+  guestBytes?: number;
 }
 
 /** One queue pair's driver side: its two rings, and their kick and call eventfds. */
@@ -115,6 +120,8 @@ export class FrontendRig {
   readonly #fds: number[] = [];
   readonly #memFd: number;
   readonly #memPtr: Deno.PointerObject;
+  /** Guest memory's size in bytes. */
+  readonly guestBytes: number;
 
   private constructor(
     readonly ns: Netns,
@@ -122,16 +129,17 @@ export class FrontendRig {
     opts: FrontendRigOptions,
   ) {
     this.features = opts.features ?? RIG_FEATURES;
+    this.guestBytes = opts.guestBytes ?? GUEST_BYTES;
     this.#memFd = libc.memfdCreate("vionet-frontend-rig", libc.MFD_CLOEXEC);
-    libc.ftruncate(this.#memFd, GUEST_BYTES);
+    libc.ftruncate(this.#memFd, this.guestBytes);
     this.#memPtr = libc.mmap(
-      GUEST_BYTES,
+      this.guestBytes,
       libc.PROT_READ | libc.PROT_WRITE,
       libc.MAP_SHARED,
       this.#memFd,
     );
-    const buffer = Deno.UnsafePointerView.getArrayBuffer(this.#memPtr, GUEST_BYTES);
-    this.guest = new TestGuest([{ gpa: GUEST_GPA, size: GUEST_BYTES, buffer }]);
+    const buffer = Deno.UnsafePointerView.getArrayBuffer(this.#memPtr, this.guestBytes);
+    this.guest = new TestGuest([{ gpa: GUEST_GPA, size: this.guestBytes, buffer }]);
     const size = opts.queueSize ?? 256;
     const ev = () => this.#own(libc.eventfd(0, libc.EFD_NONBLOCK | libc.EFD_CLOEXEC));
     this.pairs = Array.from({ length: opts.pairs ?? 1 }, () => ({
@@ -307,7 +315,7 @@ export class FrontendRig {
       VHOST_USER_SET_MEM_TABLE,
       encodeMemTable([{
         guestPhysAddr: BigInt(GUEST_GPA),
-        size: BigInt(GUEST_BYTES),
+        size: BigInt(this.guestBytes),
         userAddr: BigInt(USER_BASE + GUEST_GPA),
         mmapOffset: 0n,
       }]),
@@ -411,7 +419,7 @@ export class FrontendRig {
     for (const p of this.port?.pairs() ?? []) p.device.terminate();
     this.device?.terminate();
     for (const [ptr, bytes] of this.#logMaps) libc.munmap(ptr, bytes);
-    libc.munmap(this.#memPtr, GUEST_BYTES);
+    libc.munmap(this.#memPtr, this.guestBytes);
     libc.close(this.#memFd);
     for (const fd of this.#fds) libc.closeQuietly(fd);
     this.tap.close();
