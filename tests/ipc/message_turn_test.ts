@@ -14,18 +14,24 @@ interface Report {
   error?: string;
 }
 
-/** Starts the worker's wait, posts one message, returns its report. */
+/** Starts the worker's wait, posts one message once it is waiting, returns its report. */
 async function turnsUntilMessage(kind: "macrotask" | "messageTurn"): Promise<Report> {
   const w = new Worker(new URL("./message_turn_worker.ts", import.meta.url), {
     type: "module",
     deno: { permissions: "none" },
   });
   try {
-    const report = new Promise<Report>((resolve) => w.onmessage = (e) => resolve(e.data));
+    let waiting!: () => void;
+    const begun = new Promise<void>((resolve) => waiting = resolve);
+    const report = new Promise<Report>((resolve) =>
+      w.onmessage = (e) => e.data.waiting ? waiting() : resolve(e.data)
+    );
     w.postMessage({ go: true, kind });
-    // Let the wait begin before the message is posted, as when the parent
-    // posts while the loop runs.
-    await new Promise((r) => setTimeout(r, 20));
+    // The message goes only once the wait has begun, as when the parent
+    // posts while the loop runs (posted at once, it could reach a worker
+    // still starting in the same batch as `go`, and be seen at the first turn).
+    await begun;
+    await new Promise((r) => setTimeout(r, 5));
     w.postMessage({ hello: true });
     const r = await report;
     assert.equal(r.error, undefined, r.error);

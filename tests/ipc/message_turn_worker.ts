@@ -1,8 +1,8 @@
 /// <reference lib="deno.worker" />
 /**
- * A worker for `message_turn_test.ts`: on `{ go, kind }` it turns its event
- * loop (`macrotask` or `messageTurn`) until the next message arrives, then
- * posts how many turns that took. With `kind: "order"` it reports whether a
+ * A worker for `message_turn_test.ts`: on `{ go, kind }` it says it waits
+ * (`{ waiting }`), turns its event loop (`macrotask` or `messageTurn`) until
+ * the next message arrives, then posts how many turns that took. With `kind: "order"` it reports whether a
  * waiting `messageTurn` ended before the handler's awaits had run.
  */
 
@@ -36,6 +36,7 @@ self.onmessage = (e: MessageEvent) => {
 
 async function wait(kind: string): Promise<void> {
   let turns = 0;
+  self.postMessage({ waiting: true });
   while (!arrived && turns < 100_000) {
     await (kind === "macrotask" ? macrotask() : messageTurn());
     turns++;
