@@ -5,13 +5,16 @@
  * bridge), in the same run, alternating. Per migration: the downtime QEMU
  * reports, and the longest stall each of two paced TCP streams running
  * across the switch-over saw (host -> guest measured in the guest, guest ->
- * host at the receiver), and how long after QEMU said `completed` the
- * bridge forwarded the guest's MAC to the new tap.
+ * host at the receiver), how long after QEMU said `completed` the
+ * bridge forwarded the guest's MAC to the new tap, and the source's stop of
+ * the VM from QEMU's trace (`qemu_trace.ts`): the part of the downtime the
+ * backend's stop takes.
  *
  * @module
  */
 
 import { MIGRATING_MAC, MigrationRig, type Vm } from "../tests/e2e/migration_rig.ts";
+import { sourceStopMs } from "./qemu_trace.ts";
 
 export type MigrationBackend = "vionet" | "qemu";
 
@@ -22,6 +25,11 @@ export interface MigrationSample {
   status: string;
   /** The downtime QEMU reports (query-migrate `downtime`), ms. */
   downtimeMs: number;
+  /**
+   * Of it, the source's stop of the VM (its devices, vhost's rings among
+   * them), from QEMU's trace, ms; absent in older runs.
+   */
+  stopMs?: number;
   totalMs: number;
   /** The longest time each stream's receiver got nothing, ms. */
   stallToGuestMs: number;
@@ -50,13 +58,18 @@ export async function measureMigration(
 ): Promise<MigrationSample> {
   // --mac, as an operator gives it (libvirt's MAC): QEMU's tap backend knows
   // the MAC too, and announces the guest with it on every migration.
-  const rig = await MigrationRig.create({ qemuTapHosts: 2, daemonArgs: ["--mac", MIGRATING_MAC] });
+  const rig = await MigrationRig.create({
+    qemuTapHosts: 2,
+    daemonArgs: ["--mac", MIGRATING_MAC],
+    trace: true,
+  });
   const [from, to] = backend === "vionet" ? [0, 1] : [2, 3];
   const base: MigrationSample = {
     backend,
     rep,
     status: "not started",
     downtimeMs: NaN,
+    stopMs: NaN,
     totalMs: NaN,
     stallToGuestMs: NaN,
     stallFromGuestMs: NaN,
@@ -74,6 +87,9 @@ export async function measureMigration(
     const m = await rig.migrate(a, b);
     const bridgeMs = await rig.fdbMovesTo(rig.taps[to], m.endedAt).catch(() => NaN);
     await rig.kill(a);
+    const stopMs = a.tracePath === undefined
+      ? NaN
+      : sourceStopMs(await Deno.readTextFile(a.tracePath).catch(() => ""));
     const toGuest = await down.finish(b.guest);
     const fromGuest = await up.finish(b.guest);
     const intact = toGuest.receivedSha256 === toGuest.sentSha256 &&
@@ -82,6 +98,7 @@ export async function measureMigration(
       ...base,
       status: m.status,
       downtimeMs: m.downtimeMs,
+      stopMs,
       totalMs: m.totalMs,
       stallToGuestMs: toGuest.longestStallMs,
       stallFromGuestMs: fromGuest.longestStallMs,

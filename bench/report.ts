@@ -785,6 +785,7 @@ export function migrationTable(samples: readonly MigrationSample[]): string[] {
   ];
   const rows: Array<[string, keyof MigrationSample]> = [
     ["downtime QEMU reports", "downtimeMs"],
+    ["of it, the source's stop of the VM (QEMU's trace)", "stopMs"],
     ["longest stall, host → guest", "stallToGuestMs"],
     ["longest stall, guest → host", "stallFromGuestMs"],
     ["bridge forwards to the new tap after", "bridgeMs"],
@@ -793,7 +794,7 @@ export function migrationTable(samples: readonly MigrationSample[]): string[] {
   for (const [name, key] of rows) {
     const v = col("vionet", key), q = col("qemu", key);
     lines.push(
-      `| ${name} | ${fmtSpread(v, 1, 0)} | ${fmtSpread(q, 1, 0)} | ${
+      `| ${name} | ${fmtSpread(v, 1, 2)} | ${fmtSpread(q, 1, 2)} | ${
         fmt(v.median / q.median, 2)
       } |`,
     );

@@ -365,7 +365,8 @@ async function main(): Promise<void> {
           });
           results.migration.push(m);
           log(
-            `migration ${backend}: ${m.status}, downtime ${m.downtimeMs} ms, stalls ` +
+            `migration ${backend}: ${m.status}, downtime ${m.downtimeMs} ms ` +
+              `(the source's stop ${m.stopMs?.toFixed(1)} ms), stalls ` +
               `${m.stallToGuestMs.toFixed(0)} / ${m.stallFromGuestMs.toFixed(0)} ms, ` +
               `bridge ${m.bridgeMs} ms, intact ${m.intact}`,
           );

@@ -16,6 +16,7 @@ import {
   injectorBound,
   machineKind,
   markdown,
+  migrationTable,
   ratioToCeiling,
   type Results,
   rxReaderLines,
@@ -28,6 +29,7 @@ import type { CeilingSample } from "../../bench/tap_ceiling.ts";
 import { guestOnly } from "./fixtures.ts";
 import type { GuestSample } from "../../bench/guest.ts";
 import type { BackendName, BackendSample, BackendTest } from "../../bench/dpdk.ts";
+import type { MigrationBackend, MigrationSample } from "../../bench/migration.ts";
 
 function sample(
   test: BackendTest,
@@ -341,4 +343,49 @@ Deno.test("injectorBound() names an RX reader the tap dropped nothing for, by me
   r.backend = [...r.backend.filter((x) => !(x.test === "rx64" && x.backend === "vionet")), ...idle];
   const row = targets(r).find((t) => t.name.startsWith("RX 64 B vs"));
   assert.match(row!.detail, /C `readv` loop: 0\.400 Mpps; injector-bound/);
+});
+
+function migration(
+  backend: MigrationBackend,
+  downtimeMs: number,
+  stopMs?: number,
+): MigrationSample {
+  return {
+    backend,
+    rep: 0,
+    status: "completed",
+    downtimeMs,
+    ...(stopMs === undefined ? {} : { stopMs }),
+    totalMs: 1800,
+    stallToGuestMs: 300,
+    stallFromGuestMs: 250,
+    bridgeMs: 20,
+    intact: true,
+  };
+}
+
+Deno.test("report: the migration table sets the source's stop beside the downtime", () => {
+  const lines = migrationTable([
+    migration("vionet", 50, 6),
+    migration("vionet", 40, 5),
+    migration("vionet", 60, 7),
+    migration("qemu", 40, 0.5),
+    migration("qemu", 30, 0.4),
+    migration("qemu", 50, 0.6),
+  ]);
+  const row = (name: string) => lines.find((l) => l.startsWith(`| ${name} |`));
+  assert.equal(
+    row("downtime QEMU reports"),
+    "| downtime QEMU reports | 50.0 [40.0–60.0] | 40.0 [30.0–50.0] | 1.3 |",
+  );
+  assert.equal(
+    row("of it, the source's stop of the VM (QEMU's trace)"),
+    "| of it, the source's stop of the VM (QEMU's trace) | 6.0 [5.0–7.0] | 0.50 [0.40–0.60] | 12.0 |",
+  );
+});
+
+Deno.test("report: a migration run from before the stop was traced shows a dash there", () => {
+  const lines = migrationTable([migration("vionet", 50), migration("qemu", 40)]);
+  const stop = lines.find((l) => l.startsWith("| of it, the source's stop"));
+  assert.match(stop!, /\| – \| – \| /);
 });

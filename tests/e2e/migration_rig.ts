@@ -40,6 +40,8 @@ export interface Vm {
   boot: BootInfo;
   /** Where a migration to it goes, when it was started to receive one. */
   incomingUri?: string;
+  /** The file QEMU writes its trace to (see {@link qemuTraceArgs}), if it traces. */
+  tracePath?: string;
 }
 
 /** What QEMU's query-migrate said once the migration ended. */
@@ -60,19 +62,23 @@ export interface MigrationRigOptions {
   memoryMiB?: number;
   /** Hosts served by vionet (default 2); `qemuTapHosts` more taps for QEMU's own backend. */
   qemuTapHosts?: number;
+  /**
+   * Each QEMU writes its switch-over trace (see {@link qemuTraceArgs}) into
+   * the rig's directory, for {@link Vm.tracePath}; with
+   * VIONET_QEMU_TRACE_DIR set, there instead, and kept.
+   */
+  trace?: boolean;
 }
 
 let nextRig = 0;
 
 /**
- * With VIONET_QEMU_TRACE_DIR set, each QEMU writes its trace of a
- * migration's switch-over there (`<netns>-vm<n>.trace`: the run state, the
- * completion, vhost's start and stop, every vhost-user message, with
- * microsecond timestamps), to see where a downtime goes.
+ * QEMU's trace of a migration's switch-over, written to `path`: the run
+ * state, the completion, vhost's start and stop, every vhost-user message,
+ * with microsecond timestamps, to see where a downtime goes
+ * (`bench/qemu_trace.ts` reads it).
  */
-function qemuTraceArgs(netns: string, n: number): string[] {
-  const dir = Deno.env.get("VIONET_QEMU_TRACE_DIR");
-  if (!dir) return [];
+function qemuTraceArgs(path: string): string[] {
   const events = [
     "runstate_set",
     "vm_state_notify",
@@ -91,7 +97,7 @@ function qemuTraceArgs(netns: string, n: number): string[] {
   ];
   return [
     ...events.flatMap((e) => ["-trace", `enable=${e}`]),
-    ...["-msg", "timestamp=on", "-D", `${dir}/${netns}-vm${n}.trace`],
+    ...["-msg", "timestamp=on", "-D", path],
   ];
 }
 
@@ -194,6 +200,12 @@ export class MigrationRig {
         ]
           .join(","),
       ];
+    const keptTraces = Deno.env.get("VIONET_QEMU_TRACE_DIR");
+    const tracePath = keptTraces
+      ? `${keptTraces}/${this.netns}-vm${n}.trace`
+      : this.#opts.trace
+      ? `${this.tmpDir}/vm${n}.trace`
+      : undefined;
     const guest = await bootGuest({
       kernel: assets.kernel,
       initrd: assets.initrd,
@@ -202,7 +214,11 @@ export class MigrationRig {
       netdevArgs,
       kernelArgs: netKernelArgs({ ip: `${GUEST_IP}/24`, gw: BRIDGE_IP }),
       incoming: incoming ? `unix:${this.tmpDir}/migrate${n}.sock` : undefined,
-      extraArgs: ["-qmp", `unix:${qmpPath},server=on,wait=off`, ...qemuTraceArgs(this.netns, n)],
+      extraArgs: [
+        "-qmp",
+        `unix:${qmpPath},server=on,wait=off`,
+        ...(tracePath === undefined ? [] : qemuTraceArgs(tracePath)),
+      ],
     });
     const incomingUri = incoming ? `unix:${this.tmpDir}/migrate${n}.sock` : undefined;
     const vm: Vm = {
@@ -211,6 +227,7 @@ export class MigrationRig {
       qmp: null as unknown as Qmp,
       boot: null as unknown as BootInfo,
       incomingUri,
+      tracePath,
     };
     this.#vms.push(vm);
     try {
