@@ -8,6 +8,7 @@ import type {
 import { VIONET_PROTOCOL_FEATURES } from "../../../parent/control/vhost_user_backend.ts";
 import {
   type DisconnectInfo,
+  FOLLOW_UP_WAIT_MS,
   VhostUserClient,
   type VhostUserServeOptions,
   VhostUserServer,
@@ -746,4 +747,27 @@ Deno.test("Deno ignores SIGPIPE, which the call-fd writes rely on (a pipe with n
   libc.close(r);
   assert.throws(() => libc.write(w, new Uint8Array(8)), /EPIPE/);
   libc.close(w);
+});
+
+Deno.test("after a reply, a request that comes once the connection's wait on its own thread is over is served", async () => {
+  const { dir, path } = tempSocketPath();
+  const s = serveOptions(new RecordingDevice());
+  const server = VhostUserServer.listen(path, s.options);
+  try {
+    const fe = TestFrontend.connect(path);
+    const features = await fe.requestU64(VHOST_USER_GET_FEATURES);
+    assert.notEqual(features, 0n);
+    // This front-end runs on the connection's thread, so each request comes
+    // after the connection's blocking wait (FOLLOW_UP_WAIT_MS) ran out: the
+    // wait on another thread that follows must still see it, at once or later.
+    for (const pauseMs of [FOLLOW_UP_WAIT_MS * 30, 0, FOLLOW_UP_WAIT_MS * 3, 0]) {
+      await new Promise((r) => setTimeout(r, pauseMs));
+      assert.equal(await fe.requestU64(VHOST_USER_GET_FEATURES), features);
+    }
+    fe.close();
+    assert.equal((await s.nextDisconnect()).messages, 5);
+  } finally {
+    await server.stop();
+    Deno.removeSync(dir, { recursive: true });
+  }
 });
