@@ -330,7 +330,11 @@ export class VhostUserConnection {
           // The front-end usually sends its next message as soon as it has read a
           // reply: wait for it here, where the kernel wakes this thread directly.
           this.#replied = false;
-          libc.pollOne(this.fd, libc.POLLIN, FOLLOW_UP_WAIT_MS);
+          try {
+            libc.pollOne(this.fd, libc.POLLIN, FOLLOW_UP_WAIT_MS);
+          } catch {
+            // A signal (EINTR): the wait on the pool below takes over.
+          }
           continue;
         }
         if (Date.now() > deadline) {
