@@ -32,7 +32,12 @@ import {
   TX_QUEUE,
 } from "../ipc/datapath.ts";
 import type { DatapathBuffers } from "../ipc/datapath.ts";
-import type { QueuePlacement, RegionGrant, RegionRef } from "../ipc/protocol.ts";
+import {
+  MAX_IO_END_WAIT_MS,
+  type QueuePlacement,
+  type RegionGrant,
+  type RegionRef,
+} from "../ipc/protocol.ts";
 import {
   VIRTIO_NET_HDR_GSO_TCPV4,
   VIRTIO_NET_HDR_GSO_TCPV6,
@@ -64,15 +69,28 @@ export type FaultHandler = (queue: number, reason: string) => void;
 
 /** How long the loop sleeps with nothing to do before it looks again anyway (ms). */
 const IDLE_WAIT_MS = 1000;
-/** How long `quiesce()` waits for the writer to take every TX record (ms). */
+/** How long a stop waits for the writer to take every TX record (ms). */
 const QUIESCE_MAX_MS = 1000;
 /**
  * With a mailbox the loop blocks the worker's thread; it lets the event loop
  * turn at least this often (ms), for timers, even when no message came.
  */
 const BLOCKING_SLICE_MS = 1000;
-/** The same while `quiesce()` waits, so that its bound (a timer) holds (ms). */
-const QUIESCE_SLICE_MS = 20;
+
+/** A stop the loop carries out (`NetDevice.stop`, or CTL.STOP_ASKED). */
+interface StopAsk {
+  /** How long to wait for the I/O workers' loops to end (0: they have). */
+  ioEndWaitMs: number;
+  /** Write what was taken first (the writer runs until TX closes). */
+  quiesce: boolean;
+  /** When the quiesce gives up on the writer (performance.now()). */
+  until: number;
+  /** The loop has looked at the queues once since (a quiesce's first pass). */
+  seen: boolean;
+}
+
+/** What the loop's stop came to, for `stop()`. */
+type StopOutcome = { bases: { rx: number; tx: number } } | { error: Error };
 
 export class NetDevice {
   readonly memory = new GuestMemory();
@@ -101,12 +119,14 @@ export class NetDevice {
   #txBlocked = false;
   /** Lost-kick recovery (`kick_watch.ts`). */
   readonly #kicks: KickWatch;
-  /** Since quiesce(): take nothing new (until stop() or start()). */
+  /** A stop quiesces: take nothing new, write what was taken (until the stop ends). */
   #quiescing = false;
-  /** quiesce()'s caller, waiting for every TX frame taken to be written. */
-  #quiesced: (() => void) | null = null;
-  /** A reply waits for the event loop (quiesce resolved): yield before blocking again. */
-  #yieldNow = false;
+  /** The quiesce is done: every TX record taken was released by the writer. */
+  #drained = false;
+  /** The stop the loop is carrying out, or null. */
+  #stopAsk: StopAsk | null = null;
+  /** What the loop's last stop came to, until `stop()` takes it. */
+  #stopOutcome: StopOutcome | null = null;
 
   /**
    * `mailbox`: the worker's message count (`mailbox.ts`). With it the loop
@@ -274,6 +294,9 @@ export class NetDevice {
     this.#applyFeatures();
     this.#faulted = [false, false];
     this.#quiescing = false;
+    this.#drained = false;
+    this.#stopAsk = null;
+    this.#stopOutcome = null;
     this.#txAgain = false;
     this.#rxAgain = false;
     this.#txBlocked = false;
@@ -284,60 +307,78 @@ export class NetDevice {
   }
 
   /**
-   * Finishes what is in flight before a stop (`stop-queues` with `quiesce`): from now on
-   * no chain is popped and no RX buffer posted; TX frames already taken go
-   * to the writer. Resolves once it released every TX record, or after
-   * {@link QUIESCE_MAX_MS} (a writer that does not move: `stop()` completes
-   * the rest). The queues keep their state; only `stop()` or `start()` ends
-   * the pause.
-   */
-  quiesce(): Promise<void> {
-    // A faulted TX queue takes and writes nothing more: nothing to wait for.
-    if (!this.#running || this.#tx === null || this.#faulted[TX_QUEUE]) return Promise.resolve();
-    return new Promise<void>((resolve) => {
-      const timer = setTimeout(done, QUIESCE_MAX_MS);
-      function done() {
-        clearTimeout(timer);
-        resolve();
-      }
-      this.#quiesced = done;
-      this.#quiescing = true;
-      // Look at once, as if the writer had released records (an idle loop
-      // otherwise sleeps until the next kick, or its slice ends).
-      this.#rings?.wakeSelf(EV_TX_DONE);
-    });
-  }
-
-  /**
    * Stops both queues: completes what the I/O workers finished, un-pops the
    * RX chains they did not fill, returns every other chain, and reports each
    * queue's last_avail_idx for GET_VRING_BASE.
    *
-   * `quiesceFirst`: {@link quiesce} first (the writer was told to run until
-   * the device closes TX, which it does here either way: CTL.TX_CLOSED).
+   * The loop carries the stop out (`#run`): it may have begun already, when
+   * the parent asked in the control block too (CTL.STOP_ASKED); this then
+   * waits for it and answers the same.
+   *
+   * `quiesce`: first, what is in flight goes out: nothing new is popped or
+   * posted, TX frames already taken go to the writer, until it released
+   * every TX record or {@link QUIESCE_MAX_MS} passed. Then TX closes
+   * (CTL.TX_CLOSED: a writer told to run until then may end).
    *
    * With `ioEndWaitMs` 0 the parent has ended the I/O workers already. With
    * more, it is ending them meanwhile (the stop costs one round trip between
-   * threads instead of two): the loop stops at once, and the rest waits until
-   * both workers' loops have ended (CTL.IO_ENDED), for at most that long.
-   * If they have not by then, this throws and the queues stay half stopped
-   * (no loop, nothing handed back) until the next `stop()` finishes them.
+   * threads instead of two): the rest waits until both workers' loops have
+   * ended (CTL.IO_ENDED), for at most that long. If they have not by then,
+   * this throws and the queues stay half stopped (no loop, nothing handed
+   * back) until the next `stop()` finishes them.
    */
-  async stop(ioEndWaitMs = 0, quiesceFirst = false): Promise<{ rx: number; tx: number }> {
+  async stop(ioEndWaitMs = 0, quiesce = false): Promise<{ rx: number; tx: number }> {
     if (this.#rings === null) return { rx: this.rxq.lastAvailIdx, tx: this.txq.lastAvailIdx };
     if (this.#running) {
-      if (quiesceFirst) await this.quiesce();
-      // Nothing more is taken: a writer told to run until then may end.
-      Atomics.store(this.#rings.ctl, CTL.TX_CLOSED, 1);
-      this.#rings.signalWriter(0);
-      this.#running = false;
-      this.#quiesced?.();
-      this.#quiesced = null;
-      this.#quiescing = false;
+      if (this.#stopAsk === null) this.#ask(ioEndWaitMs, quiesce, performance.now());
       this.#rings.wakeSelf(0);
       await this.#loop;
+      const out = this.#stopOutcome;
+      this.#stopOutcome = null;
+      if (out !== null) {
+        if ("error" in out) throw out.error;
+        return out.bases;
+      }
+      if (this.#rings === null) {
+        return { rx: this.rxq.lastAvailIdx, tx: this.txq.lastAvailIdx };
+      }
     }
-    if (ioEndWaitMs > 0 && !await this.#rings.ioEnded(ioEndWaitMs, this.mailbox !== undefined)) {
+    return await this.#finishStop(ioEndWaitMs);
+  }
+
+  /** The loop is to stop (see {@link stop}). */
+  #ask(ioEndWaitMs: number, quiesce: boolean, now: number): StopAsk {
+    const ask = { ioEndWaitMs, quiesce, until: now + QUIESCE_MAX_MS, seen: false };
+    this.#stopAsk = ask;
+    this.#quiescing = quiesce;
+    this.#drained = false;
+    return ask;
+  }
+
+  /** A stop the parent asked for in the control block (CTL.STOP_ASKED), or null. */
+  #askedInControl(ctl: Int32Array, now: number): StopAsk | null {
+    const ms = Atomics.load(ctl, CTL.STOP_ASKED);
+    if (ms === 0) return null;
+    return this.#ask(ms > 0 && ms <= MAX_IO_END_WAIT_MS ? ms : MAX_IO_END_WAIT_MS, true, now);
+  }
+
+  /** The loop ends its part of a stop: nothing more is taken; the writer may end. */
+  #closeQueues(rings: DeviceIoRings): void {
+    Atomics.store(rings.ctl, CTL.TX_CLOSED, 1);
+    rings.signalWriter(0);
+    this.#running = false;
+    this.#quiescing = false;
+    this.#drained = false;
+  }
+
+  /**
+   * The rest of a stop, once the loop has ended: waits for the I/O workers'
+   * ends (`ioEndWaitMs` above 0), hands back what they did not finish, and
+   * publishes the bases in the control block (CTL.STOP_BASES, CTL.STOPPED).
+   */
+  async #finishStop(ioEndWaitMs: number): Promise<{ rx: number; tx: number }> {
+    const rings = this.#rings!;
+    if (ioEndWaitMs > 0 && !await rings.ioEnded(ioEndWaitMs, this.mailbox !== undefined)) {
       throw new Error(
         `the I/O workers did not end in ${ioEndWaitMs} ms; the queues are not stopped`,
       );
@@ -347,7 +388,7 @@ export class NetDevice {
     const rxFaulted = this.#rx?.ioFault !== null;
     if (!rxFaulted) this.#rx?.complete();
     // The used ring is the device's again, from the poller's last used->idx.
-    this.rxq.takeBackUsed(Atomics.load(this.rings.ctl, CTL.RX_USED_IDX) & 0xffff);
+    this.rxq.takeBackUsed(Atomics.load(rings.ctl, CTL.RX_USED_IDX) & 0xffff);
     this.#tx?.reap();
     this.#tx?.discardPending();
     // The writer published TX completions while it ran; it has ended, so the
@@ -373,6 +414,10 @@ export class NetDevice {
     // twice. The queue needs a reset anyway; nothing more is written.
     const rx = rxFaulted ? this.rxq.abandon() : this.rxq.stop();
     const tx = this.txq.stop();
+    // For a parent that blocks on these words instead of waiting for the reply.
+    Atomics.store(rings.ctl, CTL.STOP_BASES, (rx & 0xffff) | ((tx & 0xffff) << 16));
+    Atomics.store(rings.ctl, CTL.STOPPED, 1);
+    Atomics.notify(rings.ctl, CTL.STOPPED);
     this.#rings = null;
     this.#rx = null;
     this.#tx = null;
@@ -426,45 +471,71 @@ export class NetDevice {
     // only up to BLOCKING_SLICE_MS later (a second of downtime on every
     // connection and every migration's switch-over).
     await macrotask();
-    if (!this.#running) return;
     const rings = this.#rings!;
     const mail = this.mailbox;
     const mailPending = mail ? () => mail.pending(rings.ctl) : () => false;
+    const noMail = () => false;
     // Look at both rings once at start, as if kicked: a queue resumed at a
     // non-zero base may already hold buffers whose kick the driver suppressed.
     let more = true;
     let first = EV_KICK_RX | EV_KICK_TX;
     let turned = performance.now();
     const kicks = this.#kicks;
-    while (this.#running) {
+    for (;;) {
       let now = performance.now();
-      if (mail) {
+      // A stop runs to its end here, without turns of the event loop: the
+      // message that asked for it (if one did) can wait; nothing else may
+      // come in between (its time is a migration's downtime).
+      const stop = this.#stopAsk ?? this.#askedInControl(rings.ctl, now);
+      if (
+        stop !== null &&
+        (!stop.quiesce || this.#drained || this.#faulted[TX_QUEUE] || now >= stop.until)
+      ) {
+        this.#closeQueues(rings);
+        break;
+      }
+      if (mail && stop === null) {
         // Let the event loop deliver what the parent posted (a timer's turn:
-        // `ipc/macrotask.ts`), and run timers and replies now and then.
-        // (Then work on regardless: were the counts ever out of step, the data
+        // `ipc/macrotask.ts`), and run timers and replies now and then; that
+        // turn is a timer's too, so that a message the count missed still
+        // arrives. (Were the counts ever out of step the other way, the data
         // path would go on a pass per turn but keep moving, not stall.)
-        const slice = this.#quiescing ? QUIESCE_SLICE_MS : BLOCKING_SLICE_MS;
-        const pending = mailPending();
-        if (pending || now - turned > slice || this.#yieldNow) {
-          this.#yieldNow = false;
-          await (pending ? messageTurn() : macrotask());
+        if (mailPending() || now - turned > BLOCKING_SLICE_MS) {
+          await messageTurn();
           now = turned = performance.now();
-          if (!this.#running) break;
+          continue;
         }
       }
-      const ev = rings.takeEvents() | first | kicks.look(now);
+      // A quiesce looks at TX at once, as if the writer had released records
+      // (it may hold none: nothing would wake the loop).
+      let quiesceNow = 0;
+      if (stop !== null && !stop.seen) {
+        stop.seen = true;
+        quiesceNow = EV_TX_DONE;
+      }
+      const ev = rings.takeEvents() | first | kicks.look(now) | quiesceNow;
       first = 0;
       if (ev === 0 && !more) {
-        // While a quiesce waits, the event loop turns often enough for its timer.
-        const slice = this.#quiescing ? QUIESCE_SLICE_MS : BLOCKING_SLICE_MS;
-        if (mail) rings.sleepBlocking(kicks.sleepFor(now, slice), mailPending);
-        else await rings.sleep(kicks.sleepFor(now, IDLE_WAIT_MS));
+        if (stop !== null) {
+          const left = Math.max(1, stop.until - now);
+          if (mail) rings.sleepBlocking(left, noMail);
+          else await rings.sleep(left);
+        } else if (mail) {
+          rings.sleepBlocking(kicks.sleepFor(now, BLOCKING_SLICE_MS), mailPending);
+        } else await rings.sleep(kicks.sleepFor(now, IDLE_WAIT_MS));
         continue;
       }
       kicks.worked();
       more = this.#work(ev);
       // Let control messages (macrotasks) in between batches, even under load.
-      if (more && !mail) await macrotask();
+      if (more && !mail && stop === null) await macrotask();
+    }
+    const ask = this.#stopAsk!;
+    this.#stopAsk = null;
+    try {
+      this.#stopOutcome = { bases: await this.#finishStop(ask.ioEndWaitMs) };
+    } catch (e) {
+      this.#stopOutcome = { error: e instanceof Error ? e : new Error(String(e)) };
     }
   }
 
@@ -510,12 +581,8 @@ export class NetDevice {
         if (quiescing) {
           // Wake when the writer releases records; done once it released them all.
           if (tx.pending === 0 && tx.inFlight === 0) {
-            if (this.#quiesced !== null) {
-              this.#quiesced();
-              this.#quiesced = null;
-              this.#yieldNow = true; // its reply goes out from the event loop
-              more = true;
-            }
+            this.#drained = true;
+            more = true;
           } else {
             this.#txAgain = tx.waitForWriter();
           }

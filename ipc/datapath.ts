@@ -194,6 +194,25 @@ export const CTL = {
    * is taken); a writer told to stop with `untilTxClosed` runs until then.
    */
   TX_CLOSED: 113,
+  /**
+   * Set by the parent just before it posts an overlapped `stop-queues`
+   * (`ipc/protocol.ts`): how long the device waits for the I/O workers'
+   * ends (ms). The device's loop starts the stop when it sees it, without
+   * waiting for its event loop to deliver the message (that took 0.7-3 ms
+   * of a migration's downtime); the message, when it comes, gets the same
+   * answer.
+   */
+  STOP_ASKED: 114,
+  /**
+   * 1: the device has stopped both queues and put their bases in
+   * STOP_BASES (then it notifies). The parent may answer the front-end from
+   * these words without waiting for the device's reply to arrive, but only
+   * once its I/O workers said, in their own mailboxes, that their loops
+   * ended: a device can write these words (and IO_ENDED) at any time.
+   */
+  STOPPED: 115,
+  /** The stopped queues' last_avail_idx: RX in bits 0-15, TX in bits 16-31. */
+  STOP_BASES: 116,
 } as const;
 /** Bits of CTL.IO_ENDED. */
 export const IO_ENDED_POLLER = 1;

@@ -256,6 +256,8 @@ class IoWorker {
   readonly #posted = new Int32Array(this.mailbox);
   readonly #pending = new Map<number, Pending>();
   #nextId = 1;
+  /** The id of the stop posted (0: none yet). */
+  #stopId = 0;
   #dead: string | undefined;
   /**
    * True once the worker said `released` (after its stop: it let go of the
@@ -331,9 +333,29 @@ class IoWorker {
    */
   requestStop(untilTxClosed: boolean): Promise<void> {
     return this.request({ kind: "stop", untilTxClosed }, this.timeoutMs, (id) => {
+      this.#stopId = id;
       Atomics.store(this.#posted, MAILBOX.STOP_MODE, untilTxClosed ? STOP_UNTIL_TX_CLOSED : 0);
       Atomics.store(this.#posted, MAILBOX.STOP, id);
     });
+  }
+
+  /**
+   * After {@link requestStop}: blocks the calling thread until the worker
+   * says, in its mailbox (MAILBOX.ENDED, the word of its ack), that its
+   * loop ended and it let go of the parent's descriptors, or until
+   * `deadline` (performance.now()). Returns whether it said so. Only the
+   * parent and this worker share the mailbox: a device cannot say it.
+   */
+  loopEndedBy(deadline: number): boolean {
+    const id = this.#stopId;
+    if (id === 0 || this.#dead !== undefined) return false;
+    for (;;) {
+      const seen = Atomics.load(this.#posted, MAILBOX.ENDED);
+      if (seen === id) return true;
+      const left = deadline - performance.now();
+      if (left <= 0) return false;
+      Atomics.wait(this.#posted, MAILBOX.ENDED, seen, left);
+    }
   }
 
   #reply(data: unknown): void {
@@ -745,6 +767,17 @@ export class DatapathHost {
       pool.returning({ release: () => this.release(), released });
     }
     return clean;
+  }
+
+  /**
+   * After {@link stop} was called: blocks the calling thread until both
+   * workers say in their own mailboxes that their loops ended (the word of
+   * their acks), or until `deadline` (performance.now()). Returns whether
+   * both did: then nothing of theirs touches guest memory or the parent's
+   * descriptors any more, though their acks may not have arrived yet.
+   */
+  loopsEndedBy(deadline: number): boolean {
+    return this.#writer.loopEndedBy(deadline) && this.#poller.loopEndedBy(deadline);
   }
 
   /**

@@ -65,6 +65,14 @@ export interface DeviceHostOptions {
   label?: string;
 }
 
+/** A stop in flight (`DeviceHost.beginStop`). */
+export interface DeviceStop {
+  /** The device's reply: each queue's last_avail_idx. */
+  reply: Promise<{ rx: number; tx: number }>;
+  /** Blocks until the device published the bases in the control block, or `deadline`; null then. */
+  published(deadline: number): { rx: number; tx: number } | null;
+}
+
 /** The running device worker, seen from the parent. */
 export class DeviceHost {
   /** Feature bits the device offered in `ready`. */
@@ -281,6 +289,7 @@ export class DeviceHost {
    * `quiesce`: the device quiesces first (the writer runs until it has).
    */
   async stopQueues(ioEndWaitMs = 0, quiesce = false): Promise<{ rx: number; tx: number }> {
+    const ctl = this.#mailCtl;
     try {
       const r = await this.#ep.request<QueueBasesReply>(
         { kind: "stop-queues", ioEndWaitMs, quiesce },
@@ -288,8 +297,46 @@ export class DeviceHost {
       );
       return { rx: r.rx, tx: r.tx };
     } finally {
-      this.#mailCtl = null;
+      // A reply read after the control block said the same (`beginStop`)
+      // may come after the next start: its count is not this stop's.
+      if (this.#mailCtl === ctl) this.#mailCtl = null;
     }
+  }
+
+  /**
+   * The overlapped stop (`stopQueues(ioEndWaitMs, true)`, `ioEndWaitMs` above 0),
+   * asked in the control block as well (CTL.STOP_ASKED), so that the device's
+   * loop starts it as soon as it wakes. `reply` settles as `stopQueues` would.
+   * `published(deadline)` blocks the calling thread until the device says in
+   * the control block that it stopped (CTL.STOPPED), or until `deadline`
+   * (performance.now()); it returns the bases it put there, or null.
+   *
+   * Those words are the device's, as its reply would be: a device can write
+   * them at any time. They say nothing about the I/O workers; the caller
+   * waits for those in their own mailboxes first (`DatapathHost.loopsEndedBy`).
+   */
+  beginStop(ioEndWaitMs: number): DeviceStop {
+    const ctl = this.#mailCtl;
+    if (ctl !== null) {
+      Atomics.store(ctl, CTL.STOPPED, 0);
+      Atomics.store(ctl, CTL.STOP_ASKED, ioEndWaitMs);
+    }
+    const reply = this.stopQueues(ioEndWaitMs, true);
+    const published = (deadline: number): { rx: number; tx: number } | null => {
+      if (ctl === null) return null;
+      for (;;) {
+        const seen = Atomics.load(ctl, CTL.STOPPED);
+        if (seen === 1) break;
+        const left = deadline - performance.now();
+        if (left <= 0) return null;
+        Atomics.wait(ctl, CTL.STOPPED, seen, left);
+      }
+      // Any 32 bits are two valid indices: nothing else to check.
+      const bases = Atomics.load(ctl, CTL.STOP_BASES);
+      if (this.#mailCtl === ctl) this.#mailCtl = null;
+      return { rx: bases & 0xffff, tx: (bases >>> 16) & 0xffff };
+    };
+    return { reply, published };
   }
 
   /** Sends a raw message, bypassing the types: tests use it to feed the device bad input. */

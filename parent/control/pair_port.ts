@@ -90,6 +90,13 @@ const SPARE_QUIET_MS = 150;
  */
 const IO_END_WAIT_MS = 1000;
 /**
+ * How long a stop blocks this thread for the I/O workers' and the device's
+ * words before it waits for their messages instead (ms): well above an
+ * overlapped stop's usual 2-6 ms, short enough that a device that never
+ * says it stopped costs the other connections little.
+ */
+const STOP_BLOCK_MS = 30;
+/**
  * How long a stop leaves the stopped I/O workers' threads before it ends
  * them (ms). Their loops have ended and they touch nothing; tearing two
  * isolates down costs several ms of CPU, which at once after the answer to
@@ -758,7 +765,7 @@ export class PairPort {
     // touches guest memory.
     // The device first: its quiesce is the longest part, and each thread
     // woken takes a turn on a small machine's CPUs before the next.
-    const deviceStop = this.#device.stopQueues(IO_END_WAIT_MS, true);
+    const stop = this.#device.beginStop(IO_END_WAIT_MS);
     let ioMs = 0;
     const io = this.#endIoWorkers(dp, { endLater: true, untilTxClosed: true }).then(() => {
       ioMs = performance.now() - t0;
@@ -766,10 +773,25 @@ export class PairPort {
     // Their threads end a while after the answer is out (the reply to
     // GET_VRING_BASE is written in this turn of the event loop).
     const endWorkers = () => this.#endLater(dp);
+    // Each reply and ack above wakes this thread's event loop when it comes:
+    // a turn each, on CPUs the front-ends keep busy in a migration. Block the
+    // thread instead, for a while, on the words the workers and the device
+    // set with them; the workers' first, in their own mailboxes (the
+    // device's say nothing of them). The replies are read later.
+    const deadline = performance.now() + STOP_BLOCK_MS;
+    const published = dp.loopsEndedBy(deadline) ? stop.published(deadline) : null;
+    if (published !== null) {
+      stop.reply.catch((e) =>
+        this.#logger.log("warn", "parent", `${this.#what()}stop-queues: ${(e as Error).message}`)
+      );
+      endWorkers();
+      this.#stopped(published, `${ms(performance.now() - t0)}, read from the control block`);
+      return true;
+    }
     let bases: { rx: number; tx: number };
     try {
       try {
-        bases = await deviceStop;
+        bases = await stop.reply;
       } catch (e) {
         // A device that did not answer (or is gone) is not asked twice.
         if (e instanceof NoAnswerError) throw e;
@@ -787,15 +809,20 @@ export class PairPort {
     const t2 = performance.now();
     await io;
     endWorkers();
+    this.#stopped(
+      bases,
+      `${ms(performance.now() - t0)} (device ${ms(t2 - t0)}, I/O workers ${ms(ioMs)})`,
+    );
+    return true;
+  }
+
+  /** The queues stopped at `bases`: the rings keep them; the log marks the used rings. */
+  #stopped(bases: { rx: number; tx: number }, took: string): void {
     this.#rings[RX_QUEUE].base = bases.rx;
     this.#rings[TX_QUEUE].base = bases.tx;
     this.#logStoppedRings();
-    const t3 = performance.now();
-    this.#debug(
-      `${this.#what()}stop: ${ms(t3 - t0)} (device ${ms(t2 - t0)}, I/O workers ${ms(ioMs)})`,
-    );
+    this.#debug(`${this.#what()}stop: ${took}`);
     this.#logger.log("info", "parent", `${this.#what()}stopped at rx ${bases.rx}, tx ${bases.tx}`);
-    return true;
   }
 }
 

@@ -27,8 +27,11 @@
  * event loop to deliver the message (a worker's event loop took 2-12 ms to
  * get there during a stop, inside a migration's downtime); the message,
  * when it comes, is acknowledged again (the parent ignores an ack it no
- * longer waits for). Only the parent and the worker share the mailbox,
- * never the device.
+ * longer waits for). With the ack the worker stores that id in
+ * {@link MAILBOX.ENDED} and notifies: a parent that blocks its thread for a
+ * stop (`control/pair_port.ts`) learns of it there without a turn of its
+ * event loop. Only the parent and the worker share the mailbox, never the
+ * device: what it says here is the worker's word, not the device's.
  *
  * After the stop's ack the worker waits, blocked, until the parent sets
  * {@link MAILBOX.RELEASE} (once the stop is answered; at most
@@ -63,7 +66,7 @@ export const RX_FRAME_ROOM_MAX = MAX_FRAME_BYTES + NET_HDR_BYTES;
 export const RX_FRAME_ROOM_MIN = NET_HDR_BYTES + 60;
 
 /** Word indices of the mailbox (an Int32Array over {@link MAILBOX_BYTES}). */
-export const MAILBOX = { POSTED: 0, STOP: 1, STOP_MODE: 2, RELEASE: 3 } as const;
+export const MAILBOX = { POSTED: 0, STOP: 1, STOP_MODE: 2, RELEASE: 3, ENDED: 4 } as const;
 /**
  * Longest a stopped worker waits for MAILBOX.RELEASE before it takes down
  * its rings anyway (ms): the parent sets it within a turn of its event loop.

@@ -129,7 +129,20 @@ export class WorkerControl {
     // itself may still be on its way; it is acked again when it comes).
     const m = this.#mailbox;
     const id = this.#stopping ? this.#stopId : m !== null ? Atomics.load(m, MAILBOX.STOP) : 0;
-    if (id !== 0) this.post({ kind: "ack", id });
+    if (id !== 0) this.#ackStop(id);
+  }
+
+  /**
+   * Acknowledges stop `id`: in MAILBOX.ENDED, where the parent can block for
+   * it (`io/protocol.ts`), and by message.
+   */
+  #ackStop(id: number): void {
+    const m = this.#mailbox;
+    if (m !== null) {
+      Atomics.store(m, MAILBOX.ENDED, id);
+      Atomics.notify(m, MAILBOX.ENDED);
+    }
+    this.post({ kind: "ack", id });
   }
 
   /**
@@ -213,7 +226,7 @@ export class WorkerControl {
         return;
       case "stop":
         if (this.#ctl === null) {
-          this.post({ kind: "ack", id: msg.id });
+          this.#ackStop(msg.id);
           self.close();
           return;
         }
@@ -221,7 +234,7 @@ export class WorkerControl {
         this.#stopUntilTxClosed = msg.untilTxClosed === true;
         this.#stopping = true;
         if (this.#finished) {
-          this.post({ kind: "ack", id: msg.id });
+          this.#ackStop(msg.id);
           return;
         }
         this.hooks.wake();
