@@ -31,6 +31,7 @@ import {
   RX_PUBLISHED,
   RX_UNUSED,
   RXT_MERGEABLE,
+  signal,
 } from "../../ipc/datapath.ts";
 import { buildFrame, get32, l4ChecksumOk, prng, randomBytes } from "./frames.ts";
 
@@ -715,6 +716,34 @@ Deno.test("a stop with quiesce: a TX frame the device took is written and comple
   Atomics.notify(ctl, CTL.IO_ENDED);
   assert.deepEqual(await stopping, { rx: 0, tx: 1 }, "the TX chain counts as taken");
   assert.equal(tx.usedIdx(), 1, "and is completed, as sent");
+});
+
+Deno.test("a stop asked in the control block (CTL.STOP_ASKED) is the loop's own: the taken TX frame goes out, TX closes, and once the I/O workers ended the bases are in CTL.STOP_BASES and CTL.STOPPED; the stop-queues request after it gets the same", async () => {
+  const { io, dev, tx } = await startedWithThreePosted();
+  const ctl = new Int32Array(io.buffers.control);
+  const { frame } = buildFrame({ payload: new Uint8Array(100).fill(6) });
+  tx.post([{ data: netHdr({}) }, { data: frame }]);
+  io.kick("tx");
+  const end = Date.now() + 3000;
+  while (io.tx.available() === 0) {
+    if (Date.now() > end) throw new Error("the device took no TX chain");
+    await new Promise((r) => setTimeout(r, 1));
+  }
+  // As the parent asks: the word, then its doorbell (the message comes later).
+  Atomics.store(ctl, CTL.STOP_ASKED, 5000);
+  signal(ctl, CTL.DEVICE_EVENTS, 0, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
+  await new Promise((r) => setTimeout(r, 30));
+  assert.equal(Atomics.load(ctl, CTL.TX_CLOSED), 0, "not closed while a taken frame is unwritten");
+  await until(io, () => Atomics.load(ctl, CTL.TX_CLOSED) === 1, "TX closed once written");
+  assert.equal(io.sent.length, 1, "the frame in flight went out");
+  await new Promise((r) => setTimeout(r, 30));
+  assert.equal(Atomics.load(ctl, CTL.STOPPED), 0, "not stopped while the workers' loops run");
+  Atomics.store(ctl, CTL.IO_ENDED, IO_ENDED_POLLER | IO_ENDED_WRITER);
+  Atomics.notify(ctl, CTL.IO_ENDED);
+  await until(io, () => Atomics.load(ctl, CTL.STOPPED) === 1, "the stop published");
+  assert.equal(Atomics.load(ctl, CTL.STOP_BASES), 0 | (1 << 16), "rx 0, tx 1");
+  assert.equal(tx.usedIdx(), 1, "the TX chain is completed, as sent");
+  assert.deepEqual(await dev.stop(5000, true), { rx: 0, tx: 1 }, "the request's answer");
 });
 
 function get16le(b: Uint8Array, at: number): number {

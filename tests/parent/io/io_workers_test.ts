@@ -34,6 +34,8 @@ import {
   EV_RX_STARVED,
   EV_TX_DONE,
   IO_ENDED_BOTH,
+  IO_ENDED_POLLER,
+  IO_ENDED_WRITER,
   MAX_FRAME_BYTES,
   NET_HDR_BYTES,
   POLLER_ENGINE_IO_URING,
@@ -1250,6 +1252,45 @@ Deno.test({
         await eventually(() => pool.free === RINGS_PER_DATAPATH, 2000),
         `${pool.free} of ${RINGS_PER_DATAPATH} rings back after the release`,
       );
+      host.end();
+    }),
+});
+
+Deno.test({
+  ...opts,
+  name: "a parent blocked for a stop hears of the workers' ends only from their own mailboxes: " +
+    "a device that writes IO_ENDED, STOPPED and the bases in the control block does not end " +
+    "the wait; the writer, told to run until TX closes, holds it until then",
+  fn: () =>
+    withRig(async ({ host, dev }) => {
+      const ctl = dev.ctl;
+      // What a device taken over can write, before and during the stop.
+      const lie = () => {
+        Atomics.store(ctl, CTL.IO_ENDED, IO_ENDED_POLLER | IO_ENDED_WRITER);
+        Atomics.notify(ctl, CTL.IO_ENDED);
+        Atomics.store(ctl, CTL.STOP_BASES, 0x1234_5678);
+        Atomics.store(ctl, CTL.STOPPED, 1);
+        Atomics.notify(ctl, CTL.STOPPED);
+      };
+      lie();
+      assert.equal(host.loopsEndedBy(performance.now() + 50), false, "no stop asked yet");
+      const stopping = host.stop({ endLater: true, untilTxClosed: true });
+      lie();
+      const t0 = performance.now();
+      assert.equal(
+        host.loopsEndedBy(t0 + 200),
+        false,
+        "the writer runs until TX closes, whatever the control block says of the workers",
+      );
+      assert.ok(performance.now() - t0 >= 195, "it blocked for its whole bound");
+      Atomics.store(ctl, CTL.TX_CLOSED, 1);
+      signal(ctl, CTL.WRITER_EVENTS, 0, CTL.WRITER_DOORBELL, CTL.WRITER_SLEEPING);
+      assert.equal(
+        host.loopsEndedBy(performance.now() + 3000),
+        true,
+        "both said so once TX closed",
+      );
+      assert.equal(await stopping, true, "and both acknowledged");
       host.end();
     }),
 });
