@@ -97,11 +97,12 @@ const IO_END_WAIT_MS = 1000;
  */
 const STOP_BLOCK_MS = 30;
 /**
- * How long a stop leaves the stopped I/O workers' threads before it ends
- * them (ms). Their loops have ended and they touch nothing; tearing two
- * isolates down costs several ms of CPU, which at once after the answer to
- * GET_VRING_BASE fell inside a migration's switch-over on the source, where
- * QEMU sends the last of the guest's RAM. A reset or a close ends them at once.
+ * How long a stop leaves the stopped I/O workers' threads and their rings
+ * before it takes them down (ms). Their loops have ended and they touch
+ * nothing; taking two io_uring set-ups and two isolates down costs several ms
+ * of CPU, which at once after the answer to GET_VRING_BASE fell inside a
+ * migration's switch-over on the source, where QEMU sends the last of the
+ * guest's RAM. A reset or a close ends them at once.
  */
 const IO_TEARDOWN_DELAY_MS = 500;
 
@@ -161,6 +162,10 @@ export class PairPort {
   readonly #lent = new Set<MappedRegion>();
   /** Regions a worker that was ended without giving them back may still touch. */
   readonly #orphaned = new Set<MappedRegion>();
+  /** ADD_MEM_REG's grants whose answers have not come yet (never rejects). */
+  #granting: Promise<void> = Promise.resolve();
+  /** Regions whose ADD_MEM_REG grant the device refused, and why: the next start fails with it. */
+  readonly #refused = new Map<MappedRegion, string>();
   #featuresSet = false;
   /** The driver's acknowledged features (EVENT_IDX decides how the writer reads the TX ring). */
   #features = 0n;
@@ -277,6 +282,7 @@ export class PairPort {
     const wasRunning = await this.#stopQueues();
     await this.#revoke([...this.#lent]);
     this.#regions = [];
+    this.#refused.clear();
     if (regions.length > 0) {
       await this.#grant(regions);
       this.#regions = [...regions];
@@ -314,8 +320,13 @@ export class PairPort {
   readonly #ending = new Map<DatapathHost, ReturnType<typeof setTimeout>>();
 
   #endLater(dp: DatapathHost): void {
-    // The workers take down their rings once the answer is out (this turn).
-    Deno.unrefTimer(setTimeout(() => dp.release(), 0));
+    // The workers take down their rings then too (`dp.end()` releases them
+    // first), not right after the answer: on a migration's source the front-end
+    // asks for the second ring's base 0.1-0.3 ms after the first answer, and
+    // then sends the last of the guest's RAM, inside the downtime; the 1-3 ms of
+    // system calls of two teardowns took a CPU from that (the second answer came
+    // 1.8 ms late once). A start that needs the rings sooner has them released
+    // at once (`RingPool.reclaim`).
     const timer = setTimeout(() => {
       this.#ending.delete(dp);
       dp.end();
@@ -354,26 +365,38 @@ export class PairPort {
     const all = [...this.#regions, region];
     const dp = this.#datapath;
     if (dp !== null) await this.#toIoWorkers(dp, all, [region]);
-    try {
-      await this.#grant([region]);
-    } catch (e) {
-      if (dp !== null) {
-        try {
-          await this.#toIoWorkers(dp, this.#regions, [region]);
-        } catch (again) {
-          // The region is orphaned either way; the report keeps both causes.
-          throw new Error(
-            `${(e as Error).message}; taking the range back from the I/O workers failed too: ${
-              (again as Error).message
-            }`,
-            { cause: e },
-          );
-        }
-      }
-      throw e;
-    }
+    // The front-end waits for this answer (on a migration's destination the
+    // guest's vCPUs wait for it), and the device's took 1.3-9.4 ms (a round
+    // trip between threads, and V8 marking the device's heap as hundreds of
+    // MB of guest memory arrive). So it is answered now; the device serves its
+    // messages in order, so whatever is posted to it next finds the region
+    // granted, and what needs the answer (a start, a revocation) waits for it.
+    // The region counts as lent from here (`forgetRegion`): a device that
+    // never answers is ended holding it, as before.
+    const answered = this.#grant([region]).then(
+      () => {},
+      (e) => {
+        // A device that did not answer was ended (`#grant`); a refusal means it holds nothing.
+        if (e instanceof NoAnswerError) return;
+        const why = (e as Error).message;
+        this.#refused.set(region, why);
+        this.#logger.log("error", "parent", `the device refused ${describe(region)}: ${why}`);
+      },
+    );
+    this.#granting = this.#granting.then(() => answered);
     this.#regions = all;
     if (this.#datapath === null) this.#spawnSpare();
+  }
+
+  /**
+   * Waits for the answers to ADD_MEM_REG's grants; throws if the device
+   * refused one of the regions the queues may use.
+   */
+  async #grantsAnswered(): Promise<void> {
+    await this.#granting;
+    for (const [region, why] of this.#refused) {
+      throw new Error(`the device refused guest memory ${describe(region)}: ${why}`);
+    }
   }
 
   /**
@@ -407,6 +430,8 @@ export class PairPort {
    * orphaned (retired by the backend, never unmapped under it).
    */
   async #revoke(regions: readonly MappedRegion[]): Promise<void> {
+    await this.#granting;
+    for (const r of regions) this.#refused.delete(r);
     const lent = regions.filter((r) => this.#lent.has(r));
     if (lent.length === 0) return;
     let returned: ArrayBuffer[];
@@ -657,6 +682,8 @@ export class PairPort {
     if (this.#datapath) return;
     const ready = this.#rings.every((r) => r.started && r.enabled && r.num > 0 && r.addr);
     if (!ready || !this.#featuresSet || this.#regions.length === 0) return;
+    await this.#grantsAnswered();
+    if (this.#datapath) return;
     const tx = this.#rings[TX_QUEUE];
     const txUsed = txUsedPlace(this.#regions.map(userMapping), {
       num: tx.num,

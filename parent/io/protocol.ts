@@ -34,7 +34,7 @@
  * device: what it says here is the worker's word, not the device's.
  *
  * After the stop's ack the worker waits, blocked, until the parent sets
- * {@link MAILBOX.RELEASE} (once the stop is answered; at most
+ * {@link MAILBOX.RELEASE} (after the stop is answered, when the front-end no longer waits; at most
  * {@link RELEASE_WAIT_MAX_MS}), then takes down what it set up (its io_uring
  * mappings, the files registered on a lent ring: 1-3 ms of system calls,
  * which on a small machine took the CPU from the rest of the stop: an idle
