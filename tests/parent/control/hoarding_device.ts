@@ -4,7 +4,8 @@
  * granted buffer without end, so it answers nothing more until it is
  * terminated, and it still touches the memory after the parent gave up on
  * it. A revoke while it holds nothing is answered. After
- * `{ kind: "hoard-silently" }` it does not answer the grant either.
+ * `{ kind: "hoard-silently" }` it does not answer the grant either; after
+ * `{ kind: "refuse-grants" }` it refuses every grant, holding nothing.
  *
  * `terminate()` does not stop a worker busy in JavaScript (Deno 2.9.6), so
  * a test ends the endless writing through `{ kind: "stop-word", word }`: a
@@ -14,6 +15,7 @@
 
 const held: Uint8Array[] = [];
 let answerGrant = true;
+let refuseGrants = false;
 let stop: Int32Array | null = null;
 
 self.onmessage = (e: MessageEvent) => {
@@ -24,6 +26,11 @@ self.onmessage = (e: MessageEvent) => {
     stop = new Int32Array(m.word);
   } else if (m?.kind === "hoard-silently") {
     answerGrant = false;
+  } else if (m?.kind === "refuse-grants") {
+    refuseGrants = true;
+  } else if (m?.kind === "grant-memory" && refuseGrants) {
+    const message = "Cannot add guest memory region: no room for it";
+    self.postMessage({ kind: "error", id: m.id, code: "refused", field: "regions", message });
   } else if (m?.kind === "revoke-memory" && held.length === 0) {
     self.postMessage({ kind: "memory-returned", id: m.id, buffers: [] });
   } else if (m?.kind === "grant-memory") {

@@ -11,14 +11,21 @@ import { DeviceHost } from "../../../parent/control/device_host.ts";
 import { VionetDevicePort } from "../../../parent/control/device_port.ts";
 import { mapRegion, retireRegion } from "../../../parent/control/guest_memory_map.ts";
 import * as libc from "../../../parent/host/libc.ts";
-import { VhostUserBackend } from "../../../parent/control/vhost_user_backend.ts";
+import {
+  VhostUserBackend,
+  VIONET_PROTOCOL_FEATURES,
+} from "../../../parent/control/vhost_user_backend.ts";
 import {
   decodeHeader,
+  encodeU64,
+  VHOST_USER_ADD_MEM_REG,
   VHOST_USER_SET_MEM_TABLE,
+  VHOST_USER_SET_PROTOCOL_FEATURES,
 } from "../../../parent/control/vhost_user_messages.ts";
-import { encodeMemTable, encodeRequest } from "./vhost_user_encode.ts";
+import { encodeMemRegion, encodeMemTable, encodeRequest } from "./vhost_user_encode.ts";
 import { LIBC_BACKEND_SYSTEM } from "../../../parent/control/vhost_user_socket.ts";
-import { quietLogger, testConfig } from "../../helpers.ts";
+import { quietLogger, testConfig, waitFor } from "../../helpers.ts";
+import { retiredMemory } from "../../../parent/control/retired_memory.ts";
 import { makeMemfd, openFdsMatching, readAt, writeAt } from "./vhost_user_frontend.ts";
 
 const SIZE = 64 * 1024;
@@ -83,6 +90,8 @@ async function withHoarder(
     logger: ReturnType<typeof quietLogger>;
     deaths: string[];
     setMemTable: (fd: number, gpa: bigint) => ReturnType<VhostUserBackend["handleMessage"]>;
+    /** ADD_MEM_REG (CONFIGURE_MEM_SLOTS negotiated first). */
+    addMemRegion: (fd: number, gpa: bigint) => ReturnType<VhostUserBackend["handleMessage"]>;
   }) => Promise<void>,
 ): Promise<void> {
   const logger = quietLogger();
@@ -107,14 +116,77 @@ async function withHoarder(
     const msg = encodeRequest(VHOST_USER_SET_MEM_TABLE, table);
     return backend.handleMessage(decodeHeader(msg), table, [fd]);
   };
+  const addMemRegion = async (fd: number, gpa: bigint) => {
+    const features = encodeU64(VIONET_PROTOCOL_FEATURES);
+    const set = encodeRequest(VHOST_USER_SET_PROTOCOL_FEATURES, features);
+    const negotiated = await backend.handleMessage(decodeHeader(set), features, []);
+    if (!negotiated.ok) throw negotiated.error;
+    const region = encodeMemRegion(
+      { guestPhysAddr: gpa, size: BigInt(SIZE), userAddr: 0x7f00_0000_0000n + gpa, mmapOffset: 0n },
+    );
+    const msg = encodeRequest(VHOST_USER_ADD_MEM_REG, region);
+    return backend.handleMessage(decodeHeader(msg), region, [fd]);
+  };
   try {
-    await fn({ device, backend, logger, deaths, setMemTable });
+    await fn({ device, backend, logger, deaths, setMemTable, addMemRegion });
   } finally {
     Atomics.store(stop, 0, 1);
     device.terminate();
     await backend.close();
   }
 }
+
+Deno.test("ADD_MEM_REG is answered before the device answers its grant; a device that never does is ended, and the region is retired, not unmapped", async () => {
+  await withHoarder(async ({ device, backend, logger, deaths, addMemRegion }) => {
+    device.sendRaw({ kind: "hoard-silently" });
+    const fd = guestFile(0);
+    const keep = libc.dup(fd);
+    try {
+      const t0 = performance.now();
+      const result = await addMemRegion(fd, 0n);
+      assert.ok(result.ok, result.ok ? "" : result.error.message);
+      assert.ok(
+        performance.now() - t0 < 1000,
+        "answered without waiting for the device (its requests time out after 2 s)",
+      );
+      await waitFor("the device ended", () => !device.alive);
+      assert.match(deaths[0] ?? "", /did not give back guest memory \(grant-memory: /);
+      // The connection ends with it: the backend lets go of the region.
+      await backend.close();
+      assert.ok(
+        logger.lines.some((l) => /never given back by a worker that was ended/.test(l)),
+        logger.lines.join("\n"),
+      );
+      assert.equal(fdOpen(fd), false, "the region's fd is closed");
+      await assertFrozen(keep);
+    } finally {
+      libc.close(keep);
+    }
+  });
+});
+
+Deno.test("an ADD_MEM_REG grant the device refuses is said in the log; the region, held by no one, is unmapped when it goes", async () => {
+  await withHoarder(async ({ device, backend, logger, addMemRegion }) => {
+    device.sendRaw({ kind: "refuse-grants" });
+    const fd = guestFile(0);
+    const result = await addMemRegion(fd, 0n);
+    assert.ok(result.ok, result.ok ? "" : result.error.message);
+    const base = Deno.UnsafePointer.value(backend.regions[0].mapBase);
+    await waitFor(
+      "the refusal logged",
+      () =>
+        logger.lines.some((l) => /the device refused gpa 0x0\+0x10000 .*no room for it/.test(l)),
+    );
+    assert.equal(device.alive, true, "a refusal is an answer: the device lives on");
+    await backend.close();
+    assert.equal(fdOpen(fd), false, "the region's fd is closed");
+    assert.equal(
+      retiredMemory.ranges().some((r) => r.base === BigInt(base)),
+      false,
+      "unmapped, not retired",
+    );
+  });
+});
 
 /** Reads the whole file twice, 100 ms apart: the guest's memory must have stopped changing. */
 async function assertFrozen(fd: number): Promise<void> {
