@@ -84,12 +84,3 @@ export function assertSandboxed(pid: number, uid: number, gid: number, when: str
   }
   return threads;
 }
-
-/** Waits until `ok()` holds, looking every 20 ms; throws naming `what` after `ms`. */
-export async function waitFor(what: string, ok: () => boolean, ms = 10_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!ok()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}

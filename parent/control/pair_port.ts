@@ -162,10 +162,6 @@ export class PairPort {
   readonly #lent = new Set<MappedRegion>();
   /** Regions a worker that was ended without giving them back may still touch. */
   readonly #orphaned = new Set<MappedRegion>();
-  /** ADD_MEM_REG's grants whose answers have not come yet (never rejects). */
-  #granting: Promise<void> = Promise.resolve();
-  /** Regions whose ADD_MEM_REG grant the device refused, and why: the next start fails with it. */
-  readonly #refused = new Map<MappedRegion, string>();
   #featuresSet = false;
   /** The driver's acknowledged features (EVENT_IDX decides how the writer reads the TX ring). */
   #features = 0n;
@@ -282,7 +278,6 @@ export class PairPort {
     const wasRunning = await this.#stopQueues();
     await this.#revoke([...this.#lent]);
     this.#regions = [];
-    this.#refused.clear();
     if (regions.length > 0) {
       await this.#grant(regions);
       this.#regions = [...regions];
@@ -365,38 +360,26 @@ export class PairPort {
     const all = [...this.#regions, region];
     const dp = this.#datapath;
     if (dp !== null) await this.#toIoWorkers(dp, all, [region]);
-    // The front-end waits for this answer (on a migration's destination the
-    // guest's vCPUs wait for it), and the device's took 1.3-9.4 ms (a round
-    // trip between threads, and V8 marking the device's heap as hundreds of
-    // MB of guest memory arrive). So it is answered now; the device serves its
-    // messages in order, so whatever is posted to it next finds the region
-    // granted, and what needs the answer (a start, a revocation) waits for it.
-    // The region counts as lent from here (`forgetRegion`): a device that
-    // never answers is ended holding it, as before.
-    const answered = this.#grant([region]).then(
-      () => {},
-      (e) => {
-        // A device that did not answer was ended (`#grant`); a refusal means it holds nothing.
-        if (e instanceof NoAnswerError) return;
-        const why = (e as Error).message;
-        this.#refused.set(region, why);
-        this.#logger.log("error", "parent", `the device refused ${describe(region)}: ${why}`);
-      },
-    );
-    this.#granting = this.#granting.then(() => answered);
+    try {
+      await this.#grant([region]);
+    } catch (e) {
+      if (dp !== null) {
+        try {
+          await this.#toIoWorkers(dp, this.#regions, [region]);
+        } catch (again) {
+          // The region is orphaned either way; the report keeps both causes.
+          throw new Error(
+            `${(e as Error).message}; taking the range back from the I/O workers failed too: ${
+              (again as Error).message
+            }`,
+            { cause: e },
+          );
+        }
+      }
+      throw e;
+    }
     this.#regions = all;
     if (this.#datapath === null) this.#spawnSpare();
-  }
-
-  /**
-   * Waits for the answers to ADD_MEM_REG's grants; throws if the device
-   * refused one of the regions the queues may use.
-   */
-  async #grantsAnswered(): Promise<void> {
-    await this.#granting;
-    for (const [region, why] of this.#refused) {
-      throw new Error(`the device refused guest memory ${describe(region)}: ${why}`);
-    }
   }
 
   /**
@@ -430,8 +413,6 @@ export class PairPort {
    * orphaned (retired by the backend, never unmapped under it).
    */
   async #revoke(regions: readonly MappedRegion[]): Promise<void> {
-    await this.#granting;
-    for (const r of regions) this.#refused.delete(r);
     const lent = regions.filter((r) => this.#lent.has(r));
     if (lent.length === 0) return;
     let returned: ArrayBuffer[];
@@ -682,8 +663,6 @@ export class PairPort {
     if (this.#datapath) return;
     const ready = this.#rings.every((r) => r.started && r.enabled && r.num > 0 && r.addr);
     if (!ready || !this.#featuresSet || this.#regions.length === 0) return;
-    await this.#grantsAnswered();
-    if (this.#datapath) return;
     const tx = this.#rings[TX_QUEUE];
     const txUsed = txUsedPlace(this.#regions.map(userMapping), {
       num: tx.num,
