@@ -503,7 +503,8 @@ export class NetDevice {
         if (mailPending() || now - turned > BLOCKING_SLICE_MS) {
           await messageTurn();
           now = turned = performance.now();
-          continue;
+          // A stop the message asked for goes first; else this pass works on.
+          if (this.#stopAsk !== null) continue;
         }
       }
       // A quiesce looks at TX at once, as if the writer had released records
