@@ -692,18 +692,26 @@ Deno.test("an overlapped stop waits for both I/O workers' loops to end (CTL.IO_E
   assert.equal(rx.readUsed().length, 0, "nothing completed for the unfilled chains");
 });
 
-Deno.test("a stop with quiesce: a TX frame the device took is written and completed first, then CTL.TX_CLOSED lets the writer end, and the answer waits for the I/O workers", async () => {
-  const { io, dev, tx } = await startedWithThreePosted();
-  const ctl = new Int32Array(io.buffers.control);
+/**
+ * {@link startedWithThreePosted}, and a TX frame the device has taken and
+ * the (fake) writer has not written yet.
+ */
+async function startedWithTxTaken() {
+  const started = await startedWithThreePosted();
+  const { io, tx } = started;
   const { frame } = buildFrame({ payload: new Uint8Array(100).fill(5) });
   tx.post([{ data: netHdr({}) }, { data: frame }]);
   io.kick("tx");
-  // The device takes the chain; the (fake) writer has not written it yet.
   const end = Date.now() + 3000;
   while (io.tx.available() === 0) {
     if (Date.now() > end) throw new Error("the device took no TX chain");
     await new Promise((r) => setTimeout(r, 1));
   }
+  return { ...started, ctl: new Int32Array(io.buffers.control), frame };
+}
+
+Deno.test("a stop with quiesce: a TX frame the device took is written and completed first, then CTL.TX_CLOSED lets the writer end, and the answer waits for the I/O workers", async () => {
+  const { io, dev, tx, ctl, frame } = await startedWithTxTaken();
   let settled = false;
   const stopping = dev.stop(5000, true).finally(() => settled = true);
   await new Promise((r) => setTimeout(r, 30));
@@ -719,16 +727,7 @@ Deno.test("a stop with quiesce: a TX frame the device took is written and comple
 });
 
 Deno.test("a stop asked in the control block (CTL.STOP_ASKED) is the loop's own: the taken TX frame goes out, TX closes, and once the I/O workers ended the bases are in CTL.STOP_BASES and CTL.STOPPED; the stop-queues request after it gets the same", async () => {
-  const { io, dev, tx } = await startedWithThreePosted();
-  const ctl = new Int32Array(io.buffers.control);
-  const { frame } = buildFrame({ payload: new Uint8Array(100).fill(6) });
-  tx.post([{ data: netHdr({}) }, { data: frame }]);
-  io.kick("tx");
-  const end = Date.now() + 3000;
-  while (io.tx.available() === 0) {
-    if (Date.now() > end) throw new Error("the device took no TX chain");
-    await new Promise((r) => setTimeout(r, 1));
-  }
+  const { io, dev, tx, ctl } = await startedWithTxTaken();
   // As the parent asks: the word, then its doorbell (the message comes later).
   Atomics.store(ctl, CTL.STOP_ASKED, 5000);
   signal(ctl, CTL.DEVICE_EVENTS, 0, CTL.DEVICE_DOORBELL, CTL.DEVICE_SLEEPING);
