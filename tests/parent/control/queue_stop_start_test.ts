@@ -130,6 +130,57 @@ Deno.test({
 });
 
 Deno.test({
+  name: "twenty stops and restarts in a row, each with frames in flight both ways: every base " +
+    "equals its used index, every TX frame reaches the tap once, and the stops are answered " +
+    "from the control block",
+  ignore,
+  fn: () =>
+    withNetns(async (ns) => {
+      const rig = await FrontendRig.open(ns, {
+        offload: "off",
+        features: RIG_FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
+      });
+      try {
+        await rig.start();
+        rig.postRx(200);
+        await reap(rig, 0);
+        const before = await tapRxPackets(ns, rig.tap.name);
+        const rounds = 20;
+        const perRound = 20;
+        let completed = 0;
+        for (let round = 0; round < rounds; round++) {
+          sendGso(rig, perRound);
+          const pings = ns.run(["ping", "-c", "5", "-i", "0.01", "-W", "1", GUEST_IP]);
+          await new Promise((r) => setTimeout(r, round % 4)); // stop at different points
+          const bases = await rig.stop();
+          await pings;
+          completed += rig.tx.readUsed().length;
+          const received = rig.rx.readUsed().length;
+          assert.equal(bases[TX_QUEUE], rig.tx.usedIdx(), `round ${round}: TX base = used index`);
+          assert.equal(bases[RX_QUEUE], rig.rx.usedIdx(), `round ${round}: RX base = used index`);
+          await rig.restart(bases);
+          if (received > 0) rig.postRx(received);
+        }
+        const rest = await reap(rig, rounds * perRound - completed);
+        assert.equal(completed + rest.tx, rounds * perRound, "every TX chain completed once");
+        assert.equal(
+          (await tapRxPackets(ns, rig.tap.name)) - before,
+          rounds * perRound * SEGMENTS,
+          "each frame once",
+        );
+        const fromWords = rig.logger.lines.filter((l) => /read from the control block/.test(l));
+        console.log(`${fromWords.length} of ${rounds} stops answered from the control block`);
+        assert.ok(
+          fromWords.length >= rounds / 2,
+          `${fromWords.length} of ${rounds} stops answered from the control block`,
+        );
+      } finally {
+        await rig.close();
+      }
+    }),
+});
+
+Deno.test({
   name: "the queues start again within milliseconds of the message that starts them " +
     "(I/O workers started ahead), and move frames at once",
   ignore,
