@@ -34,7 +34,8 @@
  * device: what it says here is the worker's word, not the device's.
  *
  * After the stop's ack the worker waits, blocked, until the parent sets
- * {@link MAILBOX.RELEASE} (after the stop is answered, when the front-end no longer waits; at most
+ * {@link MAILBOX.RELEASE} (with the end of its thread, a while after the
+ * stop is answered, or at once when a start needs its rings; at most
  * {@link RELEASE_WAIT_MAX_MS}), then takes down what it set up (its io_uring
  * mappings, the files registered on a lent ring: 1-3 ms of system calls,
  * which on a small machine took the CPU from the rest of the stop: an idle
@@ -69,7 +70,8 @@ export const RX_FRAME_ROOM_MIN = NET_HDR_BYTES + 60;
 export const MAILBOX = { POSTED: 0, STOP: 1, STOP_MODE: 2, RELEASE: 3, ENDED: 4 } as const;
 /**
  * Longest a stopped worker waits for MAILBOX.RELEASE before it takes down
- * its rings anyway (ms): the parent sets it within a turn of its event loop.
+ * its rings anyway (ms): the parent sets it 500 ms after the stop
+ * (`IO_TEARDOWN_DELAY_MS` in `control/pair_port.ts`) or sooner.
  */
 export const RELEASE_WAIT_MAX_MS = 1000;
 /** MAILBOX.STOP_MODE: the stop posted is `untilTxClosed` (`StopRequest`). */

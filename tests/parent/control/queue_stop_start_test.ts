@@ -79,23 +79,35 @@ function sendGso(rig: FrontendRig, n: number): void {
   rig.kickQueue(TX_QUEUE);
 }
 
+/**
+ * A rig whose device segments each GSO frame in software (`--offload off`),
+ * so that segments wait behind a full TX ring, in flight when a stop comes;
+ * started, with 200 RX buffers posted. `before`: the tap's count of frames in.
+ */
+async function openSegmenting(ns: Netns): Promise<{ rig: FrontendRig; before: number }> {
+  const rig = await FrontendRig.open(ns, {
+    offload: "off",
+    features: RIG_FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
+  });
+  try {
+    await rig.start();
+    rig.postRx(200);
+    await reap(rig, 0);
+    return { rig, before: await tapRxPackets(ns, rig.tap.name) };
+  } catch (e) {
+    await rig.close();
+    throw e;
+  }
+}
+
 Deno.test({
   name: "GET_VRING_BASE sends every TX frame the device took and un-pops unfilled RX buffers: " +
     "each base equals its used index, and every completed frame reached the tap in full",
   ignore,
   fn: () =>
     withNetns(async (ns) => {
-      // --offload off: the device segments each frame in software, and
-      // segments wait behind a full TX ring: in flight when the stop comes.
-      const rig = await FrontendRig.open(ns, {
-        offload: "off",
-        features: RIG_FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
-      });
+      const { rig, before } = await openSegmenting(ns);
       try {
-        await rig.start();
-        rig.postRx(200);
-        await reap(rig, 0);
-        const before = await tapRxPackets(ns, rig.tap.name);
         const frames = 100;
         sendGso(rig, frames);
         const pings = ns.run(["ping", "-c", "20", "-i", "0.01", "-W", "1", GUEST_IP]);
@@ -136,15 +148,8 @@ Deno.test({
   ignore,
   fn: () =>
     withNetns(async (ns) => {
-      const rig = await FrontendRig.open(ns, {
-        offload: "off",
-        features: RIG_FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
-      });
+      const { rig, before } = await openSegmenting(ns);
       try {
-        await rig.start();
-        rig.postRx(200);
-        await reap(rig, 0);
-        const before = await tapRxPackets(ns, rig.tap.name);
         const rounds = 20;
         const perRound = 20;
         let completed = 0;
