@@ -90,6 +90,8 @@ export class VionetDevicePort implements DevicePort {
   readonly #orphaned = new Set<MappedRegion>();
   /** The queues have not run yet since the front-end connected (or reset the device). */
   #firstStart = true;
+  /** The guest was announced on the tap on this connection (see {@link setFeatures}). */
+  #announced = false;
 
   constructor(opts: DevicePortOptions) {
     this.#opts = opts;
@@ -265,7 +267,28 @@ export class VionetDevicePort implements DevicePort {
     return await (await this.#pair(0)).getFeatures();
   }
 
+  /**
+   * The first SET_FEATURES on a connection is the moment a guest's NIC
+   * starts on this port: a boot, a front-end back after a restart, or a
+   * migration's destination, whose QEMU sends it as the VM resumes (QEMU
+   * 7.2 sends none while the migration stream runs). With `--mac`, vionet
+   * announces the guest on the tap then (a RARP, once per connection), as
+   * QEMU's own tap backend is announced on every incoming migration
+   * (qemu_announce_self), before the memory table and the rings (10-60 ms
+   * on a busy host): the bridge forwards to the new port at once, and what
+   * it sends meanwhile waits in the tap (a retransmission it sent to the
+   * old port would be lost, and TCP's next waits twice as long). QEMU 7.2 sends a vhost-user back-end no SEND_RARP for
+   * a guest that acked GUEST_ANNOUNCE (vhost_user_migration_done). At a
+   * boot the RARP tells the bridge what it is about to learn anyway.
+   */
   async setFeatures(features: bigint): Promise<void> {
+    if (!this.#announced) {
+      this.#announced = true;
+      const mac = this.#opts.sourceMac ?? null;
+      if (mac !== null) {
+        this.#writeRarp(Uint8Array.from(mac), "the guest's NIC starts on this port");
+      }
+    }
     this.#features = features;
     for (const p of this.pairs()) await p.setFeatures(features);
   }
@@ -312,8 +335,7 @@ export class VionetDevicePort implements DevicePort {
   async setVringBase(index: number, base: number): Promise<void> {
     const [p, q] = await this.#ring(index);
     await p.setVringBase(q, base);
-    // Pair 0's rings resume where they were: announce the guest now, before
-    // its queues run (frames the bridge sends meanwhile wait in the tap).
+    // Pair 0's rings resume where they were: a guest that ran elsewhere.
     if (index < 2 && base !== 0) this.#resumed(`ring ${index} resumes at ${base}`);
   }
 
@@ -354,6 +376,7 @@ export class VionetDevicePort implements DevicePort {
     this.#features = null;
     this.#logAll = false;
     this.#firstStart = true;
+    this.#announced = false;
   }
 
   /**
@@ -370,28 +393,20 @@ export class VionetDevicePort implements DevicePort {
   /**
    * Pair 0's rings resume from where they were (SET_VRING_BASE not zero)
    * before they ran on this connection: the destination of a migration, or
-   * a front-end back after a restart. The guest may have come from another
-   * port: with `--mac`, vionet announces it on the tap at once (a RARP, once
-   * per connection), as QEMU's own tap backend is announced on every
-   * incoming migration (qemu_announce_self). QEMU 7.2 sends a vhost-user
-   * back-end no SEND_RARP for a guest that acked GUEST_ANNOUNCE
-   * (vhost_user_migration_done): without this the bridge keeps sending to
-   * the old port until the guest runs its own announcement.
+   * a front-end back after a restart. With `--mac` the guest was announced
+   * at SET_FEATURES; without, vionet does not know its MAC, and says so
+   * (once per connection).
    */
   #resumed(what: string): void {
     if (!this.#firstStart) return;
     this.#firstStart = false;
-    const mac = this.#opts.sourceMac ?? null;
-    if (mac === null) {
-      this.#logger.log(
-        "info",
-        "parent",
-        `${what} (a migrated guest?): without --mac vionet cannot announce it; ` +
-          "the bridge learns its port from the guest's own frames",
-      );
-      return;
-    }
-    this.#writeRarp(Uint8Array.from(mac), `${what}: a migrated or reconnected guest`);
+    if ((this.#opts.sourceMac ?? null) !== null) return;
+    this.#logger.log(
+      "info",
+      "parent",
+      `${what} (a migrated guest?): without --mac vionet cannot announce it; ` +
+        "the bridge learns its port from the guest's own frames",
+    );
   }
 
   async setLogAll(on: boolean): Promise<void> {

@@ -10,8 +10,9 @@
  * and no `--mac` the guest announces itself (GUEST_ANNOUNCE, which vionet
  * offers; QEMU 7.2 then sends the back-end no SEND_RARP) and the bridge
  * learns from it; with `--offload off` and `--mac` the destination daemon
- * announces the guest itself as its rings resume, and the NIC has
- * guest_announce=off, so QEMU asks for a RARP (VHOST_USER_SEND_RARP) too.
+ * announces the guest itself at the first SET_FEATURES of its connection
+ * (as the VM resumes there), and the NIC has guest_announce=off, so QEMU
+ * asks for a RARP (VHOST_USER_SEND_RARP) too.
  *
  * And the failures an operator meets: a migration cancelled half-way, and
  * one whose destination dies, leave the source serving, logging off.
@@ -75,8 +76,8 @@ for (const mode of ["auto", "off"] as const) {
         if (mode === "off") {
           assert.match(
             log1,
-            /sent a RARP for 52:54:00:12:34:56 \(ring \d resumes at/,
-            "the destination announced the guest as its rings resumed",
+            /sent a RARP for 52:54:00:12:34:56 \(the guest's NIC starts on this port/,
+            "the destination announced the guest as the VM resumed",
           );
           assert.match(
             log1,
