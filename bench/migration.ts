@@ -5,16 +5,16 @@
  * bridge), in the same run, alternating. Per migration: the downtime QEMU
  * reports, and the longest stall each of two paced TCP streams running
  * across the switch-over saw (host -> guest measured in the guest, guest ->
- * host at the receiver), how long after QEMU said `completed` the
- * bridge forwarded the guest's MAC to the new tap, and the source's stop of
- * the VM from QEMU's trace (`qemu_trace.ts`): the part of the downtime the
+ * host at the receiver), how long after the VM resumed on the destination
+ * the bridge learned the guest's new port, and the source's stop of the VM
+ * from QEMU's trace (`qemu_trace.ts`): the part of the downtime the
  * backend's stop takes.
  *
  * @module
  */
 
 import { MIGRATING_MAC, MigrationRig, type Vm } from "../tests/e2e/migration_rig.ts";
-import { sourceStopMs } from "./qemu_trace.ts";
+import { resumedUs, sourceStopMs } from "./qemu_trace.ts";
 
 export type MigrationBackend = "vionet" | "qemu";
 
@@ -34,7 +34,15 @@ export interface MigrationSample {
   /** The longest time each stream's receiver got nothing, ms. */
   stallToGuestMs: number;
   stallFromGuestMs: number;
-  /** From QEMU's `completed` to the bridge forwarding to the new tap, ms. */
+  /**
+   * From the VM resuming on the destination (its QEMU's trace) to the first
+   * frame from the guest's MAC that the backend puts into the bridge through
+   * the new tap, which the bridge learns the port from (a capture's kernel
+   * timestamp), ms: the RARP of QEMU's announcement or vionet's, or the
+   * guest's own first frame. Runs before 2026-12-08 polled `bridge fdb
+   * show` from QEMU's `completed` on, which measured the poll's own latency
+   * on a busy machine more than the bridge.
+   */
   bridgeMs: number;
   /** Both streams arrived intact (sha256). */
   intact: boolean;
@@ -83,15 +91,20 @@ export async function measureMigration(
     const rate = o.rate ?? 6;
     const up = await rig.streamFromGuest(a, mib, rate);
     const down = await rig.streamToGuest(a, mib, rate);
+    const learnt = await firstFrameInto(rig, rig.taps[to], MIGRATING_MAC);
     await new Promise((r) => setTimeout(r, 1000)); // both streams under way
     const m = await rig.migrate(a, b);
-    const bridgeMs = await rig.fdbMovesTo(rig.taps[to], m.endedAt).catch(() => NaN);
+    const learntUs = await learnt(5000).catch(() => NaN);
     await rig.kill(a);
     const stopMs = a.tracePath === undefined
       ? NaN
       : sourceStopMs(await Deno.readTextFile(a.tracePath).catch(() => ""));
     const toGuest = await down.finish(b.guest);
     const fromGuest = await up.finish(b.guest);
+    const resumed = b.tracePath === undefined
+      ? NaN
+      : resumedUs(await Deno.readTextFile(b.tracePath).catch(() => ""));
+    const bridgeMs = (learntUs - resumed) / 1000;
     const intact = toGuest.receivedSha256 === toGuest.sentSha256 &&
       fromGuest.receivedSha256 === fromGuest.sentSha256;
     return {
@@ -115,4 +128,39 @@ export async function measureMigration(
     }
     await rig.close();
   }
+}
+
+/**
+ * Captures the first frame from `mac` that the backend puts into the bridge
+ * through `tap` (the tap's incoming direction, `tcpdump` in the rig's
+ * namespace, ended with the rig); resolves once the capture runs, with a
+ * function that waits for that frame and gives its kernel timestamp, µs
+ * since the epoch (QEMU's trace uses the same clock).
+ */
+async function firstFrameInto(
+  rig: MigrationRig,
+  tap: string,
+  mac: string,
+): Promise<(timeoutMs: number) => Promise<number>> {
+  const p = rig.spawn([
+    "tcpdump",
+    "-i",
+    tap,
+    "-Q",
+    "in",
+    "-nn",
+    "-tt",
+    "-l",
+    "-c",
+    "1",
+    "ether",
+    "src",
+    mac,
+  ]);
+  await p.waitFor(/listening on/, 10_000);
+  return async (timeoutMs: number) => {
+    const line = await p.waitFor(/^\d+\.\d{6} /, timeoutMs);
+    const [s, us] = line.split(" ")[0].split(".");
+    return Number(s) * 1e6 + Number(us);
+  };
 }

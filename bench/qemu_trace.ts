@@ -49,3 +49,19 @@ export function sourceStopMs(text: string): number {
   }
   return stopMs;
 }
+
+/** RunState 9, `running`: on a destination, the VM resumes. */
+const RUNNING = "new_state 9 (running)";
+
+/**
+ * When the VM last began to run, in µs since the epoch (on a migration's
+ * destination: the moment it resumes there, before QEMU starts vhost's
+ * rings); NaN if it never ran.
+ */
+export function resumedUs(text: string): number {
+  let at = NaN;
+  for (const e of traceEvents(text)) {
+    if (e.event === "runstate_set" && e.args.includes(RUNNING)) at = e.us;
+  }
+  return at;
+}

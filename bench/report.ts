@@ -788,7 +788,7 @@ export function migrationTable(samples: readonly MigrationSample[]): string[] {
     ["of it, the source's stop of the VM (QEMU's trace)", "stopMs"],
     ["longest stall, host → guest", "stallToGuestMs"],
     ["longest stall, guest → host", "stallFromGuestMs"],
-    ["bridge forwards to the new tap after", "bridgeMs"],
+    ["the bridge learns the new port, after the VM resumed there (capture)", "bridgeMs"],
     ["whole migration", "totalMs"],
   ];
   for (const [name, key] of rows) {

@@ -80,6 +80,7 @@ const APT_PACKAGES: Record<string, string> = {
   "librte-mempool-ring23": "",
   "qemu-system-x86": "/usr/bin/qemu-system-x86_64",
   "iperf3": "/usr/bin/iperf3",
+  "tcpdump": "/usr/bin/tcpdump", // the migration part: when the bridge learns the new port
   "gcc": "/usr/bin/gcc", // bench/tap_ceiling.c
   "linux-libc-dev": "", // <linux/io_uring.h> for bench/tap_ceiling.c
 };
@@ -368,7 +369,7 @@ async function main(): Promise<void> {
             `migration ${backend}: ${m.status}, downtime ${m.downtimeMs} ms ` +
               `(the source's stop ${m.stopMs?.toFixed(1)} ms), stalls ` +
               `${m.stallToGuestMs.toFixed(0)} / ${m.stallFromGuestMs.toFixed(0)} ms, ` +
-              `bridge ${m.bridgeMs} ms, intact ${m.intact}`,
+              `bridge learnt ${m.bridgeMs.toFixed(2)} ms after the VM resumed, intact ${m.intact}`,
           );
           await writeReport(results, values.out);
         }

@@ -1,12 +1,13 @@
 /**
- * bench/qemu_trace.ts: the source's stop of the VM, read from QEMU's trace
- * (lines as QEMU 7.2 wrote them in a migration of the bench).
+ * bench/qemu_trace.ts: the source's stop of the VM and the destination's
+ * resumption, read from QEMU's traces (lines as QEMU 7.2 wrote them in a
+ * migration of the bench).
  *
  * @module
  */
 
 import assert from "node:assert/strict";
-import { sourceStopMs, traceEvents } from "../../bench/qemu_trace.ts";
+import { resumedUs, sourceStopMs, traceEvents } from "../../bench/qemu_trace.ts";
 
 const VIONET_SOURCE = `
 6628@1796671089.926638:migration_bitmap_sync_start 
@@ -45,4 +46,20 @@ Deno.test("qemu_trace: the last migration's stop counts; none reached is NaN", (
   const cut = VIONET_SOURCE.split("\n").filter((l) => !l.includes("migration_completion_vm_stop"));
   assert.ok(Number.isNaN(sourceStopMs(cut.join("\n"))));
   assert.ok(Number.isNaN(sourceStopMs("")));
+});
+
+const DESTINATION = `
+26229@1796685901.077729:qemu_loadvm_state_post_main 0
+26229@1796685901.077965:runstate_set current_run_state 1 (inmigrate) new_state 9 (running)
+26229@1796685901.077972:vm_state_notify running 1 reason 9 (running)
+26229@1796685901.078072:vhost_dev_start 0x55f749966cb0:virtio-net vrings:0
+26229@1796685901.078082:vhost_user_write req:2 flags:0x1
+`;
+
+Deno.test("qemu_trace: the destination resumes at run state running; never running is NaN", () => {
+  assert.equal(resumedUs(DESTINATION), 1796685901077965);
+  // The source ran too (before finish-migrate), but only its last start counts.
+  assert.equal(resumedUs(VIONET_SOURCE + DESTINATION), 1796685901077965);
+  assert.ok(Number.isNaN(resumedUs(VIONET_SOURCE)));
+  assert.ok(Number.isNaN(resumedUs("")));
 });
