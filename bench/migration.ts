@@ -91,7 +91,10 @@ export async function measureMigration(
     const rate = o.rate ?? 6;
     const up = await rig.streamFromGuest(a, mib, rate);
     const down = await rig.streamToGuest(a, mib, rate);
-    const learnt = await firstFrameInto(rig, rig.taps[to], MIGRATING_MAC);
+    const learnt = await firstFrameInto(rig, rig.taps[to], MIGRATING_MAC).catch((e) => {
+      o.log(`migration ${backend} rep ${rep}: no capture on the new tap: ${(e as Error).message}`);
+      return () => Promise.resolve(NaN);
+    });
     await new Promise((r) => setTimeout(r, 1000)); // both streams under way
     const m = await rig.migrate(a, b);
     const learntUs = await learnt(5000).catch(() => NaN);

@@ -277,9 +277,10 @@ export class VionetDevicePort implements DevicePort {
    * (qemu_announce_self), before the memory table and the rings (10-60 ms
    * on a busy host): the bridge forwards to the new port at once, and what
    * it sends meanwhile waits in the tap (a retransmission it sent to the
-   * old port would be lost, and TCP's next waits twice as long). QEMU 7.2 sends a vhost-user back-end no SEND_RARP for
-   * a guest that acked GUEST_ANNOUNCE (vhost_user_migration_done). At a
-   * boot the RARP tells the bridge what it is about to learn anyway.
+   * old port would be lost, and TCP's next waits twice as long). QEMU 7.2
+   * sends a vhost-user back-end no SEND_RARP for a guest that acked
+   * GUEST_ANNOUNCE (vhost_user_migration_done). At a boot the RARP tells
+   * the bridge what it is about to learn anyway.
    */
   async setFeatures(features: bigint): Promise<void> {
     if (!this.#announced) {
